@@ -1,0 +1,109 @@
+"""Per-iteration time of the Dask trainer against the same maths in one NumPy process.
+
+Side by side in one run on one machine (absolute times on shared CPUs mean little;
+the ratio is the figure): softmax regression, float32, N rows x 100 features x 10
+classes, a 2-worker LocalCluster (one thread each) against a single-process loop
+(NumPy with its default BLAS threads) running ``dask_scar.local.fit_local``.
+Then the time to a fixed loss against scikit-learn's ``LogisticRegression`` (lbfgs).
+
+    python benchmarks/bench_iteration.py                  # 1,000,000 and 200,000 rows
+    python benchmarks/bench_iteration.py --rows 200000 --no-sklearn
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import pandas as pd
+from distributed import Client, LocalCluster
+
+import dask.dataframe as dd
+
+import dask_scar as scar
+from dask_scar.local import fit_local, prepare_local
+
+FEATURES, CLASSES = 100, 10
+
+
+def make_frame(rows: int, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((CLASSES, FEATURES)).astype(np.float32) * 0.3
+    labels = rng.integers(0, CLASSES, rows)
+    X = rng.standard_normal((rows, FEATURES), dtype=np.float32)
+    X += centres[labels]
+    frame = pd.DataFrame(X, columns=[f"x{i}" for i in range(FEATURES)])
+    frame["label"] = labels
+    return frame
+
+
+def local_seconds(frame: pd.DataFrame, iters: int) -> float:
+    model = scar.SoftmaxRegression(learning_rate=0.5)
+    block = prepare_local(model, frame, "label")
+    stamps = [time.perf_counter()]
+    fit_local(model, block, iters, callback=lambda k: stamps.append(time.perf_counter()))
+    return float(np.median(np.diff(stamps)[2:]))
+
+
+def dask_seconds(client: Client, ddf, iters: int) -> float:
+    result = scar.Trainer(client, scar.SoftmaxRegression(learning_rate=0.5)).fit(
+        ddf, target="label", max_iter=iters, tol=0, progress=False)
+    return float(result.history["seconds"].iloc[3:].median())
+
+
+def time_to_loss(client: Client, frame: pd.DataFrame, ddf, max_iter: int) -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    l2 = 1e-4
+    X, y = frame.drop(columns="label").to_numpy(), frame["label"].to_numpy()
+    start = time.perf_counter()
+    sk = LogisticRegression(C=1 / (l2 * len(y)), max_iter=1000).fit(X, y)
+    sk_seconds = time.perf_counter() - start
+    p = sk.predict_proba(X)
+    sk_loss = -np.log(p[np.arange(len(y)), y]).mean() + 0.5 * l2 * (sk.coef_ ** 2).sum()
+    target = sk_loss * 1.001
+    print(f"\ntime to loss <= {target:.5f} (scikit-learn's optimum {sk_loss:.5f} + 0.1 %), {len(y):,} rows:")
+    print(f"  scikit-learn lbfgs       {sk_seconds:7.2f} s  {int(sk.n_iter_[0]):4d} iterations (to its own tol)")
+    for name, momentum in (("dask-scar GD", 0.0), ("dask-scar Nesterov 0.9", 0.9)):
+        result = scar.Trainer(client, scar.SoftmaxRegression(l2=l2, learning_rate=0.5, momentum=momentum)).fit(
+            ddf, target="label", max_iter=max_iter, tol=0, progress=False)
+        h = result.history
+        hit = h.index[h["loss"] <= target]
+        if len(hit):
+            i = hit[0]
+            print(f"  {name:24s} {h['seconds'].iloc[:i + 1].sum():7.2f} s  {int(h['iteration'].iloc[i]):4d} iterations")
+        else:
+            print(f"  {name:24s}  not reached in {max_iter} iterations (loss {h['loss'].iloc[-1]:.5f})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 200_000])
+    parser.add_argument("--iters", type=int, default=25)
+    parser.add_argument("--no-sklearn", action="store_true")
+    parser.add_argument("--max-iter", type=int, default=400, help="iteration cap of the time-to-loss runs")
+    args = parser.parse_args()
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster, Client(cluster) as client:
+        print(f"softmax regression, {FEATURES} features x {CLASSES} classes, float32; 2 workers x 1 thread "
+              "vs one NumPy process")
+        print(f"{'rows':>10} {'numpy ms/it':>12} {'dask ms/it':>11} {'ratio':>7}")
+        for rows in args.rows:
+            frame = make_frame(rows)
+            ddf = dd.from_pandas(frame, npartitions=4).persist()
+            # interleave the two, twice, so that drifting machine load hits both alike
+            numpy_s = [local_seconds(frame, args.iters)]
+            dask_s = [dask_seconds(client, ddf, args.iters)]
+            numpy_s.append(local_seconds(frame, args.iters))
+            dask_s.append(dask_seconds(client, ddf, args.iters))
+            n, d = min(numpy_s), min(dask_s)
+            print(f"{rows:>10,} {n * 1000:12.1f} {d * 1000:11.1f} {d / n:7.2f}")
+        if not args.no_sklearn:
+            rows = min(args.rows)
+            frame = make_frame(rows)
+            time_to_loss(client, frame, dd.from_pandas(frame, npartitions=4).persist(), args.max_iter)
+
+
+if __name__ == "__main__":
+    main()

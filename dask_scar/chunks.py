@@ -1,0 +1,187 @@
+"""Parameter chunks: row ranges of the model's parameters, each held on one worker.
+
+A chunk's value lives in a worker's memory under a versioned key
+``scar-chunk-<run>-<name>-<index>-v<iteration>`` and carries no lineage: the task
+that computes a new version hands the value to its own worker as *data*, the way
+``Client.scatter`` does, and the scheduler registers it as data wanted by the
+driver's client (see :class:`~dask_scar.plugin.ScarPlugin`). So the scheduler's
+task count stays flat however long training runs, and Dask never tries to
+recompute the history of a lost chunk; restoring it is the trainer's job.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from dask.sizeof import sizeof
+from distributed import Client, Future, get_worker, wait
+
+from .backend import array_module, to_host
+from .models import Model
+
+DETACH_OP = "scar-detach"  # stream handler installed on the scheduler by ScarPlugin
+
+
+@dataclass(frozen=True, order=True)
+class ChunkId:
+    """Rows ``start:stop`` of parameter ``name``; ``index`` counts chunks of that parameter."""
+
+    name: str
+    index: int
+    start: int
+    stop: int
+
+
+@dataclass
+class Chunk:
+    """A chunk's state on a worker: its value plus optimizer slots, at ``version``."""
+
+    id: ChunkId
+    state: dict[str, Any]
+    version: int
+
+    @property
+    def value(self) -> Any:
+        return self.state["value"]
+
+
+@sizeof.register(Chunk)
+def _sizeof_chunk(chunk: Chunk) -> int:
+    return sum(sizeof(v) for v in chunk.state.values())
+
+
+def chunk_key(run: str, cid: ChunkId, version: int) -> str:
+    return f"scar-chunk-{run}-{cid.name}-{cid.index}-v{version}"
+
+
+def split_rows(model: Model, n_chunks: int) -> list[ChunkId]:
+    """Every parameter split by rows into ``n_chunks`` near-equal chunks (fewer if it is short)."""
+    ids = []
+    for name, spec in model.parameter_specs().items():
+        rows = spec.shape[0]
+        bounds = np.linspace(0, rows, min(n_chunks, rows) + 1).round().astype(int)
+        ids += [ChunkId(name, i, int(a), int(b)) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+    return ids
+
+
+def place(ids: list[ChunkId], workers: list[str]) -> dict[ChunkId, str]:
+    """Round-robin placement; each parameter starts on a different worker."""
+    workers = sorted(workers)
+    names = list(dict.fromkeys(c.name for c in ids))
+    return {c: workers[(c.index + names.index(c.name)) % len(workers)] for c in ids}
+
+
+def flatten(sources: list[Any]) -> dict[ChunkId, Chunk]:
+    """Chunks from task inputs that are either a Chunk or a dict of chunks (an update's output)."""
+    out: dict[ChunkId, Chunk] = {}
+    for source in sources:
+        if isinstance(source, Chunk):
+            out[source.id] = source
+        else:
+            out.update(source)
+    return out
+
+
+def assemble(chunks: dict[ChunkId, Chunk], names: tuple[str, ...], xp) -> dict[str, Any]:
+    """Full parameter arrays from their chunks."""
+    params = {}
+    for name in names:
+        parts = sorted((c for c in chunks.values() if c.id.name == name), key=lambda c: c.id.index)
+        params[name] = parts[0].value if len(parts) == 1 else xp.concatenate([c.value for c in parts])
+    return params
+
+
+def detach(chunks: dict[str, Chunk], client_id: str) -> None:
+    """From inside a task: keep ``chunks`` on this worker as lineage-free data under their keys.
+
+    The worker stores them as if scattered to it, and tells the scheduler on its
+    ordered stream *before* the running task reports that it finished, so anyone
+    who sees the task done can rely on the keys existing.
+    """
+    worker = get_worker()
+    nbytes = {key: sizeof(chunk) for key, chunk in chunks.items()}
+
+    def register() -> None:
+        worker.update_data(data=chunks, stimulus_id=f"scar-detach-{time.time()}")
+        worker.batched_stream.send({
+            "op": DETACH_OP,
+            "who_has": {key: [worker.address] for key in chunks},
+            "nbytes": nbytes,
+            "client": client_id,
+        })
+
+    worker.loop.add_callback(register)
+
+
+def _init_chunks(model: Model, ids: list[ChunkId], keys: list[str], client_id: str, backend: str) -> int:
+    xp = array_module(backend)
+    chunks = {key: Chunk(cid, model.new_state(cid.name, model.init_rows(cid.name, cid.start, cid.stop, xp)), 0)
+              for cid, key in zip(ids, keys)}
+    detach(chunks, client_id)
+    return len(chunks)
+
+
+@dataclass
+class ParameterChunks:
+    """The driver's view of the chunks: where each lives and the futures holding them."""
+
+    client: Client
+    run: str
+    owner: dict[ChunkId, str]
+    version: int = 0
+    futures: dict[ChunkId, Future] = field(default_factory=dict)
+
+    @property
+    def ids(self) -> list[ChunkId]:
+        return sorted(self.owner)
+
+    def key(self, cid: ChunkId, version: int | None = None) -> str:
+        return chunk_key(self.run, cid, self.version if version is None else version)
+
+    def by_worker(self, names: tuple[str, ...] | None = None) -> dict[str, list[ChunkId]]:
+        out: dict[str, list[ChunkId]] = {}
+        for cid in self.ids:
+            if names is None or cid.name in names:
+                out.setdefault(self.owner[cid], []).append(cid)
+        return out
+
+    def initialize(self, model: Model, backend: str) -> None:
+        """Create version 0 of every chunk on its worker (no parameter data passes the driver)."""
+        tasks = [
+            self.client.submit(_init_chunks, model, ids, [self.key(c, 0) for c in ids], self.client.id, backend,
+                               key=f"scar-init-{self.run}-{i}", workers=[worker], allow_other_workers=False)
+            for i, (worker, ids) in enumerate(self.by_worker().items())
+        ]
+        wait(tasks)
+        for t in tasks:
+            t.result()  # raise the first failure
+        self.advance(0)
+
+    def advance(self, version: int) -> list[Future]:
+        """Take hold of the chunks of ``version``; returns the futures of the old version.
+
+        The caller drops the returned futures when convenient: dropping them sends
+        a release to the scheduler, which is best batched with the next graph.
+        """
+        old = list(self.futures.values())
+        self.version = version
+        # The keys were registered for this client by the workers; "memory" marks the
+        # futures finished without another round trip.
+        self.futures = {cid: Future(self.key(cid), self.client, state="memory") for cid in self.ids}
+        return old
+
+    def lost(self) -> list[ChunkId]:
+        """Chunks whose only copy the scheduler reported lost (their worker died)."""
+        return [cid for cid, f in self.futures.items() if f.status in ("lost", "cancelled")]
+
+    def gather(self) -> dict[str, np.ndarray]:
+        """The full parameters as NumPy arrays (their data passes through the driver)."""
+        chunks = self.client.gather(list(self.futures.values()))
+        host = {c.id: Chunk(c.id, {"value": to_host(c.value)}, c.version) for c in chunks}
+        return assemble(host, tuple(dict.fromkeys(c.name for c in self.ids)), np)
+
+    def release(self) -> None:
+        self.futures = {}

@@ -1,0 +1,178 @@
+"""Training data: validate a DataFrame and hold it on the workers as NumPy blocks.
+
+The frame's partitions are converted to arrays (``X`` features, ``y`` target), and
+the partitions that sit on the same worker are concatenated into one *block*, so
+the tasks of an iteration grow with the workers, not with the partitions. Blocks
+keep their lineage: a block lost with its worker is rebuilt by Dask from the
+DataFrame's graph.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import dask
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+from distributed import Client, Future, wait
+
+from .exceptions import DataError
+from .models import ColumnSummary, DataSummary, Model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingData:
+    """Blocks of training arrays persisted on the workers."""
+
+    blocks: list[Future]
+    workers: list[str]          # where each block was built (a preference, not a pin)
+    rows: list[int]             # rows per block
+    summary: DataSummary
+    features: list[str]
+    target: str | None
+
+    @property
+    def n_rows(self) -> int:
+        return self.summary.n_rows
+
+
+# -- pure functions (also used by the single-process reference in dask_scar.local) --
+
+def check_columns(model: Model, columns: list[str], dtypes: pd.Series, target: str | None,
+                  features: list[str] | None) -> tuple[list[str], str | None]:
+    """Resolve and check feature/target columns against a frame's columns and dtypes."""
+    if features is not None:
+        features = [features] if isinstance(features, str) else list(features)
+    features, target = model.select_columns(list(columns), target, features)
+    missing = [c for c in [*features, target] if c is not None and c not in columns]
+    if missing:
+        raise DataError(f"column(s) {missing} not in the data; available columns: {list(columns)}")
+    bad = [f"{c!r} ({dtypes[c]})" for c in [*features, target]
+           if c is not None and not (pd.api.types.is_numeric_dtype(dtypes[c]) or pd.api.types.is_bool_dtype(dtypes[c]))]
+    if bad:
+        raise DataError(f"column(s) {', '.join(bad)} are not numeric; {type(model).__name__} needs numbers. "
+                        "Encode them (e.g. dd.get_dummies or pandas.factorize) or leave them out with features=[...]")
+    return features, target
+
+
+def to_arrays(frame: pd.DataFrame, features: list[str], target: str | None,
+              feature_dtype: str, target_dtype: str | None) -> tuple[dict[str, np.ndarray], list[ColumnSummary]]:
+    """Arrays of one partition, and a summary of every column used (target last).
+
+    Non-finite values are counted, not raised here: the driver names every bad
+    column at once.
+    """
+    summaries = []
+    columns = [*features, target] if target is not None else list(features)
+    for name in columns:
+        values = frame[name].to_numpy(dtype=np.float64, na_value=np.nan)
+        finite = np.isfinite(values)
+        good = values[finite]
+        summaries.append(ColumnSummary(
+            name, count=len(values), nonfinite=int(len(values) - finite.sum()),
+            min=float(good.min()) if len(good) else np.inf,
+            max=float(good.max()) if len(good) else -np.inf,
+            integral=bool(np.all(good == np.round(good))),
+        ))
+    # dtype=float64 first: nullable/boolean columns become NaN/0/1, then cast.
+    X = frame[features].to_numpy(dtype=np.float64, na_value=np.nan)
+    arrays = {"X": np.ascontiguousarray(np.nan_to_num(X) if feature_dtype.startswith("int") else X,
+                                        dtype=feature_dtype)}
+    if target is not None:
+        y = frame[target].to_numpy(dtype=np.float64, na_value=np.nan)
+        arrays["y"] = np.nan_to_num(y).astype(target_dtype) if target_dtype.startswith("int") else y.astype(target_dtype)
+    return arrays, summaries
+
+
+def summarize(parts: list[list[ColumnSummary]], has_target: bool) -> DataSummary:
+    """Merge partition summaries; raise :class:`DataError` for empty data or NaN/inf."""
+    merged = [c for c in parts[0]]
+    for part in parts[1:]:
+        merged = [a.merge(b) for a, b in zip(merged, part)]
+    n_rows = merged[0].count if merged else 0
+    if n_rows == 0:
+        raise DataError("the training data has no rows")
+    bad = [f"{c.name!r} ({c.nonfinite} of {c.count} rows)" for c in merged if c.nonfinite]
+    if bad:
+        raise DataError(f"NaN/inf values in column(s) {', '.join(bad)}: drop those rows (ddf.dropna()) "
+                        "or fill them (ddf.fillna(...)) before training")
+    target = merged[-1] if has_target else None
+    return DataSummary(n_rows, merged[:-1] if has_target else merged, target)
+
+
+def concat_blocks(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+# -- on the cluster ---------------------------------------------------------------------
+
+def _partition_arrays(frame, features, target, feature_dtype, target_dtype):
+    return to_arrays(frame, features, target, feature_dtype, target_dtype)
+
+
+def _block(*parts):
+    return concat_blocks([arrays for arrays, _ in parts if len(next(iter(arrays.values())))])
+
+
+def _block_summary(*parts):
+    return [summary for _, summary in parts]
+
+
+def as_dask_frame(data: Any, n_workers: int) -> dd.DataFrame:
+    """A Dask DataFrame with at least one partition per worker."""
+    if isinstance(data, pd.DataFrame):
+        return dd.from_pandas(data, npartitions=max(1, n_workers))
+    if not isinstance(data, dd.DataFrame):
+        raise DataError(f"expected a Dask or pandas DataFrame, got {type(data).__name__}")
+    if data.npartitions < n_workers:
+        data = data.repartition(npartitions=n_workers)
+    return data
+
+
+def prepare(client: Client, model: Model, data: Any, target: str | None,
+            features: list[str] | None) -> TrainingData:
+    """Validate ``data`` and persist it on the workers as one block per worker.
+
+    Raises :class:`DataError` naming the offending column before any training.
+    """
+    n_workers = len(client.scheduler_info(n_workers=-1)["workers"])
+    if n_workers == 0:
+        raise DataError("the cluster has no workers: start some (cluster.scale(n)) before fit()")
+    frame = as_dask_frame(data, n_workers)
+    features, target = check_columns(model, list(frame.columns), frame.dtypes, target, features)
+    target_dtype = model.target_dtype if target is not None else None
+
+    parts = frame.to_delayed()
+    converted = client.compute([dask.delayed(_partition_arrays, pure=True)(
+        p, features, target, model.feature_dtype, target_dtype) for p in parts])
+    wait(converted)
+    failed = [f for f in converted if f.status == "error"]
+    if failed:
+        failed[0].result()  # raises the partition's error
+
+    by_worker: dict[str, list[Future]] = defaultdict(list)
+    for future, holders in zip(converted, client.who_has(converted).values()):
+        by_worker[sorted(holders)[0] if holders else ""].append(future)
+    summaries = client.gather([client.submit(_block_summary, *futs, pure=False) for futs in by_worker.values()])
+    summary = summarize([s for per_worker in summaries for s in per_worker], target is not None)
+    model.setup(summary)
+
+    blocks, rows = [], []
+    for (worker, futs), per_worker in zip(by_worker.items(), summaries):
+        n = sum(s[0].count for s in per_worker)
+        if n == 0:
+            continue  # empty partitions only: no block on this worker
+        blocks.append(client.submit(_block, *futs, key=f"scar-block-{dask.base.tokenize(futs)}",
+                                    workers=[worker] if worker else None, allow_other_workers=True))
+        rows.append(n)
+    wait(blocks)
+    workers = [sorted(holders)[0] for holders in client.who_has(blocks).values()]
+    del converted  # the blocks hold the arrays now; partitions stay as lineage only
+    logger.info("training data: %d rows in %d blocks on %d workers", summary.n_rows, len(blocks), n_workers)
+    return TrainingData(blocks, workers, rows, summary, features, target)

@@ -1,0 +1,32 @@
+"""Errors raised by dask_scar.
+
+Every error derives from :class:`ScarError` and also from the builtin that
+describes it best, so ``except ValueError`` keeps working for callers that do not
+know this library.
+"""
+
+from __future__ import annotations
+
+
+class ScarError(Exception):
+    """Root of every error raised by dask_scar."""
+
+
+class DataError(ScarError, ValueError):
+    """The training data cannot be used as given (column, dtype or value problem)."""
+
+
+class BackendError(ScarError, TypeError):
+    """Arrays from different backends (NumPy and CuPy) were mixed, or a backend is missing."""
+
+
+class DivergenceError(ScarError, FloatingPointError):
+    """The loss became non-finite or grew without bound during training."""
+
+
+class WorkerLostError(ScarError, RuntimeError):
+    """A worker died and took parameter chunks with it that cannot be restored."""
+
+
+class NotFittedError(ScarError, AttributeError):
+    """A model was asked to predict before it was fitted."""

@@ -1,0 +1,95 @@
+"""One training iteration as one task graph, and the functions its tasks run.
+
+For each phase of the model's iteration:
+
+* one *contribution* task per data block, on the block's worker, reads the full
+  current parameters (chunks travel to it) and returns the block's partial sums;
+* one *update* task per worker, pinned there, combines all blocks' contributions
+  for the chunks that worker holds, computes their new state and keeps it as the
+  next version of those chunks (:func:`dask_scar.chunks.detach`);
+* in phase 0, one tiny *loss* task per block picks the loss out of the block's
+  contribution where it lies, so only a few floats ever reach the driver.
+
+So an iteration has ``blocks * (phases + 1) + workers * phases`` tasks, however
+many partitions the data has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dask._task_spec import List, Task, TaskRef
+from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+
+from .backend import get_array_module
+from .chunks import Chunk, ChunkId, ParameterChunks, assemble, detach, flatten
+from .models import Contribution, Model
+
+
+def contribute(model: Model, phase: int, block: dict, sources: list, iteration: int, block_id: int) -> Contribution:
+    xp = get_array_module(block["X"])
+    params = assemble(flatten(sources), model.phase_inputs(phase), xp)
+    return model.contribution(phase, block, params, xp, iteration=iteration, block_id=block_id)
+
+
+def loss_of(contribution: Contribution) -> tuple[float, float, int]:
+    return contribution.loss, contribution.penalty, contribution.count
+
+
+def update(model: Model, sources: list, contributions: list[Contribution], keys: dict[ChunkId, str],
+           iteration: int, client_id: str) -> dict[ChunkId, Chunk]:
+    count = sum(c.count for c in contributions)
+    new = {}
+    for cid, chunk in flatten(sources).items():
+        xp = get_array_module(chunk.value)
+        total = model.combine(cid.name, [c.parts[cid.name] for c in contributions], cid.start, cid.stop, xp)
+        new[cid] = Chunk(cid, model.update(cid.name, chunk.state, total, count, cid.start, cid.stop, xp), iteration)
+    detach({keys[cid]: chunk for cid, chunk in new.items()}, client_id)
+    return new
+
+
+@dataclass
+class IterationGraph:
+    graph: HighLevelGraph
+    update_keys: list[str]
+    loss_keys: list[str]
+
+
+def build(model: Model, chunks: ParameterChunks, blocks: list[str], block_workers: list[str],
+          iteration: int, client_id: str) -> IterationGraph:
+    """The graph of ``iteration``: it reads chunk version ``chunks.version`` and
+    leaves version ``iteration`` of every chunk on its owner."""
+    run = chunks.run
+    sources = {cid: TaskRef(chunks.key(cid)) for cid in chunks.ids}
+    layers: dict[tuple[str, bool], dict[str, Task]] = {}
+
+    def add(key: str, task_worker: str, pinned: bool, func, *args) -> TaskRef:
+        layers.setdefault((task_worker, pinned), {})[key] = Task(key, func, *args)
+        return TaskRef(key)
+
+    update_keys, loss_keys = [], []
+    for phase, names in enumerate(model.phases):
+        inputs = model.phase_inputs(phase)
+        refs = list({sources[c].key: sources[c] for c in chunks.ids if c.name in inputs}.values())
+        contributions = []
+        for b, (block, worker) in enumerate(zip(blocks, block_workers)):
+            key = f"scar-contrib-{run}-{iteration}-{phase}-{b}"
+            contributions.append(add(key, worker, False, contribute, model, phase, TaskRef(block), List(*refs),
+                                     iteration, b))
+            if phase == 0:
+                loss_keys.append(add(f"scar-loss-{run}-{iteration}-{b}", worker, False, loss_of, TaskRef(key)).key)
+        for w, (worker, own) in enumerate(sorted(chunks.by_worker(names).items())):
+            key = f"scar-update-{run}-{iteration}-{phase}-{w}"
+            new_keys = {cid: chunks.key(cid, iteration) for cid in own}
+            ref = add(key, worker, True, update, model, List(*[sources[c] for c in own]), List(*contributions),
+                      new_keys, iteration, client_id)
+            sources.update({cid: ref for cid in own})
+            update_keys.append(key)
+
+    hlg_layers = {
+        f"scar-iteration-{run}-{iteration}-{i}": MaterializedLayer(
+            tasks, annotations={"workers": [worker], "allow_other_workers": not pinned})
+        for i, ((worker, pinned), tasks) in enumerate(layers.items())
+    }
+    graph = HighLevelGraph(hlg_layers, {name: set() for name in hlg_layers})
+    return IterationGraph(graph, update_keys, loss_keys)

@@ -1,0 +1,50 @@
+"""The same maths as :class:`~dask_scar.Trainer`, in one process, without Dask.
+
+It is the reference that distributed results are checked against and the baseline
+of ``benchmarks/bench_iteration.py``; it is also handy for debugging a model.
+"""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pandas as pd
+
+from . import data
+from .models import Model
+
+
+def prepare_local(model: Model, frame: pd.DataFrame, target: str | None = None,
+                  features: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Validate ``frame`` like the trainer does, set up ``model``, and return the block arrays."""
+    features, target = data.check_columns(model, list(frame.columns), frame.dtypes, target, features)
+    arrays, summary = data.to_arrays(frame, features, target, model.feature_dtype,
+                                     model.target_dtype if target is not None else None)
+    model.setup(data.summarize([summary], target is not None))
+    return arrays
+
+
+def fit_local(model: Model, block: dict[str, np.ndarray], max_iter: int, xp: types.ModuleType = np,
+              callback=None) -> tuple[dict[str, np.ndarray], list[float]]:
+    """Run ``max_iter`` iterations on one block; returns the parameters and the losses.
+
+    ``model`` must be set up (see :func:`prepare_local`). ``callback(iteration)``,
+    if given, runs after each iteration.
+    """
+    state = {name: model.new_state(name, model.init_rows(name, 0, spec.shape[0], xp))
+             for name, spec in model.parameter_specs().items()}
+    losses = []
+    for k in range(1, max_iter + 1):
+        for phase, names in enumerate(model.phases):
+            params = {name: state[name]["value"] for name in model.phase_inputs(phase)}
+            c = model.contribution(phase, block, params, xp, iteration=k, block_id=0)
+            if phase == 0:
+                losses.append(c.loss / c.count + c.penalty)
+            for name in names:
+                rows = model.parameter_specs()[name].shape[0]
+                total = model.combine(name, [c.parts[name]], 0, rows, xp)
+                state[name] = model.update(name, state[name], total, c.count, 0, rows, xp)
+        if callback is not None:
+            callback(k)
+    return {name: s["value"] for name, s in state.items()}, losses

@@ -1,0 +1,180 @@
+"""What every model provides to the trainer. Pure maths: no Dask in this package.
+
+A model's parameters are named 2-D arrays split by rows into chunks. One training
+iteration runs the model's *phases* in order; in each phase
+
+1. every data block computes a :class:`Contribution` (partial sums: a gradient, or
+   normal-equation statistics, plus its loss) from the current parameter values;
+2. for each parameter chunk updated in that phase, the contributions of all blocks
+   are combined for the chunk's rows and :meth:`Model.update` computes the chunk's
+   new state.
+
+Array code takes ``xp`` (``numpy`` or ``cupy``) so that the same maths runs on both.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..exceptions import DataError, NotFittedError
+
+
+@dataclass
+class ColumnSummary:
+    """What one pass over the data learned about a column."""
+
+    name: str
+    count: int = 0
+    nonfinite: int = 0
+    min: float = np.inf
+    max: float = -np.inf
+    integral: bool = True
+
+    def merge(self, other: ColumnSummary) -> ColumnSummary:
+        return ColumnSummary(
+            self.name,
+            self.count + other.count,
+            self.nonfinite + other.nonfinite,
+            min(self.min, other.min),
+            max(self.max, other.max),
+            self.integral and other.integral,
+        )
+
+
+@dataclass
+class DataSummary:
+    """Rows and per-column summaries of the training data."""
+
+    n_rows: int
+    features: list[ColumnSummary]
+    target: ColumnSummary | None
+
+
+@dataclass
+class Contribution:
+    """One data block's share of a phase: partial sums for some parameters.
+
+    ``parts`` maps a parameter name to whatever :meth:`Model.combine` sums for a
+    row range (a dense array of the parameter's shape, or sparse row statistics).
+    ``loss`` is the block's summed data loss (None where the phase reports none),
+    ``penalty`` the regularisation term of the whole model (same on every block),
+    ``count`` the rows it used.
+    """
+
+    parts: dict[str, Any]
+    count: int
+    loss: float | None = None
+    penalty: float = 0.0
+
+
+@dataclass
+class ParameterSpec:
+    """Shape and dtype of a named parameter; chunks split its rows."""
+
+    shape: tuple[int, int]
+    dtype: str = "float32"
+
+
+class Model:
+    """Base class of dask_scar models (see the module docstring for the protocol)."""
+
+    #: Parameter names updated by each phase of one iteration, in order.
+    phases: tuple[tuple[str, ...], ...] = ()
+    #: dtype of the feature matrix handed to :meth:`contribution`.
+    feature_dtype: str = "float32"
+    #: dtype of the target vector, or None when the model has no separate target.
+    target_dtype: str | None = "float32"
+
+    # -- parameters, scikit-learn style -------------------------------------
+    def get_params(self) -> dict[str, Any]:
+        """The constructor arguments, as given (JSON-friendly)."""
+        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
+        return {name: getattr(self, name) for name in names}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+    # -- data ------------------------------------------------------------------
+    def select_columns(
+        self, columns: list[str], target: str | None, features: list[str] | None
+    ) -> tuple[list[str], str | None]:
+        """Feature and target column names to train on, given the frame's columns."""
+        if target is None:
+            raise DataError(f"{type(self).__name__} needs target=: one of {columns}")
+        if features is None:
+            features = [c for c in columns if c != target]
+        return list(features), target
+
+    def setup(self, summary: DataSummary) -> None:
+        """Check the data summary (raise :class:`DataError`) and size the parameters."""
+        self.n_rows_ = summary.n_rows
+
+    def parameter_specs(self) -> dict[str, ParameterSpec]:
+        raise NotImplementedError
+
+    def init_rows(self, name: str, start: int, stop: int, xp: types.ModuleType = np) -> Any:
+        """Initial value of rows ``start:stop`` of parameter ``name``.
+
+        Deterministic and independent of how the rows are chunked, so a chunk can
+        be re-created alone (and a single-process run starts from the same point).
+        """
+        spec = self.parameter_specs()[name]
+        return xp.zeros((stop - start, spec.shape[1]), dtype=spec.dtype)
+
+    def phase_inputs(self, phase: int) -> tuple[str, ...]:
+        """Parameters whose full value the contributions of ``phase`` read."""
+        return tuple(self.parameter_specs())
+
+    # -- maths -------------------------------------------------------------------
+    def contribution(
+        self, phase: int, block: dict[str, Any], params: dict[str, Any], xp: types.ModuleType,
+        iteration: int = 0, block_id: int = 0,
+    ) -> Contribution:
+        raise NotImplementedError
+
+    def combine(self, name: str, parts: list[Any], start: int, stop: int, xp: types.ModuleType) -> Any:
+        """Sum of the contributions' ``parts`` for rows ``start:stop`` of ``name``."""
+        total = parts[0][start:stop].copy()
+        for part in parts[1:]:
+            total += part[start:stop]
+        return total
+
+    def new_state(self, name: str, value: Any) -> dict[str, Any]:
+        """Per-chunk state kept with a parameter chunk (its value plus optimizer slots)."""
+        return {"value": value}
+
+    def update(
+        self, name: str, state: dict[str, Any], total: Any, count: int, start: int, stop: int,
+        xp: types.ModuleType,
+    ) -> dict[str, Any]:
+        """New state of rows ``start:stop`` of ``name`` from the combined contribution."""
+        raise NotImplementedError
+
+    # -- fitted model --------------------------------------------------------------
+    def _fitted(self) -> dict[str, np.ndarray]:
+        params = getattr(self, "params_", None)
+        if params is None:
+            raise NotFittedError(f"{type(self).__name__} is not fitted yet: call Trainer(...).fit(...) first")
+        return params
+
+
+def stable_seed(*parts: Any) -> list[int]:
+    """A seed sequence from ints and strings that is the same in every process."""
+    return [p if isinstance(p, int) else zlib.crc32(str(p).encode()) for p in parts]
+
+
+def score_with(model: Model, data: Any, target: Any, metric) -> float:
+    """``metric(predictions, labels)`` as a float; lazy (Dask) inputs are computed once."""
+    labels = data[target] if isinstance(target, str) else target
+    pred = model.predict(data)
+    if not hasattr(pred, "compute"):
+        pred, labels = np.asarray(pred), np.asarray(labels)
+    value = metric(pred, labels)
+    return float(value.compute() if hasattr(value, "compute") else value)

@@ -1,0 +1,160 @@
+"""Matrix factorization of a ratings table by alternating least squares (ALS)."""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..exceptions import DataError
+from ._base import Contribution, DataSummary, Model, ParameterSpec, score_with, stable_seed
+from .linear import r2_score
+
+_INIT_ROWS = 1024  # rows per seeded init block: init values do not depend on chunking
+
+
+class MatrixFactorization(Model):
+    """Low-rank factorization ``rating ~ user_factors[user] . item_factors[item]`` by ALS.
+
+    Minimises ``1/n * (sum (r - u.v)^2 + l2 * (||U||^2 + ||V||^2))`` over the
+    observed ratings. One iteration solves every user's row given the item factors,
+    then every item's row given the new user factors (two phases). User and item
+    ids must be non-negative integers; the factor matrices have ``max id + 1`` rows
+    and are chunked by rows across the workers.
+
+    Examples
+    --------
+    >>> import dask_scar as scar
+    >>> model = scar.MatrixFactorization(rank=16, l2=0.1)
+    >>> scar.Trainer(client, model).fit(ratings_ddf)         # doctest: +SKIP
+    >>> model.predict(ratings_ddf)                          # doctest: +SKIP
+    """
+
+    phases = (("user_factors",), ("item_factors",))
+    feature_dtype = "int64"
+
+    def __init__(self, rank: int = 16, l2: float = 0.1, user: str = "user", item: str = "item",
+                 rating: str = "rating", init_scale: float = 0.1, random_state: int = 0):
+        self.rank = rank
+        self.l2 = l2
+        self.user = user
+        self.item = item
+        self.rating = rating
+        self.init_scale = init_scale
+        self.random_state = random_state
+
+    def select_columns(self, columns, target, features):
+        if features is not None and list(features) != [self.user, self.item]:
+            raise DataError(f"MatrixFactorization reads the columns user={self.user!r} and item={self.item!r}; "
+                            "set them in the model, not with features=")
+        return [self.user, self.item], target or self.rating
+
+    def setup(self, summary: DataSummary) -> None:
+        if not (isinstance(self.rank, int) and self.rank >= 1):
+            raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
+        if self.l2 < 0:
+            raise ValueError(f"l2 must be >= 0, got {self.l2}")
+        super().setup(summary)
+        sizes = []
+        for column in summary.features:
+            if column.min < 0 or not column.integral:
+                raise DataError(f"column {column.name!r} must hold non-negative integer ids "
+                                f"(min {column.min:g}, max {column.max:g}); encode it, e.g. with pandas.factorize")
+            sizes.append(int(column.max) + 1)
+        self.n_users_, self.n_items_ = sizes
+
+    def parameter_specs(self) -> dict[str, ParameterSpec]:
+        return {"user_factors": ParameterSpec((self.n_users_, self.rank)),
+                "item_factors": ParameterSpec((self.n_items_, self.rank))}
+
+    def init_rows(self, name, start, stop, xp=np):
+        out = np.empty((stop - start, self.rank), dtype=np.float32)
+        for blk in range(start // _INIT_ROWS, (stop - 1) // _INIT_ROWS + 1):
+            lo, hi = blk * _INIT_ROWS, (blk + 1) * _INIT_ROWS
+            rng = np.random.default_rng(stable_seed(self.random_state, name, blk))
+            values = rng.standard_normal((_INIT_ROWS, self.rank)).astype(np.float32) * self.init_scale
+            a, b = max(lo, start), min(hi, stop)
+            out[a - start:b - start] = values[a - lo:b - lo]
+        return xp.asarray(out)
+
+    def phase_inputs(self, phase: int) -> tuple[str, ...]:
+        # phase 0 also reads the user factors, to report the loss before the update
+        return ("user_factors", "item_factors") if phase == 0 else ("user_factors",)
+
+    def contribution(self, phase, block, params, xp, iteration=0, block_id=0):
+        users, items, ratings = block["X"][:, 0], block["X"][:, 1], block["y"]
+        U = params["user_factors"]
+        if phase == 0:
+            V = params["item_factors"]
+            other = V[items]
+            residual = ratings - (U[users] * other).sum(axis=1)
+            loss = float((residual.astype(xp.float64) ** 2).sum())
+            penalty = self.l2 * float((U.astype(xp.float64) ** 2).sum() + (V.astype(xp.float64) ** 2).sum())
+            parts = {"user_factors": _normal_equations(users, other, ratings, xp)}
+            return Contribution(parts, count=len(ratings), loss=loss, penalty=penalty / self.n_rows_)
+        parts = {"item_factors": _normal_equations(items, U[users], ratings, xp)}
+        return Contribution(parts, count=len(ratings))
+
+    def combine(self, name, parts, start, stop, xp):
+        rows = stop - start
+        A = xp.zeros((rows, self.rank, self.rank))
+        b = xp.zeros((rows, self.rank))
+        for ids, A_part, b_part in parts:
+            lo, hi = (int(i) for i in xp.searchsorted(ids, xp.asarray([start, stop])))
+            A[ids[lo:hi] - start] += A_part[lo:hi]
+            b[ids[lo:hi] - start] += b_part[lo:hi]
+        return A, b
+
+    def update(self, name, state, total, count, start, stop, xp):
+        A, b = total
+        # A tiny ridge keeps rows without any rating (A = 0) solvable when l2 = 0.
+        A += (self.l2 + 1e-9) * xp.eye(self.rank)
+        return {"value": xp.linalg.solve(A, b[..., None])[..., 0].astype(xp.float32)}
+
+    # -- fitted model -------------------------------------------------------------
+    def _predict_numpy(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        params = self._fitted()
+        for ids, n, column in ((users, self.n_users_, self.user), (items, self.n_items_, self.item)):
+            if len(ids) and (ids.min() < 0 or ids.max() >= n):
+                raise DataError(f"column {column!r} holds ids outside the fitted range 0..{n - 1}")
+        return (params["user_factors"][users] * params["item_factors"][items]).sum(axis=1)
+
+    def predict(self, data: Any) -> Any:
+        """Predicted rating of each (user, item) row (a Dask Series for Dask input)."""
+        self._fitted()
+
+        def on_frame(frame: pd.DataFrame):
+            pred = self._predict_numpy(frame[self.user].to_numpy(np.int64), frame[self.item].to_numpy(np.int64))
+            return pd.Series(pred, index=frame.index)
+
+        if hasattr(data, "map_partitions"):
+            return data.map_partitions(on_frame, meta=pd.Series(dtype="float32"))
+        return on_frame(data).to_numpy()
+
+    def score(self, data: Any, target: str | None = None) -> float:
+        """R^2 of the predicted ratings."""
+        return score_with(self, data, target or self.rating, r2_score)
+
+    def rmse(self, data: Any, target: str | None = None) -> float:
+        """Root mean squared error of the predicted ratings."""
+        return score_with(self, data, target or self.rating, lambda p, y: ((y - p) ** 2).mean() ** 0.5)
+
+
+def _normal_equations(ids, factors, ratings, xp: types.ModuleType, tile: int = 16384):
+    """Per id: ``A = sum f f^T`` and ``b = sum r f`` over the rows with that id.
+
+    Returns ``(unique sorted ids, A (m, k, k), b (m, k))`` in float64, so a chunk
+    only receives the rows it owns.
+    """
+    unique, inverse = xp.unique(ids, return_inverse=True)
+    k = factors.shape[1]
+    A = xp.zeros((len(unique), k, k))
+    b = xp.zeros((len(unique), k))
+    for s in range(0, len(ids), tile):
+        f = factors[s:s + tile].astype(xp.float64)
+        rows = inverse[s:s + tile]
+        xp.add.at(A, rows, f[:, :, None] * f[:, None, :])
+        xp.add.at(b, rows, f * ratings[s:s + tile, None])
+    return unique, A, b

@@ -1,0 +1,55 @@
+"""Least-squares linear regression with L2 regularisation (ridge)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._base import Contribution, score_with
+from ._gradient import GradientModel
+
+
+class LinearRegression(GradientModel):
+    """Linear least squares trained by gradient descent.
+
+    Minimises ``1/(2n) * ||X w + b - y||^2 + l2/2 * ||w||^2`` (the intercept is
+    not penalised). Scale the features for the default learning rate to be stable.
+
+    Examples
+    --------
+    >>> import dask_scar as scar
+    >>> model = scar.LinearRegression(l2=0.0, learning_rate=0.1, momentum=0.9)
+    >>> scar.Trainer(client, model).fit(ddf, target="y")   # doctest: +SKIP
+    >>> model.coef_                                        # doctest: +SKIP
+    """
+
+    def __init__(self, l2: float = 0.0, learning_rate: float = 0.1, momentum: float = 0.0,
+                 batch_size: int | None = None, random_state: int = 0):
+        super().__init__(l2=l2, learning_rate=learning_rate, momentum=momentum,
+                         batch_size=batch_size, random_state=random_state)
+
+    def _n_outputs(self) -> int:
+        return 1
+
+    def contribution(self, phase, block, params, xp, iteration=0, block_id=0):
+        X, y = self._batch(block, xp, iteration, block_id)
+        weights = params["weights"]
+        d = self.n_features_
+        residual = X @ weights[:d, 0] + weights[d, 0] - y
+        grad = xp.empty_like(weights)
+        grad[:d, 0] = residual @ X
+        grad[d, 0] = residual.sum(dtype=xp.float64)
+        loss = 0.5 * float((residual.astype(xp.float64) ** 2).sum())
+        return Contribution({"weights": grad}, count=X.shape[0], loss=loss,
+                            penalty=self.penalty_of(weights, xp))
+
+    def predict(self, data: Any) -> Any:
+        """Predicted target of each row (a Dask Series for Dask input)."""
+        return self._apply(data, lambda X: self._scores_numpy(X)[:, 0], columns=None)
+
+    def score(self, data: Any, target: str | Any) -> float:
+        """Coefficient of determination R^2 of the predictions."""
+        return score_with(self, data, target, r2_score)
+
+
+def r2_score(pred, y):
+    return 1.0 - ((y - pred) ** 2).sum() / ((y - y.mean()) ** 2).sum()

@@ -1,0 +1,44 @@
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dask_scar.cli import synthetic_classification
+
+
+def _run(*args, timeout=300):
+    exe = os.path.join(os.path.dirname(sys.executable), "dask-scar")
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_demo_quick_trains_and_plots(tmp_path):
+    png = tmp_path / "loss.png"
+    out = _run("demo", "--quick", "--no-progress", "--plot", str(png))
+    assert out.returncode == 0, out.stderr
+    assert "iterations in" in out.stdout and "training accuracy" in out.stdout
+    accuracy = float(out.stdout.split("training accuracy")[1].split()[0])
+    assert accuracy > 0.8
+    assert png.stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_train_on_parquet(tmp_path):
+    frame = synthetic_classification(2000, 5, 3)
+    path = tmp_path / "data.parquet"
+    frame.to_parquet(path)
+    params = tmp_path / "params.npz"
+    out = _run("train", str(path), "--target", "label", "--max-iter", "20", "--no-progress", "--out", str(params))
+    assert out.returncode == 0, out.stderr
+    assert np.load(params)["weights"].shape == (6, 3)
+
+
+def test_train_reports_a_missing_column(tmp_path):
+    path = tmp_path / "data.parquet"
+    synthetic_classification(100, 2, 2).to_parquet(path)
+    out = _run("train", str(path), "--target", "nope", "--no-progress")
+    assert out.returncode != 0
+    assert "dask-scar: error: column(s) ['nope'] not in the data" in out.stderr
+    assert "Traceback" not in out.stderr

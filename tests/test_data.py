@@ -1,0 +1,84 @@
+"""Validation and placement of training data on a real cluster."""
+
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+import pytest
+
+import dask_scar as scar
+from dask_scar import data
+from dask_scar.exceptions import DataError
+
+
+def _frame(n=200, seed=0):
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame(rng.standard_normal((n, 3)).astype(np.float32), columns=["a", "b", "c"])
+    frame["label"] = rng.integers(0, 3, n)
+    return frame
+
+
+def _prepare(client, frame, npartitions=4, **kwargs):
+    kwargs.setdefault("target", "label")
+    return data.prepare(client, scar.SoftmaxRegression(), dd.from_pandas(frame, npartitions=npartitions),
+                        kwargs.pop("target"), kwargs.pop("features", None))
+
+
+def test_one_block_per_worker_with_all_rows(client):
+    frame = _frame(1000)
+    training = _prepare(client, frame, npartitions=8)
+    workers = set(client.scheduler_info()["workers"])
+    assert len(training.blocks) == 2 and set(training.workers) == workers
+    assert sum(training.rows) == 1000 == training.n_rows
+    blocks = client.gather(training.blocks)
+    X = np.concatenate([b["X"] for b in blocks])
+    assert X.dtype == np.float32 and X.shape == (1000, 3)
+    assert blocks[0]["y"].dtype == np.int32
+    # every row arrives once, whatever the block order
+    np.testing.assert_allclose(np.sort(X[:, 0]), np.sort(frame["a"].to_numpy()))
+    assert all(k.startswith("scar-block-") for k in (b.key for b in training.blocks))
+
+
+def test_pandas_input_and_explicit_features(client):
+    training = data.prepare(client, scar.SoftmaxRegression(), _frame(), "label", ["a", "c"])
+    assert training.features == ["a", "c"]
+    assert client.gather(training.blocks)[0]["X"].shape[1] == 2
+
+
+def test_missing_target_names_the_columns(client):
+    with pytest.raises(DataError, match=r"\['nope'\] not in the data; available columns: \['a', 'b', 'c', 'label'\]"):
+        _prepare(client, _frame(), target="nope")
+
+
+def test_text_column_is_named_with_a_fix(client):
+    frame = _frame().assign(city=["x"] * 200)
+    with pytest.raises(DataError, match=r"'city' \((object|str|string)\) are not numeric.*features="):
+        _prepare(client, frame)
+
+
+def test_nan_and_inf_are_counted_per_column(client):
+    frame = _frame()
+    frame.loc[3, "a"] = np.nan
+    frame.loc[150, "a"] = np.inf
+    frame.loc[7, "c"] = -np.inf
+    with pytest.raises(DataError, match=r"'a' \(2 of 200 rows\), 'c' \(1 of 200 rows\).*dropna"):
+        _prepare(client, frame)
+
+
+def test_empty_frame_is_refused(client):
+    with pytest.raises(DataError, match="no rows"):
+        _prepare(client, _frame().iloc[:0], npartitions=2)
+
+
+def test_empty_partitions_are_skipped(client):
+    frame = _frame(100)
+    ddf = dd.from_pandas(frame, npartitions=4)
+    ddf = ddf[ddf["a"] > 10.0].repartition(npartitions=2)  # keeps nothing
+    full = dd.concat([ddf, dd.from_pandas(frame, npartitions=1)])
+    training = data.prepare(client, scar.SoftmaxRegression(), full, "label", None)
+    assert training.n_rows == 100
+    assert all(n > 0 for n in training.rows)
+
+
+def test_not_a_dataframe(client):
+    with pytest.raises(DataError, match="expected a Dask or pandas DataFrame, got ndarray"):
+        data.prepare(client, scar.SoftmaxRegression(), np.zeros((3, 3)), "label", None)

@@ -1,0 +1,147 @@
+"""The maths of each model, in one process, against independent references."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import low_rank_ratings
+
+import dask_scar as scar
+from dask_scar.exceptions import DataError, NotFittedError
+from dask_scar.local import fit_local, prepare_local
+
+
+def _objective(model, block, weights):
+    c = model.contribution(0, block, {"weights": weights}, np)
+    return c.loss / c.count + c.penalty
+
+
+@pytest.mark.parametrize("model", [scar.SoftmaxRegression(l2=0.1), scar.LinearRegression(l2=0.1)])
+def test_gradient_matches_finite_differences(model):
+    rng = np.random.default_rng(1)
+    frame = pd.DataFrame(rng.standard_normal((50, 4)), columns=list("abcd"))
+    frame["t"] = rng.integers(0, 3, 50)
+    block = prepare_local(model, frame, "t")
+    block = {k: v.astype(np.float64) if k == "X" or model.target_dtype == "float32" else v for k, v in block.items()}
+    w = rng.standard_normal(model.parameter_specs()["weights"].shape)
+    c = model.contribution(0, block, {"weights": w}, np)
+    grad = c.parts["weights"] / c.count
+    grad[:4] += model.l2 * w[:4]
+    numeric = np.zeros_like(w)
+    for i in np.ndindex(w.shape):
+        step = np.zeros_like(w)
+        step[i] = 1e-6
+        numeric[i] = (_objective(model, block, w + step) - _objective(model, block, w - step)) / 2e-6
+    np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-7)
+
+
+def test_linear_regression_reaches_the_closed_form_ridge_solution():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((1000, 8))
+    y = X @ rng.standard_normal(8) + 0.5 + 0.1 * rng.standard_normal(1000)
+    frame = pd.DataFrame(X, columns=[f"x{i}" for i in range(8)]).assign(y=y)
+    l2 = 0.05
+    model = scar.LinearRegression(l2=l2, learning_rate=0.5, momentum=0.9)
+    params, losses = fit_local(model, prepare_local(model, frame, "y"), max_iter=300)
+    # ridge with an unpenalised intercept: (A^T A / n + l2 * D) w = A^T y / n
+    A = np.c_[X, np.ones(len(X))]
+    D = np.diag([1.0] * 8 + [0.0])
+    exact = np.linalg.solve(A.T @ A / len(X) + l2 * D, A.T @ y / len(X))
+    np.testing.assert_allclose(params["weights"][:, 0], exact, atol=1e-5)
+    assert losses[-1] < losses[0]
+
+
+def test_softmax_regression_matches_scikit_learn_loss(digits):
+    from sklearn.linear_model import LogisticRegression
+
+    l2 = 1e-3
+    model = scar.SoftmaxRegression(l2=l2, learning_rate=0.5, momentum=0.9)
+    block = prepare_local(model, digits, "label")
+    _, losses = fit_local(model, block, max_iter=1500)
+    X, y = digits.drop(columns="label").to_numpy(np.float64), digits["label"].to_numpy()
+    reference = LogisticRegression(C=1 / (l2 * len(y)), tol=1e-10, max_iter=10_000).fit(X, y)
+    p = reference.predict_proba(X)
+    sk_loss = -np.log(p[np.arange(len(y)), y]).mean() + 0.5 * l2 * (reference.coef_ ** 2).sum()
+    assert abs(losses[-1] - sk_loss) < 1e-3
+    assert losses[-1] >= sk_loss - 1e-6  # sklearn's optimum is the true minimum
+
+
+def test_als_recovers_a_noise_free_rank_5_matrix():
+    frame, R = low_rank_ratings()
+    model = scar.MatrixFactorization(rank=5, l2=1e-6)
+    params, losses = fit_local(model, prepare_local(model, frame), max_iter=100)
+    model.params_ = params
+    full = params["user_factors"] @ params["item_factors"].T
+    assert np.sqrt(((full - R)[frame["user"], frame["item"]] ** 2).mean()) < 1e-3
+    assert model.rmse(frame) < 1e-3
+    assert np.sqrt(((full - R) ** 2).mean()) < 1e-2  # unobserved entries too
+
+
+def test_init_does_not_depend_on_chunking():
+    frame, _ = low_rank_ratings(n_users=3000, n_items=40)
+    model = scar.MatrixFactorization(rank=4)
+    prepare_local(model, frame)
+    whole = model.init_rows("user_factors", 0, 3000)
+    pieces = [model.init_rows("user_factors", a, b) for a, b in [(0, 700), (700, 2049), (2049, 3000)]]
+    np.testing.assert_array_equal(whole, np.concatenate(pieces))
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_chunked_update_equals_whole_update(digits, momentum):
+    model = scar.SoftmaxRegression(l2=0.01, momentum=momentum)
+    block = prepare_local(model, digits, "label")
+    rows = model.parameter_specs()["weights"].shape[0]
+    w = np.random.default_rng(0).standard_normal((rows, 10)).astype(np.float32)
+    c = model.contribution(0, block, {"weights": w}, np)
+    state = model.new_state("weights", w)
+    whole = model.update("weights", state, model.combine("weights", [c.parts["weights"]], 0, rows, np),
+                         c.count, 0, rows, np)
+    for a, b in [(0, 30), (30, 64), (64, rows)]:
+        part = model.update("weights", {k: v[a:b] for k, v in state.items()},
+                            model.combine("weights", [c.parts["weights"]], a, b, np), c.count, a, b, np)
+        np.testing.assert_array_equal(part["value"], whole["value"][a:b])
+
+
+@pytest.mark.parametrize("labels, message", [
+    ([0, 1, -1, 2], "negative values"),
+    ([0, 1, 1.5, 2], "non-integer values"),
+    ([3, 3, 3, 3], "single class"),
+])
+def test_bad_class_labels_are_named(labels, message):
+    frame = pd.DataFrame({"a": [0.0, 1.0, 2.0, 3.0], "label": labels})
+    with pytest.raises(DataError, match=f"'label'.*{message}|{message}"):
+        prepare_local(scar.SoftmaxRegression(), frame, "label")
+
+
+def test_bad_ids_for_factorization_are_named():
+    frame = pd.DataFrame({"user": [0, 1, -2], "item": [0, 1, 2], "rating": [1.0, 2.0, 3.0]})
+    with pytest.raises(DataError, match="'user' must hold non-negative integer ids"):
+        prepare_local(scar.MatrixFactorization(rank=2), frame)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"learning_rate": 0}, "learning_rate must be > 0"),
+    ({"momentum": 1.0}, "momentum must be in"),
+    ({"l2": -1}, "l2 must be >= 0"),
+    ({"batch_size": 0}, "batch_size"),
+])
+def test_bad_hyperparameters_are_refused(digits, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        prepare_local(scar.SoftmaxRegression(**kwargs), digits, "label")
+
+
+def test_predict_before_fit_raises():
+    with pytest.raises(NotFittedError, match="not fitted"):
+        scar.SoftmaxRegression().predict(np.zeros((2, 3)))
+
+
+def test_minibatch_sgd_decreases_the_loss(digits):
+    model = scar.SoftmaxRegression(l2=1e-4, learning_rate=0.5, batch_size=256)
+    _, losses = fit_local(model, prepare_local(model, digits, "label"), max_iter=200)
+    assert np.mean(losses[-20:]) < 0.5 * losses[0]
+
+
+def test_get_params_round_trips():
+    model = scar.MatrixFactorization(rank=3, l2=0.5, user="u")
+    assert model.get_params()["rank"] == 3
+    assert type(model)(**model.get_params()).get_params() == model.get_params()
+    assert repr(model).startswith("MatrixFactorization(rank=3")

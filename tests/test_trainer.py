@@ -1,0 +1,189 @@
+"""Training on a real multi-process cluster, checked against the single-process maths."""
+
+import threading
+import time
+
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import kill_worker, low_rank_ratings, wait_for
+
+import dask_scar as scar
+from dask_scar.local import fit_local, prepare_local
+
+
+class SchedulerWatch:
+    """Samples the scheduler's tasks in a background thread while training runs."""
+
+    def __init__(self, client, interval=0.02):
+        self.client, self.interval = client, interval
+        self.peak, self.samples, self.bad_chunks, self.chunk_holders = 0, 0, set(), set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _inspect(dask_scheduler):
+        chunks = {k: ts for k, ts in dask_scheduler.tasks.items() if str(k).startswith("scar-chunk-")}
+        return {
+            "n": len(dask_scheduler.tasks),
+            # a chunk must be plain data: no task to rerun, nothing it depends on
+            "bad": [k for k, ts in chunks.items() if ts.run_spec is not None or ts.dependencies],
+            "holders": sorted({ws.address for ts in chunks.values() for ws in (ts.who_has or ())}),
+        }
+
+    def _run(self):
+        while not self._stop.is_set():
+            info = self.client.run_on_scheduler(self._inspect)
+            self.peak = max(self.peak, info["n"])
+            self.bad_chunks.update(info["bad"])
+            self.chunk_holders.update(info["holders"])
+            self.samples += 1
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def test_digits_accuracy_and_equality_with_single_process(client, digits):
+    hyper = dict(l2=1e-4, learning_rate=0.5, momentum=0.9)
+    model = scar.SoftmaxRegression(**hyper)
+    result = scar.Trainer(client, model).fit(dd.from_pandas(digits, npartitions=6), target="label",
+                                             max_iter=150, tol=0, progress=False)
+    assert list(result.history.columns) == ["iteration", "loss", "seconds"]
+    assert result.history["iteration"].tolist() == list(range(1, 151))
+    assert model.score(digits, "label") >= 0.95
+
+    reference = scar.SoftmaxRegression(**hyper)
+    params, losses = fit_local(reference, prepare_local(reference, digits, "label"), max_iter=150)
+    np.testing.assert_allclose(result.history["loss"], losses, rtol=1e-5)
+    np.testing.assert_allclose(result.params["weights"], params["weights"], rtol=1e-3, atol=1e-4)
+    assert result.params["weights"].dtype == np.float32
+    # nothing of the run is left on the scheduler
+    assert client.run_on_scheduler(lambda dask_scheduler: [
+        k for k in dask_scheduler.tasks if str(k).startswith(("scar-chunk", "scar-update", "scar-contrib"))]) == []
+
+
+def test_predictions_on_dask_and_pandas_agree(client, digits):
+    model = scar.SoftmaxRegression(learning_rate=0.5, momentum=0.9)
+    ddf = dd.from_pandas(digits, npartitions=3)
+    scar.Trainer(client, model).fit(ddf, target="label", max_iter=30, progress=False)
+    lazy = model.predict(ddf)
+    assert isinstance(lazy, dd.Series)
+    np.testing.assert_array_equal(lazy.compute().to_numpy(), model.predict(digits))
+    proba = model.predict_proba(ddf).compute()
+    assert proba.shape == (len(digits), 10)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-5)
+    assert model.score(ddf, "label") == pytest.approx(model.score(digits, "label"))
+
+
+def test_task_count_stays_flat_and_chunks_carry_no_lineage(client, digits):
+    ddf = dd.from_pandas(digits, npartitions=4)
+    peaks = {}
+    for n_iter in (40, 400):
+        with SchedulerWatch(client) as watch:
+            scar.Trainer(client, scar.SoftmaxRegression(), n_chunks=4).fit(
+                ddf, target="label", max_iter=n_iter, tol=0, progress=False)
+        assert watch.samples > 5
+        assert watch.bad_chunks == set()
+        # chunks live on both workers
+        assert watch.chunk_holders == set(client.scheduler_info()["workers"])
+        peaks[n_iter] = watch.peak
+    assert peaks[400] <= peaks[40] + 6, peaks
+
+
+def test_matrix_factorization_on_the_cluster(client):
+    frame, _ = low_rank_ratings()
+    model = scar.MatrixFactorization(rank=5, l2=1e-6)
+    result = scar.Trainer(client, model, n_chunks=3).fit(dd.from_pandas(frame, npartitions=4), max_iter=60,
+                                                         tol=0, progress=False)
+    assert model.rmse(frame) < 1e-3
+    reference = scar.MatrixFactorization(rank=5, l2=1e-6)
+    _, losses = fit_local(reference, prepare_local(reference, frame), max_iter=60)
+    np.testing.assert_allclose(result.history["loss"].iloc[:5], losses[:5], rtol=1e-4)
+    assert result.params["user_factors"].shape == (60, 5) and result.params["item_factors"].shape == (40, 5)
+
+
+def test_linear_regression_reaches_least_squares(client):
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((4000, 6))
+    y = X @ np.arange(1.0, 7.0) - 2.0 + 0.1 * rng.standard_normal(4000)
+    frame = pd.DataFrame(X, columns=[f"x{i}" for i in range(6)]).assign(y=y)
+    model = scar.LinearRegression(learning_rate=0.5, momentum=0.9)
+    result = scar.Trainer(client, model).fit(dd.from_pandas(frame, npartitions=4), target="y", max_iter=500,
+                                             tol=1e-12, progress=False)
+    exact = np.linalg.lstsq(np.c_[X, np.ones(len(X))], y, rcond=None)[0]
+    np.testing.assert_allclose(np.r_[model.coef_[:, 0], model.intercept_], exact, atol=1e-3)
+    assert result.converged and result.n_iter < 500
+    assert model.score(frame, "y") > 0.99
+
+
+def test_minibatch_sgd_trains(client, digits):
+    model = scar.SoftmaxRegression(learning_rate=0.5, batch_size=300)
+    result = scar.Trainer(client, model).fit(dd.from_pandas(digits, npartitions=4), target="label",
+                                             max_iter=150, tol=0, progress=False)
+    assert result.history["loss"].tail(10).mean() < 0.5 * result.history["loss"].iloc[0]
+    assert model.score(digits, "label") > 0.9
+
+
+def test_progress_bar_goes_to_stderr_and_can_be_turned_off(client, digits, capsys):
+    trainer = scar.Trainer(client, scar.SoftmaxRegression())
+    trainer.fit(digits, target="label", max_iter=5, progress=True)
+    assert "SoftmaxRegression" in capsys.readouterr().err
+    trainer.fit(digits, target="label", max_iter=5, progress=False)
+    assert "SoftmaxRegression" not in capsys.readouterr().err
+
+
+def test_divergence_is_reported_with_a_fix(client, digits):
+    frame = digits.assign(**{c: digits[c] * 1000 for c in digits.columns if c != "label"})
+    with pytest.raises(scar.DivergenceError, match="lower learning_rate \\(now 5.0\\) or scale the features"):
+        scar.Trainer(client, scar.SoftmaxRegression(learning_rate=5.0)).fit(frame, target="label", max_iter=50,
+                                                                            progress=False)
+
+
+def test_stops_early_at_tolerance(client, digits):
+    result = scar.Trainer(client, scar.SoftmaxRegression(momentum=0.9)).fit(
+        digits, target="label", max_iter=1000, tol=1e-3, progress=False)
+    assert result.converged and result.n_iter < 1000
+    last, before = result.history["loss"].iloc[-1], result.history["loss"].iloc[-2]
+    assert abs(before - last) <= 1e-3 * before
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"store": "ckpt.zarr"}, NotImplementedError, "checkpoint stores"),
+    ({"recovery": "sometimes"}, ValueError, "recovery must be one of"),
+    ({"n_chunks": 0}, ValueError, "n_chunks must be a positive integer"),
+])
+def test_bad_trainer_arguments(client, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        scar.Trainer(client, scar.SoftmaxRegression(), **kwargs)
+
+
+@pytest.mark.slow
+def test_killed_worker_ends_fit_with_a_clear_error(own_client, digits):
+    big = pd.concat([digits] * 20, ignore_index=True)
+    outcome = {}
+
+    def run():
+        try:
+            scar.Trainer(own_client, scar.SoftmaxRegression()).fit(big, target="label", max_iter=100_000,
+                                                                   tol=0, progress=False)
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    wait_for(lambda: own_client.run_on_scheduler(
+        lambda dask_scheduler: any(str(k).startswith("scar-chunk") for k in dask_scheduler.tasks)),
+        what="training to start")
+    victim = sorted(own_client.scheduler_info()["workers"])[1]
+    kill_worker(own_client, victim)
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "fit() hung after a worker was killed"
+    assert isinstance(outcome.get("error"), scar.WorkerLostError)
+    assert victim in str(outcome["error"]) and "weights[" in str(outcome["error"])
