@@ -23,6 +23,7 @@ from .backend import array_module, to_host
 from .models import Model
 
 DETACH_OP = "scar-detach"  # stream handler installed on the scheduler by ScarPlugin
+PROGRESS_TOPIC = "scar-progress"  # event topic of per-iteration losses
 
 
 @dataclass(frozen=True, order=True)
@@ -94,12 +95,13 @@ def assemble(chunks: dict[ChunkId, Chunk], names: tuple[str, ...], xp) -> dict[s
     return params
 
 
-def detach(chunks: dict[str, Chunk], client_id: str) -> None:
+def detach(chunks: dict[str, Chunk], client_id: str, progress: dict | None = None) -> None:
     """From inside a task: keep ``chunks`` on this worker as lineage-free data under their keys.
 
     The worker stores them as if scattered to it, and tells the scheduler on its
     ordered stream *before* the running task reports that it finished, so anyone
-    who sees the task done can rely on the keys existing.
+    who sees the task done can rely on the keys existing. ``progress`` (a small
+    JSON-able dict), if given, is published on the ``scar-progress`` topic.
     """
     worker = get_worker()
     nbytes = {key: sizeof(chunk) for key, chunk in chunks.items()}
@@ -111,6 +113,7 @@ def detach(chunks: dict[str, Chunk], client_id: str) -> None:
             "who_has": {key: [worker.address] for key in chunks},
             "nbytes": nbytes,
             "client": client_id,
+            "progress": progress,
         })
 
     worker.loop.add_callback(register)

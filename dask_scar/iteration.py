@@ -7,11 +7,12 @@ For each phase of the model's iteration:
 * one *update* task per worker, pinned there, combines all blocks' contributions
   for the chunks that worker holds, computes their new state and keeps it as the
   next version of those chunks (:func:`dask_scar.chunks.detach`);
-* in phase 0, one tiny *loss* task per block picks the loss out of the block's
-  contribution where it lies, so only a few floats ever reach the driver.
+* the first update task of phase 0 adds up the loss and sends it to the driver
+  with its chunks' registration, as an event on the ``scar-progress`` topic, so
+  no task and no round trip is spent on it.
 
-So an iteration has ``blocks * (phases + 1) + workers * phases`` tasks, however
-many partitions the data has.
+So an iteration has ``(blocks + workers) * phases`` tasks, however many
+partitions the data has.
 """
 
 from __future__ import annotations
@@ -32,19 +33,18 @@ def contribute(model: Model, phase: int, block: dict, sources: list, iteration: 
     return model.contribution(phase, block, params, xp, iteration=iteration, block_id=block_id)
 
 
-def loss_of(contribution: Contribution) -> tuple[float, float, int]:
-    return contribution.loss, contribution.penalty, contribution.count
-
-
 def update(model: Model, sources: list, contributions: list[Contribution], keys: dict[ChunkId, str],
-           iteration: int, client_id: str) -> dict[ChunkId, Chunk]:
+           iteration: int, client_id: str, progress: dict | None) -> dict[ChunkId, Chunk]:
     count = sum(c.count for c in contributions)
     new = {}
     for cid, chunk in flatten(sources).items():
         xp = get_array_module(chunk.value)
         total = model.combine(cid.name, [c.parts[cid.name] for c in contributions], cid.start, cid.stop, xp)
         new[cid] = Chunk(cid, model.update(cid.name, chunk.state, total, count, cid.start, cid.stop, xp), iteration)
-    detach({keys[cid]: chunk for cid, chunk in new.items()}, client_id)
+    if progress is not None:
+        progress = {**progress, "iteration": iteration,
+                    "loss": sum(c.loss for c in contributions) / count + contributions[0].penalty}
+    detach({keys[cid]: chunk for cid, chunk in new.items()}, client_id, progress)
     return new
 
 
@@ -52,7 +52,6 @@ def update(model: Model, sources: list, contributions: list[Contribution], keys:
 class IterationGraph:
     graph: HighLevelGraph
     update_keys: list[str]
-    loss_keys: list[str]
 
 
 def build(model: Model, chunks: ParameterChunks, blocks: list[str], block_workers: list[str],
@@ -67,7 +66,7 @@ def build(model: Model, chunks: ParameterChunks, blocks: list[str], block_worker
         layers.setdefault((task_worker, pinned), {})[key] = Task(key, func, *args)
         return TaskRef(key)
 
-    update_keys, loss_keys = [], []
+    update_keys = []
     for phase, names in enumerate(model.phases):
         inputs = model.phase_inputs(phase)
         refs = list({sources[c].key: sources[c] for c in chunks.ids if c.name in inputs}.values())
@@ -76,13 +75,12 @@ def build(model: Model, chunks: ParameterChunks, blocks: list[str], block_worker
             key = f"scar-contrib-{run}-{iteration}-{phase}-{b}"
             contributions.append(add(key, worker, False, contribute, model, phase, TaskRef(block), List(*refs),
                                      iteration, b))
-            if phase == 0:
-                loss_keys.append(add(f"scar-loss-{run}-{iteration}-{b}", worker, False, loss_of, TaskRef(key)).key)
         for w, (worker, own) in enumerate(sorted(chunks.by_worker(names).items())):
             key = f"scar-update-{run}-{iteration}-{phase}-{w}"
             new_keys = {cid: chunks.key(cid, iteration) for cid in own}
+            progress = {"run": run} if phase == 0 and w == 0 else None
             ref = add(key, worker, True, update, model, List(*[sources[c] for c in own]), List(*contributions),
-                      new_keys, iteration, client_id)
+                      new_keys, iteration, client_id, progress)
             sources.update({cid: ref for cid in own})
             update_keys.append(key)
 
@@ -92,4 +90,4 @@ def build(model: Model, chunks: ParameterChunks, blocks: list[str], block_worker
         for i, ((worker, pinned), tasks) in enumerate(layers.items())
     }
     graph = HighLevelGraph(hlg_layers, {name: set() for name in hlg_layers})
-    return IterationGraph(graph, update_keys, loss_keys)
+    return IterationGraph(graph, update_keys)

@@ -18,7 +18,7 @@ from typing import Any
 from distributed import Client
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from .chunks import DETACH_OP
+from .chunks import DETACH_OP, PROGRESS_TOPIC
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +46,17 @@ class ScarPlugin(SchedulerPlugin):
         if self.scheduler is not None:
             self.scheduler.stream_handlers.pop(DETACH_OP, None)
 
-    def _detach(self, worker: str, who_has: dict, nbytes: dict, client: str, **kwargs: Any) -> None:
-        """Register chunks a worker holds as data wanted by the driver's ``client``."""
+    def _detach(self, worker: str, who_has: dict, nbytes: dict, client: str, progress: dict | None = None,
+                **kwargs: Any) -> None:
+        """Register chunks a worker holds as data wanted by the driver's ``client``;
+        publish ``progress`` (an iteration's loss) for the driver."""
         try:
             scheduler = self.scheduler
             if worker in scheduler.workers and client in scheduler.clients:
                 scheduler.update_data(who_has=who_has, nbytes=nbytes, client=client)
                 self.detached += len(who_has)
+                if progress is not None:
+                    scheduler.log_event(PROGRESS_TOPIC, progress)
                 return
             # The driver is gone (or the worker is leaving): nobody will ever ask for
             # these chunks, so let the worker free them instead of keeping them forever.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from distributed import Client, Future, wait
 from tqdm.auto import tqdm
 
 from . import config, data, iteration
-from .chunks import ParameterChunks, place, split_rows
+from .chunks import PROGRESS_TOPIC, ParameterChunks, place, split_rows
 from .exceptions import DivergenceError, ScarError, WorkerLostError
 from .models import Model
 from .plugin import ensure_plugin
@@ -123,39 +124,41 @@ class Trainer:
         timeout = config.get("iteration-timeout")
         bar = tqdm(total=max_iter, unit="it", desc=type(model).__name__,
                    disable=not config.get("progress", progress))
+        losses: queue.Queue = queue.Queue()
+
+        def on_progress(event: tuple[float, dict]) -> None:
+            # runs on the client's event loop: hand over, never block
+            if event[1].get("run") == run:
+                losses.put(event[1])
+
+        client.subscribe_topic(PROGRESS_TOPIC, on_progress)
         previous: list[Future] = []     # futures of the last graph, released after the next submit
         stale: list[Future] = []        # chunk futures of the last version, likewise
-        pending_losses: tuple[int, list[Future]] | None = None
         last_done = time.perf_counter()
         try:
             for k in range(1, max_iter + 1):
                 graph = iteration.build(model, chunks, data_blocks, training.workers, k, client.id)
-                futures = client.get(graph.graph, graph.update_keys + graph.loss_keys, sync=False)
-                # Releases are sent after the new graph, so they never delay it (the
+                futures = client.get(graph.graph, graph.update_keys, sync=False)
+                # Releases go out after the new graph, so they never delay it (the
                 # client batches its messages to the scheduler in 10 ms windows).
                 previous = stale = []
-                if pending_losses is not None:
-                    row = _loss_row(client, *pending_losses)
-                    rows.append(row)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{row['loss']:.6g}")
-                    _check_divergence(rows, divergence_factor, model)
-                    converged = tol > 0 and len(rows) > 1 and _converged(rows[-2]["loss"], row["loss"], tol)
-                n_updates = len(graph.update_keys)
-                self._wait(futures[:n_updates], chunks, timeout)
+                _wait(futures, chunks, timeout)
                 stale = chunks.advance(k)
-                now = time.perf_counter()
-                pending_losses = (k, futures[n_updates:], now - last_done)
-                last_done = now
                 previous = futures
-                if converged:
+                # The loss event was sent before the updates finished: it is here.
+                loss = losses.get(timeout=timeout)["loss"]
+                now = time.perf_counter()
+                rows.append({"iteration": k, "loss": loss, "seconds": now - last_done})
+                last_done = now
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.6g}", refresh=False)
+                _check_divergence(rows, divergence_factor, model)
+                if tol > 0 and k > 1 and _converged(rows[-2]["loss"], loss, tol):
+                    converged = True
                     break
-            rows.append(_loss_row(client, *pending_losses))
-            bar.update(1)
-            _check_divergence(rows, divergence_factor, model)
-            converged = converged or (tol > 0 and len(rows) > 1 and _converged(rows[-2]["loss"], rows[-1]["loss"], tol))
             params = chunks.gather()
         finally:
+            client.unsubscribe_topic(PROGRESS_TOPIC)
             bar.close()
             del previous, stale
             chunks.release()
@@ -164,24 +167,25 @@ class Trainer:
         history = pd.DataFrame(rows, columns=["iteration", "loss", "seconds"])
         return FitResult(history=history, params=params, n_iter=len(rows), converged=converged)
 
-    def _wait(self, futures: list[Future], chunks: ParameterChunks, timeout: float) -> None:
-        """Wait for an iteration's updates; fail clearly instead of hanging on a lost worker."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                wait(futures, timeout=1.0)
-                break
-            except TimeoutError:
-                _raise_if_lost(chunks, ask_scheduler=True)
-                if time.monotonic() > deadline:
-                    raise ScarError(f"an iteration took longer than scar.iteration-timeout={timeout}s; "
-                                    "is the cluster overloaded or a worker hung?") from None
-        _raise_if_lost(chunks, ask_scheduler=False)
-        for f in futures:
-            if f.status == "error":
-                f.result()
-            elif f.status != "finished":
-                raise ScarError(f"task {f.key} was {f.status}; was the cluster restarted?")
+
+def _wait(futures: list[Future], chunks: ParameterChunks, timeout: float) -> None:
+    """Wait for an iteration's updates; fail clearly instead of hanging on a lost worker."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            wait(futures, timeout=1.0)
+            break
+        except TimeoutError:
+            _raise_if_lost(chunks, ask_scheduler=True)
+            if time.monotonic() > deadline:
+                raise ScarError(f"an iteration took longer than scar.iteration-timeout={timeout}s; "
+                                "is the cluster overloaded or a worker hung?") from None
+    _raise_if_lost(chunks, ask_scheduler=False)
+    for f in futures:
+        if f.status == "error":
+            f.result()
+        elif f.status != "finished":
+            raise ScarError(f"task {f.key} was {f.status}; was the cluster restarted?")
 
 
 def _raise_if_lost(chunks: ParameterChunks, ask_scheduler: bool) -> None:
@@ -199,12 +203,6 @@ def _raise_if_lost(chunks: ParameterChunks, ask_scheduler: bool) -> None:
             f"worker(s) {workers} died holding parameter chunks "
             f"{[f'{c.name}[{c.start}:{c.stop}]' for c in lost]}; this version of dask_scar cannot "
             "restore them (checkpoint stores come later): run fit() again")
-
-
-def _loss_row(client: Client, k: int, loss_futures: list[Future], seconds: float) -> dict:
-    parts = client.gather(loss_futures)
-    loss = sum(p[0] for p in parts) / sum(p[2] for p in parts) + parts[0][1]
-    return {"iteration": k, "loss": loss, "seconds": seconds}
 
 
 def _converged(previous: float, current: float, tol: float) -> bool:
