@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from distributed import Client, Future, wait
 
+from .backend import array_module, to_device
 from .exceptions import DataError
 from .models import ColumnSummary, DataSummary, Model
 
@@ -116,8 +117,10 @@ def _partition_arrays(frame, features, target, feature_dtype, target_dtype):
     return to_arrays(frame, features, target, feature_dtype, target_dtype)
 
 
-def _block(*parts):
-    return concat_blocks([arrays for arrays, _ in parts if len(next(iter(arrays.values())))])
+def _block(backend, *parts):
+    block = concat_blocks([arrays for arrays, _ in parts if len(next(iter(arrays.values())))])
+    xp = array_module(backend)
+    return {name: to_device(values, xp) for name, values in block.items()}
 
 
 def _block_summary(*parts):
@@ -136,8 +139,9 @@ def as_dask_frame(data: Any, n_workers: int) -> dd.DataFrame:
 
 
 def prepare(client: Client, model: Model, data: Any, target: str | None,
-            features: list[str] | None) -> TrainingData:
-    """Validate ``data`` and persist it on the workers as one block per worker.
+            features: list[str] | None, backend: str = "numpy") -> TrainingData:
+    """Validate ``data`` and persist it on the workers as one block per worker
+    (NumPy arrays, or CuPy arrays on the GPU for ``backend="cupy"``).
 
     Raises :class:`DataError` naming the offending column before any training.
     """
@@ -168,7 +172,7 @@ def prepare(client: Client, model: Model, data: Any, target: str | None,
         n = sum(s[0].count for s in per_worker)
         if n == 0:
             continue  # empty partitions only: no block on this worker
-        blocks.append(client.submit(_block, *futs, key=f"scar-block-{dask.base.tokenize(futs)}",
+        blocks.append(client.submit(_block, backend, *futs, key=f"scar-block-{dask.base.tokenize(backend, futs)}",
                                     workers=[worker] if worker else None, allow_other_workers=True))
         rows.append(n)
     wait(blocks)

@@ -7,6 +7,7 @@ import math
 import queue
 import time
 import uuid
+from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,7 @@ from distributed import Client, Future, wait
 from tqdm.auto import tqdm
 
 from . import config, data, iteration
+from .backend import array_module
 from .chunks import PROGRESS_TOPIC, ParameterChunks, place, split_rows
 from .exceptions import DivergenceError, ScarError, WorkerLostError
 from .models import Model
@@ -86,6 +88,7 @@ class Trainer:
             raise ValueError(f"n_chunks must be a positive integer or None, got {n_chunks!r}")
         if not isinstance(model, Model):
             raise TypeError(f"model must be a dask_scar model, got {type(model).__name__}")
+        array_module(backend)  # fail now, with an install hint, if CuPy is missing
         self.client = client
         self.model = model
         self.store = store
@@ -110,7 +113,7 @@ class Trainer:
             raise ValueError(f"max_iter must be >= 1, got {max_iter}")
         client, model = self.client, self.model
         ensure_plugin(client)
-        training = data.prepare(client, model, frame, target, features)
+        training = data.prepare(client, model, frame, target, features, self.backend)
         workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
         n_chunks = self.n_chunks or config.get("chunks-per-worker") * len(workers)
         run = uuid.uuid4().hex[:8]
@@ -175,6 +178,10 @@ def _wait(futures: list[Future], chunks: ParameterChunks, timeout: float) -> Non
         try:
             wait(futures, timeout=1.0)
             break
+        except CancelledError as exc:
+            # the scheduler forgot tasks: a chunk's only copy died with its worker
+            _raise_if_lost(chunks, ask_scheduler=True)
+            raise ScarError(f"the tasks of an iteration were cancelled: {exc}") from exc
         except TimeoutError:
             _raise_if_lost(chunks, ask_scheduler=True)
             if time.monotonic() > deadline:
