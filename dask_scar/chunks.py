@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 from dask.sizeof import sizeof
-from distributed import Client, Future, get_worker, wait
+from distributed import Client, Future, get_worker
 
 from .backend import array_module, to_host
 from .models import Model
@@ -151,17 +151,14 @@ class ParameterChunks:
                 out.setdefault(self.owner[cid], []).append(cid)
         return out
 
-    def initialize(self, model: Model, backend: str) -> None:
-        """Create version 0 of every chunk on its worker (no parameter data passes the driver)."""
-        tasks = [
+    def initialize(self, model: Model, backend: str) -> list[Future]:
+        """Start creating version 0 of every chunk on its worker (no parameter data
+        passes the driver); once the returned tasks are done, call ``advance(0)``."""
+        return [
             self.client.submit(_init_chunks, model, ids, [self.key(c, 0) for c in ids], self.client.id, backend,
                                key=f"scar-init-{self.run}-{i}", workers=[worker], allow_other_workers=False)
             for i, (worker, ids) in enumerate(self.by_worker().items())
         ]
-        wait(tasks)
-        for t in tasks:
-            t.result()  # raise the first failure
-        self.advance(0)
 
     def advance(self, version: int) -> list[Future]:
         """Take hold of the chunks of ``version``; returns the futures of the old version.

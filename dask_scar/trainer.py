@@ -118,13 +118,14 @@ class Trainer:
         n_chunks = self.n_chunks or config.get("chunks-per-worker") * len(workers)
         run = uuid.uuid4().hex[:8]
         chunks = ParameterChunks(client, run, place(split_rows(model, n_chunks), workers))
-        chunks.initialize(model, self.backend)
+        timeout = config.get("iteration-timeout")
+        _wait(chunks.initialize(model, self.backend), chunks, timeout)
+        chunks.advance(0)
         data_blocks = [b.key for b in training.blocks]
 
         rows: list[dict] = []
         converged = False
         divergence_factor = config.get("divergence-factor")
-        timeout = config.get("iteration-timeout")
         bar = tqdm(total=max_iter, unit="it", desc=type(model).__name__,
                    disable=not config.get("progress", progress))
         losses: queue.Queue = queue.Queue()
@@ -149,7 +150,11 @@ class Trainer:
                 stale = chunks.advance(k)
                 previous = futures
                 # The loss event was sent before the updates finished: it is here.
-                loss = losses.get(timeout=timeout)["loss"]
+                try:
+                    loss = losses.get(timeout=timeout)["loss"]
+                except queue.Empty:
+                    raise ScarError(f"no loss arrived for iteration {k}: is the scheduler's ScarPlugin from "
+                                    "another dask_scar version? Install the same version everywhere") from None
                 now = time.perf_counter()
                 rows.append({"iteration": k, "loss": loss, "seconds": now - last_done})
                 last_done = now

@@ -178,8 +178,9 @@ def test_killed_worker_ends_fit_with_a_clear_error(own_client, digits):
 
     thread = threading.Thread(target=run)
     thread.start()
-    wait_for(lambda: own_client.run_on_scheduler(
-        lambda dask_scheduler: any(str(k).startswith("scar-chunk") for k in dask_scheduler.tasks)),
+    wait_for(lambda: own_client.run_on_scheduler(  # a few iterations in: chunk version 3 or later exists
+        lambda dask_scheduler: any(str(k).startswith("scar-chunk") and int(str(k).rsplit("-v", 1)[1]) >= 3
+                                   for k in dask_scheduler.tasks)),
         what="training to start")
     victim = sorted(own_client.scheduler_info()["workers"])[1]
     kill_worker(own_client, victim)

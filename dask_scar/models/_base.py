@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 import types
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
