@@ -3,20 +3,42 @@
 from . import config  # noqa: F401  (registers the scar.* defaults with dask.config)
 from .exceptions import (
     BackendError,
+    CheckpointError,
+    CheckpointWarning,
     DataError,
     DivergenceError,
     NotFittedError,
     ScarError,
+    StoreMismatchError,
     WorkerLostError,
 )
 from .models import LinearRegression, MatrixFactorization, SoftmaxRegression
 from .plugin import ScarPlugin
+from .policy import (
+    CheckpointPolicy,
+    FullCheckpoint,
+    PrioritizedCheckpoint,
+    RandomCheckpoint,
+    RoundRobinCheckpoint,
+)
+from .store import CheckpointStore, ZarrStore, open_store
 from .trainer import FitResult, Trainer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendError",
+    "CheckpointError",
+    "CheckpointPolicy",
+    "CheckpointStore",
+    "CheckpointWarning",
+    "FullCheckpoint",
+    "PrioritizedCheckpoint",
+    "RandomCheckpoint",
+    "RoundRobinCheckpoint",
+    "StoreMismatchError",
+    "ZarrStore",
+    "open_store",
     "DataError",
     "DivergenceError",
     "FitResult",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from dask.sizeof import sizeof
@@ -21,6 +21,7 @@ from distributed import Client, Future, get_worker
 
 from .backend import array_module, to_host
 from .models import Model
+from .store import BlockLayout
 
 DETACH_OP = "scar-detach"  # stream handler installed on the scheduler by ScarPlugin
 PROGRESS_TOPIC = "scar-progress"  # event topic of per-iteration losses
@@ -38,33 +39,44 @@ class ChunkId:
 
 @dataclass
 class Chunk:
-    """A chunk's state on a worker: its value plus optimizer slots, at ``version``."""
+    """A chunk's state on a worker: its value plus optimizer slots, at ``version``.
+
+    ``reference`` is the chunk's value as last checkpointed, kept by its owner
+    when the checkpoint policy ranks blocks by how far they moved; it is shared
+    by successive versions and never travels with a copy of the chunk.
+    """
 
     id: ChunkId
     state: dict[str, Any]
     version: int
+    reference: Any = None
 
     @property
     def value(self) -> Any:
         return self.state["value"]
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "reference": None}
+
 
 @sizeof.register(Chunk)
 def _sizeof_chunk(chunk: Chunk) -> int:
-    return sum(sizeof(v) for v in chunk.state.values())
+    return sum(sizeof(v) for v in chunk.state.values()) + (0 if chunk.reference is None else sizeof(chunk.reference))
 
 
 def chunk_key(run: str, cid: ChunkId, version: int) -> str:
     return f"scar-chunk-{run}-{cid.name}-{cid.index}-v{version}"
 
 
-def split_rows(model: Model, n_chunks: int) -> list[ChunkId]:
-    """Every parameter split by rows into ``n_chunks`` near-equal chunks (fewer if it is short)."""
+def split_rows(layouts: dict[str, BlockLayout], n_chunks: int) -> list[ChunkId]:
+    """Every parameter split by rows into ``n_chunks`` near-equal chunks of whole
+    checkpoint blocks (fewer chunks if there are fewer blocks)."""
     ids = []
-    for name, spec in model.parameter_specs().items():
-        rows = spec.shape[0]
-        bounds = np.linspace(0, rows, min(n_chunks, rows) + 1).round().astype(int)
-        ids += [ChunkId(name, i, int(a), int(b)) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+    for name, layout in layouts.items():
+        n = layout.n_blocks
+        bounds = np.linspace(0, n, min(n_chunks, n) + 1).round().astype(int)
+        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            ids.append(ChunkId(name, i, layout.bounds(int(a))[0], layout.bounds(int(b) - 1)[1]))
     return ids
 
 
@@ -119,12 +131,16 @@ def detach(chunks: dict[str, Chunk], client_id: str, progress: dict | None = Non
     worker.loop.add_callback(register)
 
 
-def _init_chunks(model: Model, ids: list[ChunkId], keys: list[str], client_id: str, backend: str) -> int:
+def _init_chunks(model: Model, ids: list[ChunkId], keys: list[str], client_id: str, backend: str,
+                 version: int, prepare: Callable[[Chunk], int] | None) -> int:
+    """Create chunks at their initial value (``prepare`` may then restore saved blocks
+    into them); returns the bytes ``prepare`` read."""
     xp = array_module(backend)
-    chunks = {key: Chunk(cid, model.new_state(cid.name, model.init_rows(cid.name, cid.start, cid.stop, xp)), 0)
+    chunks = {key: Chunk(cid, model.new_state(cid.name, model.init_rows(cid.name, cid.start, cid.stop, xp)), version)
               for cid, key in zip(ids, keys)}
+    nbytes = sum(prepare(c) for c in chunks.values()) if prepare is not None else 0
     detach(chunks, client_id)
-    return len(chunks)
+    return nbytes
 
 
 @dataclass
@@ -151,12 +167,14 @@ class ParameterChunks:
                 out.setdefault(self.owner[cid], []).append(cid)
         return out
 
-    def initialize(self, model: Model, backend: str) -> list[Future]:
-        """Start creating version 0 of every chunk on its worker (no parameter data
-        passes the driver); once the returned tasks are done, call ``advance(0)``."""
+    def initialize(self, model: Model, backend: str, version: int = 0,
+                   prepare: Callable[[Chunk], int] | None = None) -> list[Future]:
+        """Start creating ``version`` of every chunk on its worker (no parameter data
+        passes the driver); once the returned tasks are done, call ``advance(version)``."""
         return [
-            self.client.submit(_init_chunks, model, ids, [self.key(c, 0) for c in ids], self.client.id, backend,
-                               key=f"scar-init-{self.run}-{i}", workers=[worker], allow_other_workers=False)
+            self.client.submit(_init_chunks, model, ids, [self.key(c, version) for c in ids], self.client.id,
+                               backend, version, prepare, key=f"scar-init-{self.run}-{i}", workers=[worker],
+                               allow_other_workers=False)
             for i, (worker, ids) in enumerate(self.by_worker().items())
         ]
 

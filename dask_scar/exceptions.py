@@ -30,3 +30,15 @@ class WorkerLostError(ScarError, RuntimeError):
 
 class NotFittedError(ScarError, AttributeError):
     """A model was asked to predict before it was fitted."""
+
+
+class CheckpointError(ScarError, OSError):
+    """The checkpoint store cannot be written or read (path, permission, corrupt block)."""
+
+
+class StoreMismatchError(ScarError, ValueError):
+    """A checkpoint store was written for another model, shape or dtype."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint write failed; training went on and the store kept its older blocks."""

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from dask._task_spec import List, Task, TaskRef
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
+from . import checkpoint
 from .backend import get_array_module
 from .chunks import Chunk, ChunkId, ParameterChunks, assemble, detach, flatten
 from .models import Contribution, Model
@@ -34,17 +35,24 @@ def contribute(model: Model, phase: int, block: dict, sources: list, iteration: 
 
 
 def update(model: Model, sources: list, contributions: list[Contribution], keys: dict[ChunkId, str],
-           iteration: int, client_id: str, progress: dict | None) -> dict[ChunkId, Chunk]:
+           iteration: int, client_id: str, run: str, report_loss: bool,
+           orders: checkpoint.Orders | None) -> dict[ChunkId, Chunk]:
     count = sum(c.count for c in contributions)
+    current = flatten(sources)
+    if orders is not None and orders.blocks:
+        checkpoint.save(current, orders)   # the previous iteration's values, as selected
     new = {}
-    for cid, chunk in flatten(sources).items():
+    for cid, chunk in current.items():
         xp = get_array_module(chunk.value)
         total = model.combine(cid.name, [c.parts[cid.name] for c in contributions], cid.start, cid.stop, xp)
-        new[cid] = Chunk(cid, model.update(cid.name, chunk.state, total, count, cid.start, cid.stop, xp), iteration)
-    if progress is not None:
-        progress = {**progress, "iteration": iteration,
-                    "loss": sum(c.loss for c in contributions) / count + contributions[0].penalty}
-    detach({keys[cid]: chunk for cid, chunk in new.items()}, client_id, progress)
+        state = model.update(cid.name, chunk.state, total, count, cid.start, cid.stop, xp)
+        new[cid] = Chunk(cid, state, iteration, chunk.reference)
+    progress = {"run": run, "iteration": iteration}
+    if report_loss:
+        progress["loss"] = sum(c.loss for c in contributions) / count + contributions[0].penalty
+    if orders is not None and orders.priorities:
+        progress["priorities"] = checkpoint.distances(new, orders)
+    detach({keys[cid]: chunk for cid, chunk in new.items()}, client_id, progress if len(progress) > 2 else None)
     return new
 
 
@@ -55,9 +63,10 @@ class IterationGraph:
 
 
 def build(model: Model, chunks: ParameterChunks, blocks: list[str], block_workers: list[str],
-          iteration: int, client_id: str) -> IterationGraph:
+          iteration: int, client_id: str, orders: checkpoint.Orders | None = None) -> IterationGraph:
     """The graph of ``iteration``: it reads chunk version ``chunks.version`` and
-    leaves version ``iteration`` of every chunk on its owner."""
+    leaves version ``iteration`` of every chunk on its owner; its update tasks
+    carry out the checkpoint ``orders``."""
     run = chunks.run
     sources = {cid: TaskRef(chunks.key(cid)) for cid in chunks.ids}
     layers: dict[tuple[str, bool], dict[str, Task]] = {}
@@ -78,9 +87,8 @@ def build(model: Model, chunks: ParameterChunks, blocks: list[str], block_worker
         for w, (worker, own) in enumerate(sorted(chunks.by_worker(names).items())):
             key = f"scar-update-{run}-{iteration}-{phase}-{w}"
             new_keys = {cid: chunks.key(cid, iteration) for cid in own}
-            progress = {"run": run} if phase == 0 and w == 0 else None
             ref = add(key, worker, True, update, model, List(*[sources[c] for c in own]), List(*contributions),
-                      new_keys, iteration, client_id, progress)
+                      new_keys, iteration, client_id, run, phase == 0 and w == 0, orders)
             sources.update({cid: ref for cid in own})
             update_keys.append(key)
 

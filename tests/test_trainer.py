@@ -55,7 +55,8 @@ def test_digits_accuracy_and_equality_with_single_process(client, digits):
     model = scar.SoftmaxRegression(**hyper)
     result = scar.Trainer(client, model).fit(dd.from_pandas(digits, npartitions=6), target="label",
                                              max_iter=150, tol=0, progress=False)
-    assert list(result.history.columns) == ["iteration", "loss", "seconds"]
+    assert list(result.history.columns) == ["iteration", "loss", "seconds", "checkpoint_bytes",
+                                           "checkpoint_seconds", "event"]
     assert result.history["iteration"].tolist() == list(range(1, 151))
     assert model.score(digits, "label") >= 0.95
 
@@ -155,7 +156,9 @@ def test_stops_early_at_tolerance(client, digits):
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
-    ({"store": "ckpt.zarr"}, NotImplementedError, "checkpoint stores"),
+    ({"policy": scar.FullCheckpoint(every=5)}, ValueError, "policy= needs store="),
+    ({"store": "ckpt.zarr", "policy": "full"}, TypeError, "policy must be a dask_scar CheckpointPolicy"),
+    ({"store": 3}, TypeError, "store must be a path or URL"),
     ({"recovery": "sometimes"}, ValueError, "recovery must be one of"),
     ({"n_chunks": 0}, ValueError, "n_chunks must be a positive integer"),
 ])

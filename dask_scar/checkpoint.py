@@ -1,0 +1,335 @@
+"""Checkpointing during training: priorities and writes on the workers, rounds on the driver.
+
+How a round goes (policy due after iteration ``t``):
+
+1. the update tasks of iteration ``t`` compute, for each chunk they hold, every
+   block's distance from its last saved value (if the policy asks for
+   priorities) and send them with their ``scar-progress`` event — one number per
+   block, no parameter data;
+2. the driver's :class:`Checkpointer` selects the round's blocks;
+3. the update tasks of iteration ``t + 1``, which hold version ``t`` of their
+   chunks, hand the selected blocks of that version to a writer thread of their
+   worker process and carry on: training does not wait for the store. The writer
+   writes the blocks (data, then their record), updates the chunk's reference
+   copy, and reports bytes and seconds as another ``scar-progress`` event;
+4. when every chunk of the round has reported, the driver commits the round in
+   the store's manifest. At most ``scar.checkpoint.backlog`` rounds are in
+   flight; beyond that the driver waits before it submits more work.
+
+A failing write (full disk, lost permission) is reported, not raised: training
+goes on and the store keeps the blocks it had (chunk writes are atomic).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from distributed import Client, get_worker
+
+from .backend import get_array_module, to_host
+from .chunks import PROGRESS_TOPIC, Chunk, ChunkId
+from .exceptions import CheckpointError, CheckpointWarning
+from .policy import CheckpointPolicy
+from .store import BlockLayout, ZarrStore, probe
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Orders:
+    """What the update tasks of one iteration do for checkpointing (small; sent with every task)."""
+
+    run: str
+    url: str
+    store_id: str
+    epoch: int
+    block_rows: dict[str, int]
+    priorities: bool = False            # report block distances of the new chunks
+    round: int = 0                      # round to write, if ``blocks``
+    blocks: dict[ChunkId, tuple[int, ...]] = field(default_factory=dict)  # selected blocks per chunk
+
+
+# -- on the workers ---------------------------------------------------------------------
+
+def chunk_blocks(cid: ChunkId, block_rows: int) -> range:
+    return range(cid.start // block_rows, math.ceil(cid.stop / block_rows))
+
+
+def block_distances(chunk: Chunk, block_rows: int) -> list[float]:
+    """``||value - reference||`` of each block of the chunk (inf where no reference is kept)."""
+    n = len(chunk_blocks(chunk.id, block_rows))
+    if chunk.reference is None:
+        return [math.inf] * n
+    xp = get_array_module(chunk.value)
+    diff = chunk.value - chunk.reference
+    sq = (diff * diff).reshape(diff.shape[0], -1).sum(axis=1, dtype=xp.float64)
+    full = (len(sq) // block_rows) * block_rows
+    sums = sq[:full].reshape(-1, block_rows).sum(axis=1)
+    if full < len(sq):
+        sums = xp.concatenate([sums, sq[full:].sum(keepdims=True)])
+    return [float(v) for v in to_host(xp.sqrt(sums))]
+
+
+def new_reference(value: Any, dtype: str | None) -> Any:
+    """The reference copy a chunk keeps for priorities (its value as last saved)."""
+    return value.astype(dtype or value.dtype, copy=True)
+
+
+def distances(chunks: dict[ChunkId, Chunk], orders: Orders) -> dict[str, list[float]]:
+    return {f"{cid.name}/{cid.index}": block_distances(c, orders.block_rows[cid.name]) for cid, c in chunks.items()}
+
+
+def save(chunks: dict[ChunkId, Chunk], orders: Orders) -> int:
+    """Hand this worker's share of the round's blocks to the process's writer thread."""
+    jobs = 0
+    for cid, chunk in chunks.items():
+        blocks = orders.blocks.get(cid)
+        if not blocks:
+            continue
+        rows = orders.block_rows[cid.name]
+        values = {}
+        for b in blocks:
+            start, stop = b * rows - cid.start, min((b + 1) * rows, cid.stop) - cid.start
+            values[b] = to_host(chunk.value[start:stop])
+        _writer().put((get_worker(), orders, chunk, values))
+        jobs += 1
+    return jobs
+
+
+def save_task(sources: list[Chunk], orders: Orders) -> int:
+    """A task that saves selected blocks outside an iteration (the last round of a fit)."""
+    return save({c.id: c for c in sources}, orders)
+
+
+_stores: dict[tuple[str, str], ZarrStore] = {}
+_lock = threading.Lock()
+_queue: queue.Queue | None = None
+
+
+def open_cached(url: str, store_id: str) -> ZarrStore:
+    """The store at ``url``, opened once per process (per store id, so a store
+    re-created at the same path is re-opened)."""
+    with _lock:
+        store = _stores.get((url, store_id))
+        if store is None:
+            store = ZarrStore.open(url, mode="r+")
+            if store.meta.get("id") != store_id:
+                raise CheckpointError(f"the checkpoint store at {url} seen from this process is not the one "
+                                      "the driver created: the workers must see the same storage as the driver "
+                                      "(a shared filesystem, or an object store URL such as s3://...)")
+            _stores[(url, store_id)] = store
+        return store
+
+
+def check_access(url: str, store_id: str) -> None:
+    """Run on every worker before training: the store is the driver's and writable here."""
+    open_cached(url, store_id)
+    probe(url)
+
+
+def _writer() -> queue.Queue:
+    global _queue
+    with _lock:
+        if _queue is None:
+            _queue = queue.Queue()
+            threading.Thread(target=_write_forever, args=(_queue,), name="scar-checkpoint-writer",
+                             daemon=True).start()
+        return _queue
+
+
+def _write_forever(jobs: queue.Queue) -> None:
+    while True:
+        worker, orders, chunk, values = jobs.get()
+        started = time.perf_counter()
+        report = {"run": orders.run, "kind": "written", "round": orders.round, "chunk": chunk.id.index,
+                  "parameter": chunk.id.name, "blocks": len(values), "bytes": 0, "error": None}
+        try:
+            store = open_cached(orders.url, orders.store_id)
+            report["bytes"] = store.write_blocks(chunk.id.name, values, chunk.version, orders.epoch, orders.round)
+            _update_reference(chunk, values, orders.block_rows[chunk.id.name])
+        except Exception as exc:  # noqa: BLE001  (reported to the driver, which warns)
+            report["error"] = f"{type(exc).__name__}: {exc}"
+        report["seconds"] = time.perf_counter() - started
+        try:
+            worker.log_event(PROGRESS_TOPIC, report)
+        except Exception:  # noqa: BLE001  (worker closing: nobody left to tell)
+            logger.debug("could not report a checkpoint write", exc_info=True)
+
+
+def _update_reference(chunk: Chunk, values: dict[int, np.ndarray], rows: int) -> None:
+    ref = chunk.reference
+    if ref is None:
+        return
+    xp = get_array_module(ref)
+    for b, host in values.items():
+        start = b * rows - chunk.id.start
+        ref[start:start + len(host)] = xp.asarray(host, dtype=ref.dtype)
+
+
+def prepare_chunk(chunk: Chunk, url: str | None, store_id: str, block_rows: dict[str, int], load: bool,
+                  reference_dtype: str | None | bool) -> int:
+    """Make a new chunk ready for checkpointing: with ``load``, overwrite its saved
+    blocks from the store (the others keep their initial value); unless
+    ``reference_dtype`` is False, keep a reference copy for priorities. Returns bytes read."""
+    nbytes = 0
+    if load:
+        cid, rows = chunk.id, block_rows[chunk.id.name]
+        value = chunk.value
+        xp = get_array_module(value)
+        store = open_cached(url, store_id)
+        for b, saved in store.read_blocks(cid.name, list(chunk_blocks(cid, rows))).items():
+            start = b * rows - cid.start
+            value[start:start + len(saved)] = xp.asarray(saved, dtype=value.dtype)
+            nbytes += saved.nbytes
+    if reference_dtype is not False:
+        chunk.reference = new_reference(chunk.value, reference_dtype)
+    return nbytes
+
+
+# -- on the driver ----------------------------------------------------------------------
+
+@dataclass
+class Round:
+    iteration: int
+    expected: int
+    blocks: list[int]                   # global block numbers written
+    priorities: np.ndarray | None       # every block's priority when selected
+    reports: list[dict] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return len(self.reports) >= self.expected
+
+    @property
+    def errors(self) -> list[str]:
+        return [r["error"] for r in self.reports if r["error"]]
+
+
+class Checkpointer:
+    """The driver's side of checkpointing: when, which blocks, and the rounds in flight."""
+
+    def __init__(self, store: ZarrStore, policy: CheckpointPolicy, layouts: dict[str, BlockLayout],
+                 run: str, store_id: str, epoch: int, last_round: int, backlog: int):
+        self.store = store
+        self.policy = policy
+        self.layouts = layouts
+        self.backlog = backlog
+        self.base = Orders(run, store.url, store_id, epoch, {n: lay.block_rows for n, lay in layouts.items()})
+        self.round = last_round
+        self.committed = last_round
+        self.rounds: dict[int, Round] = {}
+        self.pending: Orders | None = None     # selected, to be written by the next graph
+        self.notes: dict[int, list[str]] = {}  # iteration -> warnings for the history
+        self._warned = False
+
+    # -- orders ------------------------------------------------------------------------
+    def orders(self, iteration: int) -> Orders | None:
+        """Orders for the graph of ``iteration`` (None when it has nothing to do)."""
+        prioritize = self.policy.needs_priorities and self.policy.due(iteration)
+        pending, self.pending = self.pending, None
+        if pending is None and not prioritize:
+            return None
+        base = pending or self.base
+        return Orders(**{**base.__dict__, "priorities": prioritize})
+
+    def select(self, iteration: int, ids: list[ChunkId], priorities: dict[str, list[float]]) -> None:
+        """After ``iteration`` finished: if the policy is due, choose the round's blocks."""
+        if not self.policy.due(iteration):
+            return
+        offsets, n = {}, 0
+        for name, lay in self.layouts.items():
+            offsets[name], n = n, n + lay.n_blocks
+        values = None
+        if self.policy.needs_priorities:
+            values = np.zeros(n)
+            for cid in ids:
+                span = chunk_blocks(cid, self.layouts[cid.name].block_rows)
+                offset = offsets[cid.name]
+                values[offset + span.start:offset + span.stop] = priorities[f"{cid.name}/{cid.index}"]
+        self.round += 1
+        chosen = set(self.policy.select(n, self.round, values).tolist())
+        blocks = {}
+        for cid in ids:
+            mine = tuple(b for b in chunk_blocks(cid, self.layouts[cid.name].block_rows)
+                         if offsets[cid.name] + b in chosen)
+            if mine:
+                blocks[cid] = mine
+        self.rounds[self.round] = Round(iteration, len(blocks), sorted(chosen), values)
+        self.pending = Orders(**{**self.base.__dict__, "round": self.round, "blocks": blocks})
+
+    def flush(self, client: Client, chunks) -> list:
+        """Submit a round still waiting for a graph to carry it; returns its futures."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return []
+        futures = []
+        for worker, ids in chunks.by_worker().items():
+            own = [cid for cid in ids if cid in pending.blocks]
+            if own:
+                futures.append(client.submit(save_task, [chunks.futures[c] for c in own], pending,
+                                             workers=[worker], allow_other_workers=False, pure=False))
+        return futures
+
+    # -- reports -----------------------------------------------------------------------
+    def outstanding(self) -> int:
+        return sum(1 for r in self.rounds.values() if not r.done)
+
+    def on_written(self, report: dict) -> None:
+        rnd = self.rounds.get(report.get("round")) if report.get("kind") == "written" else None
+        if rnd is None:
+            return
+        rnd.reports.append(report)
+        if not rnd.done:
+            return
+        if rnd.errors:
+            message = (f"checkpoint round {report['round']} (iteration {rnd.iteration}) failed: "
+                       f"{rnd.errors[0]}; the store keeps its older blocks and training goes on")
+            self._note(rnd.iteration, message)
+        elif report["round"] > self.committed:
+            self.committed = report["round"]
+            self.store.commit({"round": report["round"], "iteration": rnd.iteration, "epoch": self.base.epoch,
+                               "run": self.base.run, "time": time.time()})
+
+    def abandon(self, reason: str) -> None:
+        """Give up on the rounds in flight (their writers never reported)."""
+        for number, rnd in self.rounds.items():
+            if not rnd.done:
+                rnd.expected = len(rnd.reports)
+                message = f"checkpoint round {number} (iteration {rnd.iteration}) abandoned: {reason}"
+                self._note(rnd.iteration, message)
+
+    def _note(self, iteration: int, message: str) -> None:
+        """Into the history; a warning the first time in a fit, the log after that."""
+        self.notes.setdefault(iteration, []).append(message)
+        if self._warned:
+            logger.warning(message)
+        else:
+            self._warned = True
+            warnings.warn(message + " (later failures of this fit: see history['event'])", CheckpointWarning,
+                          stacklevel=5)
+
+    def table(self) -> pd.DataFrame:
+        """One row per round: what was written, and with what result."""
+        return pd.DataFrame(
+            [{"round": number, "iteration": r.iteration, "blocks": r.blocks,
+              "bytes": sum(x["bytes"] for x in r.reports), "seconds": sum(x["seconds"] for x in r.reports),
+              "error": "; ".join(r.errors), "priorities": r.priorities} for number, r in self.rounds.items()],
+            columns=["round", "iteration", "blocks", "bytes", "seconds", "error", "priorities"])
+
+    def columns(self) -> dict[int, dict[str, Any]]:
+        """Per iteration: bytes written and seconds spent writing by the round of that iteration."""
+        out: dict[int, dict[str, Any]] = {}
+        for rnd in self.rounds.values():
+            row = out.setdefault(rnd.iteration, {"checkpoint_bytes": 0, "checkpoint_seconds": 0.0})
+            row["checkpoint_bytes"] += sum(r["bytes"] for r in rnd.reports)
+            row["checkpoint_seconds"] += sum(r["seconds"] for r in rnd.reports)
+        return out

@@ -1,0 +1,338 @@
+"""The checkpoint store: blocks of the model's parameters in Zarr v3.
+
+Layout of a store (a Zarr group at any path or fsspec URL)::
+
+    zarr.json            group attributes, JSON, written by the driver only:
+                           "dask_scar": format, model, parameter layouts, policy
+                           "manifest":  the last committed round (written last)
+    params/<name>        one array per parameter; one Zarr chunk == one block of
+                         ``block_rows`` rows; fill value NaN; crc32c on every chunk
+    saved/<name>         (n_blocks, 3) int64: iteration, epoch and round at which
+                         each block was last written; -1 where never
+
+A missing Zarr chunk reads back as the fill value without error, so whether a
+block was saved is read from ``saved/<name>``, never inferred from the data. The
+worker that holds a block writes it, data first and record second, and no other
+process writes that Zarr chunk. Nothing from a store is unpickled.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import math
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+from .exceptions import CheckpointError, StoreMismatchError
+
+FORMAT_VERSION = 1
+ATTRS = "dask_scar"
+NEVER = -1
+_RECORD = ("iteration", "epoch", "round")
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """How parameter ``name`` of ``shape`` is cut into checkpoint blocks of ``block_rows`` rows."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    block_rows: int
+
+    @property
+    def n_blocks(self) -> int:
+        return math.ceil(self.shape[0] / self.block_rows)
+
+    def bounds(self, block: int) -> tuple[int, int]:
+        start = block * self.block_rows
+        return start, min(start + self.block_rows, self.shape[0])
+
+    def blocks(self, start: int, stop: int) -> range:
+        """The blocks covering rows ``start:stop`` (which must be block-aligned)."""
+        if start % self.block_rows or (stop % self.block_rows and stop != self.shape[0]):
+            raise ValueError(f"rows {start}:{stop} of {self.name!r} do not fall on block boundaries")
+        return range(start // self.block_rows, math.ceil(stop / self.block_rows))
+
+    def to_json(self) -> dict:
+        return {"shape": list(self.shape), "dtype": self.dtype, "block_rows": self.block_rows}
+
+    @classmethod
+    def from_json(cls, name: str, meta: dict) -> BlockLayout:
+        return cls(name, tuple(meta["shape"]), meta["dtype"], int(meta["block_rows"]))
+
+
+def make_layouts(shapes: dict[str, tuple[tuple[int, ...], str]], n_chunks: int,
+                 blocks_per_chunk: int) -> dict[str, BlockLayout]:
+    """Layouts giving each of ``n_chunks`` row chunks about ``blocks_per_chunk`` blocks."""
+    return {name: BlockLayout(name, tuple(shape), str(dtype), max(1, math.ceil(shape[0] / (n_chunks * blocks_per_chunk))))
+            for name, (shape, dtype) in shapes.items()}
+
+
+class CheckpointStore(abc.ABC):
+    """Where checkpoint blocks are kept. Host (NumPy) arrays only.
+
+    Subclasses provide the primitives; reading the whole checkpoint and the
+    summaries are built on them.
+    """
+
+    url: str
+    layouts: dict[str, BlockLayout]
+    meta: dict
+
+    @abc.abstractmethod
+    def write_blocks(self, name: str, values: dict[int, np.ndarray], iteration: int, epoch: int,
+                     round: int) -> int:
+        """Write blocks (index -> rows) of ``name``; returns the bytes they take in the store."""
+
+    @abc.abstractmethod
+    def records(self, name: str, blocks: list[int] | None = None) -> np.ndarray:
+        """(blocks, 3) int64 rows of iteration, epoch, round; -1 where never saved."""
+
+    @abc.abstractmethod
+    def read_blocks(self, name: str, blocks: list[int]) -> dict[int, np.ndarray]:
+        """The saved ones among ``blocks``; raises :class:`CheckpointError` for a corrupt block."""
+
+    @abc.abstractmethod
+    def commit(self, manifest: dict) -> None:
+        """Record a finished round (driver only). Written after the round's blocks."""
+
+    @property
+    @abc.abstractmethod
+    def manifest(self) -> dict:
+        """The last committed round: round, iteration, epoch (empty before the first)."""
+
+    @abc.abstractmethod
+    def nbytes_stored(self) -> int:
+        """Bytes the checkpoint takes in the store."""
+
+    # -- built on the primitives ------------------------------------------------
+    @property
+    def saved_at(self) -> pd.DataFrame:
+        """One row per block: parameter, block, start, stop, iteration, epoch, round (-1: never saved)."""
+        frames = []
+        for name, layout in self.layouts.items():
+            rec = self.records(name)
+            bounds = np.array([layout.bounds(b) for b in range(layout.n_blocks)]).reshape(-1, 2)
+            frames.append(pd.DataFrame({
+                "parameter": name, "block": np.arange(layout.n_blocks), "start": bounds[:, 0],
+                "stop": bounds[:, 1], **{k: rec[:, i] for i, k in enumerate(_RECORD)}}))
+        return pd.concat(frames, ignore_index=True)
+
+    def load(self) -> dict[str, np.ndarray]:
+        """Every parameter as a NumPy array; rows of never-saved blocks are NaN."""
+        out = {}
+        for name, layout in self.layouts.items():
+            value = np.full(layout.shape, np.nan, dtype=layout.dtype)
+            for block, rows in self.read_blocks(name, list(range(layout.n_blocks))).items():
+                start, stop = layout.bounds(block)
+                value[start:stop] = rows
+            out[name] = value
+        return out
+
+    def info(self) -> dict[str, Any]:
+        """Size and freshness: bytes stored, blocks saved, and how many iterations old
+        the saved blocks are at the last committed round (a histogram)."""
+        saved = self.saved_at
+        done = saved[saved["iteration"] != NEVER]
+        now = self.manifest.get("iteration", int(done["iteration"].max()) if len(done) else 0)
+        staleness = (now - done["iteration"]).clip(lower=0)
+        edges = [0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, np.inf]
+        counts, _ = np.histogram(staleness, bins=edges)
+        labels = [f"{int(a)}" if b - a == 1 else f"{int(a)}-{b - 1:g}" for a, b in zip(edges[:-1], edges[1:])]
+        return {
+            "url": self.url,
+            "model": self.meta.get("model", {}).get("class"),
+            "nbytes_stored": self.nbytes_stored(),
+            "nbytes_parameters": sum(math.prod(lay.shape) * np.dtype(lay.dtype).itemsize
+                                     for lay in self.layouts.values()),
+            "blocks": len(saved),
+            "blocks_saved": len(done),
+            "manifest": self.manifest,
+            "staleness": {label: int(c) for label, c in zip(labels, counts) if c},
+        }
+
+    def check_compatible(self, model: dict, layouts: dict[str, BlockLayout]) -> None:
+        """Raise :class:`StoreMismatchError` if the store was written for another model."""
+        mine = self.meta["model"]
+        diffs = []
+        if mine["class"] != model["class"]:
+            diffs.append(f"model class: store has {mine['class']}, trainer has {model['class']}")
+        if set(self.layouts) != set(layouts):
+            diffs.append(f"parameters: store has {sorted(self.layouts)}, model has {sorted(layouts)}")
+        for name in sorted(set(self.layouts) & set(layouts)):
+            a, b = self.layouts[name], layouts[name]
+            if a.shape != b.shape:
+                diffs.append(f"shape of {name!r}: store has {a.shape}, model has {b.shape}")
+            if a.dtype != b.dtype:
+                diffs.append(f"dtype of {name!r}: store has {a.dtype}, model has {b.dtype}")
+        if diffs:
+            raise StoreMismatchError(
+                f"the checkpoint store {self.url} was written for another model ({'; '.join(diffs)}): "
+                "use another store path, or the model and data the store was written for")
+
+
+def _zarr_store(url: str, read_only: bool) -> zarr.abc.store.Store:
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    if "://" in url:
+        return zarr.storage.FsspecStore.from_url(url, read_only=read_only)
+    return zarr.storage.LocalStore(url, read_only=read_only)
+
+
+def _codecs() -> list:
+    return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()]
+
+
+class ZarrStore(CheckpointStore):
+    """:class:`CheckpointStore` in a Zarr v3 group at a path or fsspec URL
+    (``file://``, ``s3://``, ``memory://`` — the latter only within one process)."""
+
+    def __init__(self, url: str | os.PathLike, group: zarr.Group):
+        self.url = os.fspath(url)
+        self.group = group
+        self.meta = dict(group.attrs[ATTRS])
+        if self.meta.get("format") != FORMAT_VERSION:
+            raise StoreMismatchError(f"{self.url} is a dask_scar store of format {self.meta.get('format')}; "
+                                     f"this version reads format {FORMAT_VERSION}")
+        self.layouts = {name: BlockLayout.from_json(name, m) for name, m in self.meta["parameters"].items()}
+        self._arrays: dict[str, zarr.Array] = {}
+
+    # -- opening -------------------------------------------------------------------
+    @classmethod
+    def open(cls, url: str | os.PathLike, mode: str = "r") -> ZarrStore:
+        """Open an existing store; ``mode="r+"`` to write blocks into it."""
+        url = os.fspath(url)
+        try:
+            group = zarr.open_group(_zarr_store(url, read_only=mode == "r"), mode=mode)
+        except FileNotFoundError:
+            raise CheckpointError(f"no checkpoint store at {url}") from None
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot open the checkpoint store at {url}: {exc}") from exc
+        if ATTRS not in group.attrs:
+            raise StoreMismatchError(f"{url} holds a Zarr group that is not a dask_scar checkpoint store")
+        return cls(url, group)
+
+    @classmethod
+    def exists(cls, url: str | os.PathLike) -> bool:
+        """True if ``url`` holds a dask_scar store."""
+        try:
+            group = zarr.open_group(_zarr_store(os.fspath(url), read_only=True), mode="r")
+        except (FileNotFoundError, OSError, ValueError):
+            return False
+        return ATTRS in group.attrs
+
+    @classmethod
+    def create(cls, url: str | os.PathLike, model: dict, layouts: dict[str, BlockLayout],
+               policy: dict | None) -> ZarrStore:
+        """Create an empty store (the driver does this once, before training)."""
+        url = os.fspath(url)
+        meta = {"format": FORMAT_VERSION, "id": uuid.uuid4().hex, "model": model, "policy": policy,
+                "parameters": {name: lay.to_json() for name, lay in layouts.items()}}
+        try:
+            group = zarr.open_group(_zarr_store(url, read_only=False), mode="w-", attributes={ATTRS: meta})
+            for name, lay in layouts.items():
+                group.create_array(f"params/{name}", shape=lay.shape, dtype=lay.dtype,
+                                   chunks=(lay.block_rows, *lay.shape[1:]), fill_value=np.nan,
+                                   compressors=_codecs())
+                group.create_array(f"saved/{name}", shape=(lay.n_blocks, len(_RECORD)), dtype="int64",
+                                   chunks=(1, len(_RECORD)), fill_value=NEVER, compressors=[Crc32cCodec()])
+        except (zarr.errors.ContainsGroupError, FileExistsError):
+            raise CheckpointError(f"{url} already holds a Zarr group; choose another store path") from None
+        except OSError as exc:
+            raise CheckpointError(f"cannot create the checkpoint store at {url}: {exc}; "
+                                  "choose a writable path or URL") from exc
+        return cls(url, group)
+
+    # -- primitives ------------------------------------------------------------------
+    def _array(self, path: str) -> zarr.Array:
+        if path not in self._arrays:
+            self._arrays[path] = self.group[path]
+        return self._arrays[path]
+
+    def write_blocks(self, name: str, values: dict[int, np.ndarray], iteration: int, epoch: int,
+                     round: int) -> int:
+        layout = self.layouts[name]
+        data, saved = self._array(f"params/{name}"), self._array(f"saved/{name}")
+        store, prefix = data.store_path.store, data.store_path.path
+        record = np.array([[iteration, epoch, round]], dtype=np.int64)
+        tail = (0,) * (len(layout.shape) - 1)
+
+        async def write() -> int:
+            # all blocks at once; every record only once every block's data is in
+            await asyncio.gather(*(data._async_array.setitem(slice(*layout.bounds(b)), rows)
+                                   for b, rows in values.items()))
+            await asyncio.gather(*(saved._async_array.setitem(slice(b, b + 1), record) for b in values))
+            sizes = await asyncio.gather(*(store.getsize(f"{prefix}/{data.metadata.encode_chunk_key((b,) + tail)}")
+                                           for b in values))
+            return sum(sizes)
+
+        return sync(write())
+
+    def records(self, name: str, blocks: list[int] | None = None) -> np.ndarray:
+        saved = self._array(f"saved/{name}")
+        if blocks is None:
+            return saved[:]
+        return saved.get_orthogonal_selection((np.asarray(blocks, dtype=np.int64), slice(None))).reshape(-1, 3)
+
+    def read_blocks(self, name: str, blocks: list[int]) -> dict[int, np.ndarray]:
+        layout = self.layouts[name]
+        data = self._array(f"params/{name}")
+        rec = self.records(name, blocks)
+        out = {}
+        for block, (iteration, _, _) in zip(blocks, rec):
+            if iteration == NEVER:
+                continue
+            start, stop = layout.bounds(block)
+            try:
+                rows = data[start:stop]
+            except Exception as exc:  # noqa: BLE001  (a codec error: checksum, truncated data)
+                raise CheckpointError(
+                    f"block {block} (rows {start}:{stop}) of parameter {name!r} in {self.url} is corrupt "
+                    f"({exc}); it cannot be loaded. Restore the store from a copy, or delete that block's "
+                    f"record saved/{name} chunk {block} so it counts as never saved") from exc
+            if np.isnan(rows).all():
+                raise CheckpointError(f"block {block} of parameter {name!r} in {self.url} is recorded as "
+                                      f"saved at iteration {iteration} but its data is missing")
+            out[block] = rows
+        return out
+
+    def commit(self, manifest: dict) -> None:
+        self.group.attrs.update({"manifest": manifest})
+
+    @property
+    def manifest(self) -> dict:
+        return dict(self.group.attrs.get("manifest", {}))
+
+    def nbytes_stored(self) -> int:
+        return sum(self._array(f"{kind}/{name}").nbytes_stored() for name in self.layouts
+                   for kind in ("params", "saved"))
+
+
+def probe(url: str | os.PathLike) -> None:
+    """Write and delete a scratch object at ``url``: raises :class:`CheckpointError`
+    where this process cannot write there."""
+    url = os.fspath(url)
+    key = f".scar-probe-{uuid.uuid4().hex}"
+    try:
+        store = _zarr_store(url, read_only=False)
+        sync(store.set(key, default_buffer_prototype().buffer.from_bytes(b"probe")))
+        sync(store.delete(key))
+    except Exception as exc:  # noqa: BLE001  (whatever the reason, it cannot be written)
+        raise CheckpointError(f"cannot write to the checkpoint store at {url}: {exc}; "
+                              "choose a writable path or URL") from exc
+
+
+def open_store(url: str | os.PathLike) -> ZarrStore:
+    """Open a checkpoint store read-only, for inspection: ``saved_at``, ``load()``, ``info()``."""
+    return ZarrStore.open(url, mode="r")

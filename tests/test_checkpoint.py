@@ -1,0 +1,221 @@
+"""Checkpointing while training, on real multi-process clusters and real stores on disk."""
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import wait_for
+from distributed import Client, LocalCluster
+
+import dask_scar as scar
+from dask_scar.local import fit_local, prepare_local
+
+
+def synthetic(n_rows=2000, n_features=127, n_classes=10, seed=0) -> pd.DataFrame:
+    """128 weight rows with the intercept: 32 blocks of 4 rows on 4 chunks."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n_rows, n_features)).astype(np.float32)
+    y = (X @ rng.standard_normal((n_features, n_classes))).argmax(axis=1)
+    frame = pd.DataFrame(X, columns=[f"x{i}" for i in range(n_features)])
+    frame["label"] = y
+    return frame
+
+
+def chunk_files(store_path) -> int:
+    """Bytes of the parameter blocks in a store on disk."""
+    root = os.path.join(store_path, "params")
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files
+               if f != "zarr.json")
+
+
+def test_prioritized_rounds_write_the_blocks_that_moved_most(client, digits, tmp_path):
+    model = scar.SoftmaxRegression(momentum=0.9)
+    result = scar.Trainer(client, model, store=tmp_path / "ckpt.zarr",
+                          policy=scar.PrioritizedCheckpoint(0.25, every=3)).fit(
+        digits, target="label", max_iter=60, tol=0, progress=False)
+
+    # checkpointing does not change training
+    reference = scar.SoftmaxRegression(momentum=0.9)
+    _, losses = fit_local(reference, prepare_local(reference, digits, "label"), max_iter=60)
+    np.testing.assert_allclose(result.history["loss"], losses, rtol=1e-5)
+
+    rounds = result.checkpoints
+    assert rounds["iteration"].tolist() == list(range(3, 61, 3)) and (rounds["error"] == "").all()
+    assert (result.history.set_index("iteration").loc[rounds["iteration"], "checkpoint_bytes"] > 0).all()
+    for _, r in rounds.iterrows():   # every round wrote the 6 of 22 blocks with the largest priority
+        chosen = np.zeros(22, bool)
+        chosen[r["blocks"]] = True
+        assert chosen.sum() == 6 and r["priorities"][chosen].min() >= r["priorities"][~chosen].max()
+
+    store = scar.open_store(tmp_path / "ckpt.zarr")
+    saved = store.saved_at
+    assert saved["iteration"].nunique() >= 4, saved    # a mosaic of blocks from different rounds
+    assert set(saved["iteration"]) <= set(range(3, 61, 3)) | {-1}
+    assert store.manifest["round"] == 20 and store.manifest["iteration"] == 60
+
+    # the priorities were the true distances from the last saved values
+    final, stored = result.params["weights"], store.load()["weights"]
+    initial = model.init_rows("weights", 0, 65)
+    last = rounds.iloc[-1]
+    for _, row in saved.iterrows():
+        rows = slice(row["start"], row["stop"])
+        if row["block"] in last["blocks"]:   # written from the final values
+            assert row["iteration"] == 60
+            np.testing.assert_array_equal(stored[rows], final[rows])
+        else:
+            before = stored[rows] if row["iteration"] >= 0 else initial[rows]
+            np.testing.assert_allclose(last["priorities"][row["block"]], np.linalg.norm(final[rows] - before),
+                                       rtol=1e-4)
+
+
+def test_equal_byte_budget_full_vs_prioritized(client, tmp_path):
+    frame = synthetic()
+    per_iteration = {}
+    for name, policy in [("full", scar.FullCheckpoint(every=8)), ("scar", scar.PrioritizedCheckpoint(0.25, every=2))]:
+        result = scar.Trainer(client, scar.SoftmaxRegression(learning_rate=0.1), store=tmp_path / f"{name}.zarr",
+                              policy=policy, n_chunks=4).fit(frame, target="label", max_iter=64, tol=0,
+                                                             progress=False)
+        assert len(result.checkpoints) == 64 // policy.every
+        per_iteration[name] = result.history["checkpoint_bytes"].sum() / 64
+        if name == "full":   # a full round's bytes are the store's blocks on disk
+            assert result.checkpoints["bytes"].iloc[-1] == chunk_files(tmp_path / "full.zarr")
+    assert per_iteration["scar"] == pytest.approx(per_iteration["full"], rel=0.05)
+
+
+def test_store_for_another_model_or_corrupt_is_refused(client, digits, tmp_path):
+    store = tmp_path / "ckpt.zarr"
+    scar.Trainer(client, scar.SoftmaxRegression(), store=store, policy=scar.FullCheckpoint(every=3)).fit(
+        digits, target="label", max_iter=6, progress=False)
+    with pytest.raises(scar.CheckpointError, match="already holds a dask_scar checkpoint: pass resume=True"):
+        scar.Trainer(client, scar.SoftmaxRegression(), store=store).fit(digits, target="label", max_iter=6)
+    with pytest.raises(scar.StoreMismatchError, match=r"model class: store has .*SoftmaxRegression, trainer has "
+                                                      r".*LinearRegression; shape of 'weights': store has "
+                                                      r"\(65, 10\), model has \(65, 1\)"):
+        scar.Trainer(client, scar.LinearRegression(), store=store).fit(digits, target="label", max_iter=9,
+                                                                       resume=True, progress=False)
+    path = store / "params/weights/c/4/0"
+    raw = bytearray(path.read_bytes())
+    raw[-6] ^= 0x10
+    path.write_bytes(bytes(raw))
+    with pytest.raises(scar.CheckpointError, match=r"block 4 \(rows 12:15\) of parameter 'weights'.* corrupt"):
+        scar.Trainer(client, scar.SoftmaxRegression(), store=store).fit(digits, target="label", max_iter=9,
+                                                                        resume=True, progress=False)
+    with pytest.raises(scar.CheckpointError, match="no dask_scar checkpoint store at"):
+        scar.Trainer(client, scar.SoftmaxRegression(), store=tmp_path / "none.zarr").fit(
+            digits, target="label", resume=True)
+
+
+def _limit_file_size(limit: int) -> None:
+    # a process writing past RLIMIT_FSIZE gets EFBIG ("File too large"), like a full disk
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+def test_unwritable_store_fails_before_training(client, digits, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(scar.CheckpointError, match="cannot write to the checkpoint store at .*a-file/ckpt.zarr"):
+        scar.Trainer(client, scar.SoftmaxRegression(), store=blocker / "ckpt.zarr").fit(digits, target="label")
+    client.run(_limit_file_size, 0)      # the driver can write, the workers cannot
+    try:
+        with pytest.raises(scar.CheckpointError, match="worker tcp://.* cannot use the checkpoint store.*"
+                                                       "File too large"):
+            scar.Trainer(client, scar.SoftmaxRegression(), store=tmp_path / "ckpt.zarr").fit(
+                digits, target="label", max_iter=5, progress=False)
+    finally:
+        client.run(_limit_file_size, resource.RLIM_INFINITY)
+    assert not [k for k in client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.tasks))
+                if str(k).startswith("scar-chunk")]
+
+
+@pytest.mark.slow
+def test_failing_writes_warn_and_training_goes_on(own_client, digits, tmp_path):
+    store = tmp_path / "ckpt.zarr"
+    big = pd.concat([digits] * 4, ignore_index=True)
+    outcome = {}
+
+    def train():
+        outcome["result"] = scar.Trainer(own_client, scar.SoftmaxRegression(), store=store,
+                                         policy=scar.FullCheckpoint(every=2)).fit(
+            big, target="label", max_iter=300, tol=0, progress=False)
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    wait_for(lambda: scar.ZarrStore.exists(store) and scar.open_store(store).manifest.get("round", 0) >= 3,
+             what="three committed rounds")
+    own_client.run(_limit_file_size, 0)   # the disk is "full" for a while
+    time.sleep(1.0)
+    stored_during = scar.open_store(store).load()["weights"]       # readable, intact
+    own_client.run(_limit_file_size, resource.RLIM_INFINITY)
+    thread.join(timeout=120)
+    result = outcome["result"]
+    failures = result.history[result.history["event"].str.contains("failed")]
+    assert len(failures) >= 2 and failures["event"].str.contains("File too large").all()
+    assert result.n_iter == 300 and np.isfinite(result.history["loss"]).all()
+    assert np.isfinite(stored_during).all()
+    final = scar.open_store(store)
+    assert final.manifest["iteration"] == 300            # later rounds were written again
+    np.testing.assert_array_equal(final.load()["weights"], result.params["weights"])
+
+
+DRIVER = textwrap.dedent("""
+    import sys
+    import pandas as pd
+    from distributed import Client
+    import dask_scar as scar
+    frame = pd.read_parquet(sys.argv[2])
+    with Client(sys.argv[1]) as client:
+        scar.Trainer(client, scar.SoftmaxRegression(), store=sys.argv[3],
+                     policy=scar.FullCheckpoint(every=5)).fit(frame, target="label", max_iter=100000, tol=0,
+                                                             progress=False)
+""")
+
+
+@pytest.mark.slow
+def test_resume_after_the_driver_process_died(client, digits, tmp_path):
+    store = tmp_path / "ckpt.zarr"
+    digits.to_parquet(tmp_path / "digits.parquet")
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, client.scheduler.address,
+                               str(tmp_path / "digits.parquet"), str(store)])
+    try:
+        wait_for(lambda: scar.ZarrStore.exists(store) and scar.open_store(store).manifest.get("iteration", 0) >= 20,
+                 timeout=120, what="the driver to commit iteration 20")
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    checkpoint = scar.open_store(store)
+    start = checkpoint.manifest["iteration"]
+    saved = checkpoint.load()["weights"]
+
+    model = scar.SoftmaxRegression()
+    result = scar.Trainer(client, model, store=store, policy=scar.FullCheckpoint(every=5)).fit(
+        digits, target="label", max_iter=start + 30, tol=0, resume=True, progress=False)
+    assert result.history["iteration"].tolist() == list(range(start + 1, start + 31))
+    assert result.n_iter == start + 30
+    # the first loss is the loss of exactly what the store held
+    block = prepare_local(scar.SoftmaxRegression(), digits, "label")
+    local = scar.SoftmaxRegression()
+    prepare_local(local, digits, "label")
+    c = local.contribution(0, block, {"weights": saved}, np)
+    assert result.history["loss"].iloc[0] == pytest.approx(c.loss / c.count + c.penalty, rel=1e-5)
+    # and training goes on from there: below where a fresh start is after as many iterations
+    _, fresh = fit_local(local, block, max_iter=30)
+    assert result.history["loss"].iloc[-1] < fresh[-1]
+    assert scar.open_store(store).manifest["epoch"] == 1
+
+
+def test_memory_store_on_a_threaded_cluster(digits):
+    url = f"memory://scar-test-{os.getpid()}.zarr"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
+            Client(cluster) as c:
+        result = scar.Trainer(c, scar.SoftmaxRegression(), store=url, policy=scar.FullCheckpoint(every=4)).fit(
+            digits, target="label", max_iter=8, progress=False)
+    np.testing.assert_array_equal(scar.open_store(url).load()["weights"], result.params["weights"])

@@ -1,0 +1,134 @@
+"""The Zarr checkpoint store and the checkpoint policies, on real stores (no cluster)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import dask_scar as scar
+from dask_scar.chunks import split_rows
+from dask_scar.store import ZarrStore, make_layouts, probe
+
+MODEL = {"class": "dask_scar.models.softmax.SoftmaxRegression", "params": {"l2": 0.0001}}
+
+
+def new_store(url, shapes=None, n_chunks=4, blocks_per_chunk=4):
+    layouts = make_layouts(shapes or {"weights": ((65, 10), "float32")}, n_chunks, blocks_per_chunk)
+    return ZarrStore.create(url, MODEL, layouts, scar.FullCheckpoint(every=5).to_json())
+
+
+def test_blocks_tile_the_chunks_and_never_straddle_them():
+    layouts = make_layouts({"users": ((1001, 8), "float32"), "items": ((7, 8), "float32")}, 4, 8)
+    assert layouts["users"].block_rows == 32 and layouts["users"].n_blocks == 32
+    assert layouts["items"].block_rows == 1 and layouts["items"].n_blocks == 7
+    for name, layout in layouts.items():
+        ids = [c for c in split_rows(layouts, 4) if c.name == name]
+        assert ids[0].start == 0 and ids[-1].stop == layout.shape[0]
+        assert all(a.stop == b.start for a, b in zip(ids, ids[1:]))
+        blocks = [list(layout.blocks(c.start, c.stop)) for c in ids]
+        assert sum(blocks, []) == list(range(layout.n_blocks))   # each block in exactly one chunk
+    with pytest.raises(ValueError, match="block boundaries"):
+        layouts["users"].blocks(5, 64)
+
+
+def test_write_read_records_and_info(tmp_path):
+    store = new_store(tmp_path / "ckpt.zarr")
+    lay = store.layouts["weights"]
+    assert (lay.block_rows, lay.n_blocks) == (5, 13)
+    rows = np.arange(50, dtype=np.float32).reshape(5, 10)
+    nbytes = store.write_blocks("weights", {0: rows, 12: rows + 7}, iteration=9, epoch=1, round=3)
+    files = [tmp_path / "ckpt.zarr/params/weights/c/0/0", tmp_path / "ckpt.zarr/params/weights/c/12/0"]
+    assert nbytes == sum(os.path.getsize(f) for f in files)
+    store.commit({"round": 3, "iteration": 9, "epoch": 1})
+
+    reopened = scar.open_store(tmp_path / "ckpt.zarr")
+    saved = reopened.saved_at
+    assert saved[saved.iteration >= 0].block.tolist() == [0, 12]
+    assert saved.loc[saved.block == 0, ["iteration", "epoch", "round"]].values.tolist() == [[9, 1, 3]]
+    loaded = reopened.load()["weights"]
+    np.testing.assert_array_equal(loaded[:5], rows)
+    assert np.isnan(loaded[5:60]).all()          # never saved: NaN, never zeros
+    info = reopened.info()
+    assert info["blocks"] == 13 and info["blocks_saved"] == 2
+    assert info["manifest"]["iteration"] == 9 and info["staleness"] == {"0": 2}
+    assert info["nbytes_parameters"] == 65 * 10 * 4
+    # metadata is plain JSON
+    meta = json.loads((tmp_path / "ckpt.zarr/zarr.json").read_text())["attributes"]
+    assert meta["dask_scar"]["model"] == MODEL and meta["manifest"]["round"] == 3
+
+
+def test_a_flipped_byte_is_detected_and_named(tmp_path):
+    store = new_store(tmp_path / "ckpt.zarr")
+    rng = np.random.default_rng(0)
+    store.write_blocks("weights", {3: rng.random((5, 10), dtype=np.float32)}, 4, 0, 1)
+    path = tmp_path / "ckpt.zarr/params/weights/c/3/0"
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+    with pytest.raises(scar.CheckpointError, match=r"block 3 \(rows 15:20\) of parameter 'weights'.*corrupt"):
+        scar.open_store(tmp_path / "ckpt.zarr").load()
+
+
+@pytest.mark.parametrize("scheme", ["memory", "file"])
+def test_fsspec_urls(tmp_path, scheme):
+    url = f"memory://ckpt-{os.getpid()}.zarr" if scheme == "memory" else f"file://{tmp_path}/ckpt.zarr"
+    probe(url)
+    store = new_store(url)
+    store.write_blocks("weights", {1: np.ones((5, 10), np.float32)}, 2, 0, 1)
+    np.testing.assert_array_equal(scar.open_store(url).load()["weights"][5:10], 1.0)
+    if scheme == "file":
+        assert (tmp_path / "ckpt.zarr/params/weights/c/1/0").exists()
+
+
+def test_store_for_another_model_is_refused_saying_what_differs(tmp_path):
+    store = new_store(tmp_path / "ckpt.zarr")
+    other = make_layouts({"weights": ((33, 10), "float64")}, 4, 4)
+    with pytest.raises(scar.StoreMismatchError) as info:
+        store.check_compatible({"class": "dask_scar.models.linear.LinearRegression", "params": {}}, other)
+    message = str(info.value)
+    assert "model class: store has dask_scar.models.softmax.SoftmaxRegression" in message
+    assert "shape of 'weights': store has (65, 10), model has (33, 10)" in message
+    assert "dtype of 'weights': store has float32, model has float64" in message
+    with pytest.raises(scar.CheckpointError, match="already holds a Zarr group"):
+        new_store(tmp_path / "ckpt.zarr")
+
+
+def test_unwritable_and_missing_paths(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(scar.CheckpointError, match="cannot write to the checkpoint store at .*a-file/ckpt.zarr"):
+        probe(blocker / "ckpt.zarr")
+    with pytest.raises(scar.CheckpointError, match="no checkpoint store at"):
+        scar.open_store(tmp_path / "nothing-here.zarr")
+
+
+# -- policies -------------------------------------------------------------------------------
+
+def test_policies_select_the_right_blocks():
+    prio = np.array([0.1, 5.0, 0.3, 4.0, 0.0, 9.0, 0.2, 1.0])
+    assert scar.FullCheckpoint(every=8).select(8, 1).tolist() == list(range(8))
+    assert scar.PrioritizedCheckpoint(0.25, every=2).select(8, 1, prio).tolist() == [1, 5]
+    assert scar.PrioritizedCheckpoint(0.5, every=2).select(8, 1, prio).tolist() == [1, 3, 5, 7]
+    rr = scar.RoundRobinCheckpoint(0.25, every=2)
+    assert [rr.select(8, r).tolist() for r in (1, 2, 3, 4, 5)] == [[0, 1], [2, 3], [4, 5], [6, 7], [0, 1]]
+    rnd = scar.RandomCheckpoint(0.25, every=2, seed=3)
+    draws = [rnd.select(8, r).tolist() for r in range(1, 6)]
+    assert draws == [scar.RandomCheckpoint(0.25, every=2, seed=3).select(8, r).tolist() for r in range(1, 6)]
+    assert len({tuple(d) for d in draws}) > 1 and all(len(d) == 2 for d in draws)
+    full, prioritized = scar.FullCheckpoint(every=8), scar.PrioritizedCheckpoint(0.25, every=2)
+    # the same blocks per iteration: n/8 each
+    assert full.count(32) / full.every == prioritized.count(32) / prioritized.every == 4
+    assert [k for k in range(1, 9) if prioritized.due(k)] == [2, 4, 6, 8]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: scar.FullCheckpoint(every=0), "every must be a positive integer"),
+    (lambda: scar.PrioritizedCheckpoint(fraction=0), r"fraction must be in \(0, 1\]"),
+    (lambda: scar.PrioritizedCheckpoint(fraction=1.5), r"fraction must be in \(0, 1\]"),
+    (lambda: scar.PrioritizedCheckpoint(reference_dtype="int8"), "reference_dtype must be"),
+    (lambda: scar.PrioritizedCheckpoint(0.25).select(4, 1, None), "needs one priority per block"),
+])
+def test_bad_policy_arguments(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
