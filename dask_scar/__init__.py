@@ -9,11 +9,13 @@ from .exceptions import (
     DivergenceError,
     NotFittedError,
     ScarError,
+    SchedulerLostError,
     StoreMismatchError,
     WorkerLostError,
 )
 from .models import LinearRegression, MatrixFactorization, SoftmaxRegression
 from .plugin import ScarPlugin
+from .recovery import RecoveryEvent
 from .policy import (
     CheckpointPolicy,
     FullCheckpoint,
@@ -34,6 +36,7 @@ __all__ = [
     "CheckpointWarning",
     "FullCheckpoint",
     "PrioritizedCheckpoint",
+    "RecoveryEvent",
     "RandomCheckpoint",
     "RoundRobinCheckpoint",
     "StoreMismatchError",
@@ -46,6 +49,7 @@ __all__ = [
     "MatrixFactorization",
     "NotFittedError",
     "ScarError",
+    "SchedulerLostError",
     "ScarPlugin",
     "SoftmaxRegression",
     "Trainer",

@@ -29,7 +29,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -53,6 +53,7 @@ class Orders:
     store_id: str
     epoch: int
     block_rows: dict[str, int]
+    reference: str | None | bool = False  # dtype of the reference copy chunks keep (False: none)
     priorities: bool = False            # report block distances of the new chunks
     round: int = 0                      # round to write, if ``blocks``
     blocks: dict[ChunkId, tuple[int, ...]] = field(default_factory=dict)  # selected blocks per chunk
@@ -176,23 +177,34 @@ def _update_reference(chunk: Chunk, values: dict[int, np.ndarray], rows: int) ->
 
 
 def prepare_chunk(chunk: Chunk, url: str | None, store_id: str, block_rows: dict[str, int], load: bool,
-                  reference_dtype: str | None | bool) -> int:
+                  reference_dtype: str | None | bool) -> dict[str, int]:
     """Make a new chunk ready for checkpointing: with ``load``, overwrite its saved
-    blocks from the store (the others keep their initial value); unless
-    ``reference_dtype`` is False, keep a reference copy for priorities. Returns bytes read."""
-    nbytes = 0
+    blocks from the store (reading only this chunk's blocks; the others keep their
+    initial value); unless ``reference_dtype`` is False, keep a reference copy for
+    priorities. Returns the bytes read and the number of blocks never saved."""
+    nbytes = never = 0
     if load:
         cid, rows = chunk.id, block_rows[chunk.id.name]
         value = chunk.value
         xp = get_array_module(value)
-        store = open_cached(url, store_id)
-        for b, saved in store.read_blocks(cid.name, list(chunk_blocks(cid, rows))).items():
+        blocks = list(chunk_blocks(cid, rows))
+        saved_blocks = open_cached(url, store_id).read_blocks(cid.name, blocks)
+        for b, saved in saved_blocks.items():
             start = b * rows - cid.start
             value[start:start + len(saved)] = xp.asarray(saved, dtype=value.dtype)
             nbytes += saved.nbytes
+        never = len(blocks) - len(saved_blocks)
     if reference_dtype is not False:
         chunk.reference = new_reference(chunk.value, reference_dtype)
-    return nbytes
+    return {"bytes": nbytes, "never_saved": never}
+
+
+def restore_reference(chunk: Chunk, initial: Any, orders: Orders) -> None:
+    """Give a chunk that changed worker (a copy carries no reference) its reference
+    again: the store's saved blocks, ``initial`` rows where never saved."""
+    scratch = Chunk(chunk.id, {"value": initial}, chunk.version)
+    prepare_chunk(scratch, orders.url, orders.store_id, orders.block_rows, True, False)
+    chunk.reference = new_reference(scratch.value, orders.reference)
 
 
 # -- on the driver ----------------------------------------------------------------------
@@ -200,14 +212,15 @@ def prepare_chunk(chunk: Chunk, url: str | None, store_id: str, block_rows: dict
 @dataclass
 class Round:
     iteration: int
-    expected: int
+    chunks: dict[str, tuple[ChunkId, tuple[int, ...]]]   # "name/index" -> the chunk and its blocks to write
     blocks: list[int]                   # global block numbers written
     priorities: np.ndarray | None       # every block's priority when selected
     reports: list[dict] = field(default_factory=list)
+    abandoned: str = ""                 # why the round will never be committed
 
     @property
     def done(self) -> bool:
-        return len(self.reports) >= self.expected
+        return bool(self.abandoned) or len(self.reports) >= len(self.chunks)
 
     @property
     def errors(self) -> list[str]:
@@ -218,17 +231,22 @@ class Checkpointer:
     """The driver's side of checkpointing: when, which blocks, and the rounds in flight."""
 
     def __init__(self, store: ZarrStore, policy: CheckpointPolicy, layouts: dict[str, BlockLayout],
-                 run: str, store_id: str, epoch: int, last_round: int, backlog: int):
+                 run: str, store_id: str, epoch: int, last_round: int, backlog: int,
+                 reference: str | None | bool = False):
         self.store = store
         self.policy = policy
         self.layouts = layouts
         self.backlog = backlog
-        self.base = Orders(run, store.url, store_id, epoch, {n: lay.block_rows for n, lay in layouts.items()})
+        self.base = Orders(run, store.url, store_id, epoch, {n: lay.block_rows for n, lay in layouts.items()},
+                           reference)
         self.round = last_round
         self.committed = last_round
         self.rounds: dict[int, Round] = {}
         self.pending: Orders | None = None     # selected, to be written by the next graph
         self.notes: dict[int, list[str]] = {}  # iteration -> warnings for the history
+        #: called as ``on_saved(iteration, {chunk: blocks}, block_rows)`` when a writer
+        #: reports blocks written with their values of ``iteration``
+        self.on_saved: Callable[[int, dict, dict], None] | None = None
         self._warned = False
 
     # -- orders ------------------------------------------------------------------------
@@ -263,7 +281,8 @@ class Checkpointer:
                          if offsets[cid.name] + b in chosen)
             if mine:
                 blocks[cid] = mine
-        self.rounds[self.round] = Round(iteration, len(blocks), sorted(chosen), values)
+        self.rounds[self.round] = Round(iteration, {f"{c.name}/{c.index}": (c, b) for c, b in blocks.items()},
+                                        sorted(chosen), values)
         self.pending = Orders(**{**self.base.__dict__, "round": self.round, "blocks": blocks})
 
     def flush(self, client: Client, chunks) -> list:
@@ -288,7 +307,10 @@ class Checkpointer:
         if rnd is None:
             return
         rnd.reports.append(report)
-        if not rnd.done:
+        if not report["error"] and self.on_saved is not None:
+            cid, blocks = rnd.chunks[f"{report['parameter']}/{report['chunk']}"]
+            self.on_saved(rnd.iteration, {cid: blocks}, self.base.block_rows)
+        if not rnd.done or rnd.abandoned:
             return
         if rnd.errors:
             message = (f"checkpoint round {report['round']} (iteration {rnd.iteration}) failed: "
@@ -299,13 +321,26 @@ class Checkpointer:
             self.store.commit({"round": report["round"], "iteration": rnd.iteration, "epoch": self.base.epoch,
                                "run": self.base.run, "time": time.time()})
 
-    def abandon(self, reason: str) -> None:
-        """Give up on the rounds in flight (their writers never reported)."""
+    def abandon(self, reason: str, warn: bool = True) -> None:
+        """Give up on the rounds in flight and the one selected but not yet handed
+        out: they are never committed. Blocks their writers still write land in the
+        store with their own records (a later round or a recovery may use them)."""
+        self.pending = None
         for number, rnd in self.rounds.items():
             if not rnd.done:
-                rnd.expected = len(rnd.reports)
+                rnd.abandoned = reason
                 message = f"checkpoint round {number} (iteration {rnd.iteration}) abandoned: {reason}"
-                self._note(rnd.iteration, message)
+                if warn:
+                    self._note(rnd.iteration, message)
+                else:
+                    logger.info(message)
+
+    def recovered(self, epoch: int) -> None:
+        """After a recovery: rounds in flight may miss a dead writer, and the values
+        selected for the next round may have been replaced; blocks are written in
+        ``epoch`` from now on."""
+        self.abandon("training recovered from worker loss", warn=False)
+        self.base = Orders(**{**self.base.__dict__, "epoch": epoch})
 
     def _note(self, iteration: int, message: str) -> None:
         """Into the history; a warning the first time in a fit, the log after that."""
@@ -322,7 +357,8 @@ class Checkpointer:
         return pd.DataFrame(
             [{"round": number, "iteration": r.iteration, "blocks": r.blocks,
               "bytes": sum(x["bytes"] for x in r.reports), "seconds": sum(x["seconds"] for x in r.reports),
-              "error": "; ".join(r.errors), "priorities": r.priorities} for number, r in self.rounds.items()],
+              "error": "; ".join(r.errors) or r.abandoned, "priorities": r.priorities}
+             for number, r in self.rounds.items()],
             columns=["round", "iteration", "blocks", "bytes", "seconds", "error", "priorities"])
 
     def columns(self) -> dict[int, dict[str, Any]]:

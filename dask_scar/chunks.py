@@ -64,8 +64,10 @@ def _sizeof_chunk(chunk: Chunk) -> int:
     return sum(sizeof(v) for v in chunk.state.values()) + (0 if chunk.reference is None else sizeof(chunk.reference))
 
 
-def chunk_key(run: str, cid: ChunkId, version: int) -> str:
-    return f"scar-chunk-{run}-{cid.name}-{cid.index}-v{version}"
+def chunk_key(run: str, cid: ChunkId, epoch: int, version: int) -> str:
+    """The key of ``version`` of a chunk made in ``epoch`` of ``run`` (a recovery
+    starts a new epoch, so a key never names two different values)."""
+    return f"scar-chunk-{run}-{cid.name}-{cid.index}-e{epoch}-v{version}"
 
 
 def split_rows(layouts: dict[str, BlockLayout], n_chunks: int) -> list[ChunkId]:
@@ -85,6 +87,18 @@ def place(ids: list[ChunkId], workers: list[str]) -> dict[ChunkId, str]:
     workers = sorted(workers)
     names = list(dict.fromkeys(c.name for c in ids))
     return {c: workers[(c.index + names.index(c.name)) % len(workers)] for c in ids}
+
+
+def release_keys(client: Client, keys: list[str]) -> None:
+    """Tell the scheduler that this client no longer wants ``keys``, whether or not
+    a future for them still exists: keys workers registered for the driver after
+    it abandoned their work, or the keys of a finished run (a future kept alive by
+    a reference cycle would otherwise keep its key until garbage collection). It is
+    the message a dropped future sends; keys the scheduler does not know are ignored.
+    (``Client.cancel`` is no substitute: it also cancels dependents, and trips over
+    those no client wants.)"""
+    if keys and client.status == "running":
+        client._send_to_scheduler({"op": "client-releases-keys", "keys": list(keys), "client": client.id})
 
 
 def flatten(sources: list[Any]) -> dict[ChunkId, Chunk]:
@@ -107,13 +121,14 @@ def assemble(chunks: dict[ChunkId, Chunk], names: tuple[str, ...], xp) -> dict[s
     return params
 
 
-def detach(chunks: dict[str, Chunk], client_id: str, progress: dict | None = None) -> None:
+def detach(chunks: dict[str, Chunk], client_id: str, run: str, epoch: int, progress: dict | None = None) -> None:
     """From inside a task: keep ``chunks`` on this worker as lineage-free data under their keys.
 
     The worker stores them as if scattered to it, and tells the scheduler on its
     ordered stream *before* the running task reports that it finished, so anyone
     who sees the task done can rely on the keys existing. ``progress`` (a small
-    JSON-able dict), if given, is published on the ``scar-progress`` topic.
+    JSON-able dict), if given, is published on the ``scar-progress`` topic. The
+    scheduler refuses chunks of an ``epoch`` that ``run`` has left behind.
     """
     worker = get_worker()
     nbytes = {key: sizeof(chunk) for key, chunk in chunks.items()}
@@ -125,70 +140,90 @@ def detach(chunks: dict[str, Chunk], client_id: str, progress: dict | None = Non
             "who_has": {key: [worker.address] for key in chunks},
             "nbytes": nbytes,
             "client": client_id,
+            "run": run,
+            "epoch": epoch,
             "progress": progress,
         })
 
     worker.loop.add_callback(register)
 
 
-def _init_chunks(model: Model, ids: list[ChunkId], keys: list[str], client_id: str, backend: str,
-                 version: int, prepare: Callable[[Chunk], int] | None) -> int:
+def _init_chunks(model: Model, ids: list[ChunkId], keys: list[str], client_id: str, run: str, epoch: int,
+                 backend: str, version: int, prepare: Callable[[Chunk], dict] | None) -> dict[str, int]:
     """Create chunks at their initial value (``prepare`` may then restore saved blocks
-    into them); returns the bytes ``prepare`` read."""
+    into them); returns what ``prepare`` reports (bytes read, blocks never saved), summed."""
     xp = array_module(backend)
     chunks = {key: Chunk(cid, model.new_state(cid.name, model.init_rows(cid.name, cid.start, cid.stop, xp)), version)
               for cid, key in zip(ids, keys)}
-    nbytes = sum(prepare(c) for c in chunks.values()) if prepare is not None else 0
-    detach(chunks, client_id)
-    return nbytes
+    totals: dict[str, int] = {}
+    for chunk in chunks.values():
+        for name, value in (prepare(chunk) if prepare is not None else {}).items():
+            totals[name] = totals.get(name, 0) + value
+    detach(chunks, client_id, run, epoch)
+    return totals
 
 
 @dataclass
 class ParameterChunks:
-    """The driver's view of the chunks: where each lives and the futures holding them."""
+    """The driver's view of the chunks: where each lives and the futures holding them.
+
+    ``keys`` names each chunk's current value. Chunks restored by a recovery are
+    created in a new ``epoch``, so their keys differ from any key used before.
+    """
 
     client: Client
     run: str
     owner: dict[ChunkId, str]
     version: int = 0
+    epoch: int = 0
+    keys: dict[ChunkId, str] = field(default_factory=dict)
     futures: dict[ChunkId, Future] = field(default_factory=dict)
 
     @property
     def ids(self) -> list[ChunkId]:
         return sorted(self.owner)
 
-    def key(self, cid: ChunkId, version: int | None = None) -> str:
-        return chunk_key(self.run, cid, self.version if version is None else version)
+    def key(self, cid: ChunkId, version: int) -> str:
+        """The key of a new ``version`` of ``cid``, in the current epoch."""
+        return chunk_key(self.run, cid, self.epoch, version)
 
-    def by_worker(self, names: tuple[str, ...] | None = None) -> dict[str, list[ChunkId]]:
+    def by_worker(self, names: tuple[str, ...] | None = None, ids: list[ChunkId] | None = None
+                  ) -> dict[str, list[ChunkId]]:
         out: dict[str, list[ChunkId]] = {}
-        for cid in self.ids:
+        for cid in sorted(ids) if ids is not None else self.ids:
             if names is None or cid.name in names:
                 out.setdefault(self.owner[cid], []).append(cid)
         return out
 
     def initialize(self, model: Model, backend: str, version: int = 0,
-                   prepare: Callable[[Chunk], int] | None = None) -> list[Future]:
-        """Start creating ``version`` of every chunk on its worker (no parameter data
-        passes the driver); once the returned tasks are done, call ``advance(version)``."""
+                   prepare: Callable[[Chunk], dict] | None = None,
+                   ids: list[ChunkId] | None = None) -> list[Future]:
+        """Start creating ``version`` of chunks ``ids`` (default: all) on their owners
+        (no parameter data passes the driver); once the returned tasks are done,
+        call ``advance(version, ids)``."""
         return [
-            self.client.submit(_init_chunks, model, ids, [self.key(c, version) for c in ids], self.client.id,
-                               backend, version, prepare, key=f"scar-init-{self.run}-{i}", workers=[worker],
+            self.client.submit(_init_chunks, model, own, [self.key(c, version) for c in own], self.client.id,
+                               self.run, self.epoch, backend, version, prepare,
+                               key=f"scar-init-{self.run}-e{self.epoch}-{i}", workers=[worker],
                                allow_other_workers=False)
-            for i, (worker, ids) in enumerate(self.by_worker().items())
+            for i, (worker, own) in enumerate(self.by_worker(ids=ids).items())
         ]
 
-    def advance(self, version: int) -> list[Future]:
-        """Take hold of the chunks of ``version``; returns the futures of the old version.
+    def advance(self, version: int, ids: list[ChunkId] | None = None) -> list[Future]:
+        """Take hold of ``version`` of chunks ``ids`` (default: all, and the
+        iteration count moves to ``version``); returns the futures let go.
 
         The caller drops the returned futures when convenient: dropping them sends
         a release to the scheduler, which is best batched with the next graph.
         """
-        old = list(self.futures.values())
-        self.version = version
-        # The keys were registered for this client by the workers; "memory" marks the
-        # futures finished without another round trip.
-        self.futures = {cid: Future(self.key(cid), self.client, state="memory") for cid in self.ids}
+        if ids is None:
+            ids, self.version = self.ids, version
+        old = [self.futures.pop(cid) for cid in ids if cid in self.futures]
+        for cid in ids:
+            self.keys[cid] = self.key(cid, version)
+            # The keys were registered for this client by the workers; "memory" marks the
+            # futures finished without another round trip.
+            self.futures[cid] = Future(self.keys[cid], self.client, state="memory")
         return old
 
     def lost(self) -> list[ChunkId]:

@@ -28,6 +28,10 @@ class WorkerLostError(ScarError, RuntimeError):
     """A worker died and took parameter chunks with it that cannot be restored."""
 
 
+class SchedulerLostError(ScarError, ConnectionError):
+    """The driver lost its scheduler while training; ``fit(..., resume=True)`` continues from the store."""
+
+
 class NotFittedError(ScarError, AttributeError):
     """A model was asked to predict before it was fitted."""
 

@@ -35,24 +35,31 @@ def contribute(model: Model, phase: int, block: dict, sources: list, iteration: 
 
 
 def update(model: Model, sources: list, contributions: list[Contribution], keys: dict[ChunkId, str],
-           iteration: int, client_id: str, run: str, report_loss: bool,
+           iteration: int, client_id: str, run: str, epoch: int, report_loss: bool,
            orders: checkpoint.Orders | None) -> dict[ChunkId, Chunk]:
     count = sum(c.count for c in contributions)
     current = flatten(sources)
+    if orders is not None and orders.reference is not False:
+        for cid, chunk in current.items():
+            if chunk.reference is None:   # the chunk came from another worker: a copy has none
+                initial = model.init_rows(cid.name, cid.start, cid.stop, get_array_module(chunk.value))
+                checkpoint.restore_reference(chunk, initial, orders)
     if orders is not None and orders.blocks:
         checkpoint.save(current, orders)   # the previous iteration's values, as selected
-    new = {}
+    new, steps = {}, {}
     for cid, chunk in current.items():
         xp = get_array_module(chunk.value)
         total = model.combine(cid.name, [c.parts[cid.name] for c in contributions], cid.start, cid.stop, xp)
         state = model.update(cid.name, chunk.state, total, count, cid.start, cid.stop, xp)
         new[cid] = Chunk(cid, state, iteration, chunk.reference)
-    progress = {"run": run, "iteration": iteration}
+        step = (state["value"] - chunk.value).ravel()
+        steps[f"{cid.name}/{cid.index}"] = float(xp.sqrt(xp.vdot(step, step)))  # for recovery's estimates
+    progress = {"run": run, "epoch": epoch, "iteration": iteration, "steps": steps}
     if report_loss:
         progress["loss"] = sum(c.loss for c in contributions) / count + contributions[0].penalty
     if orders is not None and orders.priorities:
         progress["priorities"] = checkpoint.distances(new, orders)
-    detach({keys[cid]: chunk for cid, chunk in new.items()}, client_id, progress if len(progress) > 2 else None)
+    detach({keys[cid]: chunk for cid, chunk in new.items()}, client_id, run, epoch, progress)
     return new
 
 
@@ -67,8 +74,8 @@ def build(model: Model, chunks: ParameterChunks, blocks: list[str], block_worker
     """The graph of ``iteration``: it reads chunk version ``chunks.version`` and
     leaves version ``iteration`` of every chunk on its owner; its update tasks
     carry out the checkpoint ``orders``."""
-    run = chunks.run
-    sources = {cid: TaskRef(chunks.key(cid)) for cid in chunks.ids}
+    tag = f"{chunks.run}-e{chunks.epoch}"   # in task keys: an iteration redone after a recovery is new work
+    sources = {cid: TaskRef(chunks.keys[cid]) for cid in chunks.ids}
     layers: dict[tuple[str, bool], dict[str, Task]] = {}
 
     def add(key: str, task_worker: str, pinned: bool, func, *args) -> TaskRef:
@@ -81,20 +88,21 @@ def build(model: Model, chunks: ParameterChunks, blocks: list[str], block_worker
         refs = list({sources[c].key: sources[c] for c in chunks.ids if c.name in inputs}.values())
         contributions = []
         for b, (block, worker) in enumerate(zip(blocks, block_workers)):
-            key = f"scar-contrib-{run}-{iteration}-{phase}-{b}"
+            key = f"scar-contrib-{tag}-{iteration}-{phase}-{b}"
             contributions.append(add(key, worker, False, contribute, model, phase, TaskRef(block), List(*refs),
                                      iteration, b))
         for w, (worker, own) in enumerate(sorted(chunks.by_worker(names).items())):
-            key = f"scar-update-{run}-{iteration}-{phase}-{w}"
+            key = f"scar-update-{tag}-{iteration}-{phase}-{w}"
             new_keys = {cid: chunks.key(cid, iteration) for cid in own}
             ref = add(key, worker, True, update, model, List(*[sources[c] for c in own]), List(*contributions),
-                      new_keys, iteration, client_id, run, phase == 0 and w == 0, orders)
+                      new_keys, iteration, client_id, chunks.run, chunks.epoch, phase == 0 and w == 0, orders)
             sources.update({cid: ref for cid in own})
             update_keys.append(key)
 
     hlg_layers = {
-        f"scar-iteration-{run}-{iteration}-{i}": MaterializedLayer(
-            tasks, annotations={"workers": [worker], "allow_other_workers": not pinned})
+        # a block whose worker died has no place yet: the scheduler runs its task where it is rebuilt
+        f"scar-iteration-{tag}-{iteration}-{i}": MaterializedLayer(
+            tasks, annotations={"workers": [worker], "allow_other_workers": not pinned} if worker else None)
         for i, ((worker, pinned), tasks) in enumerate(layers.items())
     }
     graph = HighLevelGraph(hlg_layers, {name: set() for name in hlg_layers})

@@ -1,8 +1,18 @@
 """The scheduler side of dask_scar.
 
 :class:`ScarPlugin` is cheap and synchronous, does no I/O and never raises out of a
-hook. It installs one stream handler that lets a worker register a parameter chunk
-it computed as lineage-free data (see :mod:`dask_scar.chunks`).
+hook. It
+
+* lets a worker register a parameter chunk it computed as lineage-free data (the
+  ``scar-detach`` stream handler, see :mod:`dask_scar.chunks`), refusing chunks of
+  a run's past epoch so that work abandoned by a recovery leaves nothing behind;
+* tells drivers about the cluster: when a worker is removed, which ``scar-`` keys
+  died with it, and when a worker joins — as events on the ``scar`` topic.
+
+The scheduler's ``remove_worker`` plugin hook runs only after the lost keys have
+been forgotten; the scheduler's own ``remove-worker`` event on the ``all`` topic,
+which every plugin sees in :meth:`ScarPlugin.log_event` just before, still names
+them. Drivers subscribe to ``scar``, never to ``all``.
 
 Install it with ``client.register_plugin(ScarPlugin())``, with
 ``dask scheduler --preload dask_scar.preload``, or let :class:`~dask_scar.Trainer`
@@ -22,13 +32,22 @@ from .chunks import DETACH_OP, PROGRESS_TOPIC
 
 logger = logging.getLogger(__name__)
 
+CLUSTER_TOPIC = "scar"          # events: a worker was removed (and what it lost), a worker joined
+EPOCH_HANDLER = "scar_epoch"    # rpc: a driver moves its run to a new epoch
+
 
 class ScarPlugin(SchedulerPlugin):
     """Scheduler plugin of dask_scar (``name = "scar"``; installing it twice is a no-op).
 
+    Events on the ``scar`` topic are dicts with ``action`` ``"remove-worker"``
+    (``worker``, ``lost``: the ``scar-`` keys that had no other copy, ``expected``:
+    True for a graceful retirement, ``stimulus_id``, ``time``) or ``"add-worker"``
+    (``worker``, ``time``).
+
     Examples
     --------
     >>> client.register_plugin(ScarPlugin())   # doctest: +SKIP
+    >>> client.subscribe_topic("scar", print)   # doctest: +SKIP
     """
 
     name = "scar"
@@ -36,30 +55,63 @@ class ScarPlugin(SchedulerPlugin):
 
     def __init__(self) -> None:
         self.scheduler: Any = None
-        self.detached = 0  # chunks registered, for diagnostics
+        self.detached = 0   # chunks registered, for diagnostics
+        self.rejected = 0   # chunks refused because their run moved to a newer epoch
+        self.epochs: dict[str, int] = {}
 
     async def start(self, scheduler: Any) -> None:
         self.scheduler = scheduler
         scheduler.stream_handlers[DETACH_OP] = self._detach
+        scheduler.handlers[EPOCH_HANDLER] = self._set_epoch
 
     async def close(self) -> None:
         if self.scheduler is not None:
             self.scheduler.stream_handlers.pop(DETACH_OP, None)
+            self.scheduler.handlers.pop(EPOCH_HANDLER, None)
 
-    def _detach(self, worker: str, who_has: dict, nbytes: dict, client: str, progress: dict | None = None,
-                **kwargs: Any) -> None:
+    # -- hooks -----------------------------------------------------------------------
+    def log_event(self, topic: str, msg: Any) -> None:
+        if topic != "all" or not isinstance(msg, dict) or msg.get("action") != "remove-worker":
+            return
+        try:
+            lost = sorted(k for k in (*msg.get("lost-scattered-tasks", ()), *msg.get("lost-computed-tasks", ()))
+                          if isinstance(k, str) and k.startswith("scar-"))
+            self.scheduler.log_event(CLUSTER_TOPIC, {
+                "action": "remove-worker", "worker": msg.get("worker"), "lost": lost,
+                "expected": bool(msg.get("expected")), "stimulus_id": msg.get("stimulus_id"), "time": time.time()})
+        except Exception:  # never raise out of a scheduler hook
+            logger.exception("dask_scar: could not report the removal of worker %s", msg.get("worker"))
+
+    def add_worker(self, scheduler: Any, worker: str) -> None:
+        try:
+            self.scheduler.log_event(CLUSTER_TOPIC, {"action": "add-worker", "worker": worker, "time": time.time()})
+        except Exception:  # never raise out of a scheduler hook
+            logger.exception("dask_scar: could not report the arrival of worker %s", worker)
+
+    # -- handlers --------------------------------------------------------------------
+    def _set_epoch(self, run: str, epoch: int | None) -> None:
+        """From then on, refuse chunks of ``run`` from an older epoch (None: the run ended)."""
+        if epoch is None:
+            self.epochs.pop(run, None)
+        else:
+            self.epochs[run] = max(epoch, self.epochs.get(run, epoch))
+
+    def _detach(self, worker: str, who_has: dict, nbytes: dict, client: str, run: str = "", epoch: int = 0,
+                progress: dict | None = None, **kwargs: Any) -> None:
         """Register chunks a worker holds as data wanted by the driver's ``client``;
         publish ``progress`` (an iteration's loss) for the driver."""
         try:
             scheduler = self.scheduler
-            if worker in scheduler.workers and client in scheduler.clients:
+            current = epoch >= self.epochs.get(run, epoch)
+            if current and worker in scheduler.workers and client in scheduler.clients:
                 scheduler.update_data(who_has=who_has, nbytes=nbytes, client=client)
                 self.detached += len(who_has)
                 if progress is not None:
                     scheduler.log_event(PROGRESS_TOPIC, progress)
                 return
-            # The driver is gone (or the worker is leaving): nobody will ever ask for
-            # these chunks, so let the worker free them instead of keeping them forever.
+            # Abandoned work, or the driver is gone, or the worker is leaving: nobody will
+            # ever ask for these chunks, so let the worker free them instead of keeping them.
+            self.rejected += len(who_has)
             stream = scheduler.stream_comms.get(worker)
             if stream is not None:
                 stream.send({"op": "free-keys", "keys": list(who_has), "stimulus_id": f"scar-orphan-{time.time()}"})
@@ -72,3 +124,8 @@ def ensure_plugin(client: Client) -> None:
     present = client.run_on_scheduler(lambda dask_scheduler: ScarPlugin.name in dask_scheduler.plugins)
     if not present:
         client.register_plugin(ScarPlugin())
+
+
+def set_epoch(client: Client, run: str, epoch: int | None) -> None:
+    """Tell the scheduler that ``run`` is at ``epoch``: chunks from older epochs are refused."""
+    client.sync(client.scheduler.scar_epoch, run=run, epoch=epoch)

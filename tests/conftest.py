@@ -2,7 +2,11 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -38,6 +42,54 @@ def own_client():
     """A fresh 2-worker cluster for tests that kill workers or change the cluster."""
     with new_cluster(2) as cluster, Client(cluster) as c:
         yield c
+
+
+class CliCluster:
+    """``dask scheduler --preload dask_scar.preload`` and ``dask worker`` processes on 127.0.0.1.
+
+    Workers run without a nanny, so a killed worker stays dead until ``add_workers``.
+    """
+
+    def __init__(self, workdir: Path, preload: bool = True):
+        self.workdir = Path(workdir)
+        self.scheduler_file = self.workdir / "scheduler.json"
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.dask = os.path.join(os.path.dirname(sys.executable), "dask")
+        self.log = open(self.workdir / "cluster.log", "ab")
+        args = [self.dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", ":0",
+                "--scheduler-file", str(self.scheduler_file)]
+        self.scheduler = subprocess.Popen(args + (["--preload", "dask_scar.preload"] if preload else []),
+                                          env=self.env, stdout=self.log, stderr=self.log)
+        self.workers: list[subprocess.Popen] = []
+        wait_for(self.scheduler_file.exists, timeout=60, what="the scheduler file")
+
+    def add_workers(self, n: int) -> None:
+        for _ in range(n):
+            self.workers.append(subprocess.Popen(
+                [self.dask, "worker", "--scheduler-file", str(self.scheduler_file), "--nthreads", "1",
+                 "--host", "127.0.0.1", "--dashboard-address", ":0", "--no-nanny"],
+                env=self.env, stdout=self.log, stderr=self.log))
+
+    def close(self) -> None:
+        for p in [*self.workers, self.scheduler]:
+            if p.poll() is None:
+                p.kill()
+        for p in [*self.workers, self.scheduler]:
+            p.wait(timeout=30)
+        self.log.close()
+
+
+@contextmanager
+def cli_cluster(workdir: Path, n_workers: int, preload: bool = True):
+    """A :class:`CliCluster` with ``n_workers`` workers and a client connected to it."""
+    cluster = CliCluster(workdir, preload)
+    try:
+        cluster.add_workers(n_workers)
+        with Client(scheduler_file=str(cluster.scheduler_file), timeout=60) as client:
+            client.wait_for_workers(n_workers, timeout=60)
+            yield cluster, client
+    finally:
+        cluster.close()
 
 
 def kill_worker(client: Client, address: str) -> int:

@@ -1,0 +1,380 @@
+"""Recovery from worker loss, on the driver.
+
+The scheduler's :class:`~dask_scar.plugin.ScarPlugin` publishes every worker
+removal on the ``scar`` topic; :class:`ClusterWatch` hands those events to the
+driver thread, which looks at them while it waits for an iteration. The trainer then abandons the iteration in flight and
+calls :func:`recover`, which
+
+1. moves the run to a new epoch, so that whatever the abandoned work still
+   produces is refused by the scheduler, and lets go of what it already produced;
+2. keeps every chunk that still has a copy on a live worker (a graceful
+   ``retire_workers`` leaves one; so does a contribution that had fetched it):
+   its owner changes, nothing is read;
+3. re-creates the chunks that had no other copy on the least loaded live workers,
+   each reading **only its own blocks** from the checkpoint store (blocks never
+   checkpointed start again from their initial value);
+4. with ``recovery="full"`` (the traditional baseline) instead rolls every chunk
+   back to the store and rewinds the iteration count to its last committed round.
+
+A failure during recovery starts the recovery again; with no worker left it waits
+``scar.recovery.wait-for-workers`` seconds for one.
+
+How much a recovery costs is estimated by :class:`Drift` from what the update
+tasks report every iteration (the norm of each chunk's step) and what the
+checkpoint policy reports (each block's distance from its saved value): the
+perturbation ``||delta||`` between the lost and the restored values, and the extra
+iterations the contraction bound of SCAR predicts,
+``log_{1/c}(1 + ||delta|| / ||x_T - x*||)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from concurrent.futures import CancelledError
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from distributed import Client, Future, wait
+
+from . import config
+from .chunks import ChunkId, ParameterChunks, place, release_keys
+from .exceptions import SchedulerLostError, WorkerLostError
+from .plugin import CLUSTER_TOPIC, set_epoch
+
+logger = logging.getLogger(__name__)
+
+#: How often a waiting driver looks at what the ``scar`` topic said: the most a
+#: worker's removal can wait before the driver acts on it.
+POLL_SECONDS = 0.05
+
+
+@dataclass
+class RecoveryEvent:
+    """One recovery from worker loss (in ``FitResult.events``).
+
+    ``iteration`` is the iteration that was in flight; training went on with
+    ``resumed_at + 1`` (the same iteration for partial recovery, the last committed
+    checkpoint's for full recovery). ``lost_chunks`` were restored from the store
+    (``bytes_read``; ``reinitialized_blocks`` of them had never been saved and
+    start again from their initial value), ``moved_chunks`` were taken over from a
+    surviving copy. ``seconds`` run from the moment the driver learned of the loss
+    to the moment the restored chunks were in place. ``est_perturbation`` estimates
+    ``||restored - lost||`` and ``predicted_extra_iterations`` the iterations the
+    contraction bound predicts it costs (for full recovery: the iterations rolled
+    back); NaN where there is too little history to tell.
+    """
+
+    iteration: int
+    worker: str
+    lost_chunks: list[str]
+    bytes_read: int
+    seconds: float
+    est_perturbation: float
+    predicted_extra_iterations: float
+    mode: str = "partial"
+    moved_chunks: list[str] = field(default_factory=list)
+    reinitialized_blocks: int = 0
+    resumed_at: int = 0
+    contraction: float = math.nan
+
+    def describe(self) -> str:
+        what = (f"restored {len(self.lost_chunks)} chunk(s) ({self.bytes_read:,} bytes read)"
+                if self.mode == "partial" else
+                f"rolled every chunk back to iteration {self.resumed_at} ({self.bytes_read:,} bytes read)")
+        if self.moved_chunks:
+            what += f", took over {len(self.moved_chunks)} surviving chunk(s)"
+        if self.reinitialized_blocks:
+            what += f", {self.reinitialized_blocks} never-saved block(s) re-initialised"
+        return (f"worker {self.worker} lost at iteration {self.iteration}: {what} in {self.seconds:.3f} s; "
+                f"estimated perturbation {self.est_perturbation:.4g}, "
+                f"predicted extra iterations {self.predicted_extra_iterations:.3g}")
+
+
+def label(cid: ChunkId) -> str:
+    return f"{cid.name}[{cid.start}:{cid.stop}]"
+
+
+class ClusterWatch:
+    """What the ``scar`` topic said about the cluster, for the driver thread.
+
+    The topic handler runs on the client's event loop: it only records the event
+    and the time it arrived.
+    """
+
+    def __init__(self, client: Client):
+        self.client = client
+        self.removed: dict[str, float] = {}   # worker -> when the driver learned it was removed
+        self.added: list[str] = []            # workers that joined since the last rebalance
+        self._lock = threading.Lock()
+        client.subscribe_topic(CLUSTER_TOPIC, self._on_event)
+
+    def _on_event(self, event: tuple[float, dict]) -> None:
+        msg = event[1]
+        with self._lock:
+            if msg.get("action") == "remove-worker":
+                self.removed.setdefault(msg["worker"], time.time())
+                if msg["worker"] in self.added:
+                    self.added.remove(msg["worker"])
+            elif msg.get("action") == "add-worker":
+                self.removed.pop(msg["worker"], None)
+                self.added.append(msg["worker"])
+
+    def noticed(self, workers: set[str]) -> float | None:
+        """When the driver first heard that one of ``workers`` was removed (None: not heard)."""
+        with self._lock:
+            times = [t for w, t in self.removed.items() if w in workers]
+        return min(times) if times else None
+
+    def take_added(self) -> list[str]:
+        with self._lock:
+            added, self.added = self.added, []
+        return added
+
+    def close(self) -> None:
+        self.client.unsubscribe_topic(CLUSTER_TOPIC)
+
+
+def live_workers(client: Client) -> set[str]:
+    return set(client.scheduler_info(n_workers=-1)["workers"])
+
+
+def check_scheduler(client: Client, hint: str) -> None:
+    """Raise :class:`SchedulerLostError` if the client lost its scheduler."""
+    if client.status not in ("running", "newly-created"):
+        raise SchedulerLostError(f"lost the connection to the scheduler at {client.scheduler.address} "
+                                 f"(client {client.status}){hint or ''}")
+
+
+class Drift:
+    """What the driver knows of how far the parameters moved, for recovery estimates.
+
+    Per chunk it keeps a distance ``d`` from the values the store holds (or
+    would restore), known at iteration ``t``, and the norm of every step since;
+    ``||x - saved|| <= d + sum of the steps since t`` (triangle inequality).
+    """
+
+    def __init__(self, ids: list[ChunkId], start: int):
+        self.labels = {cid: f"{cid.name}/{cid.index}" for cid in ids}
+        self.known: dict[ChunkId, tuple[np.ndarray | None, int]] = {cid: (None, start) for cid in ids}
+        self.steps: dict[int, dict[str, float]] = {}
+        self.window = 20
+
+    def reset(self, ids: list[ChunkId], iteration: int) -> None:
+        """Chunks now equal to what the store holds (restored, or initialised)."""
+        for cid in ids:
+            self.known[cid] = (None, iteration)
+
+    def record(self, iteration: int, steps: dict[str, float]) -> None:
+        self.steps[iteration] = steps
+        self.steps.pop(iteration - 10 * self.window, None)   # keep only what estimates use
+
+    def prioritized(self, iteration: int, priorities: dict[str, list[float]]) -> None:
+        """Each block's distance from its saved value, as the policy measured it
+        (a chunk whose reference was unknown, reported as inf, keeps its older bound)."""
+        for cid, key in self.labels.items():
+            if key in priorities and not np.isinf(priorities[key]).any():
+                self.known[cid] = (np.asarray(priorities[key], dtype=float), iteration)
+
+    def saved(self, iteration: int, blocks: dict[ChunkId, tuple[int, ...]], block_rows: dict[str, int]) -> None:
+        """A round writes these blocks with their values of ``iteration``."""
+        for cid, chosen in blocks.items():
+            distances, since = self.known[cid]
+            first, n = cid.start // block_rows[cid.name], -(-cid.stop // block_rows[cid.name])
+            if len(chosen) == n - first:
+                self.known[cid] = (None, iteration)
+            elif distances is not None and since == iteration:
+                distances = distances.copy()
+                distances[[b - first for b in chosen]] = 0.0
+                self.known[cid] = (distances, iteration)
+            # else: the older bound still holds for the blocks not written
+
+    def distance(self, cid: ChunkId, iteration: int) -> float:
+        """Upper estimate of ``||x_cid(iteration) - stored||``."""
+        distances, since = self.known[cid]
+        d = 0.0 if distances is None else float(np.sqrt(np.sum(distances ** 2)))
+        key = self.labels[cid]
+        return d + sum(s.get(key, 0.0) for t, s in self.steps.items() if since < t <= iteration)
+
+    def contraction(self, iteration: int) -> tuple[float, float]:
+        """Contraction rate ``c`` and the last step's norm, from the recent steps."""
+        norms = [math.sqrt(sum(v * v for v in self.steps[t].values()))
+                 for t in range(iteration - self.window + 1, iteration + 1) if t in self.steps]
+        norms = [n for n in norms if n > 0]
+        if len(norms) < 3:
+            return math.nan, math.nan
+        c = (norms[-1] / norms[0]) ** (1.0 / (len(norms) - 1))
+        return float(min(max(c, 1e-6), 0.999)), norms[-1]
+
+    def predict(self, lost: list[ChunkId], iteration: int) -> tuple[float, float, float]:
+        """(||delta||, predicted extra iterations, c) for losing ``lost`` after ``iteration``."""
+        delta = math.sqrt(sum(self.distance(cid, iteration) ** 2 for cid in lost))
+        c, last = self.contraction(iteration)
+        if math.isnan(c) or delta == 0:
+            return delta, (0.0 if delta == 0 else math.nan), c
+        remaining = last * c / (1 - c)    # ||x_T - x*|| if the steps shrink by c each iteration
+        return delta, math.log1p(delta / max(remaining, 1e-300)) / math.log(1 / c), c
+
+
+def _spread(ids: list[ChunkId], owner: dict[ChunkId, str], alive: list[str]) -> dict[ChunkId, str]:
+    """Place ``ids`` on the live workers holding the fewest parameter rows."""
+    load = {w: 0 for w in alive}
+    for cid, w in owner.items():
+        if w in load and cid not in ids:
+            load[w] += cid.stop - cid.start
+    placement = {}
+    for cid in sorted(ids, key=lambda c: c.start - c.stop):
+        worker = min(load, key=lambda w: (load[w], w))
+        placement[cid] = worker
+        load[worker] += cid.stop - cid.start
+    return placement
+
+
+@dataclass
+class Restore:
+    """What :func:`recover` needs from the trainer."""
+
+    chunks: ParameterChunks
+    initialize: Callable[[list[ChunkId], int], list[Future]]   # start re-creating chunks at a version
+    mode: str
+    rewind_to: Callable[[], int]          # iteration of the store's last committed round
+    hint: str
+
+
+def recover(restore: Restore, watch: ClusterWatch, iteration: int, noticed: float, drift: Drift) -> RecoveryEvent:
+    """Bring every chunk back onto live workers after worker loss, while ``iteration``
+    was in flight (its work is abandoned). Returns what was done."""
+    chunks, client = restore.chunks, restore.chunks.client
+    version = chunks.version
+    workers_lost: set[str] = set()
+    lost: set[ChunkId] = set()       # restored from the store (or re-initialised)
+    moved: set[ChunkId] = set()      # taken over from a surviving copy
+    stale = [chunks.key(cid, iteration) for cid in chunks.ids]   # what the abandoned graph may have made
+    while True:
+        alive = _live_or_wait(client, restore.hint)
+        workers_lost |= {w for w in chunks.owner.values() if w not in alive}
+        # From here on the scheduler refuses what abandoned work still produces;
+        # what it produced before is let go.
+        chunks.epoch += 1
+        set_epoch(client, chunks.run, chunks.epoch)
+        release_keys(client, stale)
+        if restore.mode == "full":
+            version = restore.rewind_to()
+            lost = set(chunks.ids)
+            chunks.owner = place(chunks.ids, sorted(alive))
+        else:
+            gone = {cid for cid, w in chunks.owner.items() if w not in alive} | set(chunks.lost()) | lost
+            holders = _holders(client, [chunks.futures.get(c) for c in gone - lost])
+            for cid in sorted(gone - lost):
+                live = sorted(set(holders.get(chunks.keys[cid], ())) & alive)
+                if live:
+                    chunks.owner[cid] = live[0]
+                    moved.add(cid)
+                else:
+                    lost.add(cid)
+                    moved.discard(cid)
+            homeless = [cid for cid in sorted(lost) if chunks.owner[cid] not in alive]
+            chunks.owner.update(_spread(homeless, chunks.owner, sorted(alive)))
+        futures = restore.initialize(sorted(lost), version) if lost else []
+        stale = [chunks.key(cid, version) for cid in lost]
+        try:
+            wait_watching(futures, watch, lambda: set(chunks.owner.values()), config.get("iteration-timeout"),
+                          restore.hint)
+        except Interrupted:
+            continue              # another worker went while restoring: start again
+        break
+    stats: dict[str, int] = {}
+    for f in futures:
+        for name, value in f.result().items():
+            stats[name] = stats.get(name, 0) + value
+    del futures
+    chunks.advance(version, None if restore.mode == "full" else sorted(lost))
+    delta, predicted, c = drift.predict(sorted(lost), iteration - 1)
+    if restore.mode == "full":
+        predicted = float(iteration - 1 - version)   # every iteration since the checkpoint is done again
+    drift.reset(sorted(lost), version)
+    return RecoveryEvent(
+        iteration=iteration, worker=", ".join(sorted(workers_lost)), lost_chunks=[label(c) for c in sorted(lost)],
+        bytes_read=stats.get("bytes", 0), seconds=time.time() - noticed, est_perturbation=delta,
+        predicted_extra_iterations=predicted, mode=restore.mode, moved_chunks=[label(c) for c in sorted(moved)],
+        reinitialized_blocks=stats.get("never_saved", 0), resumed_at=version, contraction=c)
+
+
+def _holders(client: Client, futures: list[Future | None]) -> dict[str, list[str]]:
+    """Where copies of these chunks survive (none of those the scheduler forgot), or
+    nothing if ``scar.recovery.replicas`` is off."""
+    held = [f for f in futures if f is not None and f.status == "finished"]
+    if not held or not config.get("recovery.replicas"):
+        return {}
+    try:
+        return client.who_has(held)
+    except CancelledError as exc:   # forgotten meanwhile: no copy left
+        exc.__traceback__ = None    # (a reference cycle that would hold the futures)
+        return {}
+
+
+def _live_or_wait(client: Client, hint: str) -> set[str]:
+    """The live workers; with none, wait ``scar.recovery.wait-for-workers`` seconds for one."""
+    check_scheduler(client, hint)
+    alive = live_workers(client)
+    if alive:
+        return alive
+    timeout = config.get("recovery.wait-for-workers")
+    logger.warning("dask_scar: no worker left; waiting up to %s s for one to join", timeout)
+    try:
+        client.wait_for_workers(1, timeout=timeout)
+    except TimeoutError:
+        raise WorkerLostError(f"every worker is gone and none joined within "
+                              f"scar.recovery.wait-for-workers={timeout}s{hint}") from None
+    return live_workers(client)
+
+
+class Interrupted(Exception):
+    """A worker holding chunks went away (or a chunk's data died) while waiting."""
+
+
+def wait_watching(futures: list[Future], watch: ClusterWatch, owners: Callable[[], set[str]], timeout: float,
+                  hint: str) -> None:
+    """Wait until ``futures`` are done; raise :class:`Interrupted` as soon as one of
+    ``owners()`` is removed or a future is cancelled (its input data died with a
+    worker), :class:`SchedulerLostError` if the scheduler is gone, or the error of a
+    task that failed.
+
+    ``distributed.wait`` with a short timeout, again and again: it lets go of the
+    futures when it times out, where a done-callback would hold a future whose task
+    can never run (pinned to a dead worker) for the rest of the client's life.
+    """
+    client = watch.client
+    started = last_look = time.monotonic()
+    while True:
+        try:
+            wait(futures, timeout=POLL_SECONDS)
+            break
+        except (CancelledError, TimeoutError) as exc:
+            # its traceback sits in a reference cycle that holds the futures until the
+            # garbage collector runs: the tasks would outlive the iteration
+            exc.__traceback__ = None
+            if isinstance(exc, CancelledError):
+                break
+        if watch.noticed(owners()) is not None:
+            raise Interrupted
+        now = time.monotonic()
+        if now - last_look > 2.0:
+            # no news for a while: look for ourselves (a scheduler whose plugin predates these events)
+            last_look = now
+            check_scheduler(client, hint)
+            if not owners() <= live_workers(client):
+                raise Interrupted
+            if now - started > timeout:
+                raise TimeoutError(f"an iteration took longer than scar.iteration-timeout={timeout}s; is the "
+                                   "cluster overloaded, or a worker hung? A hung (not dead) worker is only "
+                                   "removed after distributed.scheduler.worker-ttl (default 5 minutes)")
+    for f in futures:
+        if f.status == "cancelled":
+            check_scheduler(client, hint)
+            raise Interrupted
+        if f.status == "error":
+            f.result()

@@ -1,0 +1,311 @@
+"""Recovery from real worker loss: real clusters, real SIGKILLs, real stores on disk.
+
+Failures are injected from ``fit(callback=...)``: after iteration N the callback
+kills a worker process, so every strategy meets the same failure (same iteration,
+same worker, same chunks), and the chunks that die have no copy elsewhere (the
+next iteration's contributions have not fetched them yet).
+"""
+
+import threading
+
+import dask
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import cli_cluster, kill_worker, new_cluster, wait_for
+
+import dask_scar as scar
+from dask_scar.cli import synthetic_classification
+from dask_scar.local import fit_local, prepare_local
+
+FRAME = synthetic_classification(12_000, 63, 10, seed=1)   # 64 weight rows x 10 classes
+MODEL_BYTES = 64 * 10 * 4
+
+
+def model():
+    # plain gradient descent, strongly convex: the loss falls monotonically, ~5 % of
+    # its distance to the optimum per iteration, so "iterations to reach a loss" is sharp
+    return scar.SoftmaxRegression(l2=3e-3, learning_rate=1.0)
+
+
+def once_at(iteration, action):
+    """A fit callback that runs ``action()`` once, after ``iteration``."""
+    fired = []
+
+    def callback(k, loss):
+        if k == iteration and not fired:
+            fired.append(k)
+            action()
+    return callback
+
+
+def train(client, tmp_path, name, max_iter=100, callback=None, resume=False, **trainer):
+    trainer = {"store": tmp_path / f"{name}.zarr", "policy": scar.FullCheckpoint(every=10), "n_chunks": 8,
+               **trainer}
+    return scar.Trainer(client, model(), **trainer).fit(dd.from_pandas(FRAME, npartitions=8), target="label",
+                                                        max_iter=max_iter, tol=0, progress=False,
+                                                        callback=callback, resume=resume)
+
+
+def loss_of(params) -> float:
+    """The objective at ``params`` on FRAME, computed in this process."""
+    local = model()
+    block = prepare_local(local, FRAME, "label")
+    c = local.contribution(0, block, params, np)
+    return c.loss / c.count + c.penalty
+
+
+def iterations_to_reach(history, loss) -> int:
+    """Iterations run (rolled-back ones count) until the loss first fell to ``loss``."""
+    reached = np.flatnonzero(history["loss"].to_numpy() <= loss)
+    assert len(reached), f"never reached {loss}"
+    return int(reached[0]) + 1
+
+
+def rows_of(labels) -> int:
+    return sum(int(b) - int(a) for a, b in (lab[lab.index("[") + 1:-1].split(":") for lab in labels))
+
+
+def scar_keys(client):
+    return client.run_on_scheduler(lambda dask_scheduler: sorted(
+        k for k in dask_scheduler.tasks if str(k).startswith(("scar-chunk", "scar-update", "scar-contrib"))))
+
+
+def test_plugin_reports_the_lost_scar_keys(own_client):
+    victim, survivor = sorted(own_client.scheduler_info()["workers"])
+    own_client.register_plugin(scar.ScarPlugin())
+    lost = own_client.scatter({"scar-chunk-test-x-0-e0-v3": np.ones(4), "not-ours": np.ones(4)}, workers=[victim])
+    kept = own_client.scatter({"scar-chunk-test-x-1-e0-v3": np.ones(4)}, workers=[survivor])
+    kill_worker(own_client, victim)
+    events = wait_for(lambda: [e for _, e in own_client.get_events("scar") if e["action"] == "remove-worker"],
+                      what="the plugin's remove-worker event")
+    assert events[0]["worker"] == victim and list(events[0]["lost"]) == ["scar-chunk-test-x-0-e0-v3"]
+    assert events[0]["expected"] is False and events[0]["stimulus_id"]
+    # the nanny starts a new worker process: that is an event too
+    wait_for(lambda: any(e["action"] == "add-worker" for _, e in own_client.get_events("scar")),
+             what="the add-worker event")
+    del lost, kept
+
+
+@pytest.mark.slow
+def test_partial_recovery_restores_only_the_lost_chunks_and_beats_full_rollback(tmp_path):
+    with dask.config.set({"scar.recovery.replicas": False}), new_cluster(4) as cluster, \
+            scar_client(cluster) as client:
+        victim = sorted(client.scheduler_info()["workers"])[1]
+        free = train(client, tmp_path, "free")
+        results, saved = {}, {}
+        for mode, policy in [("partial", scar.FullCheckpoint(every=10)), ("full", scar.FullCheckpoint(every=10)),
+                             ("scar", scar.PrioritizedCheckpoint(0.3, every=3))]:
+            store = tmp_path / f"{mode}.zarr"
+
+            def kill(store=store, mode=mode):
+                saved[mode] = scar.open_store(store).saved_at    # what a restore can read
+                kill_worker(client, victim)
+            results[mode] = train(client, tmp_path, mode, callback=once_at(35, kill), policy=policy,
+                                  recovery="full" if mode == "full" else "partial")
+            client.wait_for_workers(4, timeout=60)               # the nanny's new worker process
+            victim = sorted(client.scheduler_info()["workers"])[1]
+
+    for mode, result in results.items():
+        (event,) = result.events
+        assert event.iteration == 36 and event.mode == ("full" if mode == "full" else "partial")
+        row = result.history[result.history["event"].str.contains("lost at iteration 36")]
+        assert len(row) == 1 and row["iteration"].item() == event.resumed_at + 1
+    for mode in ("partial", "scar"):
+        event = results[mode].events[0]
+        assert len(event.lost_chunks) == 2 and event.moved_chunks == [] and event.resumed_at == 35
+        assert results[mode].n_iter == 100 and len(results[mode].history) == 100
+        assert results[mode].history["loss"].iloc[-1] == pytest.approx(free.history["loss"].iloc[-1], rel=1e-3)
+        # only the lost chunks' saved blocks were read: exactly their bytes, at most their share
+        share = rows_of(event.lost_chunks) / 64
+        rows = saved[mode]
+        lost = np.zeros(len(rows), bool)
+        for lab in event.lost_chunks:
+            a, b = (int(x) for x in lab[lab.index("[") + 1:-1].split(":"))
+            lost |= (rows["start"] >= a).to_numpy() & (rows["stop"] <= b).to_numpy()
+        assert event.bytes_read == ((rows["stop"] - rows["start"])[lost & (rows["iteration"] >= 0)]).sum() * 40
+        assert 0 < event.bytes_read <= 1.05 * share * MODEL_BYTES
+        assert event.seconds < 30 and event.est_perturbation > 0 and event.predicted_extra_iterations > 0
+    full = results["full"].events[0]
+    assert full.resumed_at == 30 and full.bytes_read == MODEL_BYTES and full.predicted_extra_iterations == 5
+    assert results["full"].history["iteration"].tolist()[35:37] == [31, 32]   # counted again from the rollback
+
+    # the iteration cost of the same failure: partial recovery < full rollback
+    target = free.history["loss"].iloc[59]
+    cost = {mode: iterations_to_reach(r.history, target) - 60 for mode, r in results.items()}
+    assert cost["partial"] < cost["full"] and cost["scar"] < cost["full"], cost
+    assert cost["full"] >= 5, cost      # the rolled-back iterations alone
+
+
+class scar_client:
+    """A Client on ``cluster`` that checks, on leaving, that no run left tasks behind."""
+
+    def __init__(self, cluster):
+        from distributed import Client
+
+        self.client = Client(cluster)
+
+    def __enter__(self):
+        return self.client
+
+    def __exit__(self, *exc):
+        try:
+            if exc[0] is None:
+                wait_for(lambda: scar_keys(self.client) == [], timeout=10, what=f"the runs' tasks to be released: {scar_keys(self.client)}")
+        finally:
+            self.client.close()
+
+
+@pytest.mark.slow
+def test_kill_during_an_iteration_abandons_it_and_goes_on(tmp_path, digits):
+    """A kill at a random moment: the iteration in flight is abandoned and redone; the
+    dead worker's chunks come from a copy a contribution had fetched, or the store."""
+    big = pd.concat([digits] * 20, ignore_index=True)
+    with new_cluster(2) as cluster, scar_client(cluster) as client:
+        victim = sorted(client.scheduler_info()["workers"])[1]
+        outcome = {}
+
+        def run():
+            outcome["result"] = scar.Trainer(client, scar.SoftmaxRegression(), store=tmp_path / "ckpt.zarr",
+                                             n_chunks=4).fit(big, target="label", max_iter=60, tol=0,
+                                                             progress=False)
+        thread = threading.Thread(target=run)
+        thread.start()
+        wait_for(lambda: client.run_on_scheduler(  # some iterations in: chunk version 10 or later exists
+            lambda dask_scheduler: any(str(k).startswith("scar-chunk") and int(str(k).rsplit("-v", 1)[1]) >= 10
+                                       for k in dask_scheduler.tasks)), what="training to start")
+        kill_worker(client, victim)
+        thread.join(timeout=120)
+        assert not thread.is_alive(), "fit() hung after a worker was killed"
+    result = outcome["result"]
+    (event,) = result.events
+    assert event.worker == victim and len(event.lost_chunks + event.moved_chunks) == 2
+    assert result.n_iter == 60
+    reference = scar.SoftmaxRegression()
+    _, losses = fit_local(reference, prepare_local(reference, big, "label"), max_iter=60)
+    if event.lost_chunks:   # restored from the store: a perturbation that costs a few iterations
+        assert iterations_to_reach(result.history, losses[49]) <= 60
+    else:                   # taken over from surviving copies: nothing was lost at all
+        np.testing.assert_allclose(result.history["loss"], losses, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_graceful_retirement_moves_chunks_without_restoring(tmp_path, digits):
+    with new_cluster(3) as cluster, scar_client(cluster) as client:
+        victim = sorted(client.scheduler_info()["workers"])[0]
+        hyper = dict(l2=1e-4, learning_rate=0.5, momentum=0.9)
+        result = scar.Trainer(client, scar.SoftmaxRegression(**hyper), store=tmp_path / "ckpt.zarr", n_chunks=6).fit(
+            digits, target="label", max_iter=60, tol=0, progress=False,
+            callback=once_at(20, lambda: client.retire_workers([victim])))
+    (event,) = result.events
+    assert event.lost_chunks == [] and len(event.moved_chunks) == 2 and event.bytes_read == 0
+    assert event.worker == victim and event.est_perturbation == 0
+    assert "took over 2 surviving chunk(s)" in result.history["event"].iloc[20]
+    # nothing was lost: the very same losses as the same maths in one process
+    reference = scar.SoftmaxRegression(**hyper)
+    _, losses = fit_local(reference, prepare_local(reference, digits, "label"), max_iter=60)
+    np.testing.assert_allclose(result.history["loss"], losses, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_chunks_never_checkpointed_start_again_from_their_initial_value(tmp_path):
+    with new_cluster(2) as cluster, scar_client(cluster) as client:
+        victim = sorted(client.scheduler_info()["workers"])[0]
+        result = train(client, tmp_path, "early", max_iter=40, callback=once_at(4, lambda: kill_worker(client, victim)))
+    (event,) = result.events
+    assert event.bytes_read == 0 and len(event.lost_chunks) == 4
+    assert event.reinitialized_blocks == rows_of(event.lost_chunks) == 32     # one row per block here
+    assert "never-saved block(s) re-initialised" in event.describe()
+    assert result.n_iter == 40 and result.history["loss"].iloc[-1] < result.history["loss"].iloc[4]
+
+
+@pytest.mark.slow
+def test_two_workers_lost_close_together(tmp_path):
+    with dask.config.set({"scar.recovery.replicas": False}), new_cluster(4) as cluster, \
+            scar_client(cluster) as client:
+        first, second = sorted(client.scheduler_info()["workers"])[1:3]
+        free = train(client, tmp_path, "free")
+
+        def kill_two():
+            kill_worker(client, first)
+            # the second dies while the driver learns of, or recovers from, the first
+            threading.Timer(0.02, kill_worker, args=(client, second)).start()
+        result = train(client, tmp_path, "twice", callback=once_at(35, kill_two))
+    workers = ", ".join(e.worker for e in result.events)
+    assert first in workers and second in workers
+    restored = [c for e in result.events for c in e.lost_chunks]
+    assert rows_of(set(restored)) == 32       # both workers' chunks (one may die twice: once restored onto the second)
+    assert result.n_iter == 100
+    # half the model, 5 iterations stale: it costs fewer than 10 iterations
+    assert iterations_to_reach(result.history, free.history["loss"].iloc[89]) <= 100
+
+
+@pytest.mark.slow
+def test_new_worker_gets_chunks_at_the_next_rebalance(tmp_path, digits):
+    with new_cluster(2) as cluster, scar_client(cluster) as client:
+        before = set(client.scheduler_info()["workers"])
+        holders = {}
+
+        def grow():
+            cluster.scale(3)
+            client.wait_for_workers(3, timeout=60)
+
+        def look():
+            holders["chunks"] = client.run_on_scheduler(lambda dask_scheduler: sorted(
+                {ws.address for k, ts in dask_scheduler.tasks.items() if str(k).startswith("scar-chunk")
+                 for ws in ts.who_has or ()}))
+        steps = {10: grow, 20: look}
+        hyper = dict(l2=1e-4, learning_rate=0.5, momentum=0.9)
+        result = scar.Trainer(client, scar.SoftmaxRegression(**hyper), n_chunks=6).fit(
+            digits, target="label", max_iter=30, tol=0, progress=False,
+            callback=lambda k, loss: steps[k]() if k in steps else None)
+        (new,) = set(client.scheduler_info()["workers"]) - before
+    assert new in holders["chunks"]
+    assert result.history["event"].iloc[10] == f"rebalanced 2 chunk(s) onto {new}"
+    reference = scar.SoftmaxRegression(**hyper)
+    _, losses = fit_local(reference, prepare_local(reference, digits, "label"), max_iter=30)
+    np.testing.assert_allclose(result.history["loss"], losses, rtol=1e-5)   # moving loses nothing
+
+
+@pytest.mark.slow
+def test_cli_cluster_kill_one_then_every_worker(tmp_path):
+    """``dask scheduler --preload dask_scar.preload`` + ``dask worker`` (no nanny: the dead stay dead)."""
+    with dask.config.set({"scar.recovery.replicas": False}), cli_cluster(tmp_path, 4) as (cluster, client):
+        free = train(client, tmp_path, "free")
+        victim = sorted(client.scheduler_info()["workers"])[1]
+        saved = {}
+
+        def kill_all():
+            saved.update(scar.open_store(tmp_path / "killed.zarr").load())   # round 40, written during 41
+            for worker in cluster.workers:
+                worker.kill()
+            threading.Timer(1.0, cluster.add_workers, args=(2,)).start()   # replacements arrive later
+        steps = {20: lambda: kill_worker(client, victim), 42: kill_all}
+        result = train(client, tmp_path, "killed", callback=lambda k, loss: steps.pop(k)() if k in steps else None)
+        assert len(client.scheduler_info()["workers"]) == 2
+    one, every = result.events
+    assert one.worker == victim and len(one.lost_chunks) == 2 and 0 < one.bytes_read <= 1.05 * MODEL_BYTES / 4
+    assert one.est_perturbation > 0     # round 20 was chosen, not yet written: round 10 was restored
+    assert len(every.lost_chunks) == 8 and every.bytes_read == MODEL_BYTES   # everything, from the store
+    assert every.resumed_at == 42 and every.est_perturbation > 0
+    # iteration 43 started from exactly what the store held (data blocks rebuilt from the frame's lineage)
+    assert result.history["loss"].iloc[42] == pytest.approx(loss_of(saved), rel=1e-5)
+    assert result.n_iter == 100
+    # two failures (a quarter of the model 10 iterations stale, then all of it 2 iterations
+    # stale) cost fewer than 10 iterations
+    assert iterations_to_reach(result.history, free.history["loss"].iloc[89]) <= 100
+
+
+@pytest.mark.slow
+def test_scheduler_loss_ends_fit_saying_how_to_resume(tmp_path):
+    store = tmp_path / "ckpt.zarr"
+    with cli_cluster(tmp_path, 2) as (cluster, client):
+        with pytest.raises(scar.SchedulerLostError, match=r"lost the connection to the scheduler .*"
+                                                          r"fit\(\.\.\., resume=True\) continues from it"):
+            train(client, tmp_path, "ckpt", callback=once_at(25, cluster.scheduler.kill))
+    committed = scar.open_store(store).manifest["iteration"]
+    assert committed == 20
+    with new_cluster(2) as cluster, scar_client(cluster) as client:
+        result = train(client, tmp_path, "ckpt", max_iter=30, resume=True)
+    assert result.history["iteration"].tolist() == list(range(21, 31))
