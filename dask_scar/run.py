@@ -1,0 +1,305 @@
+"""One call of :meth:`~dask_scar.Trainer.fit` on the cluster: the iterations, the
+checkpoint rounds between them, and the recoveries when workers go."""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import time
+from concurrent.futures import CancelledError
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+from distributed import Client, Future
+from tqdm.auto import tqdm
+
+from . import config, data, iteration
+from .checkpoint import Checkpointer
+from .chunks import PROGRESS_TOPIC, ParameterChunks, place, release_keys
+from .exceptions import DivergenceError, ScarError
+from .models import Model
+from .plugin import set_epoch
+from .recovery import (
+    ClusterWatch,
+    Drift,
+    Interrupted,
+    RecoveryEvent,
+    Restore,
+    live_workers,
+    recover,
+    wait_watching,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingRun:
+    """One call of :meth:`Trainer.fit` on the cluster: the iterations, and the
+    recoveries between them."""
+
+    def __init__(self, model: Model, training: data.TrainingData, chunks: ParameterChunks,
+                 ckpt: Checkpointer | None, restore: Restore, bar: tqdm):
+        self.model, self.training, self.chunks, self.ckpt, self.restore, self.bar = (
+            model, training, chunks, ckpt, restore, bar)
+        self.client = chunks.client
+        self.timeout = config.get("iteration-timeout")
+        self.watch = ClusterWatch(self.client)
+        self.drift = Drift(chunks.ids, chunks.version)
+        if ckpt is not None:
+            ckpt.on_saved = self.drift.saved
+        self.rows: list[dict] = []
+        self.events: list[RecoveryEvent] = []
+        self.note = ""                      # what happened before the next row: a recovery, a rebalance
+        self.inbox: queue.Queue = queue.Queue()
+        self.previous: list[Future] = []    # futures of the last graph, released after the next submit
+        self.stale: list[Future] = []       # chunk futures of the last version, likewise
+        run = chunks.run
+
+        def on_progress(event: tuple[float, dict]) -> None:
+            # runs on the client's event loop: hand over, never block
+            if event[1].get("run") == run:
+                self.inbox.put(event[1])
+
+        self.client.subscribe_topic(PROGRESS_TOPIC, on_progress)
+
+    def owners(self) -> set[str]:
+        return set(self.chunks.owner.values())
+
+    def wait(self, futures: list[Future]) -> None:
+        wait_watching(futures, self.watch, self.owners, self.timeout, self.restore.hint)
+
+    def completed(self, futures: list[Future]) -> bool:
+        """Wait for ``futures``; False if a worker holding chunks went meanwhile.
+        (Recovery runs outside of any ``except`` block: an exception raised and caught
+        there would chain to the one being handled, and keep its frames, with their
+        futures, alive until the garbage collector runs.)"""
+        try:
+            self.wait(futures)
+            return True
+        except Interrupted:
+            return False
+
+    def start(self, submit: Callable[[], list[Future]]) -> None:
+        """Create every chunk (``submit()`` starts the tasks); placed afresh if a worker goes meanwhile."""
+        chunks = self.chunks
+        while True:
+            futures = submit()
+            made = [chunks.key(cid, chunks.version) for cid in chunks.ids]
+            try:
+                self.wait(futures)
+                break
+            except Interrupted:
+                chunks.epoch += 1
+                set_epoch(self.client, chunks.run, chunks.epoch)
+                release_keys(self.client, made)
+                chunks.owner = place(chunks.ids, sorted(live_workers(self.client)))
+            except BaseException:
+                release_keys(self.client, made)   # the chunks that were created
+                raise
+        chunks.advance(chunks.version)
+
+    def iterate(self, first: int, max_iter: int, tol: float, callback: Callable | None) -> bool:
+        """Iterations ``first..max_iter``; True if they stopped at ``tol``."""
+        chunks, ckpt, client = self.chunks, self.ckpt, self.client
+        divergence_factor = config.get("divergence-factor")
+        last_done = time.perf_counter()
+        k = first
+        while k <= max_iter:
+            if self.watch.noticed(self.owners()) is not None:
+                k = self.recover(k)     # lost between iterations: recover before submitting work
+                continue
+            if self.watch.added:
+                self.note = _join(self.note, _rebalance(chunks, self.watch))
+            orders = None
+            if ckpt is not None:
+                orders = ckpt.orders(k)
+                if orders is not None and orders.blocks:
+                    _drain(self.inbox, ckpt, self.timeout, until=lambda: ckpt.outstanding() <= ckpt.backlog + 1)
+            _forget_dead_block_workers(self.training, self.watch)
+            graph = iteration.build(self.model, chunks, [b.key for b in self.training.blocks],
+                                    self.training.workers, k, client.id, orders)
+            futures = client.get(graph.graph, graph.update_keys, sync=False)
+            # Releases go out after the new graph, so they never delay it (the
+            # client batches its messages to the scheduler in 10 ms windows).
+            self.previous = self.stale = []
+            if not self.completed(futures):
+                del futures
+                k = self.recover(k)
+                continue
+            self.stale = chunks.advance(k)
+            self.previous = futures
+            # The update tasks' events were sent before they finished: they are here.
+            loss, priorities, steps = _collect(self.inbox, ckpt, k, chunks.epoch,
+                                               orders is not None and orders.priorities, len(chunks.ids),
+                                               self.timeout)
+            self.drift.record(k, steps)
+            self.drift.prioritized(k, priorities)
+            if ckpt is not None:
+                ckpt.select(k, chunks.ids, priorities)
+            now = time.perf_counter()
+            self.rows.append({"iteration": k, "loss": loss, "seconds": now - last_done, "event": self.note})
+            self.note, last_done = "", now
+            self.bar.update(k - self.bar.n)
+            self.bar.set_postfix(loss=f"{loss:.6g}", refresh=False)
+            _check_divergence(self.rows, divergence_factor, self.model)
+            if callback is not None:
+                callback(k, loss)
+            if tol > 0 and len(self.rows) > 1 and _converged(self.rows[-2]["loss"], loss, tol):
+                return True
+            k += 1
+        return False
+
+    def recover(self, k: int) -> int:
+        """Recover from worker loss noticed while iteration ``k`` was due; returns
+        the iteration to go on with."""
+        noticed = self.watch.noticed(self.owners()) or time.time()
+        event = recover(self.restore, self.watch, k, noticed, self.drift)
+        if self.ckpt is not None:
+            self.ckpt.recovered(self.chunks.epoch)
+        logger.warning("dask_scar: %s", event.describe())
+        self.events.append(event)
+        self.note = _join(self.note, event.describe())
+        return event.resumed_at + 1
+
+    def finish(self) -> dict[str, np.ndarray]:
+        """Write the last checkpoint round and gather the parameters."""
+        ckpt = self.ckpt
+        while True:
+            # the round selected after the last iteration has no graph to carry it
+            if ckpt is None or self.completed(ckpt.flush(self.client, self.chunks)):
+                if ckpt is not None:
+                    _drain(self.inbox, ckpt, self.timeout, until=lambda: ckpt.outstanding() == 0)
+                if self.watch.noticed(self.owners()) is None:
+                    params = self.gather()
+                    if params is not None:
+                        return params
+            # lost after the last iteration: the parameters are what recovery restores
+            self.recover(self.chunks.version + 1)
+
+    def gather(self) -> dict[str, np.ndarray] | None:
+        try:
+            return self.chunks.gather()
+        except CancelledError as exc:
+            exc.__traceback__ = None    # see completed()
+            return None
+
+    def close(self) -> None:
+        self.client.unsubscribe_topic(PROGRESS_TOPIC)
+        self.watch.close()
+        self.bar.close()
+        release_keys(self.client, [f.key for f in [*self.previous, *self.stale, *self.chunks.futures.values()]])
+        self.previous = self.stale = []
+        self.chunks.release()
+        _end_run(self.client, self.chunks.run)
+
+
+def _collect(inbox: queue.Queue, ckpt: Checkpointer | None, iteration: int, epoch: int, want_priorities: bool,
+             n_chunks: int, timeout: float) -> tuple[float, dict[str, list[float]], dict[str, float]]:
+    """The loss, the chunks' step norms and (if asked for) block priorities that
+    ``iteration``'s update tasks sent; events of abandoned work are dropped."""
+    loss, priorities, steps = None, {}, {}
+    while loss is None or len(steps) < n_chunks or (want_priorities and len(priorities) < n_chunks):
+        try:
+            message = inbox.get(timeout=timeout)
+        except queue.Empty:
+            raise ScarError(f"no loss arrived for iteration {iteration}: is the scheduler's ScarPlugin from "
+                            "another dask_scar version? Install the same version everywhere") from None
+        if message.get("kind") == "written":
+            ckpt.on_written(message)
+            continue
+        if message.get("iteration") != iteration or message.get("epoch") != epoch:
+            continue
+        if message.get("loss") is not None:
+            loss = message["loss"]
+        steps.update(message["steps"])
+        priorities.update(message.get("priorities") or {})
+    return loss, priorities, steps
+
+
+def _drain(inbox: queue.Queue, ckpt: Checkpointer, timeout: float, until: Callable[[], bool]) -> None:
+    """Take the writers' reports in until ``until()``; warn about rounds that never report."""
+    while not until():
+        try:
+            ckpt.on_written(inbox.get(timeout=timeout))
+        except queue.Empty:
+            ckpt.abandon(f"no report from the checkpoint writers within scar.iteration-timeout={timeout}s")
+    while True:
+        try:
+            ckpt.on_written(inbox.get_nowait())
+        except queue.Empty:
+            return
+
+
+def history_frame(rows: list[dict], ckpt: Checkpointer | None) -> pd.DataFrame:
+    history = pd.DataFrame(rows, columns=["iteration", "loss", "seconds", "event"])
+    written = ckpt.columns() if ckpt is not None else {}
+    notes = ckpt.notes if ckpt is not None else {}
+    history.insert(3, "checkpoint_bytes", [written.get(k, {}).get("checkpoint_bytes", 0)
+                                           for k in history["iteration"]])
+    history.insert(4, "checkpoint_seconds", [written.get(k, {}).get("checkpoint_seconds", 0.0)
+                                             for k in history["iteration"]])
+    history["event"] = [_join(event, *notes.get(k, [])) for k, event in zip(history["iteration"], history["event"])]
+    return history
+
+
+def _join(*notes: str) -> str:
+    return "; ".join(n for n in notes if n)
+
+
+def _rebalance(chunks: ParameterChunks, watch: ClusterWatch) -> str:
+    """Give workers that joined a share of the chunks: the next update of a moved
+    chunk runs on its new owner (its value travels there; nothing is restored)."""
+    watch.take_added()
+    alive = live_workers(chunks.client)
+    load = {w: [] for w in sorted(alive)}
+    for cid in chunks.ids:
+        load.setdefault(chunks.owner[cid], []).append(cid)
+    moved = []
+    while True:
+        most = max(load, key=lambda w: (len(load[w]), w))
+        least = min(load, key=lambda w: (len(load[w]), w))
+        if len(load[most]) - len(load[least]) <= 1:
+            break
+        cid = load[most].pop()
+        load[least].append(cid)
+        chunks.owner[cid] = least
+        moved.append(cid)
+    if not moved:
+        return ""
+    to = sorted({chunks.owner[c] for c in moved})
+    return f"rebalanced {len(moved)} chunk(s) onto {', '.join(to)}"
+
+
+def _forget_dead_block_workers(training: data.TrainingData, watch: ClusterWatch) -> None:
+    """A data block whose worker died is rebuilt by Dask wherever the scheduler
+    chooses: its tasks lose their placement, and get it back once it exists."""
+    if watch.removed and any(w in watch.removed for w in training.workers if w):
+        training.workers = [None if w in watch.removed else w for w in training.workers]
+    elif None in training.workers:
+        holders = training.blocks[0].client.who_has(training.blocks)
+        training.workers = [sorted(holders.get(b.key, ()))[0] if holders.get(b.key) else None
+                            for b in training.blocks]
+
+
+def _end_run(client: Client, run: str) -> None:
+    if client.status != "running":
+        return      # the scheduler is gone: nothing to tidy, and an rpc would wait to time out
+    try:
+        set_epoch(client, run, None)
+    except Exception:  # noqa: BLE001  (the scheduler is gone: nothing to tidy)
+        logger.debug("could not tell the scheduler that run %s ended", run, exc_info=True)
+
+
+def _converged(previous: float, current: float, tol: float) -> bool:
+    return abs(previous - current) <= tol * max(abs(previous), abs(current), 1e-300)
+
+
+def _check_divergence(rows: list[dict], factor: float, model: Model) -> None:
+    loss = rows[-1]["loss"]
+    if not math.isfinite(loss) or loss > factor * max(abs(rows[0]["loss"]), 1e-12):
+        hint = (f"lower learning_rate (now {model.learning_rate}) or scale the features"
+                if hasattr(model, "learning_rate") else "check the data's scale and the model's l2")
+        raise DivergenceError(f"training diverged: loss {loss:.6g} at iteration {rows[-1]['iteration']} "
+                              f"(it started at {rows[0]['loss']:.6g}); {hint}")
