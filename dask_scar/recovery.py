@@ -62,7 +62,9 @@ class RecoveryEvent:
     (``bytes_read``; ``reinitialized_blocks`` of them had never been saved and
     start again from their initial value), ``moved_chunks`` were taken over from a
     surviving copy. ``seconds`` run from the moment the driver learned of the loss
-    to the moment the restored chunks were in place. ``est_perturbation`` estimates
+    to the moment the restored chunks were in place (``noticed_at``: the wall-clock
+    time, ``time.time()``, it learned of the loss). ``contraction`` is the rate
+    ``c`` estimated from the recent steps. ``est_perturbation`` estimates
     ``||restored - lost||`` and ``predicted_extra_iterations`` the iterations the
     contraction bound predicts it costs (for full recovery: the iterations rolled
     back); NaN where there is too little history to tell.
@@ -80,6 +82,7 @@ class RecoveryEvent:
     reinitialized_blocks: int = 0
     resumed_at: int = 0
     contraction: float = math.nan
+    noticed_at: float = math.nan    # time.time() when the driver learned of the loss
 
     def describe(self) -> str:
         what = (f"restored {len(self.lost_chunks)} chunk(s) ({self.bytes_read:,} bytes read)"
@@ -300,7 +303,7 @@ def recover(restore: Restore, watch: ClusterWatch, iteration: int, noticed: floa
         iteration=iteration, worker=", ".join(sorted(workers_lost)), lost_chunks=[label(c) for c in sorted(lost)],
         bytes_read=stats.get("bytes", 0), seconds=time.time() - noticed, est_perturbation=delta,
         predicted_extra_iterations=predicted, mode=restore.mode, moved_chunks=[label(c) for c in sorted(moved)],
-        reinitialized_blocks=stats.get("never_saved", 0), resumed_at=version, contraction=c)
+        reinitialized_blocks=stats.get("never_saved", 0), resumed_at=version, contraction=c, noticed_at=noticed)
 
 
 def _holders(client: Client, futures: list[Future | None]) -> dict[str, list[str]]:

@@ -155,6 +155,9 @@ class TrainingRun:
         """Recover from worker loss noticed while iteration ``k`` was due; returns
         the iteration to go on with."""
         noticed = self.watch.noticed(self.owners()) or time.time()
+        if self.ckpt is not None:
+            # rounds whose writers all reported are committed before a rollback looks for one
+            _drain(self.inbox, self.ckpt, self.timeout, until=lambda: True)
         event = recover(self.restore, self.watch, k, noticed, self.drift)
         if self.ckpt is not None:
             self.ckpt.recovered(self.chunks.epoch)
