@@ -1,4 +1,4 @@
-"""The ``dask-scar`` command line: ``demo`` and ``train``."""
+"""The ``dask-scar`` command line: ``demo``, ``train`` and ``inspect``."""
 
 from __future__ import annotations
 
@@ -170,19 +170,45 @@ def train(args: argparse.Namespace) -> int:
         client = Client(cluster)
     try:
         features = args.features.split(",") if args.features else None
-        result = scar.Trainer(client, model).fit(ddf, target=args.target, features=features,
-                                                 max_iter=args.max_iter, tol=args.tol,
-                                                 progress=not args.no_progress)
+        trainer = scar.Trainer(client, model, store=args.store, recovery=args.recovery)
+        result = trainer.fit(ddf, target=args.target, features=features, max_iter=args.max_iter, tol=args.tol,
+                             resume=args.resume, progress=not args.no_progress)
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
     print(_loss_curve(result.history))
+    for event in result.events:
+        print(event.describe())
     print(f"{result.n_iter} iterations; final loss {result.history['loss'].iloc[-1]:.6g}; "
           f"converged: {result.converged}")
     if args.out:
         np.savez(args.out, **result.params)
         print(f"parameters written to {args.out}")
+    return 0
+
+
+def inspect(args: argparse.Namespace) -> int:
+    """What a checkpoint store holds: model, size, last committed round, how fresh its blocks are."""
+    import json
+
+    import dask_scar as scar
+
+    store = scar.open_store(args.store)
+    info = store.info()
+    meta = store.meta
+    print(f"{info['url']}: dask_scar checkpoint of {info['model']} {json.dumps(meta['model']['params'])}")
+    print(f"policy {json.dumps(meta.get('policy'))}")
+    for name, layout in store.layouts.items():
+        print(f"  {name}: shape {layout.shape} {layout.dtype}, {layout.n_blocks} blocks of {layout.block_rows} rows")
+    manifest = info["manifest"]
+    print("last committed round: " + (f"{manifest['round']} (iteration {manifest['iteration']}, "
+                                      f"epoch {manifest['epoch']})" if manifest else "none"))
+    print(f"{info['blocks_saved']} of {info['blocks']} blocks saved; {info['nbytes_stored']:,} bytes stored for "
+          f"{info['nbytes_parameters']:,} bytes of parameters")
+    if info["staleness"]:
+        print("iterations since each saved block was written: "
+              + ", ".join(f"{age}: {count}" for age, count in info["staleness"].items()))
     return 0
 
 
@@ -216,8 +242,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--l2", type=float, default=1e-4)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--out", help="save the parameters to this .npz file")
+    p.add_argument("--store", help="path or URL of a checkpoint store every worker can write")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --store")
+    p.add_argument("--recovery", choices=["partial", "full"], default="partial",
+                   help="when a worker dies: restore only its chunks (SCAR), or roll everything back")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=train)
+
+    p = sub.add_parser("inspect", help="show what a checkpoint store holds")
+    p.add_argument("store", help="path or URL of the store")
+    p.set_defaults(func=inspect)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

@@ -32,14 +32,31 @@ def test_demo_quick_trains_and_plots(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_on_parquet(tmp_path):
+def test_train_on_parquet_with_a_store_then_resume_and_inspect(tmp_path):
     frame = synthetic_classification(2000, 5, 3)
     path = tmp_path / "data.parquet"
     frame.to_parquet(path)
-    params = tmp_path / "params.npz"
-    out = _run("train", str(path), "--target", "label", "--max-iter", "20", "--no-progress", "--out", str(params))
+    params, store = tmp_path / "params.npz", tmp_path / "ckpt.zarr"
+    out = _run("train", str(path), "--target", "label", "--max-iter", "20", "--tol", "0", "--no-progress",
+               "--out", str(params), "--store", str(store))
     assert out.returncode == 0, out.stderr
     assert np.load(params)["weights"].shape == (6, 3)
+    out = _run("inspect", str(store))
+    assert out.returncode == 0, out.stderr
+    assert "dask_scar checkpoint of dask_scar.models.softmax.SoftmaxRegression" in out.stdout
+    assert "weights: shape (6, 3) float32" in out.stdout
+    assert "last committed round: 4 (iteration 20, epoch 0)" in out.stdout
+    out = _run("train", str(path), "--target", "label", "--max-iter", "30", "--tol", "0", "--no-progress",
+               "--store", str(store), "--resume")
+    assert out.returncode == 0, out.stderr
+    assert "30 iterations" in out.stdout and "iter    21" in out.stdout
+    assert "last committed round: 6 (iteration 30, epoch 1)" in _run("inspect", str(store)).stdout
+
+
+def test_inspect_a_path_that_holds_no_store(tmp_path):
+    out = _run("inspect", str(tmp_path / "nothing.zarr"))
+    assert out.returncode == 2
+    assert "dask-scar: error: no checkpoint store at" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_train_reports_a_missing_column(tmp_path):
