@@ -3,12 +3,13 @@
 Side by side in one run on one cluster (2 workers, one thread each): the mean
 iteration time without a store and with the default policy
 (``PrioritizedCheckpoint(0.25, every=5)``, the I/O of a full checkpoint every 20
-iterations), alternating the two several times so that the machine's noise hits
-both alike. Two models: softmax regression (200,000 x 100, parameters 4 KB: the
-fixed cost of a round) and ALS matrix factorization (parameters ~9 MB: the bytes).
+iterations), after a warm-up fit, in pairs of alternating order so that the
+machine's noise hits both alike. Two models: softmax regression (200,000 x 100, parameters 4 KB: the
+fixed cost of a round) and ALS matrix factorization (parameters ~9 MB: the bytes;
+100,000 ratings: the parameter bytes do not depend on them, the time to compute does).
 Then the store's own write and read rates for a 64 MB parameter in 1 MB blocks.
 
-    python benchmarks/bench_checkpoint.py            # about 3 minutes on 2 cores
+    python benchmarks/bench_checkpoint.py            # about 15 minutes on 2 cores
     python benchmarks/bench_checkpoint.py --quick
 """
 
@@ -54,13 +55,20 @@ def mean_iteration(client, make_model, frame, target, iters, store) -> tuple[flo
 
 
 def overhead(client, name, make_model, frame, target, iters, repeats, workdir) -> dict:
+    mean_iteration(client, make_model, frame, target, max(10, iters // 4), None)   # warm-up, not counted
     plain, ckpt, written = [], [], 0
     for r in range(repeats):
-        plain.append(mean_iteration(client, make_model, frame, target, iters, None)[0])
         store = workdir / f"{name}-{r}.zarr"
-        seconds, written = mean_iteration(client, make_model, frame, target, iters, store)
-        ckpt.append(seconds)
-        shutil.rmtree(store)
+        # pairs in alternating order, so that a drift of the machine's speed hits both alike
+        for checkpointed in ((False, True) if r % 2 == 0 else (True, False)):
+            seconds, nbytes = mean_iteration(client, make_model, frame, target, iters,
+                                             store if checkpointed else None)
+            if checkpointed:
+                ckpt.append(seconds)
+                written = nbytes
+                shutil.rmtree(store)
+            else:
+                plain.append(seconds)
     a, b = np.median(plain), np.median(ckpt)
     params = sum(int(np.prod(s.shape)) * 4 for s in make_model_setup(make_model, frame, target).values())
     return {"model": name, "parameter_MB": params / 1e6, "ms_per_it_plain": 1e3 * a,
@@ -98,7 +106,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer iterations and repeats")
     args = parser.parse_args()
-    iters, repeats = (40, 2) if args.quick else (100, 3)
+    iters, repeats = (40, 2) if args.quick else (100, 4)
     workdir = Path(tempfile.mkdtemp(prefix="scar-bench-"))
     try:
         with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster, \
@@ -108,7 +116,7 @@ def main() -> None:
                          softmax_frame(200_000), "label", iters, repeats, workdir),
                 overhead(client, "ALS 50k users x 20k items, rank 32",
                          lambda: scar.MatrixFactorization(rank=32, l2=0.1),
-                         ratings_frame(50_000, 20_000, 1_000_000), None, iters // 2, repeats, workdir),
+                         ratings_frame(50_000, 20_000, 100_000), None, iters // 2, repeats, workdir),
             ]
         print(pd.DataFrame(cases).to_string(index=False, float_format="{:.3g}".format))
         print()

@@ -2,7 +2,8 @@
 
 The scheduler's :class:`~dask_scar.plugin.ScarPlugin` publishes every worker
 removal on the ``scar`` topic; :class:`ClusterWatch` hands those events to the
-driver thread, which looks at them while it waits for an iteration. The trainer then abandons the iteration in flight and
+driver thread, which looks at them while it waits for an iteration
+(:func:`wait_watching`). The trainer then abandons the iteration in flight and
 calls :func:`recover`, which
 
 1. moves the run to a new epoch, so that whatever the abandoned work still
@@ -33,6 +34,7 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 from typing import Callable
@@ -42,7 +44,7 @@ from distributed import Client, Future, wait
 
 from . import config
 from .chunks import ChunkId, ParameterChunks, place, release_keys
-from .exceptions import SchedulerLostError, WorkerLostError
+from .exceptions import SchedulerLostError, ScarError, WorkerLostError
 from .plugin import CLUSTER_TOPIC, set_epoch
 
 logger = logging.getLogger(__name__)
@@ -155,67 +157,76 @@ def check_scheduler(client: Client, hint: str) -> None:
 class Drift:
     """What the driver knows of how far the parameters moved, for recovery estimates.
 
-    Per chunk it keeps a distance ``d`` from the values the store holds (or
-    would restore), known at iteration ``t``, and the norm of every step since;
-    ``||x - saved|| <= d + sum of the steps since t`` (triangle inequality).
+    Per chunk it keeps its *path*: the sum of the norms of every step it took. A
+    chunk's distance from what the store would restore is known at some point
+    (zero when it was restored or wholly saved; the block distances the policy
+    measured), and ``||x - stored|| <= known + path walked since`` (triangle
+    inequality).
     """
 
-    def __init__(self, ids: list[ChunkId], start: int):
+    def __init__(self, ids: list[ChunkId], window: int = 20):
         self.labels = {cid: f"{cid.name}/{cid.index}" for cid in ids}
-        self.known: dict[ChunkId, tuple[np.ndarray | None, int]] = {cid: (None, start) for cid in ids}
-        self.steps: dict[int, dict[str, float]] = {}
-        self.window = 20
-
-    def reset(self, ids: list[ChunkId], iteration: int) -> None:
-        """Chunks now equal to what the store holds (restored, or initialised)."""
-        for cid in ids:
-            self.known[cid] = (None, iteration)
+        self.path = {cid: 0.0 for cid in ids}
+        # per chunk: block distances from the stored values (None: all zero), and the path then
+        self.known: dict[ChunkId, tuple[np.ndarray | None, float]] = {cid: (None, 0.0) for cid in ids}
+        self.paths_at: dict[int, dict[ChunkId, float]] = {}   # recent iterations: the path after each
+        self.totals: deque[float] = deque(maxlen=window)      # recent iterations: the whole step's norm
 
     def record(self, iteration: int, steps: dict[str, float]) -> None:
-        self.steps[iteration] = steps
-        self.steps.pop(iteration - 10 * self.window, None)   # keep only what estimates use
+        """The norms of the chunks' steps in ``iteration``."""
+        for cid, key in self.labels.items():
+            self.path[cid] += steps.get(key, 0.0)
+        self.totals.append(math.sqrt(sum(v * v for v in steps.values())))
+        self.paths_at[iteration] = dict(self.path)
+        self.paths_at.pop(iteration - 4 * self.totals.maxlen, None)   # only recent rounds are looked up
 
-    def prioritized(self, iteration: int, priorities: dict[str, list[float]]) -> None:
-        """Each block's distance from its saved value, as the policy measured it
+    def reset(self, ids: list[ChunkId]) -> None:
+        """Chunks now equal to what the store holds (restored, or initialised)."""
+        for cid in ids:
+            self.known[cid] = (None, self.path[cid])
+
+    def prioritized(self, priorities: dict[str, list[float]]) -> None:
+        """Each block's distance from its saved value, as the policy measured it now
         (a chunk whose reference was unknown, reported as inf, keeps its older bound)."""
         for cid, key in self.labels.items():
             if key in priorities and not np.isinf(priorities[key]).any():
-                self.known[cid] = (np.asarray(priorities[key], dtype=float), iteration)
+                self.known[cid] = (np.asarray(priorities[key], dtype=float), self.path[cid])
 
     def saved(self, iteration: int, blocks: dict[ChunkId, tuple[int, ...]], block_rows: dict[str, int]) -> None:
-        """A round writes these blocks with their values of ``iteration``."""
+        """A writer stored these blocks with their values of ``iteration``."""
         for cid, chosen in blocks.items():
+            then = self.paths_at.get(iteration, {}).get(cid)
             distances, since = self.known[cid]
-            first, n = cid.start // block_rows[cid.name], -(-cid.stop // block_rows[cid.name])
-            if len(chosen) == n - first:
-                self.known[cid] = (None, iteration)
-            elif distances is not None and since == iteration:
+            if then is None or then < since:
+                continue        # a newer measurement, or too old to place: the older bound still holds
+            first = cid.start // block_rows[cid.name]
+            if len(chosen) == -(-cid.stop // block_rows[cid.name]) - first:
+                self.known[cid] = (None, then)
+            elif distances is not None:
+                # a written block is now at most the path walked since ``then`` (<= since
+                # ``since``) from the store: the bound with its distance zeroed still holds
                 distances = distances.copy()
                 distances[[b - first for b in chosen]] = 0.0
-                self.known[cid] = (distances, iteration)
-            # else: the older bound still holds for the blocks not written
+                self.known[cid] = (distances, since)
 
-    def distance(self, cid: ChunkId, iteration: int) -> float:
-        """Upper estimate of ``||x_cid(iteration) - stored||``."""
+    def distance(self, cid: ChunkId) -> float:
+        """Upper estimate of ``||x_cid - stored||`` now."""
         distances, since = self.known[cid]
         d = 0.0 if distances is None else float(np.sqrt(np.sum(distances ** 2)))
-        key = self.labels[cid]
-        return d + sum(s.get(key, 0.0) for t, s in self.steps.items() if since < t <= iteration)
+        return d + self.path[cid] - since
 
-    def contraction(self, iteration: int) -> tuple[float, float]:
+    def contraction(self) -> tuple[float, float]:
         """Contraction rate ``c`` and the last step's norm, from the recent steps."""
-        norms = [math.sqrt(sum(v * v for v in self.steps[t].values()))
-                 for t in range(iteration - self.window + 1, iteration + 1) if t in self.steps]
-        norms = [n for n in norms if n > 0]
+        norms = [n for n in self.totals if n > 0]
         if len(norms) < 3:
             return math.nan, math.nan
         c = (norms[-1] / norms[0]) ** (1.0 / (len(norms) - 1))
         return float(min(max(c, 1e-6), 0.999)), norms[-1]
 
-    def predict(self, lost: list[ChunkId], iteration: int) -> tuple[float, float, float]:
-        """(||delta||, predicted extra iterations, c) for losing ``lost`` after ``iteration``."""
-        delta = math.sqrt(sum(self.distance(cid, iteration) ** 2 for cid in lost))
-        c, last = self.contraction(iteration)
+    def predict(self, lost: list[ChunkId]) -> tuple[float, float, float]:
+        """(||delta||, predicted extra iterations, c) for losing ``lost`` now."""
+        delta = math.sqrt(sum(self.distance(cid) ** 2 for cid in lost))
+        c, last = self.contraction()
         if math.isnan(c) or delta == 0:
             return delta, (0.0 if delta == 0 else math.nan), c
         remaining = last * c / (1 - c)    # ||x_T - x*|| if the steps shrink by c each iteration
@@ -295,10 +306,10 @@ def recover(restore: Restore, watch: ClusterWatch, iteration: int, noticed: floa
             stats[name] = stats.get(name, 0) + value
     del futures
     chunks.advance(version, None if restore.mode == "full" else sorted(lost))
-    delta, predicted, c = drift.predict(sorted(lost), iteration - 1)
+    delta, predicted, c = drift.predict(sorted(lost))
     if restore.mode == "full":
         predicted = float(iteration - 1 - version)   # every iteration since the checkpoint is done again
-    drift.reset(sorted(lost), version)
+    drift.reset(sorted(lost))
     return RecoveryEvent(
         iteration=iteration, worker=", ".join(sorted(workers_lost)), lost_chunks=[label(c) for c in sorted(lost)],
         bytes_read=stats.get("bytes", 0), seconds=time.time() - noticed, est_perturbation=delta,
@@ -372,7 +383,7 @@ def wait_watching(futures: list[Future], watch: ClusterWatch, owners: Callable[[
             if not owners() <= live_workers(client):
                 raise Interrupted
             if now - started > timeout:
-                raise TimeoutError(f"an iteration took longer than scar.iteration-timeout={timeout}s; is the "
+                raise ScarError(f"an iteration took longer than scar.iteration-timeout={timeout}s; is the "
                                    "cluster overloaded, or a worker hung? A hung (not dead) worker is only "
                                    "removed after distributed.scheduler.worker-ttl (default 5 minutes)")
     for f in futures:

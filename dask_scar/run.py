@@ -22,6 +22,7 @@ from .exceptions import DivergenceError, ScarError
 from .models import Model
 from .plugin import set_epoch
 from .recovery import (
+    POLL_SECONDS,
     ClusterWatch,
     Drift,
     Interrupted,
@@ -46,12 +47,13 @@ class TrainingRun:
         self.client = chunks.client
         self.timeout = config.get("iteration-timeout")
         self.watch = ClusterWatch(self.client)
-        self.drift = Drift(chunks.ids, chunks.version)
+        self.drift = Drift(chunks.ids)
         if ckpt is not None:
             ckpt.on_saved = self.drift.saved
         self.rows: list[dict] = []
         self.events: list[RecoveryEvent] = []
         self.note = ""                      # what happened before the next row: a recovery, a rebalance
+        self.resume_from: int | None = None  # set by finish() when it had to recover
         self.inbox: queue.Queue = queue.Queue()
         self.previous: list[Future] = []    # futures of the last graph, released after the next submit
         self.stale: list[Future] = []       # chunk futures of the last version, likewise
@@ -88,16 +90,15 @@ class TrainingRun:
             futures = submit()
             made = [chunks.key(cid, chunks.version) for cid in chunks.ids]
             try:
-                self.wait(futures)
-                break
-            except Interrupted:
-                chunks.epoch += 1
-                set_epoch(self.client, chunks.run, chunks.epoch)
-                release_keys(self.client, made)
-                chunks.owner = place(chunks.ids, sorted(live_workers(self.client)))
+                if self.completed(futures):
+                    break
             except BaseException:
                 release_keys(self.client, made)   # the chunks that were created
                 raise
+            chunks.epoch += 1
+            set_epoch(self.client, chunks.run, chunks.epoch)
+            release_keys(self.client, made)
+            chunks.owner = place(chunks.ids, sorted(live_workers(self.client)))
         chunks.advance(chunks.version)
 
     def iterate(self, first: int, max_iter: int, tol: float, callback: Callable | None) -> bool:
@@ -116,7 +117,7 @@ class TrainingRun:
             if ckpt is not None:
                 orders = ckpt.orders(k)
                 if orders is not None and orders.blocks:
-                    _drain(self.inbox, ckpt, self.timeout, until=lambda: ckpt.outstanding() <= ckpt.backlog + 1)
+                    self.drain(until=lambda: ckpt.outstanding() <= ckpt.backlog + 1)
             _forget_dead_block_workers(self.training, self.watch)
             graph = iteration.build(self.model, chunks, [b.key for b in self.training.blocks],
                                     self.training.workers, k, client.id, orders)
@@ -135,7 +136,7 @@ class TrainingRun:
                                                orders is not None and orders.priorities, len(chunks.ids),
                                                self.timeout)
             self.drift.record(k, steps)
-            self.drift.prioritized(k, priorities)
+            self.drift.prioritized(priorities)
             if ckpt is not None:
                 ckpt.select(k, chunks.ids, priorities)
             now = time.perf_counter()
@@ -157,7 +158,7 @@ class TrainingRun:
         noticed = self.watch.noticed(self.owners()) or time.time()
         if self.ckpt is not None:
             # rounds whose writers all reported are committed before a rollback looks for one
-            _drain(self.inbox, self.ckpt, self.timeout, until=lambda: True)
+            self.drain(until=lambda: True)
         event = recover(self.restore, self.watch, k, noticed, self.drift)
         if self.ckpt is not None:
             self.ckpt.recovered(self.chunks.epoch)
@@ -166,20 +167,39 @@ class TrainingRun:
         self.note = _join(self.note, event.describe())
         return event.resumed_at + 1
 
-    def finish(self) -> dict[str, np.ndarray]:
-        """Write the last checkpoint round and gather the parameters."""
+    def finish(self) -> dict[str, np.ndarray] | None:
+        """Write the last checkpoint round and gather the parameters. If a worker is
+        lost meanwhile: recover, set :attr:`resume_from` (the iteration after the
+        last for partial recovery; full recovery rolled back) and return None."""
         ckpt = self.ckpt
+        # the round selected after the last iteration has no graph to carry it
+        if ckpt is None or self.completed(ckpt.flush(self.client, self.chunks)):
+            if ckpt is not None:
+                self.drain(until=lambda: ckpt.outstanding() == 0)
+            if self.watch.noticed(self.owners()) is None:
+                params = self.gather()
+                if params is not None:
+                    return params
+        self.resume_from = self.recover(self.chunks.version + 1)
+        return None
+
+    def drain(self, until: Callable[[], bool]) -> None:
+        """Take the checkpoint writers' reports in until ``until()``. Stops early when
+        a worker holding chunks is lost (its writer will never report: the recovery
+        abandons its rounds); gives up on rounds silent for ``scar.iteration-timeout``."""
+        ckpt, deadline = self.ckpt, time.monotonic() + self.timeout
+        while not until() and self.watch.noticed(self.owners()) is None:
+            try:
+                ckpt.on_written(self.inbox.get(timeout=POLL_SECONDS))
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    ckpt.abandon(f"no report from the checkpoint writers within "
+                                 f"scar.iteration-timeout={self.timeout}s")
         while True:
-            # the round selected after the last iteration has no graph to carry it
-            if ckpt is None or self.completed(ckpt.flush(self.client, self.chunks)):
-                if ckpt is not None:
-                    _drain(self.inbox, ckpt, self.timeout, until=lambda: ckpt.outstanding() == 0)
-                if self.watch.noticed(self.owners()) is None:
-                    params = self.gather()
-                    if params is not None:
-                        return params
-            # lost after the last iteration: the parameters are what recovery restores
-            self.recover(self.chunks.version + 1)
+            try:
+                ckpt.on_written(self.inbox.get_nowait())
+            except queue.Empty:
+                return
 
     def gather(self) -> dict[str, np.ndarray] | None:
         try:
@@ -219,20 +239,6 @@ def _collect(inbox: queue.Queue, ckpt: Checkpointer | None, iteration: int, epoc
         steps.update(message["steps"])
         priorities.update(message.get("priorities") or {})
     return loss, priorities, steps
-
-
-def _drain(inbox: queue.Queue, ckpt: Checkpointer, timeout: float, until: Callable[[], bool]) -> None:
-    """Take the writers' reports in until ``until()``; warn about rounds that never report."""
-    while not until():
-        try:
-            ckpt.on_written(inbox.get(timeout=timeout))
-        except queue.Empty:
-            ckpt.abandon(f"no report from the checkpoint writers within scar.iteration-timeout={timeout}s")
-    while True:
-        try:
-            ckpt.on_written(inbox.get_nowait())
-        except queue.Empty:
-            return
 
 
 def history_frame(rows: list[dict], ckpt: Checkpointer | None) -> pd.DataFrame:

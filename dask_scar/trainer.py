@@ -179,6 +179,9 @@ class Trainer:
             training_run.start(lambda: chunks.initialize(model, self.backend, start, prepare(resume)))
             converged = training_run.iterate(start + 1, max_iter, tol, callback)
             params = training_run.finish()
+            while params is None:   # a worker was lost after the last iteration: go on from there
+                converged = training_run.iterate(training_run.resume_from, max_iter, tol, callback)
+                params = training_run.finish()
         finally:
             training_run.close()
         rows = training_run.rows

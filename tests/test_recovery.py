@@ -6,6 +6,8 @@ same worker, same chunks), and the chunks that die have no copy elsewhere (the
 next iteration's contributions have not fetched them yet).
 """
 
+import os
+import signal
 import threading
 
 import dask
@@ -14,11 +16,14 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import cli_cluster, kill_worker, new_cluster, wait_for
+from distributed.diagnostics.plugin import WorkerPlugin
 
 import dask_scar as scar
 from dask_scar.bench import iteration_cost
+from dask_scar.chunks import ChunkId
 from dask_scar.cli import synthetic_classification
 from dask_scar.local import fit_local, prepare_local
+from dask_scar.recovery import Drift
 
 FRAME = synthetic_classification(12_000, 63, 10, seed=1)   # 64 weight rows x 10 classes
 MODEL_BYTES = 64 * 10 * 4
@@ -64,6 +69,36 @@ def rows_of(labels) -> int:
 def scar_keys(client):
     return client.run_on_scheduler(lambda dask_scheduler: sorted(
         k for k in dask_scheduler.tasks if str(k).startswith(("scar-chunk", "scar-update", "scar-contrib"))))
+
+
+def test_drift_bounds_the_perturbation_and_predicts_with_the_contraction_bound():
+    a, b = ChunkId("w", 0, 0, 4), ChunkId("w", 1, 4, 8)       # 2 blocks of 2 rows each
+    drift = Drift([a, b])
+    for k in range(1, 11):                                     # steps shrink by c = 0.9
+        drift.record(k, {"w/0": 0.9 ** k, "w/1": 0.0})
+    # nothing saved since the start: bounded by the path walked
+    assert drift.distance(a) == pytest.approx(sum(0.9 ** k for k in range(1, 11)))
+    assert drift.distance(b) == 0.0
+    c, last = drift.contraction()
+    assert c == pytest.approx(0.9) and last == pytest.approx(0.9 ** 10)
+    # the policy measured block distances 3 and 4 now; one more step of 0.5 since
+    drift.prioritized({"w/0": [3.0, 4.0], "w/1": [float("inf"), 1.0]})   # inf: unknown, kept as before
+    drift.record(11, {"w/0": 0.5, "w/1": 0.0})
+    assert drift.distance(a) == pytest.approx(5.0 + 0.5) and drift.distance(b) == 0.0
+    # the writer stored block 1 with its values of iteration 11: only block 0's 3.0 remains
+    drift.saved(11, {a: (1,)}, {"w": 2})
+    assert drift.distance(a) == pytest.approx(3.0 + 0.5)    # measured at 10, stepped 0.5 since
+    # ... unless it was measured after those values; a whole-chunk save of iteration 11 zeroes it
+    drift.saved(11, {a: (0, 1)}, {"w": 2})
+    assert drift.distance(a) == 0.0
+    drift.record(12, {"w/0": 0.25, "w/1": 0.0})
+    delta, predicted, c = drift.predict([a])
+    assert delta == pytest.approx(0.25)
+    # log_{1/c}(1 + delta / ||x_T - x*||), with ||x_T - x*|| = last step * c / (1 - c)
+    c, last = drift.contraction()
+    assert predicted == pytest.approx(np.log1p(delta / (last * c / (1 - c))) / np.log(1 / c))
+    drift.reset([a])
+    assert drift.predict([a])[:2] == (0.0, 0.0)
 
 
 def test_plugin_reports_the_lost_scar_keys(own_client):
@@ -184,6 +219,29 @@ def test_kill_during_an_iteration_abandons_it_and_goes_on(tmp_path, digits):
 
 
 @pytest.mark.slow
+def test_loss_after_the_last_iteration(tmp_path):
+    """Killed once the last iteration ran: partial recovery restores the lost chunks and
+    returns; full recovery rolls back and runs the rolled-back iterations again."""
+    with dask.config.set({"scar.recovery.replicas": False}), new_cluster(2) as cluster, \
+            scar_client(cluster) as client:
+        results = {}
+        for mode in ("partial", "full"):
+            client.wait_for_workers(2, timeout=60)
+            victim = sorted(client.scheduler_info()["workers"])[1]
+            results[mode] = train(client, tmp_path, mode, max_iter=25, recovery=mode,
+                                  callback=once_at(25, lambda victim=victim: kill_worker(client, victim)))
+    (partial,) = results["partial"].events
+    assert partial.iteration == 26 and partial.resumed_at == 25 and len(partial.lost_chunks) == 4
+    assert results["partial"].history["iteration"].tolist() == list(range(1, 26))
+    (full,) = results["full"].events
+    assert full.resumed_at == 20
+    assert results["full"].history["iteration"].tolist() == list(range(1, 26)) + list(range(21, 26))
+    assert results["full"].n_iter == 25
+    # the parameters returned are those of iteration 25 redone, not the rolled-back ones
+    assert loss_of(results["full"].params) < results["full"].history["loss"].iloc[-1]
+
+
+@pytest.mark.slow
 def test_graceful_retirement_moves_chunks_without_restoring(tmp_path, digits):
     with new_cluster(3) as cluster, scar_client(cluster) as client:
         victim = sorted(client.scheduler_info()["workers"])[0]
@@ -231,6 +289,34 @@ def test_two_workers_lost_close_together(tmp_path):
     assert rows_of(set(restored)) == 32       # both workers' chunks (one may die twice: once restored onto the second)
     assert result.n_iter == 100
     # half the model, 5 iterations stale: it costs fewer than 10 iterations
+    assert iteration_cost(result.history, free.history, at=90) <= 10
+
+
+class DieWhenRestoring(WorkerPlugin):
+    """A worker plugin that SIGKILLs its own process as it starts the first restore task
+    of epoch 1 (``scar-init-<run>-e1-0``): a real failure at a precise moment inside a
+    recovery."""
+
+    name = "die-when-restoring"
+
+    def transition(self, key, start, finish, **kwargs):
+        if finish == "executing" and str(key).startswith("scar-init-") and str(key).endswith("-e1-0"):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_worker_lost_during_recovery(tmp_path):
+    with dask.config.set({"scar.recovery.replicas": False}), new_cluster(4) as cluster, \
+            scar_client(cluster) as client:
+        free = train(client, tmp_path, "free")
+        workers = sorted(client.scheduler_info()["workers"])
+        client.register_plugin(DieWhenRestoring())
+        result = train(client, tmp_path, "killed", callback=once_at(35, lambda: kill_worker(client, workers[1])))
+    (event,) = result.events                     # one recovery, started again when its restorer died
+    lost = event.worker.split(", ")
+    assert len(lost) == 2 and workers[1] in lost
+    assert len(event.lost_chunks) == 4           # both workers' chunks, restored by the two left
+    assert result.n_iter == 100 and event.resumed_at == 35
     assert iteration_cost(result.history, free.history, at=90) <= 10
 
 
