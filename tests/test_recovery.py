@@ -71,6 +71,26 @@ def scar_keys(client):
         k for k in dask_scheduler.tasks if str(k).startswith(("scar-chunk", "scar-update", "scar-contrib"))))
 
 
+class scar_client:
+    """A Client on ``cluster`` that checks, on leaving, that no run left tasks behind."""
+
+    def __init__(self, cluster):
+        from distributed import Client
+
+        self.client = Client(cluster)
+
+    def __enter__(self):
+        return self.client
+
+    def __exit__(self, *exc):
+        try:
+            if exc[0] is None:
+                wait_for(lambda: scar_keys(self.client) == [], timeout=10,
+                         what=f"the runs' tasks to be released (left when the wait began: {scar_keys(self.client)})")
+        finally:
+            self.client.close()
+
+
 def test_drift_bounds_the_perturbation_and_predicts_with_the_contraction_bound():
     a, b = ChunkId("w", 0, 0, 4), ChunkId("w", 1, 4, 8)       # 2 blocks of 2 rows each
     drift = Drift([a, b])
@@ -164,25 +184,6 @@ def test_partial_recovery_restores_only_the_lost_chunks_and_beats_full_rollback(
     cost = {mode: iteration_cost(r.history, free.history, at=60) for mode, r in results.items()}
     assert cost["partial"] < cost["full"] and cost["scar"] < cost["full"], cost
     assert cost["full"] >= 5, cost      # the rolled-back iterations alone
-
-
-class scar_client:
-    """A Client on ``cluster`` that checks, on leaving, that no run left tasks behind."""
-
-    def __init__(self, cluster):
-        from distributed import Client
-
-        self.client = Client(cluster)
-
-    def __enter__(self):
-        return self.client
-
-    def __exit__(self, *exc):
-        try:
-            if exc[0] is None:
-                wait_for(lambda: scar_keys(self.client) == [], timeout=10, what=f"the runs' tasks to be released: {scar_keys(self.client)}")
-        finally:
-            self.client.close()
 
 
 @pytest.mark.slow
