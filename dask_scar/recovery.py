@@ -270,11 +270,7 @@ def recover(restore: Restore, watch: ClusterWatch, iteration: int, noticed: floa
     while True:
         alive = _live_or_wait(client, restore.hint)
         workers_lost |= {w for w in chunks.owner.values() if w not in alive}
-        # From here on the scheduler refuses what abandoned work still produces;
-        # what it produced before is let go.
-        chunks.epoch += 1
-        set_epoch(client, chunks.run, chunks.epoch)
-        release_keys(client, stale)
+        new_epoch(chunks, stale)
         if restore.mode == "full":
             version = restore.rewind_to()
             lost = set(chunks.ids)
@@ -315,6 +311,14 @@ def recover(restore: Restore, watch: ClusterWatch, iteration: int, noticed: floa
         bytes_read=stats.get("bytes", 0), seconds=time.time() - noticed, est_perturbation=delta,
         predicted_extra_iterations=predicted, mode=restore.mode, moved_chunks=[label(c) for c in sorted(moved)],
         reinitialized_blocks=stats.get("never_saved", 0), resumed_at=version, contraction=c, noticed_at=noticed)
+
+
+def new_epoch(chunks: ParameterChunks, abandoned: list[str]) -> None:
+    """Move the run to a new epoch: from now on the scheduler refuses the chunks that
+    abandoned work still produces; the keys it already produced (``abandoned``) are let go."""
+    chunks.epoch += 1
+    set_epoch(chunks.client, chunks.run, chunks.epoch)
+    release_keys(chunks.client, abandoned)
 
 
 def _holders(client: Client, futures: list[Future | None]) -> dict[str, list[str]]:

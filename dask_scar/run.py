@@ -29,6 +29,7 @@ from .recovery import (
     RecoveryEvent,
     Restore,
     live_workers,
+    new_epoch,
     recover,
     wait_watching,
 )
@@ -95,9 +96,7 @@ class TrainingRun:
             except BaseException:
                 release_keys(self.client, made)   # the chunks that were created
                 raise
-            chunks.epoch += 1
-            set_epoch(self.client, chunks.run, chunks.epoch)
-            release_keys(self.client, made)
+            new_epoch(chunks, made)
             chunks.owner = place(chunks.ids, sorted(live_workers(self.client)))
         chunks.advance(chunks.version)
 

@@ -62,8 +62,14 @@ def loss_of(params) -> float:
     return c.loss / c.count + c.penalty
 
 
+def span(label) -> tuple[int, int]:
+    """Rows ``(start, stop)`` of a chunk label such as ``"weights[8:16]"``."""
+    start, stop = label[label.index("[") + 1:-1].split(":")
+    return int(start), int(stop)
+
+
 def rows_of(labels) -> int:
-    return sum(int(b) - int(a) for a, b in (lab[lab.index("[") + 1:-1].split(":") for lab in labels))
+    return sum(stop - start for start, stop in map(span, labels))
 
 
 def scar_keys(client):
@@ -171,7 +177,7 @@ def test_partial_recovery_restores_only_the_lost_chunks_and_beats_full_rollback(
         rows = saved[mode]
         lost = np.zeros(len(rows), bool)
         for lab in event.lost_chunks:
-            a, b = (int(x) for x in lab[lab.index("[") + 1:-1].split(":"))
+            a, b = span(lab)
             lost |= (rows["start"] >= a).to_numpy() & (rows["stop"] <= b).to_numpy()
         assert event.bytes_read == ((rows["stop"] - rows["start"])[lost & (rows["iteration"] >= 0)]).sum() * 40
         assert 0 < event.bytes_read <= 1.05 * share * MODEL_BYTES
