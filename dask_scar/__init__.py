@@ -13,7 +13,7 @@ from .exceptions import (
     StoreMismatchError,
     WorkerLostError,
 )
-from .models import LinearRegression, MatrixFactorization, SoftmaxRegression
+from .models import LDA, LinearRegression, MatrixFactorization, SoftmaxRegression
 from .plugin import ScarPlugin
 from .recovery import RecoveryEvent
 from .policy import (
@@ -45,6 +45,7 @@ __all__ = [
     "DataError",
     "DivergenceError",
     "FitResult",
+    "LDA",
     "LinearRegression",
     "MatrixFactorization",
     "NotFittedError",

@@ -25,6 +25,13 @@ import numpy as np
 from ..exceptions import DataError, NotFittedError
 
 
+#: Key of a data block under which a model keeps per-block state between iterations
+#: (e.g. LDA's topic assignments): ``block[LOCAL_STATE]``. It is lost with the block's
+#: worker (Dask rebuilds the block from lineage without it), so a model must then
+#: rebuild it from the current parameters.
+LOCAL_STATE = "local"
+
+
 @dataclass
 class ColumnSummary:
     """What one pass over the data learned about a column."""
