@@ -1,4 +1,4 @@
-"""The ``dask-scar`` command line: ``demo``, ``train`` and ``inspect``."""
+"""The ``dask-scar`` command line: ``demo``, ``train``, ``inspect`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -10,17 +10,7 @@ import time
 import numpy as np
 import pandas as pd
 
-
-def synthetic_classification(rows: int, features: int, classes: int, seed: int = 0,
-                             separation: float = 1.5) -> pd.DataFrame:
-    """Gaussian classes around random centres: a frame of ``x0..`` features and ``label``."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((classes, features)) * separation / np.sqrt(features) * 3
-    labels = rng.integers(0, classes, rows)
-    X = (centres[labels] + rng.standard_normal((rows, features))).astype(np.float32)
-    frame = pd.DataFrame(X, columns=[f"x{i}" for i in range(features)])
-    frame["label"] = labels
-    return frame
+from .datasets import synthetic_classification
 
 
 def _loss_curve(history: pd.DataFrame, lines: int = 12) -> str:
@@ -212,6 +202,21 @@ def inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench(args: argparse.Namespace) -> int:
+    """The iteration cost of failures per model and strategy (see dask_scar.bench)."""
+    from dask_scar.bench import CASES, run
+
+    cases = args.cases.split(",") if args.cases else None
+    unknown = sorted(set(cases or ()) - set(CASES))
+    if unknown or args.trials < 1:
+        problem = (f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}" if unknown
+                   else "--trials must be at least 1")
+        print(f"dask-scar: error: {problem}", file=sys.stderr)
+        return 2
+    run(quick=args.quick, out=args.out, trials=args.trials, cases=cases, real=not args.simulated_only)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dask-scar", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -252,6 +257,16 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("inspect", help="show what a checkpoint store holds")
     p.add_argument("store", help="path or URL of the store")
     p.set_defaults(func=inspect)
+
+    p = sub.add_parser("bench", help="measure the iteration cost of failures under each recovery strategy "
+                                      "(simulated trials and real kills), as in the SCAR paper")
+    p.add_argument("--quick", action="store_true", help="smaller data sets (minutes on 2 cores)")
+    p.add_argument("--out", default="bench-out", help="folder for bench.csv, trials.csv, bench.md, recovery.png")
+    p.add_argument("--trials", type=int, default=3,
+                   help="failure iterations per model; each is tried at every lost fraction (default 3)")
+    p.add_argument("--cases", help="comma-separated subset of: softmax-digits, softmax-synthetic, linear, mf, lda")
+    p.add_argument("--simulated-only", action="store_true", help="skip the real kills on a LocalCluster")
+    p.set_defaults(func=bench)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

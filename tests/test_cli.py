@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from dask_scar.cli import synthetic_classification
+from dask_scar.datasets import synthetic_classification
 
 
 def _run(*args, timeout=300):

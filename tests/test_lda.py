@@ -105,6 +105,23 @@ def test_lost_assignments_are_resampled_from_the_current_table(local_run):
     assert second.loss / second.count < losses[-1] + 0.03
 
 
+def test_a_rollback_of_the_iteration_count_rebuilds_the_assignments(local_run):
+    """recovery="full" rolls the table back to a checkpoint and the iteration count
+    with it: the assignments go back too (rebuilt from the restored table), while a
+    redone iteration (partial recovery) keeps them."""
+    lda, block, params, losses = local_run
+    copy_of = {k: v for k, v in block.items() if k != LOCAL_STATE}
+    lda.contribution(0, copy_of, params, np, iteration=31)
+    kept = copy_of[LOCAL_STATE]
+    lda.contribution(0, copy_of, params, np, iteration=31)          # the same iteration again
+    assert copy_of[LOCAL_STATE] is kept and kept["iteration"] == 31
+    zeros = {"word_topics": np.zeros_like(params["word_topics"])}
+    rolled = lda.contribution(0, copy_of, zeros, np, iteration=5)    # back to a table of iteration 4
+    assert copy_of[LOCAL_STATE] is not kept and copy_of[LOCAL_STATE]["iteration"] == 5
+    # drawn from an empty table, the assignments are random again: the loss is log V's
+    assert rolled.loss / rolled.count == pytest.approx(LOG_V, rel=0.02)
+
+
 def test_token_rows_are_count_one_rows(local_run):
     # the same tokens in the same order: the same draws, so the same run
     tokens = FRAME.loc[FRAME.index.repeat(FRAME["count"])].assign(count=1)

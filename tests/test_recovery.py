@@ -21,7 +21,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 import dask_scar as scar
 from dask_scar.bench import iteration_cost
 from dask_scar.chunks import ChunkId
-from dask_scar.cli import synthetic_classification
+from dask_scar.datasets import synthetic_classification
 from dask_scar.local import fit_local, prepare_local
 from dask_scar.recovery import Drift
 

@@ -18,7 +18,9 @@ class LDA(Model):
 
     The one parameter is the word-topic count table ``word_topics`` (words x topics,
     chunked by words across the workers). Each data block keeps its tokens' topic
-    assignments and its doc-topic counts in ``block[LOCAL_STATE]``; an iteration is
+    assignments and its doc-topic counts in ``block[LOCAL_STATE]`` (rebuilt from the
+    current table when lost with a worker, or when a full rollback takes the iteration
+    count back); an iteration is
     one Gibbs sweep per block against a snapshot of the table, as in AD-LDA (Newman et
     al., 2009): a block sees the snapshot plus its own changes, not the other blocks'.
     A document split across blocks is treated as separate documents by each block.
@@ -108,10 +110,13 @@ class LDA(Model):
         # and a block rebuilt from lineage needs nothing that was lost with it
         rng = np.random.default_rng(stable_seed(self.random_state, iteration, block_id))
         state = block.get(LOCAL_STATE)
-        if state is None:
-            # first iteration, or the block was rebuilt from lineage after its worker died:
+        if state is None or iteration < state["iteration"]:
+            # first iteration, or the block was rebuilt from lineage after its worker died,
+            # or the iteration count went back (recovery="full" rolled the table back to a
+            # checkpoint: the assignments must go back with it, as a restarted job's would):
             # draw every token's topic from the current global counts
             state = block[LOCAL_STATE] = self._new_state(block, table, rng)
+        state["iteration"] = iteration
         loss = self._nll(block, state, table)
         counts = self._sweep(state, table, rng)
         return Contribution({"word_topics": counts.astype(np.float32)}, count=len(state["z"]), loss=loss,
@@ -151,7 +156,7 @@ class LDA(Model):
             z[tile] = _draw(phi[word[tile]], rng)
         doc_topics = np.zeros((row_doc.max() + 1 if len(row_doc) else 0, self.n_topics))
         np.add.at(doc_topics, (doc, z), 1)
-        return {"doc": doc, "word": word, "z": z, "doc_topics": doc_topics, "row_doc": row_doc}
+        return {"doc": doc, "word": word, "z": z, "doc_topics": doc_topics, "row_doc": row_doc, "iteration": 0}
 
     def _nll(self, block: dict[str, Any], state: dict[str, Any], table: np.ndarray) -> float:
         K, V = self.n_topics, table.shape[0]
