@@ -144,8 +144,8 @@ class TrainingRun:
             self.bar.update(k - self.bar.n)
             self.bar.set_postfix(loss=f"{loss:.6g}", refresh=False)
             _check_divergence(self.rows, divergence_factor, self.model)
-            if callback is not None:
-                callback(k, loss)
+            if callback is not None and callback(k, loss) is True:
+                return False    # the caller's own stopping rule
             if tol > 0 and len(self.rows) > 1 and _converged(self.rows[-2]["loss"], loss, tol):
                 return True
             k += 1

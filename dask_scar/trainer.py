@@ -147,7 +147,8 @@ class Trainer:
         :class:`~dask_scar.exceptions.SchedulerLostError`.
 
         ``callback(iteration, loss)``, if given, runs in the calling thread after
-        every iteration (logging, a custom stopping rule: it may raise to stop).
+        every iteration (logging, a custom stopping rule): returning ``True`` ends
+        training there (the result is returned as usual); raising stops it too.
         """
         if max_iter < 1:
             raise ValueError(f"max_iter must be >= 1, got {max_iter}")

@@ -1,9 +1,31 @@
-"""The iteration-cost measure (dask_scar.bench)."""
+"""dask_scar.bench: the iteration-cost measure, the simulated failures, and their
+agreement with real ones."""
 
+from collections import Counter
+
+import numpy as np
 import pandas as pd
 import pytest
+from distributed import Client, LocalCluster
 
-from dask_scar.bench import iteration_cost, iterations_to_reach
+import dask_scar as scar
+from dask_scar.bench import (
+    CASES,
+    STRATEGIES,
+    Case,
+    Simulation,
+    converged_at,
+    failure_iterations,
+    iteration_cost,
+    iterations_to_reach,
+    predicted_cost,
+    simulate,
+    smoothed,
+)
+from dask_scar.bench._bench import REAL_VICTIMS, REAL_WORKERS, blocks_of, real_trials
+from dask_scar.cli import main
+from dask_scar.datasets import synthetic_classification
+from dask_scar.local import fit_local, prepare_local
 
 
 def frame(*losses):
@@ -27,3 +49,106 @@ def test_iteration_cost_against_the_failure_free_run():
     assert iteration_cost(frame(4.0, 1.0, 1.0, 1.0), frame(4.0, 1.0, 1.0, 1.0), at=4) == 0
     with pytest.raises(ValueError, match="at must be between 1 and the failure-free run's 5 iterations"):
         iteration_cost(free, free, at=6)
+
+
+# -- the theory and the convergence rule ------------------------------------------------
+
+def test_smoothed_and_converged_at():
+    assert smoothed([4.0, 2.0, 0.0], 2).tolist() == [4.0, 3.0, 1.0]
+    assert smoothed([4.0, 2.0], 1).tolist() == [4.0, 2.0]
+    losses = np.array([8.0, 4.0, 2.0, 1.9999, 1.99985])
+    assert converged_at(losses, tol=1e-3) == 4          # the first change within 0.1 %: 2.0 -> 1.9999
+    assert converged_at(losses, tol=1e-9) == 5          # never: the last iteration
+
+
+def test_predicted_cost_is_the_contraction_bound():
+    # log_{1/c}(1 + delta / ||x_T - x*||): with c = 0.5, delta = 3, distance 1 -> log2(4) = 2
+    assert predicted_cost(3.0, 1.0, 0.5) == pytest.approx(2.0)
+    assert predicted_cost(0.0, 1.0, 0.5) == 0.0
+    assert np.isnan(predicted_cost(1.0, 1.0, 1.0))      # no contraction: no bound
+
+
+def test_failure_iterations_avoid_checkpoints_and_spread_over_the_interval():
+    case = CASES["softmax-digits"]                       # full every 20, partial rounds every 5
+    picks = failure_iterations(183, case, 3)
+    assert picks == sorted(picks) and len(picks) == 3
+    assert all(20 < t < 183 and t % 20 not in (0, 1) and t % 5 not in (0, 1) for t in picks)
+    assert len({t % 20 for t in picks}) == 3             # early, middle and late between two full checkpoints
+    with pytest.raises(ValueError, match="before its first full checkpoint"):
+        failure_iterations(15, case, 3)
+
+
+# -- the simulation ------------------------------------------------------------------------
+
+TINY = Case("tiny", "a small softmax regression", lambda quick: synthetic_classification(3000, 15, 5, seed=2),
+            lambda: scar.SoftmaxRegression(l2=1e-3, learning_rate=1.0), "label", max_iter=120, tol=3e-3, every=10)
+
+
+def test_simulation_runs_the_trainers_maths():
+    frame = TINY.frame(True)
+    model = TINY.model()
+    sim = Simulation(model, blocks_of(model, frame, "label", 4), n_chunks=8, blocks_per_chunk=8)
+    losses = sim.failure_free(20, TINY.strategies(), set())[0]
+    reference = TINY.model()
+    _, local = fit_local(reference, prepare_local(reference, frame, "label"), 20)
+    np.testing.assert_allclose(losses, local, rtol=1e-5)
+    # the chunks and their placement are the trainer's: 8 chunks, 2 per stand-in worker
+    assert len(sim.ids) == 8 and sorted(Counter(sim.owner.values()).values()) == [2, 2, 2, 2]
+
+
+def test_simulated_recovery_rules():
+    result = simulate(TINY, TINY.frame(True), 4, [45], 1, {0.25: (1,), 0.0: ()})
+    by = {(t["strategy"], t["lost_fraction"]): t for t in result.trials}
+    full = by["traditional", 0.25]
+    # full rollback: back to the last full checkpoint (iteration 40), and the same
+    # trajectory from there: it costs exactly the iterations rolled back
+    assert full["resumed_at"] == 40 and full["iteration_cost"] == 45 - 40
+    assert full["bytes_read"] == 16 * 5 * 4             # every parameter: 16 rows x 5 classes of float32
+    # partial recovery reads only the lost quarter's chunks, and costs less
+    scar_trial = by["scar", 0.25]
+    assert scar_trial["resumed_at"] == 45 and scar_trial["lost_chunks"] == 2
+    assert scar_trial["bytes_read"] < full["bytes_read"] / 2
+    assert 0 <= scar_trial["iteration_cost"] < full["iteration_cost"]
+    assert scar_trial["predicted_cost"] > 0 and scar_trial["perturbation_norm"] > 0
+    # nobody lost: nothing restored, nothing to pay
+    assert by["scar", 0.0]["iteration_cost"] == 0 and by["scar", 0.0]["perturbation_norm"] == 0
+    # the same bytes per iteration for the full and the prioritized checkpoint
+    assert result.bytes_per_iter["scar"] == pytest.approx(result.bytes_per_iter["traditional"], rel=0.1)
+
+
+def test_bench_command_writes_its_files(tmp_path, capsys):
+    assert main(["bench", "--quick", "--simulated-only", "--cases", "linear", "--trials", "1",
+                 "--out", str(tmp_path)]) == 0
+    table = pd.read_csv(tmp_path / "bench.csv")
+    for column in ("model", "strategy", "iteration_cost", "iteration_cost_std", "trials", "lost_fraction",
+                   "perturbation_norm", "predicted_cost", "bytes_written_per_iter", "bytes_read",
+                   "recovery_seconds"):
+        assert column in table.columns, column
+    assert table["strategy"].tolist() == list(STRATEGIES)
+    assert (table["trials"] == 3).all()                 # one failure iteration x three lost fractions
+    assert (tmp_path / "recovery.png").stat().st_size > 10_000
+    out = capsys.readouterr().out
+    assert "| linear | scar |" in out
+    assert main(["bench", "--cases", "linear,nope", "--out", str(tmp_path)]) == 2
+    assert "unknown case(s) nope; choose from softmax-digits, softmax-synthetic, linear, mf, lda" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_simulated_and_real_failures_agree(tmp_path):
+    """The same failure (iteration, worker, policy) with a real SIGKILL on a 4-worker
+    LocalCluster and in the simulation costs the same number of iterations."""
+    frame = TINY.frame(True)
+    result = simulate(TINY, frame, REAL_WORKERS, [45], 1, {0.25: REAL_VICTIMS})
+    with LocalCluster(n_workers=REAL_WORKERS, threads_per_worker=1, dashboard_address=None,
+                      silence_logs=40) as cluster, Client(cluster) as client:
+        real_trials(result, frame, client, str(tmp_path), ("traditional", "scar"))
+    real = {t["strategy"]: t for t in result.trials if t["mode"] == "real"}
+    assert set(real) == {"traditional", "scar"}
+    for name, trial in real.items():
+        assert trial["recoveries"] == 1, name
+        assert abs(trial["iteration_cost"] - trial["simulated_cost"]) <= 1, (name, trial)
+    assert real["traditional"]["resumed_at"] == 40
+    assert real["scar"]["bytes_read"] < real["traditional"]["bytes_read"]
+    # the trainer's own estimate of the perturbation bounds the one measured in the simulation
+    assert real["scar"]["est_perturbation"] >= 0.9 * real["scar"]["perturbation_norm"]

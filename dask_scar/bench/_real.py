@@ -1,0 +1,89 @@
+"""Real failures: the bench's cases trained by :class:`~dask_scar.Trainer` on a
+LocalCluster, with worker processes really killed (SIGKILL) after a chosen iteration.
+
+Surviving copies of chunks are not used (``scar.recovery.replicas: false``), so
+every lost chunk is restored from the store, as SCAR is measured: a copy that a
+contribution happened to fetch would make most kills free, and say nothing about
+checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+import dask
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+from distributed import Client
+
+from ..trainer import Trainer
+from ._cases import Case
+from ._cost import smoothed
+from ._simulate import Strategy
+
+
+@dataclass
+class RealRun:
+    """One run on the cluster: its losses (every iteration run) and recoveries."""
+
+    strategy: str
+    losses: list[float]
+    seconds: float
+    bytes_written: int = 0
+    events: list = field(default_factory=list)
+
+
+def kill_workers(client: Client, workers: list[str]) -> None:
+    """SIGKILL the processes of ``workers``."""
+    for pid in client.run(os.getpid, workers=workers).values():
+        os.kill(pid, signal.SIGKILL)
+
+
+def run_real(client: Client, case: Case, frame: pd.DataFrame, workers: int, store: str | None,
+             strategy: Strategy | None, failure: int | None = None, victims: tuple[int, ...] = (),
+             target: float | None = None, max_iter: int | None = None) -> RealRun:
+    """Train ``case`` once; kill workers ``victims`` (indices into the sorted worker
+    addresses, the order chunks are placed in) after iteration ``failure``; stop when
+    the (smoothed) loss reaches ``target``, or after ``max_iter`` iterations."""
+    client.wait_for_workers(workers, timeout=120)       # the nannies replace killed workers
+    deadline = time.monotonic() + 60
+    while len(client.scheduler_info(n_workers=-1)["workers"]) > workers and time.monotonic() < deadline:
+        time.sleep(0.1)
+    addresses = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    doomed = [addresses[v] for v in victims]
+    losses: list[float] = []
+
+    def callback(k: int, loss: float) -> bool:
+        losses.append(loss)
+        if failure is not None and k == failure and len(losses) == failure:
+            kill_workers(client, doomed)
+        return target is not None and smoothed(losses, case.smooth)[-1] <= target
+
+    trainer = Trainer(client, case.model(), store=store, policy=strategy.policy if strategy else None,
+                      recovery=strategy.recovery if strategy else "partial", n_chunks=2 * workers)
+    ddf = dd.from_pandas(frame, npartitions=2 * workers)
+    started = time.perf_counter()
+    with dask.config.set({"scar.recovery.replicas": False}):
+        result = trainer.fit(ddf, target=case.target, max_iter=max_iter or case.max_iter, tol=0, progress=False,
+                             callback=callback)
+    return RealRun(strategy.name if strategy else "failure-free", losses, time.perf_counter() - started,
+                   int(result.history["checkpoint_bytes"].sum()), result.events)
+
+
+def quiet_cluster_logs() -> None:
+    """The cluster's complaints about workers killed on purpose are not news here."""
+    for name in ("distributed", "dask_scar"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def describe_events(run: RealRun) -> str:
+    return "; ".join(e.describe() for e in run.events)
+
+
+def mean_or_nan(values: list[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")

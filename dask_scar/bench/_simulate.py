@@ -1,0 +1,237 @@
+"""Simulated failures: the trainer's maths and checkpointing in one process, no Dask.
+
+A :class:`Simulation` runs a model exactly as :class:`~dask_scar.Trainer` does --
+the same parameter chunks (:func:`~dask_scar.chunks.split_rows`), placed on
+workers the same way (:func:`~dask_scar.chunks.place`, with stand-in worker
+names in the same order), the same checkpoint blocks, one data block per
+worker, the same policies selecting blocks at the same iterations, and the same
+recovery rules -- but a "failure" only puts back, in place, the values a real
+recovery would restore:
+
+* a round selected after iteration ``t`` is written with the values of ``t``
+  while iteration ``t + 1`` runs, and is abandoned if a worker dies first;
+* ``partial``: the chunks of the dead workers take their blocks as last saved
+  (blocks never saved: their initial value), optimizer state restarts, every
+  other chunk keeps its value, and the iteration in flight is redone;
+* ``full``: every chunk goes back to the last committed round, and so does the
+  iteration count;
+* a dead worker's data block loses its partition-local state (LDA's topic
+  assignments), which the model rebuilds from the current parameters.
+
+One failure-free pass tracks every policy's store at once (the parameters do
+not depend on the policy until a failure) and keeps a snapshot at each failure
+iteration, so a trial only runs from its failure on. This is what makes many
+trials cheap; :mod:`dask_scar.bench._real` runs the same cases with real kills,
+and the two agree (``tests/test_bench.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..chunks import ChunkId, place, split_rows
+from ..models import Model
+from ..models._base import LOCAL_STATE
+from ..policy import CheckpointPolicy
+from ..store import BlockLayout, make_layouts
+
+
+@dataclass
+class Strategy:
+    """A checkpoint policy and a recovery mode, under a short name."""
+
+    name: str
+    policy: CheckpointPolicy
+    recovery: str           # "partial" or "full"
+
+
+@dataclass
+class SimStore:
+    """What one policy's checkpoint store holds, and the round selected but not yet written."""
+
+    policy: CheckpointPolicy
+    stored: dict[str, np.ndarray]          # blocks as last saved; initial values where never saved
+    saved_at: dict[str, np.ndarray]        # per block: iteration saved, -1 never
+    round: int = 0
+    committed: int = 0                     # iteration of the last committed round
+    pending: tuple[int, dict[str, np.ndarray]] | None = None   # (iteration, block numbers per parameter)
+    bytes_written: int = 0
+    rounds_written: int = 0
+
+    @property
+    def bytes_per_iteration(self) -> float:
+        """Bytes the policy writes per iteration (rounds written so far, spread over its interval)."""
+        return self.bytes_written / self.rounds_written / self.policy.every if self.rounds_written else 0.0
+
+
+@dataclass
+class Snapshot:
+    iteration: int
+    states: dict[ChunkId, dict]
+    local: list
+    stores: dict[str, SimStore]
+
+
+@dataclass
+class Trial:
+    """What one simulated failure cost."""
+
+    strategy: str
+    failure_iteration: int
+    victims: tuple[int, ...]
+    losses: list[float]                    # every iteration run, rolled-back ones included
+    lost_chunks: int
+    perturbation: float                    # ||restored - lost|| over the parameters
+    bytes_read: int
+    resumed_at: int
+    extra: dict = field(default_factory=dict)
+
+
+class Simulation:
+    """``model`` (set up) on ``blocks`` (one per stand-in worker), chunked like the trainer."""
+
+    def __init__(self, model: Model, blocks: list[dict[str, np.ndarray]], n_chunks: int, blocks_per_chunk: int):
+        self.model = model
+        self.blocks = blocks
+        self.workers = [f"w{i:03d}" for i in range(len(blocks))]
+        specs = model.parameter_specs()
+        self.layouts: dict[str, BlockLayout] = make_layouts(
+            {name: (spec.shape, spec.dtype) for name, spec in specs.items()}, n_chunks, blocks_per_chunk)
+        self.ids = split_rows(self.layouts, n_chunks)
+        self.owner = place(self.ids, self.workers)
+        self.initial = {name: np.asarray(model.init_rows(name, 0, spec.shape[0], np)) for name, spec in specs.items()}
+
+    # -- the maths of one iteration ------------------------------------------------------
+    def values(self, states: dict[ChunkId, dict]) -> dict[str, np.ndarray]:
+        return {name: np.concatenate([states[c]["value"] for c in self.ids if c.name == name])
+                for name in self.layouts}
+
+    def step(self, states: dict[ChunkId, dict], iteration: int) -> float:
+        """Iteration ``iteration`` in place on ``states``; returns its loss."""
+        model, loss = self.model, math.nan
+        for phase, names in enumerate(model.phases):
+            params = {n: v for n, v in self.values(states).items() if n in model.phase_inputs(phase)}
+            parts = [model.contribution(phase, block, params, np, iteration=iteration, block_id=b)
+                     for b, block in enumerate(self.blocks)]
+            count = sum(c.count for c in parts)
+            if phase == 0:
+                loss = sum(c.loss for c in parts) / count + parts[0].penalty
+            for cid in self.ids:
+                if cid.name in names:
+                    total = model.combine(cid.name, [c.parts[cid.name] for c in parts], cid.start, cid.stop, np)
+                    states[cid] = model.update(cid.name, states[cid], total, count, cid.start, cid.stop, np)
+        return float(loss)
+
+    def fresh_states(self) -> dict[ChunkId, dict]:
+        return {cid: self.model.new_state(cid.name, self.initial[cid.name][cid.start:cid.stop].copy())
+                for cid in self.ids}
+
+    # -- checkpointing ---------------------------------------------------------------------
+    def new_store(self, policy: CheckpointPolicy) -> SimStore:
+        return SimStore(policy, {n: v.copy() for n, v in self.initial.items()},
+                        {n: np.full(lay.n_blocks, -1) for n, lay in self.layouts.items()})
+
+    def _write_pending(self, store: SimStore, values: dict[str, np.ndarray]) -> None:
+        if store.pending is None:
+            return
+        iteration, chosen = store.pending
+        for name, blocks in chosen.items():
+            rows = self.layouts[name].block_rows
+            for b in blocks:
+                store.stored[name][b * rows:(b + 1) * rows] = values[name][b * rows:(b + 1) * rows]
+                store.bytes_written += values[name][b * rows:(b + 1) * rows].nbytes
+            store.saved_at[name][blocks] = iteration
+        store.committed, store.pending = iteration, None
+        store.rounds_written += 1
+
+    def _select(self, store: SimStore, values: dict[str, np.ndarray], iteration: int) -> None:
+        if not store.policy.due(iteration):
+            return
+        priorities = None
+        if store.policy.needs_priorities:
+            priorities = np.concatenate([_block_norms(values[n] - store.stored[n], lay.block_rows)
+                                         for n, lay in self.layouts.items()])
+        store.round += 1
+        n = sum(lay.n_blocks for lay in self.layouts.values())
+        chosen = store.policy.select(n, store.round, priorities)
+        per_name, offset = {}, 0
+        for name, lay in self.layouts.items():
+            mine = chosen[(chosen >= offset) & (chosen < offset + lay.n_blocks)] - offset
+            if len(mine):
+                per_name[name] = mine
+            offset += lay.n_blocks
+        store.pending = (iteration, per_name)
+
+    # -- runs ------------------------------------------------------------------------------
+    def failure_free(self, max_iter: int, strategies: list[Strategy], snapshot_at: set[int]
+                     ) -> tuple[list[float], list[dict[str, np.ndarray]], dict[int, Snapshot], dict[str, SimStore]]:
+        """Run ``max_iter`` iterations from the start; returns the losses, the
+        parameters after each iteration (index 0: initial), the snapshots taken after
+        ``snapshot_at`` and each strategy's store at the end."""
+        for block in self.blocks:
+            block.pop(LOCAL_STATE, None)
+        states = self.fresh_states()
+        stores = {s.name: self.new_store(s.policy) for s in strategies}
+        losses, trajectory, snapshots = [], [self.values(states)], {}
+        for k in range(1, max_iter + 1):
+            before = trajectory[-1]
+            for store in stores.values():
+                self._write_pending(store, before)
+            losses.append(self.step(states, k))
+            values = self.values(states)
+            trajectory.append(values)
+            for store in stores.values():
+                self._select(store, values, k)
+            if k in snapshot_at:
+                snapshots[k] = Snapshot(k, copy.deepcopy(states), [copy.deepcopy(b.get(LOCAL_STATE))
+                                                                  for b in self.blocks],
+                                        copy.deepcopy(stores))
+        return losses, trajectory, snapshots, stores
+
+    def trial(self, snapshot: Snapshot, strategy: Strategy, victims: tuple[int, ...], prefix: list[float],
+              stop) -> Trial:
+        """Workers ``victims`` (indices) die after iteration ``snapshot.iteration``;
+        run until ``stop(losses)`` says so. ``prefix`` are the losses before."""
+        states = copy.deepcopy(snapshot.states)
+        store = copy.deepcopy(snapshot.stores[strategy.name])
+        blocks = [dict(b) for b in self.blocks]
+        for b, local in zip(blocks, snapshot.local):
+            b.pop(LOCAL_STATE, None)
+            if local is not None:
+                b[LOCAL_STATE] = copy.deepcopy(local)
+        for v in victims:
+            blocks[v].pop(LOCAL_STATE, None)        # the worker's data block is rebuilt without it
+        dead = {self.workers[v] for v in victims}
+        lost = [cid for cid in self.ids if self.owner[cid] in dead] if strategy.recovery == "partial" else self.ids
+        store.pending = None                        # the round selected after T is never written
+        squared, nbytes = 0.0, 0
+        for cid in lost:
+            restored = store.stored[cid.name][cid.start:cid.stop].copy()
+            squared += float(np.sum((states[cid]["value"].astype(np.float64) - restored) ** 2))
+            nbytes += restored.nbytes
+            states[cid] = self.model.new_state(cid.name, restored)
+        resumed_at = store.committed if strategy.recovery == "full" else snapshot.iteration
+        k = resumed_at + 1
+        losses = list(prefix)
+        sim = copy.copy(self)
+        sim.blocks = blocks
+        while not stop(losses):
+            before = sim.values(states)
+            sim._write_pending(store, before)
+            losses.append(sim.step(states, k))
+            sim._select(store, sim.values(states), k)
+            k += 1
+        return Trial(strategy.name, snapshot.iteration, tuple(victims), losses, len(lost), math.sqrt(squared),
+                     nbytes, resumed_at)
+
+
+def _block_norms(diff: np.ndarray, rows: int) -> np.ndarray:
+    sq = (diff.astype(np.float64) ** 2).reshape(diff.shape[0], -1).sum(axis=1)
+    n = -(-len(sq) // rows)
+    padded = np.zeros(n * rows)
+    padded[:len(sq)] = sq
+    return np.sqrt(padded.reshape(n, rows).sum(axis=1))
