@@ -11,7 +11,9 @@ recompute the history of a lost chunk; restoring it is the trainer's job.
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -148,6 +150,58 @@ def detach(chunks: dict[str, Chunk], client_id: str, run: str, epoch: int, progr
     worker.loop.add_callback(register)
 
 
+# -- the copies contributions leave behind ------------------------------------------------
+#
+# Every contribution task receives every chunk it reads; the process remembers the newest
+# copy of each (a reference, no copy of the data: it is what Dask would hold until the
+# driver releases that version anyway). When a chunk's owner dies, a live worker's copy --
+# one iteration old, or current -- is a far better restore than a checkpoint block.
+
+_seen: OrderedDict[str, dict[ChunkId, Chunk]] = OrderedDict()   # run -> chunk -> newest copy seen
+_seen_lock = threading.Lock()
+_SEEN_RUNS = 4      # runs remembered per process (a run's driver normally forgets it when it ends)
+
+
+def remember(run: str, chunks: dict[ChunkId, Chunk]) -> None:
+    """Keep ``chunks`` as the newest copies this process saw (contribution tasks call it)."""
+    with _seen_lock:
+        seen = _seen.setdefault(run, {})
+        _seen.move_to_end(run)
+        while len(_seen) > _SEEN_RUNS:
+            _seen.popitem(last=False)
+        for cid, chunk in chunks.items():
+            old = seen.get(cid)
+            if old is None or old.version <= chunk.version:
+                seen[cid] = chunk
+
+
+def seen_versions(run: str, labels: list[str], newest: int) -> dict[str, int]:
+    """Run on the workers: the version of each chunk (``name/index``) this process holds a
+    copy of, among versions up to ``newest``."""
+    with _seen_lock:
+        seen = dict(_seen.get(run, {}))
+    found = {f"{cid.name}/{cid.index}": chunk.version for cid, chunk in seen.items()}
+    return {label: found[label] for label in labels if label in found and found[label] <= newest}
+
+
+def forget(run: str) -> None:
+    """Run on the workers when ``run`` ends: drop its copies."""
+    with _seen_lock:
+        _seen.pop(run, None)
+
+
+def _adopt_chunks(ids: list[ChunkId], keys: list[str], client_id: str, run: str, epoch: int,
+                  version: int) -> dict[str, int]:
+    """Make the copies this process remembers of ``ids`` the chunks' ``version`` (its optimizer
+    state included; the checkpoint reference is rebuilt at the next checkpointing iteration)."""
+    with _seen_lock:
+        seen = _seen.get(run, {})
+        copies = {cid: seen[cid] for cid in ids}
+    adopted = {key: Chunk(cid, copies[cid].state, version) for cid, key in zip(ids, keys)}
+    detach(adopted, client_id, run, epoch)
+    return {"peer_versions": sum(c.version for c in copies.values())}
+
+
 def _init_chunks(model: Model, ids: list[ChunkId], keys: list[str], client_id: str, run: str, epoch: int,
                  backend: str, version: int, prepare: Callable[[Chunk], dict] | None) -> dict[str, int]:
     """Create chunks at their initial value (``prepare`` may then restore saved blocks
@@ -207,6 +261,20 @@ class ParameterChunks:
                                key=f"scar-init-{self.run}-e{self.epoch}-{i}", workers=[worker],
                                allow_other_workers=False)
             for i, (worker, own) in enumerate(self.by_worker(ids=ids).items())
+        ]
+
+    def adopt(self, copies: dict[ChunkId, str], version: int) -> list[Future]:
+        """Start making ``version`` of chunks from the copies their new owners
+        (``copies``: chunk -> worker) remember; then ``advance(version, ids)``."""
+        by_worker: dict[str, list[ChunkId]] = {}
+        for cid, worker in sorted(copies.items()):
+            self.owner[cid] = worker
+            by_worker.setdefault(worker, []).append(cid)
+        return [
+            self.client.submit(_adopt_chunks, own, [self.key(c, version) for c in own], self.client.id, self.run,
+                               self.epoch, version, key=f"scar-adopt-{self.run}-e{self.epoch}-{i}",
+                               workers=[worker], allow_other_workers=False)
+            for i, (worker, own) in enumerate(sorted(by_worker.items()))
         ]
 
     def advance(self, version: int, ids: list[ChunkId] | None = None) -> list[Future]:

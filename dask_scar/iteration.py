@@ -24,13 +24,16 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from . import checkpoint
 from .backend import get_array_module
-from .chunks import Chunk, ChunkId, ParameterChunks, assemble, detach, flatten
+from .chunks import Chunk, ChunkId, ParameterChunks, assemble, detach, flatten, remember
 from .models import Contribution, Model
 
 
-def contribute(model: Model, phase: int, block: dict, sources: list, iteration: int, block_id: int) -> Contribution:
+def contribute(model: Model, phase: int, block: dict, sources: list, iteration: int, block_id: int,
+               run: str) -> Contribution:
     xp = get_array_module(block["X"])
-    params = assemble(flatten(sources), model.phase_inputs(phase), xp)
+    chunks = flatten(sources)
+    remember(run, chunks)       # a copy to restore from, should a chunk's owner die
+    params = assemble(chunks, model.phase_inputs(phase), xp)
     return model.contribution(phase, block, params, xp, iteration=iteration, block_id=block_id)
 
 
@@ -90,7 +93,7 @@ def build(model: Model, chunks: ParameterChunks, blocks: list[str], block_worker
         for b, (block, worker) in enumerate(zip(blocks, block_workers)):
             key = f"scar-contrib-{tag}-{iteration}-{phase}-{b}"
             contributions.append(add(key, worker, False, contribute, model, phase, TaskRef(block), List(*refs),
-                                     iteration, b))
+                                     iteration, b, chunks.run))
         for w, (worker, own) in enumerate(sorted(chunks.by_worker(names).items())):
             key = f"scar-update-{tag}-{iteration}-{phase}-{w}"
             new_keys = {cid: chunks.key(cid, iteration) for cid in own}

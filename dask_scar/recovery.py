@@ -11,10 +11,13 @@ calls :func:`recover`, which
 2. keeps every chunk that still has a copy on a live worker (a graceful
    ``retire_workers`` leaves one; so does a contribution that had fetched it):
    its owner changes, nothing is read;
-3. re-creates the chunks that had no other copy on the least loaded live workers,
+3. re-creates a chunk whose current value is gone from the newest earlier copy a
+   live worker holds (every contribution task reads every chunk and its process
+   remembers the copy: usually one iteration old), nothing read either;
+4. re-creates the chunks that had no copy at all on the least loaded live workers,
    each reading **only its own blocks** from the checkpoint store (blocks never
    checkpointed start again from their initial value);
-4. with ``recovery="full"`` (the traditional baseline) instead rolls every chunk
+5. with ``recovery="full"`` (the traditional baseline) instead rolls every chunk
    back to the store and rewinds the iteration count to its last committed round.
 
 A failure during recovery starts the recovery again; with no worker left it waits
@@ -43,7 +46,7 @@ import numpy as np
 from distributed import Client, Future, wait
 
 from . import config
-from .chunks import ChunkId, ParameterChunks, place, release_keys
+from .chunks import ChunkId, ParameterChunks, place, release_keys, seen_versions
 from .exceptions import SchedulerLostError, ScarError, WorkerLostError
 from .plugin import CLUSTER_TOPIC, set_epoch
 
@@ -63,7 +66,9 @@ class RecoveryEvent:
     checkpoint's for full recovery). ``lost_chunks`` were restored from the store
     (``bytes_read``; ``reinitialized_blocks`` of them had never been saved and
     start again from their initial value), ``moved_chunks`` were taken over from a
-    surviving copy. ``seconds`` run from the moment the driver learned of the loss
+    surviving copy of their current value, ``peer_chunks`` from the copy of an
+    earlier iteration (``peer_iterations`` behind, in all) that a contribution task
+    left on a live worker. ``seconds`` run from the moment the driver learned of the loss
     to the moment the restored chunks were in place (``noticed_at``: the wall-clock
     time, ``time.time()``, it learned of the loss). ``contraction`` is the rate
     ``c`` estimated from the recent steps. ``est_perturbation`` estimates
@@ -82,6 +87,8 @@ class RecoveryEvent:
     mode: str = "partial"
     moved_chunks: list[str] = field(default_factory=list)
     reinitialized_blocks: int = 0
+    peer_chunks: list[str] = field(default_factory=list)
+    peer_iterations: int = 0
     resumed_at: int = 0
     contraction: float = math.nan
     noticed_at: float = math.nan    # time.time() when the driver learned of the loss
@@ -90,6 +97,10 @@ class RecoveryEvent:
         what = (f"restored {len(self.lost_chunks)} chunk(s) ({self.bytes_read:,} bytes read)"
                 if self.mode == "partial" else
                 f"rolled every chunk back to iteration {self.resumed_at} ({self.bytes_read:,} bytes read)")
+        if self.peer_chunks:
+            what = (f"restored {len(self.peer_chunks)} chunk(s) from live workers' copies "
+                    f"({self.peer_iterations} iteration(s) behind in all)"
+                    + (f" and {what[len('restored '):]}" if self.lost_chunks else ""))
         if self.moved_chunks:
             what += f", took over {len(self.moved_chunks)} surviving chunk(s)"
         if self.reinitialized_blocks:
@@ -223,9 +234,16 @@ class Drift:
         c = (norms[-1] / norms[0]) ** (1.0 / (len(norms) - 1))
         return float(min(max(c, 1e-6), 0.999)), norms[-1]
 
-    def predict(self, lost: list[ChunkId]) -> tuple[float, float, float]:
-        """(||delta||, predicted extra iterations, c) for losing ``lost`` now."""
-        delta = math.sqrt(sum(self.distance(cid) ** 2 for cid in lost))
+    def since(self, cid: ChunkId, iteration: int) -> float:
+        """Upper estimate of ``||x_cid - x_cid at iteration||``: the path walked since."""
+        then = self.paths_at.get(iteration, {}).get(cid)
+        return math.inf if then is None else self.path[cid] - then
+
+    def predict(self, lost: list[ChunkId], copies: dict[ChunkId, int] | None = None) -> tuple[float, float, float]:
+        """(||delta||, predicted extra iterations, c) for losing ``lost`` now (restored
+        from the store) and ``copies`` (restored from copies of these iterations)."""
+        delta = math.sqrt(sum(self.distance(cid) ** 2 for cid in lost)
+                          + sum(min(self.since(cid, v), self.distance(cid)) ** 2 for cid, v in (copies or {}).items()))
         c, last = self.contraction()
         if math.isnan(c) or delta == 0:
             return delta, (0.0 if delta == 0 else math.nan), c
@@ -264,8 +282,10 @@ def recover(restore: Restore, watch: ClusterWatch, iteration: int, noticed: floa
     chunks, client = restore.chunks, restore.chunks.client
     version = chunks.version
     workers_lost: set[str] = set()
-    lost: set[ChunkId] = set()       # restored from the store (or re-initialised)
-    moved: set[ChunkId] = set()      # taken over from a surviving copy
+    gone_for_good: set[ChunkId] = set()   # no copy of the current value left: re-created
+    lost: set[ChunkId] = set()       # of those, restored from the store (or re-initialised)
+    copies: dict[ChunkId, tuple[str, int]] = {}   # the others: from a live worker's older copy
+    moved: set[ChunkId] = set()      # taken over from a surviving copy of the current value
     stale = [chunks.key(cid, iteration) for cid in chunks.ids]   # what the abandoned graph may have made
     while True:
         alive = _live_or_wait(client, restore.hint)
@@ -276,20 +296,24 @@ def recover(restore: Restore, watch: ClusterWatch, iteration: int, noticed: floa
             lost = set(chunks.ids)
             chunks.owner = place(chunks.ids, sorted(alive))
         else:
-            gone = {cid for cid, w in chunks.owner.items() if w not in alive} | set(chunks.lost()) | lost
-            holders = _holders(client, [chunks.futures.get(c) for c in gone - lost])
-            for cid in sorted(gone - lost):
+            gone = {cid for cid, w in chunks.owner.items() if w not in alive} | set(chunks.lost()) | gone_for_good
+            holders = _holders(client, [chunks.futures.get(c) for c in gone - gone_for_good])
+            for cid in sorted(gone - gone_for_good):
                 live = sorted(set(holders.get(chunks.keys[cid], ())) & alive)
                 if live:
                     chunks.owner[cid] = live[0]
                     moved.add(cid)
                 else:
-                    lost.add(cid)
+                    gone_for_good.add(cid)
                     moved.discard(cid)
+            copies = _copies(client, chunks, sorted(gone_for_good), alive, version)
+            lost = gone_for_good - set(copies)
             homeless = [cid for cid in sorted(lost) if chunks.owner[cid] not in alive]
             chunks.owner.update(_spread(homeless, chunks.owner, sorted(alive)))
         futures = restore.initialize(sorted(lost), version) if lost else []
-        stale = [chunks.key(cid, version) for cid in lost]
+        if copies:
+            futures += chunks.adopt({cid: worker for cid, (worker, _) in copies.items()}, version)
+        stale = [chunks.key(cid, version) for cid in lost | set(copies)]
         try:
             wait_watching(futures, watch, lambda: set(chunks.owner.values()), config.get("iteration-timeout"),
                           restore.hint)
@@ -301,8 +325,8 @@ def recover(restore: Restore, watch: ClusterWatch, iteration: int, noticed: floa
         for name, value in f.result().items():
             stats[name] = stats.get(name, 0) + value
     del futures
-    chunks.advance(version, None if restore.mode == "full" else sorted(lost))
-    delta, predicted, c = drift.predict(sorted(lost))
+    chunks.advance(version, None if restore.mode == "full" else sorted(lost | set(copies)))
+    delta, predicted, c = drift.predict(sorted(lost), {cid: v for cid, (_, v) in copies.items()})
     if restore.mode == "full":
         predicted = float(iteration - 1 - version)   # every iteration since the checkpoint is done again
     drift.reset(sorted(lost))
@@ -310,7 +334,9 @@ def recover(restore: Restore, watch: ClusterWatch, iteration: int, noticed: floa
         iteration=iteration, worker=", ".join(sorted(workers_lost)), lost_chunks=[label(c) for c in sorted(lost)],
         bytes_read=stats.get("bytes", 0), seconds=time.time() - noticed, est_perturbation=delta,
         predicted_extra_iterations=predicted, mode=restore.mode, moved_chunks=[label(c) for c in sorted(moved)],
-        reinitialized_blocks=stats.get("never_saved", 0), resumed_at=version, contraction=c, noticed_at=noticed)
+        reinitialized_blocks=stats.get("never_saved", 0), peer_chunks=[label(c) for c in sorted(copies)],
+        peer_iterations=sum(version - v for _, v in copies.values()), resumed_at=version, contraction=c,
+        noticed_at=noticed)
 
 
 def new_epoch(chunks: ParameterChunks, abandoned: list[str]) -> None:
@@ -332,6 +358,33 @@ def _holders(client: Client, futures: list[Future | None]) -> dict[str, list[str
     except CancelledError as exc:   # forgotten meanwhile: no copy left
         exc.__traceback__ = None    # (a reference cycle that would hold the futures)
         return {}
+
+
+def _copies(client: Client, chunks: ParameterChunks, ids: list[ChunkId], alive: set[str],
+            newest: int) -> dict[ChunkId, tuple[str, int]]:
+    """For chunks with no copy of their current value left: the live worker holding the
+    newest copy a contribution task left behind (see :func:`dask_scar.chunks.remember`),
+    and its version; nothing if ``scar.recovery.replicas`` is off."""
+    if not ids or not config.get("recovery.replicas"):
+        return {}
+    labels = {cid: f"{cid.name}/{cid.index}" for cid in ids}
+    try:
+        offers = client.run(seen_versions, chunks.run, list(labels.values()), newest, workers=sorted(alive),
+                            on_error="return")
+    except Exception:  # noqa: BLE001  (a worker went meanwhile: the store serves)
+        logger.debug("could not ask the workers for chunk copies", exc_info=True)
+        return {}
+    load = {w: sum(1 for o in chunks.owner.values() if o == w) for w in alive}
+    found = {}
+    for cid, name in labels.items():
+        offered = [(versions[name], w) for w, versions in offers.items()
+                   if isinstance(versions, dict) and name in versions and w in alive]
+        if offered:
+            best = max(v for v, _ in offered)
+            worker = min((w for v, w in offered if v == best), key=lambda w: (load[w], w))
+            load[worker] += 1
+            found[cid] = (worker, best)
+    return found
 
 
 def _live_or_wait(client: Client, hint: str) -> set[str]:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from . import config, data, iteration
 from .checkpoint import Checkpointer
-from .chunks import PROGRESS_TOPIC, ParameterChunks, place, release_keys
+from .chunks import PROGRESS_TOPIC, ParameterChunks, forget, place, release_keys
 from .exceptions import DivergenceError, ScarError
 from .models import Model
 from .plugin import set_epoch
@@ -296,6 +296,7 @@ def _end_run(client: Client, run: str) -> None:
         return      # the scheduler is gone: nothing to tidy, and an rpc would wait to time out
     try:
         set_epoch(client, run, None)
+        client.run(forget, run, on_error="ignore")     # the chunk copies the workers kept
     except Exception:  # noqa: BLE001  (the scheduler is gone: nothing to tidy)
         logger.debug("could not tell the scheduler that run %s ended", run, exc_info=True)
 

@@ -215,14 +215,35 @@ def test_kill_during_an_iteration_abandons_it_and_goes_on(tmp_path, digits):
         assert not thread.is_alive(), "fit() hung after a worker was killed"
     result = outcome["result"]
     (event,) = result.events
-    assert event.worker == victim and len(event.lost_chunks + event.moved_chunks) == 2
+    assert event.worker == victim and len(event.lost_chunks + event.moved_chunks + event.peer_chunks) == 2
     assert result.n_iter == 60
     reference = scar.SoftmaxRegression()
     _, losses = fit_local(reference, prepare_local(reference, big, "label"), max_iter=60)
-    if event.lost_chunks:   # restored from the store: a perturbation that costs a few iterations
+    if event.lost_chunks or event.peer_chunks:   # from the store or an older copy: a few iterations
         assert iteration_cost(result.history, pd.DataFrame({"loss": losses}), at=50) <= 10
     else:                   # taken over from surviving copies: nothing was lost at all
         np.testing.assert_allclose(result.history["loss"], losses, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_live_copies_restore_lost_chunks_without_the_store(tmp_path):
+    """Killed between two iterations, no copy of the dead worker's current chunks is
+    left; every live worker's contribution task copied the previous iteration's,
+    and recovery takes those instead of reading the store (scar.recovery.replicas)."""
+    with new_cluster(4) as cluster, scar_client(cluster) as client:
+        free = train(client, tmp_path, "free")
+        victim = sorted(client.scheduler_info()["workers"])[1]
+        result = train(client, tmp_path, "copies", callback=once_at(35, lambda: kill_worker(client, victim)))
+        # the copies are dropped with the run
+        assert all(keys == [] for keys in client.run(lambda: list(__import__("dask_scar.chunks").chunks._seen)
+                                                     ).values())
+    (event,) = result.events
+    assert event.lost_chunks == [] and event.bytes_read == 0 and event.moved_chunks == []
+    assert len(event.peer_chunks) == 2 and event.peer_iterations == 2      # one iteration behind, each
+    assert "from live workers' copies (2 iteration(s) behind in all)" in event.describe()
+    assert 0 < event.est_perturbation < 0.1 and event.resumed_at == 35
+    assert iteration_cost(result.history, free.history, at=60) <= 1
+    assert result.history["loss"].iloc[-1] == pytest.approx(free.history["loss"].iloc[-1], rel=1e-4)
 
 
 @pytest.mark.slow
@@ -268,7 +289,9 @@ def test_graceful_retirement_moves_chunks_without_restoring(tmp_path, digits):
 
 @pytest.mark.slow
 def test_chunks_never_checkpointed_start_again_from_their_initial_value(tmp_path):
-    with new_cluster(2) as cluster, scar_client(cluster) as client:
+    # (no live copies: restored from the store alone)
+    with dask.config.set({"scar.recovery.replicas": False}), new_cluster(2) as cluster, \
+            scar_client(cluster) as client:
         victim = sorted(client.scheduler_info()["workers"])[0]
         result = train(client, tmp_path, "early", max_iter=40, callback=once_at(4, lambda: kill_worker(client, victim)))
     (event,) = result.events

@@ -26,7 +26,7 @@ LOST = {0.125: (1,), 0.25: (1, 5), 0.5: (1, 3, 5, 7)}
 SIM_WORKERS = 8
 REAL_WORKERS = 4
 REAL_VICTIMS = (1,)          # a quarter of the real cluster
-REAL_QUICK = ("traditional", "partial", "scar")   # real kills of --quick (the ablations are simulated)
+REAL_QUICK = ("traditional", "partial", "scar", "scar+copies")   # real kills of --quick (ablations: simulated)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from ..policy import FullCheckpoint, PrioritizedCheckpoint, RandomCheckpoint, Ro
 from ._simulate import Strategy
 
 #: Strategy names in report order; ``traditional`` is the baseline of every reduction.
-STRATEGIES = ("traditional", "partial", "scar", "roundrobin", "random")
+STRATEGIES = ("traditional", "partial", "scar", "roundrobin", "random", "scar+copies")
 
 
 @dataclass
@@ -54,6 +54,8 @@ class Case:
             Strategy("scar", PrioritizedCheckpoint(fraction, self.often), "partial"),
             Strategy("roundrobin", RoundRobinCheckpoint(fraction, self.often), "partial"),
             Strategy("random", RandomCheckpoint(fraction, self.often, seed=0), "partial"),
+            # this library's default: the store only serves when no live worker holds a copy
+            Strategy("scar+copies", PrioritizedCheckpoint(fraction, self.often), "partial", copies=True),
         ]
 
 
@@ -76,8 +78,8 @@ CASES: dict[str, Case] = {case.name: case for case in [
          lambda: LinearRegression(l2=1e-3, learning_rate=0.05), "y", max_iter=250, tol=1e-4, every=20),
     Case("mf", "matrix factorization (ALS), synthetic rank-4 ratings",
          lambda quick: datasets.synthetic_ratings(300 if quick else 1000, 200 if quick else 600, 4,
-                                                  0.15 if quick else 0.05, seed=0),
-         lambda: MatrixFactorization(rank=4, l2=1.0), "rating", max_iter=40, tol=3e-5, every=8),
+                                                  0.1 if quick else 0.03, seed=0),
+         lambda: MatrixFactorization(rank=4, l2=0.1), "rating", max_iter=110, tol=1e-3, every=20),
     Case("lda", "LDA (collapsed Gibbs), synthetic Dirichlet corpus, 10 topics",
          _corpus, lambda: LDA(n_topics=10, alpha=0.1, beta=0.01), "count", max_iter=90, tol=2e-3, every=8,
          smooth=5),

@@ -2,9 +2,9 @@
 LocalCluster, with worker processes really killed (SIGKILL) after a chosen iteration.
 
 Surviving copies of chunks are not used (``scar.recovery.replicas: false``), so
-every lost chunk is restored from the store, as SCAR is measured: a copy that a
-contribution happened to fetch would make most kills free, and say nothing about
-checkpoints.
+every lost chunk is restored from the store, as SCAR is measured -- except by the
+``scar+copies`` strategy, this library's default, which restores from the copies
+contribution tasks left on live workers.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def run_real(client: Client, case: Case, frame: pd.DataFrame, workers: int, stor
                       recovery=strategy.recovery if strategy else "partial", n_chunks=2 * workers)
     ddf = dd.from_pandas(frame, npartitions=2 * workers)
     started = time.perf_counter()
-    with dask.config.set({"scar.recovery.replicas": False}):
+    with dask.config.set({"scar.recovery.replicas": bool(strategy and strategy.copies)}):
         result = trainer.fit(ddf, target=case.target, max_iter=max_iter or case.max_iter, tol=0, progress=False,
                              callback=callback)
     return RealRun(strategy.name if strategy else "failure-free", losses, time.perf_counter() - started,

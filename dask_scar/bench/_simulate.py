@@ -12,7 +12,9 @@ recovery would restore:
   while iteration ``t + 1`` runs, and is abandoned if a worker dies first;
 * ``partial``: the chunks of the dead workers take their blocks as last saved
   (blocks never saved: their initial value), optimizer state restarts, every
-  other chunk keeps its value, and the iteration in flight is redone;
+  other chunk keeps its value, and the iteration in flight is redone -- or, with
+  ``copies``, they take the previous iteration's state, which every live
+  worker's contribution task had copied;
 * ``full``: every chunk goes back to the last committed round, and so does the
   iteration count;
 * a dead worker's data block loses its partition-local state (LDA's topic
@@ -47,6 +49,7 @@ class Strategy:
     name: str
     policy: CheckpointPolicy
     recovery: str           # "partial" or "full"
+    copies: bool = False    # restore from live workers' earlier copies (scar.recovery.replicas)
 
 
 @dataclass
@@ -72,6 +75,7 @@ class SimStore:
 class Snapshot:
     iteration: int
     states: dict[ChunkId, dict]
+    previous: dict[ChunkId, dict]          # the states one iteration earlier: what contributions copied
     local: list
     stores: dict[str, SimStore]
 
@@ -181,13 +185,14 @@ class Simulation:
             before = trajectory[-1]
             for store in stores.values():
                 self._write_pending(store, before)
+            previous = copy.deepcopy(states) if k in snapshot_at else None
             losses.append(self.step(states, k))
             values = self.values(states)
             trajectory.append(values)
             for store in stores.values():
                 self._select(store, values, k)
             if k in snapshot_at:
-                snapshots[k] = Snapshot(k, copy.deepcopy(states), [copy.deepcopy(b.get(LOCAL_STATE))
+                snapshots[k] = Snapshot(k, copy.deepcopy(states), previous, [copy.deepcopy(b.get(LOCAL_STATE))
                                                                   for b in self.blocks],
                                         copy.deepcopy(stores))
         return losses, trajectory, snapshots, stores
@@ -210,10 +215,13 @@ class Simulation:
         store.pending = None                        # the round selected after T is never written
         squared, nbytes = 0.0, 0
         for cid in lost:
-            restored = store.stored[cid.name][cid.start:cid.stop].copy()
-            squared += float(np.sum((states[cid]["value"].astype(np.float64) - restored) ** 2))
-            nbytes += restored.nbytes
-            states[cid] = self.model.new_state(cid.name, restored)
+            if strategy.copies:     # a live worker's copy of the previous iteration, optimizer state too
+                new = copy.deepcopy(snapshot.previous[cid])
+            else:
+                new = self.model.new_state(cid.name, store.stored[cid.name][cid.start:cid.stop].copy())
+                nbytes += new["value"].nbytes
+            squared += float(np.sum((states[cid]["value"].astype(np.float64) - new["value"]) ** 2))
+            states[cid] = new
         resumed_at = store.committed if strategy.recovery == "full" else snapshot.iteration
         k = resumed_at + 1
         losses = list(prefix)
