@@ -6,7 +6,6 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 import pytest
-from distributed import Client, LocalCluster
 
 import dask_scar as scar
 from dask_scar.bench import (
@@ -23,6 +22,7 @@ from dask_scar.bench import (
     smoothed,
 )
 from dask_scar.bench._bench import REAL_VICTIMS, REAL_WORKERS, blocks_of, real_trials
+from dask_scar.bench._real import BenchCluster
 from dask_scar.cli import main
 from dask_scar.datasets import synthetic_classification
 from dask_scar.local import fit_local, prepare_local
@@ -140,9 +140,8 @@ def test_simulated_and_real_failures_agree(tmp_path):
     LocalCluster and in the simulation costs the same number of iterations."""
     frame = TINY.frame(True)
     result = simulate(TINY, frame, REAL_WORKERS, [45], 1, {0.25: REAL_VICTIMS})
-    with LocalCluster(n_workers=REAL_WORKERS, threads_per_worker=1, dashboard_address=None,
-                      silence_logs=40) as cluster, Client(cluster) as client:
-        real_trials(result, frame, client, str(tmp_path), ("traditional", "scar"))
+    with BenchCluster(REAL_WORKERS) as cluster:
+        real_trials(result, frame, cluster, str(tmp_path), ("traditional", "scar"))
     real = {t["strategy"]: t for t in result.trials if t["mode"] == "real"}
     assert set(real) == {"traditional", "scar"}
     for name, trial in real.items():

@@ -21,13 +21,16 @@ def test_demo_quick_trains_and_plots(tmp_path):
     assert "iterations in" in out.stdout and "training accuracy" in out.stdout
     accuracy = float(out.stdout.split("training accuracy")[1].split()[0])
     assert accuracy > 0.8
-    # the same worker killed after iteration 28 under both strategies
-    assert "lost at iteration 29: restored 2 chunk(s)" in out.stdout
+    # the same worker killed after iteration 28 under every strategy
+    assert "lost at iteration 29: restored 2 chunk(s) from live workers' copies" in out.stdout
+    assert "lost at iteration 29: restored 2 chunk(s) (" in out.stdout          # from the store
     assert "lost at iteration 29: rolled every chunk back to iteration 24" in out.stdout
-    table = out.stdout.split("iteration cost of the failure")[1].splitlines()[1:3]
+    table = out.stdout.split("iteration cost of the failure")[1].splitlines()[1:4]
     costs = {name: int(cost) for name, cost in (line.split() for line in table)}
-    assert costs["traditional"] >= 4 and costs["SCAR"] < costs["traditional"], costs
-    assert "SCAR cuts the iteration cost of this failure by" in out.stdout
+    assert costs["traditional"] >= 4 and costs["scar-store"] < costs["traditional"], costs
+    assert costs["dask-scar"] <= 1, costs
+    assert "dask-scar cuts the iteration cost of this failure by" in out.stdout
+    assert "scar-store cuts the iteration cost of this failure by" in out.stdout
     assert png.stat().st_size > 1000
 
 

@@ -17,7 +17,7 @@ from .. import config
 from ..local import prepare_local
 from ._cases import CASES, STRATEGIES, Case
 from ._cost import converged_at, iterations_to_reach, predicted_cost, smoothed
-from ._simulate import Simulation, Strategy
+from ._simulate import Simulation
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ LOST = {0.125: (1,), 0.25: (1, 5), 0.5: (1, 3, 5, 7)}
 SIM_WORKERS = 8
 REAL_WORKERS = 4
 REAL_VICTIMS = (1,)          # a quarter of the real cluster
-REAL_QUICK = ("traditional", "partial", "scar", "scar+copies")   # real kills of --quick (ablations: simulated)
+REAL_QUICK = ("traditional", "scar", "scar+copies")   # real kills of --quick (the others: simulated)
 
 
 @dataclass
@@ -38,7 +38,20 @@ class FreeRun:
     n_free: int
     target: float
     distances: np.ndarray            # ||x_k - x*|| for k = 0..max_iter
-    contraction: float
+    contraction: float               # the average rate c over the run to convergence
+
+    def rate_at(self, iteration: int, window: int = 20) -> float:
+        """The contraction rate over the ``window`` iterations before ``iteration``
+        (gradient descent slows down as it converges: the rate where a failure
+        happens is what bounds its cost)."""
+        start = max(0, iteration - window)
+        if self.distances[start] <= 0 or self.distances[iteration] <= 0:
+            return math.nan
+        return float((self.distances[iteration] / self.distances[start]) ** (1.0 / (iteration - start)))
+
+    def predicted(self, delta: float, iteration: int) -> float:
+        """SCAR's bound on the cost of a perturbation ``delta`` after ``iteration``."""
+        return predicted_cost(delta, float(self.distances[iteration]), self.rate_at(iteration))
 
     def cost(self, losses: list[float], smooth: int) -> float:
         """Iteration cost of a run with these losses (NaN: never reached the target)."""
@@ -117,7 +130,8 @@ def simulate(case: Case, frame: pd.DataFrame, workers: int, failures: list[int] 
                     "failure_iteration": failure, "lost_fraction": fraction,
                     "iteration_cost": free.cost(trial.losses, case.smooth),
                     "perturbation_norm": trial.perturbation,
-                    "predicted_cost": predicted_cost(trial.perturbation, distances[failure], contraction),
+                    "predicted_cost": free.predicted(trial.perturbation, failure),
+                    "contraction": free.rate_at(failure),
                     "bytes_read": trial.bytes_read, "resumed_at": trial.resumed_at,
                     "lost_chunks": trial.lost_chunks,
                 })
@@ -127,12 +141,17 @@ def simulate(case: Case, frame: pd.DataFrame, workers: int, failures: list[int] 
     return result
 
 
-def real_trials(result: CaseResult, frame: pd.DataFrame, client, tmp: str,
-                names: tuple[str, ...] = STRATEGIES) -> dict[str, list[float]]:
-    """The case's failure-free run and one real SIGKILL per strategy (of ``names``) on ``client``'s
-    cluster (``REAL_WORKERS`` workers, ``REAL_VICTIMS`` killed after the same
-    iteration), next to a simulation of the very same failure; adds their rows to
-    ``result.trials`` and returns the real loss curves."""
+def real_trials(result: CaseResult, frame: pd.DataFrame, cluster, tmp: str,
+                names: tuple[str, ...] = STRATEGIES, real_free: bool = True) -> dict[str, list[float]]:
+    """One real SIGKILL per strategy (of ``names``) on a :class:`~._real.BenchCluster`
+    (``REAL_WORKERS`` workers, ``REAL_VICTIMS`` killed after the same iteration),
+    next to a simulation of the very same failure; adds their rows to
+    ``result.trials`` and returns the real loss curves.
+
+    The real costs are measured against a real failure-free run, or, without
+    ``real_free``, against the simulated one of the same cluster shape -- the same
+    maths as the trainer's, so the same losses for a deterministic model (a
+    stochastic one, ``case.smooth > 1``, always gets a real failure-free run)."""
     from ._real import run_real
 
     case = result.case
@@ -140,29 +159,33 @@ def real_trials(result: CaseResult, frame: pd.DataFrame, client, tmp: str,
     sim = Simulation(model, blocks_of(model, frame, case.target, REAL_WORKERS), 2 * REAL_WORKERS,
                      config.get("checkpoint.blocks-per-chunk"))
     strategies = [s for s in case.strategies() if s.name in names]
-    free_run = run_real(client, case, frame, REAL_WORKERS, None, None, max_iter=result.free.n_free + 10)
-    n_free = converged_at(np.array(free_run.losses), case.tol, case.smooth)
-    free = FreeRun(free_run.losses, n_free, float(smoothed(free_run.losses, case.smooth)[n_free - 1]),
-                   result.free.distances, result.free.contraction)
     failure = result.failure
-    snapshot = sim.failure_free(failure, strategies, {failure})[2][failure]
-    budget = n_free + 3 * case.every + 50
-    curves = {"failure-free": free_run.losses}
+    losses, _, snapshots, _ = sim.failure_free(case.max_iter, strategies, {failure})
+    n_sim = converged_at(np.array(losses), case.tol, case.smooth)
+    sim_free = FreeRun(losses, n_sim, float(smoothed(losses, case.smooth)[n_sim - 1]), result.free.distances,
+                       result.free.contraction)
+    free = sim_free
+    if real_free or case.smooth > 1:
+        free_run = run_real(cluster, case, frame, None, None, max_iter=n_sim + 10)
+        n_free = converged_at(np.array(free_run.losses), case.tol, case.smooth)
+        free = FreeRun(free_run.losses, n_free, float(smoothed(free_run.losses, case.smooth)[n_free - 1]),
+                       result.free.distances, result.free.contraction)
+    budget = free.n_free + 3 * case.every + 50
+    curves = {"failure-free": free.losses}
     for strategy in strategies:
-        run = run_real(client, case, frame, REAL_WORKERS, f"{tmp}/{case.name}-{strategy.name}.zarr", strategy,
-                       failure, REAL_VICTIMS, free.target, max_iter=budget)
-        same = sim.trial(snapshot, strategy, REAL_VICTIMS, result.free.losses[:failure],
+        run = run_real(cluster, case, frame, f"{tmp}/{case.name}-{strategy.name}.zarr", strategy, failure,
+                       REAL_VICTIMS, free.target, max_iter=budget)
+        same = sim.trial(snapshots[failure], strategy, REAL_VICTIMS, losses[:failure],
                          lambda ran: len(ran) >= budget or smoothed(ran[-case.smooth:], case.smooth)[-1]
-                         <= result.free.target)
+                         <= sim_free.target)
         events = run.events
         result.trials.append({
             "model": case.name, "mode": "real", "strategy": strategy.name, "workers": REAL_WORKERS,
             "failure_iteration": failure, "lost_fraction": len(REAL_VICTIMS) / REAL_WORKERS,
             "iteration_cost": free.cost(run.losses, case.smooth),
-            "simulated_cost": result.free.cost(same.losses, case.smooth),
+            "simulated_cost": sim_free.cost(same.losses, case.smooth),
             "perturbation_norm": same.perturbation,
-            "predicted_cost": predicted_cost(same.perturbation, result.free.distances[failure],
-                                             result.free.contraction),
+            "predicted_cost": result.free.predicted(same.perturbation, failure),
             "est_perturbation": sum(e.est_perturbation for e in events),
             "bytes_read": sum(e.bytes_read for e in events),
             "recovery_seconds": sum(e.seconds for e in events),
@@ -214,8 +237,11 @@ def markdown(table: pd.DataFrame) -> str:
              "(simulated same case) | ‖δ‖ | predicted (bound) | bytes written / iteration | bytes read |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in table.itertuples():
-        real = ("—" if math.isnan(row.real_iteration_cost) else
-                f"{row.real_iteration_cost:g} ({row.real_simulated_cost:g})")
+        if math.isnan(row.real_iteration_cost) and math.isnan(row.real_simulated_cost):
+            real = "—"      # no real kill for this strategy
+        else:
+            cost = "not reached" if math.isnan(row.real_iteration_cost) else f"{row.real_iteration_cost:g}"
+            real = f"{cost} ({row.real_simulated_cost:g})"
         lines.append(f"| {row.model} | {row.strategy} | {row.iteration_cost:.2f} ± {row.iteration_cost_std:.2f} | "
                      f"{'' if row.strategy == 'traditional' else f'{100 * row.reduction:.0f} %'} | {real} | "
                      f"{row.perturbation_norm:.3g} | {row.predicted_cost:.2f} | {row.bytes_written_per_iter:,.0f} | "
@@ -243,12 +269,13 @@ def plot(result: CaseResult, curves: dict[str, list[float]], path: Path, what: s
         ax.set_xlabel("iterations run (rolled-back ones count)")
     whole.set_yscale("log")
     whole.set_ylabel("loss")
-    whole.set_title(f"{result.case.name}: {what}; worker(s) killed after iteration {failure}")
+    whole.set_title(f"{result.case.name}: {what}")
     ends = [len(c) for n, c in curves.items() if n in STRATEGIES]
-    zoom.set_xlim(failure - 5, max(ends + [failure + 5]) + 2)
-    tail = [v for c in curves.values() for v in c[failure - 5:]]
-    zoom.set_ylim(min(tail) * 0.998, np.percentile(tail, 95) * 1.02)
-    zoom.set_title("after the failure (dots: first iteration after recovery; line: target)")
+    right = max(ends + [failure + 5]) + 2
+    zoom.set_xlim(failure - 3, right)
+    window = [v for c in curves.values() for v in c[failure - 3:right]]
+    zoom.set_ylim(min(window) - 0.02 * (max(window) - min(window)), max(window) + 0.02 * (max(window) - min(window)))
+    zoom.set_title(f"killed after iteration {failure}; dots: first iteration after recovery", fontsize=10)
     zoom.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -259,9 +286,7 @@ def run(quick: bool = False, out: str | Path = "bench-out", trials: int = 3, cas
         real: bool = True, echo=print) -> pd.DataFrame:
     """Run the bench; write ``out/bench.csv``, ``out/trials.csv``, ``out/bench.md`` and
     ``out/recovery.png``; return the per-(model, strategy) table."""
-    from distributed import Client, LocalCluster
-
-    from ._real import quiet_cluster_logs
+    from ._real import BenchCluster, quiet_cluster_logs
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -270,14 +295,12 @@ def run(quick: bool = False, out: str | Path = "bench-out", trials: int = 3, cas
     if unknown:
         raise ValueError(f"unknown case(s) {unknown}; choose from {sorted(CASES)}")
     results, plotted = [], None
-    cluster = client = None
+    cluster = None
     started = time.perf_counter()
     try:
         if real:
             quiet_cluster_logs()
-            cluster = LocalCluster(n_workers=REAL_WORKERS, threads_per_worker=1, dashboard_address=None,
-                                   silence_logs=logging.CRITICAL)
-            client = Client(cluster)
+            cluster = BenchCluster(REAL_WORKERS)
         with tempfile.TemporaryDirectory(prefix="dask-scar-bench-") as tmp:
             for name in names:
                 case = CASES[name]
@@ -287,17 +310,16 @@ def run(quick: bool = False, out: str | Path = "bench-out", trials: int = 3, cas
                 echo(f"{name}: converged after {result.free.n_free} iterations (target loss "
                      f"{result.free.target:.6g}); {len(result.trials)} simulated trials in "
                      f"{time.perf_counter() - t0:.1f} s")
-                if client is not None:
+                if cluster is not None:
                     t0 = time.perf_counter()
-                    curves = real_trials(result, frame, client, tmp, REAL_QUICK if quick else STRATEGIES)
-                    echo(f"{name}: failure-free run and {len(curves) - 1} real kills in "
-                         f"{time.perf_counter() - t0:.1f} s")
+                    curves = real_trials(result, frame, cluster, tmp, REAL_QUICK if quick else STRATEGIES,
+                                         real_free=not quick)
+                    echo(f"{name}: {len(curves) - 1} real kills (SIGKILL) in {time.perf_counter() - t0:.1f} s")
                     if plotted is None:
                         plotted = (result, curves, "real SIGKILL of 1 of 4 workers")
                 results.append(result)
     finally:
-        if client is not None:
-            client.close()
+        if cluster is not None:
             cluster.close()
     table = aggregate(results)
     pd.DataFrame([t for r in results for t in r.trials]).to_csv(out / "trials.csv", index=False)

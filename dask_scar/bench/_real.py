@@ -38,22 +38,61 @@ class RealRun:
     events: list = field(default_factory=list)
 
 
-def kill_workers(client: Client, workers: list[str]) -> None:
-    """SIGKILL the processes of ``workers``."""
-    for pid in client.run(os.getpid, workers=workers).values():
-        os.kill(pid, signal.SIGKILL)
+class BenchCluster:
+    """A LocalCluster of ``workers`` single-threaded worker processes whose workers
+    get killed on purpose: :meth:`ready` hands out its client once the nannies have
+    replaced every killed worker, or a new cluster if they have not within
+    ``patience`` seconds (a nanny now and then fails to restart its worker)."""
+
+    def __init__(self, workers: int, patience: float = 30):
+        self.workers, self.patience = workers, patience
+        self.killed: set[str] = set()
+        self.cluster = self.client = None
+        self._start()
+
+    def _start(self) -> None:
+        from distributed import LocalCluster
+
+        self.cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, dashboard_address=None,
+                                    silence_logs=logging.CRITICAL)
+        self.client = Client(self.cluster)
+
+    def ready(self) -> Client:
+        deadline = time.monotonic() + self.patience
+        while True:
+            alive = set(self.client.scheduler_info(n_workers=-1)["workers"])
+            if len(alive) == self.workers and not alive & self.killed:
+                return self.client
+            if time.monotonic() > deadline:
+                self.close()
+                self._start()
+                deadline = time.monotonic() + self.patience
+            time.sleep(0.1)
+
+    def kill(self, workers: list[str]) -> None:
+        """SIGKILL the processes of ``workers``."""
+        for pid in self.client.run(os.getpid, workers=workers).values():
+            os.kill(pid, signal.SIGKILL)
+        self.killed.update(workers)
+
+    def close(self) -> None:
+        self.client.close()
+        self.cluster.close()
+
+    def __enter__(self) -> BenchCluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-def run_real(client: Client, case: Case, frame: pd.DataFrame, workers: int, store: str | None,
+def run_real(cluster: BenchCluster, case: Case, frame: pd.DataFrame, store: str | None,
              strategy: Strategy | None, failure: int | None = None, victims: tuple[int, ...] = (),
              target: float | None = None, max_iter: int | None = None) -> RealRun:
     """Train ``case`` once; kill workers ``victims`` (indices into the sorted worker
     addresses, the order chunks are placed in) after iteration ``failure``; stop when
     the (smoothed) loss reaches ``target``, or after ``max_iter`` iterations."""
-    client.wait_for_workers(workers, timeout=120)       # the nannies replace killed workers
-    deadline = time.monotonic() + 60
-    while len(client.scheduler_info(n_workers=-1)["workers"]) > workers and time.monotonic() < deadline:
-        time.sleep(0.1)
+    client, workers = cluster.ready(), cluster.workers
     addresses = sorted(client.scheduler_info(n_workers=-1)["workers"])
     doomed = [addresses[v] for v in victims]
     losses: list[float] = []
@@ -61,8 +100,8 @@ def run_real(client: Client, case: Case, frame: pd.DataFrame, workers: int, stor
     def callback(k: int, loss: float) -> bool:
         losses.append(loss)
         if failure is not None and k == failure and len(losses) == failure:
-            kill_workers(client, doomed)
-        return target is not None and smoothed(losses, case.smooth)[-1] <= target
+            cluster.kill(doomed)
+        return target is not None and bool(smoothed(losses[-case.smooth:], case.smooth)[-1] <= target)
 
     trainer = Trainer(client, case.model(), store=store, policy=strategy.policy if strategy else None,
                       recovery=strategy.recovery if strategy else "partial", n_chunks=2 * workers)
