@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 import dask
 import dask.dataframe as dd
-import numpy as np
 import pandas as pd
 from distributed import Client
 
@@ -118,11 +117,3 @@ def quiet_cluster_logs() -> None:
     """The cluster's complaints about workers killed on purpose are not news here."""
     for name in ("distributed", "dask_scar"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-
-
-def describe_events(run: RealRun) -> str:
-    return "; ".join(e.describe() for e in run.events)
-
-
-def mean_or_nan(values: list[float]) -> float:
-    return float(np.mean(values)) if values else float("nan")

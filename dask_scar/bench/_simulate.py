@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -92,7 +92,6 @@ class Trial:
     perturbation: float                    # ||restored - lost|| over the parameters
     bytes_read: int
     resumed_at: int
-    extra: dict = field(default_factory=dict)
 
 
 class Simulation:
