@@ -199,7 +199,7 @@ def _adopt_chunks(ids: list[ChunkId], keys: list[str], client_id: str, run: str,
         copies = {cid: seen[cid] for cid in ids}
     adopted = {key: Chunk(cid, copies[cid].state, version) for cid, key in zip(ids, keys)}
     detach(adopted, client_id, run, epoch)
-    return {"peer_versions": sum(c.version for c in copies.values())}
+    return {}       # nothing read (the same report as a restore from the store)
 
 
 def _init_chunks(model: Model, ids: list[ChunkId], keys: list[str], client_id: str, run: str, epoch: int,

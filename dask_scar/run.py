@@ -144,8 +144,9 @@ class TrainingRun:
             self.bar.update(k - self.bar.n)
             self.bar.set_postfix(loss=f"{loss:.6g}", refresh=False)
             _check_divergence(self.rows, divergence_factor, self.model)
-            if callback is not None and callback(k, loss) is True:
-                return False    # the caller's own stopping rule
+            stop = callback(k, loss) if callback is not None else None
+            if isinstance(stop, (bool, np.bool_)) and stop:
+                return False    # the caller's own stopping rule (a bool: other return values mean nothing)
             if tol > 0 and len(self.rows) > 1 and _converged(self.rows[-2]["loss"], loss, tol):
                 return True
             k += 1

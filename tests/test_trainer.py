@@ -166,3 +166,17 @@ def test_stops_early_at_tolerance(client, digits):
 def test_bad_trainer_arguments(client, kwargs, error, message):
     with pytest.raises(error, match=message):
         scar.Trainer(client, scar.SoftmaxRegression(), **kwargs)
+
+
+def test_a_callback_returning_true_stops_training_with_a_result(client, digits):
+    seen = []
+
+    def stop_at_five(k, loss):
+        seen.append(k)
+        if k == 5:
+            return np.True_          # a NumPy bool counts too (a comparison of losses gives one)
+        return {"anything": "else"}  # other return values do not stop training
+    result = scar.Trainer(client, scar.SoftmaxRegression()).fit(digits, target="label", max_iter=50, tol=0,
+                                                                progress=False, callback=stop_at_five)
+    assert seen == [1, 2, 3, 4, 5] and result.n_iter == 5 and len(result.history) == 5
+    assert set(result.params) == {"weights"} and not result.converged
