@@ -16,7 +16,7 @@ import pandas as pd
 from .. import config
 from ..local import prepare_local
 from ._cases import CASES, STRATEGIES, Case
-from ._cost import converged_at, iterations_to_reach, predicted_cost, smoothed
+from ._cost import converged_at, iterations_to_reach, predicted_cost, reached, smoothed
 from ._simulate import Simulation
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,16 @@ class FreeRun:
         if self.distances[start] <= 0 or self.distances[iteration] <= 0:
             return math.nan
         return float((self.distances[iteration] / self.distances[start]) ** (1.0 / (iteration - start)))
+
+    @classmethod
+    def of(cls, losses: list[float], case: Case, distances: np.ndarray, contraction: float) -> FreeRun:
+        """The failure-free run with these losses: where it converged, by ``case``'s rule."""
+        n_free = converged_at(np.array(losses), case.tol, case.smooth)
+        return cls(losses, n_free, float(smoothed(losses, case.smooth)[n_free - 1]), distances, contraction)
+
+    def stop(self, budget: int, smooth: int):
+        """A trial's stopping rule: the target reached, or ``budget`` iterations run."""
+        return lambda ran: len(ran) >= budget or reached(ran, self.target, smooth)
 
     def predicted(self, delta: float, iteration: int) -> float:
         """SCAR's bound on the cost of a perturbation ``delta`` after ``iteration``."""
@@ -112,14 +122,11 @@ def simulate(case: Case, frame: pd.DataFrame, workers: int, failures: list[int] 
     distances = np.array([np.linalg.norm(np.concatenate([v.ravel() for v in x.values()]) - xstar)
                           for x in trajectory])
     contraction = float((distances[n_free] / distances[0]) ** (1.0 / n_free)) if distances[0] > 0 else math.nan
-    free = FreeRun(losses, n_free, float(smoothed(losses, case.smooth)[n_free - 1]), distances, contraction)
+    free = FreeRun.of(losses, case, distances, contraction)
     failures = failures or failure_iterations(n_free, case, count)
     snapshots = sim.failure_free(max(failures), strategies, set(failures))[2]
     result = CaseResult(case, free, failure=failures[len(failures) // 2])
-    budget = n_free + 3 * case.every + 50
-
-    def stop(ran: list[float]) -> bool:
-        return len(ran) >= budget or smoothed(ran[-case.smooth:], case.smooth)[-1] <= free.target
+    stop = free.stop(n_free + 3 * case.every + 50, case.smooth)
 
     for failure in failures:
         for fraction, victims in lost.items():
@@ -161,23 +168,17 @@ def real_trials(result: CaseResult, frame: pd.DataFrame, cluster, tmp: str,
     strategies = [s for s in case.strategies() if s.name in names]
     failure = result.failure
     losses, _, snapshots, _ = sim.failure_free(case.max_iter, strategies, {failure})
-    n_sim = converged_at(np.array(losses), case.tol, case.smooth)
-    sim_free = FreeRun(losses, n_sim, float(smoothed(losses, case.smooth)[n_sim - 1]), result.free.distances,
-                       result.free.contraction)
-    free = sim_free
+    sim_free = free = FreeRun.of(losses, case, result.free.distances, result.free.contraction)
     if real_free or case.smooth > 1:
-        free_run = run_real(cluster, case, frame, None, None, max_iter=n_sim + 10)
-        n_free = converged_at(np.array(free_run.losses), case.tol, case.smooth)
-        free = FreeRun(free_run.losses, n_free, float(smoothed(free_run.losses, case.smooth)[n_free - 1]),
-                       result.free.distances, result.free.contraction)
+        free_run = run_real(cluster, case, frame, None, None, max_iter=sim_free.n_free + 10)
+        free = FreeRun.of(free_run.losses, case, result.free.distances, result.free.contraction)
     budget = free.n_free + 3 * case.every + 50
     curves = {"failure-free": free.losses}
     for strategy in strategies:
         run = run_real(cluster, case, frame, f"{tmp}/{case.name}-{strategy.name}.zarr", strategy, failure,
                        REAL_VICTIMS, free.target, max_iter=budget)
         same = sim.trial(snapshots[failure], strategy, REAL_VICTIMS, losses[:failure],
-                         lambda ran: len(ran) >= budget or smoothed(ran[-case.smooth:], case.smooth)[-1]
-                         <= sim_free.target)
+                         sim_free.stop(budget, case.smooth))
         events = run.events
         result.trials.append({
             "model": case.name, "mode": "real", "strategy": strategy.name, "workers": REAL_WORKERS,

@@ -48,6 +48,11 @@ def smoothed(losses: np.ndarray, window: int) -> np.ndarray:
     return (sums[idx] - sums[lo]) / (idx - lo)
 
 
+def reached(losses: list[float], target: float, window: int = 1) -> bool:
+    """Whether the last (smoothed) loss of ``losses`` is at or below ``target``."""
+    return bool(smoothed(losses[-window:], window)[-1] <= target)
+
+
 def converged_at(losses: np.ndarray, tol: float, window: int = 1) -> int:
     """The first iteration (1-based) at which the (smoothed) loss changed by at most
     ``tol`` relative to its size per iteration, over the last ``window`` iterations

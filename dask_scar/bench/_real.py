@@ -22,7 +22,7 @@ from distributed import Client
 
 from ..trainer import Trainer
 from ._cases import Case
-from ._cost import smoothed
+from ._cost import reached
 from ._simulate import Strategy
 
 
@@ -100,7 +100,7 @@ def run_real(cluster: BenchCluster, case: Case, frame: pd.DataFrame, store: str 
         losses.append(loss)
         if failure is not None and k == failure and len(losses) == failure:
             cluster.kill(doomed)
-        return target is not None and bool(smoothed(losses[-case.smooth:], case.smooth)[-1] <= target)
+        return target is not None and reached(losses, target, case.smooth)
 
     trainer = Trainer(client, case.model(), store=store, policy=strategy.policy if strategy else None,
                       recovery=strategy.recovery if strategy else "partial", n_chunks=2 * workers)

@@ -35,7 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..chunks import ChunkId, place, split_rows
+from ..checkpoint import block_distances
+from ..chunks import Chunk, ChunkId, place, split_rows
 from ..models import Model
 from ..models._base import LOCAL_STATE
 from ..policy import CheckpointPolicy
@@ -156,8 +157,11 @@ class Simulation:
             return
         priorities = None
         if store.policy.needs_priorities:
-            priorities = np.concatenate([_block_norms(values[n] - store.stored[n], lay.block_rows)
-                                         for n, lay in self.layouts.items()])
+            # what the workers compute: each block's distance from its value as last saved
+            priorities = np.concatenate([
+                block_distances(Chunk(ChunkId(name, 0, 0, lay.shape[0]), {"value": values[name]}, iteration,
+                                      store.stored[name]), lay.block_rows)
+                for name, lay in self.layouts.items()])
         store.round += 1
         n = sum(lay.n_blocks for lay in self.layouts.values())
         chosen = store.policy.select(n, store.round, priorities)
@@ -235,10 +239,3 @@ class Simulation:
         return Trial(strategy.name, snapshot.iteration, tuple(victims), losses, len(lost), math.sqrt(squared),
                      nbytes, resumed_at)
 
-
-def _block_norms(diff: np.ndarray, rows: int) -> np.ndarray:
-    sq = (diff.astype(np.float64) ** 2).reshape(diff.shape[0], -1).sum(axis=1)
-    n = -(-len(sq) // rows)
-    padded = np.zeros(n * rows)
-    padded[:len(sq)] = sq
-    return np.sqrt(padded.reshape(n, rows).sum(axis=1))

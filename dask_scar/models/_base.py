@@ -119,6 +119,17 @@ class Model:
             features = [c for c in columns if c != target]
         return list(features), target
 
+    def _fixed_columns(self, features: list[str] | None, target: str | None, default_target: str,
+                       **columns: str) -> tuple[list[str], str]:
+        """``select_columns`` of a model that reads id columns named in the model itself
+        (``columns``: parameter name -> column), not chosen with ``features=``."""
+        names = list(columns.values())
+        if features is not None and list(features) != names:
+            named = " and ".join(f"{key}={value!r}" for key, value in columns.items())
+            raise DataError(f"{type(self).__name__} reads the columns {named}; "
+                            "set them in the model, not with features=")
+        return names, target or default_target
+
     def setup(self, summary: DataSummary) -> None:
         """Check the data summary (raise :class:`DataError`) and size the parameters."""
         self.n_rows_ = summary.n_rows

@@ -46,10 +46,7 @@ class MatrixFactorization(Model):
         self.random_state = random_state
 
     def select_columns(self, columns, target, features):
-        if features is not None and list(features) != [self.user, self.item]:
-            raise DataError(f"MatrixFactorization reads the columns user={self.user!r} and item={self.item!r}; "
-                            "set them in the model, not with features=")
-        return [self.user, self.item], target or self.rating
+        return self._fixed_columns(features, target, self.rating, user=self.user, item=self.item)
 
     def setup(self, summary: DataSummary) -> None:
         if not (isinstance(self.rank, int) and self.rank >= 1):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import numpy as np
@@ -73,10 +72,7 @@ class LDA(Model):
         self.random_state = random_state
 
     def select_columns(self, columns, target, features):
-        if features is not None and list(features) != [self.doc, self.word]:
-            raise DataError(f"LDA reads the columns doc={self.doc!r} and word={self.word!r}; "
-                            "set them in the model, not with features=")
-        return [self.doc, self.word], target or self.count
+        return self._fixed_columns(features, target, self.count, doc=self.doc, word=self.word)
 
     def setup(self, summary: DataSummary) -> None:
         if not (isinstance(self.n_topics, (int, np.integer)) and self.n_topics >= 2):
