@@ -82,3 +82,12 @@ def test_empty_partitions_are_skipped(client):
 def test_not_a_dataframe(client):
     with pytest.raises(DataError, match="expected a Dask or pandas DataFrame, got ndarray"):
         data.prepare(client, scar.SoftmaxRegression(), np.zeros((3, 3)), "label", None)
+
+
+def test_each_block_is_placed_where_its_data_is(client):
+    # Client.who_has answers in no particular order: blocks matched to workers by
+    # position trained every block on the other worker, fetching it every iteration
+    for seed in range(6):
+        training = _prepare(client, _frame(400, seed=seed), npartitions=4)
+        holders = client.who_has(training.blocks)
+        assert [w in holders[b.key] for b, w in zip(training.blocks, training.workers)] == [True, True], seed
