@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import queue
+import sys
 import threading
 import time
 import warnings
@@ -227,6 +229,16 @@ class Round:
         return [r["error"] for r in self.reports if r["error"]]
 
 
+def _callers_level() -> int:
+    """The ``stacklevel`` that makes a warning issued by this function's caller point
+    at the first frame outside dask_scar (the user's ``fit`` call)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(2), 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 class Checkpointer:
     """The driver's side of checkpointing: when, which blocks, and the rounds in flight."""
 
@@ -350,7 +362,7 @@ class Checkpointer:
         else:
             self._warned = True
             warnings.warn(message + " (later failures of this fit: see history['event'])", CheckpointWarning,
-                          stacklevel=5)
+                          stacklevel=_callers_level())
 
     def table(self) -> pd.DataFrame:
         """One row per round: what was written, and with what result."""

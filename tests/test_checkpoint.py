@@ -8,6 +8,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -143,9 +144,12 @@ def test_failing_writes_warn_and_training_goes_on(own_client, digits, tmp_path):
     outcome = {}
 
     def train():
-        outcome["result"] = scar.Trainer(own_client, scar.SoftmaxRegression(), store=store,
-                                         policy=scar.FullCheckpoint(every=2)).fit(
-            big, target="label", max_iter=300, tol=0, progress=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            outcome["result"] = scar.Trainer(own_client, scar.SoftmaxRegression(), store=store,
+                                             policy=scar.FullCheckpoint(every=2)).fit(
+                big, target="label", max_iter=300, tol=0, progress=False)
+        outcome["warnings"] = [w for w in caught if issubclass(w.category, scar.CheckpointWarning)]
 
     thread = threading.Thread(target=train)
     thread.start()
@@ -159,6 +163,9 @@ def test_failing_writes_warn_and_training_goes_on(own_client, digits, tmp_path):
     result = outcome["result"]
     failures = result.history[result.history["event"].str.contains("failed")]
     assert len(failures) >= 2 and failures["event"].str.contains("File too large").all()
+    # one warning, pointing at the fit() call above; the rest go to the history and the log
+    (warning,) = outcome["warnings"]
+    assert warning.filename == __file__ and "later failures of this fit" in str(warning.message)
     assert result.n_iter == 300 and np.isfinite(result.history["loss"]).all()
     assert np.isfinite(stored_during).all()
     final = scar.open_store(store)

@@ -34,6 +34,23 @@ def test_gradient_matches_finite_differences(model):
     np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-7)
 
 
+def test_softmax_tiles_give_the_whole_block_result(digits):
+    """The kernel's tiles (and the shorter last one) add up to the untiled computation."""
+    import dask
+
+    model = scar.SoftmaxRegression()
+    block = prepare_local(model, digits, "label")
+    w = np.random.default_rng(2).standard_normal(model.parameter_specs()["weights"].shape).astype(np.float32)
+    results = {}
+    for tile in (100, len(digits)):      # 1797 rows: 17 tiles of 100 and one of 97, or one tile
+        with dask.config.set({"scar.tile-rows": tile}):
+            results[tile] = model.contribution(0, block, {"weights": w}, np)
+    tiled, whole = results.values()
+    assert tiled.count == whole.count == len(digits)
+    assert tiled.loss == pytest.approx(whole.loss, rel=1e-6)
+    np.testing.assert_allclose(tiled.parts["weights"], whole.parts["weights"], rtol=1e-4, atol=1e-3)
+
+
 def test_linear_regression_reaches_the_closed_form_ridge_solution():
     rng = np.random.default_rng(0)
     X = rng.standard_normal((1000, 8))
