@@ -152,36 +152,45 @@ def detach(chunks: dict[str, Chunk], client_id: str, run: str, epoch: int, progr
 
 # -- the copies contributions leave behind ------------------------------------------------
 #
-# Every contribution task receives every chunk it reads; the process remembers the newest
-# copy of each (a reference, no copy of the data: it is what Dask would hold until the
-# driver releases that version anyway). When a chunk's owner dies, a live worker's copy --
-# one iteration old, or current -- is a far better restore than a checkpoint block.
+# Every contribution task receives every chunk it reads; the process remembers the two
+# newest copies of each (references, no copy of the data: they are what Dask would hold
+# until the driver releases those versions anyway). When a chunk's owner dies, a live
+# worker's copy -- one iteration old, or current -- is a far better restore than a
+# checkpoint block. Two, because a contribution of the iteration after the driver's may
+# already have read that iteration's replicas (see :func:`dask_scar.iteration.update`):
+# recovery goes back to the driver's version, and wants a copy no newer than that.
 
-_seen: OrderedDict[str, dict[ChunkId, Chunk]] = OrderedDict()   # run -> chunk -> newest copy seen
+_seen: OrderedDict[str, dict[ChunkId, list[Chunk]]] = OrderedDict()   # run -> chunk -> newest copies
 _seen_lock = threading.Lock()
 _SEEN_RUNS = 4      # runs remembered per process (a run's driver normally forgets it when it ends)
+_SEEN_VERSIONS = 2  # copies remembered per chunk
 
 
 def remember(run: str, chunks: dict[ChunkId, Chunk]) -> None:
-    """Keep ``chunks`` as the newest copies this process saw (contribution tasks call it)."""
+    """Keep ``chunks`` among the newest copies this process saw (contribution tasks call it)."""
     with _seen_lock:
         seen = _seen.setdefault(run, {})
         _seen.move_to_end(run)
         while len(_seen) > _SEEN_RUNS:
             _seen.popitem(last=False)
         for cid, chunk in chunks.items():
-            old = seen.get(cid)
-            if old is None or old.version <= chunk.version:
-                seen[cid] = chunk
+            copies = [c for c in seen.get(cid, []) if c.version != chunk.version] + [chunk]
+            seen[cid] = sorted(copies, key=lambda c: c.version)[-_SEEN_VERSIONS:]
+
+
+def _newest(run: str, newest: int) -> dict[ChunkId, Chunk]:
+    """The newest copy of each chunk this process holds, among versions up to ``newest``."""
+    with _seen_lock:
+        seen = dict(_seen.get(run, {}))
+    found = {cid: [c for c in copies if c.version <= newest] for cid, copies in seen.items()}
+    return {cid: copies[-1] for cid, copies in found.items() if copies}
 
 
 def seen_versions(run: str, labels: list[str], newest: int) -> dict[str, int]:
     """Run on the workers: the version of each chunk (``name/index``) this process holds a
     copy of, among versions up to ``newest``."""
-    with _seen_lock:
-        seen = dict(_seen.get(run, {}))
-    found = {f"{cid.name}/{cid.index}": chunk.version for cid, chunk in seen.items()}
-    return {label: found[label] for label in labels if label in found and found[label] <= newest}
+    found = {f"{cid.name}/{cid.index}": chunk.version for cid, chunk in _newest(run, newest).items()}
+    return {label: found[label] for label in labels if label in found}
 
 
 def forget(run: str) -> None:
@@ -192,11 +201,10 @@ def forget(run: str) -> None:
 
 def _adopt_chunks(ids: list[ChunkId], keys: list[str], client_id: str, run: str, epoch: int,
                   version: int) -> dict[str, int]:
-    """Make the copies this process remembers of ``ids`` the chunks' ``version`` (its optimizer
-    state included; the checkpoint reference is rebuilt at the next checkpointing iteration)."""
-    with _seen_lock:
-        seen = _seen.get(run, {})
-        copies = {cid: seen[cid] for cid in ids}
+    """Make the newest copies up to ``version`` this process remembers of ``ids`` the chunks'
+    ``version`` (optimizer state included; the checkpoint reference is rebuilt at the next
+    checkpointing iteration)."""
+    copies = _newest(run, version)
     adopted = {key: Chunk(cid, copies[cid].state, version) for cid, key in zip(ids, keys)}
     detach(adopted, client_id, run, epoch)
     return {}       # nothing read (the same report as a restore from the store)

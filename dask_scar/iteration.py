@@ -6,7 +6,10 @@ For each phase of the model's iteration:
   current parameters (chunks travel to it) and returns the block's partial sums;
 * one *update* task per worker, pinned there, combines all blocks' contributions
   for the chunks that worker holds, computes their new state and keeps it as the
-  next version of those chunks (:func:`dask_scar.chunks.detach`);
+  next version of those chunks (:func:`dask_scar.chunks.detach`); for a model whose
+  update is cheap (:attr:`~dask_scar.models.Model.cheap_update`) it updates the
+  other chunks too, as replicas, so that the next iteration's contribution on the
+  same worker, submitted before this one ends, needs nothing from another worker;
 * the first update task of phase 0 adds up the loss and sends it to the driver
   with its chunks' registration, as an event on the ``scar-progress`` topic, so
   no task and no round trip is spent on it.
@@ -40,67 +43,96 @@ def contribute(model: Model, phase: int, block: dict, sources: list, iteration: 
 def update(model: Model, sources: list, contributions: list[Contribution], keys: dict[ChunkId, str],
            iteration: int, client_id: str, run: str, epoch: int, report_loss: bool,
            orders: checkpoint.Orders | None) -> dict[ChunkId, Chunk]:
+    """The new version of every chunk in ``sources``; those in ``keys`` (the chunks
+    this worker owns) are kept as data, checkpointed and reported. The others are
+    replicas (see :attr:`Model.cheap_update`): the result hands them to the next
+    iteration's contribution on this worker."""
     count = sum(c.count for c in contributions)
     current = flatten(sources)
+    own = {cid: current[cid] for cid in keys}
     if orders is not None and orders.reference is not False:
-        for cid, chunk in current.items():
+        for cid, chunk in own.items():
             if chunk.reference is None:   # the chunk came from another worker: a copy has none
                 initial = model.init_rows(cid.name, cid.start, cid.stop, get_array_module(chunk.value))
                 checkpoint.restore_reference(chunk, initial, orders)
     if orders is not None and orders.blocks:
-        checkpoint.save(current, orders)   # the previous iteration's values, as selected
+        checkpoint.save(own, orders)   # the previous iteration's values, as selected
     new, steps = {}, {}
     for cid, chunk in current.items():
         xp = get_array_module(chunk.value)
         total = model.combine(cid.name, [c.parts[cid.name] for c in contributions], cid.start, cid.stop, xp)
         state = model.update(cid.name, chunk.state, total, count, cid.start, cid.stop, xp)
         new[cid] = Chunk(cid, state, iteration, chunk.reference)
-        step = (state["value"] - chunk.value).ravel()
-        steps[f"{cid.name}/{cid.index}"] = float(xp.sqrt(xp.vdot(step, step)))  # for recovery's estimates
+        if cid in keys:
+            step = (state["value"] - chunk.value).ravel()
+            steps[f"{cid.name}/{cid.index}"] = float(xp.sqrt(xp.vdot(step, step)))  # for recovery's estimates
     progress = {"run": run, "epoch": epoch, "iteration": iteration, "steps": steps}
     if report_loss:
         progress["loss"] = sum(c.loss for c in contributions) / count + contributions[0].penalty
     if orders is not None and orders.priorities:
-        progress["priorities"] = checkpoint.distances(new, orders)
-    detach({keys[cid]: chunk for cid, chunk in new.items()}, client_id, run, epoch, progress)
+        progress["priorities"] = checkpoint.distances({cid: new[cid] for cid in keys}, orders)
+    detach({key: new[cid] for cid, key in keys.items()}, client_id, run, epoch, progress)
+    remember(run, {cid: chunk for cid, chunk in new.items() if cid not in keys})   # current replicas
     return new
+
+
+def replicates(model: Model) -> bool:
+    """Whether every update task updates every chunk (see :attr:`Model.cheap_update`)."""
+    return model.cheap_update and len(model.phases) == 1
 
 
 @dataclass
 class IterationGraph:
     graph: HighLevelGraph
     update_keys: list[str]
+    outputs: dict[ChunkId, str]     # the update task whose result holds each chunk's new version
+    replicas: dict[str, str]        # worker -> its update task, where that one holds every chunk
 
 
 def build(model: Model, chunks: ParameterChunks, blocks: list[str], block_workers: list[str],
-          iteration: int, client_id: str, orders: checkpoint.Orders | None = None) -> IterationGraph:
-    """The graph of ``iteration``: it reads chunk version ``chunks.version`` and
+          iteration: int, client_id: str, orders: checkpoint.Orders | None = None,
+          after: IterationGraph | None = None) -> IterationGraph:
+    """The graph of ``iteration``: it reads chunk version ``chunks.version`` (or,
+    ``after`` a graph still running, that graph's results: the driver submits the next
+    iteration before this one is done, so that no round trip separates them) and
     leaves version ``iteration`` of every chunk on its owner; its update tasks
-    carry out the checkpoint ``orders``."""
+    carry out the checkpoint ``orders``. ``after`` needs the same owners."""
     tag = f"{chunks.run}-e{chunks.epoch}"   # in task keys: an iteration redone after a recovery is new work
-    sources = {cid: TaskRef(chunks.keys[cid]) for cid in chunks.ids}
+    sources = {cid: TaskRef(after.outputs[cid] if after is not None else chunks.keys[cid]) for cid in chunks.ids}
+    replicated = replicates(model)
+    replicas = after.replicas if after is not None else {}
     layers: dict[tuple[str, bool], dict[str, Task]] = {}
 
     def add(key: str, task_worker: str, pinned: bool, func, *args) -> TaskRef:
         layers.setdefault((task_worker, pinned), {})[key] = Task(key, func, *args)
         return TaskRef(key)
 
-    update_keys = []
+    update_keys, replicas_next = [], {}
     for phase, names in enumerate(model.phases):
         inputs = model.phase_inputs(phase)
         refs = list({sources[c].key: sources[c] for c in chunks.ids if c.name in inputs}.values())
         contributions = []
         for b, (block, worker) in enumerate(zip(blocks, block_workers)):
             key = f"scar-contrib-{tag}-{iteration}-{phase}-{b}"
-            contributions.append(add(key, worker, False, contribute, model, phase, TaskRef(block), List(*refs),
+            # any worker's update result holds every chunk: best this worker's own
+            params = [TaskRef(replicas.get(worker) or min(replicas.values()))] if replicas else refs
+            contributions.append(add(key, worker, False, contribute, model, phase, TaskRef(block), List(*params),
                                      iteration, b, chunks.run))
+        updated = {}
         for w, (worker, own) in enumerate(sorted(chunks.by_worker(names).items())):
             key = f"scar-update-{tag}-{iteration}-{phase}-{w}"
             new_keys = {cid: chunks.key(cid, iteration) for cid in own}
-            ref = add(key, worker, True, update, model, List(*[sources[c] for c in own]), List(*contributions),
+            if replicated:
+                mine = [TaskRef(replicas[worker])] if worker in replicas else refs
+            else:
+                mine = list({sources[c].key: sources[c] for c in own}.values())
+            ref = add(key, worker, True, update, model, List(*mine), List(*contributions),
                       new_keys, iteration, client_id, chunks.run, chunks.epoch, phase == 0 and w == 0, orders)
-            sources.update({cid: ref for cid in own})
+            updated.update({cid: ref for cid in own})
             update_keys.append(key)
+            if replicated:
+                replicas_next[worker] = key
+        sources.update(updated)
 
     hlg_layers = {
         # a block whose worker died has no place yet: the scheduler runs its task where it is rebuilt
@@ -109,4 +141,4 @@ def build(model: Model, chunks: ParameterChunks, blocks: list[str], block_worker
         for i, ((worker, pinned), tasks) in enumerate(layers.items())
     }
     graph = HighLevelGraph(hlg_layers, {name: set() for name in hlg_layers})
-    return IterationGraph(graph, update_keys)
+    return IterationGraph(graph, update_keys, {cid: ref.key for cid, ref in sources.items()}, replicas_next)

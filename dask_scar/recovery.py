@@ -99,7 +99,7 @@ class RecoveryEvent:
                 f"rolled every chunk back to iteration {self.resumed_at} ({self.bytes_read:,} bytes read)")
         if self.peer_chunks:
             what = (f"restored {len(self.peer_chunks)} chunk(s) from live workers' copies "
-                    f"({self.peer_iterations} iteration(s) behind in all)"
+                    f"({f'{self.peer_iterations} iteration(s) behind in all' if self.peer_iterations else 'current'})"
                     + (f" and {what[len('restored '):]}" if self.lost_chunks else ""))
         if self.moved_chunks:
             what += f", took over {len(self.moved_chunks)} surviving chunk(s)"
@@ -276,9 +276,11 @@ class Restore:
     hint: str
 
 
-def recover(restore: Restore, watch: ClusterWatch, iteration: int, noticed: float, drift: Drift) -> RecoveryEvent:
+def recover(restore: Restore, watch: ClusterWatch, iteration: int, noticed: float, drift: Drift,
+            abandoned: list[str] = ()) -> RecoveryEvent:
     """Bring every chunk back onto live workers after worker loss, while ``iteration``
-    was in flight (its work is abandoned). Returns what was done."""
+    was in flight (its work is abandoned, and so are the keys ``abandoned`` work after
+    it makes). Returns what was done."""
     chunks, client = restore.chunks, restore.chunks.client
     version = chunks.version
     workers_lost: set[str] = set()
@@ -286,7 +288,7 @@ def recover(restore: Restore, watch: ClusterWatch, iteration: int, noticed: floa
     lost: set[ChunkId] = set()       # of those, restored from the store (or re-initialised)
     copies: dict[ChunkId, tuple[str, int]] = {}   # the others: from a live worker's older copy
     moved: set[ChunkId] = set()      # taken over from a surviving copy of the current value
-    stale = [chunks.key(cid, iteration) for cid in chunks.ids]   # what the abandoned graph may have made
+    stale = [*(chunks.key(cid, iteration) for cid in chunks.ids), *abandoned]   # what abandoned graphs may make
     while True:
         alive = _live_or_wait(client, restore.hint)
         workers_lost |= {w for w in chunks.owner.values() if w not in alive}

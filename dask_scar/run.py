@@ -56,8 +56,10 @@ class TrainingRun:
         self.note = ""                      # what happened before the next row: a recovery, a rebalance
         self.resume_from: int | None = None  # set by finish() when it had to recover
         self.inbox: queue.Queue = queue.Queue()
+        self.early: list[dict] = []         # events of an iteration after the one being collected
         self.previous: list[Future] = []    # futures of the last graph, released after the next submit
         self.stale: list[Future] = []       # chunk futures of the last version, likewise
+        self.ahead = None                   # (iteration, graph, futures, orders) submitted, not yet waited for
         run = chunks.run
 
         def on_progress(event: tuple[float, dict]) -> None:
@@ -101,56 +103,96 @@ class TrainingRun:
         chunks.advance(chunks.version)
 
     def iterate(self, first: int, max_iter: int, tol: float, callback: Callable | None) -> bool:
-        """Iterations ``first..max_iter``; True if they stopped at ``tol``."""
-        chunks, ckpt, client = self.chunks, self.ckpt, self.client
+        """Iterations ``first..max_iter``; True if they stopped at ``tol``.
+
+        While iteration ``k`` runs, the graph of ``k + 1`` is already on the scheduler,
+        reading ``k``'s results (see :func:`dask_scar.iteration.build`), so no round trip
+        through the driver separates them -- except before a checkpoint round, whose
+        blocks are chosen from ``k``'s priorities, around recoveries and rebalances,
+        and when a ``callback`` may act between iterations. A graph submitted ahead
+        and not needed is done and let go."""
+        chunks, ckpt = self.chunks, self.ckpt
         divergence_factor = config.get("divergence-factor")
         last_done = time.perf_counter()
-        k = first
-        while k <= max_iter:
-            if self.watch.noticed(self.owners()) is not None:
-                k = self.recover(k)     # lost between iterations: recover before submitting work
-                continue
-            if self.watch.added:
-                self.note = _join(self.note, _rebalance(chunks, self.watch))
-            orders = None
-            if ckpt is not None:
-                orders = ckpt.orders(k)
-                if orders is not None and orders.blocks:
-                    self.drain(until=lambda: ckpt.outstanding() <= ckpt.backlog + 1)
-            _forget_dead_block_workers(self.training, self.watch)
-            graph = iteration.build(self.model, chunks, [b.key for b in self.training.blocks],
-                                    self.training.workers, k, client.id, orders)
-            futures = client.get(graph.graph, graph.update_keys, sync=False)
-            # Releases go out after the new graph, so they never delay it (the
-            # client batches its messages to the scheduler in 10 ms windows).
-            self.previous = self.stale = []
-            if not self.completed(futures):
-                del futures
-                k = self.recover(k)
-                continue
-            self.stale = chunks.advance(k)
-            self.previous = futures
-            # The update tasks' events were sent before they finished: they are here.
-            loss, priorities, steps = _collect(self.inbox, ckpt, k, chunks.epoch,
-                                               orders is not None and orders.priorities, len(chunks.ids),
-                                               self.timeout)
-            self.drift.record(k, steps)
-            self.drift.prioritized(priorities)
-            if ckpt is not None:
-                ckpt.select(k, chunks.ids, priorities)
-            now = time.perf_counter()
-            self.rows.append({"iteration": k, "loss": loss, "seconds": now - last_done, "event": self.note})
-            self.note, last_done = "", now
-            self.bar.update(k - self.bar.n)
-            self.bar.set_postfix(loss=f"{loss:.6g}", refresh=False)
-            _check_divergence(self.rows, divergence_factor, self.model)
-            stop = callback(k, loss) if callback is not None else None
-            if isinstance(stop, (bool, np.bool_)) and stop:
-                return False    # the caller's own stopping rule (a bool: other return values mean nothing)
-            if tol > 0 and len(self.rows) > 1 and _converged(self.rows[-2]["loss"], loss, tol):
-                return True
-            k += 1
-        return False
+        k, converged = first, False
+        try:
+            while k <= max_iter:
+                if self.watch.noticed(self.owners()) is not None:
+                    k = self.recover(k)     # lost between iterations: recover before submitting work
+                    continue
+                if self.ahead is None:
+                    if self.watch.added:
+                        self.note = _join(self.note, _rebalance(chunks, self.watch))
+                    _forget_dead_block_workers(self.training, self.watch)
+                    self.ahead = self.submit(k, None)
+                _, graph, futures, orders = self.ahead
+                self.ahead = None
+                if (k < max_iter and callback is None and not self.watch.added
+                        and None not in self.training.workers and (ckpt is None or not ckpt.policy.due(k))):
+                    self.ahead = self.submit(k + 1, graph)
+                # Releases go out after the new graph, so they never delay it (the
+                # client batches its messages to the scheduler in 10 ms windows).
+                self.previous = self.stale = []
+                if not self.completed(futures):
+                    del futures
+                    k = self.recover(k)
+                    continue
+                self.stale = chunks.advance(k)
+                self.previous = futures
+                # The update tasks' events were sent before they finished: they are here.
+                loss, priorities, steps = _collect(self.inbox, self.early, ckpt, k, chunks.epoch,
+                                                   orders is not None and orders.priorities, len(chunks.ids),
+                                                   self.timeout)
+                self.drift.record(k, steps)
+                self.drift.prioritized(priorities)
+                if ckpt is not None:
+                    ckpt.select(k, chunks.ids, priorities)
+                now = time.perf_counter()
+                self.rows.append({"iteration": k, "loss": loss, "seconds": now - last_done, "event": self.note})
+                self.note, last_done = "", now
+                self.bar.update(k - self.bar.n)
+                self.bar.set_postfix(loss=f"{loss:.6g}", refresh=False)
+                _check_divergence(self.rows, divergence_factor, self.model)
+                stop = callback(k, loss) if callback is not None else None
+                if isinstance(stop, (bool, np.bool_)) and stop:
+                    break           # the caller's own stopping rule (a bool: other return values mean nothing)
+                if tol > 0 and len(self.rows) > 1 and _converged(self.rows[-2]["loss"], loss, tol):
+                    converged = True
+                    break
+                k += 1
+        except BaseException:
+            release_keys(self.client, self.abandon())
+            raise
+        self.settle()
+        return converged
+
+    def submit(self, k: int, after: iteration.IterationGraph | None):
+        """Submit the graph of iteration ``k`` (reading ``after``'s results, if given)."""
+        orders = None
+        if self.ckpt is not None:
+            orders = self.ckpt.orders(k)
+            if orders is not None and orders.blocks:
+                self.drain(until=lambda: self.ckpt.outstanding() <= self.ckpt.backlog + 1)
+        graph = iteration.build(self.model, self.chunks, [b.key for b in self.training.blocks],
+                                self.training.workers, k, self.client.id, orders, after)
+        return k, graph, self.client.get(graph.graph, graph.update_keys, sync=False), orders
+
+    def settle(self) -> None:
+        """Let go of a graph submitted ahead that training no longer needs, once it is
+        done (so that nothing it registers afterwards outlives it). A worker lost
+        meanwhile is left to :meth:`finish` to notice."""
+        if self.ahead is not None:
+            self.completed(self.ahead[2])
+            release_keys(self.client, self.abandon())
+
+    def abandon(self) -> list[str]:
+        """Drop the graph submitted ahead, if any; returns the keys it makes (its
+        update tasks' and the chunk versions it registers), for the caller to release."""
+        if self.ahead is None:
+            return []
+        k, graph, _, _ = self.ahead
+        self.ahead = None
+        return [*graph.update_keys, *(self.chunks.key(c, k) for c in self.chunks.ids)]
 
     def recover(self, k: int) -> int:
         """Recover from worker loss noticed while iteration ``k`` was due; returns
@@ -159,7 +201,7 @@ class TrainingRun:
         if self.ckpt is not None:
             # rounds whose writers all reported are committed before a rollback looks for one
             self.drain(until=lambda: True)
-        event = recover(self.restore, self.watch, k, noticed, self.drift)
+        event = recover(self.restore, self.watch, k, noticed, self.drift, abandoned=self.abandon())
         if self.ckpt is not None:
             self.ckpt.recovered(self.chunks.epoch)
         logger.warning("dask_scar: %s", event.describe())
@@ -218,26 +260,36 @@ class TrainingRun:
         _end_run(self.client, self.chunks.run)
 
 
-def _collect(inbox: queue.Queue, ckpt: Checkpointer | None, iteration: int, epoch: int, want_priorities: bool,
-             n_chunks: int, timeout: float) -> tuple[float, dict[str, list[float]], dict[str, float]]:
+def _collect(inbox: queue.Queue, early: list[dict], ckpt: Checkpointer | None, iteration: int, epoch: int,
+             want_priorities: bool, n_chunks: int, timeout: float
+             ) -> tuple[float, dict[str, list[float]], dict[str, float]]:
     """The loss, the chunks' step norms and (if asked for) block priorities that
-    ``iteration``'s update tasks sent; events of abandoned work are dropped."""
+    ``iteration``'s update tasks sent; events of abandoned work are dropped. Events of
+    the iteration after (a worker with no data block updates its chunks for the next
+    iteration while another is still busy with this one's) wait in ``early``."""
     loss, priorities, steps = None, {}, {}
+    waiting, early[:] = early[:], []
     while loss is None or len(steps) < n_chunks or (want_priorities and len(priorities) < n_chunks):
-        try:
-            message = inbox.get(timeout=timeout)
-        except queue.Empty:
-            raise ScarError(f"no loss arrived for iteration {iteration}: is the scheduler's ScarPlugin from "
-                            "another dask_scar version? Install the same version everywhere") from None
+        if waiting:
+            message = waiting.pop(0)
+        else:
+            try:
+                message = inbox.get(timeout=timeout)
+            except queue.Empty:
+                raise ScarError(f"no loss arrived for iteration {iteration}: is the scheduler's ScarPlugin from "
+                                "another dask_scar version? Install the same version everywhere") from None
         if message.get("kind") == "written":
             ckpt.on_written(message)
             continue
-        if message.get("iteration") != iteration or message.get("epoch") != epoch:
+        if message.get("epoch") != epoch or message.get("iteration") != iteration:
+            if message.get("epoch") == epoch and message.get("iteration", 0) > iteration:
+                early.append(message)
             continue
         if message.get("loss") is not None:
             loss = message["loss"]
         steps.update(message["steps"])
         priorities.update(message.get("priorities") or {})
+    early.extend(waiting)
     return loss, priorities, steps
 
 

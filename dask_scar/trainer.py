@@ -149,6 +149,11 @@ class Trainer:
         ``callback(iteration, loss)``, if given, runs in the calling thread after
         every iteration (logging, a custom stopping rule): returning ``True`` ends
         training there (the result is returned as usual); raising stops it too.
+        The next iteration starts once it has returned. Without a callback, each
+        iteration's graph is on the scheduler before the one before it ends, so
+        that no round trip through this process separates them (except before
+        a checkpoint round); stopping at ``tol`` then lets one surplus iteration
+        finish, and discards it.
         """
         if max_iter < 1:
             raise ValueError(f"max_iter must be >= 1, got {max_iter}")

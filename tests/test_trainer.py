@@ -4,6 +4,7 @@ import threading
 import time
 
 import dask.dataframe as dd
+from distributed.diagnostics.plugin import SchedulerPlugin
 import numpy as np
 import pandas as pd
 import pytest
@@ -180,3 +181,49 @@ def test_a_callback_returning_true_stops_training_with_a_result(client, digits):
                                                                 progress=False, callback=stop_at_five)
     assert seen == [1, 2, 3, 4, 5] and result.n_iter == 5 and len(result.history) == 5
     assert set(result.params) == {"weights"} and not result.converged
+
+
+class GraphLog(SchedulerPlugin):
+    """Records what each contribution task depended on when its graph arrived."""
+
+    name = "test-graph-log"
+
+    def __init__(self):
+        self.deps = {}
+
+    async def start(self, scheduler):
+        self.scheduler = scheduler
+
+    def transition(self, key, start, finish, *args, **kwargs):
+        key = str(key)
+        if key.startswith("scar-contrib-") and key not in self.deps and key in self.scheduler.tasks:
+            self.deps[key] = sorted(str(d.key).split("-")[1] for d in self.scheduler.tasks[key].dependencies)
+
+
+def _contribution_inputs(client):
+    deps = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.plugins["test-graph-log"].deps)
+    client.unregister_scheduler_plugin("test-graph-log")
+    by_iteration = {}
+    for key, kinds in deps.items():
+        by_iteration.setdefault(int(key.split("-")[-3]), []).append(kinds)
+    return by_iteration
+
+
+def test_the_next_iteration_is_submitted_before_this_one_ends(client, digits, tmp_path):
+    ddf = dd.from_pandas(digits, npartitions=4)
+    # without a store every graph after the first reads its worker's update of the
+    # iteration before, not the chunks that update registers: it was submitted earlier
+    client.register_plugin(GraphLog())
+    scar.Trainer(client, scar.SoftmaxRegression()).fit(ddf, target="label", max_iter=12, tol=0, progress=False)
+    inputs = _contribution_inputs(client)
+    assert sorted(inputs) == list(range(1, 13)) and {len(kinds) for kinds in inputs.values()} == {2}
+    assert inputs[1] == [["block", "chunk", "chunk", "chunk", "chunk"]] * 2
+    assert {k: v for k, v in inputs.items() if k > 1 and v != [["block", "update"]] * 2} == {}
+    # before a checkpoint round the blocks are chosen from the priorities the last
+    # iteration reported: the graph after it is submitted once it is done
+    client.register_plugin(GraphLog())
+    scar.Trainer(client, scar.SoftmaxRegression(), store=tmp_path / "ckpt").fit(
+        ddf, target="label", max_iter=12, tol=0, progress=False)
+    inputs = _contribution_inputs(client)
+    fresh = sorted(k for k, kinds in inputs.items() if "chunk" in kinds[0])
+    assert fresh == [1, 6, 11], inputs

@@ -14,7 +14,8 @@ recovery would restore:
   (blocks never saved: their initial value), optimizer state restarts, every
   other chunk keeps its value, and the iteration in flight is redone -- or, with
   ``copies``, they take the previous iteration's state, which every live
-  worker's contribution task had copied;
+  worker's contribution task had copied (the current state for models whose
+  update tasks keep replicas of every chunk: :func:`dask_scar.iteration.replicates`);
 * ``full``: every chunk goes back to the last committed round, and so does the
   iteration count;
 * a dead worker's data block loses its partition-local state (LDA's topic
@@ -37,6 +38,7 @@ import numpy as np
 
 from ..checkpoint import block_distances
 from ..chunks import Chunk, ChunkId, place, split_rows
+from ..iteration import replicates
 from ..models import Model
 from ..models._base import LOCAL_STATE
 from ..policy import CheckpointPolicy
@@ -218,8 +220,8 @@ class Simulation:
         store.pending = None                        # the round selected after T is never written
         squared, nbytes = 0.0, 0
         for cid in lost:
-            if strategy.copies:     # a live worker's copy of the previous iteration, optimizer state too
-                new = copy.deepcopy(snapshot.previous[cid])
+            if strategy.copies:     # a live worker's copy, optimizer state too
+                new = copy.deepcopy((snapshot.states if replicates(self.model) else snapshot.previous)[cid])
             else:
                 new = self.model.new_state(cid.name, store.stored[cid.name][cid.start:cid.stop].copy())
                 nbytes += new["value"].nbytes

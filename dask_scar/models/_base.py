@@ -97,6 +97,10 @@ class Model:
     feature_dtype: str = "float32"
     #: dtype of the target vector, or None when the model has no separate target.
     target_dtype: str | None = "float32"
+    #: True when :meth:`update` costs little next to :meth:`contribution` (gradient
+    #: steps): every worker then updates every chunk of a one-phase model, so that the
+    #: next iteration's contribution finds all of them on its own worker.
+    cheap_update: bool = False
 
     # -- parameters, scikit-learn style -------------------------------------
     def get_params(self) -> dict[str, Any]:

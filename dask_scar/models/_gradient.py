@@ -29,6 +29,7 @@ class GradientModel(Model):
     """
 
     phases = (("weights",),)
+    cheap_update = True
 
     def __init__(self, l2: float = 0.0, learning_rate: float = 0.1, momentum: float = 0.0,
                  batch_size: int | None = None, random_state: int = 0):
