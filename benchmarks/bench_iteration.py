@@ -3,7 +3,10 @@
 Side by side in one run on one machine (absolute times on shared CPUs mean little;
 the ratio is the figure): softmax regression, float32, N rows x 100 features x 10
 classes, a 2-worker LocalCluster (one thread each) against a single-process loop
-(NumPy with its default BLAS threads) running ``dask_scar.local.fit_local``.
+(NumPy with its default BLAS threads) running ``dask_scar.local.fit_local``. The
+cluster runs twice: with Dask's defaults, and with the workers' statistical
+profiler off (``distributed.worker.profile.enabled: false``; by default it samples
+every thread of every worker every 10 ms, on the cores the training needs).
 Then the time to a fixed loss against scikit-learn's ``LogisticRegression`` (lbfgs).
 
     python benchmarks/bench_iteration.py                  # 1,000,000 and 200,000 rows
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import dask
 import numpy as np
 import pandas as pd
 from distributed import Client, LocalCluster
@@ -85,24 +89,31 @@ def main() -> None:
     parser.add_argument("--max-iter", type=int, default=400, help="iteration cap of the time-to-loss runs")
     args = parser.parse_args()
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster, Client(cluster) as client:
-        print(f"softmax regression, {FEATURES} features x {CLASSES} classes, float32; 2 workers x 1 thread "
-              "vs one NumPy process")
-        print(f"{'rows':>10} {'numpy ms/it':>12} {'dask ms/it':>11} {'ratio':>7}")
-        for rows in args.rows:
-            frame = make_frame(rows)
-            ddf = dd.from_pandas(frame, npartitions=4).persist()
-            # interleave the two, twice, so that drifting machine load hits both alike
-            numpy_s = [local_seconds(frame, args.iters)]
-            dask_s = [dask_seconds(client, ddf, args.iters)]
-            numpy_s.append(local_seconds(frame, args.iters))
-            dask_s.append(dask_seconds(client, ddf, args.iters))
-            n, d = min(numpy_s), min(dask_s)
-            print(f"{rows:>10,} {n * 1000:12.1f} {d * 1000:11.1f} {d / n:7.2f}")
-        if not args.no_sklearn:
-            rows = min(args.rows)
-            frame = make_frame(rows)
-            time_to_loss(client, frame, dd.from_pandas(frame, npartitions=4).persist(), args.max_iter)
+    frames = {rows: make_frame(rows) for rows in args.rows}
+    numpy_s = {rows: [] for rows in args.rows}
+    dask_s = {rows: {} for rows in args.rows}
+    for profiler in (True, False):
+        with dask.config.set({"distributed.worker.profile.enabled": profiler}), \
+                LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster, \
+                Client(cluster) as client:
+            for rows, frame in frames.items():
+                ddf = dd.from_pandas(frame, npartitions=4).persist()
+                # interleave the two, twice, so that drifting machine load hits both alike
+                times = []
+                for _ in range(2):
+                    numpy_s[rows].append(local_seconds(frame, args.iters))
+                    times.append(dask_seconds(client, ddf, args.iters))
+                dask_s[rows][profiler] = min(times)
+            if not profiler and not args.no_sklearn:
+                rows = min(args.rows)
+                time_to_loss(client, frames[rows], dd.from_pandas(frames[rows], npartitions=4).persist(),
+                             args.max_iter)
+    print(f"\nsoftmax regression, {FEATURES} features x {CLASSES} classes, float32; 2 workers x 1 thread "
+          "vs one NumPy process (ratio: Dask / NumPy time per iteration)")
+    print(f"{'rows':>10} {'numpy ms/it':>12} {'dask ms/it':>11} {'ratio':>7} {'profiler off':>13} {'ratio':>7}")
+    for rows in args.rows:
+        n, on, off = min(numpy_s[rows]), dask_s[rows][True], dask_s[rows][False]
+        print(f"{rows:>10,} {n * 1000:12.1f} {on * 1000:11.1f} {on / n:7.2f} {off * 1000:13.1f} {off / n:7.2f}")
 
 
 if __name__ == "__main__":
