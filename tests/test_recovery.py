@@ -192,28 +192,31 @@ def test_partial_recovery_restores_only_the_lost_chunks_and_beats_full_rollback(
     assert cost["full"] >= 5, cost      # the rolled-back iterations alone
 
 
+def fit_killed_midway(client, trainer, frame, version: int):
+    """``trainer.fit(frame)`` for 60 iterations in a thread, SIGKILLing the second worker at
+    a random moment once chunk version ``version`` exists; returns the result and the victim."""
+    victim = sorted(client.scheduler_info()["workers"])[1]
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(
+        result=trainer.fit(frame, target="label", max_iter=60, tol=0, progress=False)))
+    thread.start()
+    wait_for(lambda: client.run_on_scheduler(
+        lambda dask_scheduler: any(str(k).startswith("scar-chunk") and int(str(k).rsplit("-v", 1)[1]) >= version
+                                   for k in dask_scheduler.tasks)), what="training to start")
+    kill_worker(client, victim)
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "fit() hung after a worker was killed"
+    return outcome["result"], victim
+
+
 @pytest.mark.slow
 def test_kill_during_an_iteration_abandons_it_and_goes_on(tmp_path, digits):
     """A kill at a random moment: the iteration in flight is abandoned and redone; the
     dead worker's chunks come from a copy a contribution had fetched, or the store."""
     big = pd.concat([digits] * 20, ignore_index=True)
     with new_cluster(2) as cluster, scar_client(cluster) as client:
-        victim = sorted(client.scheduler_info()["workers"])[1]
-        outcome = {}
-
-        def run():
-            outcome["result"] = scar.Trainer(client, scar.SoftmaxRegression(), store=tmp_path / "ckpt.zarr",
-                                             n_chunks=4).fit(big, target="label", max_iter=60, tol=0,
-                                                             progress=False)
-        thread = threading.Thread(target=run)
-        thread.start()
-        wait_for(lambda: client.run_on_scheduler(  # some iterations in: chunk version 10 or later exists
-            lambda dask_scheduler: any(str(k).startswith("scar-chunk") and int(str(k).rsplit("-v", 1)[1]) >= 10
-                                       for k in dask_scheduler.tasks)), what="training to start")
-        kill_worker(client, victim)
-        thread.join(timeout=120)
-        assert not thread.is_alive(), "fit() hung after a worker was killed"
-    result = outcome["result"]
+        trainer = scar.Trainer(client, scar.SoftmaxRegression(), store=tmp_path / "ckpt.zarr", n_chunks=4)
+        result, victim = fit_killed_midway(client, trainer, big, version=10)
     (event,) = result.events
     assert event.worker == victim and len(event.lost_chunks + event.moved_chunks + event.peer_chunks) == 2
     assert result.n_iter == 60
@@ -228,33 +231,19 @@ def test_kill_during_an_iteration_abandons_it_and_goes_on(tmp_path, digits):
 @pytest.mark.slow
 def test_kill_while_the_next_iteration_is_already_submitted(digits):
     """No callback and no store: every graph is submitted before the one before it ends,
-    and every worker holds replicas of all chunks. A kill then loses at most the
-    iteration in flight: the dead worker's chunks come back from the live worker's
-    replicas, at most one iteration old, and the run lands where a failure-free one does."""
+    and every worker's update task keeps current replicas of all chunks. A kill then
+    loses only the work in flight: the dead worker's chunks come back from the live
+    worker's replicas, and the run goes exactly where a failure-free one goes."""
     big = pd.concat([digits] * 20, ignore_index=True)
     with new_cluster(2) as cluster, scar_client(cluster) as client:
         free = scar.Trainer(client, scar.SoftmaxRegression(), n_chunks=4).fit(big, target="label", max_iter=60,
                                                                              tol=0, progress=False)
-        victim = sorted(client.scheduler_info()["workers"])[1]
-        outcome = {}
-
-        def run():
-            outcome["result"] = scar.Trainer(client, scar.SoftmaxRegression(), n_chunks=4).fit(
-                big, target="label", max_iter=60, tol=0, progress=False)
-        thread = threading.Thread(target=run)
-        thread.start()
-        wait_for(lambda: client.run_on_scheduler(
-            lambda dask_scheduler: any(str(k).startswith("scar-chunk") and int(str(k).rsplit("-v", 1)[1]) >= 15
-                                       for k in dask_scheduler.tasks)), what="training to start")
-        kill_worker(client, victim)
-        thread.join(timeout=120)
-        assert not thread.is_alive(), "fit() hung after a worker was killed"
-    result = outcome["result"]
+        result, victim = fit_killed_midway(client, scar.Trainer(client, scar.SoftmaxRegression(), n_chunks=4),
+                                           big, version=15)
     (event,) = result.events
     assert event.worker == victim and event.bytes_read == 0 and event.lost_chunks == []
     assert len(event.peer_chunks + event.moved_chunks) == 2 and event.peer_iterations == 0
     assert event.est_perturbation == 0 and event.resumed_at == event.iteration - 1
-    # nothing was lost but the work in flight: the same losses as without the kill
     assert result.n_iter == 60 and len(result.history) == 60
     np.testing.assert_allclose(result.history["loss"], free.history["loss"], rtol=1e-6)
 
