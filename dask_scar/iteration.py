@@ -6,10 +6,10 @@ For each phase of the model's iteration:
   current parameters (chunks travel to it) and returns the block's partial sums;
 * one *update* task per worker, pinned there, combines all blocks' contributions
   for the chunks that worker holds, computes their new state and keeps it as the
-  next version of those chunks (:func:`dask_scar.chunks.detach`); for a model whose
-  update is cheap (:attr:`~dask_scar.models.Model.cheap_update`) it updates the
-  other chunks too, as replicas, so that the next iteration's contribution on the
-  same worker, submitted before this one ends, needs nothing from another worker;
+  next version of those chunks (:func:`dask_scar.chunks.detach`); where updates
+  are cheap (:func:`replicates`) it updates the other chunks too, as replicas, so
+  that the next iteration's contribution on the same worker, submitted before this
+  one ends, needs nothing from another worker;
 * the first update task of phase 0 adds up the loss and sends it to the driver
   with its chunks' registration, as an event on the ``scar-progress`` topic, so
   no task and no round trip is spent on it.
@@ -45,7 +45,7 @@ def update(model: Model, sources: list, contributions: list[Contribution], keys:
            orders: checkpoint.Orders | None) -> dict[ChunkId, Chunk]:
     """The new version of every chunk in ``sources``; those in ``keys`` (the chunks
     this worker owns) are kept as data, checkpointed and reported. The others are
-    replicas (see :attr:`Model.cheap_update`): the result hands them to the next
+    replicas (see :func:`replicates`): the result hands them to the next
     iteration's contribution on this worker."""
     count = sum(c.count for c in contributions)
     current = flatten(sources)
@@ -76,9 +76,10 @@ def update(model: Model, sources: list, contributions: list[Contribution], keys:
     return new
 
 
-def replicates(model: Model) -> bool:
-    """Whether every update task updates every chunk (see :attr:`Model.cheap_update`)."""
-    return model.cheap_update and len(model.phases) == 1
+def replicates(model: Model, block_rows: list[int]) -> bool:
+    """Whether every update task updates every chunk, for data blocks of these sizes
+    (see :meth:`~dask_scar.models.Model.replicate_updates`)."""
+    return len(model.phases) == 1 and bool(block_rows) and model.replicate_updates(min(block_rows))
 
 
 @dataclass
@@ -91,15 +92,15 @@ class IterationGraph:
 
 def build(model: Model, chunks: ParameterChunks, blocks: list[str], block_workers: list[str],
           iteration: int, client_id: str, orders: checkpoint.Orders | None = None,
-          after: IterationGraph | None = None) -> IterationGraph:
+          after: IterationGraph | None = None, replicated: bool = False) -> IterationGraph:
     """The graph of ``iteration``: it reads chunk version ``chunks.version`` (or,
     ``after`` a graph still running, that graph's results: the driver submits the next
     iteration before this one is done, so that no round trip separates them) and
     leaves version ``iteration`` of every chunk on its owner; its update tasks
-    carry out the checkpoint ``orders``. ``after`` needs the same owners."""
+    carry out the checkpoint ``orders``. ``after`` needs the same owners. With
+    ``replicated`` (see :func:`replicates`) every update task updates every chunk."""
     tag = f"{chunks.run}-e{chunks.epoch}"   # in task keys: an iteration redone after a recovery is new work
     sources = {cid: TaskRef(after.outputs[cid] if after is not None else chunks.keys[cid]) for cid in chunks.ids}
-    replicated = replicates(model)
     replicas = after.replicas if after is not None else {}
     layers: dict[tuple[str, bool], dict[str, Task]] = {}
 

@@ -60,6 +60,7 @@ class TrainingRun:
         self.previous: list[Future] = []    # futures of the last graph, released after the next submit
         self.stale: list[Future] = []       # chunk futures of the last version, likewise
         self.ahead = None                   # (iteration, graph, futures, orders) submitted, not yet waited for
+        self.replicated = iteration.replicates(model, training.rows)
         run = chunks.run
 
         def on_progress(event: tuple[float, dict]) -> None:
@@ -174,7 +175,7 @@ class TrainingRun:
             if orders is not None and orders.blocks:
                 self.drain(until=lambda: self.ckpt.outstanding() <= self.ckpt.backlog + 1)
         graph = iteration.build(self.model, self.chunks, [b.key for b in self.training.blocks],
-                                self.training.workers, k, self.client.id, orders, after)
+                                self.training.workers, k, self.client.id, orders, after, self.replicated)
         return k, graph, self.client.get(graph.graph, graph.update_keys, sync=False), orders
 
     def settle(self) -> None:

@@ -103,6 +103,7 @@ class Simulation:
     def __init__(self, model: Model, blocks: list[dict[str, np.ndarray]], n_chunks: int, blocks_per_chunk: int):
         self.model = model
         self.blocks = blocks
+        self.replicated = replicates(model, [len(b["X"]) for b in blocks if "X" in b])
         self.workers = [f"w{i:03d}" for i in range(len(blocks))]
         specs = model.parameter_specs()
         self.layouts: dict[str, BlockLayout] = make_layouts(
@@ -221,7 +222,7 @@ class Simulation:
         squared, nbytes = 0.0, 0
         for cid in lost:
             if strategy.copies:     # a live worker's copy, optimizer state too
-                new = copy.deepcopy((snapshot.states if replicates(self.model) else snapshot.previous)[cid])
+                new = copy.deepcopy((snapshot.states if self.replicated else snapshot.previous)[cid])
             else:
                 new = self.model.new_state(cid.name, store.stored[cid.name][cid.start:cid.stop].copy())
                 nbytes += new["value"].nbytes

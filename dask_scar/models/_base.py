@@ -97,10 +97,13 @@ class Model:
     feature_dtype: str = "float32"
     #: dtype of the target vector, or None when the model has no separate target.
     target_dtype: str | None = "float32"
-    #: True when :meth:`update` costs little next to :meth:`contribution` (gradient
-    #: steps): every worker then updates every chunk of a one-phase model, so that the
-    #: next iteration's contribution finds all of them on its own worker.
-    cheap_update: bool = False
+
+    def replicate_updates(self, block_rows: int) -> bool:
+        """Whether every worker's update task should update every chunk of this one-phase
+        model, as replicas (the next contribution then finds all of them on its own
+        worker, and recovery finds current copies), when the smallest data block has
+        ``block_rows`` rows: True where that costs little next to a contribution."""
+        return False
 
     # -- parameters, scikit-learn style -------------------------------------
     def get_params(self) -> dict[str, Any]:

@@ -29,7 +29,11 @@ class GradientModel(Model):
     """
 
     phases = (("weights",),)
-    cheap_update = True
+    #: Rows a contribution must read for replicated updates to pay: an update touches each
+    #: weight a few times in memory, a contribution spends ~4 flops per weight and row in
+    #: BLAS, so below ~128 rows replicas add over ~10 % (100 MB of weights on 31-row
+    #: blocks, benchmarks/bench_recovery.py: 4.9 s per iteration with them, 3.7 s without).
+    REPLICA_MIN_ROWS = 128
 
     def __init__(self, l2: float = 0.0, learning_rate: float = 0.1, momentum: float = 0.0,
                  batch_size: int | None = None, random_state: int = 0):
@@ -68,6 +72,10 @@ class GradientModel(Model):
         if self.momentum:
             state["velocity"] = value * 0
         return state
+
+    def replicate_updates(self, block_rows: int) -> bool:
+        rows = block_rows if self.batch_size is None else self.batch_size * block_rows / self.n_rows_
+        return rows >= self.REPLICA_MIN_ROWS
 
     def _batch(self, block: dict[str, Any], xp: types.ModuleType, iteration: int, block_id: int):
         """The rows of ``block`` used at ``iteration``: all, or a seeded minibatch share."""
