@@ -152,13 +152,13 @@ def detach(chunks: dict[str, Chunk], client_id: str, run: str, epoch: int, progr
 
 # -- the copies contributions leave behind ------------------------------------------------
 #
-# Every contribution task receives every chunk it reads; the process remembers the two
-# newest copies of each (references, no copy of the data: they are what Dask would hold
-# until the driver releases those versions anyway). When a chunk's owner dies, a live
-# worker's copy -- one iteration old, or current -- is a far better restore than a
-# checkpoint block. Two, because a contribution of the iteration after the driver's may
-# already have read that iteration's replicas (see :func:`dask_scar.iteration.update`):
-# recovery goes back to the driver's version, and wants a copy no newer than that.
+# Every contribution task receives every chunk it reads, and an update task that keeps
+# replicas computes every chunk (see :func:`dask_scar.iteration.replicates`); the process
+# remembers the two newest copies of each (references, no copy of the data: they are what
+# Dask would hold until the driver releases those versions anyway). When a chunk's owner
+# dies, a live worker's copy -- one iteration old, or current -- is a far better restore
+# than a checkpoint block. Two, because work submitted ahead may already have made the
+# next version: recovery goes back to the driver's version, and wants a copy no newer.
 
 _seen: OrderedDict[str, dict[ChunkId, list[Chunk]]] = OrderedDict()   # run -> chunk -> newest copies
 _seen_lock = threading.Lock()
@@ -167,7 +167,8 @@ _SEEN_VERSIONS = 2  # copies remembered per chunk
 
 
 def remember(run: str, chunks: dict[ChunkId, Chunk]) -> None:
-    """Keep ``chunks`` among the newest copies this process saw (contribution tasks call it)."""
+    """Keep ``chunks`` among the newest copies this process saw (contribution tasks call
+    it with what they read, update tasks with their replicas)."""
     with _seen_lock:
         seen = _seen.setdefault(run, {})
         _seen.move_to_end(run)

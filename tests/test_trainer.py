@@ -219,6 +219,14 @@ def test_the_next_iteration_is_submitted_before_this_one_ends(client, digits, tm
     assert sorted(inputs) == list(range(1, 13)) and {len(kinds) for kinds in inputs.values()} == {2}
     assert inputs[1] == [["block", "chunk", "chunk", "chunk", "chunk"]] * 2
     assert {k: v for k, v in inputs.items() if k > 1 and v != [["block", "update"]] * 2} == {}
+    # blocks under REPLICA_MIN_ROWS rows: each update task updates only its own chunks,
+    # and the next contributions read both workers' updates
+    client.register_plugin(GraphLog())
+    small = dd.from_pandas(digits.head(2 * (scar.SoftmaxRegression.REPLICA_MIN_ROWS - 1)), npartitions=4)
+    scar.Trainer(client, scar.SoftmaxRegression()).fit(small, target="label", max_iter=4, tol=0, progress=False)
+    inputs = _contribution_inputs(client)
+    assert inputs[1] == [["block", "chunk", "chunk", "chunk", "chunk"]] * 2
+    assert all(inputs[k] == [["block", "update", "update"]] * 2 for k in (2, 3, 4)), inputs
     # before a checkpoint round the blocks are chosen from the priorities the last
     # iteration reported: the graph after it is submitted once it is done
     client.register_plugin(GraphLog())
