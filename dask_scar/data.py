@@ -127,7 +127,7 @@ def _block_summary(*parts):
     return [summary for _, summary in parts]
 
 
-def _holders(client: Client, futures: list[Future]) -> dict[str, str]:
+def holders(client: Client, futures: list[Future]) -> dict[str, str]:
     """One worker holding each future's data ("" if none), by key: ``Client.who_has``
     answers in no particular order."""
     return {key: sorted(workers)[0] if workers else "" for key, workers in client.who_has(futures).items()}
@@ -167,9 +167,9 @@ def prepare(client: Client, model: Model, data: Any, target: str | None,
         failed[0].result()  # raises the partition's error
 
     by_worker: dict[str, list[Future]] = defaultdict(list)
-    holders = _holders(client, converted)
+    where = holders(client, converted)
     for future in converted:
-        by_worker[holders[future.key]].append(future)
+        by_worker[where[future.key]].append(future)
     summaries = client.gather([client.submit(_block_summary, *futs, pure=False) for futs in by_worker.values()])
     summary = summarize([s for per_worker in summaries for s in per_worker], target is not None)
     model.setup(summary)
@@ -183,8 +183,8 @@ def prepare(client: Client, model: Model, data: Any, target: str | None,
                                     workers=[worker] if worker else None, allow_other_workers=True))
         rows.append(n)
     wait(blocks)
-    holders = _holders(client, blocks)
-    workers = [holders[b.key] for b in blocks]
+    where = holders(client, blocks)
+    workers = [where[b.key] for b in blocks]
     del converted  # the blocks hold the arrays now; partitions stay as lineage only
     logger.info("training data: %d rows in %d blocks on %d workers", summary.n_rows, len(blocks), n_workers)
     return TrainingData(blocks, workers, rows, summary, features, target)

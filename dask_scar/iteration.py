@@ -112,21 +112,21 @@ def build(model: Model, chunks: ParameterChunks, blocks: list[str], block_worker
     for phase, names in enumerate(model.phases):
         inputs = model.phase_inputs(phase)
         refs = list({sources[c].key: sources[c] for c in chunks.ids if c.name in inputs}.values())
+
+        def every_chunk(worker: str) -> list[TaskRef]:
+            # any worker's replicated update result holds every chunk: best this worker's own
+            return [TaskRef(replicas.get(worker) or min(replicas.values()))] if replicas else refs
+
         contributions = []
         for b, (block, worker) in enumerate(zip(blocks, block_workers)):
             key = f"scar-contrib-{tag}-{iteration}-{phase}-{b}"
-            # any worker's update result holds every chunk: best this worker's own
-            params = [TaskRef(replicas.get(worker) or min(replicas.values()))] if replicas else refs
-            contributions.append(add(key, worker, False, contribute, model, phase, TaskRef(block), List(*params),
-                                     iteration, b, chunks.run))
+            contributions.append(add(key, worker, False, contribute, model, phase, TaskRef(block),
+                                     List(*every_chunk(worker)), iteration, b, chunks.run))
         updated = {}
         for w, (worker, own) in enumerate(sorted(chunks.by_worker(names).items())):
             key = f"scar-update-{tag}-{iteration}-{phase}-{w}"
             new_keys = {cid: chunks.key(cid, iteration) for cid in own}
-            if replicated:
-                mine = [TaskRef(replicas[worker])] if worker in replicas else refs
-            else:
-                mine = list({sources[c].key: sources[c] for c in own}.values())
+            mine = every_chunk(worker) if replicated else list({sources[c].key: sources[c] for c in own}.values())
             ref = add(key, worker, True, update, model, List(*mine), List(*contributions),
                       new_keys, iteration, client_id, chunks.run, chunks.epoch, phase == 0 and w == 0, orders)
             updated.update({cid: ref for cid in own})

@@ -340,9 +340,8 @@ def _forget_dead_block_workers(training: data.TrainingData, watch: ClusterWatch)
     if watch.removed and any(w in watch.removed for w in training.workers if w):
         training.workers = [None if w in watch.removed else w for w in training.workers]
     elif None in training.workers:
-        holders = training.blocks[0].client.who_has(training.blocks)
-        training.workers = [sorted(holders.get(b.key, ()))[0] if holders.get(b.key) else None
-                            for b in training.blocks]
+        where = data.holders(training.blocks[0].client, training.blocks)
+        training.workers = [where[b.key] or None for b in training.blocks]
 
 
 def _end_run(client: Client, run: str) -> None:

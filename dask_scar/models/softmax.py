@@ -83,7 +83,7 @@ class SoftmaxRegression(GradientModel):
         # and every tile reuses the same buffers: Dask's workers run with
         # MALLOC_TRIM_THRESHOLD_ set, which makes glibc map and unmap (and the kernel
         # zero) a fresh large temporary every time, ~30 % of this loop.
-        tile = max(1, min(n, n if xp is not np else int(config.get("tile-rows"))))
+        tile = max(1, n if xp is not np else min(n, int(config.get("tile-rows"))))
         buffer, column = xp.empty((k, tile), dtype=X.dtype), xp.empty(tile, dtype=X.dtype)
         offsets = xp.arange(tile, dtype=y.dtype)
         for s in range(0, n, tile):
