@@ -66,10 +66,13 @@ def _sizeof_chunk(chunk: Chunk) -> int:
     return sum(sizeof(v) for v in chunk.state.values()) + (0 if chunk.reference is None else sizeof(chunk.reference))
 
 
+CHUNK_PREFIX = "scar-chunk-"
+
+
 def chunk_key(run: str, cid: ChunkId, epoch: int, version: int) -> str:
     """The key of ``version`` of a chunk made in ``epoch`` of ``run`` (a recovery
     starts a new epoch, so a key never names two different values)."""
-    return f"scar-chunk-{run}-{cid.name}-{cid.index}-e{epoch}-v{version}"
+    return f"{CHUNK_PREFIX}{run}-{cid.name}-{cid.index}-e{epoch}-v{version}"
 
 
 def split_rows(layouts: dict[str, BlockLayout], n_chunks: int) -> list[ChunkId]:

@@ -7,7 +7,9 @@ hook. It
   ``scar-detach`` stream handler, see :mod:`dask_scar.chunks`), refusing chunks of
   a run's past epoch so that work abandoned by a recovery leaves nothing behind;
 * tells drivers about the cluster: when a worker is removed, which ``scar-`` keys
-  died with it, and when a worker joins — as events on the ``scar`` topic.
+  died with it, and when a worker joins — as events on the ``scar`` topic;
+* keeps the Active Memory Manager from dropping copies of parameter chunks (see
+  :class:`KeepChunkReplicas`).
 
 The scheduler's ``remove_worker`` plugin hook runs only after the lost keys have
 been forgotten; the scheduler's own ``remove-worker`` event on the ``all`` topic,
@@ -26,14 +28,38 @@ import time
 from typing import Any
 
 from distributed import Client
+from distributed.active_memory_manager import ReduceReplicas
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from .chunks import DETACH_OP, PROGRESS_TOPIC
+from .chunks import CHUNK_PREFIX, DETACH_OP, PROGRESS_TOPIC
 
 logger = logging.getLogger(__name__)
 
 CLUSTER_TOPIC = "scar"          # events: a worker was removed (and what it lost), a worker joined
 EPOCH_HANDLER = "scar_epoch"    # rpc: a driver moves its run to a new epoch
+
+
+class KeepChunkReplicas(ReduceReplicas):
+    """Dask's ``ReduceReplicas`` policy of the Active Memory Manager, except for chunks.
+
+    Every 2 s, by default, the AMM drops all but one copy of each key, choosing the
+    worker with the most memory in use -- for a chunk, often its owner. The owner's
+    next update then fetches the chunk back over the network, and a worker killed
+    later takes with it chunks the driver believes live elsewhere (seen on a GPU
+    run: 4 chunks lost with a worker that owned 2). Copies of a chunk exist only
+    where a contribution read it, and go with its version one iteration later;
+    they are the copies recovery takes over first.
+    """
+
+    def run(self):
+        suggestions = super().run()
+        answer = None
+        while True:
+            try:
+                suggestion = suggestions.send(answer)
+            except StopIteration:
+                return
+            answer = None if str(suggestion.ts.key).startswith(CHUNK_PREFIX) else (yield suggestion)
 
 
 class ScarPlugin(SchedulerPlugin):
@@ -63,11 +89,21 @@ class ScarPlugin(SchedulerPlugin):
         self.scheduler = scheduler
         scheduler.stream_handlers[DETACH_OP] = self._detach
         scheduler.handlers[EPOCH_HANDLER] = self._set_epoch
+        self._swap_policies(ReduceReplicas, KeepChunkReplicas)
 
     async def close(self) -> None:
         if self.scheduler is not None:
             self.scheduler.stream_handlers.pop(DETACH_OP, None)
             self.scheduler.handlers.pop(EPOCH_HANDLER, None)
+            self._swap_policies(KeepChunkReplicas, ReduceReplicas)
+
+    def _swap_policies(self, old: type, new: type) -> None:
+        """Replace the Active Memory Manager's policies of exactly type ``old`` by ``new``."""
+        amm = self.scheduler.extensions.get("amm")
+        for policy in list(getattr(amm, "policies", ())):
+            if type(policy) is old:
+                amm.policies.remove(policy)
+                amm.add_policy(new())
 
     # -- hooks -----------------------------------------------------------------------
     def log_event(self, topic: str, msg: Any) -> None:

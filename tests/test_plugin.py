@@ -2,8 +2,9 @@
 
 import os
 
+import numpy as np
 import pytest
-from conftest import cli_cluster, new_cluster
+from conftest import cli_cluster, new_cluster, wait_for
 from distributed import Client
 
 import dask_scar as scar
@@ -47,3 +48,27 @@ def test_new_cluster_helper_uses_processes():
     with new_cluster(2) as cluster, Client(cluster) as client:
         pids = client.run(os.getpid)
         assert len(set(pids.values())) == 2 and os.getpid() not in pids.values()
+
+
+def test_memory_manager_keeps_chunk_copies_and_drops_others(own_client):
+    """Dask's Active Memory Manager drops extra copies of keys, chunks too; with the
+    plugin it still does, except for parameter chunks (their owners' copies must stay)."""
+    client = own_client
+    a = sorted(client.scheduler_info()["workers"])[0]
+
+    def two_copies(key):
+        future = client.submit(np.ones, 1000, key=key, workers=[a])
+        client.replicate([future], n=2)
+        client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.extensions["amm"].run_once())
+        return future
+
+    def copies(key):
+        return client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks[key].who_has))
+
+    before = two_copies("scar-chunk-test-weights-0-e0-v1")
+    wait_for(lambda: copies(before.key) == 1, what="Dask's memory manager to drop a chunk copy")
+
+    client.register_plugin(scar.ScarPlugin())
+    chunk, other = two_copies("scar-chunk-test-weights-0-e0-v2"), two_copies("some-array")
+    wait_for(lambda: copies(other.key) == 1, what="the memory manager to drop a copy")
+    assert copies(chunk.key) == 2
