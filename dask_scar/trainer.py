@@ -18,7 +18,7 @@ from . import checkpoint, config, data
 from .backend import array_module
 from .checkpoint import Checkpointer
 from .chunks import ParameterChunks, place, split_rows
-from .exceptions import CheckpointError
+from .exceptions import BackendError, CheckpointError
 from .models import Model
 from .plugin import ensure_plugin
 from .policy import CheckpointPolicy, default_policy
@@ -117,6 +117,9 @@ class Trainer:
             raise ValueError(f"n_chunks must be a positive integer or None, got {n_chunks!r}")
         if not isinstance(model, Model):
             raise TypeError(f"model must be a dask_scar model, got {type(model).__name__}")
+        if backend not in model.backends:
+            raise BackendError(f"{type(model).__name__} runs on {' or '.join(model.backends)} only, "
+                               f"not backend={backend!r}: use Trainer(..., backend={model.backends[0]!r})")
         array_module(backend)  # fail now, with an install hint, if CuPy is missing
         self.client = client
         self.model = model

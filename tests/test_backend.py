@@ -32,3 +32,10 @@ def test_mixed_numpy_and_cupy_raise():
         get_array_module(np.zeros(2), cp.zeros(2))
     assert get_array_module(cp.zeros(2)) is cp
     np.testing.assert_array_equal(to_host(cp.arange(3)), np.arange(3))
+
+
+def test_a_model_refuses_a_backend_it_does_not_run_on():
+    import dask_scar as scar
+
+    with pytest.raises(BackendError, match=r"LDA runs on numpy only, not backend='cupy'.*backend='numpy'"):
+        scar.Trainer(None, scar.LDA(), backend="cupy")

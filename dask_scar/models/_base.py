@@ -97,6 +97,8 @@ class Model:
     feature_dtype: str = "float32"
     #: dtype of the target vector, or None when the model has no separate target.
     target_dtype: str | None = "float32"
+    #: Array libraries the model's maths runs on (``Trainer(backend=...)`` names one).
+    backends: tuple[str, ...] = ("numpy", "cupy")
 
     def replicate_updates(self, block_rows: int) -> bool:
         """Whether every worker's update task should update every chunk of this one-phase
