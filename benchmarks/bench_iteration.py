@@ -9,8 +9,13 @@ profiler off (``distributed.worker.profile.enabled: false``; by default it sampl
 every thread of every worker every 10 ms, on the cores the training needs).
 Then the time to a fixed loss against scikit-learn's ``LogisticRegression`` (lbfgs).
 
+With ``--backend cupy`` both sides run on the GPU: the workers keep blocks and
+chunks as CuPy arrays, and the baseline is the same loop on CuPy arrays in one
+process (timed with a device synchronisation after every iteration).
+
     python benchmarks/bench_iteration.py                  # 1,000,000 and 200,000 rows
     python benchmarks/bench_iteration.py --rows 200000 --no-sklearn
+    python benchmarks/bench_iteration.py --backend cupy --workers 1 --rows 10000000 1000000 --no-sklearn
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from distributed import Client, LocalCluster
 import dask.dataframe as dd
 
 import dask_scar as scar
+from dask_scar.backend import array_module, to_device
 from dask_scar.local import fit_local, prepare_local
 
 FEATURES, CLASSES = 100, 10
@@ -42,16 +48,23 @@ def make_frame(rows: int, seed: int = 0) -> pd.DataFrame:
     return frame
 
 
-def local_seconds(frame: pd.DataFrame, iters: int) -> float:
+def local_seconds(frame: pd.DataFrame, iters: int, backend: str) -> float:
+    xp = array_module(backend)
     model = scar.SoftmaxRegression(learning_rate=0.5)
-    block = prepare_local(model, frame, "label")
+    block = {k: to_device(v, xp) for k, v in prepare_local(model, frame, "label").items()}
+    sync = (lambda: None) if xp is np else xp.cuda.Device().synchronize
     stamps = [time.perf_counter()]
-    fit_local(model, block, iters, callback=lambda k: stamps.append(time.perf_counter()))
+
+    def stamp(k):
+        sync()
+        stamps.append(time.perf_counter())
+
+    fit_local(model, block, iters, xp=xp, callback=stamp)
     return float(np.median(np.diff(stamps)[2:]))
 
 
-def dask_seconds(client: Client, ddf, iters: int) -> float:
-    result = scar.Trainer(client, scar.SoftmaxRegression(learning_rate=0.5)).fit(
+def dask_seconds(client: Client, ddf, iters: int, backend: str) -> float:
+    result = scar.Trainer(client, scar.SoftmaxRegression(learning_rate=0.5), backend=backend).fit(
         ddf, target="label", max_iter=iters, tol=0, progress=False)
     return float(result.history["seconds"].iloc[3:].median())
 
@@ -86,6 +99,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 200_000])
     parser.add_argument("--iters", type=int, default=25)
     parser.add_argument("--no-sklearn", action="store_true")
+    parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
+                        help="array library of both sides (cupy: workers and baseline on the GPU)")
+    parser.add_argument("--workers", type=int, default=2, help="workers of the cluster (one thread each)")
     parser.add_argument("--max-iter", type=int, default=400, help="iteration cap of the time-to-loss runs")
     args = parser.parse_args()
 
@@ -94,23 +110,23 @@ def main() -> None:
     dask_s = {rows: {} for rows in args.rows}
     for profiler in (True, False):
         with dask.config.set({"distributed.worker.profile.enabled": profiler}), \
-                LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster, \
+                LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=":0") as cluster, \
                 Client(cluster) as client:
             for rows, frame in frames.items():
                 ddf = dd.from_pandas(frame, npartitions=4).persist()
                 # interleave the two, twice, so that drifting machine load hits both alike
                 times = []
                 for _ in range(2):
-                    numpy_s[rows].append(local_seconds(frame, args.iters))
-                    times.append(dask_seconds(client, ddf, args.iters))
+                    numpy_s[rows].append(local_seconds(frame, args.iters, args.backend))
+                    times.append(dask_seconds(client, ddf, args.iters, args.backend))
                 dask_s[rows][profiler] = min(times)
-            if not profiler and not args.no_sklearn:
+            if not profiler and not args.no_sklearn and args.backend == "numpy":
                 rows = min(args.rows)
                 time_to_loss(client, frames[rows], dd.from_pandas(frames[rows], npartitions=4).persist(),
                              args.max_iter)
-    print(f"\nsoftmax regression, {FEATURES} features x {CLASSES} classes, float32; 2 workers x 1 thread "
-          "vs one NumPy process (ratio: Dask / NumPy time per iteration)")
-    print(f"{'rows':>10} {'numpy ms/it':>12} {'dask ms/it':>11} {'ratio':>7} {'profiler off':>13} {'ratio':>7}")
+    print(f"\nsoftmax regression, {FEATURES} features x {CLASSES} classes, float32; {args.workers} workers x 1 "
+          f"thread vs one process, backend {args.backend} (ratio: Dask / one process, time per iteration)")
+    print(f"{'rows':>10} {'single ms/it':>12} {'dask ms/it':>11} {'ratio':>7} {'profiler off':>13} {'ratio':>7}")
     for rows in args.rows:
         n, on, off = min(numpy_s[rows]), dask_s[rows][True], dask_s[rows][False]
         print(f"{rows:>10,} {n * 1000:12.1f} {on * 1000:11.1f} {on / n:7.2f} {off * 1000:13.1f} {off / n:7.2f}")

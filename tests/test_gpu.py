@@ -1,11 +1,18 @@
 """The CuPy path: run where CuPy and a GPU are present (skipped elsewhere)."""
 
+import dask.dataframe as dd
 import numpy as np
+import pandas as pd
 import pytest
 
 cp = pytest.importorskip("cupy")
+try:
+    cp.cuda.runtime.getDeviceCount()
+except cp.cuda.runtime.CUDARuntimeError:  # pragma: no cover - CuPy installed without a GPU
+    pytest.skip("CuPy is installed but no GPU is visible", allow_module_level=True)
 
 import dask_scar as scar  # noqa: E402
+from conftest import low_rank_ratings, new_cluster  # noqa: E402
 from dask_scar.local import fit_local, prepare_local  # noqa: E402
 
 
@@ -19,16 +26,56 @@ def test_local_maths_on_the_gpu_equal_numpy(digits):
     np.testing.assert_allclose(device_losses, host_losses, rtol=1e-4)
 
 
-def test_trainer_with_cupy_backend(client, digits):
+def _linear_frame(rows=4000, features=8, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((rows, features)).astype(np.float32)
+    frame = pd.DataFrame(X, columns=[f"x{i}" for i in range(features)])
+    frame["y"] = X @ rng.standard_normal(features).astype(np.float32) + 0.5
+    return frame
+
+
+@pytest.mark.parametrize("make, frame, target", [
+    (lambda: scar.SoftmaxRegression(momentum=0.9), "digits", "label"),
+    (lambda: scar.SoftmaxRegression(batch_size=400), "digits", "label"),
+    (lambda: scar.LinearRegression(l2=0.1, momentum=0.9), "linear", "y"),
+    (lambda: scar.MatrixFactorization(rank=5, l2=1e-3), "ratings", None),
+], ids=["softmax", "softmax-minibatch", "linear", "als"])
+def test_trainer_on_cupy_equals_the_numpy_maths(client, digits, make, frame, target):
+    """Blocks and chunks live on the GPU; losses equal a NumPy run of the same blocks
+    (minibatches are drawn per block), and fitted parameters come back to the host."""
+    frame = dd.from_pandas({"digits": digits, "linear": _linear_frame(), "ratings": low_rank_ratings()[0]}[frame],
+                           npartitions=4)
+    results = {backend: scar.Trainer(client, make(), backend=backend).fit(
+        frame, target=target, max_iter=40, tol=0, progress=False) for backend in ("numpy", "cupy")}
+    assert all(isinstance(v, np.ndarray) for v in results["cupy"].params.values())
+    np.testing.assert_allclose(results["cupy"].history["loss"], results["numpy"].history["loss"], rtol=2e-4)
+    assert results["cupy"].history["loss"].iloc[-1] < results["cupy"].history["loss"].iloc[0]
+
+
+def test_digits_accuracy_on_cupy(client, digits):
     model = scar.SoftmaxRegression(momentum=0.9)
-    result = scar.Trainer(client, model, backend="cupy").fit(digits, target="label", max_iter=60, progress=False)
-    assert isinstance(result.params["weights"], np.ndarray)
+    scar.Trainer(client, model, backend="cupy").fit(digits, target="label", max_iter=60, progress=False)
     assert model.score(digits, "label") > 0.95
 
 
-def test_als_on_the_gpu():
-    from conftest import low_rank_ratings
+@pytest.mark.slow
+def test_killed_gpu_worker_is_recovered_from_the_store(tmp_path, digits):
+    """SIGKILL a worker that holds CuPy chunks: its chunks come back (from the Zarr store,
+    or from copies on the live worker) onto the GPU, and all 60 iterations run."""
+    from test_recovery import fit_killed_midway, scar_client
 
+    big = pd.concat([digits] * 20, ignore_index=True)
+    with new_cluster(2) as cluster, scar_client(cluster) as client:
+        trainer = scar.Trainer(client, scar.SoftmaxRegression(), store=tmp_path / "ckpt.zarr",
+                               n_chunks=4, backend="cupy")
+        result, victim = fit_killed_midway(client, trainer, big, version=10)
+    (event,) = result.events
+    assert event.worker == victim and len(event.lost_chunks + event.moved_chunks + event.peer_chunks) == 2
+    assert result.n_iter == 60 and np.isfinite(result.history["loss"]).all()
+    assert result.history["loss"].iloc[-1] < result.history["loss"].iloc[0] / 2
+
+
+def test_als_on_the_gpu():
     frame, _ = low_rank_ratings()
     model = scar.MatrixFactorization(rank=5, l2=1e-6)
     block = {k: cp.asarray(v) for k, v in prepare_local(model, frame).items()}
