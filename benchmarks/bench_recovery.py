@@ -33,6 +33,7 @@ import pandas as pd
 from distributed import Client, LocalCluster
 
 import dask_scar as scar
+from dask_scar.recovery import live_workers
 
 
 def wide_frame(features: int, classes: int, rows: int, seed: int = 0) -> pd.DataFrame:
@@ -63,7 +64,7 @@ class Listener:
 
 def one_kill(client: Client, listener: Listener, frame: pd.DataFrame, store: Path, mode: str,
              n_chunks: int) -> dict:
-    victim = sorted(client.scheduler_info()["workers"])[1]
+    victim = sorted(live_workers(client))[1]
     pid = client.run(os.getpid, workers=[victim])[victim]
     killed = {}
 

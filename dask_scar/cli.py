@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .datasets import synthetic_classification
+from .recovery import live_workers
 
 
 def _loss_curve(history: pd.DataFrame, lines: int = 12) -> str:
@@ -94,7 +95,7 @@ def demo(args: argparse.Namespace) -> int:
         ddf = dd.from_pandas(frame, npartitions=2 * args.workers)
         for name, (policy, recovery, kill, copies) in strategies.items():
             client = cluster.ready()      # the nanny has replaced the worker killed before
-            victim = sorted(client.scheduler_info()["workers"])[min(1, args.workers - 1)]
+            victim = sorted(live_workers(client))[min(1, args.workers - 1)]
             killed = []
 
             def callback(iteration, loss, victim=victim, kill=kill, killed=killed):

@@ -23,6 +23,7 @@ from distributed import Client, Future, wait
 from .backend import array_module, to_device
 from .exceptions import DataError
 from .models import ColumnSummary, DataSummary, Model
+from .recovery import live_workers
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ def prepare(client: Client, model: Model, data: Any, target: str | None,
 
     Raises :class:`DataError` naming the offending column before any training.
     """
-    n_workers = len(client.scheduler_info(n_workers=-1)["workers"])
+    n_workers = len(live_workers(client))
     if n_workers == 0:
         raise DataError("the cluster has no workers: start some (cluster.scale(n)) before fit()")
     frame = as_dask_frame(data, n_workers)

@@ -155,7 +155,13 @@ class ClusterWatch:
 
 
 def live_workers(client: Client) -> set[str]:
-    return set(client.scheduler_info(n_workers=-1)["workers"])
+    """The addresses of the cluster's workers, asked of the scheduler now.
+
+    Not ``Client.scheduler_info()``: it refreshes the client's cached identity and
+    returns the cache, which the client's own periodic refresh (every 2 s, asking for
+    no workers) can overwrite in between -- an empty worker list now and then.
+    """
+    return set(client.sync(client.scheduler.identity, n_workers=-1)["workers"])
 
 
 def check_scheduler(client: Client, hint: str) -> None:

@@ -8,6 +8,7 @@ import pytest
 import dask_scar as scar
 from dask_scar import data
 from dask_scar.exceptions import DataError
+from dask_scar.recovery import live_workers
 
 
 def _frame(n=200, seed=0):
@@ -26,7 +27,7 @@ def _prepare(client, frame, npartitions=4, **kwargs):
 def test_one_block_per_worker_with_all_rows(client):
     frame = _frame(1000)
     training = _prepare(client, frame, npartitions=8)
-    workers = set(client.scheduler_info()["workers"])
+    workers = live_workers(client)
     assert len(training.blocks) == 2 and set(training.workers) == workers
     assert sum(training.rows) == 1000 == training.n_rows
     blocks = client.gather(training.blocks)

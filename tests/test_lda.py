@@ -13,6 +13,7 @@ import dask_scar as scar
 from dask_scar.datasets import synthetic_corpus
 from dask_scar.local import fit_local, prepare_local
 from dask_scar.models._base import LOCAL_STATE
+from dask_scar.recovery import live_workers
 
 FRAME, TRUE_TOPICS = synthetic_corpus(400, 100, 4, 50, seed=0)   # 20 000 tokens
 # (a corpus where collapsed Gibbs from a random start stalled in a merged-topics local
@@ -185,7 +186,7 @@ def test_worker_loss_resamples_and_recovers(tmp_path):
 
         baseline = fit("baseline")
         client.wait_for_workers(3, timeout=60)
-        victim = sorted(client.scheduler_info()["workers"])[1]
+        victim = sorted(live_workers(client))[1]
         fired = []
 
         def kill(k, loss):

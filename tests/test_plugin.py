@@ -9,6 +9,7 @@ from distributed import Client
 
 import dask_scar as scar
 from dask_scar.plugin import ensure_plugin
+from dask_scar.recovery import live_workers
 
 
 def _has_plugin(client):
@@ -54,7 +55,7 @@ def test_memory_manager_keeps_chunk_copies_and_drops_others(own_client):
     """Dask's Active Memory Manager drops extra copies of keys, chunks too; with the
     plugin it still does, except for parameter chunks (their owners' copies must stay)."""
     client = own_client
-    a = sorted(client.scheduler_info()["workers"])[0]
+    a = sorted(live_workers(client))[0]
 
     def two_copies(key):
         future = client.submit(np.ones, 1000, key=key, workers=[a])

@@ -23,7 +23,7 @@ from dask_scar.bench import iteration_cost
 from dask_scar.chunks import ChunkId
 from dask_scar.datasets import synthetic_classification
 from dask_scar.local import fit_local, prepare_local
-from dask_scar.recovery import Drift
+from dask_scar.recovery import Drift, live_workers
 
 FRAME = synthetic_classification(12_000, 63, 10, seed=1)   # 64 weight rows x 10 classes
 MODEL_BYTES = 64 * 10 * 4
@@ -128,7 +128,7 @@ def test_drift_bounds_the_perturbation_and_predicts_with_the_contraction_bound()
 
 
 def test_plugin_reports_the_lost_scar_keys(own_client):
-    victim, survivor = sorted(own_client.scheduler_info()["workers"])
+    victim, survivor = sorted(live_workers(own_client))
     own_client.register_plugin(scar.ScarPlugin())
     lost = own_client.scatter({"scar-chunk-test-x-0-e0-v3": np.ones(4), "not-ours": np.ones(4)}, workers=[victim])
     kept = own_client.scatter({"scar-chunk-test-x-1-e0-v3": np.ones(4)}, workers=[survivor])
@@ -154,7 +154,7 @@ def test_partial_recovery_restores_only_the_lost_chunks_and_beats_full_rollback(
                              ("scar", scar.PrioritizedCheckpoint(0.3, every=3))]:
             store = tmp_path / f"{mode}.zarr"
             with new_cluster(4) as cluster, scar_client(cluster) as client:
-                victim = sorted(client.scheduler_info()["workers"])[1]
+                victim = sorted(live_workers(client))[1]
 
                 def kill(store=store, mode=mode, client=client, victim=victim):
                     saved[mode] = scar.open_store(store).saved_at    # what a restore can read
@@ -195,7 +195,7 @@ def test_partial_recovery_restores_only_the_lost_chunks_and_beats_full_rollback(
 def fit_killed_midway(client, trainer, frame, version: int):
     """``trainer.fit(frame)`` for 60 iterations in a thread, SIGKILLing the second worker at
     a random moment once chunk version ``version`` exists; returns the result and the victim."""
-    victim = sorted(client.scheduler_info()["workers"])[1]
+    victim = sorted(live_workers(client))[1]
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.update(
         result=trainer.fit(frame, target="label", max_iter=60, tol=0, progress=False)))
@@ -255,7 +255,7 @@ def test_live_copies_restore_lost_chunks_without_the_store(tmp_path):
     cheap), and recovery takes those instead of reading the store (scar.recovery.replicas)."""
     with new_cluster(4) as cluster, scar_client(cluster) as client:
         free = train(client, tmp_path, "free")
-        victim = sorted(client.scheduler_info()["workers"])[1]
+        victim = sorted(live_workers(client))[1]
         result = train(client, tmp_path, "copies", callback=once_at(35, lambda: kill_worker(client, victim)))
         # the copies are dropped with the run
         assert all(keys == [] for keys in client.run(lambda: list(__import__("dask_scar.chunks").chunks._seen)
@@ -277,7 +277,7 @@ def test_loss_after_the_last_iteration(tmp_path):
         results = {}
         for mode in ("partial", "full"):
             client.wait_for_workers(2, timeout=60)
-            victim = sorted(client.scheduler_info()["workers"])[1]
+            victim = sorted(live_workers(client))[1]
             results[mode] = train(client, tmp_path, mode, max_iter=25, recovery=mode,
                                   callback=once_at(25, lambda victim=victim: kill_worker(client, victim)))
     (partial,) = results["partial"].events
@@ -294,7 +294,7 @@ def test_loss_after_the_last_iteration(tmp_path):
 @pytest.mark.slow
 def test_graceful_retirement_moves_chunks_without_restoring(tmp_path, digits):
     with new_cluster(3) as cluster, scar_client(cluster) as client:
-        victim = sorted(client.scheduler_info()["workers"])[0]
+        victim = sorted(live_workers(client))[0]
         hyper = dict(l2=1e-4, learning_rate=0.5, momentum=0.9)
         result = scar.Trainer(client, scar.SoftmaxRegression(**hyper), store=tmp_path / "ckpt.zarr", n_chunks=6).fit(
             digits, target="label", max_iter=60, tol=0, progress=False,
@@ -314,7 +314,7 @@ def test_chunks_never_checkpointed_start_again_from_their_initial_value(tmp_path
     # (no live copies: restored from the store alone)
     with dask.config.set({"scar.recovery.replicas": False}), new_cluster(2) as cluster, \
             scar_client(cluster) as client:
-        victim = sorted(client.scheduler_info()["workers"])[0]
+        victim = sorted(live_workers(client))[0]
         result = train(client, tmp_path, "early", max_iter=40, callback=once_at(4, lambda: kill_worker(client, victim)))
     (event,) = result.events
     assert event.bytes_read == 0 and len(event.lost_chunks) == 4
@@ -327,7 +327,7 @@ def test_chunks_never_checkpointed_start_again_from_their_initial_value(tmp_path
 def test_two_workers_lost_close_together(tmp_path):
     with dask.config.set({"scar.recovery.replicas": False}), new_cluster(4) as cluster, \
             scar_client(cluster) as client:
-        first, second = sorted(client.scheduler_info()["workers"])[1:3]
+        first, second = sorted(live_workers(client))[1:3]
         free = train(client, tmp_path, "free")
 
         def kill_two():
@@ -361,7 +361,7 @@ def test_worker_lost_during_recovery(tmp_path):
     with dask.config.set({"scar.recovery.replicas": False}), new_cluster(4) as cluster, \
             scar_client(cluster) as client:
         free = train(client, tmp_path, "free")
-        workers = sorted(client.scheduler_info()["workers"])
+        workers = sorted(live_workers(client))
         client.register_plugin(DieWhenRestoring())
         result = train(client, tmp_path, "killed", callback=once_at(35, lambda: kill_worker(client, workers[1])))
     (event,) = result.events                     # one recovery, started again when its restorer died
@@ -375,7 +375,7 @@ def test_worker_lost_during_recovery(tmp_path):
 @pytest.mark.slow
 def test_new_worker_gets_chunks_at_the_next_rebalance(tmp_path, digits):
     with new_cluster(2) as cluster, scar_client(cluster) as client:
-        before = set(client.scheduler_info()["workers"])
+        before = set(live_workers(client))
         holders = {}
 
         def grow():
@@ -391,7 +391,7 @@ def test_new_worker_gets_chunks_at_the_next_rebalance(tmp_path, digits):
         result = scar.Trainer(client, scar.SoftmaxRegression(**hyper), n_chunks=6).fit(
             digits, target="label", max_iter=30, tol=0, progress=False,
             callback=lambda k, loss: steps[k]() if k in steps else None)
-        (new,) = set(client.scheduler_info()["workers"]) - before
+        (new,) = set(live_workers(client)) - before
     assert new in holders["chunks"]
     assert result.history["event"].iloc[10] == f"rebalanced 2 chunk(s) onto {new}"
     reference = scar.SoftmaxRegression(**hyper)
@@ -404,7 +404,7 @@ def test_cli_cluster_kill_one_then_every_worker(tmp_path):
     """``dask scheduler --preload dask_scar.preload`` + ``dask worker`` (no nanny: the dead stay dead)."""
     with dask.config.set({"scar.recovery.replicas": False}), cli_cluster(tmp_path, 4) as (cluster, client):
         free = train(client, tmp_path, "free")
-        victim = sorted(client.scheduler_info()["workers"])[1]
+        victim = sorted(live_workers(client))[1]
         saved = {}
 
         def kill_all():
@@ -414,7 +414,7 @@ def test_cli_cluster_kill_one_then_every_worker(tmp_path):
             threading.Timer(1.0, cluster.add_workers, args=(2,)).start()   # replacements arrive later
         steps = {20: lambda: kill_worker(client, victim), 42: kill_all}
         result = train(client, tmp_path, "killed", callback=lambda k, loss: steps.pop(k)() if k in steps else None)
-        assert len(client.scheduler_info()["workers"]) == 2
+        assert len(live_workers(client)) == 2
     one, every = result.events
     assert one.worker == victim and len(one.lost_chunks) == 2 and 0 < one.bytes_read <= 1.05 * MODEL_BYTES / 4
     assert one.est_perturbation > 0     # round 20 was chosen, not yet written: round 10 was restored

@@ -20,6 +20,7 @@ import dask.dataframe as dd
 import pandas as pd
 from distributed import Client
 
+from ..recovery import live_workers
 from ..trainer import Trainer
 from ._cases import Case
 from ._cost import reached
@@ -59,7 +60,7 @@ class BenchCluster:
     def ready(self) -> Client:
         deadline = time.monotonic() + self.patience
         while True:
-            alive = set(self.client.scheduler_info(n_workers=-1)["workers"])
+            alive = live_workers(self.client)
             if len(alive) == self.workers and not alive & self.killed:
                 return self.client
             if time.monotonic() > deadline:
@@ -92,7 +93,7 @@ def run_real(cluster: BenchCluster, case: Case, frame: pd.DataFrame, store: str 
     addresses, the order chunks are placed in) after iteration ``failure``; stop when
     the (smoothed) loss reaches ``target``, or after ``max_iter`` iterations."""
     client, workers = cluster.ready(), cluster.workers
-    addresses = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    addresses = sorted(live_workers(client))
     doomed = [addresses[v] for v in victims]
     losses: list[float] = []
 
