@@ -82,8 +82,9 @@ def time_to_loss(client: Client, frame: pd.DataFrame, ddf, max_iter: int) -> Non
     target = sk_loss * 1.001
     print(f"\ntime to loss <= {target:.5f} (scikit-learn's optimum {sk_loss:.5f} + 0.1 %), {len(y):,} rows:")
     print(f"  scikit-learn lbfgs       {sk_seconds:7.2f} s  {int(sk.n_iter_[0]):4d} iterations (to its own tol)")
-    for name, momentum in (("dask-scar GD", 0.0), ("dask-scar Nesterov 0.9", 0.9)):
-        result = scar.Trainer(client, scar.SoftmaxRegression(l2=l2, learning_rate=0.5, momentum=momentum)).fit(
+    for name, hyper in (("dask-scar GD", {}), ("dask-scar Nesterov 0.9", {"momentum": 0.9}),
+                        ("dask-scar L-BFGS", {"solver": "lbfgs"})):
+        result = scar.Trainer(client, scar.SoftmaxRegression(l2=l2, learning_rate=0.5, **hyper)).fit(
             ddf, target="label", max_iter=max_iter, tol=0, progress=False)
         h = result.history
         hit = h.index[h["loss"] <= target]

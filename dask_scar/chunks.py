@@ -229,6 +229,10 @@ def _init_chunks(model: Model, ids: list[ChunkId], keys: list[str], client_id: s
     return totals
 
 
+def _fitted_value(chunk: Chunk, model: Model) -> np.ndarray:
+    return to_host(model.fitted_value(chunk.state))
+
+
 @dataclass
 class ParameterChunks:
     """The driver's view of the chunks: where each lives and the futures holding them.
@@ -310,10 +314,13 @@ class ParameterChunks:
         """Chunks whose only copy the scheduler reported lost (their worker died)."""
         return [cid for cid, f in self.futures.items() if f.status in ("lost", "cancelled")]
 
-    def gather(self) -> dict[str, np.ndarray]:
-        """The full parameters as NumPy arrays (their data passes through the driver)."""
-        chunks = self.client.gather(list(self.futures.values()))
-        host = {c.id: Chunk(c.id, {"value": to_host(c.value)}, c.version) for c in chunks}
+    def gather(self, model: Model) -> dict[str, np.ndarray]:
+        """The full fitted parameters as NumPy arrays (``model.fitted_value`` of each
+        chunk, taken on its worker: optimizer slots stay there)."""
+        ids = list(self.futures)
+        values = self.client.gather(self.client.map(_fitted_value, [self.futures[c] for c in ids], model=model,
+                                                    pure=False))
+        host = {cid: Chunk(cid, {"value": v}, self.version) for cid, v in zip(ids, values)}
         return assemble(host, tuple(dict.fromkeys(c.name for c in self.ids)), np)
 
     def release(self) -> None:

@@ -28,7 +28,7 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from . import checkpoint
 from .backend import get_array_module
 from .chunks import Chunk, ChunkId, ParameterChunks, assemble, detach, flatten, remember
-from .models import Contribution, Model
+from .models import Contribution, Model, objective
 
 
 def contribute(model: Model, phase: int, block: dict, sources: list, iteration: int, block_id: int,
@@ -57,18 +57,19 @@ def update(model: Model, sources: list, contributions: list[Contribution], keys:
                 checkpoint.restore_reference(chunk, initial, orders)
     if orders is not None and orders.blocks:
         checkpoint.save(own, orders)   # the previous iteration's values, as selected
-    new, steps = {}, {}
-    for cid, chunk in current.items():
-        xp = get_array_module(chunk.value)
-        total = model.combine(cid.name, [c.parts[cid.name] for c in contributions], cid.start, cid.stop, xp)
-        state = model.update(cid.name, chunk.state, total, count, cid.start, cid.stop, xp)
-        new[cid] = Chunk(cid, state, iteration, chunk.reference)
-        if cid in keys:
-            step = (state["value"] - chunk.value).ravel()
-            steps[f"{cid.name}/{cid.index}"] = float(xp.sqrt(xp.vdot(step, step)))  # for recovery's estimates
+    xp = get_array_module(*(chunk.value for chunk in current.values()))
+    totals = {cid: model.combine(cid.name, [c.parts[cid.name] for c in contributions], cid.start, cid.stop, xp)
+              for cid in current}
+    loss = objective(contributions)
+    states = model.update_chunks({cid: chunk.state for cid, chunk in current.items()}, totals, count, loss, xp)
+    new = {cid: Chunk(cid, states[cid], iteration, chunk.reference) for cid, chunk in current.items()}
+    steps = {}
+    for cid in keys:
+        step = (new[cid].value - current[cid].value).ravel()
+        steps[f"{cid.name}/{cid.index}"] = float(xp.sqrt(xp.vdot(step, step)))  # for recovery's estimates
     progress = {"run": run, "epoch": epoch, "iteration": iteration, "steps": steps}
     if report_loss:
-        progress["loss"] = sum(c.loss for c in contributions) / count + contributions[0].penalty
+        progress["loss"] = loss
     if orders is not None and orders.priorities:
         progress["priorities"] = checkpoint.distances({cid: new[cid] for cid in keys}, orders)
     detach({key: new[cid] for cid, key in keys.items()}, client_id, run, epoch, progress)

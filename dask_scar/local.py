@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 
 from . import data
-from .models import Model
+from .chunks import ChunkId
+from .models import Model, objective
 
 
 def prepare_local(model: Model, frame: pd.DataFrame, target: str | None = None,
@@ -32,19 +33,21 @@ def fit_local(model: Model, block: dict[str, np.ndarray], max_iter: int, xp: typ
     ``model`` must be set up (see :func:`prepare_local`). ``callback(iteration)``,
     if given, runs after each iteration.
     """
-    state = {name: model.new_state(name, model.init_rows(name, 0, spec.shape[0], xp))
-             for name, spec in model.parameter_specs().items()}
+    specs = model.parameter_specs()
+    whole = {name: ChunkId(name, 0, 0, spec.shape[0]) for name, spec in specs.items()}   # one chunk each
+    state = {whole[name]: model.new_state(name, model.init_rows(name, 0, spec.shape[0], xp))
+             for name, spec in specs.items()}
     losses = []
     for k in range(1, max_iter + 1):
         for phase, names in enumerate(model.phases):
-            params = {name: state[name]["value"] for name in model.phase_inputs(phase)}
+            params = {name: state[whole[name]]["value"] for name in model.phase_inputs(phase)}
             c = model.contribution(phase, block, params, xp, iteration=k, block_id=0)
+            loss = objective([c])
             if phase == 0:
-                losses.append(c.loss / c.count + c.penalty)
-            for name in names:
-                rows = model.parameter_specs()[name].shape[0]
-                total = model.combine(name, [c.parts[name]], 0, rows, xp)
-                state[name] = model.update(name, state[name], total, c.count, 0, rows, xp)
+                losses.append(loss)
+            ids = [whole[name] for name in names]
+            totals = {cid: model.combine(cid.name, [c.parts[cid.name]], 0, cid.stop, xp) for cid in ids}
+            state.update(model.update_chunks({cid: state[cid] for cid in ids}, totals, c.count, loss, xp))
         if callback is not None:
             callback(k)
-    return {name: s["value"] for name, s in state.items()}, losses
+    return {cid.name: model.fitted_value(s) for cid, s in state.items()}, losses

@@ -246,7 +246,7 @@ class TrainingRun:
 
     def gather(self) -> dict[str, np.ndarray] | None:
         try:
-            return self.chunks.gather()
+            return self.chunks.gather(self.model)
         except CancelledError as exc:
             exc.__traceback__ = None    # see completed()
             return None

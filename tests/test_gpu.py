@@ -34,13 +34,15 @@ def _linear_frame(rows=4000, features=8, seed=0):
     return frame
 
 
-@pytest.mark.parametrize("make, frame, target", [
-    (lambda: scar.SoftmaxRegression(momentum=0.9), "digits", "label"),
-    (lambda: scar.SoftmaxRegression(batch_size=400), "digits", "label"),
-    (lambda: scar.LinearRegression(l2=0.1, momentum=0.9), "linear", "y"),
-    (lambda: scar.MatrixFactorization(rank=5, l2=1e-3), "ratings", None),
-], ids=["softmax", "softmax-minibatch", "linear", "als"])
-def test_trainer_on_cupy_equals_the_numpy_maths(client, digits, make, frame, target):
+@pytest.mark.parametrize("make, frame, target, rtol", [
+    (lambda: scar.SoftmaxRegression(momentum=0.9), "digits", "label", 2e-4),
+    (lambda: scar.SoftmaxRegression(batch_size=400), "digits", "label", 2e-4),
+    # a line search's accept/reject can flip on rounding: a looser tolerance
+    (lambda: scar.SoftmaxRegression(l2=1e-3, solver="lbfgs"), "digits", "label", 2e-3),
+    (lambda: scar.LinearRegression(l2=0.1, momentum=0.9), "linear", "y", 2e-4),
+    (lambda: scar.MatrixFactorization(rank=5, l2=1e-3), "ratings", None, 2e-4),
+], ids=["softmax", "softmax-minibatch", "softmax-lbfgs", "linear", "als"])
+def test_trainer_on_cupy_equals_the_numpy_maths(client, digits, make, frame, target, rtol):
     """Blocks and chunks live on the GPU; losses equal a NumPy run of the same blocks
     (minibatches are drawn per block), and fitted parameters come back to the host."""
     frame = dd.from_pandas({"digits": digits, "linear": _linear_frame(), "ratings": low_rank_ratings()[0]}[frame],
@@ -48,7 +50,7 @@ def test_trainer_on_cupy_equals_the_numpy_maths(client, digits, make, frame, tar
     results = {backend: scar.Trainer(client, make(), backend=backend).fit(
         frame, target=target, max_iter=40, tol=0, progress=False) for backend in ("numpy", "cupy")}
     assert all(isinstance(v, np.ndarray) for v in results["cupy"].params.values())
-    np.testing.assert_allclose(results["cupy"].history["loss"], results["numpy"].history["loss"], rtol=2e-4)
+    np.testing.assert_allclose(results["cupy"].history["loss"], results["numpy"].history["loss"], rtol=rtol)
     assert results["cupy"].history["loss"].iloc[-1] < results["cupy"].history["loss"].iloc[0]
 
 

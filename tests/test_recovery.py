@@ -229,6 +229,24 @@ def test_kill_during_an_iteration_abandons_it_and_goes_on(tmp_path, digits):
 
 
 @pytest.mark.slow
+def test_lbfgs_goes_on_after_a_kill(tmp_path, digits):
+    """L-BFGS keeps its memory in every chunk's state. The dead worker's chunks come
+    back from live copies (the same memory: nothing lost) or from the store (the
+    memories disagree: L-BFGS starts afresh from the current point)."""
+    big = pd.concat([digits] * 20, ignore_index=True)
+    hyper = dict(l2=1e-3, solver="lbfgs")
+    with new_cluster(2) as cluster, scar_client(cluster) as client:
+        trainer = scar.Trainer(client, scar.SoftmaxRegression(**hyper), store=tmp_path / "ckpt.zarr", n_chunks=4)
+        result, victim = fit_killed_midway(client, trainer, big, version=10)
+    (event,) = result.events
+    assert event.worker == victim and result.n_iter == 60
+    reference = scar.SoftmaxRegression(**hyper)
+    _, losses = fit_local(reference, prepare_local(reference, big, "label"), max_iter=60)
+    cost = iteration_cost(result.history, pd.DataFrame({"loss": losses}), at=40)
+    assert cost is not None and cost <= (15 if event.lost_chunks else 2)
+
+
+@pytest.mark.slow
 def test_kill_while_the_next_iteration_is_already_submitted(digits):
     """No callback and no store: every graph is submitted before the one before it ends,
     and every worker's update task keeps current replicas of all chunks. A kill then

@@ -73,6 +73,21 @@ def test_digits_accuracy_and_equality_with_single_process(client, digits):
         timeout=10, what="the run's tasks to be released")
 
 
+def test_lbfgs_on_the_cluster_follows_the_single_process_run(client, digits):
+    """Every update task runs L-BFGS over all 5 chunks (dot products summed chunk by
+    chunk, where one process takes the whole vector): the same path to 0.1 %."""
+    hyper = dict(l2=1e-3, solver="lbfgs")
+    model = scar.SoftmaxRegression(**hyper)
+    result = scar.Trainer(client, model, n_chunks=5).fit(dd.from_pandas(digits, npartitions=4), target="label",
+                                                         max_iter=60, tol=0, progress=False)
+    reference = scar.SoftmaxRegression(**hyper)
+    params, losses = fit_local(reference, prepare_local(reference, digits, "label"), max_iter=60)
+    np.testing.assert_allclose(result.history["loss"], losses, rtol=1e-3)
+    reference.params_ = params
+    assert model.score(digits, "label") == pytest.approx(reference.score(digits, "label"), abs=2e-3)
+    assert model.score(digits, "label") > 0.97
+
+
 def test_predictions_on_dask_and_pandas_agree(client, digits):
     model = scar.SoftmaxRegression(learning_rate=0.5, momentum=0.9)
     ddf = dd.from_pandas(digits, npartitions=3)

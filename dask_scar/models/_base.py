@@ -7,7 +7,8 @@ iteration runs the model's *phases* in order; in each phase
    normal-equation statistics, plus its loss) from the current parameter values;
 2. for each parameter chunk updated in that phase, the contributions of all blocks
    are combined for the chunk's rows and :meth:`Model.update` computes the chunk's
-   new state.
+   new state (:meth:`Model.update_chunks` sees the chunks together, for optimizers
+   that need more than one chunk's rows, such as L-BFGS).
 
 Array code takes ``xp`` (``numpy`` or ``cupy``) so that the same maths runs on both.
 """
@@ -78,6 +79,13 @@ class Contribution:
     count: int
     loss: float | None = None
     penalty: float = 0.0
+
+
+def objective(contributions: list[Contribution]) -> float:
+    """Mean data loss plus penalty over the blocks' contributions (NaN where the phase reports none)."""
+    if any(c.loss is None for c in contributions):
+        return float("nan")
+    return sum(c.loss for c in contributions) / sum(c.count for c in contributions) + contributions[0].penalty
 
 
 @dataclass
@@ -183,6 +191,21 @@ class Model:
     ) -> dict[str, Any]:
         """New state of rows ``start:stop`` of ``name`` from the combined contribution."""
         raise NotImplementedError
+
+    def update_chunks(self, states: dict[Any, dict[str, Any]], totals: dict[Any, Any], count: int,
+                      objective: float, xp: types.ModuleType) -> dict[Any, dict[str, Any]]:
+        """New states of the chunks one update task holds: every chunk of the phase's
+        parameters where updates are replicated, else the worker's own.
+
+        ``states`` and ``totals`` are keyed by chunk ids (``name``, ``start``, ``stop``);
+        ``objective`` is the loss of the current values (mean data loss + penalty).
+        By default, :meth:`update` for each chunk on its own.
+        """
+        return {c: self.update(c.name, states[c], totals[c], count, c.start, c.stop, xp) for c in states}
+
+    def fitted_value(self, state: dict[str, Any]) -> Any:
+        """The value a fitted model keeps from a chunk's final state."""
+        return state["value"]
 
     # -- fitted model --------------------------------------------------------------
     def _fitted(self) -> dict[str, np.ndarray]:

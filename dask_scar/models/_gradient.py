@@ -6,6 +6,7 @@ last row is the intercept, which is not penalised.
 
 from __future__ import annotations
 
+import math
 import types
 from typing import Any
 
@@ -16,8 +17,12 @@ from ..exceptions import DataError
 from ._base import DataSummary, Model, ParameterSpec
 
 
+SOLVERS = ("gd", "lbfgs")
+ARMIJO = 1e-4   # sufficient decrease a trial point must show, as a fraction of the predicted one
+
+
 class GradientModel(Model):
-    """Gradient descent with optional Nesterov momentum on ``weights``.
+    """Gradient descent with optional Nesterov momentum, or L-BFGS, on ``weights``.
 
     The objective is ``mean data loss + l2/2 * ||coef||^2``. With ``momentum=mu``
     the chunk also keeps a velocity ``v`` and the update is the Nesterov step in
@@ -26,6 +31,17 @@ class GradientModel(Model):
 
         v' = mu * v - lr * g
         w' = w - mu * v + (1 + mu) * v'
+
+    With ``solver="lbfgs"`` every update task holds every chunk (replicated
+    updates, see :meth:`replicate_updates`) and runs L-BFGS's two-loop recursion
+    over all of them, with the line search spread over iterations: each iteration
+    evaluates one trial point ``base + t * direction``. A trial that decreases the
+    objective enough (Armijo) becomes the new base and the next direction starts
+    with ``t = 1``; one that does not is replaced by a shorter step from the same
+    base. So an iteration costs one pass over the data, as with gradient descent.
+    Each chunk keeps ``2 * memory + 4`` arrays of its size; when the chunks' states
+    disagree (a recovery restored some of them) the memory starts afresh from the
+    current point.
     """
 
     phases = (("weights",),)
@@ -36,12 +52,14 @@ class GradientModel(Model):
     REPLICA_MIN_ROWS = 128
 
     def __init__(self, l2: float = 0.0, learning_rate: float = 0.1, momentum: float = 0.0,
-                 batch_size: int | None = None, random_state: int = 0):
+                 batch_size: int | None = None, random_state: int = 0, solver: str = "gd", memory: int = 10):
         self.l2 = l2
         self.learning_rate = learning_rate
         self.momentum = momentum
         self.batch_size = batch_size
         self.random_state = random_state
+        self.solver = solver
+        self.memory = memory
 
     def _check_hyperparameters(self) -> None:
         if not self.learning_rate > 0:
@@ -52,6 +70,16 @@ class GradientModel(Model):
             raise ValueError(f"l2 must be >= 0, got {self.l2}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive number of rows or None, got {self.batch_size}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        if self.solver == "lbfgs":
+            if self.batch_size is not None:
+                raise ValueError("solver='lbfgs' needs the whole data in every iteration: use batch_size=None, "
+                                 "or solver='gd' for minibatch SGD")
+            if self.momentum:
+                raise ValueError("momentum applies to solver='gd' only; use momentum=0 with solver='lbfgs'")
+            if not (isinstance(self.memory, int) and self.memory >= 1):
+                raise ValueError(f"memory must be a positive number of L-BFGS correction pairs, got {self.memory!r}")
 
     def setup(self, summary: DataSummary) -> None:
         self._check_hyperparameters()
@@ -69,11 +97,13 @@ class GradientModel(Model):
 
     def new_state(self, name: str, value: Any) -> dict[str, Any]:
         state = {"value": value}
-        if self.momentum:
+        if self.momentum and self.solver == "gd":
             state["velocity"] = value * 0
         return state
 
     def replicate_updates(self, block_rows: int) -> bool:
+        if self.solver == "lbfgs":
+            return True     # its step needs every chunk
         rows = block_rows if self.batch_size is None else self.batch_size * block_rows / self.n_rows_
         return rows >= self.REPLICA_MIN_ROWS
 
@@ -95,14 +125,19 @@ class GradientModel(Model):
         coef = weights[: self.n_features_]
         return 0.5 * self.l2 * float((coef.astype(xp.float64) ** 2).sum())
 
-    def update(self, name, state, total, count, start, stop, xp):
-        w = state["value"]
+    def _gradient(self, w, total, count, start, stop):
+        """The objective's gradient for rows ``start:stop`` (``total``: the summed data part)."""
         g = total * (1.0 / count)
         if self.l2:
             # rows past n_features_ hold the intercept, which is not penalised
             penalised = min(stop, self.n_features_) - start
             if penalised > 0:
                 g[:penalised] += self.l2 * w[:penalised]
+        return g
+
+    def update(self, name, state, total, count, start, stop, xp):
+        w = state["value"]
+        g = self._gradient(w, total, count, start, stop)
         lr = self.learning_rate
         if not self.momentum:
             return {"value": w - lr * g}
@@ -110,6 +145,81 @@ class GradientModel(Model):
         v = state["velocity"]
         v_new = mu * v - lr * g
         return {"value": w - mu * v + (1 + mu) * v_new, "velocity": v_new}
+
+    def update_chunks(self, states, totals, count, objective, xp):
+        if self.solver != "lbfgs":
+            return super().update_chunks(states, totals, count, objective, xp)
+        ids = sorted(states, key=lambda c: c.start)
+        if [c.start for c in ids] != [0, *(c.stop for c in ids[:-1])] or ids[-1].stop != self.n_features_ + 1:
+            raise RuntimeError(f"an L-BFGS update needs every chunk of the weights; it got rows "
+                               f"{[(c.start, c.stop) for c in ids]} of {self.n_features_ + 1}")
+        x = {c: states[c]["value"] for c in ids}
+        g = {c: self._gradient(x[c], totals[c], count, c.start, c.stop) for c in ids}
+
+        def dot(a, b) -> float:    # over all chunks, in float64, in one fixed order: replicas agree
+            return sum(float((a[c].astype(xp.float64) * b[c]).sum()) for c in ids)
+
+        meta = states[ids[0]].get("lbfgs")
+        if meta is None or any(states[c].get("lbfgs") != meta for c in ids):
+            # the first iteration, or chunks from different points (a recovery): start afresh
+            meta, s_pairs, y_pairs = None, [], []
+        else:
+            s_pairs = [{c: states[c]["s"][i] for c in ids} for i in range(len(meta["sy"]))]
+            y_pairs = [{c: states[c]["y"][i] for c in ids} for i in range(len(meta["sy"]))]
+            base, grad, direction = ({c: states[c][k] for c in ids} for k in ("base", "grad", "direction"))
+            t, f_base, slope = meta["t"], meta["f"], meta["slope"]
+        if meta is not None and not (math.isfinite(objective) and objective <= f_base + ARMIJO * t * slope):
+            # the trial point is not good enough: a shorter step from the same base, at the
+            # minimum of the quadratic through f(base), its slope and f(trial), within [t/10, t/2]
+            curvature = objective - f_base - slope * t
+            shrink = -slope * t / (2 * curvature) if math.isfinite(objective) and curvature > 0 else 0.1
+            t *= min(0.5, max(0.1, shrink))
+            sy = meta["sy"]
+        else:
+            sy = meta["sy"] if meta is not None else ()
+            if meta is not None:   # the trial is the new base; remember the curvature pair
+                s_new = {c: x[c] - base[c] for c in ids}
+                y_new = {c: g[c] - grad[c] for c in ids}
+                sy_new, yy = dot(s_new, y_new), dot(y_new, y_new)
+                if sy_new > 1e-10 * yy > 0:
+                    s_pairs, y_pairs = (s_pairs + [s_new])[-self.memory:], (y_pairs + [y_new])[-self.memory:]
+                    sy = (sy + (sy_new,))[-self.memory:]
+            base, grad, f_base = x, g, objective
+            direction = self._two_loop(g, s_pairs, y_pairs, sy, dot)
+            slope = dot(grad, direction)
+            if not slope < 0:      # not a descent direction (rounding): forget the pairs
+                s_pairs, y_pairs, sy = [], [], ()
+                direction = {c: -g[c] for c in ids}
+                slope = dot(grad, direction)
+            t = 1.0 if s_pairs else self.learning_rate
+        meta = {"f": f_base, "t": t, "slope": slope, "sy": sy, "step": (meta or {}).get("step", 0) + 1}
+        return {c: {"value": base[c] + t * direction[c], "base": base[c], "grad": grad[c],
+                    "direction": direction[c], "s": tuple(p[c] for p in s_pairs),
+                    "y": tuple(p[c] for p in y_pairs), "lbfgs": meta} for c in ids}
+
+    @staticmethod
+    def _two_loop(g, s_pairs, y_pairs, sy, dot):
+        """``-H g`` for L-BFGS's inverse-Hessian estimate ``H`` from the pairs (oldest first)."""
+        q = {c: v.copy() for c, v in g.items()}
+        alphas = []
+        for s, y, rho_inv in zip(reversed(s_pairs), reversed(y_pairs), reversed(sy)):
+            a = dot(s, q) / rho_inv
+            alphas.append(a)
+            for c in q:
+                q[c] -= a * y[c]
+        if s_pairs:
+            gamma = sy[-1] / dot(y_pairs[-1], y_pairs[-1])
+            for c in q:
+                q[c] *= gamma
+        for s, y, rho_inv, a in zip(s_pairs, y_pairs, sy, reversed(alphas)):
+            b = dot(y, q) / rho_inv
+            for c in q:
+                q[c] += (a - b) * s[c]
+        return {c: -v for c, v in q.items()}
+
+    def fitted_value(self, state):
+        # L-BFGS: the last accepted point (its objective was measured), not the trial beyond it
+        return state.get("base", state["value"])
 
     # -- fitted model -------------------------------------------------------------
     @property

@@ -13,6 +13,7 @@ class LinearRegression(GradientModel):
 
     Minimises ``1/(2n) * ||X w + b - y||^2 + l2/2 * ||w||^2`` (the intercept is
     not penalised). Scale the features for the default learning rate to be stable.
+    The parameters are those of :class:`SoftmaxRegression` (``solver="lbfgs"`` too).
 
     Examples
     --------
@@ -23,9 +24,9 @@ class LinearRegression(GradientModel):
     """
 
     def __init__(self, l2: float = 0.0, learning_rate: float = 0.1, momentum: float = 0.0,
-                 batch_size: int | None = None, random_state: int = 0):
+                 batch_size: int | None = None, random_state: int = 0, solver: str = "gd", memory: int = 10):
         super().__init__(l2=l2, learning_rate=learning_rate, momentum=momentum,
-                         batch_size=batch_size, random_state=random_state)
+                         batch_size=batch_size, random_state=random_state, solver=solver, memory=memory)
 
     def _n_outputs(self) -> int:
         return 1

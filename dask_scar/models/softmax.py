@@ -33,6 +33,12 @@ class SoftmaxRegression(GradientModel):
         None trains on all rows every iteration.
     random_state : int
         Seed of the minibatch sampling.
+    solver : {"gd", "lbfgs"}
+        ``"gd"``: gradient descent (Nesterov with ``momentum``); ``"lbfgs"``: L-BFGS
+        with a line search spread over iterations (full batches; ``learning_rate`` is
+        then only the first step), usually several times fewer iterations.
+    memory : int
+        L-BFGS correction pairs kept (each chunk keeps ``2 * memory + 4`` copies of its rows).
 
     Examples
     --------
@@ -45,9 +51,9 @@ class SoftmaxRegression(GradientModel):
     target_dtype = "int32"
 
     def __init__(self, l2: float = 1e-4, learning_rate: float = 0.5, momentum: float = 0.0,
-                 batch_size: int | None = None, random_state: int = 0):
+                 batch_size: int | None = None, random_state: int = 0, solver: str = "gd", memory: int = 10):
         super().__init__(l2=l2, learning_rate=learning_rate, momentum=momentum,
-                         batch_size=batch_size, random_state=random_state)
+                         batch_size=batch_size, random_state=random_state, solver=solver, memory=memory)
 
     def setup(self, summary: DataSummary) -> None:
         super().setup(summary)
