@@ -154,8 +154,10 @@ def train(args: argparse.Namespace) -> int:
     reader = dd.read_csv if args.data.endswith((".csv", ".csv.gz")) else dd.read_parquet
     ddf = reader(args.data)
     models = {
-        "softmax": lambda: scar.SoftmaxRegression(l2=args.l2, learning_rate=args.learning_rate, momentum=args.momentum),
-        "linear": lambda: scar.LinearRegression(l2=args.l2, learning_rate=args.learning_rate, momentum=args.momentum),
+        "softmax": lambda: scar.SoftmaxRegression(l2=args.l2, learning_rate=args.learning_rate, momentum=args.momentum,
+                                                  solver=args.solver),
+        "linear": lambda: scar.LinearRegression(l2=args.l2, learning_rate=args.learning_rate, momentum=args.momentum,
+                                                solver=args.solver),
         "mf": lambda: scar.MatrixFactorization(rank=args.rank, l2=args.l2),
     }
     model = models[args.model]()
@@ -251,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tol", type=float, default=1e-6)
     p.add_argument("--learning-rate", type=float, default=0.5)
     p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--solver", choices=["gd", "lbfgs"], default="gd",
+                   help="softmax/linear: gradient descent (with --momentum) or L-BFGS")
     p.add_argument("--l2", type=float, default=1e-4)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--out", help="save the parameters to this .npz file")

@@ -56,6 +56,18 @@ def test_train_on_parquet_with_a_store_then_resume_and_inspect(tmp_path):
     assert "last committed round: 6 (iteration 30, epoch 1)" in _run("inspect", str(store)).stdout
 
 
+def test_train_with_lbfgs_gets_further_than_gradient_descent(tmp_path):
+    path = tmp_path / "data.parquet"
+    synthetic_classification(2000, 5, 3).to_parquet(path)
+    final = {}
+    for solver in ("gd", "lbfgs"):
+        out = _run("train", str(path), "--target", "label", "--max-iter", "15", "--tol", "0", "--no-progress",
+                   "--workers", "1", "--solver", solver)
+        assert out.returncode == 0, out.stderr
+        final[solver] = float(out.stdout.split("final loss ")[1].split(";")[0])
+    assert final["lbfgs"] < final["gd"] - 0.01, final
+
+
 def test_inspect_a_path_that_holds_no_store(tmp_path):
     out = _run("inspect", str(tmp_path / "nothing.zarr"))
     assert out.returncode == 2
