@@ -193,12 +193,12 @@ class Model:
         raise NotImplementedError
 
     def update_chunks(self, states: dict[Any, dict[str, Any]], totals: dict[Any, Any], count: int,
-                      objective: float, xp: types.ModuleType) -> dict[Any, dict[str, Any]]:
+                      loss: float, xp: types.ModuleType) -> dict[Any, dict[str, Any]]:
         """New states of the chunks one update task holds: every chunk of the phase's
         parameters where updates are replicated, else the worker's own.
 
         ``states`` and ``totals`` are keyed by chunk ids (``name``, ``start``, ``stop``);
-        ``objective`` is the loss of the current values (mean data loss + penalty).
+        ``loss`` is the objective at the current values (mean data loss + penalty).
         By default, :meth:`update` for each chunk on its own.
         """
         return {c: self.update(c.name, states[c], totals[c], count, c.start, c.stop, xp) for c in states}

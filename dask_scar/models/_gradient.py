@@ -146,9 +146,9 @@ class GradientModel(Model):
         v_new = mu * v - lr * g
         return {"value": w - mu * v + (1 + mu) * v_new, "velocity": v_new}
 
-    def update_chunks(self, states, totals, count, objective, xp):
+    def update_chunks(self, states, totals, count, loss, xp):
         if self.solver != "lbfgs":
-            return super().update_chunks(states, totals, count, objective, xp)
+            return super().update_chunks(states, totals, count, loss, xp)
         ids = sorted(states, key=lambda c: c.start)
         if [c.start for c in ids] != [0, *(c.stop for c in ids[:-1])] or ids[-1].stop != self.n_features_ + 1:
             raise RuntimeError(f"an L-BFGS update needs every chunk of the weights; it got rows "
@@ -168,11 +168,11 @@ class GradientModel(Model):
             y_pairs = [{c: states[c]["y"][i] for c in ids} for i in range(len(meta["sy"]))]
             base, grad, direction = ({c: states[c][k] for c in ids} for k in ("base", "grad", "direction"))
             t, f_base, slope = meta["t"], meta["f"], meta["slope"]
-        if meta is not None and not (math.isfinite(objective) and objective <= f_base + ARMIJO * t * slope):
+        if meta is not None and not (math.isfinite(loss) and loss <= f_base + ARMIJO * t * slope):
             # the trial point is not good enough: a shorter step from the same base, at the
             # minimum of the quadratic through f(base), its slope and f(trial), within [t/10, t/2]
-            curvature = objective - f_base - slope * t
-            shrink = -slope * t / (2 * curvature) if math.isfinite(objective) and curvature > 0 else 0.1
+            curvature = loss - f_base - slope * t
+            shrink = -slope * t / (2 * curvature) if math.isfinite(loss) and curvature > 0 else 0.1
             t *= min(0.5, max(0.1, shrink))
             sy = meta["sy"]
         else:
@@ -184,7 +184,7 @@ class GradientModel(Model):
                 if sy_new > 1e-10 * yy > 0:
                     s_pairs, y_pairs = (s_pairs + [s_new])[-self.memory:], (y_pairs + [y_new])[-self.memory:]
                     sy = (sy + (sy_new,))[-self.memory:]
-            base, grad, f_base = x, g, objective
+            base, grad, f_base = x, g, loss
             direction = self._two_loop(g, s_pairs, y_pairs, sy, dot)
             slope = dot(grad, direction)
             if not slope < 0:      # not a descent direction (rounding): forget the pairs
