@@ -39,7 +39,7 @@ import numpy as np
 from ..checkpoint import block_distances
 from ..chunks import Chunk, ChunkId, place, split_rows
 from ..iteration import replicates
-from ..models import Model
+from ..models import Model, objective
 from ..models._base import LOCAL_STATE
 from ..policy import CheckpointPolicy
 from ..store import BlockLayout, make_layouts
@@ -124,13 +124,16 @@ class Simulation:
             params = {n: v for n, v in self.values(states).items() if n in model.phase_inputs(phase)}
             parts = [model.contribution(phase, block, params, np, iteration=iteration, block_id=b)
                      for b, block in enumerate(self.blocks)]
-            count = sum(c.count for c in parts)
+            phase_loss = objective(parts)
             if phase == 0:
-                loss = sum(c.loss for c in parts) / count + parts[0].penalty
-            for cid in self.ids:
-                if cid.name in names:
-                    total = model.combine(cid.name, [c.parts[cid.name] for c in parts], cid.start, cid.stop, np)
-                    states[cid] = model.update(cid.name, states[cid], total, count, cid.start, cid.stop, np)
+                loss = phase_loss
+            ids = [cid for cid in self.ids if cid.name in names]
+            totals = {cid: model.combine(cid.name, [c.parts[cid.name] for c in parts], cid.start, cid.stop, np)
+                      for cid in ids}
+            # all of the phase's chunks at once, as a replicated update task holds them
+            # (L-BFGS needs them together; per-chunk updates are the same either way)
+            states.update(model.update_chunks({cid: states[cid] for cid in ids}, totals,
+                                              sum(c.count for c in parts), phase_loss, np))
         return float(loss)
 
     def fresh_states(self) -> dict[ChunkId, dict]:
