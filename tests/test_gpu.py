@@ -61,7 +61,7 @@ def test_digits_accuracy_on_cupy(client, digits):
 
 
 @pytest.mark.slow
-def test_killed_gpu_worker_is_recovered_from_the_store(tmp_path, digits):
+def test_killed_gpu_worker_is_recovered(tmp_path, digits):
     """SIGKILL a worker that holds CuPy chunks: its chunks come back (from the Zarr store,
     or from copies on the live worker) onto the GPU, and all 60 iterations run."""
     from test_recovery import fit_killed_midway, scar_client
