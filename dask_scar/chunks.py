@@ -107,13 +107,14 @@ def release_keys(client: Client, keys: list[str]) -> None:
 
 
 def flatten(sources: list[Any]) -> dict[ChunkId, Chunk]:
-    """Chunks from task inputs that are either a Chunk or a dict of chunks (an update's output)."""
+    """Chunks from task inputs that are a Chunk, a dict of chunks (an update's output),
+    or anything with such a dict as ``chunks`` (an update that also contributed)."""
     out: dict[ChunkId, Chunk] = {}
     for source in sources:
         if isinstance(source, Chunk):
             out[source.id] = source
         else:
-            out.update(source)
+            out.update(getattr(source, "chunks", source))
     return out
 
 

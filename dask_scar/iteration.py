@@ -15,7 +15,10 @@ For each phase of the model's iteration:
   no task and no round trip is spent on it.
 
 So an iteration has ``(blocks + workers) * phases`` tasks, however many
-partitions the data has.
+partitions the data has. Where updates are replicated, a worker's update task
+also computes its block's contribution to the *next* iteration, from the values it
+just made (:func:`update_and_contribute`): one task per worker and iteration, so
+one hand-over through the scheduler fewer.
 """
 
 from __future__ import annotations
@@ -40,6 +43,22 @@ def contribute(model: Model, phase: int, block: dict, sources: list, iteration: 
     return model.contribution(phase, block, params, xp, iteration=iteration, block_id=block_id)
 
 
+@dataclass
+class Fused:
+    """An update task's result that also holds its block's next contribution."""
+
+    chunks: dict[ChunkId, Chunk]
+    contribution: Contribution
+
+
+def update_and_contribute(model: Model, sources: list, contributions: list, keys: dict[ChunkId, str],
+                          iteration: int, client_id: str, run: str, epoch: int, report_loss: bool,
+                          orders: checkpoint.Orders | None, block: dict, block_id: int) -> Fused:
+    """:func:`update` of ``iteration``, then ``block``'s contribution to the next one."""
+    new = update(model, sources, contributions, keys, iteration, client_id, run, epoch, report_loss, orders)
+    return Fused(new, contribute(model, 0, block, [new], iteration + 1, block_id, run))
+
+
 def update(model: Model, sources: list, contributions: list[Contribution], keys: dict[ChunkId, str],
            iteration: int, client_id: str, run: str, epoch: int, report_loss: bool,
            orders: checkpoint.Orders | None) -> dict[ChunkId, Chunk]:
@@ -47,6 +66,7 @@ def update(model: Model, sources: list, contributions: list[Contribution], keys:
     this worker owns) are kept as data, checkpointed and reported. The others are
     replicas (see :func:`replicates`): the result hands them to the next
     iteration's contribution on this worker."""
+    contributions = [getattr(c, "contribution", c) for c in contributions]   # some come in a Fused
     count = sum(c.count for c in contributions)
     current = flatten(sources)
     own = {cid: current[cid] for cid in keys}
@@ -89,27 +109,37 @@ class IterationGraph:
     update_keys: list[str]
     outputs: dict[ChunkId, str]     # the update task whose result holds each chunk's new version
     replicas: dict[str, str]        # worker -> its update task, where that one holds every chunk
+    fused: dict[int, str]           # block -> the update task that made its next contribution
 
 
 def build(model: Model, chunks: ParameterChunks, blocks: list[str], block_workers: list[str],
           iteration: int, client_id: str, orders: checkpoint.Orders | None = None,
-          after: IterationGraph | None = None, replicated: bool = False) -> IterationGraph:
+          after: IterationGraph | None = None, replicated: bool = False, fuse: bool = False) -> IterationGraph:
     """The graph of ``iteration``: it reads chunk version ``chunks.version`` (or,
     ``after`` a graph still running, that graph's results: the driver submits the next
     iteration before this one is done, so that no round trip separates them) and
     leaves version ``iteration`` of every chunk on its owner; its update tasks
     carry out the checkpoint ``orders``. ``after`` needs the same owners. With
-    ``replicated`` (see :func:`replicates`) every update task updates every chunk."""
+    ``replicated`` (see :func:`replicates`) every update task updates every chunk,
+    and with ``fuse`` too, the update task of a worker that holds a data block
+    computes that block's contribution to iteration + 1 (the graph built ``after``
+    this one then has no contribution task for the block)."""
     tag = f"{chunks.run}-e{chunks.epoch}"   # in task keys: an iteration redone after a recovery is new work
     sources = {cid: TaskRef(after.outputs[cid] if after is not None else chunks.keys[cid]) for cid in chunks.ids}
     replicas = after.replicas if after is not None else {}
+    made = after.fused if after is not None else {}
+    fuse = fuse and replicated and len(model.phases) == 1
     layers: dict[tuple[str, bool], dict[str, Task]] = {}
 
     def add(key: str, task_worker: str, pinned: bool, func, *args) -> TaskRef:
         layers.setdefault((task_worker, pinned), {})[key] = Task(key, func, *args)
         return TaskRef(key)
 
-    update_keys, replicas_next = [], {}
+    update_keys, replicas_next, fused = [], {}, {}
+    first_block = {}
+    for b, worker in enumerate(block_workers):
+        if worker is not None:
+            first_block.setdefault(worker, b)
     for phase, names in enumerate(model.phases):
         inputs = model.phase_inputs(phase)
         refs = list({sources[c].key: sources[c] for c in chunks.ids if c.name in inputs}.values())
@@ -120,6 +150,9 @@ def build(model: Model, chunks: ParameterChunks, blocks: list[str], block_worker
 
         contributions = []
         for b, (block, worker) in enumerate(zip(blocks, block_workers)):
+            if phase == 0 and b in made:
+                contributions.append(TaskRef(made[b]))    # made by the last graph's update task
+                continue
             key = f"scar-contrib-{tag}-{iteration}-{phase}-{b}"
             contributions.append(add(key, worker, False, contribute, model, phase, TaskRef(block),
                                      List(*every_chunk(worker)), iteration, b, chunks.run))
@@ -128,8 +161,14 @@ def build(model: Model, chunks: ParameterChunks, blocks: list[str], block_worker
             key = f"scar-update-{tag}-{iteration}-{phase}-{w}"
             new_keys = {cid: chunks.key(cid, iteration) for cid in own}
             mine = every_chunk(worker) if replicated else list({sources[c].key: sources[c] for c in own}.values())
-            ref = add(key, worker, True, update, model, List(*mine), List(*contributions),
-                      new_keys, iteration, client_id, chunks.run, chunks.epoch, phase == 0 and w == 0, orders)
+            args = (model, List(*mine), List(*contributions), new_keys, iteration, client_id, chunks.run,
+                    chunks.epoch, phase == 0 and w == 0, orders)
+            b = first_block.get(worker)
+            if fuse and b is not None:
+                ref = add(key, worker, True, update_and_contribute, *args, TaskRef(blocks[b]), b)
+                fused[b] = key
+            else:
+                ref = add(key, worker, True, update, *args)
             updated.update({cid: ref for cid in own})
             update_keys.append(key)
             if replicated:
@@ -143,4 +182,4 @@ def build(model: Model, chunks: ParameterChunks, blocks: list[str], block_worker
         for i, ((worker, pinned), tasks) in enumerate(layers.items())
     }
     graph = HighLevelGraph(hlg_layers, {name: set() for name in hlg_layers})
-    return IterationGraph(graph, update_keys, {cid: ref.key for cid, ref in sources.items()}, replicas_next)
+    return IterationGraph(graph, update_keys, {cid: ref.key for cid, ref in sources.items()}, replicas_next, fused)

@@ -60,6 +60,8 @@ class TrainingRun:
         self.previous: list[Future] = []    # futures of the last graph, released after the next submit
         self.stale: list[Future] = []       # chunk futures of the last version, likewise
         self.ahead = None                   # (iteration, graph, futures, orders) submitted, not yet waited for
+        self.last = None                    # the last graph done, while the next may read its results
+        self.max_iter = 0
         self.replicated = iteration.replicates(model, training.rows)
         run = chunks.run
 
@@ -115,7 +117,7 @@ class TrainingRun:
         chunks, ckpt = self.chunks, self.ckpt
         divergence_factor = config.get("divergence-factor")
         last_done = time.perf_counter()
-        k, converged = first, False
+        k, converged, self.max_iter = first, False, max_iter
         try:
             while k <= max_iter:
                 if self.watch.noticed(self.owners()) is not None:
@@ -124,8 +126,12 @@ class TrainingRun:
                 if self.ahead is None:
                     if self.watch.added:
                         self.note = _join(self.note, _rebalance(chunks, self.watch))
+                        self.last = None    # the chunks moved: read them where they are now
+                    placed = list(self.training.workers)
                     _forget_dead_block_workers(self.training, self.watch)
-                    self.ahead = self.submit(k, None)
+                    if self.training.workers != placed:
+                        self.last = None
+                    self.ahead = self.submit(k, self.last)
                 _, graph, futures, orders = self.ahead
                 self.ahead = None
                 if (k < max_iter and callback is None and not self.watch.added
@@ -139,7 +145,7 @@ class TrainingRun:
                     k = self.recover(k)
                     continue
                 self.stale = chunks.advance(k)
-                self.previous = futures
+                self.previous, self.last = futures, graph
                 # The update tasks' events were sent before they finished: they are here.
                 loss, priorities, steps = _collect(self.inbox, self.early, ckpt, k, chunks.epoch,
                                                    orders is not None and orders.priorities, len(chunks.ids),
@@ -175,7 +181,8 @@ class TrainingRun:
             if orders is not None and orders.blocks:
                 self.drain(until=lambda: self.ckpt.outstanding() <= self.ckpt.backlog + 1)
         graph = iteration.build(self.model, self.chunks, [b.key for b in self.training.blocks],
-                                self.training.workers, k, self.client.id, orders, after, self.replicated)
+                                self.training.workers, k, self.client.id, orders, after, self.replicated,
+                                fuse=k < self.max_iter)
         return k, graph, self.client.get(graph.graph, graph.update_keys, sync=False), orders
 
     def settle(self) -> None:
@@ -199,6 +206,7 @@ class TrainingRun:
         """Recover from worker loss noticed while iteration ``k`` was due; returns
         the iteration to go on with."""
         noticed = self.watch.noticed(self.owners()) or time.time()
+        self.last = None    # what it made belongs to an abandoned epoch
         if self.ckpt is not None:
             # rounds whose writers all reported are committed before a rollback looks for one
             self.drain(until=lambda: True)

@@ -200,54 +200,67 @@ def test_a_callback_returning_true_stops_training_with_a_result(client, digits):
 
 
 class GraphLog(SchedulerPlugin):
-    """Records what each contribution task depended on when its graph arrived."""
+    """Records what each contribution and update task depended on when its graph arrived."""
 
     name = "test-graph-log"
 
-    def __init__(self):
+    def __init__(self, mark_done=False):
         self.deps = {}
+        self.mark_done = mark_done      # a "*" after the inputs already computed when it arrived
 
     async def start(self, scheduler):
         self.scheduler = scheduler
 
     def transition(self, key, start, finish, *args, **kwargs):
         key = str(key)
-        if key.startswith("scar-contrib-") and key not in self.deps and key in self.scheduler.tasks:
-            self.deps[key] = sorted(str(d.key).split("-")[1] for d in self.scheduler.tasks[key].dependencies)
+        if key.startswith(("scar-contrib-", "scar-update-")) and key not in self.deps and key in self.scheduler.tasks:
+            self.deps[key] = sorted(str(d.key).split("-")[1] + ("*" if self.mark_done and d.state == "memory" else "")
+                                    for d in self.scheduler.tasks[key].dependencies)
 
 
-def _contribution_inputs(client):
+def _task_inputs(client, kind):
+    """{iteration: [sorted kinds of the inputs of each ``kind`` task]} from the GraphLog."""
     deps = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.plugins["test-graph-log"].deps)
-    client.unregister_scheduler_plugin("test-graph-log")
     by_iteration = {}
-    for key, kinds in deps.items():
-        by_iteration.setdefault(int(key.split("-")[-3]), []).append(kinds)
+    for key, kinds in sorted(deps.items()):
+        if key.startswith(f"scar-{kind}-"):
+            by_iteration.setdefault(int(key.split("-")[-3]), []).append(kinds)
     return by_iteration
+
+
+def _graph_inputs(client):
+    contributions, updates = _task_inputs(client, "contrib"), _task_inputs(client, "update")
+    client.unregister_scheduler_plugin("test-graph-log")
+    return contributions, updates
 
 
 def test_the_next_iteration_is_submitted_before_this_one_ends(client, digits, tmp_path):
     ddf = dd.from_pandas(digits, npartitions=4)
-    # without a store every graph after the first reads its worker's update of the
-    # iteration before, not the chunks that update registers: it was submitted earlier
+    # Without a store every graph after the first is submitted while the one before
+    # runs, and reads its results, not the chunks they register. Its updates are
+    # replicated, and each worker's update task also computes its block's next
+    # contribution: after the first graph, one task per worker and iteration, whose
+    # inputs are its block and the two update tasks of the iteration before.
     client.register_plugin(GraphLog())
     scar.Trainer(client, scar.SoftmaxRegression()).fit(ddf, target="label", max_iter=12, tol=0, progress=False)
-    inputs = _contribution_inputs(client)
-    assert sorted(inputs) == list(range(1, 13)) and {len(kinds) for kinds in inputs.values()} == {2}
-    assert inputs[1] == [["block", "chunk", "chunk", "chunk", "chunk"]] * 2
-    assert {k: v for k, v in inputs.items() if k > 1 and v != [["block", "update"]] * 2} == {}
+    contributions, updates = _graph_inputs(client)
+    assert contributions == {1: [["block", "chunk", "chunk", "chunk", "chunk"]] * 2}
+    assert sorted(updates) == list(range(1, 13))
+    assert updates[1] == [["block", "chunk", "chunk", "chunk", "chunk", "contrib", "contrib"]] * 2
+    assert {k: v for k, v in updates.items() if 1 < k < 12 and v != [["block", "update", "update"]] * 2} == {}
+    assert updates[12] == [["update", "update"]] * 2     # the last: no next contribution
     # blocks under REPLICA_MIN_ROWS rows: each update task updates only its own chunks,
     # and the next contributions read both workers' updates
     client.register_plugin(GraphLog())
     small = dd.from_pandas(digits.head(2 * (scar.SoftmaxRegression.REPLICA_MIN_ROWS - 1)), npartitions=4)
     scar.Trainer(client, scar.SoftmaxRegression()).fit(small, target="label", max_iter=4, tol=0, progress=False)
-    inputs = _contribution_inputs(client)
+    inputs = _graph_inputs(client)[0]
     assert inputs[1] == [["block", "chunk", "chunk", "chunk", "chunk"]] * 2
     assert all(inputs[k] == [["block", "update", "update"]] * 2 for k in (2, 3, 4)), inputs
     # before a checkpoint round the blocks are chosen from the priorities the last
     # iteration reported: the graph after it is submitted once it is done
-    client.register_plugin(GraphLog())
+    client.register_plugin(GraphLog(mark_done=True))
     scar.Trainer(client, scar.SoftmaxRegression(), store=tmp_path / "ckpt").fit(
         ddf, target="label", max_iter=12, tol=0, progress=False)
-    inputs = _contribution_inputs(client)
-    fresh = sorted(k for k, kinds in inputs.items() if "chunk" in kinds[0])
-    assert fresh == [1, 6, 11], inputs
+    updates = _graph_inputs(client)[1]
+    assert updates[6] == updates[11] == [["block*", "update*", "update*"]] * 2, updates
