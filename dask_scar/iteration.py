@@ -116,8 +116,9 @@ def build(model: Model, chunks: ParameterChunks, blocks: list[str], block_worker
           iteration: int, client_id: str, orders: checkpoint.Orders | None = None,
           after: IterationGraph | None = None, replicated: bool = False, fuse: bool = False) -> IterationGraph:
     """The graph of ``iteration``: it reads chunk version ``chunks.version`` (or,
-    ``after`` a graph still running, that graph's results: the driver submits the next
-    iteration before this one is done, so that no round trip separates them) and
+    ``after`` the graph before, that graph's results: the driver submits the next
+    iteration before this one is done where it can, so that no round trip separates
+    them, and otherwise right after it) and
     leaves version ``iteration`` of every chunk on its owner; its update tasks
     carry out the checkpoint ``orders``. ``after`` needs the same owners. With
     ``replicated`` (see :func:`replicates`) every update task updates every chunk,
