@@ -31,7 +31,7 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from . import checkpoint
 from .backend import get_array_module
 from .chunks import Chunk, ChunkId, ParameterChunks, assemble, detach, flatten, remember
-from .models import Contribution, Model, objective
+from .models import Contribution, Model
 
 
 def contribute(model: Model, phase: int, block: dict, sources: list, iteration: int, block_id: int,
@@ -67,7 +67,6 @@ def update(model: Model, sources: list, contributions: list[Contribution], keys:
     replicas (see :func:`replicates`): the result hands them to the next
     iteration's contribution on this worker."""
     contributions = [getattr(c, "contribution", c) for c in contributions]   # some come in a Fused
-    count = sum(c.count for c in contributions)
     current = flatten(sources)
     own = {cid: current[cid] for cid in keys}
     if orders is not None and orders.reference is not False:
@@ -78,10 +77,7 @@ def update(model: Model, sources: list, contributions: list[Contribution], keys:
     if orders is not None and orders.blocks:
         checkpoint.save(own, orders)   # the previous iteration's values, as selected
     xp = get_array_module(*(chunk.value for chunk in current.values()))
-    totals = {cid: model.combine(cid.name, [c.parts[cid.name] for c in contributions], cid.start, cid.stop, xp)
-              for cid in current}
-    loss = objective(contributions)
-    states = model.update_chunks({cid: chunk.state for cid, chunk in current.items()}, totals, count, loss, xp)
+    states, loss = model.apply({cid: chunk.state for cid, chunk in current.items()}, contributions, xp)
     new = {cid: Chunk(cid, states[cid], iteration, chunk.reference) for cid, chunk in current.items()}
     steps = {}
     for cid in keys:
@@ -129,7 +125,7 @@ def build(model: Model, chunks: ParameterChunks, blocks: list[str], block_worker
     sources = {cid: TaskRef(after.outputs[cid] if after is not None else chunks.keys[cid]) for cid in chunks.ids}
     replicas = after.replicas if after is not None else {}
     made = after.fused if after is not None else {}
-    fuse = fuse and replicated and len(model.phases) == 1
+    fuse = fuse and replicated      # replicated: one phase
     layers: dict[tuple[str, bool], dict[str, Task]] = {}
 
     def add(key: str, task_worker: str, pinned: bool, func, *args) -> TaskRef:

@@ -13,7 +13,7 @@ import pandas as pd
 
 from . import data
 from .chunks import ChunkId
-from .models import Model, objective
+from .models import Model
 
 
 def prepare_local(model: Model, frame: pd.DataFrame, target: str | None = None,
@@ -42,12 +42,10 @@ def fit_local(model: Model, block: dict[str, np.ndarray], max_iter: int, xp: typ
         for phase, names in enumerate(model.phases):
             params = {name: state[whole[name]]["value"] for name in model.phase_inputs(phase)}
             c = model.contribution(phase, block, params, xp, iteration=k, block_id=0)
-            loss = objective([c])
+            new, loss = model.apply({whole[name]: state[whole[name]] for name in names}, [c], xp)
+            state.update(new)
             if phase == 0:
                 losses.append(loss)
-            ids = [whole[name] for name in names]
-            totals = {cid: model.combine(cid.name, [c.parts[cid.name]], 0, cid.stop, xp) for cid in ids}
-            state.update(model.update_chunks({cid: state[cid] for cid in ids}, totals, c.count, loss, xp))
         if callback is not None:
             callback(k)
     return {cid.name: model.fitted_value(s) for cid, s in state.items()}, losses

@@ -61,7 +61,6 @@ class TrainingRun:
         self.stale: list[Future] = []       # chunk futures of the last version, likewise
         self.ahead = None                   # (iteration, graph, futures, orders) submitted, not yet waited for
         self.last = None                    # the last graph done, while the next may read its results
-        self.max_iter = 0
         self.replicated = iteration.replicates(model, training.rows)
         run = chunks.run
 
@@ -117,7 +116,7 @@ class TrainingRun:
         chunks, ckpt = self.chunks, self.ckpt
         divergence_factor = config.get("divergence-factor")
         last_done = time.perf_counter()
-        k, converged, self.max_iter = first, False, max_iter
+        k, converged = first, False
         try:
             while k <= max_iter:
                 if self.watch.noticed(self.owners()) is not None:
@@ -131,12 +130,12 @@ class TrainingRun:
                     _forget_dead_block_workers(self.training, self.watch)
                     if self.training.workers != placed:
                         self.last = None
-                    self.ahead = self.submit(k, self.last)
+                    self.ahead = self.submit(k, self.last, fuse=k < max_iter)
                 _, graph, futures, orders = self.ahead
                 self.ahead = None
                 if (k < max_iter and callback is None and not self.watch.added
                         and None not in self.training.workers and (ckpt is None or not ckpt.policy.due(k))):
-                    self.ahead = self.submit(k + 1, graph)
+                    self.ahead = self.submit(k + 1, graph, fuse=k + 1 < max_iter)
                 # Releases go out after the new graph, so they never delay it (the
                 # client batches its messages to the scheduler in 10 ms windows).
                 self.previous = self.stale = []
@@ -173,16 +172,16 @@ class TrainingRun:
         self.settle()
         return converged
 
-    def submit(self, k: int, after: iteration.IterationGraph | None):
-        """Submit the graph of iteration ``k`` (reading ``after``'s results, if given)."""
+    def submit(self, k: int, after: iteration.IterationGraph | None, fuse: bool):
+        """Submit the graph of iteration ``k`` (reading ``after``'s results, if given;
+        with ``fuse``, its update tasks also compute the next contributions)."""
         orders = None
         if self.ckpt is not None:
             orders = self.ckpt.orders(k)
             if orders is not None and orders.blocks:
                 self.drain(until=lambda: self.ckpt.outstanding() <= self.ckpt.backlog + 1)
         graph = iteration.build(self.model, self.chunks, [b.key for b in self.training.blocks],
-                                self.training.workers, k, self.client.id, orders, after, self.replicated,
-                                fuse=k < self.max_iter)
+                                self.training.workers, k, self.client.id, orders, after, self.replicated, fuse)
         return k, graph, self.client.get(graph.graph, graph.update_keys, sync=False), orders
 
     def settle(self) -> None:

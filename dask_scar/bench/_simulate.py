@@ -39,7 +39,7 @@ import numpy as np
 from ..checkpoint import block_distances
 from ..chunks import Chunk, ChunkId, place, split_rows
 from ..iteration import replicates
-from ..models import Model, objective
+from ..models import Model
 from ..models._base import LOCAL_STATE
 from ..policy import CheckpointPolicy
 from ..store import BlockLayout, make_layouts
@@ -124,16 +124,12 @@ class Simulation:
             params = {n: v for n, v in self.values(states).items() if n in model.phase_inputs(phase)}
             parts = [model.contribution(phase, block, params, np, iteration=iteration, block_id=b)
                      for b, block in enumerate(self.blocks)]
-            phase_loss = objective(parts)
-            if phase == 0:
-                loss = phase_loss
-            ids = [cid for cid in self.ids if cid.name in names]
-            totals = {cid: model.combine(cid.name, [c.parts[cid.name] for c in parts], cid.start, cid.stop, np)
-                      for cid in ids}
             # all of the phase's chunks at once, as a replicated update task holds them
             # (L-BFGS needs them together; per-chunk updates are the same either way)
-            states.update(model.update_chunks({cid: states[cid] for cid in ids}, totals,
-                                              sum(c.count for c in parts), phase_loss, np))
+            new, phase_loss = model.apply({cid: states[cid] for cid in self.ids if cid.name in names}, parts, np)
+            states.update(new)
+            if phase == 0:
+                loss = phase_loss
         return float(loss)
 
     def fresh_states(self) -> dict[ChunkId, dict]:

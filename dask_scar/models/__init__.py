@@ -1,6 +1,6 @@
 """Models: pure maths on NumPy or CuPy arrays; they know nothing of Dask."""
 
-from ._base import LOCAL_STATE, ColumnSummary, Contribution, DataSummary, Model, ParameterSpec, objective
+from ._base import LOCAL_STATE, ColumnSummary, Contribution, DataSummary, Model, ParameterSpec
 from .factorization import MatrixFactorization
 from .lda import LDA
 from .linear import LinearRegression
@@ -17,5 +17,4 @@ __all__ = [
     "Model",
     "ParameterSpec",
     "SoftmaxRegression",
-    "objective",
 ]

@@ -203,6 +203,15 @@ class Model:
         """
         return {c: self.update(c.name, states[c], totals[c], count, c.start, c.stop, xp) for c in states}
 
+    def apply(self, states: dict[Any, dict[str, Any]], contributions: list[Contribution],
+              xp: types.ModuleType) -> tuple[dict[Any, dict[str, Any]], float]:
+        """The blocks' ``contributions`` combined for each chunk of ``states`` and handed
+        to :meth:`update_chunks`; returns the new states and the objective."""
+        totals = {c: self.combine(c.name, [part.parts[c.name] for part in contributions], c.start, c.stop, xp)
+                  for c in states}
+        loss = objective(contributions)
+        return self.update_chunks(states, totals, sum(c.count for c in contributions), loss, xp), loss
+
     def fitted_value(self, state: dict[str, Any]) -> Any:
         """The value a fitted model keeps from a chunk's final state."""
         return state["value"]
