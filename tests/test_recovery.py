@@ -9,6 +9,7 @@ next iteration's contributions have not fetched them yet).
 import os
 import signal
 import threading
+import time
 
 import dask
 import dask.dataframe as dd
@@ -44,6 +45,11 @@ def once_at(iteration, action):
             fired.append(k)
             action()
     return callback
+
+
+def committed_iteration(store) -> int:
+    """The iteration of the store's last committed checkpoint round (0 before the first)."""
+    return scar.open_store(store).manifest.get("iteration", 0)
 
 
 def train(client, tmp_path, name, max_iter=100, callback=None, resume=False, **trainer):
@@ -296,8 +302,17 @@ def test_loss_after_the_last_iteration(tmp_path):
         for mode in ("partial", "full"):
             client.wait_for_workers(2, timeout=60)
             victim = sorted(live_workers(client))[1]
-            results[mode] = train(client, tmp_path, mode, max_iter=25, recovery=mode,
-                                  callback=once_at(25, lambda victim=victim: kill_worker(client, victim)))
+
+            kill = once_at(25, lambda victim=victim: kill_worker(client, victim))
+
+            def kill_after_the_last(k, loss, kill=kill, store=tmp_path / f"{mode}.zarr"):
+                # the round of iteration 20 is written while 21.. run and committed when its
+                # writers' reports reach the driver, between iterations: give them time
+                if 21 <= k < 25 and committed_iteration(store) < 20:
+                    time.sleep(0.2)
+                kill(k, loss)
+
+            results[mode] = train(client, tmp_path, mode, max_iter=25, recovery=mode, callback=kill_after_the_last)
     (partial,) = results["partial"].events
     assert partial.iteration == 26 and partial.resumed_at == 25 and len(partial.lost_chunks) == 4
     assert results["partial"].history["iteration"].tolist() == list(range(1, 26))
@@ -454,7 +469,7 @@ def test_scheduler_loss_ends_fit_saying_how_to_resume(tmp_path):
     def kill_once_round_20_is_committed(k, loss):
         # the round of iteration 20 is written while 21.. run, and committed when its
         # writers' reports reach the driver: however fast the iterations, kill after that
-        if 25 <= k <= 29 and not killed and (scar.open_store(store).manifest["iteration"] == 20 or k == 29):
+        if 25 <= k <= 29 and not killed and (committed_iteration(store) == 20 or k == 29):
             killed.append(k)
             cluster.scheduler.kill()
 
