@@ -1,6 +1,7 @@
 """dask_scar.bench: the iteration-cost measure, the simulated failures, and their
 agreement with real ones."""
 
+import time
 from collections import Counter
 
 import numpy as np
@@ -26,6 +27,9 @@ from dask_scar.bench._real import BenchCluster
 from dask_scar.cli import main
 from dask_scar.datasets import synthetic_classification
 from dask_scar.local import fit_local, prepare_local
+from dask_scar.recovery import live_workers
+
+from conftest import wait_for
 
 
 def frame(*losses):
@@ -154,3 +158,26 @@ def test_simulated_and_real_failures_agree(tmp_path):
     assert real["scar"]["bytes_read"] < real["traditional"]["bytes_read"]
     # the trainer's own estimate of the perturbation bounds the one measured in the simulation
     assert real["scar"]["est_perturbation"] >= 0.9 * real["scar"]["perturbation_norm"]
+
+
+@pytest.mark.slow
+def test_bench_cluster_keeps_the_nanny_of_a_worker_killed_twice():
+    """A LocalCluster closes a worker's nanny when, 15 s (lost-worker-timeout) after a
+    loss, it lists no worker of that name. A bench or demo run takes about that long:
+    killing the same nanny's worker again just before the timer fired lost the nanny's
+    next replacement too, and with it a second worker in the middle of a run."""
+    with BenchCluster(1) as cluster:
+        client = cluster.ready()
+        first = next(iter(live_workers(client)))
+        killed_at = time.monotonic()
+        cluster.kill([first])
+        client = cluster.ready()                    # the nanny's replacement
+        restart = time.monotonic() - killed_at
+        second = next(iter(live_workers(client)))
+        # kill it again so that its own replacement joins about when the first loss's timer fires
+        time.sleep(max(0.0, killed_at + 15 - restart / 2 - time.monotonic()))
+        cluster.kill([second])
+        wait_for(lambda: live_workers(client) - {first, second}, timeout=40,
+                 what="the nanny to replace the worker killed the second time")
+        time.sleep(2)       # past the timer: the replacement is still there
+        assert len(live_workers(client) - {first, second}) == 1
