@@ -39,6 +39,8 @@ def main() -> None:
                         help=f"comma-separated, of: {', '.join(deterministic)}")
     parser.add_argument("--ages", type=int, nargs="+", default=[1, 2, 5, 10, 20])
     args = parser.parse_args()
+    if min(args.ages) < 0:
+        parser.error(f"ages are iterations before the failure: 0 or more, got {min(args.ages)}")
     for name in args.cases.split(","):
         if name not in deterministic:
             parser.error(f"unknown case {name!r}: choose among {', '.join(deterministic)} (LDA's sampler "
