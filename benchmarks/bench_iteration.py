@@ -56,7 +56,7 @@ def make_frame(rows: int, seed: int = 0) -> pd.DataFrame:
 def local_seconds(frame: pd.DataFrame, iters: int, backend: str, blas_threads: int | None = None) -> float:
     """Median seconds per iteration of ``fit_local`` (``blas_threads``: None, NumPy's default)."""
     if blas_threads is not None:
-        from threadpoolctl import threadpool_limits     # installed with scikit-learn
+        from threadpoolctl import threadpool_limits     # in the test extra
 
         with threadpool_limits(blas_threads):
             return local_seconds(frame, iters, backend)

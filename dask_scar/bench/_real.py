@@ -57,7 +57,11 @@ class BenchCluster:
         # (2 runs in 14 of one case; 3 of 30 in a full bench). The nannies here only
         # ever replace workers killed on purpose: never give them up.
         self._config = dask.config.set({"distributed.deploy.lost-worker-timeout": "1 day"})
-        self._start()
+        try:
+            self._start()
+        except BaseException:
+            self._config.__exit__(None, None, None)
+            raise
 
     def _start(self) -> None:
         from distributed import LocalCluster
