@@ -42,7 +42,8 @@ class BenchCluster:
     """A LocalCluster of ``workers`` single-threaded worker processes whose workers
     get killed on purpose: :meth:`ready` hands out its client once the nannies have
     replaced every killed worker, or a new cluster if they have not within
-    ``patience`` seconds (a nanny now and then fails to restart its worker)."""
+    ``patience`` seconds (a safety net: the one cause seen, the LocalCluster giving up
+    a nanny, is prevented below)."""
 
     def __init__(self, workers: int, patience: float = 30):
         self.workers, self.patience = workers, patience
