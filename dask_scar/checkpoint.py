@@ -41,7 +41,7 @@ from .backend import get_array_module, to_host
 from .chunks import PROGRESS_TOPIC, Chunk, ChunkId
 from .exceptions import CheckpointError, CheckpointWarning
 from .policy import CheckpointPolicy
-from .store import BlockLayout, ZarrStore, probe
+from .store import NEVER, BlockLayout, ZarrStore, probe
 
 logger = logging.getLogger(__name__)
 
@@ -178,27 +178,63 @@ def _update_reference(chunk: Chunk, values: dict[int, np.ndarray], rows: int) ->
         ref[start:start + len(host)] = xp.asarray(host, dtype=ref.dtype)
 
 
+#: How the driver asks for a restored block to be extrapolated: the (iteration, round)
+#: of the block's newest and previous saved versions, as the driver heard of their
+#: writes, and the factor to apply to the difference between them.
+Trend = tuple[tuple[int, int], tuple[int, int], float]
+#: The "previous version" of a block saved once in a fit that started afresh: its
+#: initial value (the store's other slot is empty, its record -1).
+INITIAL = (NEVER, NEVER)
+
+
 def prepare_chunk(chunk: Chunk, url: str | None, store_id: str, block_rows: dict[str, int], load: bool,
-                  reference_dtype: str | None | bool) -> dict[str, int]:
+                  reference_dtype: str | None | bool,
+                  trends: dict[ChunkId, dict[int, Trend]] | None = None) -> dict[str, int]:
     """Make a new chunk ready for checkpointing: with ``load``, overwrite its saved
     blocks from the store (reading only this chunk's blocks; the others keep their
     initial value); unless ``reference_dtype`` is False, keep a reference copy for
-    priorities. Returns the bytes read and the number of blocks never saved."""
+    priorities (the saved values). Returns the bytes read and the number of blocks
+    never saved.
+
+    A block with a ``trend`` whose versions are the ones the store holds is restored
+    *extrapolated*: ``newest + factor * (newest - previous)``. The driver's factor is
+    how far the chunk walked since the newest version, over how far it walked between
+    the two (the norms of its steps, summed): where a block keeps its direction, as
+    gradient descent's blocks do once the slowest mode leads, that restores where it
+    would be now rather than where it was when saved.
+    """
     nbytes = never = 0
+    value = chunk.value
+    xp = get_array_module(value)
+    ahead = []                                  # (rows offset, factor * (newest - previous))
     if load:
         cid, rows = chunk.id, block_rows[chunk.id.name]
-        value = chunk.value
-        xp = get_array_module(value)
+        mine = (trends or {}).get(cid, {})
+        initial = {b: to_host(value[b * rows - cid.start:(b + 1) * rows - cid.start]).copy()
+                   for b, trend in mine.items() if trend[1] == INITIAL}
+        store = open_cached(url, store_id)
         blocks = list(chunk_blocks(cid, rows))
-        saved_blocks = open_cached(url, store_id).read_blocks(cid.name, blocks)
+        saved_blocks = store.read_blocks(cid.name, blocks)
         for b, saved in saved_blocks.items():
             start = b * rows - cid.start
             value[start:start + len(saved)] = xp.asarray(saved, dtype=value.dtype)
             nbytes += saved.nbytes
         never = len(blocks) - len(saved_blocks)
+        if mine:
+            wanted = sorted(b for b in mine if b in saved_blocks)
+            held = zip(wanted, store.records(cid.name, wanted), store.records(cid.name, wanted, previous=True))
+            matching = [b for b, new, old in held
+                        if mine[b][0] == (new[0], new[2]) and mine[b][1] == (old[0], old[2])]
+            read = store.read_blocks(cid.name, [b for b in matching if b not in initial], previous=True)
+            nbytes += sum(previous.nbytes for previous in read.values())
+            for b in matching:
+                previous = initial[b] if b in initial else read[b]
+                ahead.append((b * rows - cid.start, mine[b][2] * (saved_blocks[b] - previous)))
     if reference_dtype is not False:
-        chunk.reference = new_reference(chunk.value, reference_dtype)
-    return {"bytes": nbytes, "never_saved": never}
+        chunk.reference = new_reference(value, reference_dtype)
+    for start, step in ahead:
+        value[start:start + len(step)] += xp.asarray(step, dtype=value.dtype)
+    return {"bytes": nbytes, "never_saved": never, "extrapolated_blocks": len(ahead)}
 
 
 def restore_reference(chunk: Chunk, initial: Any, orders: Orders) -> None:
@@ -256,9 +292,9 @@ class Checkpointer:
         self.rounds: dict[int, Round] = {}
         self.pending: Orders | None = None     # selected, to be written by the next graph
         self.notes: dict[int, list[str]] = {}  # iteration -> warnings for the history
-        #: called as ``on_saved(iteration, {chunk: blocks}, block_rows)`` when a writer
+        #: called as ``on_saved(iteration, {chunk: blocks}, block_rows, round)`` when a writer
         #: reports blocks written with their values of ``iteration``
-        self.on_saved: Callable[[int, dict, dict], None] | None = None
+        self.on_saved: Callable[[int, dict, dict, int], None] | None = None
         self._warned = False
 
     # -- orders ------------------------------------------------------------------------
@@ -321,7 +357,7 @@ class Checkpointer:
         rnd.reports.append(report)
         if not report["error"] and self.on_saved is not None:
             cid, blocks = rnd.chunks[f"{report['parameter']}/{report['chunk']}"]
-            self.on_saved(rnd.iteration, {cid: blocks}, self.base.block_rows)
+            self.on_saved(rnd.iteration, {cid: blocks}, self.base.block_rows, report["round"])
         if not rnd.done or rnd.abandoned:
             return
         if rnd.errors:

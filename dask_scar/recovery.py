@@ -15,8 +15,9 @@ calls :func:`recover`, which
    live worker holds (every contribution task reads every chunk and its process
    remembers the copy: usually one iteration old), nothing read either;
 4. re-creates the chunks that had no copy at all on the least loaded live workers,
-   each reading **only its own blocks** from the checkpoint store (blocks never
-   checkpointed start again from their initial value);
+   each reading **only its own blocks** from the checkpoint store, extrapolated
+   along their drift between their last two saved versions (:meth:`Drift.trends`;
+   blocks never checkpointed start again from their initial value);
 5. with ``recovery="full"`` (the traditional baseline) instead rolls every chunk
    back to the store and rewinds the iteration count to its last committed round.
 
@@ -49,6 +50,7 @@ from . import config
 from .chunks import ChunkId, ParameterChunks, place, release_keys, seen_versions
 from .exceptions import SchedulerLostError, ScarError, WorkerLostError
 from .plugin import CLUSTER_TOPIC, set_epoch
+from .store import NEVER
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +66,8 @@ class RecoveryEvent:
     ``iteration`` is the iteration that was in flight; training went on with
     ``resumed_at + 1`` (the same iteration for partial recovery, the last committed
     checkpoint's for full recovery). ``lost_chunks`` were restored from the store
-    (``bytes_read``; ``reinitialized_blocks`` of them had never been saved and
+    (``bytes_read``; ``extrapolated_blocks`` of them along the drift between their
+    last two saves, ``reinitialized_blocks`` had never been saved and
     start again from their initial value), ``moved_chunks`` were taken over from a
     surviving copy of their current value, ``peer_chunks`` from the copy of an
     earlier iteration (``peer_iterations`` behind, in all) that a contribution task
@@ -87,6 +90,7 @@ class RecoveryEvent:
     mode: str = "partial"
     moved_chunks: list[str] = field(default_factory=list)
     reinitialized_blocks: int = 0
+    extrapolated_blocks: int = 0
     peer_chunks: list[str] = field(default_factory=list)
     peer_iterations: int = 0
     resumed_at: int = 0
@@ -103,6 +107,8 @@ class RecoveryEvent:
                     + (f" and {what[len('restored '):]}" if self.lost_chunks else ""))
         if self.moved_chunks:
             what += f", took over {len(self.moved_chunks)} surviving chunk(s)"
+        if self.extrapolated_blocks:
+            what += f", {self.extrapolated_blocks} block(s) extrapolated from their last two saves"
         if self.reinitialized_blocks:
             what += f", {self.reinitialized_blocks} never-saved block(s) re-initialised"
         return (f"worker {self.worker} lost at iteration {self.iteration}: {what} in {self.seconds:.3f} s; "
@@ -181,12 +187,18 @@ class Drift:
     inequality).
     """
 
-    def __init__(self, ids: list[ChunkId], window: int = 20):
+    def __init__(self, ids: list[ChunkId], window: int = 20, fresh: bool = False):
+        """``fresh``: the fit starts from the initial values at iteration 0 (so a block
+        saved once can be extrapolated from its initial value)."""
+        self.fresh = fresh
         self.labels = {cid: f"{cid.name}/{cid.index}" for cid in ids}
         self.path = {cid: 0.0 for cid in ids}
         # per chunk: block distances from the stored values (None: all zero), and the path then
         self.known: dict[ChunkId, tuple[np.ndarray | None, float]] = {cid: (None, 0.0) for cid in ids}
         self.paths_at: dict[int, dict[ChunkId, float]] = {}   # recent iterations: the path after each
+        # per chunk and block: the two newest saved versions this fit heard of, as
+        # (iteration, round, path then), oldest first
+        self.saves: dict[tuple[ChunkId, int], list[tuple[int, int, float]]] = {}
         self.totals: deque[float] = deque(maxlen=window)      # recent iterations: the whole step's norm
 
     def record(self, iteration: int, steps: dict[str, float]) -> None:
@@ -209,10 +221,14 @@ class Drift:
             if key in priorities and not np.isinf(priorities[key]).any():
                 self.known[cid] = (np.asarray(priorities[key], dtype=float), self.path[cid])
 
-    def saved(self, iteration: int, blocks: dict[ChunkId, tuple[int, ...]], block_rows: dict[str, int]) -> None:
-        """A writer stored these blocks with their values of ``iteration``."""
+    def saved(self, iteration: int, blocks: dict[ChunkId, tuple[int, ...]], block_rows: dict[str, int],
+              round: int) -> None:
+        """A writer stored these blocks with their values of ``iteration`` in ``round``."""
         for cid, chosen in blocks.items():
             then = self.paths_at.get(iteration, {}).get(cid)
+            for b in chosen:
+                versions = self.saves.setdefault((cid, b), [])
+                versions[:] = [*versions, (iteration, round, math.nan if then is None else then)][-2:]
             distances, since = self.known[cid]
             if then is None or then < since:
                 continue        # a newer measurement, or too old to place: the older bound still holds
@@ -225,6 +241,29 @@ class Drift:
                 distances = distances.copy()
                 distances[[b - first for b in chosen]] = 0.0
                 self.known[cid] = (distances, since)
+
+    def trends(self, ids: list[ChunkId], now: int) -> dict[ChunkId, dict[int, tuple]]:
+        """How to extrapolate the blocks of ``ids`` restored after iteration ``now``
+        (see :func:`dask_scar.checkpoint.prepare_chunk`): for each block whose last two
+        saves this fit knows (or, in a ``fresh`` fit, its one save and its initial value),
+        ``(newest, previous, factor)``. The factor is the chunk's
+        path since the newest save over its path between the two, at most their ratio
+        in iterations (the steps of a converging run shrink; growing ones are no trend)."""
+        out: dict[ChunkId, dict[int, tuple]] = {}
+        ids = set(ids)
+        for (cid, b), versions in self.saves.items():
+            if cid not in ids:
+                continue
+            if len(versions) == 1 and self.fresh:
+                versions = [(NEVER, NEVER, 0.0), *versions]   # the initial value, as of iteration 0
+            if len(versions) < 2:
+                continue
+            (i1, r1, p1), (i2, r2, p2) = versions
+            if not (p2 > p1) or i2 <= max(i1, 0):      # unknown paths, or no move to go by
+                continue
+            factor = min((self.path[cid] - p2) / (p2 - p1), (now - i2) / (i2 - max(i1, 0)))
+            out.setdefault(cid, {})[b] = ((i2, r2), (i1, r1), max(factor, 0.0))
+        return out
 
     def distance(self, cid: ChunkId) -> float:
         """Upper estimate of ``||x_cid - stored||`` now."""
@@ -276,7 +315,8 @@ class Restore:
     """What :func:`recover` needs from the trainer."""
 
     chunks: ParameterChunks
-    initialize: Callable[[list[ChunkId], int], list[Future]]   # start re-creating chunks at a version
+    # start re-creating chunks at a version from the store, extrapolating blocks along these trends
+    initialize: Callable[[list[ChunkId], int, dict], list[Future]]
     mode: str
     rewind_to: Callable[[], int]          # iteration of the store's last committed round
     hint: str
@@ -318,7 +358,8 @@ def recover(restore: Restore, watch: ClusterWatch, iteration: int, noticed: floa
             lost = gone_for_good - set(copies)
             homeless = [cid for cid in sorted(lost) if chunks.owner[cid] not in alive]
             chunks.owner.update(_spread(homeless, chunks.owner, sorted(alive)))
-        futures = restore.initialize(sorted(lost), version) if lost else []
+        trends = drift.trends(sorted(lost), version) if restore.mode == "partial" else {}
+        futures = restore.initialize(sorted(lost), version, trends) if lost else []
         if copies:
             futures += chunks.adopt({cid: worker for cid, (worker, _) in copies.items()}, version)
         stale = [chunks.key(cid, version) for cid in lost | set(copies)]
@@ -342,7 +383,8 @@ def recover(restore: Restore, watch: ClusterWatch, iteration: int, noticed: floa
         iteration=iteration, worker=", ".join(sorted(workers_lost)), lost_chunks=[label(c) for c in sorted(lost)],
         bytes_read=stats.get("bytes", 0), seconds=time.time() - noticed, est_perturbation=delta,
         predicted_extra_iterations=predicted, mode=restore.mode, moved_chunks=[label(c) for c in sorted(moved)],
-        reinitialized_blocks=stats.get("never_saved", 0), peer_chunks=[label(c) for c in sorted(copies)],
+        reinitialized_blocks=stats.get("never_saved", 0), extrapolated_blocks=stats.get("extrapolated_blocks", 0),
+        peer_chunks=[label(c) for c in sorted(copies)],
         peer_iterations=sum(version - v for _, v in copies.values()), resumed_at=version, contraction=c,
         noticed_at=noticed)
 

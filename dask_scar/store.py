@@ -5,10 +5,18 @@ Layout of a store (a Zarr group at any path or fsspec URL)::
     zarr.json            group attributes, JSON, written by the driver only:
                            "dask_scar": format, model, parameter layouts, policy
                            "manifest":  the last committed round (written last)
-    params/<name>        one array per parameter; one Zarr chunk == one block of
-                         ``block_rows`` rows; fill value NaN; crc32c on every chunk
-    saved/<name>         (n_blocks, 3) int64: iteration, epoch and round at which
-                         each block was last written; -1 where never
+    params/<name>        one array per parameter, (2, *shape): two slots, each
+                         holding one saved version of every block; one Zarr chunk
+                         == one block of ``block_rows`` rows in one slot; fill
+                         value NaN; crc32c on every chunk
+    saved/<name>         (n_blocks, 2, 3) int64: iteration, epoch and round at which
+                         each block was written into each slot; -1 where never
+
+A block is written into the slot holding its *older* version, so the store keeps
+the two newest versions of every block for the writes of one, and a write never
+touches the newest (a write cut short leaves it intact). Recovery reads both to
+extrapolate the block's drift since (see :func:`dask_scar.checkpoint.prepare_chunk`);
+everything else reads the newest.
 
 A missing Zarr chunk reads back as the fill value without error, so whether a
 block was saved is read from ``saved/<name>``, never inferred from the data. The
@@ -35,10 +43,11 @@ from zarr.core.sync import sync
 
 from .exceptions import CheckpointError, StoreMismatchError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ATTRS = "dask_scar"
 NEVER = -1
 _RECORD = ("iteration", "epoch", "round")
+SLOTS = 2                   # versions kept of every block
 
 
 @dataclass(frozen=True)
@@ -96,12 +105,19 @@ class CheckpointStore(abc.ABC):
         """Write blocks (index -> rows) of ``name``; returns the bytes they take in the store."""
 
     @abc.abstractmethod
-    def records(self, name: str, blocks: list[int] | None = None) -> np.ndarray:
-        """(blocks, 3) int64 rows of iteration, epoch, round; -1 where never saved."""
+    def records(self, name: str, blocks: list[int] | None = None, previous: bool = False) -> np.ndarray:
+        """(blocks, 3) int64 rows of iteration, epoch, round of each block's newest
+        version (``previous``: of the version before it); -1 where none was saved."""
 
     @abc.abstractmethod
-    def read_blocks(self, name: str, blocks: list[int]) -> dict[int, np.ndarray]:
-        """The saved ones among ``blocks``; raises :class:`CheckpointError` for a corrupt block."""
+    def read_blocks(self, name: str, blocks: list[int], previous: bool = False) -> dict[int, np.ndarray]:
+        """The saved ones among ``blocks``, newest versions (``previous``: the versions
+        before them); raises :class:`CheckpointError` for a corrupt block."""
+
+    def last_round(self) -> int:
+        """The highest round any block was written in (0: none); rounds abandoned after
+        the last committed one count, so a resumed fit numbers its rounds after them."""
+        return max([0, *(int(self.records(name)[:, 2].max(initial=0)) for name in self.layouts)])
 
     @abc.abstractmethod
     def commit(self, manifest: dict) -> None:
@@ -242,11 +258,11 @@ class ZarrStore(CheckpointStore):
         try:
             group = zarr.open_group(_zarr_store(url, read_only=False), mode="w-", attributes={ATTRS: meta})
             for name, lay in layouts.items():
-                group.create_array(f"params/{name}", shape=lay.shape, dtype=lay.dtype,
-                                   chunks=(lay.block_rows, *lay.shape[1:]), fill_value=np.nan,
+                group.create_array(f"params/{name}", shape=(SLOTS, *lay.shape), dtype=lay.dtype,
+                                   chunks=(1, lay.block_rows, *lay.shape[1:]), fill_value=np.nan,
                                    compressors=_codecs())
-                group.create_array(f"saved/{name}", shape=(lay.n_blocks, len(_RECORD)), dtype="int64",
-                                   chunks=(1, len(_RECORD)), fill_value=NEVER, compressors=[Crc32cCodec()])
+                group.create_array(f"saved/{name}", shape=(lay.n_blocks, SLOTS, len(_RECORD)), dtype="int64",
+                                   chunks=(1, 1, len(_RECORD)), fill_value=NEVER, compressors=[Crc32cCodec()])
         except (zarr.errors.ContainsGroupError, FileExistsError):
             raise CheckpointError(f"{url} already holds a Zarr group; choose another store path") from None
         except OSError as exc:
@@ -265,45 +281,57 @@ class ZarrStore(CheckpointStore):
         layout = self.layouts[name]
         data, saved = self._array(f"params/{name}"), self._array(f"saved/{name}")
         store, prefix = data.store_path.store, data.store_path.path
-        record = np.array([[iteration, epoch, round]], dtype=np.int64)
+        record = np.array([[[iteration, epoch, round]]], dtype=np.int64)
         tail = (0,) * (len(layout.shape) - 1)
+        blocks = list(values)
+        slots = dict(zip(blocks, self._slots(name, blocks)[2]))   # the older version's slot
 
         async def write() -> int:
             # all blocks at once; every record only once every block's data is in
-            await asyncio.gather(*(data._async_array.setitem(slice(*layout.bounds(b)), rows)
+            await asyncio.gather(*(data._async_array.setitem((slots[b], slice(*layout.bounds(b))), rows)
                                    for b, rows in values.items()))
-            await asyncio.gather(*(saved._async_array.setitem(slice(b, b + 1), record) for b in values))
-            sizes = await asyncio.gather(*(store.getsize(f"{prefix}/{data.metadata.encode_chunk_key((b,) + tail)}")
-                                           for b in values))
+            await asyncio.gather(*(saved._async_array.setitem((slice(b, b + 1), slice(slots[b], slots[b] + 1)),
+                                                              record) for b in values))
+            sizes = await asyncio.gather(*(store.getsize(
+                f"{prefix}/{data.metadata.encode_chunk_key((slots[b], b) + tail)}") for b in values))
             return sum(sizes)
 
         return sync(write())
 
-    def records(self, name: str, blocks: list[int] | None = None) -> np.ndarray:
+    def _slots(self, name: str, blocks: list[int] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Both slots' records of ``blocks`` (all: None), the slot of each block's newest
+        version and that of the version before (rounds only grow: the higher is newer)."""
         saved = self._array(f"saved/{name}")
-        if blocks is None:
-            return saved[:]
-        return saved.get_orthogonal_selection((np.asarray(blocks, dtype=np.int64), slice(None))).reshape(-1, 3)
+        rec = saved[:] if blocks is None else saved.get_orthogonal_selection(
+            (np.asarray(blocks, dtype=np.int64), slice(None), slice(None)))
+        rec = rec.reshape(-1, SLOTS, len(_RECORD))
+        older = np.argmin(rec[:, :, 2], axis=1)     # the first write of a block goes to slot 0
+        return rec, 1 - older, older
 
-    def read_blocks(self, name: str, blocks: list[int]) -> dict[int, np.ndarray]:
+    def records(self, name: str, blocks: list[int] | None = None, previous: bool = False) -> np.ndarray:
+        rec, newest, older = self._slots(name, blocks)
+        return rec[np.arange(len(rec)), older if previous else newest]
+
+    def read_blocks(self, name: str, blocks: list[int], previous: bool = False) -> dict[int, np.ndarray]:
         layout = self.layouts[name]
         data = self._array(f"params/{name}")
-        rec = self.records(name, blocks)
+        rec, newest, older = self._slots(name, blocks)
+        slot = older if previous else newest
         out = {}
-        for block, (iteration, _, _) in zip(blocks, rec):
+        for block, s, (iteration, _, _) in zip(blocks, slot, rec[np.arange(len(rec)), slot]):
             if iteration == NEVER:
                 continue
             start, stop = layout.bounds(block)
             try:
-                rows = data[start:stop]
+                rows = data[int(s), start:stop]
             except Exception as exc:  # noqa: BLE001  (a codec error: checksum, truncated data)
                 raise CheckpointError(
-                    f"block {block} (rows {start}:{stop}) of parameter {name!r} in {self.url} is corrupt "
-                    f"({exc}); it cannot be loaded. Restore the store from a copy, or delete that block's "
-                    f"record saved/{name} chunk {block} so it counts as never saved") from exc
+                    f"block {block} (rows {start}:{stop}, slot {s}) of parameter {name!r} in {self.url} is "
+                    f"corrupt ({exc}); it cannot be loaded. Restore the store from a copy, or delete that "
+                    f"block's record (saved/{name} chunk {block}.{s}) so it counts as never saved") from exc
             if np.isnan(rows).all():
-                raise CheckpointError(f"block {block} of parameter {name!r} in {self.url} is recorded as "
-                                      f"saved at iteration {iteration} but its data is missing")
+                raise CheckpointError(f"block {block} (slot {s}) of parameter {name!r} in {self.url} is recorded "
+                                      f"as saved at iteration {iteration} but its data is missing")
             out[block] = rows
         return out
 

@@ -82,7 +82,9 @@ class Trainer:
     recovery : {"partial", "full"}
         How to recover when a worker dies. ``"partial"`` (SCAR): only the chunks
         that died with it are restored from the store (or taken over from a copy
-        that survived elsewhere); every other chunk keeps its current value and
+        that survived elsewhere), each block extrapolated along its drift between
+        its last two saved versions (``scar.recovery.extrapolate``); every other
+        chunk keeps its current value and
         training goes on with the iteration that was in flight. ``"full"``: the
         traditional rollback of every chunk to the store's last committed round,
         and of the iteration count with it. Without a store, lost chunks start
@@ -178,8 +180,9 @@ class Trainer:
         chunks = ParameterChunks(client, run, place(split_rows(layouts, n_chunks), workers), version=start)
         hint = (f"; the checkpoint store {self.store} holds the model as last saved: fit(..., resume=True) "
                 "continues from it" if store is not None else "")
-        restore = Restore(chunks, lambda ids, version: chunks.initialize(model, self.backend, version,
-                                                                          prepare(True), ids),
+        extrapolate = model.extrapolate_restores and config.get("recovery.extrapolate")
+        restore = Restore(chunks, lambda ids, version, trends: chunks.initialize(
+                              model, self.backend, version, prepare(True, trends if extrapolate else None), ids),
                           self.recovery, lambda: int(store.manifest.get("iteration", 0)) if store else 0, hint)
         bar = tqdm(total=max_iter, initial=start, unit="it", desc=type(model).__name__,
                    disable=not config.get("progress", progress))
@@ -221,12 +224,15 @@ class Trainer:
                 raise CheckpointError(f"worker {worker} cannot use the checkpoint store: {error}") from error
         reference = getattr(policy, "reference_dtype", None) if policy.needs_priorities else False
         ckpt = Checkpointer(store, policy, store.layouts, run, store_id, epoch,
-                            int(manifest.get("round", 0)), config.get("checkpoint.backlog"), reference)
+                            max(int(manifest.get("round", 0)), store.last_round()), config.get("checkpoint.backlog"),
+                            reference)
 
-        def prepare(load: bool) -> Callable:
-            """How new chunks are made ready: from the store's blocks if ``load``."""
+        def prepare(load: bool, trends: dict | None = None) -> Callable:
+            """How new chunks are made ready: from the store's blocks if ``load``
+            (extrapolated along ``trends``)."""
             return functools.partial(checkpoint.prepare_chunk, url=store.url, store_id=store_id,
-                                     block_rows=ckpt.base.block_rows, load=load, reference_dtype=reference)
+                                     block_rows=ckpt.base.block_rows, load=load, reference_dtype=reference,
+                                     trends=trends)
 
         return store, ckpt, start, prepare
 

@@ -114,7 +114,11 @@ def test_simulated_recovery_rules():
     # partial recovery reads only the lost quarter's chunks, and costs less
     scar_trial = by["scar", 0.25]
     assert scar_trial["resumed_at"] == 45 and scar_trial["lost_chunks"] == 2
-    assert scar_trial["bytes_read"] < full["bytes_read"] / 2
+    paper = by["scar-paper", 0.25]
+    assert paper["bytes_read"] <= full["bytes_read"] / 4      # the newest saved versions of 2 chunks of 8
+    # extrapolating reads the versions before them too, and costs no more
+    assert paper["bytes_read"] < scar_trial["bytes_read"] <= 2 * paper["bytes_read"]
+    assert scar_trial["iteration_cost"] <= paper["iteration_cost"]
     assert 0 <= scar_trial["iteration_cost"] < full["iteration_cost"]
     assert scar_trial["predicted_cost"] > 0 and scar_trial["perturbation_norm"] > 0
     # nobody lost: nothing restored, nothing to pay
@@ -148,14 +152,19 @@ def test_simulated_and_real_failures_agree(tmp_path):
     frame = TINY.frame(True)
     result = simulate(TINY, frame, REAL_WORKERS, [45], 1, {0.25: REAL_VICTIMS})
     with BenchCluster(REAL_WORKERS) as cluster:
-        real_trials(result, frame, cluster, str(tmp_path), ("traditional", "scar"))
+        real_trials(result, frame, cluster, str(tmp_path), ("traditional", "scar", "scar-paper"))
     real = {t["strategy"]: t for t in result.trials if t["mode"] == "real"}
-    assert set(real) == {"traditional", "scar"}
+    assert set(real) == {"traditional", "scar", "scar-paper"}
     for name, trial in real.items():
         assert trial["recoveries"] == 1, name
         assert abs(trial["iteration_cost"] - trial["simulated_cost"]) <= 1, (name, trial)
+        if name != "traditional":       # the same blocks read, newest and previous versions
+            assert trial["bytes_read"] == trial["simulated_bytes_read"], (name, trial)
     assert real["traditional"]["resumed_at"] == 40
     assert real["scar"]["bytes_read"] < real["traditional"]["bytes_read"]
+    # scar extrapolates the lost blocks from their last two saves; the paper's restore does not
+    assert real["scar"]["extrapolated_blocks"] > 0 and real["scar-paper"]["extrapolated_blocks"] == 0
+    assert real["scar"]["bytes_read"] > real["scar-paper"]["bytes_read"]
     # the trainer's own estimate of the perturbation bounds the one measured in the simulation
     assert real["scar"]["est_perturbation"] >= 0.9 * real["scar"]["perturbation_norm"]
 

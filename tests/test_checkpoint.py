@@ -30,11 +30,11 @@ def synthetic(n_rows=2000, n_features=127, n_classes=10, seed=0) -> pd.DataFrame
     return frame
 
 
-def chunk_files(store_path) -> int:
-    """Bytes of the parameter blocks in a store on disk."""
+def chunk_files(store_path, slot: int) -> int:
+    """Bytes of the parameter blocks in one slot of a store on disk."""
     root = os.path.join(store_path, "params")
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files
-               if f != "zarr.json")
+               if f != "zarr.json" and os.path.relpath(d, root).split(os.sep)[2:3] == [str(slot)])
 
 
 def test_prioritized_rounds_write_the_blocks_that_moved_most(client, digits, tmp_path):
@@ -86,8 +86,9 @@ def test_equal_byte_budget_full_vs_prioritized(client, tmp_path):
                                                              progress=False)
         assert len(result.checkpoints) == 64 // policy.every
         per_iteration[name] = result.history["checkpoint_bytes"].sum() / 64
-        if name == "full":   # a full round's bytes are the store's blocks on disk
-            assert result.checkpoints["bytes"].iloc[-1] == chunk_files(tmp_path / "full.zarr")
+        if name == "full":   # a full round's bytes are the store's blocks on disk, in one slot
+            last = 1 - len(result.checkpoints) % 2       # slots alternate, the first round in slot 0
+            assert result.checkpoints["bytes"].iloc[-1] == chunk_files(tmp_path / "full.zarr", last)
     assert per_iteration["scar"] == pytest.approx(per_iteration["full"], rel=0.05)
 
 
@@ -102,11 +103,11 @@ def test_store_for_another_model_or_corrupt_is_refused(client, digits, tmp_path)
                                                       r"\(65, 10\), model has \(65, 1\)"):
         scar.Trainer(client, scar.LinearRegression(), store=store).fit(digits, target="label", max_iter=9,
                                                                        resume=True, progress=False)
-    path = store / "params/weights/c/4/0"
-    raw = bytearray(path.read_bytes())
-    raw[-6] ^= 0x10
-    path.write_bytes(bytes(raw))
-    with pytest.raises(scar.CheckpointError, match=r"block 4 \(rows 12:15\) of parameter 'weights'.* corrupt"):
+    for path in store.glob("params/weights/c/*/4/0"):      # both saved versions of block 4
+        raw = bytearray(path.read_bytes())
+        raw[-6] ^= 0x10
+        path.write_bytes(bytes(raw))
+    with pytest.raises(scar.CheckpointError, match=r"block 4 \(rows 12:15, slot \d\) of parameter 'weights'.* corrupt"):
         scar.Trainer(client, scar.SoftmaxRegression(), store=store).fit(digits, target="label", max_iter=9,
                                                                         resume=True, progress=False)
     with pytest.raises(scar.CheckpointError, match="no dask_scar checkpoint store at"):
@@ -198,15 +199,26 @@ def test_resume_after_the_driver_process_died(client, digits, tmp_path):
     finally:
         driver.send_signal(signal.SIGKILL)
         driver.wait()
+    # the workers' writers finish the rounds the dead driver handed out: wait until they have
+    records = []
+
+    def settled() -> bool:
+        records.append(scar.open_store(store).saved_at)
+        return len(records) > 1 and records[-1].equals(records[-2])
+
+    wait_for(settled, interval=0.5, what="the writes to settle")
     checkpoint = scar.open_store(store)
     start = checkpoint.manifest["iteration"]
     saved = checkpoint.load()["weights"]
+    written = checkpoint.last_round()      # committed or not
 
     model = scar.SoftmaxRegression()
     result = scar.Trainer(client, model, store=store, policy=scar.FullCheckpoint(every=5)).fit(
         digits, target="label", max_iter=start + 30, tol=0, resume=True, progress=False)
     assert result.history["iteration"].tolist() == list(range(start + 1, start + 31))
     assert result.n_iter == start + 30
+    # rounds the dead driver handed out but never committed keep their numbers: new ones follow
+    assert result.checkpoints["round"].min() == written + 1
     # the first loss is the loss of exactly what the store held
     block = prepare_local(scar.SoftmaxRegression(), digits, "label")
     local = scar.SoftmaxRegression()
@@ -226,3 +238,54 @@ def test_memory_store_on_a_threaded_cluster(digits):
         result = scar.Trainer(c, scar.SoftmaxRegression(), store=url, policy=scar.FullCheckpoint(every=4)).fit(
             digits, target="label", max_iter=8, progress=False)
     np.testing.assert_array_equal(scar.open_store(url).load()["weights"], result.params["weights"])
+
+
+def test_a_restored_block_is_extrapolated_along_its_last_two_saves(tmp_path):
+    """The driver's Drift turns step norms and the writes it heard of into factors;
+    the restoring worker applies them only where the store holds those very versions."""
+    from dask_scar.chunks import Chunk, ChunkId
+    from dask_scar.checkpoint import INITIAL, prepare_chunk
+    from dask_scar.recovery import Drift
+    from dask_scar.store import BlockLayout, ZarrStore
+
+    layout = BlockLayout("w", (6, 2), "float32", 2)           # 3 blocks of 2 rows, one chunk
+    store = ZarrStore.create(tmp_path / "ckpt.zarr", {"class": "test", "params": {}}, {"w": layout}, None)
+    cid = ChunkId("w", 0, 0, 6)
+    drift = Drift([cid], fresh=True)
+    for k in range(1, 31):               # the chunk walks 1.0 per iteration, then 0.5 from iteration 21
+        drift.record(k, {"w/0": 1.0 if k <= 20 else 0.5})
+        if k == 10:
+            store.write_blocks("w", {0: np.full((2, 2), 1.0, np.float32)}, 10, 0, 1)
+            drift.saved(10, {cid: (0,)}, {"w": 2}, round=1)
+        if k == 20:
+            store.write_blocks("w", {0: np.full((2, 2), 3.0, np.float32), 1: np.full((2, 2), 4.0, np.float32)},
+                               20, 0, 2)
+            drift.saved(20, {cid: (0, 1)}, {"w": 2}, round=2)
+    trends = drift.trends([cid], now=30)
+    # block 0: saved at 10 and 20, the chunk walked 10 between them and 5 since: factor 0.5
+    assert trends[cid][0] == ((20, 2), (10, 1), 0.5)
+    # block 1: saved once in a fresh fit, so from its initial value (iteration 0, path 0): 5 / 20
+    assert trends[cid][1] == ((20, 2), INITIAL, 0.25)
+    assert 2 not in trends[cid]                                 # never saved: nothing to go by
+
+    def restore(with_trends):
+        chunk = Chunk(cid, {"value": np.full((6, 2), -1.0, np.float32)}, 30)    # -1: the initial value
+        stats = prepare_chunk(chunk, str(tmp_path / "ckpt.zarr"), store.meta["id"], {"w": 2}, True, False,
+                              with_trends)
+        return chunk.value[::2, 0].tolist(), stats
+
+    assert restore(trends) == ([3.0 + 0.5 * (3 - 1), 4.0 + 0.25 * (4 - -1), -1.0],
+                               {"bytes": 3 * 16, "never_saved": 1, "extrapolated_blocks": 2})  # 2 newest, 1 older
+    assert restore(None)[0] == [3.0, 4.0, -1.0]                 # the paper's restore: as saved
+    # a write the driver never heard of: block 0's slots now hold iterations 20 and 25, so
+    # the trend's versions are not there and the block is restored as saved
+    store.write_blocks("w", {0: np.full((2, 2), 9.0, np.float32)}, 25, 0, 3)
+    assert restore(trends)[0] == [9.0, 4.0 + 0.25 * 5, -1.0]
+    # steps that grow are no trend to follow far: the factor is capped by the iterations
+    fast = Drift([cid], fresh=False)
+    for k in range(1, 13):
+        fast.record(k, {"w/0": float(k)})
+        if k in (8, 10):
+            fast.saved(k, {cid: (0,)}, {"w": 2}, round=k)
+    assert fast.trends([cid], now=12)[cid][0][2] == (12 - 10) / (10 - 8)
+    assert fast.trends([ChunkId("w", 1, 6, 8)], now=12) == {}

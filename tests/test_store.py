@@ -38,7 +38,7 @@ def test_write_read_records_and_info(tmp_path):
     assert (lay.block_rows, lay.n_blocks) == (5, 13)
     rows = np.arange(50, dtype=np.float32).reshape(5, 10)
     nbytes = store.write_blocks("weights", {0: rows, 12: rows + 7}, iteration=9, epoch=1, round=3)
-    files = [tmp_path / "ckpt.zarr/params/weights/c/0/0", tmp_path / "ckpt.zarr/params/weights/c/12/0"]
+    files = [tmp_path / "ckpt.zarr/params/weights/c/0/0/0", tmp_path / "ckpt.zarr/params/weights/c/0/12/0"]
     assert nbytes == sum(os.path.getsize(f) for f in files)
     store.commit({"round": 3, "iteration": 9, "epoch": 1})
 
@@ -58,15 +58,34 @@ def test_write_read_records_and_info(tmp_path):
     assert meta["dask_scar"]["model"] == MODEL and meta["manifest"]["round"] == 3
 
 
+def test_a_block_keeps_its_two_newest_versions_and_a_write_spares_the_newest(tmp_path):
+    store = new_store(tmp_path / "ckpt.zarr")
+    ones = np.ones((5, 10), np.float32)
+    assert store.read_blocks("weights", [2], previous=True) == {}
+    sizes = [store.write_blocks("weights", {2: ones * k}, iteration=10 * k, epoch=0, round=k) for k in (1, 2)]
+    newest = tmp_path / "ckpt.zarr/params/weights/c/1/2/0"        # the second write, in the other slot
+    before = newest.read_bytes()
+    store.write_blocks("weights", {2: ones * 3}, iteration=30, epoch=1, round=3)   # over the first
+    assert newest.read_bytes() == before
+    reopened = scar.open_store(tmp_path / "ckpt.zarr")
+    assert reopened.records("weights", [2]).tolist() == [[30, 1, 3]]
+    assert reopened.records("weights", [2], previous=True).tolist() == [[20, 0, 2]]
+    assert reopened.read_blocks("weights", [2])[2][0, 0] == 3.0
+    assert reopened.read_blocks("weights", [2], previous=True)[2][0, 0] == 2.0
+    assert reopened.load()["weights"][10, 0] == 3.0 and reopened.saved_at.iteration[2] == 30
+    assert reopened.records("weights", [2, 3], previous=True)[:, 0].tolist() == [20, -1]   # 3: never saved
+    assert sizes[1] == os.path.getsize(newest)       # a write costs one version's bytes, not two
+
+
 def test_a_flipped_byte_is_detected_and_named(tmp_path):
     store = new_store(tmp_path / "ckpt.zarr")
     rng = np.random.default_rng(0)
     store.write_blocks("weights", {3: rng.random((5, 10), dtype=np.float32)}, 4, 0, 1)
-    path = tmp_path / "ckpt.zarr/params/weights/c/3/0"
+    path = tmp_path / "ckpt.zarr/params/weights/c/0/3/0"
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0x01
     path.write_bytes(bytes(raw))
-    with pytest.raises(scar.CheckpointError, match=r"block 3 \(rows 15:20\) of parameter 'weights'.*corrupt"):
+    with pytest.raises(scar.CheckpointError, match=r"block 3 \(rows 15:20, slot 0\) of parameter 'weights'.*corrupt"):
         scar.open_store(tmp_path / "ckpt.zarr").load()
 
 
@@ -78,7 +97,7 @@ def test_fsspec_urls(tmp_path, scheme):
     store.write_blocks("weights", {1: np.ones((5, 10), np.float32)}, 2, 0, 1)
     np.testing.assert_array_equal(scar.open_store(url).load()["weights"][5:10], 1.0)
     if scheme == "file":
-        assert (tmp_path / "ckpt.zarr/params/weights/c/1/0").exists()
+        assert (tmp_path / "ckpt.zarr/params/weights/c/0/1/0").exists()
 
 
 def test_store_for_another_model_is_refused_saying_what_differs(tmp_path):

@@ -26,7 +26,7 @@ LOST = {0.125: (1,), 0.25: (1, 5), 0.5: (1, 3, 5, 7)}
 SIM_WORKERS = 8
 REAL_WORKERS = 4
 REAL_VICTIMS = (1,)          # a quarter of the real cluster
-REAL_QUICK = ("traditional", "scar", "scar+copies")   # real kills of --quick (the others: simulated)
+REAL_QUICK = ("traditional", "scar", "scar-paper", "scar+copies")   # real kills of --quick (others: simulated)
 
 
 @dataclass
@@ -189,6 +189,8 @@ def real_trials(result: CaseResult, frame: pd.DataFrame, cluster, tmp: str,
             "predicted_cost": result.free.predicted(same.perturbation, failure),
             "est_perturbation": sum(e.est_perturbation for e in events),
             "bytes_read": sum(e.bytes_read for e in events),
+            "simulated_bytes_read": same.bytes_read,
+            "extrapolated_blocks": sum(e.extrapolated_blocks for e in events),
             "recovery_seconds": sum(e.seconds for e in events),
             "bytes_written_per_iter": run.bytes_written / max(1, len(run.losses)),
             "resumed_at": events[0].resumed_at if events else math.nan,

@@ -13,7 +13,7 @@ from ..policy import FullCheckpoint, PrioritizedCheckpoint, RandomCheckpoint, Ro
 from ._simulate import Strategy
 
 #: Strategy names in report order; ``traditional`` is the baseline of every reduction.
-STRATEGIES = ("traditional", "partial", "scar", "roundrobin", "random", "scar+copies")
+STRATEGIES = ("traditional", "partial", "scar", "scar-paper", "roundrobin", "random", "scar+copies")
 
 
 @dataclass
@@ -52,6 +52,8 @@ class Case:
             Strategy("traditional", FullCheckpoint(self.every), "full"),
             Strategy("partial", FullCheckpoint(self.every), "partial"),
             Strategy("scar", PrioritizedCheckpoint(fraction, self.often), "partial"),
+            # the paper's restore: the newest saved version as it is, not extrapolated
+            Strategy("scar-paper", PrioritizedCheckpoint(fraction, self.often), "partial", extrapolate=False),
             Strategy("roundrobin", RoundRobinCheckpoint(fraction, self.often), "partial"),
             Strategy("random", RandomCheckpoint(fraction, self.often, seed=0), "partial"),
             # this library's default: the store only serves when no live worker holds a copy

@@ -125,7 +125,8 @@ def run_real(cluster: BenchCluster, case: Case, frame: pd.DataFrame, store: str 
                       recovery=strategy.recovery if strategy else "partial", n_chunks=2 * workers)
     ddf = dd.from_pandas(frame, npartitions=2 * workers)
     started = time.perf_counter()
-    with dask.config.set({"scar.recovery.replicas": bool(strategy and strategy.copies)}):
+    with dask.config.set({"scar.recovery.replicas": bool(strategy and strategy.copies),
+                          "scar.recovery.extrapolate": bool(strategy is None or strategy.extrapolate)}):
         result = trainer.fit(ddf, target=case.target, max_iter=max_iter or case.max_iter, tol=0, progress=False,
                              callback=callback)
     return RealRun(strategy.name if strategy else "failure-free", losses, time.perf_counter() - started,

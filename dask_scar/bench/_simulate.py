@@ -11,7 +11,10 @@ recovery would restore:
 * a round selected after iteration ``t`` is written with the values of ``t``
   while iteration ``t + 1`` runs, and is abandoned if a worker dies first;
 * ``partial``: the chunks of the dead workers take their blocks as last saved
-  (blocks never saved: their initial value), optimizer state restarts, every
+  (blocks never saved: their initial value) -- extrapolated along the drift
+  between their last two saved versions, by the chunk's path since over its path
+  between them, as :meth:`dask_scar.recovery.Drift.trends` has it, unless the
+  strategy or the model says not to -- optimizer state restarts, every
   other chunk keeps its value, and the iteration in flight is redone -- or, with
   ``copies``, they take the previous iteration's state, which every live
   worker's contribution task had copied (the current state for models whose
@@ -36,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..checkpoint import block_distances
+from ..checkpoint import block_distances, chunk_blocks
 from ..chunks import Chunk, ChunkId, place, split_rows
 from ..iteration import replicates
 from ..models import Model
@@ -53,6 +56,7 @@ class Strategy:
     policy: CheckpointPolicy
     recovery: str           # "partial" or "full"
     copies: bool = False    # restore from live workers' earlier copies (scar.recovery.replicas)
+    extrapolate: bool = True   # extrapolate restored blocks (scar.recovery.extrapolate)
 
 
 @dataclass
@@ -62,6 +66,9 @@ class SimStore:
     policy: CheckpointPolicy
     stored: dict[str, np.ndarray]          # blocks as last saved; initial values where never saved
     saved_at: dict[str, np.ndarray]        # per block: iteration saved, -1 never
+    previous: dict[str, np.ndarray]        # blocks as saved the time before (the store's other slot)
+    previous_at: dict[str, np.ndarray]     # per block: iteration of that, -1 none
+    paths: dict[str, np.ndarray]           # per block: its chunk's path when saved, and the time before
     round: int = 0
     committed: int = 0                     # iteration of the last committed round
     pending: tuple[int, dict[str, np.ndarray]] | None = None   # (iteration, block numbers per parameter)
@@ -79,6 +86,7 @@ class Snapshot:
     iteration: int
     states: dict[ChunkId, dict]
     previous: dict[ChunkId, dict]          # the states one iteration earlier: what contributions copied
+    paths: dict[ChunkId, float]            # each chunk's path: its step norms summed
     local: list
     stores: dict[str, SimStore]
 
@@ -138,18 +146,27 @@ class Simulation:
 
     # -- checkpointing ---------------------------------------------------------------------
     def new_store(self, policy: CheckpointPolicy) -> SimStore:
-        return SimStore(policy, {n: v.copy() for n, v in self.initial.items()},
-                        {n: np.full(lay.n_blocks, -1) for n, lay in self.layouts.items()})
+        never = {n: np.full(lay.n_blocks, -1) for n, lay in self.layouts.items()}
+        return SimStore(policy, {n: v.copy() for n, v in self.initial.items()}, never,
+                        {n: v.copy() for n, v in self.initial.items()}, copy.deepcopy(never),
+                        {n: np.full((lay.n_blocks, 2), np.nan) for n, lay in self.layouts.items()})
 
-    def _write_pending(self, store: SimStore, values: dict[str, np.ndarray]) -> None:
+    def _write_pending(self, store: SimStore, values: dict[str, np.ndarray], paths: dict[ChunkId, float]) -> None:
+        """Write the pending round, with ``values`` of its iteration, when each chunk's
+        path was ``paths``."""
         if store.pending is None:
             return
         iteration, chosen = store.pending
         for name, blocks in chosen.items():
             rows = self.layouts[name].block_rows
             for b in blocks:
-                store.stored[name][b * rows:(b + 1) * rows] = values[name][b * rows:(b + 1) * rows]
-                store.bytes_written += values[name][b * rows:(b + 1) * rows].nbytes
+                span = slice(b * rows, (b + 1) * rows)
+                store.previous[name][span] = store.stored[name][span]
+                store.stored[name][span] = values[name][span]
+                store.bytes_written += values[name][span].nbytes
+                cid = next(c for c in self.ids if c.name == name and c.start <= b * rows < c.stop)
+                store.paths[name][b] = (paths[cid], store.paths[name][b, 0])
+            store.previous_at[name][blocks] = store.saved_at[name][blocks]
             store.saved_at[name][blocks] = iteration
         store.committed, store.pending = iteration, None
         store.rounds_written += 1
@@ -175,6 +192,32 @@ class Simulation:
             offset += lay.n_blocks
         store.pending = (iteration, per_name)
 
+    def _extrapolate(self, value: np.ndarray, cid: ChunkId, store: SimStore, snapshot: Snapshot) -> int:
+        """Move the restored ``value`` of ``cid`` along its blocks' drift between their
+        two saved versions (:meth:`dask_scar.recovery.Drift.trends`); returns the bytes
+        of previous versions read (an initial value is not read)."""
+        rows, nbytes = self.layouts[cid.name].block_rows, 0
+        for b in chunk_blocks(cid, rows):
+            i2, i1 = store.saved_at[cid.name][b], store.previous_at[cid.name][b]
+            p2, p1 = store.paths[cid.name][b]
+            if i1 < 0:              # saved once: the version before is the initial one, of iteration 0
+                i1, p1 = 0, 0.0
+            if i2 < 0 or not p2 > p1 or i2 <= i1:
+                continue
+            factor = max(0.0, min((snapshot.paths[cid] - p2) / (p2 - p1), (snapshot.iteration - i2) / (i2 - i1)))
+            span = slice(b * rows, (b + 1) * rows)
+            previous = store.previous[cid.name][span]
+            value[b * rows - cid.start:b * rows - cid.start + len(previous)] += (
+                factor * (store.stored[cid.name][span] - previous))
+            nbytes += previous.nbytes if store.previous_at[cid.name][b] >= 0 else 0
+        return nbytes
+
+    def _saved_bytes(self, cid: ChunkId, store: SimStore) -> int:
+        """Bytes of the saved blocks of ``cid`` (never-saved ones are not read)."""
+        rows = self.layouts[cid.name].block_rows
+        return sum(store.stored[cid.name][b * rows:(b + 1) * rows].nbytes
+                   for b in chunk_blocks(cid, rows) if store.saved_at[cid.name][b] >= 0)
+
     # -- runs ------------------------------------------------------------------------------
     def failure_free(self, max_iter: int, strategies: list[Strategy], snapshot_at: set[int]
                      ) -> tuple[list[float], list[dict[str, np.ndarray]], dict[int, Snapshot], dict[str, SimStore]]:
@@ -186,19 +229,23 @@ class Simulation:
         states = self.fresh_states()
         stores = {s.name: self.new_store(s.policy) for s in strategies}
         losses, trajectory, snapshots = [], [self.values(states)], {}
+        paths = {cid: 0.0 for cid in self.ids}
         for k in range(1, max_iter + 1):
             before = trajectory[-1]
             for store in stores.values():
-                self._write_pending(store, before)
+                self._write_pending(store, before, paths)
             previous = copy.deepcopy(states) if k in snapshot_at else None
             losses.append(self.step(states, k))
             values = self.values(states)
             trajectory.append(values)
+            for cid in self.ids:    # as the update tasks measure it
+                step = (values[cid.name][cid.start:cid.stop] - before[cid.name][cid.start:cid.stop]).ravel()
+                paths[cid] += float(np.sqrt(np.vdot(step, step)))
             for store in stores.values():
                 self._select(store, values, k)
             if k in snapshot_at:
-                snapshots[k] = Snapshot(k, copy.deepcopy(states), previous, [copy.deepcopy(b.get(LOCAL_STATE))
-                                                                  for b in self.blocks],
+                snapshots[k] = Snapshot(k, copy.deepcopy(states), previous, dict(paths),
+                                        [copy.deepcopy(b.get(LOCAL_STATE)) for b in self.blocks],
                                         copy.deepcopy(stores))
         return losses, trajectory, snapshots, stores
 
@@ -218,13 +265,17 @@ class Simulation:
         dead = {self.workers[v] for v in victims}
         lost = [cid for cid in self.ids if self.owner[cid] in dead] if strategy.recovery == "partial" else self.ids
         store.pending = None                        # the round selected after T is never written
+        extrapolate = strategy.extrapolate and strategy.recovery == "partial" and self.model.extrapolate_restores
         squared, nbytes = 0.0, 0
         for cid in lost:
             if strategy.copies:     # a live worker's copy, optimizer state too
                 new = copy.deepcopy((snapshot.states if self.replicated else snapshot.previous)[cid])
             else:
-                new = self.model.new_state(cid.name, store.stored[cid.name][cid.start:cid.stop].copy())
-                nbytes += new["value"].nbytes
+                value = store.stored[cid.name][cid.start:cid.stop].copy()
+                nbytes += self._saved_bytes(cid, store)
+                if extrapolate:
+                    nbytes += self._extrapolate(value, cid, store, snapshot)
+                new = self.model.new_state(cid.name, value)
             squared += float(np.sum((states[cid]["value"].astype(np.float64) - new["value"]) ** 2))
             states[cid] = new
         resumed_at = store.committed if strategy.recovery == "full" else snapshot.iteration
@@ -232,9 +283,10 @@ class Simulation:
         losses = list(prefix)
         sim = copy.copy(self)
         sim.blocks = blocks
+        unknown = {cid: math.nan for cid in self.ids}   # no second failure: later paths are not needed
         while not stop(losses):
             before = sim.values(states)
-            sim._write_pending(store, before)
+            sim._write_pending(store, before, unknown)
             losses.append(sim.step(states, k))
             sim._select(store, sim.values(states), k)
             k += 1

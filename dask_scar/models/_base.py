@@ -107,6 +107,10 @@ class Model:
     target_dtype: str | None = "float32"
     #: Array libraries the model's maths runs on (``Trainer(backend=...)`` names one).
     backends: tuple[str, ...] = ("numpy", "cupy")
+    #: Whether a block restored from the store may be extrapolated along its drift
+    #: between its last two saved versions (``scar.recovery.extrapolate``): for
+    #: parameters that move smoothly with the iterations, not sampled counts.
+    extrapolate_restores: bool = True
 
     def replicate_updates(self, block_rows: int) -> bool:
         """Whether every worker's update task should update every chunk of this one-phase

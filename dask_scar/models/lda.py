@@ -60,6 +60,7 @@ class LDA(Model):
     feature_dtype = "int64"
     target_dtype = "float32"
     backends = ("numpy",)   # the sampler is a sequential loop over tokens
+    extrapolate_restores = False   # counts, drawn afresh every sweep: no trend to follow
 
     def __init__(self, n_topics: int = 10, alpha: float = 0.1, beta: float = 0.01, doc: str = "doc",
                  word: str = "word", count: str = "count", subsweeps: int = 4, random_state: int = 0):
