@@ -2,6 +2,7 @@
 
 import threading
 import time
+from collections import Counter
 
 import dask.dataframe as dd
 from distributed.diagnostics.plugin import SchedulerPlugin
@@ -221,9 +222,12 @@ class GraphLog(SchedulerPlugin):
 def _task_inputs(client, kind):
     """{iteration: [sorted kinds of the inputs of each ``kind`` task]} from the GraphLog."""
     deps = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.plugins["test-graph-log"].deps)
+    # only the run with the most tasks: an earlier test's tasks may still be released meanwhile
+    runs = Counter(key.split("-")[2] for key in deps)
+    run = runs.most_common(1)[0][0] if runs else None
     by_iteration = {}
     for key, kinds in sorted(deps.items()):
-        if key.startswith(f"scar-{kind}-"):
+        if key.startswith(f"scar-{kind}-{run}-"):
             by_iteration.setdefault(int(key.split("-")[-3]), []).append(kinds)
     return by_iteration
 
