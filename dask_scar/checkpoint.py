@@ -45,6 +45,10 @@ from .store import NEVER, BlockLayout, ZarrStore, probe
 
 logger = logging.getLogger(__name__)
 
+#: Seconds an update task measuring priorities waits for its process's last writes
+#: (a store that slow is reported by the writes themselves; priorities then go on).
+WRITE_WAIT = 10.0
+
 
 @dataclass(frozen=True)
 class Orders:
@@ -59,6 +63,7 @@ class Orders:
     priorities: bool = False            # report block distances of the new chunks
     round: int = 0                      # round to write, if ``blocks``
     blocks: dict[ChunkId, tuple[int, ...]] = field(default_factory=dict)  # selected blocks per chunk
+    extrapolate: bool = False           # priorities: distance from where a restore would put a block
 
 
 # -- on the workers ---------------------------------------------------------------------
@@ -67,13 +72,70 @@ def chunk_blocks(cid: ChunkId, block_rows: int) -> range:
     return range(cid.start // block_rows, math.ceil(cid.stop / block_rows))
 
 
-def block_distances(chunk: Chunk, block_rows: int) -> list[float]:
-    """``||value - reference||`` of each block of the chunk (inf where no reference is kept)."""
+@dataclass
+class SaveTrail:
+    """What a chunk's owner knows of its blocks' last two saves, to rank blocks by
+    how far a restore would be off (see :func:`trend_factors`): the versions before
+    the reference's (``previous``: the initial value before the first save), per
+    block the iteration and the chunk's path at each of the two saves (-1, NaN:
+    unknown), and the chunk's path now (its step norms summed). ``fresh``: the
+    chunk started from its initial value at iteration 0."""
+
+    previous: Any
+    saved_at: np.ndarray
+    saved_path: np.ndarray
+    previous_at: np.ndarray
+    previous_path: np.ndarray
+    path: float = 0.0
+    fresh: bool = False
+
+    @classmethod
+    def new(cls, previous: Any, n_blocks: int, fresh: bool) -> SaveTrail:
+        return cls(previous, np.full(n_blocks, NEVER), np.full(n_blocks, np.nan), np.full(n_blocks, NEVER),
+                   np.full(n_blocks, np.nan), 0.0, fresh)
+
+
+def trend_factors(now: int, path: float, saved_at: np.ndarray, saved_path: np.ndarray, previous_at: np.ndarray,
+                  previous_path: np.ndarray, fresh: bool) -> np.ndarray:
+    """Per block, the factor ``f`` of an extrapolated restore after iteration ``now``,
+    ``newest + f * (newest - previous)``: the chunk's ``path`` since the newest save
+    over its path between the two saves, at most their ratio in iterations; 0 where
+    a block has no two saves to go by (in a ``fresh`` fit a block saved once has its
+    initial value, of iteration 0 and path 0, before it). Restores
+    (:func:`restore_factors`), priorities (:func:`predicted`) and the bench's
+    simulation all go by it."""
+    first = fresh & (previous_at < 0)
+    i1, p1 = np.where(first, 0, previous_at), np.where(first, 0.0, previous_path)
+    usable = (saved_at >= 0) & (i1 >= 0) & (saved_path > p1) & (saved_at > i1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f = np.minimum((path - saved_path) / (saved_path - p1), (now - saved_at) / (saved_at - i1))
+    return np.where(usable, np.maximum(f, 0.0), 0.0)
+
+
+def predicted(chunk: Chunk, block_rows: int) -> Any:
+    """Where an extrapolated restore would put each block of the chunk now (its
+    reference where no trend is known)."""
+    trail, ref = chunk.trail, chunk.reference
+    f = trend_factors(chunk.version, trail.path, trail.saved_at, trail.saved_path, trail.previous_at,
+                      trail.previous_path, trail.fresh)
+    if not f.any():
+        return ref
+    target = ref.astype(chunk.value.dtype, copy=True)
+    for i, b in enumerate(chunk_blocks(chunk.id, block_rows)):
+        if f[i]:
+            span = slice(b * block_rows - chunk.id.start, (b + 1) * block_rows - chunk.id.start)
+            target[span] += f[i] * (target[span] - trail.previous[span].astype(target.dtype))
+    return target
+
+
+def block_distances(chunk: Chunk, block_rows: int, target: Any = None) -> list[float]:
+    """``||value - target||`` of each block of the chunk, ``target`` by default its
+    reference (inf where no reference is kept)."""
     n = len(chunk_blocks(chunk.id, block_rows))
     if chunk.reference is None:
         return [math.inf] * n
     xp = get_array_module(chunk.value)
-    diff = chunk.value - chunk.reference
+    diff = chunk.value - (chunk.reference if target is None else target)
     sq = (diff * diff).reshape(diff.shape[0], -1).sum(axis=1, dtype=xp.float64)
     full = (len(sq) // block_rows) * block_rows
     sums = sq[:full].reshape(-1, block_rows).sum(axis=1)
@@ -88,7 +150,17 @@ def new_reference(value: Any, dtype: str | None) -> Any:
 
 
 def distances(chunks: dict[ChunkId, Chunk], orders: Orders) -> dict[str, list[float]]:
-    return {f"{cid.name}/{cid.index}": block_distances(c, orders.block_rows[cid.name]) for cid, c in chunks.items()}
+    """Each block's priority: its distance from its saved value or, with
+    ``orders.extrapolate``, from where an extrapolated restore would put it -- once
+    the last round's writes are done (they usually are: rounds are at least two
+    iterations apart)."""
+    settle()
+    out = {}
+    for cid, c in chunks.items():
+        rows = orders.block_rows[cid.name]
+        target = predicted(c, rows) if orders.extrapolate and c.trail is not None and c.reference is not None else None
+        out[f"{cid.name}/{cid.index}"] = block_distances(c, rows, target)
+    return out
 
 
 def save(chunks: dict[ChunkId, Chunk], orders: Orders) -> int:
@@ -103,7 +175,9 @@ def save(chunks: dict[ChunkId, Chunk], orders: Orders) -> int:
         for b in blocks:
             start, stop = b * rows - cid.start, min((b + 1) * rows, cid.stop) - cid.start
             values[b] = to_host(chunk.value[start:stop])
-        _writer().put((get_worker(), orders, chunk, values))
+        with _writing:
+            _writing.count += 1
+        _writer().put((get_worker(), orders, chunk, values, chunk.trail.path if chunk.trail else math.nan))
         jobs += 1
     return jobs
 
@@ -114,6 +188,15 @@ def save_task(sources: list[Chunk], orders: Orders) -> int:
 
 
 _stores: dict[tuple[str, str], ZarrStore] = {}
+_writing = threading.Condition()     # .count: writes handed to this process's writer, not yet done
+_writing.count = 0
+
+
+def settle(timeout: float = WRITE_WAIT) -> bool:
+    """Wait until this process's checkpoint writes are done, at most ``timeout``
+    seconds; True if they are (then every reference and record is the last round's)."""
+    with _writing:
+        return _writing.wait_for(lambda: _writing.count == 0, timeout)
 _lock = threading.Lock()
 _queue: queue.Queue | None = None
 
@@ -151,16 +234,20 @@ def _writer() -> queue.Queue:
 
 def _write_forever(jobs: queue.Queue) -> None:
     while True:
-        worker, orders, chunk, values = jobs.get()
+        worker, orders, chunk, values, path = jobs.get()
         started = time.perf_counter()
         report = {"run": orders.run, "kind": "written", "round": orders.round, "chunk": chunk.id.index,
                   "parameter": chunk.id.name, "blocks": len(values), "bytes": 0, "error": None}
         try:
             store = open_cached(orders.url, orders.store_id)
             report["bytes"] = store.write_blocks(chunk.id.name, values, chunk.version, orders.epoch, orders.round)
-            _update_reference(chunk, values, orders.block_rows[chunk.id.name])
+            _update_reference(chunk, values, orders.block_rows[chunk.id.name], path)
         except Exception as exc:  # noqa: BLE001  (reported to the driver, which warns)
             report["error"] = f"{type(exc).__name__}: {exc}"
+        finally:
+            with _writing:
+                _writing.count -= 1
+                _writing.notify_all()
         report["seconds"] = time.perf_counter() - started
         try:
             worker.log_event(PROGRESS_TOPIC, report)
@@ -168,70 +255,107 @@ def _write_forever(jobs: queue.Queue) -> None:
             logger.debug("could not report a checkpoint write", exc_info=True)
 
 
-def _update_reference(chunk: Chunk, values: dict[int, np.ndarray], rows: int) -> None:
-    ref = chunk.reference
+def _update_reference(chunk: Chunk, values: dict[int, np.ndarray], rows: int, path: float) -> None:
+    """The blocks ``values`` of ``chunk`` were saved when its path was ``path``."""
+    ref, trail = chunk.reference, chunk.trail
     if ref is None:
         return
     xp = get_array_module(ref)
+    first = chunk.id.start // rows
     for b, host in values.items():
         start = b * rows - chunk.id.start
+        if trail is not None:
+            i = b - first
+            trail.previous[start:start + len(host)] = ref[start:start + len(host)]
+            trail.previous_at[i], trail.previous_path[i] = trail.saved_at[i], trail.saved_path[i]
+            trail.saved_at[i], trail.saved_path[i] = chunk.version, path
         ref[start:start + len(host)] = xp.asarray(host, dtype=ref.dtype)
 
 
-#: How the driver asks for a restored block to be extrapolated: the (iteration, round)
-#: of the block's newest and previous saved versions, as the driver heard of their
-#: writes, and the factor to apply to the difference between them.
-Trend = tuple[tuple[int, int], tuple[int, int], float]
-#: The "previous version" of a block saved once in a fit that started afresh: its
-#: initial value (the store's other slot is empty, its record -1).
-INITIAL = (NEVER, NEVER)
+@dataclass(frozen=True)
+class Trend:
+    """What the driver tells a worker restoring a chunk, to extrapolate its blocks:
+    the chunk's path after every iteration of this fit (``paths[k]``, NaN where
+    unknown), the round this fit's rounds are numbered after (versions of earlier
+    rounds belong to another fit), and whether the fit started from the initial
+    values at iteration 0."""
+
+    paths: np.ndarray
+    first_round: int
+    fresh: bool
+
+
+def restore_factors(trend: Trend, now: int, newest: np.ndarray, previous: np.ndarray) -> np.ndarray:
+    """:func:`trend_factors` of blocks restored after iteration ``now`` from the
+    versions the store holds (records ``newest`` and ``previous``: iteration, epoch,
+    round per block), with the paths the driver measured; 0 for a block with a
+    version from another fit (or, but in a fresh fit, none before its newest)."""
+    paths = trend.paths
+
+    def path_at(at: np.ndarray) -> np.ndarray:
+        inside = (at >= 0) & (at < len(paths))
+        return np.where(inside, paths[np.clip(at, 0, max(len(paths) - 1, 0))] if len(paths) else np.nan, np.nan)
+
+    ours = newest[:, 2] > trend.first_round
+    first = previous[:, 2] == NEVER             # saved once: before it, the initial value (if fresh)
+    usable = ours & ((previous[:, 2] > trend.first_round) | first)
+    if now >= len(paths) or not usable.any():
+        return np.zeros(len(newest))
+    return trend_factors(now, float(paths[now]), np.where(usable, newest[:, 0], NEVER), path_at(newest[:, 0]),
+                         np.where(first, NEVER, previous[:, 0]), path_at(previous[:, 0]), trend.fresh)
 
 
 def prepare_chunk(chunk: Chunk, url: str | None, store_id: str, block_rows: dict[str, int], load: bool,
-                  reference_dtype: str | None | bool,
-                  trends: dict[ChunkId, dict[int, Trend]] | None = None) -> dict[str, int]:
+                  reference_dtype: str | None | bool, trends: dict[ChunkId, Trend] | None = None,
+                  trail: bool = False) -> dict[str, int]:
     """Make a new chunk ready for checkpointing: with ``load``, overwrite its saved
     blocks from the store (reading only this chunk's blocks; the others keep their
     initial value); unless ``reference_dtype`` is False, keep a reference copy for
-    priorities (the saved values). Returns the bytes read and the number of blocks
+    priorities (the saved values) and, with ``trail``, a :class:`SaveTrail` (for
+    priorities that extrapolate). Returns the bytes read and the number of blocks
     never saved.
 
-    A block with a ``trend`` whose versions are the ones the store holds is restored
-    *extrapolated*: ``newest + factor * (newest - previous)``. The driver's factor is
-    how far the chunk walked since the newest version, over how far it walked between
-    the two (the norms of its steps, summed): where a block keeps its direction, as
+    With a ``trend`` for the chunk, each block is restored *extrapolated* along the
+    two versions the store holds: ``newest + f * (newest - previous)``, ``f`` from
+    :func:`restore_factors` (how far the chunk walked since the newest version,
+    over how far it walked between the two): where a block keeps its direction, as
     gradient descent's blocks do once the slowest mode leads, that restores where it
     would be now rather than where it was when saved.
     """
     nbytes = never = 0
     value = chunk.value
     xp = get_array_module(value)
-    ahead = []                                  # (rows offset, factor * (newest - previous))
+    ahead = []                                  # (rows offset, f * (newest - previous))
     if load:
         cid, rows = chunk.id, block_rows[chunk.id.name]
-        mine = (trends or {}).get(cid, {})
-        initial = {b: to_host(value[b * rows - cid.start:(b + 1) * rows - cid.start]).copy()
-                   for b, trend in mine.items() if trend[1] == INITIAL}
         store = open_cached(url, store_id)
         blocks = list(chunk_blocks(cid, rows))
+        trend = (trends or {}).get(cid)
+        initial = to_host(value).copy() if trend is not None else None
         saved_blocks = store.read_blocks(cid.name, blocks)
         for b, saved in saved_blocks.items():
             start = b * rows - cid.start
             value[start:start + len(saved)] = xp.asarray(saved, dtype=value.dtype)
             nbytes += saved.nbytes
         never = len(blocks) - len(saved_blocks)
-        if mine:
-            wanted = sorted(b for b in mine if b in saved_blocks)
-            held = zip(wanted, store.records(cid.name, wanted), store.records(cid.name, wanted, previous=True))
-            matching = [b for b, new, old in held
-                        if mine[b][0] == (new[0], new[2]) and mine[b][1] == (old[0], old[2])]
-            read = store.read_blocks(cid.name, [b for b in matching if b not in initial], previous=True)
-            nbytes += sum(previous.nbytes for previous in read.values())
-            for b in matching:
-                previous = initial[b] if b in initial else read[b]
-                ahead.append((b * rows - cid.start, mine[b][2] * (saved_blocks[b] - previous)))
+        if trend is not None and saved_blocks:
+            wanted = sorted(saved_blocks)
+            older = store.records(cid.name, wanted, previous=True)
+            factors = restore_factors(trend, chunk.version, store.records(cid.name, wanted), older)
+            moving = [b for b, f in zip(wanted, factors) if f]
+            read = store.read_blocks(cid.name, [b for b, r in zip(wanted, older) if r[2] != NEVER and b in moving],
+                                     previous=True)
+            nbytes += sum(v.nbytes for v in read.values())
+            for b, f in zip(wanted, factors):
+                if f:
+                    start = b * rows - cid.start
+                    before = read[b] if b in read else initial[start:start + len(saved_blocks[b])]
+                    ahead.append((start, f * (saved_blocks[b] - before)))
     if reference_dtype is not False:
         chunk.reference = new_reference(value, reference_dtype)
+        if trail:
+            chunk.trail = SaveTrail.new(new_reference(value, reference_dtype),
+                                        len(chunk_blocks(chunk.id, block_rows[chunk.id.name])), fresh=not load)
     for start, step in ahead:
         value[start:start + len(step)] += xp.asarray(step, dtype=value.dtype)
     return {"bytes": nbytes, "never_saved": never, "extrapolated_blocks": len(ahead)}
@@ -243,6 +367,9 @@ def restore_reference(chunk: Chunk, initial: Any, orders: Orders) -> None:
     scratch = Chunk(chunk.id, {"value": initial}, chunk.version)
     prepare_chunk(scratch, orders.url, orders.store_id, orders.block_rows, True, False)
     chunk.reference = new_reference(scratch.value, orders.reference)
+    if orders.extrapolate:
+        chunk.trail = SaveTrail.new(new_reference(scratch.value, orders.reference),
+                                    len(chunk_blocks(chunk.id, orders.block_rows[chunk.id.name])), fresh=False)
 
 
 # -- on the driver ----------------------------------------------------------------------
@@ -280,21 +407,21 @@ class Checkpointer:
 
     def __init__(self, store: ZarrStore, policy: CheckpointPolicy, layouts: dict[str, BlockLayout],
                  run: str, store_id: str, epoch: int, last_round: int, backlog: int,
-                 reference: str | None | bool = False):
+                 reference: str | None | bool = False, extrapolate: bool = False):
         self.store = store
         self.policy = policy
         self.layouts = layouts
         self.backlog = backlog
         self.base = Orders(run, store.url, store_id, epoch, {n: lay.block_rows for n, lay in layouts.items()},
-                           reference)
+                           reference, extrapolate=extrapolate)
         self.round = last_round
         self.committed = last_round
         self.rounds: dict[int, Round] = {}
         self.pending: Orders | None = None     # selected, to be written by the next graph
         self.notes: dict[int, list[str]] = {}  # iteration -> warnings for the history
-        #: called as ``on_saved(iteration, {chunk: blocks}, block_rows, round)`` when a writer
+        #: called as ``on_saved(iteration, {chunk: blocks}, block_rows)`` when a writer
         #: reports blocks written with their values of ``iteration``
-        self.on_saved: Callable[[int, dict, dict, int], None] | None = None
+        self.on_saved: Callable[[int, dict, dict], None] | None = None
         self._warned = False
 
     # -- orders ------------------------------------------------------------------------
@@ -357,7 +484,7 @@ class Checkpointer:
         rnd.reports.append(report)
         if not report["error"] and self.on_saved is not None:
             cid, blocks = rnd.chunks[f"{report['parameter']}/{report['chunk']}"]
-            self.on_saved(rnd.iteration, {cid: blocks}, self.base.block_rows, report["round"])
+            self.on_saved(rnd.iteration, {cid: blocks}, self.base.block_rows)
         if not rnd.done or rnd.abandoned:
             return
         if rnd.errors:

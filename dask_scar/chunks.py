@@ -44,26 +44,29 @@ class Chunk:
     """A chunk's state on a worker: its value plus optimizer slots, at ``version``.
 
     ``reference`` is the chunk's value as last checkpointed, kept by its owner
-    when the checkpoint policy ranks blocks by how far they moved; it is shared
-    by successive versions and never travels with a copy of the chunk.
+    when the checkpoint policy ranks blocks by how far they moved, and ``trail``
+    what the owner knows of the saves before (:class:`dask_scar.checkpoint.SaveTrail`);
+    both are shared by successive versions and never travel with a copy of the chunk.
     """
 
     id: ChunkId
     state: dict[str, Any]
     version: int
     reference: Any = None
+    trail: Any = None
 
     @property
     def value(self) -> Any:
         return self.state["value"]
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "reference": None}
+        return {**self.__dict__, "reference": None, "trail": None}
 
 
 @sizeof.register(Chunk)
 def _sizeof_chunk(chunk: Chunk) -> int:
-    return sum(sizeof(v) for v in chunk.state.values()) + (0 if chunk.reference is None else sizeof(chunk.reference))
+    kept = [chunk.reference, getattr(chunk.trail, "previous", None)]
+    return sum(sizeof(v) for v in chunk.state.values()) + sum(sizeof(k) for k in kept if k is not None)
 
 
 CHUNK_PREFIX = "scar-chunk-"

@@ -78,11 +78,13 @@ def update(model: Model, sources: list, contributions: list[Contribution], keys:
         checkpoint.save(own, orders)   # the previous iteration's values, as selected
     xp = get_array_module(*(chunk.value for chunk in current.values()))
     states, loss = model.apply({cid: chunk.state for cid, chunk in current.items()}, contributions, xp)
-    new = {cid: Chunk(cid, states[cid], iteration, chunk.reference) for cid, chunk in current.items()}
+    new = {cid: Chunk(cid, states[cid], iteration, chunk.reference, chunk.trail) for cid, chunk in current.items()}
     steps = {}
     for cid in keys:
         step = (new[cid].value - current[cid].value).ravel()
-        steps[f"{cid.name}/{cid.index}"] = float(xp.sqrt(xp.vdot(step, step)))  # for recovery's estimates
+        steps[f"{cid.name}/{cid.index}"] = norm = float(xp.sqrt(xp.vdot(step, step)))  # for recovery's estimates
+        if new[cid].trail is not None:
+            new[cid].trail.path += norm
     progress = {"run": run, "epoch": epoch, "iteration": iteration, "steps": steps}
     if report_loss:
         progress["loss"] = loss

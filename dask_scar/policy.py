@@ -69,15 +69,21 @@ class FullCheckpoint(CheckpointPolicy):
 
 class PrioritizedCheckpoint(CheckpointPolicy):
     """SCAR's prioritized partial checkpoint: every ``every`` iterations, the
-    ``fraction`` of blocks with the largest ``||x_block - last_saved_block||``.
+    ``fraction`` of blocks with the largest ``||x_block - last_saved_block||`` --
+    or, where restores extrapolate (``scar.recovery.extrapolate``, the default),
+    the largest distance from where a restore would put the block now: its last
+    saved version moved along the drift from the version before (see
+    :func:`dask_scar.checkpoint.trend_factors`).
 
     The distances are computed on the workers that hold the chunks, against a
     copy of each block as last saved (as initialised, before its first save),
-    which those workers keep beside the chunk: **one extra copy of the
-    parameters**, spread over the workers like the parameters themselves. Where
-    that is too much, ``reference_dtype="float16"`` keeps the copy at half the
-    size of float32 parameters (distances then carry ~1e-3 relative error, which
-    only matters for near-ties). Only one number per block travels to the driver.
+    and, to extrapolate, one of the version before, which those workers keep
+    beside the chunk: **two extra copies of the parameters** (one with
+    ``scar.recovery.extrapolate: false``), spread over the workers like the
+    parameters themselves. Where that is too much, ``reference_dtype="float16"``
+    keeps the copies at half the size of float32 parameters (distances then carry
+    ~1e-3 relative error, which only matters for near-ties). Only one number per
+    block travels to the driver.
 
     With ``every = fraction * C`` it writes the same bytes per iteration as
     ``FullCheckpoint(every=C)``.

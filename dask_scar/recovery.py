@@ -50,7 +50,7 @@ from . import config
 from .chunks import ChunkId, ParameterChunks, place, release_keys, seen_versions
 from .exceptions import SchedulerLostError, ScarError, WorkerLostError
 from .plugin import CLUSTER_TOPIC, set_epoch
-from .store import NEVER
+from .checkpoint import Trend
 
 logger = logging.getLogger(__name__)
 
@@ -187,18 +187,17 @@ class Drift:
     inequality).
     """
 
-    def __init__(self, ids: list[ChunkId], window: int = 20, fresh: bool = False):
+    def __init__(self, ids: list[ChunkId], window: int = 20, fresh: bool = False, first_round: int = 0):
         """``fresh``: the fit starts from the initial values at iteration 0 (so a block
-        saved once can be extrapolated from its initial value)."""
-        self.fresh = fresh
+        saved once can be extrapolated from its initial value); its checkpoint rounds
+        are numbered after ``first_round``."""
+        self.fresh, self.first_round = fresh, first_round
+        self.history: dict[ChunkId, list[float]] = {cid: [] for cid in ids}   # the path after each iteration
         self.labels = {cid: f"{cid.name}/{cid.index}" for cid in ids}
         self.path = {cid: 0.0 for cid in ids}
         # per chunk: block distances from the stored values (None: all zero), and the path then
         self.known: dict[ChunkId, tuple[np.ndarray | None, float]] = {cid: (None, 0.0) for cid in ids}
         self.paths_at: dict[int, dict[ChunkId, float]] = {}   # recent iterations: the path after each
-        # per chunk and block: the two newest saved versions this fit heard of, as
-        # (iteration, round, path then), oldest first
-        self.saves: dict[tuple[ChunkId, int], list[tuple[int, int, float]]] = {}
         self.totals: deque[float] = deque(maxlen=window)      # recent iterations: the whole step's norm
 
     def record(self, iteration: int, steps: dict[str, float]) -> None:
@@ -208,6 +207,9 @@ class Drift:
         self.totals.append(math.sqrt(sum(v * v for v in steps.values())))
         self.paths_at[iteration] = dict(self.path)
         self.paths_at.pop(iteration - 4 * self.totals.maxlen, None)   # only recent rounds are looked up
+        for cid, history in self.history.items():   # an iteration done again after a recovery: its latest
+            del history[max(iteration, 0):]
+            history.extend([math.nan] * (iteration - len(history)) + [self.path[cid]])
 
     def reset(self, ids: list[ChunkId]) -> None:
         """Chunks now equal to what the store holds (restored, or initialised)."""
@@ -221,14 +223,10 @@ class Drift:
             if key in priorities and not np.isinf(priorities[key]).any():
                 self.known[cid] = (np.asarray(priorities[key], dtype=float), self.path[cid])
 
-    def saved(self, iteration: int, blocks: dict[ChunkId, tuple[int, ...]], block_rows: dict[str, int],
-              round: int) -> None:
-        """A writer stored these blocks with their values of ``iteration`` in ``round``."""
+    def saved(self, iteration: int, blocks: dict[ChunkId, tuple[int, ...]], block_rows: dict[str, int]) -> None:
+        """A writer stored these blocks with their values of ``iteration``."""
         for cid, chosen in blocks.items():
             then = self.paths_at.get(iteration, {}).get(cid)
-            for b in chosen:
-                versions = self.saves.setdefault((cid, b), [])
-                versions[:] = [*versions, (iteration, round, math.nan if then is None else then)][-2:]
             distances, since = self.known[cid]
             if then is None or then < since:
                 continue        # a newer measurement, or too old to place: the older bound still holds
@@ -242,28 +240,13 @@ class Drift:
                 distances[[b - first for b in chosen]] = 0.0
                 self.known[cid] = (distances, since)
 
-    def trends(self, ids: list[ChunkId], now: int) -> dict[ChunkId, dict[int, tuple]]:
-        """How to extrapolate the blocks of ``ids`` restored after iteration ``now``
-        (see :func:`dask_scar.checkpoint.prepare_chunk`): for each block whose last two
-        saves this fit knows (or, in a ``fresh`` fit, its one save and its initial value),
-        ``(newest, previous, factor)``. The factor is the chunk's
-        path since the newest save over its path between the two, at most their ratio
-        in iterations (the steps of a converging run shrink; growing ones are no trend)."""
-        out: dict[ChunkId, dict[int, tuple]] = {}
-        ids = set(ids)
-        for (cid, b), versions in self.saves.items():
-            if cid not in ids:
-                continue
-            if len(versions) == 1 and self.fresh:
-                versions = [(NEVER, NEVER, 0.0), *versions]   # the initial value, as of iteration 0
-            if len(versions) < 2:
-                continue
-            (i1, r1, p1), (i2, r2, p2) = versions
-            if not (p2 > p1) or i2 <= max(i1, 0):      # unknown paths, or no move to go by
-                continue
-            factor = min((self.path[cid] - p2) / (p2 - p1), (now - i2) / (i2 - max(i1, 0)))
-            out.setdefault(cid, {})[b] = ((i2, r2), (i1, r1), max(factor, 0.0))
-        return out
+    def trends(self, ids: list[ChunkId]) -> dict[ChunkId, Trend]:
+        """What a worker restoring ``ids`` from the store needs to extrapolate their
+        blocks along whatever two versions the store holds (see
+        :func:`dask_scar.checkpoint.prepare_chunk`): per chunk its path after every
+        iteration of this fit (NaN before it), the round this fit's rounds follow, and
+        whether the fit started from the initial values."""
+        return {cid: Trend(np.array(self.history[cid], dtype=float), self.first_round, self.fresh) for cid in ids}
 
     def distance(self, cid: ChunkId) -> float:
         """Upper estimate of ``||x_cid - stored||`` now."""
@@ -358,7 +341,7 @@ def recover(restore: Restore, watch: ClusterWatch, iteration: int, noticed: floa
             lost = gone_for_good - set(copies)
             homeless = [cid for cid in sorted(lost) if chunks.owner[cid] not in alive]
             chunks.owner.update(_spread(homeless, chunks.owner, sorted(alive)))
-        trends = drift.trends(sorted(lost), version) if restore.mode == "partial" else {}
+        trends = drift.trends(sorted(lost)) if restore.mode == "partial" else {}
         futures = restore.initialize(sorted(lost), version, trends) if lost else []
         if copies:
             futures += chunks.adopt({cid: worker for cid, (worker, _) in copies.items()}, version)

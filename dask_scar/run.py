@@ -48,7 +48,7 @@ class TrainingRun:
         self.client = chunks.client
         self.timeout = config.get("iteration-timeout")
         self.watch = ClusterWatch(self.client)
-        self.drift = Drift(chunks.ids, fresh=chunks.version == 0)
+        self.drift = Drift(chunks.ids, fresh=chunks.version == 0, first_round=ckpt.round if ckpt is not None else 0)
         if ckpt is not None:
             ckpt.on_saved = self.drift.saved
         self.rows: list[dict] = []

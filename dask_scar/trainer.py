@@ -180,9 +180,9 @@ class Trainer:
         chunks = ParameterChunks(client, run, place(split_rows(layouts, n_chunks), workers), version=start)
         hint = (f"; the checkpoint store {self.store} holds the model as last saved: fit(..., resume=True) "
                 "continues from it" if store is not None else "")
-        extrapolate = model.extrapolate_restores and config.get("recovery.extrapolate")
         restore = Restore(chunks, lambda ids, version, trends: chunks.initialize(
-                              model, self.backend, version, prepare(True, trends if extrapolate else None), ids),
+                              model, self.backend, version, prepare(True, trends if self._extrapolates() else None),
+                              ids),
                           self.recovery, lambda: int(store.manifest.get("iteration", 0)) if store else 0, hint)
         bar = tqdm(total=max_iter, initial=start, unit="it", desc=type(model).__name__,
                    disable=not config.get("progress", progress))
@@ -225,16 +225,23 @@ class Trainer:
         reference = getattr(policy, "reference_dtype", None) if policy.needs_priorities else False
         ckpt = Checkpointer(store, policy, store.layouts, run, store_id, epoch,
                             max(int(manifest.get("round", 0)), store.last_round()), config.get("checkpoint.backlog"),
-                            reference)
+                            reference, self._extrapolates())
 
         def prepare(load: bool, trends: dict | None = None) -> Callable:
             """How new chunks are made ready: from the store's blocks if ``load``
             (extrapolated along ``trends``)."""
             return functools.partial(checkpoint.prepare_chunk, url=store.url, store_id=store_id,
                                      block_rows=ckpt.base.block_rows, load=load, reference_dtype=reference,
-                                     trends=trends)
+                                     trends=trends, trail=self._extrapolates())
 
         return store, ckpt, start, prepare
+
+
+    def _extrapolates(self) -> bool:
+        """Whether restores from the store extrapolate (and priorities rank blocks by
+        how far such a restore would be off): ``scar.recovery.extrapolate``, for
+        partial recovery, where the model allows it."""
+        return self.recovery == "partial" and self.model.extrapolate_restores and config.get("recovery.extrapolate")
 
 
 def _check_store_path(url: str, resume: bool) -> None:

@@ -10,6 +10,7 @@ import threading
 import time
 import warnings
 
+import dask
 import numpy as np
 import pandas as pd
 import pytest
@@ -39,9 +40,12 @@ def chunk_files(store_path, slot: int) -> int:
 
 def test_prioritized_rounds_write_the_blocks_that_moved_most(client, digits, tmp_path):
     model = scar.SoftmaxRegression(momentum=0.9)
-    result = scar.Trainer(client, model, store=tmp_path / "ckpt.zarr",
-                          policy=scar.PrioritizedCheckpoint(0.25, every=3)).fit(
-        digits, target="label", max_iter=60, tol=0, progress=False)
+    # the paper's priority: distance from the saved value (by default, from where an
+    # extrapolated restore would put the block: see the test below)
+    with dask.config.set({"scar.recovery.extrapolate": False}):
+        result = scar.Trainer(client, model, store=tmp_path / "ckpt.zarr",
+                              policy=scar.PrioritizedCheckpoint(0.25, every=3)).fit(
+            digits, target="label", max_iter=60, tol=0, progress=False)
 
     # checkpointing does not change training
     reference = scar.SoftmaxRegression(momentum=0.9)
@@ -241,51 +245,56 @@ def test_memory_store_on_a_threaded_cluster(digits):
 
 
 def test_a_restored_block_is_extrapolated_along_its_last_two_saves(tmp_path):
-    """The driver's Drift turns step norms and the writes it heard of into factors;
-    the restoring worker applies them only where the store holds those very versions."""
+    """The driver's Drift keeps each chunk's path (its step norms summed); the
+    restoring worker extrapolates every block along the two versions the store holds,
+    by the path walked since the newest over the path walked between them."""
+    from dask_scar.checkpoint import Orders, SaveTrail, _update_reference, distances, prepare_chunk
     from dask_scar.chunks import Chunk, ChunkId
-    from dask_scar.checkpoint import INITIAL, prepare_chunk
     from dask_scar.recovery import Drift
     from dask_scar.store import BlockLayout, ZarrStore
 
-    layout = BlockLayout("w", (6, 2), "float32", 2)           # 3 blocks of 2 rows, one chunk
+    layout = BlockLayout("w", (8, 2), "float32", 2)           # 4 blocks of 2 rows, one chunk
     store = ZarrStore.create(tmp_path / "ckpt.zarr", {"class": "test", "params": {}}, {"w": layout}, None)
-    cid = ChunkId("w", 0, 0, 6)
-    drift = Drift([cid], fresh=True)
+    cid = ChunkId("w", 0, 0, 8)
+    drift = Drift([cid], fresh=True, first_round=0)
     for k in range(1, 31):               # the chunk walks 1.0 per iteration, then 0.5 from iteration 21
         drift.record(k, {"w/0": 1.0 if k <= 20 else 0.5})
-        if k == 10:
-            store.write_blocks("w", {0: np.full((2, 2), 1.0, np.float32)}, 10, 0, 1)
-            drift.saved(10, {cid: (0,)}, {"w": 2}, round=1)
-        if k == 20:
-            store.write_blocks("w", {0: np.full((2, 2), 3.0, np.float32), 1: np.full((2, 2), 4.0, np.float32)},
-                               20, 0, 2)
-            drift.saved(20, {cid: (0, 1)}, {"w": 2}, round=2)
-    trends = drift.trends([cid], now=30)
-    # block 0: saved at 10 and 20, the chunk walked 10 between them and 5 since: factor 0.5
-    assert trends[cid][0] == ((20, 2), (10, 1), 0.5)
-    # block 1: saved once in a fresh fit, so from its initial value (iteration 0, path 0): 5 / 20
-    assert trends[cid][1] == ((20, 2), INITIAL, 0.25)
-    assert 2 not in trends[cid]                                 # never saved: nothing to go by
+    full = np.full((2, 2), 1.0, np.float32)
+    store.write_blocks("w", {0: 1 * full}, 10, 0, 1)
+    store.write_blocks("w", {0: 3 * full, 1: 4 * full}, 20, 0, 2)
+    store.write_blocks("w", {2: 5 * full}, 4, 0, 0)               # round 0: another fit's
 
-    def restore(with_trends):
-        chunk = Chunk(cid, {"value": np.full((6, 2), -1.0, np.float32)}, 30)    # -1: the initial value
-        stats = prepare_chunk(chunk, str(tmp_path / "ckpt.zarr"), store.meta["id"], {"w": 2}, True, False,
-                              with_trends)
+    def restore(trends, version=30):
+        chunk = Chunk(cid, {"value": np.full((8, 2), -1.0, np.float32)}, version)    # -1: the initial value
+        stats = prepare_chunk(chunk, str(tmp_path / "ckpt.zarr"), store.meta["id"], {"w": 2}, True, False, trends)
         return chunk.value[::2, 0].tolist(), stats
 
-    assert restore(trends) == ([3.0 + 0.5 * (3 - 1), 4.0 + 0.25 * (4 - -1), -1.0],
-                               {"bytes": 3 * 16, "never_saved": 1, "extrapolated_blocks": 2})  # 2 newest, 1 older
-    assert restore(None)[0] == [3.0, 4.0, -1.0]                 # the paper's restore: as saved
-    # a write the driver never heard of: block 0's slots now hold iterations 20 and 25, so
-    # the trend's versions are not there and the block is restored as saved
-    store.write_blocks("w", {0: np.full((2, 2), 9.0, np.float32)}, 25, 0, 3)
-    assert restore(trends)[0] == [9.0, 4.0 + 0.25 * 5, -1.0]
+    # block 0: saved at 10 and 20, the chunk walked 10 between them and 5 since: f = 0.5;
+    # block 1: saved once in a fresh fit, so from its initial value (iteration 0, path 0): f = 5 / 20;
+    # block 2: from another fit, as saved; block 3: never saved, initial
+    assert restore(drift.trends([cid])) == ([3 + 0.5 * (3 - 1), 4 + 0.25 * (4 - -1), 5.0, -1.0],
+                                            {"bytes": 4 * 16, "never_saved": 1, "extrapolated_blocks": 2})
+    assert restore(None)[0] == [3.0, 4.0, 5.0, -1.0]               # the paper's restore: as saved
+    # a write the driver never heard of is used too: block 0 now holds iterations 20 and 25
+    store.write_blocks("w", {0: 9 * full}, 25, 0, 3)
+    assert restore(drift.trends([cid]))[0][0] == 9 + (25 - 22.5) / (22.5 - 20) * (9 - 3)   # paths 20, 22.5, 25
+    # a resumed fit knows no path before its start: nothing to go by
+    resumed = Drift([cid], fresh=False, first_round=3)
+    resumed.record(31, {"w/0": 1.0})
+    assert restore(resumed.trends([cid]), version=31)[1]["extrapolated_blocks"] == 0
+
+    # a chunk's owner ranks its blocks by how far such a restore would be off now
+    owned = Chunk(cid, {"value": np.zeros((8, 2), np.float32)}, 0, np.zeros((8, 2), np.float32),
+                  SaveTrail.new(np.zeros((8, 2), np.float32), 4, fresh=True))
+    for k, path in ((10, 10.0), (20, 20.0)):    # block 0 saved at 10 (value 1) and 20 (value 2)
+        owned.trail.path, owned.version = path, k
+        _update_reference(owned, {0: np.full((2, 2), k / 10, np.float32)}, 2, path)
+    owned = Chunk(cid, {"value": np.full((8, 2), 3.0, np.float32)}, 30, owned.reference, owned.trail)
+    owned.trail.path = 25.0                     # walked 5 since: block 0 predicted at 2 + 0.5 * (2 - 1)
+    orders = Orders("run", "url", "id", 0, {"w": 2}, None, priorities=True, extrapolate=True)
+    assert distances({cid: owned}, orders)["w/0"] == pytest.approx([0.5 * 2, 3 * 2, 3 * 2, 3 * 2])
+    paper = Orders(**{**orders.__dict__, "extrapolate": False})
+    assert distances({cid: owned}, paper)["w/0"] == pytest.approx([1 * 2, 3 * 2, 3 * 2, 3 * 2])
     # steps that grow are no trend to follow far: the factor is capped by the iterations
-    fast = Drift([cid], fresh=False)
-    for k in range(1, 13):
-        fast.record(k, {"w/0": float(k)})
-        if k in (8, 10):
-            fast.saved(k, {cid: (0,)}, {"w": 2}, round=k)
-    assert fast.trends([cid], now=12)[cid][0][2] == (12 - 10) / (10 - 8)
-    assert fast.trends([ChunkId("w", 1, 6, 8)], now=12) == {}
+    from dask_scar.checkpoint import trend_factors
+    assert trend_factors(12, 78.0, np.array([10]), np.array([55.0]), np.array([8]), np.array([36.0]), False) == 1.0

@@ -118,10 +118,10 @@ def test_drift_bounds_the_perturbation_and_predicts_with_the_contraction_bound()
     drift.record(11, {"w/0": 0.5, "w/1": 0.0})
     assert drift.distance(a) == pytest.approx(5.0 + 0.5) and drift.distance(b) == 0.0
     # the writer stored block 1 with its values of iteration 11: only block 0's 3.0 remains
-    drift.saved(11, {a: (1,)}, {"w": 2}, round=1)
+    drift.saved(11, {a: (1,)}, {"w": 2})
     assert drift.distance(a) == pytest.approx(3.0 + 0.5)    # measured at 10, stepped 0.5 since
     # ... unless it was measured after those values; a whole-chunk save of iteration 11 zeroes it
-    drift.saved(11, {a: (0, 1)}, {"w": 2}, round=2)
+    drift.saved(11, {a: (0, 1)}, {"w": 2})
     assert drift.distance(a) == 0.0
     drift.record(12, {"w/0": 0.25, "w/1": 0.0})
     delta, predicted, c = drift.predict([a])

@@ -20,6 +20,7 @@ import dask.dataframe as dd
 import pandas as pd
 from distributed import Client
 
+from ..checkpoint import settle
 from ..recovery import live_workers
 from ..trainer import Trainer
 from ._cases import Case
@@ -118,6 +119,8 @@ def run_real(cluster: BenchCluster, case: Case, frame: pd.DataFrame, store: str 
     def callback(k: int, loss: float) -> bool:
         losses.append(loss)
         if failure is not None and k == failure and len(losses) == failure:
+            # as the simulation has it: the store holds every write handed out before the failure
+            client.run(settle, workers=doomed)
             cluster.kill(doomed)
         return target is not None and reached(losses, target, case.smooth)
 

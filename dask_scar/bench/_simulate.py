@@ -13,8 +13,8 @@ recovery would restore:
 * ``partial``: the chunks of the dead workers take their blocks as last saved
   (blocks never saved: their initial value) -- extrapolated along the drift
   between their last two saved versions, by the chunk's path since over its path
-  between them, as :meth:`dask_scar.recovery.Drift.trends` has it, unless the
-  strategy or the model says not to -- optimizer state restarts, every
+  between them (:func:`dask_scar.checkpoint.trend_factors`), unless the strategy or
+  the model says not to -- optimizer state restarts, every
   other chunk keeps its value, and the iteration in flight is redone -- or, with
   ``copies``, they take the previous iteration's state, which every live
   worker's contribution task had copied (the current state for models whose
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..checkpoint import block_distances, chunk_blocks
+from ..checkpoint import block_distances, chunk_blocks, trend_factors
 from ..chunks import Chunk, ChunkId, place, split_rows
 from ..iteration import replicates
 from ..models import Model
@@ -69,6 +69,7 @@ class SimStore:
     previous: dict[str, np.ndarray]        # blocks as saved the time before (the store's other slot)
     previous_at: dict[str, np.ndarray]     # per block: iteration of that, -1 none
     paths: dict[str, np.ndarray]           # per block: its chunk's path when saved, and the time before
+    extrapolate: bool = False              # priorities: distance from where a restore would put a block
     round: int = 0
     committed: int = 0                     # iteration of the last committed round
     pending: tuple[int, dict[str, np.ndarray]] | None = None   # (iteration, block numbers per parameter)
@@ -145,11 +146,16 @@ class Simulation:
                 for cid in self.ids}
 
     # -- checkpointing ---------------------------------------------------------------------
-    def new_store(self, policy: CheckpointPolicy) -> SimStore:
+    def extrapolates(self, strategy: Strategy) -> bool:
+        """Whether ``strategy`` restores extrapolated (as :meth:`dask_scar.Trainer._extrapolates`)."""
+        return strategy.extrapolate and strategy.recovery == "partial" and self.model.extrapolate_restores
+
+    def new_store(self, strategy: Strategy) -> SimStore:
         never = {n: np.full(lay.n_blocks, -1) for n, lay in self.layouts.items()}
-        return SimStore(policy, {n: v.copy() for n, v in self.initial.items()}, never,
+        return SimStore(strategy.policy, {n: v.copy() for n, v in self.initial.items()}, never,
                         {n: v.copy() for n, v in self.initial.items()}, copy.deepcopy(never),
-                        {n: np.full((lay.n_blocks, 2), np.nan) for n, lay in self.layouts.items()})
+                        {n: np.full((lay.n_blocks, 2), np.nan) for n, lay in self.layouts.items()},
+                        extrapolate=self.extrapolates(strategy))
 
     def _write_pending(self, store: SimStore, values: dict[str, np.ndarray], paths: dict[ChunkId, float]) -> None:
         """Write the pending round, with ``values`` of its iteration, when each chunk's
@@ -171,15 +177,22 @@ class Simulation:
         store.committed, store.pending = iteration, None
         store.rounds_written += 1
 
-    def _select(self, store: SimStore, values: dict[str, np.ndarray], iteration: int) -> None:
+    def _select(self, store: SimStore, values: dict[str, np.ndarray], iteration: int,
+                paths: dict[ChunkId, float]) -> None:
         if not store.policy.due(iteration):
             return
         priorities = None
         if store.policy.needs_priorities:
-            # what the workers compute: each block's distance from its value as last saved
+            # what the workers compute: each block's distance from its value as last saved,
+            # or from where an extrapolated restore would put it
+            targets = store.stored
+            if store.extrapolate:
+                targets = {name: v.copy() for name, v in store.stored.items()}
+                for cid in self.ids:
+                    self._extrapolate(targets[cid.name][cid.start:cid.stop], cid, store, iteration, paths[cid])
             priorities = np.concatenate([
                 block_distances(Chunk(ChunkId(name, 0, 0, lay.shape[0]), {"value": values[name]}, iteration,
-                                      store.stored[name]), lay.block_rows)
+                                      store.stored[name]), lay.block_rows, targets[name])
                 for name, lay in self.layouts.items()])
         store.round += 1
         n = sum(lay.n_blocks for lay in self.layouts.values())
@@ -192,23 +205,23 @@ class Simulation:
             offset += lay.n_blocks
         store.pending = (iteration, per_name)
 
-    def _extrapolate(self, value: np.ndarray, cid: ChunkId, store: SimStore, snapshot: Snapshot) -> int:
-        """Move the restored ``value`` of ``cid`` along its blocks' drift between their
-        two saved versions (:meth:`dask_scar.recovery.Drift.trends`); returns the bytes
-        of previous versions read (an initial value is not read)."""
+    def _extrapolate(self, value: np.ndarray, cid: ChunkId, store: SimStore, now: int, path: float) -> int:
+        """Move the restored ``value`` of ``cid`` (in place) along its blocks' drift
+        between their two saved versions, after iteration ``now`` with the chunk's path
+        at ``path`` (:func:`dask_scar.checkpoint.trend_factors`, a fresh fit); returns
+        the bytes of previous versions read (an initial value is not read)."""
         rows, nbytes = self.layouts[cid.name].block_rows, 0
-        for b in chunk_blocks(cid, rows):
-            i2, i1 = store.saved_at[cid.name][b], store.previous_at[cid.name][b]
-            p2, p1 = store.paths[cid.name][b]
-            if i1 < 0:              # saved once: the version before is the initial one, of iteration 0
-                i1, p1 = 0, 0.0
-            if i2 < 0 or not p2 > p1 or i2 <= i1:
+        blocks = chunk_blocks(cid, rows)
+        span = slice(blocks.start, blocks.stop)
+        factors = trend_factors(now, path, store.saved_at[cid.name][span], store.paths[cid.name][span, 0],
+                                store.previous_at[cid.name][span], store.paths[cid.name][span, 1], True)
+        for b, factor in zip(blocks, factors):
+            if not factor:
                 continue
-            factor = max(0.0, min((snapshot.paths[cid] - p2) / (p2 - p1), (snapshot.iteration - i2) / (i2 - i1)))
-            span = slice(b * rows, (b + 1) * rows)
-            previous = store.previous[cid.name][span]
+            rows_b = slice(b * rows, (b + 1) * rows)
+            previous = store.previous[cid.name][rows_b]
             value[b * rows - cid.start:b * rows - cid.start + len(previous)] += (
-                factor * (store.stored[cid.name][span] - previous))
+                factor * (store.stored[cid.name][rows_b] - previous))
             nbytes += previous.nbytes if store.previous_at[cid.name][b] >= 0 else 0
         return nbytes
 
@@ -217,6 +230,12 @@ class Simulation:
         rows = self.layouts[cid.name].block_rows
         return sum(store.stored[cid.name][b * rows:(b + 1) * rows].nbytes
                    for b in chunk_blocks(cid, rows) if store.saved_at[cid.name][b] >= 0)
+
+    def _walk(self, paths: dict[ChunkId, float], before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> None:
+        """Add each chunk's step from ``before`` to ``after`` to its path, as the update tasks measure it."""
+        for cid in self.ids:
+            step = (after[cid.name][cid.start:cid.stop] - before[cid.name][cid.start:cid.stop]).ravel()
+            paths[cid] += float(np.sqrt(np.vdot(step, step)))
 
     # -- runs ------------------------------------------------------------------------------
     def failure_free(self, max_iter: int, strategies: list[Strategy], snapshot_at: set[int]
@@ -227,7 +246,7 @@ class Simulation:
         for block in self.blocks:
             block.pop(LOCAL_STATE, None)
         states = self.fresh_states()
-        stores = {s.name: self.new_store(s.policy) for s in strategies}
+        stores = {s.name: self.new_store(s) for s in strategies}
         losses, trajectory, snapshots = [], [self.values(states)], {}
         paths = {cid: 0.0 for cid in self.ids}
         for k in range(1, max_iter + 1):
@@ -238,11 +257,9 @@ class Simulation:
             losses.append(self.step(states, k))
             values = self.values(states)
             trajectory.append(values)
-            for cid in self.ids:    # as the update tasks measure it
-                step = (values[cid.name][cid.start:cid.stop] - before[cid.name][cid.start:cid.stop]).ravel()
-                paths[cid] += float(np.sqrt(np.vdot(step, step)))
+            self._walk(paths, before, values)
             for store in stores.values():
-                self._select(store, values, k)
+                self._select(store, values, k, paths)
             if k in snapshot_at:
                 snapshots[k] = Snapshot(k, copy.deepcopy(states), previous, dict(paths),
                                         [copy.deepcopy(b.get(LOCAL_STATE)) for b in self.blocks],
@@ -265,7 +282,7 @@ class Simulation:
         dead = {self.workers[v] for v in victims}
         lost = [cid for cid in self.ids if self.owner[cid] in dead] if strategy.recovery == "partial" else self.ids
         store.pending = None                        # the round selected after T is never written
-        extrapolate = strategy.extrapolate and strategy.recovery == "partial" and self.model.extrapolate_restores
+        extrapolate = self.extrapolates(strategy)
         squared, nbytes = 0.0, 0
         for cid in lost:
             if strategy.copies:     # a live worker's copy, optimizer state too
@@ -274,7 +291,7 @@ class Simulation:
                 value = store.stored[cid.name][cid.start:cid.stop].copy()
                 nbytes += self._saved_bytes(cid, store)
                 if extrapolate:
-                    nbytes += self._extrapolate(value, cid, store, snapshot)
+                    nbytes += self._extrapolate(value, cid, store, snapshot.iteration, snapshot.paths[cid])
                 new = self.model.new_state(cid.name, value)
             squared += float(np.sum((states[cid]["value"].astype(np.float64) - new["value"]) ** 2))
             states[cid] = new
@@ -283,12 +300,14 @@ class Simulation:
         losses = list(prefix)
         sim = copy.copy(self)
         sim.blocks = blocks
-        unknown = {cid: math.nan for cid in self.ids}   # no second failure: later paths are not needed
+        paths = dict(snapshot.paths)
         while not stop(losses):
             before = sim.values(states)
-            sim._write_pending(store, before, unknown)
+            sim._write_pending(store, before, paths)
             losses.append(sim.step(states, k))
-            sim._select(store, sim.values(states), k)
+            values = sim.values(states)
+            sim._walk(paths, before, values)
+            sim._select(store, values, k, paths)
             k += 1
         return Trial(strategy.name, snapshot.iteration, tuple(victims), losses, len(lost), math.sqrt(squared),
                      nbytes, resumed_at)
