@@ -38,6 +38,7 @@ import logging
 import math
 import threading
 import time
+from array import array
 from collections import deque
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
@@ -192,7 +193,7 @@ class Drift:
         saved once can be extrapolated from its initial value); its checkpoint rounds
         are numbered after ``first_round``."""
         self.fresh, self.first_round = fresh, first_round
-        self.history: dict[ChunkId, list[float]] = {cid: [] for cid in ids}   # the path after each iteration
+        self.history = {cid: array("d") for cid in ids}   # the path after each iteration (8 bytes each)
         self.labels = {cid: f"{cid.name}/{cid.index}" for cid in ids}
         self.path = {cid: 0.0 for cid in ids}
         # per chunk: block distances from the stored values (None: all zero), and the path then
