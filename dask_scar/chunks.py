@@ -194,6 +194,20 @@ def _newest(run: str, newest: int) -> dict[ChunkId, Chunk]:
     return {cid: copies[-1] for cid, copies in found.items() if copies}
 
 
+def reattach(run: str, chunk: Chunk) -> bool:
+    """Give ``chunk``, a copy that reached its owner from another worker, the checkpoint
+    reference and trail the owner's own recent copy of it carries (Dask's active memory
+    manager may drop the owner's replica of a chunk's key and keep another worker's);
+    False if this process has none."""
+    with _seen_lock:
+        copies = list(_seen.get(run, {}).get(chunk.id, []))
+    for copy in reversed(copies):
+        if copy.reference is not None and copy.version >= chunk.version - _SEEN_VERSIONS:
+            chunk.reference, chunk.trail = copy.reference, copy.trail
+            return True
+    return False
+
+
 def seen_versions(run: str, labels: list[str], newest: int) -> dict[str, int]:
     """Run on the workers: the version of each chunk (``name/index``) this process holds a
     copy of, among versions up to ``newest``."""

@@ -30,7 +30,7 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from . import checkpoint
 from .backend import get_array_module
-from .chunks import Chunk, ChunkId, ParameterChunks, assemble, detach, flatten, remember
+from .chunks import Chunk, ChunkId, ParameterChunks, assemble, detach, flatten, reattach, remember
 from .models import Contribution, Model
 
 
@@ -69,11 +69,11 @@ def update(model: Model, sources: list, contributions: list[Contribution], keys:
     contributions = [getattr(c, "contribution", c) for c in contributions]   # some come in a Fused
     current = flatten(sources)
     own = {cid: current[cid] for cid in keys}
-    if orders is not None and orders.reference is not False:
-        for cid, chunk in own.items():
-            if chunk.reference is None:   # the chunk came from another worker: a copy has none
-                initial = model.init_rows(cid.name, cid.start, cid.stop, get_array_module(chunk.value))
-                checkpoint.restore_reference(chunk, initial, orders)
+    for cid, chunk in own.items():
+        if chunk.reference is None and not reattach(run, chunk) and orders is not None \
+                and orders.reference is not False:   # a copy from another worker carries none
+            initial = model.init_rows(cid.name, cid.start, cid.stop, get_array_module(chunk.value))
+            checkpoint.restore_reference(chunk, initial, orders)
     if orders is not None and orders.blocks:
         checkpoint.save(own, orders)   # the previous iteration's values, as selected
     xp = get_array_module(*(chunk.value for chunk in current.values()))

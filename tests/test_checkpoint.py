@@ -298,3 +298,25 @@ def test_a_restored_block_is_extrapolated_along_its_last_two_saves(tmp_path):
     # steps that grow are no trend to follow far: the factor is capped by the iterations
     from dask_scar.checkpoint import trend_factors
     assert trend_factors(12, 78.0, np.array([10]), np.array([55.0]), np.array([8]), np.array([36.0]), False) == 1.0
+
+
+def test_an_owner_given_a_copy_of_its_chunk_takes_back_its_reference_and_trail():
+    """Dask's active memory manager may keep another worker's replica of a chunk's key
+    and drop the owner's: the copy the owner then gets carries no reference (nor trail),
+    and the owner's own recent copy gives them back, rather than the store."""
+    import pickle
+
+    from dask_scar.checkpoint import SaveTrail
+    from dask_scar.chunks import Chunk, ChunkId, forget, reattach, remember
+
+    cid = ChunkId("w", 0, 0, 4)
+    mine = Chunk(cid, {"value": np.ones((4, 2), np.float32)}, 10, np.zeros((4, 2), np.float32),
+                 SaveTrail.new(np.zeros((4, 2), np.float32), 2, fresh=True))
+    remember("run-x", {cid: mine})
+    copy = pickle.loads(pickle.dumps(Chunk(cid, mine.state, 11, mine.reference, mine.trail)))
+    assert copy.reference is None and copy.trail is None              # a copy travels without them
+    assert reattach("run-x", copy) and copy.reference is mine.reference and copy.trail is mine.trail
+    much_later = pickle.loads(pickle.dumps(Chunk(cid, mine.state, 20, mine.reference, mine.trail)))
+    assert not reattach("run-x", much_later) and much_later.reference is None   # too old to trust
+    assert not reattach("run-y", copy)       # another run's
+    forget("run-x")
