@@ -188,6 +188,8 @@ def save_task(sources: list[Chunk], orders: Orders) -> int:
 
 
 _stores: dict[tuple[str, str], ZarrStore] = {}
+_lock = threading.Lock()
+_queue: queue.Queue | None = None
 _writing = threading.Condition()     # .count: writes handed to this process's writer, not yet done
 _writing.count = 0
 
@@ -197,8 +199,6 @@ def settle(timeout: float = WRITE_WAIT) -> bool:
     seconds; True if they are (then every reference and record is the last round's)."""
     with _writing:
         return _writing.wait_for(lambda: _writing.count == 0, timeout)
-_lock = threading.Lock()
-_queue: queue.Queue | None = None
 
 
 def open_cached(url: str, store_id: str) -> ZarrStore:
@@ -292,9 +292,8 @@ def restore_factors(trend: Trend, now: int, newest: np.ndarray, previous: np.nda
     version from another fit (or, but in a fresh fit, none before its newest)."""
     paths = trend.paths
 
-    def path_at(at: np.ndarray) -> np.ndarray:
-        inside = (at >= 0) & (at < len(paths))
-        return np.where(inside, paths[np.clip(at, 0, max(len(paths) - 1, 0))] if len(paths) else np.nan, np.nan)
+    def path_at(at: np.ndarray) -> np.ndarray:      # called only once ``now`` is known: paths is not empty
+        return np.where((at >= 0) & (at < len(paths)), paths[np.clip(at, 0, len(paths) - 1)], np.nan)
 
     ours = newest[:, 2] > trend.first_round
     first = previous[:, 2] == NEVER             # saved once: before it, the initial value (if fresh)

@@ -48,10 +48,10 @@ import numpy as np
 from distributed import Client, Future, wait
 
 from . import config
+from .checkpoint import Trend
 from .chunks import ChunkId, ParameterChunks, place, release_keys, seen_versions
 from .exceptions import SchedulerLostError, ScarError, WorkerLostError
 from .plugin import CLUSTER_TOPIC, set_epoch
-from .checkpoint import Trend
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +198,6 @@ class Drift:
         self.path = {cid: 0.0 for cid in ids}
         # per chunk: block distances from the stored values (None: all zero), and the path then
         self.known: dict[ChunkId, tuple[np.ndarray | None, float]] = {cid: (None, 0.0) for cid in ids}
-        self.paths_at: dict[int, dict[ChunkId, float]] = {}   # recent iterations: the path after each
         self.totals: deque[float] = deque(maxlen=window)      # recent iterations: the whole step's norm
 
     def record(self, iteration: int, steps: dict[str, float]) -> None:
@@ -206,11 +205,15 @@ class Drift:
         for cid, key in self.labels.items():
             self.path[cid] += steps.get(key, 0.0)
         self.totals.append(math.sqrt(sum(v * v for v in steps.values())))
-        self.paths_at[iteration] = dict(self.path)
-        self.paths_at.pop(iteration - 4 * self.totals.maxlen, None)   # only recent rounds are looked up
         for cid, history in self.history.items():   # an iteration done again after a recovery: its latest
             del history[max(iteration, 0):]
             history.extend([math.nan] * (iteration - len(history)) + [self.path[cid]])
+
+    def path_at(self, cid: ChunkId, iteration: int) -> float | None:
+        """The path of ``cid`` after ``iteration`` of this fit (None: unknown)."""
+        history = self.history[cid]
+        then = history[iteration] if 0 <= iteration < len(history) else math.nan
+        return None if math.isnan(then) else then
 
     def reset(self, ids: list[ChunkId]) -> None:
         """Chunks now equal to what the store holds (restored, or initialised)."""
@@ -227,7 +230,7 @@ class Drift:
     def saved(self, iteration: int, blocks: dict[ChunkId, tuple[int, ...]], block_rows: dict[str, int]) -> None:
         """A writer stored these blocks with their values of ``iteration``."""
         for cid, chosen in blocks.items():
-            then = self.paths_at.get(iteration, {}).get(cid)
+            then = self.path_at(cid, iteration)
             distances, since = self.known[cid]
             if then is None or then < since:
                 continue        # a newer measurement, or too old to place: the older bound still holds
@@ -265,7 +268,7 @@ class Drift:
 
     def since(self, cid: ChunkId, iteration: int) -> float:
         """Upper estimate of ``||x_cid - x_cid at iteration||``: the path walked since."""
-        then = self.paths_at.get(iteration, {}).get(cid)
+        then = self.path_at(cid, iteration)
         return math.inf if then is None else self.path[cid] - then
 
     def predict(self, lost: list[ChunkId], copies: dict[ChunkId, int] | None = None) -> tuple[float, float, float]:

@@ -236,7 +236,6 @@ class Trainer:
 
         return store, ckpt, start, prepare
 
-
     def _extrapolates(self) -> bool:
         """Whether restores from the store extrapolate (and priorities rank blocks by
         how far such a restore would be off): ``scar.recovery.extrapolate``, for
