@@ -1,5 +1,6 @@
 """The CuPy path: run where CuPy and a GPU are present (skipped elsewhere)."""
 
+import dask
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
@@ -12,7 +13,7 @@ except cp.cuda.runtime.CUDARuntimeError:  # pragma: no cover - CuPy installed wi
     pytest.skip("CuPy is installed but no GPU is visible", allow_module_level=True)
 
 import dask_scar as scar  # noqa: E402
-from conftest import low_rank_ratings, new_cluster  # noqa: E402
+from conftest import kill_worker, low_rank_ratings, new_cluster  # noqa: E402
 from dask_scar.local import fit_local, prepare_local  # noqa: E402
 
 
@@ -84,3 +85,24 @@ def test_als_on_the_gpu():
     params, losses = fit_local(model, block, max_iter=50, xp=cp)
     model.params_ = {k: cp.asnumpy(v) for k, v in params.items()}
     assert model.rmse(frame) < 1e-3
+
+
+@pytest.mark.slow
+def test_extrapolated_restore_on_the_gpu(tmp_path):
+    """A deterministic kill after iteration 35 under ``PrioritizedCheckpoint``: the lost
+    chunks come back onto the GPU from the store's two newest versions of each block
+    (extrapolated along their drift), and training ends where an unbroken run does."""
+    from test_recovery import once_at, scar_client, train
+
+    with new_cluster(2) as cluster, scar_client(cluster) as client:
+        free = train(client, tmp_path, "free", backend="cupy")
+    with dask.config.set({"scar.recovery.replicas": False}), new_cluster(2) as cluster, \
+            scar_client(cluster) as client:
+        victim = sorted(client.scheduler_info()["workers"])[1]
+        result = train(client, tmp_path, "scar", backend="cupy", policy=scar.PrioritizedCheckpoint(0.3, every=3),
+                       callback=once_at(35, lambda: kill_worker(client, victim)))
+    (event,) = result.events
+    assert event.worker == victim and len(event.lost_chunks) == 4 and event.resumed_at == 35
+    assert event.extrapolated_blocks > 0 and event.bytes_read > 0
+    assert result.n_iter == 100
+    assert result.history["loss"].iloc[-1] == pytest.approx(free.history["loss"].iloc[-1], rel=1e-3)
