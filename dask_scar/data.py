@@ -68,28 +68,47 @@ def to_arrays(frame: pd.DataFrame, features: list[str], target: str | None,
     """Arrays of one partition, and a summary of every column used (target last).
 
     Non-finite values are counted, not raised here: the driver names every bad
-    column at once.
+    column at once. Float columns are converted once, straight to their dtype (a
+    value beyond its range becomes inf, and is reported as such); integer ones go
+    through float64, where NaN can be seen before the cast.
     """
-    summaries = []
-    columns = [*features, target] if target is not None else list(features)
-    for name in columns:
-        values = frame[name].to_numpy(dtype=np.float64, na_value=np.nan)
-        finite = np.isfinite(values)
-        good = values[finite]
-        summaries.append(ColumnSummary(
-            name, count=len(values), nonfinite=int(len(values) - finite.sum()),
-            min=float(good.min()) if len(good) else np.inf,
-            max=float(good.max()) if len(good) else -np.inf,
-            integral=bool(np.all(good == np.round(good))),
-        ))
-    # dtype=float64 first: nullable/boolean columns become NaN/0/1, then cast.
-    X = frame[features].to_numpy(dtype=np.float64, na_value=np.nan)
-    arrays = {"X": np.ascontiguousarray(np.nan_to_num(X) if feature_dtype.startswith("int") else X,
-                                        dtype=feature_dtype)}
+    # na_value: nullable/boolean columns become NaN/0/1
+    integer = feature_dtype.startswith("int")
+    with np.errstate(over="ignore"):     # out of range: inf, reported with the column's name
+        X = frame[features].to_numpy(dtype=np.float64 if integer else feature_dtype, na_value=np.nan)
+    summaries = _summaries(features, X)
+    arrays = {"X": np.ascontiguousarray(np.nan_to_num(X) if integer else X, dtype=feature_dtype)}
     if target is not None:
-        y = frame[target].to_numpy(dtype=np.float64, na_value=np.nan)
-        arrays["y"] = np.nan_to_num(y).astype(target_dtype) if target_dtype.startswith("int") else y.astype(target_dtype)
+        integer = target_dtype.startswith("int")
+        with np.errstate(over="ignore"):
+            y = frame[target].to_numpy(dtype=np.float64 if integer else target_dtype, na_value=np.nan)
+        summaries += _summaries([target], y[:, None])
+        arrays["y"] = np.nan_to_num(y).astype(target_dtype) if integer else y
     return arrays, summaries
+
+
+_SUMMARY_ROWS = 8192    # rows per pass: temporaries stay in cache, however long the partition
+
+
+def _summaries(names: list[str], values: np.ndarray) -> list[ColumnSummary]:
+    """Count, non-finite count, finite min/max and integrality of each column of ``values``."""
+    n, d = values.shape
+    nonfinite, integral = np.zeros(d, np.int64), np.ones(d, bool)
+    low, high = np.full(d, np.inf), np.full(d, -np.inf)
+    for start in range(0, n, _SUMMARY_ROWS):
+        tile = values[start:start + _SUMMARY_ROWS]
+        finite = np.isfinite(tile)
+        if not finite.all():
+            nonfinite += len(tile) - finite.sum(axis=0)
+            whole = np.where(finite, tile == np.round(tile), True)
+            low = np.minimum(low, np.where(finite, tile, np.inf).min(axis=0))
+            high = np.maximum(high, np.where(finite, tile, -np.inf).max(axis=0))
+        else:
+            whole = tile == np.round(tile)
+            low, high = np.minimum(low, tile.min(axis=0)), np.maximum(high, tile.max(axis=0))
+        integral &= whole.all(axis=0)
+    return [ColumnSummary(name, count=n, nonfinite=int(nonfinite[j]), min=float(low[j]), max=float(high[j]),
+                          integral=bool(integral[j])) for j, name in enumerate(names)]
 
 
 def summarize(parts: list[list[ColumnSummary]], has_target: bool) -> DataSummary:
@@ -102,7 +121,8 @@ def summarize(parts: list[list[ColumnSummary]], has_target: bool) -> DataSummary
         raise DataError("the training data has no rows")
     bad = [f"{c.name!r} ({c.nonfinite} of {c.count} rows)" for c in merged if c.nonfinite]
     if bad:
-        raise DataError(f"NaN/inf values in column(s) {', '.join(bad)}: drop those rows (ddf.dropna()) "
+        raise DataError(f"NaN/inf values (or values beyond float32's range) in column(s) {', '.join(bad)}: "
+                        "drop those rows (ddf.dropna()) "
                         "or fill them (ddf.fillna(...)) before training")
     target = merged[-1] if has_target else None
     return DataSummary(n_rows, merged[:-1] if has_target else merged, target)

@@ -65,6 +65,18 @@ def test_nan_and_inf_are_counted_per_column(client):
         _prepare(client, frame)
 
 
+def test_values_beyond_float32_are_refused_by_name(client):
+    """float64 data is trained as float32: 1e300 would become inf in the block."""
+    frame = _frame().astype({"b": np.float64})
+    frame.loc[11, "b"] = 1e300
+    with pytest.raises(DataError, match=r"beyond float32's range.*'b' \(1 of 200 rows\)"):
+        _prepare(client, frame)
+    target = _frame().astype({"b": np.float64})
+    target.loc[4, "b"] = -1e39
+    with pytest.raises(DataError, match=r"'b' \(1 of 200 rows\)"):
+        data.prepare(client, scar.LinearRegression(), dd.from_pandas(target, npartitions=2), "b", None)
+
+
 def test_empty_frame_is_refused(client):
     with pytest.raises(DataError, match="no rows"):
         _prepare(client, _frame().iloc[:0], npartitions=2)
