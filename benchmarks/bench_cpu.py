@@ -1,0 +1,86 @@
+"""Where the CPU of one training iteration goes: the driver's process and each worker's.
+
+The softmax regression of ``bench_iteration.py`` on a 2-worker LocalCluster (one
+thread each, the workers' profiler off). In a LocalCluster the driver's process also
+runs the scheduler and the nannies, so its CPU is everything Dask does outside the
+workers; on a machine with as many cores as workers it competes with them.
+
+Each figure is the difference between a fit of 60 iterations and one of 10, divided
+by 50: the preparation of the data and the start and end of a fit cancel out. The
+pairs run twice for every ``--chunks`` value (parameter chunks: each is one key
+registered, reported and released per iteration). For scale, the same kernel on one
+worker's rows in this process alone, on one thread: what a worker would spend if Dask
+cost nothing.
+
+    python benchmarks/bench_cpu.py                        # 1,000,000 rows, 4 chunks
+    python benchmarks/bench_cpu.py --rows 200000 --chunks 2 4 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+
+import dask
+import dask.dataframe as dd
+import psutil
+from bench_iteration import local_seconds, make_frame
+from distributed import Client, LocalCluster
+
+import dask_scar as scar
+
+SHORT, LONG = 10, 60
+
+
+def cpu_seconds(processes: dict[str, psutil.Process]) -> dict[str, float]:
+    """User + system CPU of each process, and of each thread of this one."""
+    out = {name: sum(p.cpu_times()[:2]) for name, p in processes.items()}
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    for t in psutil.Process().threads():
+        out[f"  driver thread {names.get(t.id, t.id)}"] = t.user_time + t.system_time
+    return out
+
+
+def fit(client: Client, ddf, n_chunks: int, iters: int, processes) -> tuple[float, dict[str, float]]:
+    before, start = cpu_seconds(processes), time.perf_counter()
+    scar.Trainer(client, scar.SoftmaxRegression(learning_rate=0.5), n_chunks=n_chunks).fit(
+        ddf, target="label", max_iter=iters, tol=0, progress=False)
+    wall, after = time.perf_counter() - start, cpu_seconds(processes)
+    return wall, {k: after[k] - before.get(k, 0.0) for k in after}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--chunks", type=int, nargs="+", default=[4], help="parameter chunks (Trainer n_chunks)")
+    args = parser.parse_args()
+
+    with dask.config.set({"distributed.worker.profile.enabled": False}), \
+            LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        frame = make_frame(args.rows)
+        ddf = dd.from_pandas(frame, npartitions=4).persist()
+        processes = {"driver (client, scheduler, nannies)": psutil.Process()}
+        for i, (_, pid) in enumerate(sorted(client.run(os.getpid).items())):
+            processes[f"worker {i}"] = psutil.Process(pid)
+        fit(client, ddf, args.chunks[0], 5, processes)     # warm-up
+        print(f"softmax regression, {args.rows:,} rows x 100 features x 10 classes, 2 workers x 1 thread, "
+              f"{psutil.cpu_count()} cores; ms per iteration ({LONG}-iteration fit minus {SHORT}-iteration fit)")
+        alone = local_seconds(frame.iloc[: args.rows // 2], 15, "numpy", blas_threads=1)
+        print(f"one worker's rows in this process alone, one thread (no Dask): {alone * 1000:.1f} ms")
+        for n_chunks in args.chunks:
+            for _ in range(2):
+                (short_wall, short), (long_wall, long) = (fit(client, ddf, n_chunks, n, processes)
+                                                          for n in (SHORT, LONG))
+                per = {k: (long[k] - short.get(k, 0.0)) / (LONG - SHORT) * 1000 for k in long}
+                print(f"\n{n_chunks} chunks: wall {(long_wall - short_wall) / (LONG - SHORT) * 1000:.1f} ms, "
+                      f"CPU {sum(v for k, v in per.items() if not k.startswith(' ')):.1f} ms")
+                for name, ms in per.items():
+                    if ms >= 0.5:
+                        print(f"  {name:40s} {ms:6.1f}")
+
+
+if __name__ == "__main__":
+    main()
