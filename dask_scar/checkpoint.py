@@ -41,7 +41,7 @@ from .backend import get_array_module, to_host
 from .chunks import PROGRESS_TOPIC, Chunk, ChunkId
 from .exceptions import CheckpointError, CheckpointWarning
 from .policy import CheckpointPolicy
-from .store import NEVER, BlockLayout, ZarrStore, probe
+from .store import NEVER, BlockLayout, ZarrStore, pick, probe
 
 logger = logging.getLogger(__name__)
 
@@ -331,21 +331,22 @@ def prepare_chunk(chunk: Chunk, url: str | None, store_id: str, block_rows: dict
         blocks = list(chunk_blocks(cid, rows))
         trend = (trends or {}).get(cid)
         initial = to_host(value).copy() if trend is not None else None
-        saved_blocks = store.read_blocks(cid.name, blocks)
+        versions = store.versions(cid.name, blocks)     # the records, read once
+        saved_blocks = store.read_blocks(cid.name, blocks, versions=versions)
         for b, saved in saved_blocks.items():
             start = b * rows - cid.start
             value[start:start + len(saved)] = xp.asarray(saved, dtype=value.dtype)
             nbytes += saved.nbytes
         never = len(blocks) - len(saved_blocks)
         if trend is not None and saved_blocks:
-            wanted = sorted(saved_blocks)
-            older = store.records(cid.name, wanted, previous=True)
-            factors = restore_factors(trend, chunk.version, store.records(cid.name, wanted), older)
-            moving = [b for b, f in zip(wanted, factors) if f]
-            read = store.read_blocks(cid.name, [b for b, r in zip(wanted, older) if r[2] != NEVER and b in moving],
-                                     previous=True)
+            factors = restore_factors(trend, chunk.version, pick(versions)[0], pick(versions, previous=True)[0])
+            # the versions before of the blocks that move (a block never saved has f = 0;
+            # one saved once, in a fresh fit, moves from its initial value)
+            moving = factors != 0
+            read = store.read_blocks(cid.name, [b for b, m in zip(blocks, moving) if m], previous=True,
+                                     versions=versions[moving])
             nbytes += sum(v.nbytes for v in read.values())
-            for b, f in zip(wanted, factors):
+            for b, f in zip(blocks, factors):
                 if f:
                     start = b * rows - cid.start
                     before = read[b] if b in read else initial[start:start + len(saved_blocks[b])]

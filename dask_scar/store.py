@@ -50,6 +50,15 @@ _RECORD = ("iteration", "epoch", "round")
 SLOTS = 2                   # versions kept of every block
 
 
+def pick(versions: np.ndarray, previous: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The records (blocks, 3) of each block's newest version (``previous``: of the one
+    before it) among the two slots' ``versions`` (blocks, 2, 3), and their slots.
+    Rounds only grow, so the higher is newer; the first write of a block goes to slot 0."""
+    newest = 1 - np.argmin(versions[:, :, 2], axis=1)
+    slots = 1 - newest if previous else newest
+    return versions[np.arange(len(versions)), slots], slots
+
+
 @dataclass(frozen=True)
 class BlockLayout:
     """How parameter ``name`` of ``shape`` is cut into checkpoint blocks of ``block_rows`` rows."""
@@ -105,14 +114,22 @@ class CheckpointStore(abc.ABC):
         """Write blocks (index -> rows) of ``name``; returns the bytes they take in the store."""
 
     @abc.abstractmethod
+    def versions(self, name: str, blocks: list[int] | None = None) -> np.ndarray:
+        """(blocks, 2, 3) int64: iteration, epoch, round of the version in each of a
+        block's two slots (-1 where none was saved; :func:`pick` tells them apart).
+        Blocks default to all of them."""
+
     def records(self, name: str, blocks: list[int] | None = None, previous: bool = False) -> np.ndarray:
-        """(blocks, 3) int64 rows of iteration, epoch, round of each block's newest
-        version (``previous``: of the version before it); -1 where none was saved."""
+        """(blocks, 3): the records of each block's newest version (``previous``: of the
+        version before it)."""
+        return pick(self.versions(name, blocks), previous)[0]
 
     @abc.abstractmethod
-    def read_blocks(self, name: str, blocks: list[int], previous: bool = False) -> dict[int, np.ndarray]:
+    def read_blocks(self, name: str, blocks: list[int], previous: bool = False,
+                    versions: np.ndarray | None = None) -> dict[int, np.ndarray]:
         """The saved ones among ``blocks``, newest versions (``previous``: the versions
-        before them); raises :class:`CheckpointError` for a corrupt block."""
+        before them); raises :class:`CheckpointError` for a corrupt block. ``versions``:
+        what :meth:`versions` of these blocks returned, not to read the records again."""
 
     def last_round(self) -> int:
         """The highest round any block was written in (0: none); rounds abandoned after
@@ -284,7 +301,7 @@ class ZarrStore(CheckpointStore):
         record = np.array([[[iteration, epoch, round]]], dtype=np.int64)
         tail = (0,) * (len(layout.shape) - 1)
         blocks = list(values)
-        slots = dict(zip(blocks, self._slots(name, blocks)[2]))   # the older version's slot
+        slots = dict(zip(blocks, pick(self.versions(name, blocks), previous=True)[1]))  # a write replaces the older
 
         async def write() -> int:
             # all blocks at once; every record only once every block's data is in
@@ -298,27 +315,19 @@ class ZarrStore(CheckpointStore):
 
         return sync(write())
 
-    def _slots(self, name: str, blocks: list[int] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Both slots' records of ``blocks`` (all: None), the slot of each block's newest
-        version and that of the version before (rounds only grow: the higher is newer)."""
+    def versions(self, name: str, blocks: list[int] | None = None) -> np.ndarray:
         saved = self._array(f"saved/{name}")
         rec = saved[:] if blocks is None else saved.get_orthogonal_selection(
             (np.asarray(blocks, dtype=np.int64), slice(None), slice(None)))
-        rec = rec.reshape(-1, SLOTS, len(_RECORD))
-        older = np.argmin(rec[:, :, 2], axis=1)     # the first write of a block goes to slot 0
-        return rec, 1 - older, older
+        return rec.reshape(-1, SLOTS, len(_RECORD))
 
-    def records(self, name: str, blocks: list[int] | None = None, previous: bool = False) -> np.ndarray:
-        rec, newest, older = self._slots(name, blocks)
-        return rec[np.arange(len(rec)), older if previous else newest]
-
-    def read_blocks(self, name: str, blocks: list[int], previous: bool = False) -> dict[int, np.ndarray]:
+    def read_blocks(self, name: str, blocks: list[int], previous: bool = False,
+                    versions: np.ndarray | None = None) -> dict[int, np.ndarray]:
         layout = self.layouts[name]
         data = self._array(f"params/{name}")
-        rec, newest, older = self._slots(name, blocks)
-        slot = older if previous else newest
+        records, slots = pick(self.versions(name, blocks) if versions is None else versions, previous)
         out = {}
-        for block, s, (iteration, _, _) in zip(blocks, slot, rec[np.arange(len(rec)), slot]):
+        for block, s, (iteration, _, _) in zip(blocks, slots, records):
             if iteration == NEVER:
                 continue
             start, stop = layout.bounds(block)
