@@ -34,20 +34,30 @@ import dask_scar as scar
 SHORT, LONG = 10, 60
 
 
-def cpu_seconds(processes: dict[str, psutil.Process]) -> dict[str, float]:
-    """User + system CPU of each process, and of each thread of this one."""
-    out = {name: sum(p.cpu_times()[:2]) for name, p in processes.items()}
-    names = {t.native_id: t.name for t in threading.enumerate()}
-    for t in psutil.Process().threads():
-        out[f"  driver thread {names.get(t.id, t.id)}"] = t.user_time + t.system_time
+def thread_names() -> dict[int, str]:
+    """Run in any process: its Python threads' names by native id."""
+    return {t.native_id: t.name for t in threading.enumerate()}
+
+
+def cpu_seconds(processes: dict[str, psutil.Process], names: dict[str, dict[int, str]]) -> dict[str, float]:
+    """User + system CPU of each process, and of each of its threads (named where
+    ``names`` knows them; threads of C libraries, such as BLAS's, by number)."""
+    out = {}
+    for name, process in processes.items():
+        out[name] = sum(process.cpu_times()[:2])
+        for t in process.threads():
+            label = names.get(name, {}).get(t.id, f"thread {t.id}")
+            label = "".join(c for c in label if not c.isdigit()).strip("-_ ") or "other"   # pools number them
+            key = f"    {name.split()[0]} {label}"
+            out[key] = out.get(key, 0.0) + t.user_time + t.system_time
     return out
 
 
-def fit(client: Client, ddf, n_chunks: int, iters: int, processes) -> tuple[float, dict[str, float]]:
-    before, start = cpu_seconds(processes), time.perf_counter()
+def fit(client: Client, ddf, n_chunks: int, iters: int, processes, names) -> tuple[float, dict[str, float]]:
+    before, start = cpu_seconds(processes, names), time.perf_counter()
     scar.Trainer(client, scar.SoftmaxRegression(learning_rate=0.5), n_chunks=n_chunks).fit(
         ddf, target="label", max_iter=iters, tol=0, progress=False)
-    wall, after = time.perf_counter() - start, cpu_seconds(processes)
+    wall, after = time.perf_counter() - start, cpu_seconds(processes, names)
     return wall, {k: after[k] - before.get(k, 0.0) for k in after}
 
 
@@ -63,16 +73,20 @@ def main() -> None:
         frame = make_frame(args.rows)
         ddf = dd.from_pandas(frame, npartitions=4).persist()
         processes = {"driver (client, scheduler, nannies)": psutil.Process()}
-        for i, (_, pid) in enumerate(sorted(client.run(os.getpid).items())):
-            processes[f"worker {i}"] = psutil.Process(pid)
-        fit(client, ddf, args.chunks[0], 5, processes)     # warm-up
+        workers = sorted(client.run(os.getpid).items())
+        for i, (_, pid) in enumerate(workers):
+            processes[f"worker{i}"] = psutil.Process(pid)
+        fit(client, ddf, args.chunks[0], 5, processes, {})     # warm-up: the workers start their threads
+        names = {"driver (client, scheduler, nannies)": thread_names(),
+                 **{f"worker{i}": client.run(thread_names, workers=[address])[address]
+                    for i, (address, _) in enumerate(workers)}}
         print(f"softmax regression, {args.rows:,} rows x 100 features x 10 classes, 2 workers x 1 thread, "
               f"{psutil.cpu_count()} cores; ms per iteration ({LONG}-iteration fit minus {SHORT}-iteration fit)")
         alone = local_seconds(frame.iloc[: args.rows // 2], 15, "numpy", blas_threads=1)
         print(f"one worker's rows in this process alone, one thread (no Dask): {alone * 1000:.1f} ms")
         for n_chunks in args.chunks:
             for _ in range(2):
-                (short_wall, short), (long_wall, long) = (fit(client, ddf, n_chunks, n, processes)
+                (short_wall, short), (long_wall, long) = (fit(client, ddf, n_chunks, n, processes, names)
                                                           for n in (SHORT, LONG))
                 per = {k: (long[k] - short.get(k, 0.0)) / (LONG - SHORT) * 1000 for k in long}
                 print(f"\n{n_chunks} chunks: wall {(long_wall - short_wall) / (LONG - SHORT) * 1000:.1f} ms, "
