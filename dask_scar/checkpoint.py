@@ -120,12 +120,19 @@ def predicted(chunk: Chunk, block_rows: int) -> Any:
                       trail.previous_path, trail.fresh)
     if not f.any():
         return ref
-    target = ref.astype(chunk.value.dtype, copy=True)
-    for i, b in enumerate(chunk_blocks(chunk.id, block_rows)):
-        if f[i]:
-            span = slice(b * block_rows - chunk.id.start, (b + 1) * block_rows - chunk.id.start)
-            target[span] += f[i] * (target[span] - trail.previous[span].astype(target.dtype))
-    return target
+    dtype = chunk.value.dtype
+    return extrapolated(ref.astype(dtype), trail.previous.astype(dtype), f, block_rows)
+
+
+def extrapolated(newest: Any, previous: Any, factors: np.ndarray, block_rows: int) -> Any:
+    """``newest + f * (newest - previous)``, block by block: ``newest`` and ``previous``
+    are a chunk's rows (from the start of a block), ``factors`` one ``f`` per block
+    (:func:`trend_factors`); a block with ``f = 0`` stays as it is. The one step of
+    restores, priorities and the bench's simulation."""
+    xp = get_array_module(newest)
+    f = np.repeat(np.asarray(factors, dtype=newest.dtype), block_rows)[:len(newest)]
+    f = xp.asarray(f).reshape(-1, *(1,) * (newest.ndim - 1))
+    return newest + f * (newest - previous)
 
 
 def block_distances(chunk: Chunk, block_rows: int, target: Any = None) -> list[float]:
@@ -324,7 +331,7 @@ def prepare_chunk(chunk: Chunk, url: str | None, store_id: str, block_rows: dict
     nbytes = never = 0
     value = chunk.value
     xp = get_array_module(value)
-    ahead = []                                  # (rows offset, f * (newest - previous))
+    target, moved = None, 0                     # the extrapolated value, blocks moved
     if load:
         cid, rows = chunk.id, block_rows[chunk.id.name]
         store = open_cached(url, store_id)
@@ -346,30 +353,29 @@ def prepare_chunk(chunk: Chunk, url: str | None, store_id: str, block_rows: dict
             read = store.read_blocks(cid.name, [b for b, m in zip(blocks, moving) if m], previous=True,
                                      versions=versions[moving])
             nbytes += sum(v.nbytes for v in read.values())
-            for b, f in zip(blocks, factors):
-                if f:
-                    start = b * rows - cid.start
-                    before = read[b] if b in read else initial[start:start + len(saved_blocks[b])]
-                    ahead.append((start, f * (saved_blocks[b] - before)))
-    if reference_dtype is not False:
+            moved = int(moving.sum())
+            if moved:
+                previous = initial          # the initial value where no version before is read
+                for b, before in read.items():
+                    previous[b * rows - cid.start:b * rows - cid.start + len(before)] = before
+                target = extrapolated(to_host(value), previous, factors, rows)
+    if reference_dtype is not False:        # the reference: the values as saved
         chunk.reference = new_reference(value, reference_dtype)
         if trail:
             chunk.trail = SaveTrail.new(new_reference(value, reference_dtype),
                                         len(chunk_blocks(chunk.id, block_rows[chunk.id.name])), fresh=not load)
-    for start, step in ahead:
-        value[start:start + len(step)] += xp.asarray(step, dtype=value.dtype)
-    return {"bytes": nbytes, "never_saved": never, "extrapolated_blocks": len(ahead)}
+    if target is not None:
+        value[...] = xp.asarray(target, dtype=value.dtype)
+    return {"bytes": nbytes, "never_saved": never, "extrapolated_blocks": moved}
 
 
 def restore_reference(chunk: Chunk, initial: Any, orders: Orders) -> None:
     """Give a chunk that changed worker (a copy carries no reference) its reference
     again: the store's saved blocks, ``initial`` rows where never saved."""
     scratch = Chunk(chunk.id, {"value": initial}, chunk.version)
-    prepare_chunk(scratch, orders.url, orders.store_id, orders.block_rows, True, False)
-    chunk.reference = new_reference(scratch.value, orders.reference)
-    if orders.extrapolate:
-        chunk.trail = SaveTrail.new(new_reference(scratch.value, orders.reference),
-                                    len(chunk_blocks(chunk.id, orders.block_rows[chunk.id.name])), fresh=False)
+    prepare_chunk(scratch, orders.url, orders.store_id, orders.block_rows, True, orders.reference,
+                  trail=orders.extrapolate)
+    chunk.reference, chunk.trail = scratch.reference, scratch.trail
 
 
 # -- on the driver ----------------------------------------------------------------------

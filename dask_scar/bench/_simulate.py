@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..checkpoint import block_distances, chunk_blocks, trend_factors
+from ..checkpoint import block_distances, chunk_blocks, extrapolated, trend_factors
 from ..chunks import Chunk, ChunkId, place, split_rows
 from ..iteration import replicates
 from ..models import Model
@@ -210,20 +210,16 @@ class Simulation:
         between their two saved versions, after iteration ``now`` with the chunk's path
         at ``path`` (:func:`dask_scar.checkpoint.trend_factors`, a fresh fit); returns
         the bytes of previous versions read (an initial value is not read)."""
-        rows, nbytes = self.layouts[cid.name].block_rows, 0
+        rows = self.layouts[cid.name].block_rows
         blocks = chunk_blocks(cid, rows)
         span = slice(blocks.start, blocks.stop)
         factors = trend_factors(now, path, store.saved_at[cid.name][span], store.paths[cid.name][span, 0],
                                 store.previous_at[cid.name][span], store.paths[cid.name][span, 1], True)
-        for b, factor in zip(blocks, factors):
-            if not factor:
-                continue
-            rows_b = slice(b * rows, (b + 1) * rows)
-            previous = store.previous[cid.name][rows_b]
-            value[b * rows - cid.start:b * rows - cid.start + len(previous)] += (
-                factor * (store.stored[cid.name][rows_b] - previous))
-            nbytes += previous.nbytes if store.previous_at[cid.name][b] >= 0 else 0
-        return nbytes
+        previous = store.previous[cid.name][cid.start:cid.stop]
+        value[...] = extrapolated(value, previous, factors, rows)
+        read = (factors != 0) & (store.previous_at[cid.name][span] >= 0)
+        return sum(previous[(b - blocks.start) * rows:(b - blocks.start + 1) * rows].nbytes
+                   for b in np.asarray(blocks)[read])
 
     def _saved_bytes(self, cid: ChunkId, store: SimStore) -> int:
         """Bytes of the saved blocks of ``cid`` (never-saved ones are not read)."""
