@@ -72,19 +72,23 @@ def to_arrays(frame: pd.DataFrame, features: list[str], target: str | None,
     value beyond its range becomes inf, and is reported as such); integer ones go
     through float64, where NaN can be seen before the cast.
     """
-    # na_value: nullable/boolean columns become NaN/0/1
-    integer = feature_dtype.startswith("int")
-    with np.errstate(over="ignore"):     # out of range: inf, reported with the column's name
-        X = frame[features].to_numpy(dtype=np.float64 if integer else feature_dtype, na_value=np.nan)
-    summaries = _summaries(features, X)
-    arrays = {"X": np.ascontiguousarray(np.nan_to_num(X) if integer else X, dtype=feature_dtype)}
+    checked, X = _numbers(frame[features], feature_dtype)
+    summaries = _summaries(features, checked)
+    arrays = {"X": np.ascontiguousarray(X)}
     if target is not None:
-        integer = target_dtype.startswith("int")
-        with np.errstate(over="ignore"):
-            y = frame[target].to_numpy(dtype=np.float64 if integer else target_dtype, na_value=np.nan)
-        summaries += _summaries([target], y[:, None])
-        arrays["y"] = np.nan_to_num(y).astype(target_dtype) if integer else y
+        checked, arrays["y"] = _numbers(frame[target], target_dtype)
+        summaries += _summaries([target], checked[:, None])
     return arrays, summaries
+
+
+def _numbers(data: pd.DataFrame | pd.Series, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """``data`` as floats to check, and as ``dtype`` to train on. Nullable and boolean
+    columns become NaN/0/1; an out-of-range value becomes inf, reported with its
+    column's name."""
+    integer = dtype.startswith("int")
+    with np.errstate(over="ignore"):
+        values = data.to_numpy(dtype=np.float64 if integer else dtype, na_value=np.nan)
+    return values, (np.nan_to_num(values).astype(dtype) if integer else values)
 
 
 _SUMMARY_ROWS = 8192    # rows per pass: temporaries stay in cache, however long the partition
