@@ -173,6 +173,7 @@ def test_failing_writes_warn_and_training_goes_on(own_client, digits, tmp_path):
     assert warning.filename == __file__ and "later failures of this fit" in str(warning.message)
     assert result.n_iter == 300 and np.isfinite(result.history["loss"]).all()
     assert np.isfinite(stored_during).all()
+    assert not list(store.rglob("*.partial"))          # no half-written files left behind
     final = scar.open_store(store)
     assert final.manifest["iteration"] == 300            # later rounds were written again
     np.testing.assert_array_equal(final.load()["weights"], result.params["weights"])

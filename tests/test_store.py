@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+import zarr
 
 import dask_scar as scar
 from dask_scar.chunks import split_rows
@@ -75,6 +76,25 @@ def test_a_block_keeps_its_two_newest_versions_and_a_write_spares_the_newest(tmp
     assert reopened.load()["weights"][10, 0] == 3.0 and reopened.saved_at.iteration[2] == 30
     assert reopened.records("weights", [2, 3], previous=True)[:, 0].tolist() == [20, -1]   # 3: never saved
     assert sizes[1] == os.path.getsize(newest)       # a write costs one version's bytes, not two
+
+
+def test_blocks_are_written_as_plain_zarr_chunks(tmp_path):
+    # write_blocks encodes the chunks itself: Zarr alone must read them back, the
+    # block at the array's edge (3 rows of a 4-row chunk) included
+    store = new_store(tmp_path / "ckpt.zarr", {"weights": ((63, 10), "float32")})
+    assert (store.layouts["weights"].block_rows, store.layouts["weights"].n_blocks) == (4, 16)
+    rng = np.random.default_rng(1)
+    rows = {0: rng.random((4, 10), dtype=np.float32), 15: rng.random((3, 10), dtype=np.float32)}
+    store.write_blocks("weights", rows, iteration=4, epoch=2, round=1)
+    store.write_blocks("weights", {15: rows[15] + 1}, iteration=8, epoch=2, round=2)
+    params = zarr.open_array(tmp_path / "ckpt.zarr/params/weights", mode="r")
+    np.testing.assert_array_equal(params[0, :4], rows[0])
+    np.testing.assert_array_equal(params[0, 60:], rows[15])
+    np.testing.assert_array_equal(params[1, 60:], rows[15] + 1)
+    assert np.isnan(params[1, :60]).all()
+    saved = zarr.open_array(tmp_path / "ckpt.zarr/saved/weights", mode="r")
+    assert saved[15].tolist() == [[4, 2, 1], [8, 2, 2]] and saved[0].tolist() == [[4, 2, 1], [-1, -1, -1]]
+    assert not list((tmp_path / "ckpt.zarr").rglob("*.partial"))
 
 
 def test_a_flipped_byte_is_detected_and_named(tmp_path):
