@@ -2,16 +2,19 @@
 
 How a round goes (policy due after iteration ``t``):
 
-1. the update tasks of iteration ``t`` compute, for each chunk they hold, every
-   block's distance from its last saved value (if the policy asks for
-   priorities) and send them with their ``scar-progress`` event — one number per
+1. the update tasks of iteration ``t`` keep version ``t`` of the chunks they hold
+   and compute every block's distance from its last saved value (if the policy
+   asks for priorities), sent with their ``scar-progress`` event — one number per
    block, no parameter data;
 2. the driver's :class:`Checkpointer` selects the round's blocks;
-3. the update tasks of iteration ``t + 1``, which hold version ``t`` of their
-   chunks, hand the selected blocks of that version to a writer thread of their
-   worker process and carry on: training does not wait for the store. The writer
-   writes the blocks (data, then their record), updates the chunk's reference
-   copy, and reports bytes and seconds as another ``scar-progress`` event;
+3. the update tasks of the next graph the driver submits hand the selected blocks
+   of version ``t`` to a writer thread of their worker process and carry on:
+   training does not wait for the store. That graph is ``t + 2``'s, whose
+   submission never waits for the choice (``t + 1``'s was submitted before ``t``
+   ended); it is ``t + 1``'s where graphs are not submitted ahead (a fit with a
+   ``callback``). The writer writes the blocks (data, then their record), updates
+   the chunk's reference copy, and reports bytes and seconds as another
+   ``scar-progress`` event;
 4. when every chunk of the round has reported, the driver commits the round in
    the store's manifest. At most ``scar.checkpoint.backlog`` rounds are in
    flight; beyond that the driver waits before it submits more work.
@@ -61,8 +64,10 @@ class Orders:
     block_rows: dict[str, int]
     reference: str | None | bool = False  # dtype of the reference copy chunks keep (False: none)
     priorities: bool = False            # report block distances of the new chunks
+    keep: bool = False                  # keep the new chunks' values for a round chosen from them
     round: int = 0                      # round to write, if ``blocks``
     blocks: dict[ChunkId, tuple[int, ...]] = field(default_factory=dict)  # selected blocks per chunk
+    version: int = NEVER                # the chunk version whose blocks the round writes
     extrapolate: bool = False           # priorities: distance from where a restore would put a block
 
 
@@ -170,21 +175,45 @@ def distances(chunks: dict[ChunkId, Chunk], orders: Orders) -> dict[str, list[fl
     return out
 
 
+def keep(run: str, chunks: dict[ChunkId, Chunk]) -> None:
+    """Keep the values of ``chunks`` (new versions, on their owner) and their paths, for
+    the round chosen from them: it is written while a later iteration runs."""
+    with _lock:
+        for cid, chunk in chunks.items():
+            kept = _kept.setdefault((run, cid), {})
+            for version in [v for v in kept if v < chunk.version - 2]:    # a round nobody wrote
+                del kept[version]
+            kept[chunk.version] = (chunk.value, chunk.trail.path if chunk.trail else math.nan)
+
+
+def forget(run: str) -> None:
+    """Run on the workers when ``run`` ends: drop the values kept for its rounds."""
+    with _lock:
+        for key in [key for key in _kept if key[0] == run]:
+            del _kept[key]
+
+
 def save(chunks: dict[ChunkId, Chunk], orders: Orders) -> int:
-    """Hand this worker's share of the round's blocks to the process's writer thread."""
+    """Hand this worker's share of the round's blocks (of version ``orders.version``:
+    the chunks themselves, or the values :func:`keep` kept) to the process's writer thread."""
     jobs = 0
     for cid, chunk in chunks.items():
+        with _lock:
+            kept = _kept.get((orders.run, cid), {}).pop(orders.version, None)
         blocks = orders.blocks.get(cid)
         if not blocks:
             continue
-        rows = orders.block_rows[cid.name]
-        values = {}
-        for b in blocks:
-            start, stop = b * rows - cid.start, min((b + 1) * rows, cid.stop) - cid.start
-            values[b] = to_host(chunk.value[start:stop])
+        if chunk.version == orders.version:
+            kept = (chunk.value, chunk.trail.path if chunk.trail else math.nan)
+        values = None           # not kept here (the chunk came from another worker): reported
+        if kept is not None:
+            rows, values = orders.block_rows[cid.name], {}
+            for b in blocks:
+                start, stop = b * rows - cid.start, min((b + 1) * rows, cid.stop) - cid.start
+                values[b] = to_host(kept[0][start:stop])
         with _writing:
             _writing.count += 1
-        _writer().put((get_worker(), orders, chunk, values, chunk.trail.path if chunk.trail else math.nan))
+        _writer().put((get_worker(), orders, chunk, values, kept[1] if kept else math.nan))
         jobs += 1
     return jobs
 
@@ -195,6 +224,7 @@ def save_task(sources: list[Chunk], orders: Orders) -> int:
 
 
 _stores: dict[tuple[str, str], ZarrStore] = {}
+_kept: dict[tuple[str, ChunkId], dict[int, tuple[Any, float]]] = {}   # (run, chunk) -> version -> value, path
 _lock = threading.Lock()
 _queue: queue.Queue | None = None
 _writing = threading.Condition()     # .count: writes handed to this process's writer, not yet done
@@ -244,11 +274,14 @@ def _write_forever(jobs: queue.Queue) -> None:
         worker, orders, chunk, values, path = jobs.get()
         started = time.perf_counter()
         report = {"run": orders.run, "kind": "written", "round": orders.round, "chunk": chunk.id.index,
-                  "parameter": chunk.id.name, "blocks": len(values), "bytes": 0, "error": None}
+                  "parameter": chunk.id.name, "blocks": len(values or ()), "bytes": 0, "error": None}
         try:
+            if values is None:
+                raise CheckpointError(f"version {orders.version} of chunk {chunk.id.name}/{chunk.id.index} "
+                                      "is not on its owner any more")
             store = open_cached(orders.url, orders.store_id)
-            report["bytes"] = store.write_blocks(chunk.id.name, values, chunk.version, orders.epoch, orders.round)
-            _update_reference(chunk, values, orders.block_rows[chunk.id.name], path)
+            report["bytes"] = store.write_blocks(chunk.id.name, values, orders.version, orders.epoch, orders.round)
+            _update_reference(chunk, values, orders.block_rows[chunk.id.name], orders.version, path)
         except Exception as exc:  # noqa: BLE001  (reported to the driver, which warns)
             report["error"] = f"{type(exc).__name__}: {exc}"
         finally:
@@ -262,8 +295,8 @@ def _write_forever(jobs: queue.Queue) -> None:
             logger.debug("could not report a checkpoint write", exc_info=True)
 
 
-def _update_reference(chunk: Chunk, values: dict[int, np.ndarray], rows: int, path: float) -> None:
-    """The blocks ``values`` of ``chunk`` were saved when its path was ``path``."""
+def _update_reference(chunk: Chunk, values: dict[int, np.ndarray], rows: int, version: int, path: float) -> None:
+    """The blocks ``values`` of ``chunk`` were saved, of its ``version``, when its path was ``path``."""
     ref, trail = chunk.reference, chunk.trail
     if ref is None:
         return
@@ -275,7 +308,7 @@ def _update_reference(chunk: Chunk, values: dict[int, np.ndarray], rows: int, pa
             i = b - first
             trail.previous[start:start + len(host)] = ref[start:start + len(host)]
             trail.previous_at[i], trail.previous_path[i] = trail.saved_at[i], trail.saved_path[i]
-            trail.saved_at[i], trail.saved_path[i] = chunk.version, path
+            trail.saved_at[i], trail.saved_path[i] = version, path
         ref[start:start + len(host)] = xp.asarray(host, dtype=ref.dtype)
 
 
@@ -423,7 +456,7 @@ class Checkpointer:
         self.round = last_round
         self.committed = last_round
         self.rounds: dict[int, Round] = {}
-        self.pending: Orders | None = None     # selected, to be written by the next graph
+        self.pending: list[Orders] = []        # selected, to be written by the next graphs
         self.notes: dict[int, list[str]] = {}  # iteration -> warnings for the history
         #: called as ``on_saved(iteration, {chunk: blocks}, block_rows)`` when a writer
         #: reports blocks written with their values of ``iteration``
@@ -432,13 +465,15 @@ class Checkpointer:
 
     # -- orders ------------------------------------------------------------------------
     def orders(self, iteration: int) -> Orders | None:
-        """Orders for the graph of ``iteration`` (None when it has nothing to do)."""
-        prioritize = self.policy.needs_priorities and self.policy.due(iteration)
-        pending, self.pending = self.pending, None
-        if pending is None and not prioritize:
+        """Orders for the graph of ``iteration`` (None when it has nothing to do): the
+        oldest round selected and not yet handed out, and if the policy is due after
+        ``iteration``, keep (and rank) its new values."""
+        due = self.policy.due(iteration)
+        pending = self.pending.pop(0) if self.pending else None
+        if pending is None and not due:
             return None
         base = pending or self.base
-        return Orders(**{**base.__dict__, "priorities": prioritize})
+        return Orders(**{**base.__dict__, "priorities": due and self.policy.needs_priorities, "keep": due})
 
     def select(self, iteration: int, ids: list[ChunkId], priorities: dict[str, list[float]]) -> None:
         """After ``iteration`` finished: if the policy is due, choose the round's blocks."""
@@ -464,19 +499,19 @@ class Checkpointer:
                 blocks[cid] = mine
         self.rounds[self.round] = Round(iteration, {f"{c.name}/{c.index}": (c, b) for c, b in blocks.items()},
                                         sorted(chosen), values)
-        self.pending = Orders(**{**self.base.__dict__, "round": self.round, "blocks": blocks})
+        self.pending.append(Orders(**{**self.base.__dict__, "round": self.round, "blocks": blocks,
+                                      "version": iteration}))
 
     def flush(self, client: Client, chunks) -> list:
-        """Submit a round still waiting for a graph to carry it; returns its futures."""
-        pending, self.pending = self.pending, None
-        if pending is None:
-            return []
+        """Submit the rounds still waiting for a graph to carry them; returns their futures."""
+        pending, self.pending = self.pending, []
         futures = []
-        for worker, ids in chunks.by_worker().items():
-            own = [cid for cid in ids if cid in pending.blocks]
-            if own:
-                futures.append(client.submit(save_task, [chunks.futures[c] for c in own], pending,
-                                             workers=[worker], allow_other_workers=False, pure=False))
+        for orders in pending:
+            for worker, ids in chunks.by_worker().items():
+                own = [cid for cid in ids if cid in orders.blocks]
+                if own:
+                    futures.append(client.submit(save_task, [chunks.futures[c] for c in own], orders,
+                                                 workers=[worker], allow_other_workers=False, pure=False))
         return futures
 
     # -- reports -----------------------------------------------------------------------
@@ -506,7 +541,7 @@ class Checkpointer:
         """Give up on the rounds in flight and the one selected but not yet handed
         out: they are never committed. Blocks their writers still write land in the
         store with their own records (a later round or a recovery may use them)."""
-        self.pending = None
+        self.pending = []
         for number, rnd in self.rounds.items():
             if not rnd.done:
                 rnd.abandoned = reason
@@ -515,6 +550,14 @@ class Checkpointer:
                     self._note(rnd.iteration, message)
                 else:
                     logger.info(message)
+
+    def drop_pending(self, reason: str) -> None:
+        """Give up on the rounds selected and not yet handed out (when chunks move:
+        the values they write were kept where the chunks were)."""
+        for orders in self.pending:
+            self.rounds[orders.round].abandoned = reason
+            logger.info("checkpoint round %d (iteration %d) abandoned: %s", orders.round, orders.version, reason)
+        self.pending = []
 
     def recovered(self, epoch: int) -> None:
         """After a recovery: rounds in flight may miss a dead writer, and the values

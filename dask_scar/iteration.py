@@ -75,7 +75,7 @@ def update(model: Model, sources: list, contributions: list[Contribution], keys:
             initial = model.init_rows(cid.name, cid.start, cid.stop, get_array_module(chunk.value))
             checkpoint.restore_reference(chunk, initial, orders)
     if orders is not None and orders.blocks:
-        checkpoint.save(own, orders)   # the previous iteration's values, as selected
+        checkpoint.save(own, orders)   # the values the round was chosen from
     xp = get_array_module(*(chunk.value for chunk in current.values()))
     states, loss = model.apply({cid: chunk.state for cid, chunk in current.items()}, contributions, xp)
     new = {cid: Chunk(cid, states[cid], iteration, chunk.reference, chunk.trail) for cid, chunk in current.items()}
@@ -85,6 +85,8 @@ def update(model: Model, sources: list, contributions: list[Contribution], keys:
         steps[f"{cid.name}/{cid.index}"] = norm = float(xp.sqrt(xp.vdot(step, step)))  # for recovery's estimates
         if new[cid].trail is not None:
             new[cid].trail.path += norm
+    if orders is not None and orders.keep:
+        checkpoint.keep(run, {cid: new[cid] for cid in keys})
     progress = {"run": run, "epoch": epoch, "iteration": iteration, "steps": steps}
     if report_loss:
         progress["loss"] = loss

@@ -15,7 +15,7 @@ import pandas as pd
 from distributed import Client, Future
 from tqdm.auto import tqdm
 
-from . import config, data, iteration
+from . import checkpoint, config, data, iteration
 from .checkpoint import Checkpointer
 from .chunks import PROGRESS_TOPIC, ParameterChunks, forget, place, release_keys
 from .exceptions import DivergenceError, ScarError
@@ -109,10 +109,11 @@ class TrainingRun:
 
         While iteration ``k`` runs, the graph of ``k + 1`` is already on the scheduler,
         reading ``k``'s results (see :func:`dask_scar.iteration.build`), so no round trip
-        through the driver separates them -- except before a checkpoint round, whose
-        blocks are chosen from ``k``'s priorities, around recoveries and rebalances,
-        and when a ``callback`` may act between iterations. A graph submitted ahead
-        and not needed is done and let go."""
+        through the driver separates them -- except around recoveries and rebalances,
+        and when a ``callback`` may act between iterations. A checkpoint round chosen
+        from ``k``'s priorities goes with the next graph submitted (see
+        :mod:`dask_scar.checkpoint`). A graph submitted ahead and not needed is done
+        and let go."""
         chunks, ckpt = self.chunks, self.ckpt
         divergence_factor = config.get("divergence-factor")
         last_done = time.perf_counter()
@@ -125,6 +126,8 @@ class TrainingRun:
                 if self.ahead is None:
                     if self.watch.added:
                         self.note = _join(self.note, _rebalance(chunks, self.watch))
+                        if ckpt is not None:
+                            ckpt.drop_pending("the chunks moved to new workers")
                         self.last = None    # the chunks moved: read them where they are now
                     placed = list(self.training.workers)
                     _forget_dead_block_workers(self.training, self.watch)
@@ -134,7 +137,7 @@ class TrainingRun:
                 _, graph, futures, orders = self.ahead
                 self.ahead = None
                 if (k < max_iter and callback is None and not self.watch.added
-                        and None not in self.training.workers and (ckpt is None or not ckpt.policy.due(k))):
+                        and None not in self.training.workers):
                     self.ahead = self.submit(k + 1, graph, fuse=k + 1 < max_iter)
                 # Releases go out after the new graph, so they never delay it (the
                 # client batches its messages to the scheduler in 10 ms windows).
@@ -238,16 +241,23 @@ class TrainingRun:
         a worker holding chunks is lost (its writer will never report: the recovery
         abandons its rounds); gives up on rounds silent for ``scar.iteration-timeout``."""
         ckpt, deadline = self.ckpt, time.monotonic() + self.timeout
+
+        def take(message: dict) -> None:    # an iteration in flight reports too: kept for _collect
+            if message.get("kind") == "written":
+                ckpt.on_written(message)
+            else:
+                self.early.append(message)
+
         while not until() and self.watch.noticed(self.owners()) is None:
             try:
-                ckpt.on_written(self.inbox.get(timeout=POLL_SECONDS))
+                take(self.inbox.get(timeout=POLL_SECONDS))
             except queue.Empty:
                 if time.monotonic() > deadline:
                     ckpt.abandon(f"no report from the checkpoint writers within "
                                  f"scar.iteration-timeout={self.timeout}s")
         while True:
             try:
-                ckpt.on_written(self.inbox.get_nowait())
+                take(self.inbox.get_nowait())
             except queue.Empty:
                 return
 
@@ -274,7 +284,8 @@ def _collect(inbox: queue.Queue, early: list[dict], ckpt: Checkpointer | None, i
     """The loss, the chunks' step norms and (if asked for) block priorities that
     ``iteration``'s update tasks sent; events of abandoned work are dropped. Events of
     the iteration after (a worker with no data block updates its chunks for the next
-    iteration while another is still busy with this one's) wait in ``early``."""
+    iteration while another is still busy with this one's; :meth:`drain` takes in
+    those of the iteration in flight) wait in ``early``."""
     loss, priorities, steps = None, {}, {}
     waiting, early[:] = early[:], []
     while loss is None or len(steps) < n_chunks or (want_priorities and len(priorities) < n_chunks):
@@ -356,9 +367,14 @@ def _end_run(client: Client, run: str) -> None:
         return      # the scheduler is gone: nothing to tidy, and an rpc would wait to time out
     try:
         set_epoch(client, run, None)
-        client.run(forget, run, on_error="ignore")     # the chunk copies the workers kept
+        client.run(_forget, run, on_error="ignore")    # the chunk copies and values the workers kept
     except Exception:  # noqa: BLE001  (the scheduler is gone: nothing to tidy)
         logger.debug("could not tell the scheduler that run %s ended", run, exc_info=True)
+
+
+def _forget(run: str) -> None:
+    forget(run)
+    checkpoint.forget(run)
 
 
 def _converged(previous: float, current: float, tol: float) -> bool:

@@ -81,6 +81,31 @@ def test_prioritized_rounds_write_the_blocks_that_moved_most(client, digits, tmp
                                        rtol=1e-4)
 
 
+def test_a_round_writes_the_values_it_was_chosen_from(client, digits, tmp_path):
+    """A round is chosen after iteration t and written while a later one runs (the
+    graph after t's was submitted before t ended; after the last iteration, by a task
+    of its own): what it writes is the values of t, kept by their owners."""
+    result = scar.Trainer(client, scar.SoftmaxRegression(), store=tmp_path / "ckpt.zarr",
+                          policy=scar.PrioritizedCheckpoint(1.0, every=3)).fit(
+        digits, target="label", max_iter=10, tol=0, progress=False)
+    assert result.checkpoints["iteration"].tolist() == [3, 6, 9] and (result.checkpoints["error"] == "").all()
+
+    def local(iterations):
+        model = scar.SoftmaxRegression()
+        return fit_local(model, prepare_local(model, digits, "label"), max_iter=iterations)[0]["weights"]
+
+    store = scar.open_store(tmp_path / "ckpt.zarr")
+    blocks = list(range(store.layouts["weights"].n_blocks))
+    assert (store.records("weights")[:, 0] == 9).all()
+    assert (store.records("weights", previous=True)[:, 0] == 6).all()
+    previous = np.concatenate([v for _, v in sorted(store.read_blocks("weights", blocks, previous=True).items())])
+    at9, at10 = local(9), local(10)
+    assert np.abs(at10 - at9).max() > 1e-3                  # a version off would show
+    np.testing.assert_allclose(store.load()["weights"], at9, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(previous, local(6), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(result.params["weights"], at10, rtol=1e-4, atol=1e-7)
+
+
 def test_equal_byte_budget_full_vs_prioritized(client, tmp_path):
     frame = synthetic()
     per_iteration = {}
@@ -289,7 +314,7 @@ def test_a_restored_block_is_extrapolated_along_its_last_two_saves(tmp_path):
                   SaveTrail.new(np.zeros((8, 2), np.float32), 4, fresh=True))
     for k, path in ((10, 10.0), (20, 20.0)):    # block 0 saved at 10 (value 1) and 20 (value 2)
         owned.trail.path, owned.version = path, k
-        _update_reference(owned, {0: np.full((2, 2), k / 10, np.float32)}, 2, path)
+        _update_reference(owned, {0: np.full((2, 2), k / 10, np.float32)}, 2, k, path)
     owned = Chunk(cid, {"value": np.full((8, 2), 3.0, np.float32)}, 30, owned.reference, owned.trail)
     owned.trail.path = 25.0                     # walked 5 since: block 0 predicted at 2 + 0.5 * (2 - 1)
     orders = Orders("run", "url", "id", 0, {"w": 2}, None, priorities=True, extrapolate=True)

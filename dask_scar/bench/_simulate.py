@@ -9,7 +9,9 @@ recovery rules -- but a "failure" only puts back, in place, the values a real
 recovery would restore:
 
 * a round selected after iteration ``t`` is written with the values of ``t``
-  while iteration ``t + 1`` runs, and is abandoned if a worker dies first;
+  while iteration ``t + 1`` runs, and is abandoned if a worker dies first (as in
+  the real runs, whose ``callback`` keeps graphs from being submitted ahead; a fit
+  without one writes it while ``t + 2`` runs);
 * ``partial``: the chunks of the dead workers take their blocks as last saved
   (blocks never saved: their initial value) -- extrapolated along the drift
   between their last two saved versions, by the chunk's path since over its path
