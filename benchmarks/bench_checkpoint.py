@@ -11,6 +11,7 @@ Then the store's own write and read rates for a 64 MB parameter in 1 MB blocks.
 
     python benchmarks/bench_checkpoint.py            # 15-45 minutes on 2 shared cores (ALS sets the pace)
     python benchmarks/bench_checkpoint.py --quick
+    python benchmarks/bench_checkpoint.py --backend cupy --workers 1 --rows 1000000 --no-als   # a GPU
 """
 
 from __future__ import annotations
@@ -46,23 +47,23 @@ def ratings_frame(users: int, items: int, ratings: int, seed: int = 0) -> pd.Dat
     return pd.DataFrame({"user": u, "item": i, "rating": ((U[u] * V[i]).sum(axis=1)).astype(np.float32)})
 
 
-def mean_iteration(client, make_model, frame, target, iters, store) -> tuple[float, int]:
+def mean_iteration(client, make_model, frame, target, iters, store, backend="numpy") -> tuple[float, int]:
     kwargs = {"store": store} if store else {}
-    result = scar.Trainer(client, make_model(), **kwargs).fit(frame, target=target, max_iter=iters, tol=0,
+    result = scar.Trainer(client, make_model(), backend=backend, **kwargs).fit(frame, target=target, max_iter=iters, tol=0,
                                                              progress=False)
     h = result.history.iloc[5:]          # after warm-up; the mean, since rounds touch 2 iterations in 5
     return float(h["seconds"].mean()), int(result.history["checkpoint_bytes"].sum())
 
 
-def overhead(client, name, make_model, frame, target, iters, repeats, workdir) -> dict:
-    mean_iteration(client, make_model, frame, target, max(10, iters // 4), None)   # warm-up, not counted
+def overhead(client, name, make_model, frame, target, iters, repeats, workdir, backend="numpy") -> dict:
+    mean_iteration(client, make_model, frame, target, max(10, iters // 4), None, backend)   # warm-up, not counted
     plain, ckpt, written = [], [], 0
     for r in range(repeats):
         store = workdir / f"{name}-{r}.zarr"
         # pairs in alternating order, so that a drift of the machine's speed hits both alike
         for checkpointed in ((False, True) if r % 2 == 0 else (True, False)):
             seconds, nbytes = mean_iteration(client, make_model, frame, target, iters,
-                                             store if checkpointed else None)
+                                             store if checkpointed else None, backend)
             if checkpointed:
                 ckpt.append(seconds)
                 written = nbytes
@@ -105,19 +106,24 @@ def store_rates(workdir: Path, mb: int = 64) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer iterations and repeats")
+    parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
+                        help="where the workers keep the data and parameters (cupy: one GPU per worker)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--rows", type=int, default=200_000, help="rows of the softmax case")
+    parser.add_argument("--no-als", action="store_true", help="the softmax case only")
     args = parser.parse_args()
     iters, repeats = (40, 2) if args.quick else (100, 4)
     workdir = Path(tempfile.mkdtemp(prefix="scar-bench-"))
     try:
-        with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster, \
+        with LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=":0") as cluster, \
                 Client(cluster) as client:
-            cases = [
-                overhead(client, "softmax 200k x 100", lambda: scar.SoftmaxRegression(learning_rate=0.5),
-                         softmax_frame(200_000), "label", iters, repeats, workdir),
-                overhead(client, "ALS 50k users x 20k items, rank 32",
-                         lambda: scar.MatrixFactorization(rank=32, l2=0.1),
-                         ratings_frame(50_000, 20_000, 100_000), None, iters // 2, repeats, workdir),
-            ]
+            cases = [overhead(client, f"softmax {args.rows:,} x 100", lambda: scar.SoftmaxRegression(learning_rate=0.5),
+                              softmax_frame(args.rows), "label", iters, repeats, workdir, args.backend)]
+            if not args.no_als:
+                cases.append(overhead(client, "ALS 50k users x 20k items, rank 32",
+                                      lambda: scar.MatrixFactorization(rank=32, l2=0.1),
+                                      ratings_frame(50_000, 20_000, 100_000), None, iters // 2, repeats, workdir,
+                                      args.backend))
         print(pd.DataFrame(cases).to_string(index=False, float_format="{:.3g}".format))
         print()
         print(pd.DataFrame([store_rates(workdir)]).to_string(index=False, float_format="{:.4g}".format))
