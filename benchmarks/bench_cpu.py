@@ -12,14 +12,21 @@ registered, reported and released per iteration). For scale, the same kernel on 
 worker's rows in this process alone, on one thread: what a worker would spend if Dask
 cost nothing.
 
+With ``--store``, every fit runs twice more with a checkpoint store and the default
+policy (``PrioritizedCheckpoint(0.25, every=5)``), and the columns are side by side:
+what checkpointing costs, per process and thread.
+
     python benchmarks/bench_cpu.py                        # 1,000,000 rows, 4 chunks
     python benchmarks/bench_cpu.py --rows 200000 --chunks 2 4 16
+    python benchmarks/bench_cpu.py --rows 200000 --store
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import tempfile
 import threading
 import time
 
@@ -53,18 +60,34 @@ def cpu_seconds(processes: dict[str, psutil.Process], names: dict[str, dict[int,
     return out
 
 
-def fit(client: Client, ddf, n_chunks: int, iters: int, processes, names) -> tuple[float, dict[str, float]]:
-    before, start = cpu_seconds(processes, names), time.perf_counter()
-    scar.Trainer(client, scar.SoftmaxRegression(learning_rate=0.5), n_chunks=n_chunks).fit(
-        ddf, target="label", max_iter=iters, tol=0, progress=False)
-    wall, after = time.perf_counter() - start, cpu_seconds(processes, names)
+def fit(client: Client, ddf, n_chunks: int, iters: int, processes, names,
+        store: bool = False) -> tuple[float, dict[str, float]]:
+    workdir = tempfile.mkdtemp(prefix="scar-bench-cpu-") if store else None
+    kwargs = {"store": os.path.join(workdir, "ckpt.zarr")} if store else {}
+    try:
+        before, start = cpu_seconds(processes, names), time.perf_counter()
+        scar.Trainer(client, scar.SoftmaxRegression(learning_rate=0.5), n_chunks=n_chunks, **kwargs).fit(
+            ddf, target="label", max_iter=iters, tol=0, progress=False)
+        wall, after = time.perf_counter() - start, cpu_seconds(processes, names)
+    finally:
+        if workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
     return wall, {k: after[k] - before.get(k, 0.0) for k in after}
+
+
+def per_iteration(client, ddf, n_chunks, processes, names, store=False) -> tuple[float, dict[str, float]]:
+    """Wall and CPU ms per iteration: a LONG fit minus a SHORT one."""
+    (short_wall, short), (long_wall, long) = (fit(client, ddf, n_chunks, n, processes, names, store)
+                                              for n in (SHORT, LONG))
+    return ((long_wall - short_wall) / (LONG - SHORT) * 1000,
+            {k: (long[k] - short.get(k, 0.0)) / (LONG - SHORT) * 1000 for k in long})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--chunks", type=int, nargs="+", default=[4], help="parameter chunks (Trainer n_chunks)")
+    parser.add_argument("--store", action="store_true", help="also with a checkpoint store, side by side")
     args = parser.parse_args()
 
     with dask.config.set({"distributed.worker.profile.enabled": False}), \
@@ -86,14 +109,21 @@ def main() -> None:
         print(f"one worker's rows in this process alone, one thread (no Dask): {alone * 1000:.1f} ms")
         for n_chunks in args.chunks:
             for _ in range(2):
-                (short_wall, short), (long_wall, long) = (fit(client, ddf, n_chunks, n, processes, names)
-                                                          for n in (SHORT, LONG))
-                per = {k: (long[k] - short.get(k, 0.0)) / (LONG - SHORT) * 1000 for k in long}
-                print(f"\n{n_chunks} chunks: wall {(long_wall - short_wall) / (LONG - SHORT) * 1000:.1f} ms, "
-                      f"CPU {sum(v for k, v in per.items() if not k.startswith(' ')):.1f} ms")
-                for name, ms in per.items():
-                    if ms >= 0.5:
-                        print(f"  {name:40s} {ms:6.1f}")
+                runs = [per_iteration(client, ddf, n_chunks, processes, names)]
+                if args.store:
+                    runs.append(per_iteration(client, ddf, n_chunks, processes, names, store=True))
+                total = [sum(v for k, v in per.items() if not k.startswith(" ")) for _, per in runs]
+                print(f"\n{n_chunks} chunks" + ("   (no store | with checkpoints | difference)" if args.store else ""))
+                print(f"  {'wall':40s} " + " ".join(f"{wall:6.1f}" for wall, _ in runs)
+                      + (f" {runs[1][0] - runs[0][0]:+6.1f}" if args.store else ""))
+                print(f"  {'CPU':40s} " + " ".join(f"{t:6.1f}" for t in total)
+                      + (f" {total[1] - total[0]:+6.1f}" if args.store else ""))
+                names_seen = list(dict.fromkeys(k for _, per in runs for k in per))
+                for name in names_seen:
+                    ms = [per.get(name, 0.0) for _, per in runs]
+                    if max(ms) >= 0.5:
+                        print(f"  {name:40s} " + " ".join(f"{v:6.1f}" for v in ms)
+                              + (f" {ms[1] - ms[0]:+6.1f}" if args.store else ""))
 
 
 if __name__ == "__main__":

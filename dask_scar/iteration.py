@@ -34,6 +34,7 @@ from .chunks import Chunk, ChunkId, ParameterChunks, assemble, detach, flatten, 
 from .models import Contribution, Model
 
 
+@checkpoint.training_task
 def contribute(model: Model, phase: int, block: dict, sources: list, iteration: int, block_id: int,
                run: str) -> Contribution:
     xp = get_array_module(block["X"])
@@ -51,6 +52,7 @@ class Fused:
     contribution: Contribution
 
 
+@checkpoint.training_task
 def update_and_contribute(model: Model, sources: list, contributions: list, keys: dict[ChunkId, str],
                           iteration: int, client_id: str, run: str, epoch: int, report_loss: bool,
                           orders: checkpoint.Orders | None, block: dict, block_id: int) -> Fused:
@@ -59,6 +61,7 @@ def update_and_contribute(model: Model, sources: list, contributions: list, keys
     return Fused(new, contribute(model, 0, block, [new], iteration + 1, block_id, run))
 
 
+@checkpoint.training_task
 def update(model: Model, sources: list, contributions: list[Contribution], keys: dict[ChunkId, str],
            iteration: int, client_id: str, run: str, epoch: int, report_loss: bool,
            orders: checkpoint.Orders | None) -> dict[ChunkId, Chunk]:
