@@ -53,8 +53,10 @@ logger = logging.getLogger(__name__)
 #: Seconds an update task measuring priorities waits for its process's last writes
 #: (a store that slow is reported by the writes themselves; priorities then go on).
 WRITE_WAIT = 10.0
-#: Seconds a write waits for a moment when no training task runs in its process.
-IDLE_WAIT = 1.0
+#: Seconds a write may wait, from when its task handed it over, for a moment when no
+#: training task runs in its process (a worker has one every iteration, waiting for
+#: the others' updates; where tasks overlap, as with several threads, it may have none).
+IDLE_WAIT = 0.2
 
 
 @dataclass(frozen=True)
@@ -217,7 +219,7 @@ def save(chunks: dict[ChunkId, Chunk], orders: Orders) -> int:
                 values[b] = to_host(kept[0][start:stop])
         with _writing:
             _writing.count += 1
-        _writer().put((get_worker(), orders, chunk, values, kept[1] if kept else math.nan))
+        _writer().put((get_worker(), orders, chunk, values, kept[1] if kept else math.nan, time.monotonic()))
         jobs += 1
     return jobs
 
@@ -256,7 +258,8 @@ def training_task(func: Callable) -> Callable:
     writes (at most :data:`IDLE_WAIT` seconds) for a moment between tasks. A writer
     running beside the task competes with it for the interpreter's lock at every
     system call it makes: on two busy cores, a round whose writes took ~5 ms of CPU
-    per worker added 23-32 ms to the iterations that way, and ~5 ms held for the gaps."""
+    per worker added 23-32 ms to the iterations that way, and -3 to +17 ms held for
+    the gaps (softmax, 200k rows)."""
     @functools.wraps(func)
     def task(*args, **kwargs):
         with _tasks:
@@ -303,9 +306,10 @@ def _writer() -> queue.Queue:
 
 def _write_forever(jobs: queue.Queue) -> None:
     while True:
-        worker, orders, chunk, values, path = jobs.get()
-        with _tasks:
-            _tasks.wait_for(lambda: _tasks.running == 0 or _tasks.settling, IDLE_WAIT)
+        worker, orders, chunk, values, path, handed = jobs.get()
+        with _tasks:     # a round's jobs share one deadline
+            _tasks.wait_for(lambda: _tasks.running == 0 or _tasks.settling,
+                            max(0.0, handed + IDLE_WAIT - time.monotonic()))
         started = time.perf_counter()
         report = {"run": orders.run, "kind": "written", "round": orders.round, "chunk": chunk.id.index,
                   "parameter": chunk.id.name, "blocks": len(values or ()), "bytes": 0, "error": None}

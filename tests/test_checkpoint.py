@@ -204,6 +204,39 @@ def test_failing_writes_warn_and_training_goes_on(own_client, digits, tmp_path):
     np.testing.assert_array_equal(final.load()["weights"], result.params["weights"])
 
 
+def _train_for(seconds: float) -> None:
+    from dask_scar.checkpoint import training_task
+    training_task(time.sleep)(seconds)      # a training task that never pauses
+
+
+def _hand_a_write(url: str, store_id: str) -> None:
+    from dask_scar.checkpoint import Orders, save
+    from dask_scar.chunks import Chunk, ChunkId
+
+    cid = ChunkId("w", 0, 0, 4)
+    orders = Orders("run-w", url, store_id, 0, {"w": 2}, round=1, blocks={cid: (0, 1)}, version=3)
+    save({cid: Chunk(cid, {"value": np.full((4, 2), 7.0, np.float32)}, 3)}, orders)
+
+
+def test_a_write_is_not_held_back_by_tasks_that_never_pause(tmp_path):
+    """The writer writes between training tasks; where they overlap (two threads) it
+    must not wait for a gap that never comes."""
+    from dask_scar.store import ZarrStore, make_layouts
+
+    store = ZarrStore.create(tmp_path / "ckpt.zarr", {"class": "test", "params": {}},
+                             make_layouts({"w": ((4, 2), "float32")}, 1, 2), None)
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0",
+                      silence_logs=40) as cluster, Client(cluster) as c:
+        training = c.submit(_train_for, 30.0, pure=False)
+        wait_for(lambda: c.processing() and any(c.processing().values()), what="the training task to start")
+        c.submit(_hand_a_write, str(tmp_path / "ckpt.zarr"), store.meta["id"], pure=False).result()
+        wait_for(lambda: scar.open_store(tmp_path / "ckpt.zarr").records("w")[:, 0].tolist() == [3, 3],
+                 what="the write")
+        assert not training.done()          # it landed while the training task still ran
+        np.testing.assert_array_equal(scar.open_store(tmp_path / "ckpt.zarr").load()["w"], 7.0)
+        c.cancel(training)
+
+
 DRIVER = textwrap.dedent("""
     import sys
     import pandas as pd
