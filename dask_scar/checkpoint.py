@@ -181,6 +181,11 @@ def distances(chunks: dict[ChunkId, Chunk], orders: Orders) -> dict[str, list[fl
     return out
 
 
+def _as_saved(chunk: Chunk) -> tuple[Any, float]:
+    """What a save of ``chunk`` records: its value, and its path now (NaN: no trail)."""
+    return chunk.value, chunk.trail.path if chunk.trail else math.nan
+
+
 def keep(run: str, chunks: dict[ChunkId, Chunk]) -> None:
     """Keep the values of ``chunks`` (new versions, on their owner) and their paths, for
     the round chosen from them: it is written while a later iteration runs."""
@@ -189,7 +194,7 @@ def keep(run: str, chunks: dict[ChunkId, Chunk]) -> None:
             kept = _kept.setdefault((run, cid), {})
             for version in [v for v in kept if v < chunk.version - 2]:    # a round nobody wrote
                 del kept[version]
-            kept[chunk.version] = (chunk.value, chunk.trail.path if chunk.trail else math.nan)
+            kept[chunk.version] = _as_saved(chunk)
 
 
 def forget(run: str) -> None:
@@ -210,7 +215,7 @@ def save(chunks: dict[ChunkId, Chunk], orders: Orders) -> int:
         if not blocks:
             continue
         if chunk.version == orders.version:
-            kept = (chunk.value, chunk.trail.path if chunk.trail else math.nan)
+            kept = _as_saved(chunk)
         values = None           # not kept here (the chunk came from another worker): reported
         if kept is not None:
             rows, values = orders.block_rows[cid.name], {}
