@@ -4,17 +4,23 @@ Side by side in one run on one machine (absolute times on shared CPUs mean littl
 the ratio is the figure): softmax regression, float32, N rows x 100 features x 10
 classes, a 2-worker LocalCluster (one thread each) against a single-process loop
 (NumPy with its default BLAS threads) running ``dask_scar.local.fit_local``. The
-cluster runs twice: with Dask's defaults, and with the workers' statistical
-profiler off (``distributed.worker.profile.enabled: false``; by default it samples
-every thread of every worker every 10 ms, on the cores the training needs).
+cluster runs three ways: with Dask's defaults (segments: one task per worker for
+many iterations, see ``dask_scar.segment``), with the workers' statistical profiler
+off (``distributed.worker.profile.enabled: false``; by default it samples every
+thread of every worker every 10 ms, on the cores the training needs), and with
+the profiler off and one task graph per iteration (``scar.segment-iterations: 1``).
+Dask's time per iteration is the mean over the fit's iterations after the first,
+the segments' boundaries included.
 Then the time to a fixed loss against scikit-learn's ``LogisticRegression`` (lbfgs):
 the iterations' time, and fit()'s wall clock from its call (the data's preparation
 included), against scikit-learn's ``fit`` on arrays already in memory.
 
-The *no-overhead* column is what the cluster would take if Dask cost nothing: one
-worker's share of the rows, alone in this process on one BLAS thread (the workers'
-setting), divided by the one-process time. It is the floor of the ratio on this
-machine in this run; the gap above it is scheduling, hand-overs and contention.
+Two columns say what the cluster would take if Dask cost nothing. *no-overhead*:
+one worker's share of the rows, alone in this process on one BLAS thread (the
+workers' setting). *in parallel*: every worker's share at once, each in a process
+of its own on one BLAS thread, without Dask, all waiting for each other after every
+iteration. The second is the floor of the ratio on this machine: on the 2-core CI
+machine two such processes slow each other down by a third, Dask or not.
 
 With ``--backend cupy`` both sides run on the GPU: the workers keep blocks and
 chunks as CuPy arrays, and the baseline is the same loop on CuPy arrays in one
@@ -28,6 +34,7 @@ process (timed with a device synchronisation after every iteration).
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import time
 
 import dask
@@ -76,10 +83,53 @@ def local_seconds(frame: pd.DataFrame, iters: int, backend: str, blas_threads: i
     return float(np.median(np.diff(stamps)[2:]))
 
 
-def dask_seconds(client: Client, ddf, iters: int, backend: str) -> float:
-    result = scar.Trainer(client, scar.SoftmaxRegression(learning_rate=0.5), backend=backend).fit(
-        ddf, target="label", max_iter=iters, tol=0, progress=False)
-    return float(result.history["seconds"].iloc[3:].median())
+def _share_loop(rows: int, workers: int, index: int, iters: int, barrier, results) -> None:
+    """In a process of its own: ``fit_local`` on share ``index`` of the rows, one BLAS
+    thread, waiting for the other shares after every iteration, as workers do."""
+    from threadpoolctl import threadpool_limits     # in the test extra
+
+    share = -(-rows // workers)
+    model = scar.SoftmaxRegression(learning_rate=0.5)
+    block = prepare_local(model, make_frame(rows).iloc[index * share:(index + 1) * share], "label")
+    stamps = []
+
+    def stamp(k):
+        barrier.wait()
+        stamps.append(time.perf_counter())
+
+    barrier.wait()
+    with threadpool_limits(1):
+        fit_local(model, block, iters, callback=stamp)
+    results.put(float(np.median(np.diff(stamps)[2:])))
+
+
+def parallel_seconds(rows: int, workers: int, iters: int) -> float:
+    """Seconds per iteration of every worker's share computed at once, each in a
+    process of its own with one BLAS thread and no Dask, all waiting for each other
+    after every iteration: what a cluster of ``workers`` on this machine's cores
+    would take if Dask cost nothing (two such processes on two cores slow each other
+    down well beyond what one share alone takes)."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(workers), ctx.Queue()
+    processes = [ctx.Process(target=_share_loop, args=(rows, workers, i, iters, barrier, results))
+                 for i in range(workers)]
+    for process in processes:
+        process.start()
+    times = [results.get() for _ in processes]
+    for process in processes:
+        process.join()
+    return max(times)
+
+
+def dask_seconds(client: Client, ddf, iters: int, backend: str, segment: int | None = None) -> float:
+    """Mean seconds per iteration after the first (which creates the chunks): the
+    rows' seconds add up to fit()'s time, the segments' boundaries included.
+    ``segment``: ``scar.segment-iterations`` (None: the default)."""
+    settings = {} if segment is None else {"scar.segment-iterations": segment}
+    with dask.config.set(settings):
+        result = scar.Trainer(client, scar.SoftmaxRegression(learning_rate=0.5), backend=backend).fit(
+            ddf, target="label", max_iter=iters, tol=0, progress=False)
+    return float(result.history["seconds"].iloc[1:].mean())
 
 
 def time_to_loss(client: Client, frame: pd.DataFrame, ddf, max_iter: int) -> None:
@@ -117,7 +167,7 @@ def time_to_loss(client: Client, frame: pd.DataFrame, ddf, max_iter: int) -> Non
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 200_000])
-    parser.add_argument("--iters", type=int, default=25)
+    parser.add_argument("--iters", type=int, default=41)
     parser.add_argument("--no-sklearn", action="store_true")
     parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
                         help="array library of both sides (cupy: workers and baseline on the GPU)")
@@ -128,6 +178,7 @@ def main() -> None:
     frames = {rows: make_frame(rows) for rows in args.rows}
     numpy_s = {rows: [] for rows in args.rows}
     share_s = {rows: [] for rows in args.rows}      # one worker's rows, one BLAS thread
+    parallel_s = {rows: [] for rows in args.rows}   # every worker's rows at once, no Dask
     dask_s = {rows: {} for rows in args.rows}
     for profiler in (True, False):
         with dask.config.set({"distributed.worker.profile.enabled": profiler}), \
@@ -136,25 +187,37 @@ def main() -> None:
             for rows, frame in frames.items():
                 ddf = dd.from_pandas(frame, npartitions=4).persist()
                 # interleave the two, twice, so that drifting machine load hits both alike
-                times = []
+                runs = [profiler] if profiler else [False, "graphs"]
+                times = {run: [] for run in runs}
                 for _ in range(2):
                     numpy_s[rows].append(local_seconds(frame, args.iters, args.backend))
                     share_s[rows].append(local_seconds(frame.iloc[: -(-rows // args.workers)], args.iters,
                                                        args.backend, blas_threads=1))
-                    times.append(dask_seconds(client, ddf, args.iters, args.backend))
-                dask_s[rows][profiler] = min(times)
+                    if args.backend == "numpy":
+                        parallel_s[rows].append(parallel_seconds(rows, args.workers, args.iters))
+                    for run in runs:
+                        times[run].append(dask_seconds(client, ddf, args.iters, args.backend,
+                                                       1 if run == "graphs" else None))
+                dask_s[rows].update({run: min(t) for run, t in times.items()})
             if not profiler and not args.no_sklearn and args.backend == "numpy":
                 rows = min(args.rows)
                 time_to_loss(client, frames[rows], dd.from_pandas(frames[rows], npartitions=4).persist(),
                              args.max_iter)
     print(f"\nsoftmax regression, {FEATURES} features x {CLASSES} classes, float32; {args.workers} workers x 1 "
           f"thread vs one process, backend {args.backend} (ratio: Dask / one process, time per iteration)")
+    print("(dask: segments of scar.segment-iterations iterations, the default; graphs: one task graph per "
+          "iteration, scar.segment-iterations=1, profiler off)")
+    print("(no-overhead: one worker's rows alone in one process; in parallel: every worker's rows at once, "
+          "a process each, no Dask)")
     print(f"{'rows':>10} {'single ms/it':>12} {'dask ms/it':>11} {'ratio':>7} {'profiler off':>13} {'ratio':>7} "
-          f"{'no-overhead':>12} {'ratio':>7}")
+          f"{'graphs':>8} {'ratio':>7} {'no-overhead':>12} {'ratio':>7} {'in parallel':>12} {'ratio':>7}")
     for rows in args.rows:
-        n, on, off, share = min(numpy_s[rows]), dask_s[rows][True], dask_s[rows][False], min(share_s[rows])
+        n, share = min(numpy_s[rows]), min(share_s[rows])
+        parallel = min(parallel_s[rows]) if parallel_s[rows] else float("nan")
+        on, off, graphs = dask_s[rows][True], dask_s[rows][False], dask_s[rows]["graphs"]
         print(f"{rows:>10,} {n * 1000:12.1f} {on * 1000:11.1f} {on / n:7.2f} {off * 1000:13.1f} {off / n:7.2f} "
-              f"{share * 1000:12.1f} {share / n:7.2f}")
+              f"{graphs * 1000:8.1f} {graphs / n:7.2f} {share * 1000:12.1f} {share / n:7.2f} "
+              f"{parallel * 1000:12.1f} {parallel / n:7.2f}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ goes on and the store keeps the blocks it had (chunk writes are atomic).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -482,6 +483,20 @@ def _callers_level() -> int:
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
         frame, level = frame.f_back, level + 1
     return level
+
+
+@contextlib.contextmanager
+def idle():
+    """Within a training task: a wait (for other workers' contributions) that counts
+    as a gap between training tasks, when this process's writer may write."""
+    with _tasks:
+        _tasks.running -= 1
+        _tasks.notify_all()
+    try:
+        yield
+    finally:
+        with _tasks:
+            _tasks.running += 1
 
 
 class Checkpointer:

@@ -65,39 +65,50 @@ def update_and_contribute(model: Model, sources: list, contributions: list, keys
 def update(model: Model, sources: list, contributions: list[Contribution], keys: dict[ChunkId, str],
            iteration: int, client_id: str, run: str, epoch: int, report_loss: bool,
            orders: checkpoint.Orders | None) -> dict[ChunkId, Chunk]:
-    """The new version of every chunk in ``sources``; those in ``keys`` (the chunks
-    this worker owns) are kept as data, checkpointed and reported. The others are
-    replicas (see :func:`replicates`): the result hands them to the next
-    iteration's contribution on this worker."""
+    """The new version of every chunk in ``sources`` (see :func:`step`); those in
+    ``keys`` (the chunks this worker owns) are kept as data, checkpointed and
+    reported. The others are replicas (see :func:`replicates`): the result hands
+    them to the next iteration's contribution on this worker."""
+    new, progress = step(model, flatten(sources), contributions, list(keys), iteration, run, epoch, orders)
+    if not report_loss:
+        del progress["loss"]
+    detach({key: new[cid] for cid, key in keys.items()}, client_id, run, epoch, progress)
+    remember(run, {cid: chunk for cid, chunk in new.items() if cid not in keys})   # current replicas
+    return new
+
+
+def step(model: Model, current: dict[ChunkId, Chunk], contributions: list, own: list[ChunkId], iteration: int,
+         run: str, epoch: int, orders: checkpoint.Orders | None, report: list[ChunkId] | None = None
+         ) -> tuple[dict[ChunkId, Chunk], dict]:
+    """Iteration ``iteration`` of every chunk in ``current``, from the blocks'
+    ``contributions``; returns the new chunks and the progress event for the driver
+    (the loss, and the step norm of each chunk in ``report``, default ``own``).
+    Only ``own`` chunks, those this worker owns, are checkpointed as ``orders`` say,
+    and carry the checkpoint trail."""
     contributions = [getattr(c, "contribution", c) for c in contributions]   # some come in a Fused
-    current = flatten(sources)
-    own = {cid: current[cid] for cid in keys}
-    for cid, chunk in own.items():
+    mine = {cid: current[cid] for cid in own}
+    for cid, chunk in mine.items():
         if chunk.reference is None and not reattach(run, chunk) and orders is not None \
                 and orders.reference is not False:   # a copy from another worker carries none
             initial = model.init_rows(cid.name, cid.start, cid.stop, get_array_module(chunk.value))
             checkpoint.restore_reference(chunk, initial, orders)
     if orders is not None and orders.blocks:
-        checkpoint.save(own, orders)   # the values the round was chosen from
+        checkpoint.save(mine, orders)   # the values the round was chosen from
     xp = get_array_module(*(chunk.value for chunk in current.values()))
     states, loss = model.apply({cid: chunk.state for cid, chunk in current.items()}, contributions, xp)
     new = {cid: Chunk(cid, states[cid], iteration, chunk.reference, chunk.trail) for cid, chunk in current.items()}
     steps = {}
-    for cid in keys:
-        step = (new[cid].value - current[cid].value).ravel()
-        steps[f"{cid.name}/{cid.index}"] = norm = float(xp.sqrt(xp.vdot(step, step)))  # for recovery's estimates
-        if new[cid].trail is not None:
+    for cid in own if report is None else report:
+        change = (new[cid].value - current[cid].value).ravel()
+        steps[f"{cid.name}/{cid.index}"] = norm = float(xp.sqrt(xp.vdot(change, change)))  # for recovery's estimates
+        if cid in mine and new[cid].trail is not None:
             new[cid].trail.path += norm
     if orders is not None and orders.keep:
-        checkpoint.keep(run, {cid: new[cid] for cid in keys})
-    progress = {"run": run, "epoch": epoch, "iteration": iteration, "steps": steps}
-    if report_loss:
-        progress["loss"] = loss
+        checkpoint.keep(run, {cid: new[cid] for cid in own})
+    progress = {"run": run, "epoch": epoch, "iteration": iteration, "steps": steps, "loss": loss}
     if orders is not None and orders.priorities:
-        progress["priorities"] = checkpoint.distances({cid: new[cid] for cid in keys}, orders)
-    detach({key: new[cid] for cid, key in keys.items()}, client_id, run, epoch, progress)
-    remember(run, {cid: chunk for cid, chunk in new.items() if cid not in keys})   # current replicas
-    return new
+        progress["priorities"] = checkpoint.distances({cid: new[cid] for cid in own}, orders)
+    return new, progress
 
 
 def replicates(model: Model, block_rows: list[int]) -> bool:

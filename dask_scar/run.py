@@ -12,10 +12,10 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-from distributed import Client, Future
+from distributed import Client, Future, wait
 from tqdm.auto import tqdm
 
-from . import checkpoint, config, data, iteration
+from . import checkpoint, config, data, iteration, segment
 from .checkpoint import Checkpointer
 from .chunks import PROGRESS_TOPIC, ParameterChunks, forget, place, release_keys
 from .exceptions import DivergenceError, ScarError
@@ -42,7 +42,7 @@ class TrainingRun:
     recoveries between them."""
 
     def __init__(self, model: Model, training: data.TrainingData, chunks: ParameterChunks,
-                 ckpt: Checkpointer | None, restore: Restore, bar: tqdm):
+                 ckpt: Checkpointer | None, restore: Restore, bar: tqdm, segment_length: int = 1):
         self.model, self.training, self.chunks, self.ckpt, self.restore, self.bar = (
             model, training, chunks, ckpt, restore, bar)
         self.client = chunks.client
@@ -62,6 +62,11 @@ class TrainingRun:
         self.ahead = None                   # (iteration, graph, futures, orders) submitted, not yet waited for
         self.last = None                    # the last graph done, while the next may read its results
         self.replicated = iteration.replicates(model, training.rows)
+        self.segment_length = segment_length    # iterations per segment (1: an iteration graph each)
+        self.segment_handler = False            # SegmentHandler installed on the workers
+        self.segment_results: dict[str, str] = {}   # worker -> its task of the last segment
+        self.clock = time.perf_counter()        # when the last row's iteration was done
+        self.stamp: float | None = None         # the worker's clock on the last row's event
         run = chunks.run
 
         def on_progress(event: tuple[float, dict]) -> None:
@@ -115,8 +120,7 @@ class TrainingRun:
         :mod:`dask_scar.checkpoint`). A graph submitted ahead and not needed is done
         and let go."""
         chunks, ckpt = self.chunks, self.ckpt
-        divergence_factor = config.get("divergence-factor")
-        last_done = time.perf_counter()
+        self.clock = time.perf_counter()
         k, converged = first, False
         try:
             while k <= max_iter:
@@ -133,9 +137,14 @@ class TrainingRun:
                     _forget_dead_block_workers(self.training, self.watch)
                     if self.training.workers != placed:
                         self.last = None
+                    if self.segmentable(callback):
+                        k, converged = self.segment(k, max_iter, tol)
+                        if converged:
+                            break
+                        continue
                     self.ahead = self.submit(k, self.last, fuse=k < max_iter)
                 _, graph, futures, orders = self.ahead
-                self.ahead = None
+                self.ahead, self.segment_results = None, {}
                 if (k < max_iter and callback is None and not self.watch.added
                         and None not in self.training.workers):
                     self.ahead = self.submit(k + 1, graph, fuse=k + 1 < max_iter)
@@ -149,31 +158,130 @@ class TrainingRun:
                 self.stale = chunks.advance(k)
                 self.previous, self.last = futures, graph
                 # The update tasks' events were sent before they finished: they are here.
-                loss, priorities, steps = _collect(self.inbox, self.early, ckpt, k, chunks.epoch,
-                                                   orders is not None and orders.priorities, len(chunks.ids),
-                                                   self.timeout)
-                self.drift.record(k, steps)
-                self.drift.prioritized(priorities)
-                if ckpt is not None:
-                    ckpt.select(k, chunks.ids, priorities)
                 now = time.perf_counter()
-                self.rows.append({"iteration": k, "loss": loss, "seconds": now - last_done, "event": self.note})
-                self.note, last_done = "", now
-                self.bar.update(k - self.bar.n)
-                self.bar.set_postfix(loss=f"{loss:.6g}", refresh=False)
-                _check_divergence(self.rows, divergence_factor, self.model)
-                stop = callback(k, loss) if callback is not None else None
-                if isinstance(stop, (bool, np.bool_)) and stop:
+                converged = self.record(k, orders, now - self.clock, tol)
+                self.clock = now
+                stop = callback(k, self.rows[-1]["loss"]) if callback is not None else None
+                if converged or (isinstance(stop, (bool, np.bool_)) and stop):
                     break           # the caller's own stopping rule (a bool: other return values mean nothing)
-                if tol > 0 and len(self.rows) > 1 and _converged(self.rows[-2]["loss"], loss, tol):
-                    converged = True
-                    break
                 k += 1
         except BaseException:
             release_keys(self.client, self.abandon())
             raise
         self.settle()
         return converged
+
+    def record(self, k: int, orders: checkpoint.Orders | None, seconds: float, tol: float,
+               select: bool = True) -> bool:
+        """Take in the events of iteration ``k``, done: its row of the history, the
+        chunks' steps, a checkpoint round chosen from its priorities (unless not
+        ``select``). True if the loss converged to ``tol``."""
+        want = select and orders is not None and orders.priorities
+        loss, priorities, steps, self.stamp = _collect(self.inbox, self.early, self.ckpt, k, self.chunks.epoch,
+                                                       want, len(self.chunks.ids), self.timeout)
+        self.drift.record(k, steps)
+        self.drift.prioritized(priorities)
+        if self.ckpt is not None and select:
+            self.ckpt.select(k, self.chunks.ids, priorities)
+        self.rows.append({"iteration": k, "loss": loss, "seconds": seconds, "event": self.note})
+        self.note = ""
+        self.bar.update(k - self.bar.n)
+        self.bar.set_postfix(loss=f"{loss:.6g}", refresh=False)
+        _check_divergence(self.rows, config.get("divergence-factor"), self.model)
+        return tol > 0 and len(self.rows) > 1 and segment.converged(self.rows[-2]["loss"], loss, tol)
+
+    def segmentable(self, callback: Callable | None) -> bool:
+        """Whether the next iterations can run as a segment (see :mod:`dask_scar.segment`)."""
+        return (self.segment_length > 1 and callback is None and self.replicated
+                and None not in self.training.workers)
+
+    def segment(self, k: int, max_iter: int, tol: float) -> tuple[int, bool]:
+        """Run iterations from ``k`` as one segment; returns the iteration to go on
+        with, and whether the loss converged to ``tol``."""
+        chunks, ckpt = self.chunks, self.ckpt
+        last = min(max_iter, k + self.segment_length - 1)
+        if ckpt is not None:    # the driver chooses a round from the priorities of a due iteration
+            last = next((i for i in range(k, last) if ckpt.policy.due(i)), last)
+            orders = [ckpt.orders(i) for i in range(k, last + 1)]
+            if any(o is not None and o.blocks for o in orders):
+                self.drain(until=lambda: ckpt.outstanding() <= ckpt.backlog + 1)
+        else:
+            orders = [None] * (last - k + 1)
+        if not self.segment_handler:
+            self.client.register_plugin(segment.SegmentHandler())
+            self.segment_handler = True
+        previous_loss = self.rows[-1]["loss"] if self.rows else None
+        graph, keys, workers = segment.build(self.model, chunks, [b.key for b in self.training.blocks],
+                                             self.training.workers, k, last, self.client.id, orders,
+                                             previous_loss, tol, self.timeout, self.segment_results)
+        futures = self.client.get(graph, keys, sync=False)
+        self.previous = self.stale = []
+        made = [chunks.key(c, i) for i in range(k, last + 1) for c in chunks.ids]   # whatever the segment registers
+        interrupted = False
+        try:
+            wait_watching(futures, self.watch, lambda: set(workers), self.timeout, self.restore.hint)
+        except Interrupted:     # recovery runs outside the except block: see completed()
+            interrupted = True
+        if interrupted:
+            done = self.abort_segment(k, futures, workers, orders)
+            futures.clear()     # some ran on the dead worker: let them go before recovering
+            return self.recover(done + 1, abandoned=[chunks.key(c, i) for i in range(k, last + 1) if i != done
+                                                     for c in chunks.ids]), False
+        # Each event carries its worker's clock: the rows' seconds split the segment's
+        # time as its iterations took it, and add up to the driver's.
+        stamps, converged, i = [], False, k
+        try:
+            for i in range(k, last + 1):
+                converged = self.record(i, orders[i - k], 0.0, tol)
+                stamps.append(self.stamp)
+                if converged or not math.isfinite(self.rows[-1]["loss"]):
+                    break
+        except BaseException:
+            release_keys(self.client, made)
+            raise
+        now = time.perf_counter()
+        rows = self.rows[-len(stamps):]
+        inner = [b - a for a, b in zip(stamps, stamps[1:])] if None not in stamps else [0.0] * (len(stamps) - 1)
+        for row, seconds in zip(rows[1:], inner):
+            row["seconds"] = seconds
+        rows[0]["seconds"] = max(now - self.clock - sum(inner), 0.0)
+        self.clock = now
+        self.stale = chunks.advance(i)
+        self.previous, self.segment_results, self.last = futures, dict(zip(workers, keys)), None
+        return i + 1, converged
+
+    def abort_segment(self, k: int, futures: list[Future], workers: list[str],
+                      orders: list[checkpoint.Orders | None]) -> int:
+        """A worker of the segment from ``k`` is gone: stop the others, take in the
+        iterations every survivor finished, and make the newest of them the chunks'
+        version, from the survivors' copies; returns it (``k - 1`` if none)."""
+        chunks = self.chunks
+        alive = live_workers(self.client)
+        survivors = [w for w in workers if w in alive]
+        self.client.run(segment.abort, chunks.run, chunks.epoch, workers=survivors, on_error="ignore")
+        _settle([f for f, w in zip(futures, workers) if w in alive], self.timeout)   # their events are then here
+        reached: dict[str, int] = {}
+        for message in self.early + _take_all(self.inbox):
+            if message.get("epoch") == chunks.epoch and "worker" in message:
+                reached[message["worker"]] = max(reached.get(message["worker"], k - 1), message["iteration"])
+            elif message.get("kind") == "written" and self.ckpt is not None:
+                self.ckpt.on_written(message)
+                continue
+            self.early.append(message)
+        done = min((reached.get(w, k - 1) for w in survivors), default=k - 1)
+        for i in range(k, done + 1):       # every event of these is here: no priorities wanted
+            self.record(i, orders[i - k], time.perf_counter() - self.clock, 0.0, select=False)
+            self.clock = time.perf_counter()
+        self.early = []
+        if done >= k:
+            mine = {cid: w for cid, w in chunks.owner.items() if w in alive}
+            try:
+                wait_watching(chunks.adopt(mine, done), self.watch, lambda: set(mine.values()), self.timeout,
+                              self.restore.hint)
+            except Interrupted:
+                pass        # another worker went: recovery sees it
+            chunks.advance(done)
+        return done
 
     def submit(self, k: int, after: iteration.IterationGraph | None, fuse: bool):
         """Submit the graph of iteration ``k`` (reading ``after``'s results, if given;
@@ -204,15 +312,16 @@ class TrainingRun:
         self.ahead = None
         return [*graph.update_keys, *(self.chunks.key(c, k) for c in self.chunks.ids)]
 
-    def recover(self, k: int) -> int:
-        """Recover from worker loss noticed while iteration ``k`` was due; returns
-        the iteration to go on with."""
+    def recover(self, k: int, abandoned: list[str] = ()) -> int:
+        """Recover from worker loss noticed while iteration ``k`` was due (the keys
+        ``abandoned`` work may have registered are let go); returns the iteration to
+        go on with."""
         noticed = self.watch.noticed(self.owners()) or time.time()
-        self.last = None    # what it made belongs to an abandoned epoch
+        self.last, self.segment_results = None, {}    # what they made belongs to an abandoned epoch
         if self.ckpt is not None:
             # rounds whose writers all reported are committed before a rollback looks for one
             self.drain(until=lambda: True)
-        event = recover(self.restore, self.watch, k, noticed, self.drift, abandoned=self.abandon())
+        event = recover(self.restore, self.watch, k, noticed, self.drift, abandoned=[*self.abandon(), *abandoned])
         if self.ckpt is not None:
             self.ckpt.recovered(self.chunks.epoch)
         logger.warning("dask_scar: %s", event.describe())
@@ -280,13 +389,13 @@ class TrainingRun:
 
 def _collect(inbox: queue.Queue, early: list[dict], ckpt: Checkpointer | None, iteration: int, epoch: int,
              want_priorities: bool, n_chunks: int, timeout: float
-             ) -> tuple[float, dict[str, list[float]], dict[str, float]]:
+             ) -> tuple[float, dict[str, list[float]], dict[str, float], float | None]:
     """The loss, the chunks' step norms and (if asked for) block priorities that
     ``iteration``'s update tasks sent; events of abandoned work are dropped. Events of
     the iteration after (a worker with no data block updates its chunks for the next
     iteration while another is still busy with this one's; :meth:`drain` takes in
     those of the iteration in flight) wait in ``early``."""
-    loss, priorities, steps = None, {}, {}
+    loss, priorities, steps, stamp = None, {}, {}, None
     waiting, early[:] = early[:], []
     while loss is None or len(steps) < n_chunks or (want_priorities and len(priorities) < n_chunks):
         if waiting:
@@ -304,12 +413,32 @@ def _collect(inbox: queue.Queue, early: list[dict], ckpt: Checkpointer | None, i
             if message.get("epoch") == epoch and message.get("iteration", 0) > iteration:
                 early.append(message)
             continue
-        if message.get("loss") is not None:
-            loss = message["loss"]
+        if message.get("loss") is not None and loss is None:
+            loss, stamp = message["loss"], message.get("stamp")
         steps.update(message["steps"])
         priorities.update(message.get("priorities") or {})
     early.extend(waiting)
-    return loss, priorities, steps
+    return loss, priorities, steps, stamp
+
+
+def _settle(futures: list[Future], timeout: float) -> None:
+    """Wait until none of ``futures`` is pending (done, failed, or cancelled when
+    its input died with a worker), at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while any(f.status == "pending" for f in futures) and time.monotonic() < deadline:
+        try:
+            wait(futures, timeout=POLL_SECONDS)
+        except (CancelledError, TimeoutError) as exc:
+            exc.__traceback__ = None    # see TrainingRun.completed
+
+
+def _take_all(inbox: queue.Queue) -> list[dict]:
+    out = []
+    while True:
+        try:
+            out.append(inbox.get_nowait())
+        except queue.Empty:
+            return out
 
 
 def history_frame(rows: list[dict], ckpt: Checkpointer | None) -> pd.DataFrame:
@@ -375,10 +504,7 @@ def _end_run(client: Client, run: str) -> None:
 def _forget(run: str) -> None:
     forget(run)
     checkpoint.forget(run)
-
-
-def _converged(previous: float, current: float, tol: float) -> bool:
-    return abs(previous - current) <= tol * max(abs(previous), abs(current), 1e-300)
+    segment.forget(run)
 
 
 def _check_divergence(rows: list[dict], factor: float, model: Model) -> None:

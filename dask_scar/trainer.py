@@ -1,4 +1,5 @@
-"""The driver: runs training iterations on a Dask cluster, one task graph each."""
+"""The driver: runs training iterations on a Dask cluster, one task graph each, or a
+segment of them in one task per worker (:mod:`dask_scar.segment`)."""
 
 from __future__ import annotations
 
@@ -154,11 +155,14 @@ class Trainer:
         ``callback(iteration, loss)``, if given, runs in the calling thread after
         every iteration (logging, a custom stopping rule): returning ``True`` ends
         training there (the result is returned as usual); raising stops it too.
-        The next iteration starts once it has returned. Without a callback, each
-        iteration's graph is on the scheduler before the one before it ends, so
-        that no round trip through this process separates them (except before
-        a checkpoint round); stopping at ``tol`` then lets one surplus iteration
-        finish, and discards it.
+        The next iteration starts once it has returned. Without a callback, the
+        gradient models run in *segments* (``scar.segment-iterations``, see
+        :mod:`dask_scar.segment`): one task per worker for many iterations, the
+        workers exchanging contributions directly, and ``history`` rows arriving
+        a segment at a time. Other models submit each iteration's graph before the
+        one before it ends, so that no round trip through this process separates
+        them; stopping at ``tol`` then lets one surplus iteration finish, and
+        discards it.
         """
         if max_iter < 1:
             raise ValueError(f"max_iter must be >= 1, got {max_iter}")
@@ -186,7 +190,9 @@ class Trainer:
                           self.recovery, lambda: int(store.manifest.get("iteration", 0)) if store else 0, hint)
         bar = tqdm(total=max_iter, initial=start, unit="it", desc=type(model).__name__,
                    disable=not config.get("progress", progress))
-        training_run = TrainingRun(model, training, chunks, ckpt, restore, bar)
+        # segments exchange contributions between workers directly; not yet checked on CuPy workers
+        length = config.get("segment-iterations") if self.backend == "numpy" else 1
+        training_run = TrainingRun(model, training, chunks, ckpt, restore, bar, length)
         try:
             training_run.start(lambda: chunks.initialize(model, self.backend, start, prepare(resume)))
             converged = training_run.iterate(start + 1, max_iter, tol, callback)

@@ -80,7 +80,8 @@ def rows_of(labels) -> int:
 
 def scar_keys(client):
     return client.run_on_scheduler(lambda dask_scheduler: sorted(
-        k for k in dask_scheduler.tasks if str(k).startswith(("scar-chunk", "scar-update", "scar-contrib"))))
+        k for k in dask_scheduler.tasks if str(k).startswith(("scar-chunk", "scar-update", "scar-contrib",
+                                                               "scar-segment"))))
 
 
 class scar_client:
@@ -258,12 +259,13 @@ def test_lbfgs_goes_on_after_a_kill(tmp_path, digits):
 
 @pytest.mark.slow
 def test_kill_while_the_next_iteration_is_already_submitted(digits):
-    """No callback and no store: every graph is submitted before the one before it ends,
-    and every worker's update task keeps current replicas of all chunks. A kill then
+    """No callback and no store, one graph per iteration (scar.segment-iterations 1):
+    every graph is submitted before the one before it ends, and every worker's update
+    task keeps current replicas of all chunks. A kill then
     loses only the work in flight: the dead worker's chunks come back from the live
     worker's replicas, and the run goes exactly where a failure-free one goes."""
     big = pd.concat([digits] * 20, ignore_index=True)
-    with new_cluster(2) as cluster, scar_client(cluster) as client:
+    with dask.config.set({"scar.segment-iterations": 1}), new_cluster(2) as cluster, scar_client(cluster) as client:
         free = scar.Trainer(client, scar.SoftmaxRegression(), n_chunks=4).fit(big, target="label", max_iter=60,
                                                                              tol=0, progress=False)
         result, victim = fit_killed_midway(client, scar.Trainer(client, scar.SoftmaxRegression(), n_chunks=4),
@@ -274,6 +276,35 @@ def test_kill_while_the_next_iteration_is_already_submitted(digits):
     assert event.est_perturbation == 0 and event.resumed_at == event.iteration - 1
     assert result.n_iter == 60 and len(result.history) == 60
     np.testing.assert_allclose(result.history["loss"], free.history["loss"], rtol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("replicas", [True, False])
+def test_kill_during_a_segment_loses_only_the_iteration_in_flight(tmp_path, digits, replicas):
+    """Segments (no callback): of three workers one is SIGKILLed in the middle of a
+    segment. The survivors stop, the newest iteration both finished becomes the
+    chunks' version, taken from their own copies, and the dead worker's chunks come
+    back from the survivors' copies of that iteration (exactly: the run goes where a
+    failure-free one goes) or, with copies switched off, from the store."""
+    big = pd.concat([digits] * 20, ignore_index=True)
+    with dask.config.set({"scar.recovery.replicas": replicas}), new_cluster(3) as cluster, \
+            scar_client(cluster) as client:
+        free = scar.Trainer(client, scar.SoftmaxRegression(), n_chunks=6).fit(big, target="label", max_iter=60,
+                                                                             tol=0, progress=False)
+        trainer = scar.Trainer(client, scar.SoftmaxRegression(), n_chunks=6, store=tmp_path / "ckpt.zarr",
+                               policy=scar.FullCheckpoint(every=10))
+        result, victim = fit_killed_midway(client, trainer, big, version=20)
+    (event,) = result.events
+    assert event.worker == victim and event.resumed_at == event.iteration - 1 > 20
+    assert result.history["iteration"].tolist() == list(range(1, 61))
+    if replicas:
+        assert event.lost_chunks == [] and event.bytes_read == 0 and event.peer_iterations == 0
+        assert len(event.peer_chunks) == 2 and event.est_perturbation == 0
+        np.testing.assert_allclose(result.history["loss"], free.history["loss"], rtol=1e-6)
+    else:
+        assert len(event.lost_chunks) == 2 and event.bytes_read > 0 and event.peer_chunks == []
+        cost = iteration_cost(result.history, free.history, at=60 - 10)
+        assert cost is not None and 0 < cost <= 10
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ import threading
 import time
 from collections import Counter
 
+import dask
 import dask.dataframe as dd
 from distributed.diagnostics.plugin import SchedulerPlugin
 import numpy as np
@@ -214,7 +215,7 @@ class GraphLog(SchedulerPlugin):
 
     def transition(self, key, start, finish, *args, **kwargs):
         key = str(key)
-        if key.startswith(("scar-contrib-", "scar-update-")) and key not in self.deps and key in self.scheduler.tasks:
+        if key.startswith(("scar-contrib-", "scar-update-", "scar-segment-")) and key not in self.deps and key in self.scheduler.tasks:
             self.deps[key] = sorted(str(d.key).split("-")[1] + ("*" if self.mark_done and d.state == "memory" else "")
                                     for d in self.scheduler.tasks[key].dependencies)
 
@@ -232,13 +233,69 @@ def _task_inputs(client, kind):
     return by_iteration
 
 
+def _segment_inputs(client):
+    """{first iteration: [sorted kinds of the inputs of each segment task]}; and whether
+    any iteration graph ran."""
+    deps = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.plugins["test-graph-log"].deps)
+    client.unregister_scheduler_plugin("test-graph-log")
+    segments = {}
+    for key, kinds in sorted(deps.items()):
+        if key.startswith("scar-segment-"):
+            segments.setdefault(int(key.split("-")[-2]), []).append(kinds)
+    return segments, any(key.startswith(("scar-contrib-", "scar-update-")) for key in deps)
+
+
+def test_segments_run_many_iterations_in_one_task_per_worker(client, digits, tmp_path):
+    ddf = dd.from_pandas(digits, npartitions=4)
+    # One task per worker for every scar.segment-iterations (20) iterations; the first
+    # reads its block and every chunk, the others their worker's task before.
+    client.register_plugin(GraphLog())
+    fast = scar.Trainer(client, scar.SoftmaxRegression()).fit(ddf, target="label", max_iter=45, tol=0, progress=False)
+    segments, graphs = _segment_inputs(client)
+    assert not graphs
+    assert segments == {1: [["block", "chunk", "chunk", "chunk", "chunk"]] * 2,
+                        21: [["block", "segment"]] * 2, 41: [["block", "segment"]] * 2}
+    # the same maths as iteration graphs, to the last bit: the same sums in the same order
+    with dask.config.set({"scar.segment-iterations": 1}):
+        slow = scar.Trainer(client, scar.SoftmaxRegression()).fit(ddf, target="label", max_iter=45, tol=0,
+                                                                  progress=False)
+    assert fast.history["loss"].tolist() == slow.history["loss"].tolist()
+    np.testing.assert_array_equal(fast.params["weights"], slow.params["weights"])
+    # the rows' seconds add up to the fit's time, segment boundaries included
+    assert (fast.history["seconds"] > 0).all()
+    # every worker sees the loss: all stop where the driver's rule says it converged
+    tol = 3e-3
+    with dask.config.set({"scar.segment-iterations": 1}):
+        slow = scar.Trainer(client, scar.SoftmaxRegression()).fit(ddf, target="label", max_iter=400, tol=tol,
+                                                                  progress=False)
+    fast = scar.Trainer(client, scar.SoftmaxRegression()).fit(ddf, target="label", max_iter=400, tol=tol,
+                                                              progress=False)
+    assert fast.converged and slow.converged and fast.n_iter % 20 != 0     # inside a segment
+    assert fast.history["loss"].tolist() == slow.history["loss"].tolist()
+    np.testing.assert_array_equal(fast.params["weights"], slow.params["weights"])
+    # a segment ends at every iteration whose priorities choose a checkpoint round
+    client.register_plugin(GraphLog())
+    result = scar.Trainer(client, scar.SoftmaxRegression(), store=tmp_path / "ckpt").fit(
+        ddf, target="label", max_iter=12, tol=0, progress=False)
+    segments, graphs = _segment_inputs(client)
+    assert sorted(segments) == [1, 6, 11] and not graphs
+    assert result.checkpoints["iteration"].tolist() == [5, 10] and (result.checkpoints["error"] == "").all()
+
+
 def _graph_inputs(client):
     contributions, updates = _task_inputs(client, "contrib"), _task_inputs(client, "update")
     client.unregister_scheduler_plugin("test-graph-log")
     return contributions, updates
 
 
-def test_the_next_iteration_is_submitted_before_this_one_ends(client, digits, tmp_path):
+@pytest.fixture
+def graphs():
+    """An iteration graph each iteration, not segments."""
+    with dask.config.set({"scar.segment-iterations": 1}):
+        yield
+
+
+def test_the_next_iteration_is_submitted_before_this_one_ends(client, digits, tmp_path, graphs):
     ddf = dd.from_pandas(digits, npartitions=4)
     # Without a store every graph after the first is submitted while the one before
     # runs, and reads its results, not the chunks they register. Its updates are

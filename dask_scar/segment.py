@@ -1,0 +1,193 @@
+"""Segments: many iterations in one task per worker, the workers exchanging their
+contributions directly.
+
+An iteration graph (:mod:`dask_scar.iteration`) goes through the scheduler every
+iteration: a worker's task ends, the scheduler hears of it and tells the other
+worker, which fetches the result and starts its next task. On two shared cores
+that cost 25-35 ms of CPU and 10 ms of waiting per iteration, against a kernel of
+~20 ms at 200k rows. Where every update task updates every chunk (the gradient
+models, see :func:`dask_scar.iteration.replicates`), each worker can instead run
+one long task for a *segment* of iterations: it computes its blocks'
+contributions, sends them to every other worker of the segment (an rpc handled on
+the receiver's event loop, :data:`PUSH_OP`), takes theirs, and updates every chunk
+itself, in the same order everywhere, so all replicas agree exactly.
+
+A segment ends after ``scar.segment-iterations`` iterations, at an iteration after
+which a checkpoint round is chosen (the driver chooses from its priorities), or where
+the loss converged to ``tol`` (every worker sees the same loss, so all stop at the
+same iteration). Only then does each worker register its own chunks' newest version
+with the scheduler (:func:`dask_scar.chunks.detach`). Every iteration it sends its
+progress (the loss and every chunk's step, so the driver hears all of them as long as
+one worker lives) and remembers its copies of every chunk
+(:func:`dask_scar.chunks.remember`). When a worker dies during a segment, the driver
+tells the others to stop (:func:`abort`), takes over the last version all survivors
+reached from their copies, and recovers from there: the work lost is the iteration in
+flight, as with iteration graphs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from typing import Any
+
+from dask._task_spec import Dict, List, Task, TaskRef
+from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+from distributed import get_worker
+from distributed.diagnostics.plugin import WorkerPlugin
+from distributed.protocol import to_serialize
+
+from . import checkpoint
+from .chunks import Chunk, ChunkId, chunk_key, detach, flatten, remember
+from .exceptions import ScarError
+from .iteration import contribute, step
+from .models import Model
+
+logger = logging.getLogger(__name__)
+
+PUSH_OP = "scar_segment_push"   # worker rpc: a contribution for a segment running here
+POLL_SECONDS = 0.05
+
+_box: dict[tuple[str, int, int, int], Any] = {}    # (run, epoch, iteration, block) -> contribution
+_aborted: set[tuple[str, int]] = set()             # (run, epoch) whose segments must stop
+_cond = threading.Condition()
+
+
+class SegmentAborted(ScarError):
+    """The driver stopped a segment: another worker of it died."""
+
+
+def _receive(key: tuple | None = None, value: Any = None) -> None:
+    """The :data:`PUSH_OP` handler (on the worker's event loop): file a contribution."""
+    run, epoch, _, _ = key = tuple(key)
+    with _cond:
+        if (run, epoch) not in _aborted:
+            _box[key] = value
+            _cond.notify_all()
+
+
+class SegmentHandler(WorkerPlugin):
+    """Installs the :data:`PUSH_OP` handler on every worker, present and future."""
+
+    name = "scar-segments"
+    idempotent = True
+
+    def setup(self, worker) -> None:
+        worker.handlers[PUSH_OP] = _receive
+
+
+def abort(run: str, epoch: int) -> None:
+    """Run on workers: stop the segments of ``run``'s ``epoch`` and drop what came for them."""
+    with _cond:
+        _aborted.add((run, epoch))
+        for key in [k for k in _box if k[0] == run and k[1] <= epoch]:
+            del _box[key]
+        _cond.notify_all()
+
+
+def forget(run: str) -> None:
+    """Run on the workers when ``run`` ends."""
+    with _cond:
+        for key in [k for k in _box if k[0] == run]:
+            del _box[key]
+        _aborted.difference_update({a for a in _aborted if a[0] == run})
+
+
+def _send(worker, peers: list[str], key: tuple, value: Any) -> None:
+    payload = to_serialize(value)
+
+    async def push(address: str) -> None:
+        try:
+            await worker.rpc(address).scar_segment_push(key=key, value=payload)
+        except Exception:  # noqa: BLE001  (a dead peer: the driver aborts the segment)
+            logger.debug("dask_scar: could not send %s to %s", key, address, exc_info=True)
+
+    for address in peers:
+        worker.loop.add_callback(push, address)
+
+
+def _take(run: str, epoch: int, iteration: int, wanted: list[int], timeout: float) -> dict[int, Any]:
+    """The contributions of blocks ``wanted`` to ``iteration``, as they arrive; the
+    wait counts as a gap between training tasks for the checkpoint writer."""
+    deadline = time.monotonic() + timeout
+    with checkpoint.idle(), _cond:
+        while True:
+            if (run, epoch) in _aborted:
+                raise SegmentAborted(f"segment of run {run} stopped by the driver at iteration {iteration}")
+            if all((run, epoch, iteration, b) in _box for b in wanted):
+                return {b: _box.pop((run, epoch, iteration, b)) for b in wanted}
+            if time.monotonic() > deadline:
+                missing = [b for b in wanted if (run, epoch, iteration, b) not in _box]
+                raise ScarError(f"no contribution of block(s) {missing} to iteration {iteration} within "
+                                f"scar.iteration-timeout={timeout}s")
+            _cond.wait(POLL_SECONDS)
+
+
+def converged(previous: float | None, current: float, tol: float) -> bool:
+    """Whether the loss moved by no more than ``tol``, relatively (the driver's rule too)."""
+    return previous is not None and abs(previous - current) <= tol * max(abs(previous), abs(current), 1e-300)
+
+
+@checkpoint.training_task
+def run_segment(model: Model, sources: list, blocks: dict[int, dict], n_blocks: int, peers: list[str],
+                first: int, last: int, own: list[ChunkId], client_id: str, run: str, epoch: int,
+                orders: list[checkpoint.Orders | None], previous_loss: float | None, tol: float,
+                timeout: float) -> dict[ChunkId, Chunk] | None:
+    """Iterations ``first..last`` (fewer if the loss converges to ``tol``) on this
+    worker's data ``blocks`` (block id -> block); returns every chunk's newest version
+    (None if the driver stopped the segment).
+    ``orders[i]`` are the checkpoint orders of iteration ``first + i``."""
+    worker = get_worker()
+    with _cond:     # leftovers of an earlier epoch of this run
+        for key in [k for k in _box if k[0] == run and k[1] < epoch]:
+            del _box[key]
+    current = flatten(sources)
+    others = [b for b in range(n_blocks) if b not in blocks]
+    made = {b: contribute(model, 0, block, [current], first, b, run) for b, block in blocks.items()}
+    k, loss = first, previous_loss
+    while True:
+        for b, contribution in made.items():
+            _send(worker, peers, (run, epoch, k, b), contribution)
+        try:
+            parts = {**made, **_take(run, epoch, k, others, timeout)}
+        except SegmentAborted:
+            return None     # quietly: the driver knows why
+        new, progress = step(model, current, [parts[b] for b in range(n_blocks)], own, k, run, epoch,
+                             orders[k - first], report=list(current))
+        progress.update(worker=worker.address, stamp=time.time())
+        remember(run, new)      # every chunk: what recovery takes over should a peer die
+        previous, loss = loss, progress["loss"]
+        if k == last or (tol > 0 and converged(previous, loss, tol)) or not math.isfinite(loss):
+            detach({chunk_key(run, cid, epoch, k): new[cid] for cid in own}, client_id, run, epoch, progress)
+            return new
+        detach({}, client_id, run, epoch, progress)     # progress only
+        current, k = new, k + 1
+        made = {b: contribute(model, 0, block, [current], k, b, run) for b, block in blocks.items()}
+
+
+def build(model: Model, chunks, blocks: list[str], block_workers: list[str], first: int, last: int,
+          client_id: str, orders: list, previous_loss: float | None, tol: float, timeout: float,
+          previous: dict[str, str]) -> tuple[HighLevelGraph, list[str], list[str]]:
+    """The graph of a segment: one task per worker that holds data blocks or owns
+    chunks, pinned there. A worker's task reads its own task of the segment before
+    (``previous``: worker -> key), where there is one, and otherwise every chunk.
+    Returns the graph, its keys, and the workers they run on."""
+    workers = sorted(set(block_workers) | set(chunks.owner.values()))
+    mine = {w: [b for b, bw in enumerate(block_workers) if bw == w] for w in workers}
+    owned = chunks.by_worker()
+    tag = f"{chunks.run}-e{chunks.epoch}-{first}"
+    layers, keys = {}, []
+    for i, worker in enumerate(workers):
+        key = f"scar-segment-{tag}-{i}"
+        sources = ([TaskRef(previous[worker])] if worker in previous
+                   else [TaskRef(chunks.keys[cid]) for cid in chunks.ids])
+        data = Dict({b: TaskRef(blocks[b]) for b in mine[worker]})
+        task = Task(key, run_segment, model, List(*sources), data, len(blocks), [w for w in workers if w != worker],
+                    first, last, owned.get(worker, []), client_id, chunks.run, chunks.epoch, orders, previous_loss,
+                    tol, timeout)
+        layers[f"scar-segment-{tag}-{i}"] = MaterializedLayer(
+            {key: task}, annotations={"workers": [worker], "allow_other_workers": False})
+        keys.append(key)
+    return HighLevelGraph(layers, {name: set() for name in layers}), keys, workers
