@@ -485,6 +485,39 @@ def _callers_level() -> int:
     return level
 
 
+def choose(policy: CheckpointPolicy, layouts: dict[str, BlockLayout], ids: list[ChunkId], number: int,
+           priorities: dict[str, list[float]]) -> tuple[dict[ChunkId, tuple[int, ...]], list[int], Any]:
+    """Round ``number``'s blocks of each chunk in ``ids`` (those with any), every block
+    chosen (global numbers) and every block's priority (None if the policy needs none):
+    on the driver, and in a segment's workers, which have every chunk's priorities and
+    choose exactly the same blocks."""
+    offsets, n = {}, 0
+    for name, lay in layouts.items():
+        offsets[name], n = n, n + lay.n_blocks
+    values = None
+    if policy.needs_priorities:
+        values = np.zeros(n)
+        for cid in ids:
+            span = chunk_blocks(cid, layouts[cid.name].block_rows)
+            offset = offsets[cid.name]
+            values[offset + span.start:offset + span.stop] = priorities[f"{cid.name}/{cid.index}"]
+    chosen = set(policy.select(n, number, values).tolist())
+    blocks = {}
+    for cid in ids:
+        mine = tuple(b for b in chunk_blocks(cid, layouts[cid.name].block_rows) if offsets[cid.name] + b in chosen)
+        if mine:
+            blocks[cid] = mine
+    return blocks, sorted(chosen), values
+
+
+def with_round(orders: Orders, number: int, blocks: dict[ChunkId, tuple[int, ...]], version: int,
+               then: Orders | None) -> Orders:
+    """Orders that write round ``number`` (``blocks`` of ``version``, the iteration
+    ``orders`` were for) and do what ``then``, the iteration's own orders, say."""
+    return Orders(**{**orders.__dict__, "round": number, "blocks": blocks, "version": version,
+                     "priorities": then is not None and then.priorities, "keep": then is not None and then.keep})
+
+
 @contextlib.contextmanager
 def idle():
     """Within a training task: a wait (for other workers' contributions) that counts
@@ -537,28 +570,22 @@ class Checkpointer:
         """After ``iteration`` finished: if the policy is due, choose the round's blocks."""
         if not self.policy.due(iteration):
             return
-        offsets, n = {}, 0
-        for name, lay in self.layouts.items():
-            offsets[name], n = n, n + lay.n_blocks
-        values = None
-        if self.policy.needs_priorities:
-            values = np.zeros(n)
-            for cid in ids:
-                span = chunk_blocks(cid, self.layouts[cid.name].block_rows)
-                offset = offsets[cid.name]
-                values[offset + span.start:offset + span.stop] = priorities[f"{cid.name}/{cid.index}"]
         self.round += 1
-        chosen = set(self.policy.select(n, self.round, values).tolist())
-        blocks = {}
-        for cid in ids:
-            mine = tuple(b for b in chunk_blocks(cid, self.layouts[cid.name].block_rows)
-                         if offsets[cid.name] + b in chosen)
-            if mine:
-                blocks[cid] = mine
+        blocks, chosen, values = choose(self.policy, self.layouts, ids, self.round, priorities)
         self.rounds[self.round] = Round(iteration, {f"{c.name}/{c.index}": (c, b) for c, b in blocks.items()},
-                                        sorted(chosen), values)
+                                        chosen, values)
         self.pending.append(Orders(**{**self.base.__dict__, "round": self.round, "blocks": blocks,
                                       "version": iteration}))
+
+    def handed_out(self, iteration: int) -> None:
+        """The round chosen after ``iteration`` is being written already: a segment's
+        workers chose the same blocks themselves (see :func:`choose`)."""
+        self.pending = [orders for orders in self.pending if orders.version != iteration]
+
+    def skip(self, rounds: int) -> None:
+        """Rounds a stopped segment's workers may have begun to write: their numbers
+        are not used again (their blocks stay in the store, never committed)."""
+        self.round += rounds
 
     def flush(self, client: Client, chunks) -> list:
         """Submit the rounds still waiting for a graph to carry them; returns their futures."""

@@ -200,11 +200,12 @@ class TrainingRun:
         with, and whether the loss converged to ``tol``."""
         chunks, ckpt = self.chunks, self.ckpt
         last = min(max_iter, k + self.segment_length - 1)
-        if ckpt is not None:    # the driver chooses a round from the priorities of a due iteration
-            last = next((i for i in range(k, last) if ckpt.policy.due(i)), last)
+        rounds = None
+        if ckpt is not None:
             orders = [ckpt.orders(i) for i in range(k, last + 1)]
             if any(o is not None and o.blocks for o in orders):
                 self.drain(until=lambda: ckpt.outstanding() <= ckpt.backlog + 1)
+            rounds = segment.Rounds(ckpt.policy, ckpt.layouts, ckpt.round + 1)
         else:
             orders = [None] * (last - k + 1)
         if not self.segment_handler:
@@ -212,7 +213,7 @@ class TrainingRun:
             self.segment_handler = True
         previous_loss = self.rows[-1]["loss"] if self.rows else None
         graph, keys, workers = segment.build(self.model, chunks, [b.key for b in self.training.blocks],
-                                             self.training.workers, k, last, self.client.id, orders,
+                                             self.training.workers, k, last, self.client.id, orders, rounds,
                                              previous_loss, tol, self.timeout, self.segment_results)
         futures = self.client.get(graph, keys, sync=False)
         self.previous = self.stale = []
@@ -224,6 +225,8 @@ class TrainingRun:
             interrupted = True
         if interrupted:
             done = self.abort_segment(k, futures, workers, orders)
+            if ckpt is not None:    # the rounds its workers chose, each written or not
+                ckpt.skip(sum(1 for o in orders[:-1] if o is not None and o.keep))
             futures.clear()     # some ran on the dead worker: let them go before recovering
             return self.recover(done + 1, abandoned=[chunks.key(c, i) for i in range(k, last + 1) if i != done
                                                      for c in chunks.ids]), False
@@ -236,6 +239,8 @@ class TrainingRun:
                 stamps.append(self.stamp)
                 if converged or not math.isfinite(self.rows[-1]["loss"]):
                     break
+                if ckpt is not None and i < last:
+                    ckpt.handed_out(i)      # the workers went on, and wrote it
         except BaseException:
             release_keys(self.client, made)
             raise

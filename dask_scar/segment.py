@@ -31,6 +31,7 @@ import logging
 import math
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from dask._task_spec import Dict, List, Task, TaskRef
@@ -44,13 +45,15 @@ from .chunks import Chunk, ChunkId, chunk_key, detach, flatten, remember
 from .exceptions import ScarError
 from .iteration import contribute, step
 from .models import Model
+from .policy import CheckpointPolicy
+from .store import BlockLayout
 
 logger = logging.getLogger(__name__)
 
-PUSH_OP = "scar_segment_push"   # worker rpc: a contribution for a segment running here
+PUSH_OP = "scar_segment_push"   # worker rpc: a message for a segment running here
 POLL_SECONDS = 0.05
 
-_box: dict[tuple[str, int, int, int], Any] = {}    # (run, epoch, iteration, block) -> contribution
+_box: dict[tuple[str, int, int, str], dict] = {}   # (run, epoch, iteration, sender) -> its message
 _aborted: set[tuple[str, int]] = set()             # (run, epoch) whose segments must stop
 _cond = threading.Condition()
 
@@ -60,7 +63,7 @@ class SegmentAborted(ScarError):
 
 
 def _receive(key: tuple | None = None, value: Any = None) -> None:
-    """The :data:`PUSH_OP` handler (on the worker's event loop): file a contribution."""
+    """The :data:`PUSH_OP` handler (on the worker's event loop): file a message."""
     run, epoch, _, _ = key = tuple(key)
     with _cond:
         if (run, epoch) not in _aborted:
@@ -95,8 +98,8 @@ def forget(run: str) -> None:
         _aborted.difference_update({a for a in _aborted if a[0] == run})
 
 
-def _send(worker, peers: list[str], key: tuple, value: Any) -> None:
-    payload = to_serialize(value)
+def _send(worker, peers: list[str], key: tuple, message: dict) -> None:
+    payload = to_serialize(message)
 
     async def push(address: str) -> None:
         try:
@@ -108,19 +111,20 @@ def _send(worker, peers: list[str], key: tuple, value: Any) -> None:
         worker.loop.add_callback(push, address)
 
 
-def _take(run: str, epoch: int, iteration: int, wanted: list[int], timeout: float) -> dict[int, Any]:
-    """The contributions of blocks ``wanted`` to ``iteration``, as they arrive; the
-    wait counts as a gap between training tasks for the checkpoint writer."""
+def _take(run: str, epoch: int, iteration: int, peers: list[str], timeout: float) -> list[dict]:
+    """The messages of ``peers`` for ``iteration``, once all are here; the wait
+    counts as a gap between training tasks for the checkpoint writer."""
     deadline = time.monotonic() + timeout
+    keys = [(run, epoch, iteration, peer) for peer in peers]
     with checkpoint.idle(), _cond:
         while True:
             if (run, epoch) in _aborted:
                 raise SegmentAborted(f"segment of run {run} stopped by the driver at iteration {iteration}")
-            if all((run, epoch, iteration, b) in _box for b in wanted):
-                return {b: _box.pop((run, epoch, iteration, b)) for b in wanted}
+            if all(key in _box for key in keys):
+                return [_box.pop(key) for key in keys]
             if time.monotonic() > deadline:
-                missing = [b for b in wanted if (run, epoch, iteration, b) not in _box]
-                raise ScarError(f"no contribution of block(s) {missing} to iteration {iteration} within "
+                missing = [key[-1] for key in keys if key not in _box]
+                raise ScarError(f"no word from worker(s) {missing} for iteration {iteration} within "
                                 f"scar.iteration-timeout={timeout}s")
             _cond.wait(POLL_SECONDS)
 
@@ -130,32 +134,56 @@ def converged(previous: float | None, current: float, tol: float) -> bool:
     return previous is not None and abs(previous - current) <= tol * max(abs(previous), abs(current), 1e-300)
 
 
+@dataclass(frozen=True)
+class Rounds:
+    """What a segment's workers need to choose checkpoint rounds themselves."""
+
+    policy: CheckpointPolicy
+    layouts: dict[str, BlockLayout]
+    next: int       # the number of the first round chosen inside the segment
+
+
 @checkpoint.training_task
 def run_segment(model: Model, sources: list, blocks: dict[int, dict], n_blocks: int, peers: list[str],
                 first: int, last: int, own: list[ChunkId], client_id: str, run: str, epoch: int,
-                orders: list[checkpoint.Orders | None], previous_loss: float | None, tol: float,
-                timeout: float) -> dict[ChunkId, Chunk] | None:
+                orders: list[checkpoint.Orders | None], rounds: Rounds | None, previous_loss: float | None,
+                tol: float, timeout: float) -> dict[ChunkId, Chunk] | None:
     """Iterations ``first..last`` (fewer if the loss converges to ``tol``) on this
     worker's data ``blocks`` (block id -> block); returns every chunk's newest version
-    (None if the driver stopped the segment).
-    ``orders[i]`` are the checkpoint orders of iteration ``first + i``."""
+    (None if the driver stopped the segment). ``orders[i]`` are the checkpoint
+    orders of iteration ``first + i``. After a due iteration ``t`` (its orders
+    ``keep``) other than the last, every worker sends its chunks' priorities with its
+    next message, and all choose round ``t``'s blocks alike (:func:`checkpoint.choose`),
+    written by the update of ``t + 1`` (the driver chooses the same and waits for the
+    writers' reports)."""
     worker = get_worker()
     with _cond:     # leftovers of an earlier epoch of this run
         for key in [k for k in _box if k[0] == run and k[1] < epoch]:
             del _box[key]
     current = flatten(sources)
-    others = [b for b in range(n_blocks) if b not in blocks]
+    ids = sorted(current)
     made = {b: contribute(model, 0, block, [current], first, b, run) for b, block in blocks.items()}
-    k, loss = first, previous_loss
+    k, loss, due, number = first, previous_loss, None, rounds.next if rounds is not None else 0
     while True:
-        for b, contribution in made.items():
-            _send(worker, peers, (run, epoch, k, b), contribution)
+        _send(worker, peers, (run, epoch, k, worker.address),
+              {"parts": made, "priorities": due["priorities"] if due else None})
         try:
-            parts = {**made, **_take(run, epoch, k, others, timeout)}
+            messages = _take(run, epoch, k, peers, timeout)
         except SegmentAborted:
             return None     # quietly: the driver knows why
-        new, progress = step(model, current, [parts[b] for b in range(n_blocks)], own, k, run, epoch,
-                             orders[k - first], report=list(current))
+        parts = dict(made)
+        for message in messages:
+            parts.update(message["parts"])
+        todo = orders[k - first]
+        if due is not None:     # choose round ``k - 1``'s blocks, as every worker does
+            priorities = dict(due["priorities"] or {})
+            for message in messages:
+                priorities.update(message["priorities"] or {})
+            chosen, _, _ = checkpoint.choose(rounds.policy, rounds.layouts, ids, number, priorities)
+            todo = checkpoint.with_round(due["orders"], number, chosen, k - 1, todo)
+            number += 1
+        new, progress = step(model, current, [parts[b] for b in range(n_blocks)], own, k, run, epoch, todo,
+                             report=ids)
         progress.update(worker=worker.address, stamp=time.time())
         remember(run, new)      # every chunk: what recovery takes over should a peer die
         previous, loss = loss, progress["loss"]
@@ -163,13 +191,15 @@ def run_segment(model: Model, sources: list, blocks: dict[int, dict], n_blocks: 
             detach({chunk_key(run, cid, epoch, k): new[cid] for cid in own}, client_id, run, epoch, progress)
             return new
         detach({}, client_id, run, epoch, progress)     # progress only
+        due = ({"orders": todo, "priorities": progress.get("priorities")}
+               if rounds is not None and todo is not None and todo.keep else None)
         current, k = new, k + 1
         made = {b: contribute(model, 0, block, [current], k, b, run) for b, block in blocks.items()}
 
 
 def build(model: Model, chunks, blocks: list[str], block_workers: list[str], first: int, last: int,
-          client_id: str, orders: list, previous_loss: float | None, tol: float, timeout: float,
-          previous: dict[str, str]) -> tuple[HighLevelGraph, list[str], list[str]]:
+          client_id: str, orders: list, rounds: Rounds | None, previous_loss: float | None, tol: float,
+          timeout: float, previous: dict[str, str]) -> tuple[HighLevelGraph, list[str], list[str]]:
     """The graph of a segment: one task per worker that holds data blocks or owns
     chunks, pinned there. A worker's task reads its own task of the segment before
     (``previous``: worker -> key), where there is one, and otherwise every chunk.
@@ -185,8 +215,8 @@ def build(model: Model, chunks, blocks: list[str], block_workers: list[str], fir
                    else [TaskRef(chunks.keys[cid]) for cid in chunks.ids])
         data = Dict({b: TaskRef(blocks[b]) for b in mine[worker]})
         task = Task(key, run_segment, model, List(*sources), data, len(blocks), [w for w in workers if w != worker],
-                    first, last, owned.get(worker, []), client_id, chunks.run, chunks.epoch, orders, previous_loss,
-                    tol, timeout)
+                    first, last, owned.get(worker, []), client_id, chunks.run, chunks.epoch, orders, rounds,
+                    previous_loss, tol, timeout)
         layers[f"scar-segment-{tag}-{i}"] = MaterializedLayer(
             {key: task}, annotations={"workers": [worker], "allow_other_workers": False})
         keys.append(key)
