@@ -205,9 +205,10 @@ def forget(run: str) -> None:
             del _kept[key]
 
 
-def save(chunks: dict[ChunkId, Chunk], orders: Orders) -> int:
+def save(chunks: dict[ChunkId, Chunk], orders: Orders, inline: bool = False) -> int:
     """Hand this worker's share of the round's blocks (of version ``orders.version``:
-    the chunks themselves, or the values :func:`keep` kept) to the process's writer thread."""
+    the chunks themselves, or the values :func:`keep` kept) to the process's writer
+    thread (``inline``: to the task itself, see :func:`write_now`)."""
     jobs = 0
     for cid, chunk in chunks.items():
         with _lock:
@@ -225,7 +226,12 @@ def save(chunks: dict[ChunkId, Chunk], orders: Orders) -> int:
                 values[b] = to_host(kept[0][start:stop])
         with _writing:
             _writing.count += 1
-        _writer().put((get_worker(), orders, chunk, values, kept[1] if kept else math.nan, time.monotonic()))
+        job = (get_worker(), orders, chunk, values, kept[1] if kept else math.nan, time.monotonic())
+        if inline:
+            with _lock:
+                _inline.append(job)
+        else:
+            _writer().put(job)
         jobs += 1
     return jobs
 
@@ -237,6 +243,7 @@ def save_task(sources: list[Chunk], orders: Orders) -> int:
 
 _stores: dict[tuple[str, str], ZarrStore] = {}
 _kept: dict[tuple[str, ChunkId], dict[int, tuple[Any, float]]] = {}   # (run, chunk) -> version -> value, path
+_inline: list[tuple] = []       # writes a segment's task does itself (see write_now)
 _lock = threading.Lock()
 _queue: queue.Queue | None = None
 _writing = threading.Condition()     # .count: writes handed to this process's writer, not yet done
@@ -248,6 +255,7 @@ _tasks.running = _tasks.settling = 0
 def settle(timeout: float = WRITE_WAIT) -> bool:
     """Wait until this process's checkpoint writes are done, at most ``timeout``
     seconds; True if they are (then every reference and record is the last round's)."""
+    write_now()
     with _tasks:
         _tasks.settling += 1        # the writer need not wait for the task that waits for it
         _tasks.notify_all()
@@ -312,31 +320,55 @@ def _writer() -> queue.Queue:
 
 def _write_forever(jobs: queue.Queue) -> None:
     while True:
-        worker, orders, chunk, values, path, handed = jobs.get()
+        job = jobs.get()
         with _tasks:     # a round's jobs share one deadline
             _tasks.wait_for(lambda: _tasks.running == 0 or _tasks.settling,
-                            max(0.0, handed + IDLE_WAIT - time.monotonic()))
-        started = time.perf_counter()
-        report = {"run": orders.run, "kind": "written", "round": orders.round, "chunk": chunk.id.index,
-                  "parameter": chunk.id.name, "blocks": len(values or ()), "bytes": 0, "error": None}
-        try:
-            if values is None:
-                raise CheckpointError(f"version {orders.version} of chunk {chunk.id.name}/{chunk.id.index} "
-                                      "is not on its owner any more")
-            store = open_cached(orders.url, orders.store_id)
-            report["bytes"] = store.write_blocks(chunk.id.name, values, orders.version, orders.epoch, orders.round)
-            _update_reference(chunk, values, orders.block_rows[chunk.id.name], orders.version, path)
-        except Exception as exc:  # noqa: BLE001  (reported to the driver, which warns)
-            report["error"] = f"{type(exc).__name__}: {exc}"
-        finally:
-            with _writing:
-                _writing.count -= 1
-                _writing.notify_all()
-        report["seconds"] = time.perf_counter() - started
-        try:
-            worker.log_event(PROGRESS_TOPIC, report)
-        except Exception:  # noqa: BLE001  (worker closing: nobody left to tell)
-            logger.debug("could not report a checkpoint write", exc_info=True)
+                            max(0.0, job[-1] + IDLE_WAIT - time.monotonic()))
+        _write(*job[:-1])
+
+
+def write_now() -> None:
+    """From a segment's task, while it waits for the other workers anyway: the writes
+    :func:`save` was told to leave to it, in this thread (a writer thread beside the
+    task would run on into the next kernel, and compete with it)."""
+    while True:
+        with _lock:
+            if not _inline:
+                return
+            job = _inline.pop(0)
+        _write(*job[:-1])
+
+
+def hand_over() -> None:
+    """At the end of a segment's task: the writes it did not get to, to the writer thread."""
+    with _lock:
+        jobs, _inline[:] = list(_inline), []
+    for job in jobs:
+        _writer().put(job)
+
+
+def _write(worker, orders: Orders, chunk: Chunk, values: dict | None, path: float) -> None:
+    started = time.perf_counter()
+    report = {"run": orders.run, "kind": "written", "round": orders.round, "chunk": chunk.id.index,
+              "parameter": chunk.id.name, "blocks": len(values or ()), "bytes": 0, "error": None}
+    try:
+        if values is None:
+            raise CheckpointError(f"version {orders.version} of chunk {chunk.id.name}/{chunk.id.index} "
+                                  "is not on its owner any more")
+        store = open_cached(orders.url, orders.store_id)
+        report["bytes"] = store.write_blocks(chunk.id.name, values, orders.version, orders.epoch, orders.round)
+        _update_reference(chunk, values, orders.block_rows[chunk.id.name], orders.version, path)
+    except Exception as exc:  # noqa: BLE001  (reported to the driver, which warns)
+        report["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        with _writing:
+            _writing.count -= 1
+            _writing.notify_all()
+    report["seconds"] = time.perf_counter() - started
+    try:
+        worker.log_event(PROGRESS_TOPIC, report)
+    except Exception:  # noqa: BLE001  (worker closing: nobody left to tell)
+        logger.debug("could not report a checkpoint write", exc_info=True)
 
 
 def _update_reference(chunk: Chunk, values: dict[int, np.ndarray], rows: int, version: int, path: float) -> None:

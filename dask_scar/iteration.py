@@ -78,13 +78,14 @@ def update(model: Model, sources: list, contributions: list[Contribution], keys:
 
 
 def step(model: Model, current: dict[ChunkId, Chunk], contributions: list, own: list[ChunkId], iteration: int,
-         run: str, epoch: int, orders: checkpoint.Orders | None, report: list[ChunkId] | None = None
-         ) -> tuple[dict[ChunkId, Chunk], dict]:
+         run: str, epoch: int, orders: checkpoint.Orders | None, report: list[ChunkId] | None = None,
+         inline: bool = False) -> tuple[dict[ChunkId, Chunk], dict]:
     """Iteration ``iteration`` of every chunk in ``current``, from the blocks'
     ``contributions``; returns the new chunks and the progress event for the driver
     (the loss, and the step norm of each chunk in ``report``, default ``own``).
     Only ``own`` chunks, those this worker owns, are checkpointed as ``orders`` say,
-    and carry the checkpoint trail."""
+    and carry the checkpoint trail (``inline``: the task writes them itself, see
+    :func:`dask_scar.checkpoint.write_now`)."""
     contributions = [getattr(c, "contribution", c) for c in contributions]   # some come in a Fused
     mine = {cid: current[cid] for cid in own}
     for cid, chunk in mine.items():
@@ -93,7 +94,7 @@ def step(model: Model, current: dict[ChunkId, Chunk], contributions: list, own: 
             initial = model.init_rows(cid.name, cid.start, cid.stop, get_array_module(chunk.value))
             checkpoint.restore_reference(chunk, initial, orders)
     if orders is not None and orders.blocks:
-        checkpoint.save(mine, orders)   # the values the round was chosen from
+        checkpoint.save(mine, orders, inline)   # the values the round was chosen from
     xp = get_array_module(*(chunk.value for chunk in current.values()))
     states, loss = model.apply({cid: chunk.state for cid, chunk in current.items()}, contributions, xp)
     new = {cid: Chunk(cid, states[cid], iteration, chunk.reference, chunk.trail) for cid, chunk in current.items()}

@@ -112,21 +112,24 @@ def _send(worker, peers: list[str], key: tuple, message: dict) -> None:
 
 
 def _take(run: str, epoch: int, iteration: int, peers: list[str], timeout: float) -> list[dict]:
-    """The messages of ``peers`` for ``iteration``, once all are here; the wait
-    counts as a gap between training tasks for the checkpoint writer."""
+    """The messages of ``peers`` for ``iteration``, once all are here. The wait is a
+    gap between training tasks: the task writes its checkpoint blocks first, and
+    the writer thread may write too."""
     deadline = time.monotonic() + timeout
     keys = [(run, epoch, iteration, peer) for peer in peers]
-    with checkpoint.idle(), _cond:
-        while True:
-            if (run, epoch) in _aborted:
-                raise SegmentAborted(f"segment of run {run} stopped by the driver at iteration {iteration}")
-            if all(key in _box for key in keys):
-                return [_box.pop(key) for key in keys]
-            if time.monotonic() > deadline:
-                missing = [key[-1] for key in keys if key not in _box]
-                raise ScarError(f"no word from worker(s) {missing} for iteration {iteration} within "
-                                f"scar.iteration-timeout={timeout}s")
-            _cond.wait(POLL_SECONDS)
+    with checkpoint.idle():
+        checkpoint.write_now()      # this round's blocks, while the others catch up
+        with _cond:
+            while True:
+                if (run, epoch) in _aborted:
+                    raise SegmentAborted(f"segment of run {run} stopped by the driver at iteration {iteration}")
+                if all(key in _box for key in keys):
+                    return [_box.pop(key) for key in keys]
+                if time.monotonic() > deadline:
+                    missing = [key[-1] for key in keys if key not in _box]
+                    raise ScarError(f"no word from worker(s) {missing} for iteration {iteration} within "
+                                    f"scar.iteration-timeout={timeout}s")
+                _cond.wait(POLL_SECONDS)
 
 
 def converged(previous: float | None, current: float, tol: float) -> bool:
@@ -170,6 +173,7 @@ def run_segment(model: Model, sources: list, blocks: dict[int, dict], n_blocks: 
         try:
             messages = _take(run, epoch, k, peers, timeout)
         except SegmentAborted:
+            checkpoint.hand_over()
             return None     # quietly: the driver knows why
         parts = dict(made)
         for message in messages:
@@ -183,12 +187,13 @@ def run_segment(model: Model, sources: list, blocks: dict[int, dict], n_blocks: 
             todo = checkpoint.with_round(due["orders"], number, chosen, k - 1, todo)
             number += 1
         new, progress = step(model, current, [parts[b] for b in range(n_blocks)], own, k, run, epoch, todo,
-                             report=ids)
+                             report=ids, inline=True)
         progress.update(worker=worker.address, stamp=time.time())
         remember(run, new)      # every chunk: what recovery takes over should a peer die
         previous, loss = loss, progress["loss"]
         if k == last or (tol > 0 and converged(previous, loss, tol)) or not math.isfinite(loss):
             detach({chunk_key(run, cid, epoch, k): new[cid] for cid in own}, client_id, run, epoch, progress)
+            checkpoint.hand_over()
             return new
         detach({}, client_id, run, epoch, progress)     # progress only
         due = ({"orders": todo, "priorities": progress.get("priorities")}
