@@ -581,6 +581,7 @@ class Checkpointer:
         self.rounds: dict[int, Round] = {}
         self.pending: list[Orders] = []        # selected, to be written by the next graphs
         self.notes: dict[int, list[str]] = {}  # iteration -> warnings for the history
+        self.early: list[dict] = []            # writers' reports of rounds not chosen here yet
         #: called as ``on_saved(iteration, {chunk: blocks}, block_rows)`` when a writer
         #: reports blocks written with their values of ``iteration``
         self.on_saved: Callable[[int, dict, dict], None] | None = None
@@ -608,6 +609,9 @@ class Checkpointer:
                                         chosen, values)
         self.pending.append(Orders(**{**self.base.__dict__, "round": self.round, "blocks": blocks,
                                       "version": iteration}))
+        reports, self.early = self.early, []
+        for report in reports:
+            self.on_written(report)
 
     def handed_out(self, iteration: int) -> None:
         """The round chosen after ``iteration`` is being written already: a segment's
@@ -618,6 +622,7 @@ class Checkpointer:
         """Rounds a stopped segment's workers may have begun to write: their numbers
         are not used again (their blocks stay in the store, never committed)."""
         self.round += rounds
+        self.early = [report for report in self.early if report["round"] > self.round]
 
     def flush(self, client: Client, chunks) -> list:
         """Submit the rounds still waiting for a graph to carry them; returns their futures."""
@@ -636,8 +641,12 @@ class Checkpointer:
         return sum(1 for r in self.rounds.values() if not r.done)
 
     def on_written(self, report: dict) -> None:
-        rnd = self.rounds.get(report.get("round")) if report.get("kind") == "written" else None
+        if report.get("kind") != "written":
+            return
+        rnd = self.rounds.get(report.get("round"))
         if rnd is None:
+            if report.get("round", 0) > self.round:     # a segment chose it before this driver did
+                self.early.append(report)
             return
         rnd.reports.append(report)
         if not report["error"] and self.on_saved is not None:

@@ -379,3 +379,24 @@ def test_an_owner_given_a_copy_of_its_chunk_takes_back_its_reference_and_trail()
     assert not reattach("run-x", much_later) and much_later.reference is None   # too old to trust
     assert not reattach("run-y", copy)       # another run's
     forget("run-x")
+
+
+def test_a_write_reported_before_the_driver_chose_its_round_counts(tmp_path):
+    """A segment's workers choose a round and write it before the driver, which takes
+    the segment's events in once it ends, has chosen it: the report waits for it."""
+    from dask_scar.checkpoint import Checkpointer
+    from dask_scar.chunks import ChunkId
+    from dask_scar.store import ZarrStore, make_layouts
+
+    layouts = make_layouts({"w": ((16, 4), "float32")}, 2, 2)
+    store = ZarrStore.create(tmp_path / "s.zarr", {"class": "test", "params": {}}, layouts, None)
+    ckpt = Checkpointer(store, scar.FullCheckpoint(every=1), layouts, "run", "id", 0, 0, 2)
+    ids = [ChunkId("w", 0, 0, 8), ChunkId("w", 1, 8, 16)]
+    reports = [{"kind": "written", "round": 1, "parameter": "w", "chunk": c.index, "blocks": 2, "bytes": 64,
+                "seconds": 0.0, "error": None} for c in ids]
+    ckpt.on_written(reports[0])         # before the driver's choice
+    ckpt.select(1, ids, {})
+    assert ckpt.outstanding() == 1
+    ckpt.on_written(reports[1])
+    assert ckpt.outstanding() == 0 and ckpt.committed == 1 and store.manifest["round"] == 1
+    assert ckpt.table()["bytes"].tolist() == [128]
