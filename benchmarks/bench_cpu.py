@@ -8,7 +8,8 @@ workers; on a machine with as many cores as workers it competes with them.
 Each figure is the difference between a fit of 60 iterations and one of 10, divided
 by 50: the preparation of the data and the start and end of a fit cancel out. The
 pairs run twice for every ``--chunks`` value (parameter chunks: each is one key
-registered, reported and released per iteration). For scale, the same kernel on one
+registered, reported and released per segment, or per iteration with
+``--segment-iterations 1``). For scale, the same kernel on one
 worker's rows in this process alone, on one thread: what a worker would spend if Dask
 cost nothing.
 
@@ -19,6 +20,7 @@ what checkpointing costs, per process and thread.
     python benchmarks/bench_cpu.py                        # 1,000,000 rows, 4 chunks
     python benchmarks/bench_cpu.py --rows 200000 --chunks 2 4 16
     python benchmarks/bench_cpu.py --rows 200000 --store
+    python benchmarks/bench_cpu.py --segment-iterations 1     # one task graph per iteration
 """
 
 from __future__ import annotations
@@ -88,9 +90,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--chunks", type=int, nargs="+", default=[4], help="parameter chunks (Trainer n_chunks)")
     parser.add_argument("--store", action="store_true", help="also with a checkpoint store, side by side")
+    parser.add_argument("--segment-iterations", type=int, default=None,
+                        help="scar.segment-iterations (default: the library's; 1: one task graph per iteration)")
     args = parser.parse_args()
 
-    with dask.config.set({"distributed.worker.profile.enabled": False}), \
+    segments = {} if args.segment_iterations is None else {"scar.segment-iterations": args.segment_iterations}
+    with dask.config.set({"distributed.worker.profile.enabled": False, **segments}), \
             LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
         frame = make_frame(args.rows)

@@ -12,11 +12,13 @@ contributions, sends them to every other worker of the segment (an rpc handled o
 the receiver's event loop, :data:`PUSH_OP`), takes theirs, and updates every chunk
 itself, in the same order everywhere, so all replicas agree exactly.
 
-A segment ends after ``scar.segment-iterations`` iterations, at an iteration after
-which a checkpoint round is chosen (the driver chooses from its priorities), or where
-the loss converged to ``tol`` (every worker sees the same loss, so all stop at the
-same iteration). Only then does each worker register its own chunks' newest version
-with the scheduler (:func:`dask_scar.chunks.detach`). Every iteration it sends its
+A segment ends after ``scar.segment-iterations`` iterations, or where the loss
+converged to ``tol`` (every worker sees the same loss, so all stop at the same
+iteration). Checkpoint rounds do not end it: after a due iteration every worker sends
+its chunks' priorities with its next message, all choose the round's blocks as the
+driver does, and each writes its own while it waits for the others (see
+:func:`run_segment`). Only at the end does each worker register its own chunks' newest
+version with the scheduler (:func:`dask_scar.chunks.detach`). Every iteration it sends its
 progress (the loss and every chunk's step, so the driver hears all of them as long as
 one worker lives) and remembers its copies of every chunk
 (:func:`dask_scar.chunks.remember`). When a worker dies during a segment, the driver
