@@ -215,13 +215,15 @@ class GraphLog(SchedulerPlugin):
 
     def transition(self, key, start, finish, *args, **kwargs):
         key = str(key)
-        if key.startswith(("scar-contrib-", "scar-update-", "scar-segment-")) and key not in self.deps and key in self.scheduler.tasks:
+        if (start == "released" and key.startswith(("scar-contrib-", "scar-update-", "scar-segment-"))
+                and key not in self.deps and key in self.scheduler.tasks):     # a task arriving, not one let go
             self.deps[key] = sorted(str(d.key).split("-")[1] + ("*" if self.mark_done and d.state == "memory" else "")
                                     for d in self.scheduler.tasks[key].dependencies)
 
 
-def _task_inputs(client, kind):
-    """{iteration: [sorted kinds of the inputs of each ``kind`` task]} from the GraphLog."""
+def _task_inputs(client, kind, position=-3):
+    """{iteration: [sorted kinds of the inputs of each ``kind`` task]} from the GraphLog
+    (the iteration is the key's part at ``position``)."""
     deps = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.plugins["test-graph-log"].deps)
     # only the run with the most tasks: an earlier test's tasks may still be released meanwhile
     runs = Counter(key.split("-")[2] for key in deps)
@@ -229,23 +231,17 @@ def _task_inputs(client, kind):
     by_iteration = {}
     for key, kinds in sorted(deps.items()):
         if key.startswith(f"scar-{kind}-{run}-"):
-            by_iteration.setdefault(int(key.split("-")[-3]), []).append(kinds)
+            by_iteration.setdefault(int(key.split("-")[position]), []).append(kinds)
     return by_iteration
 
 
 def _segment_inputs(client):
     """{first iteration: [sorted kinds of the inputs of each segment task]}; and whether
     any iteration graph ran."""
-    deps = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.plugins["test-graph-log"].deps)
+    segments = _task_inputs(client, "segment", position=-2)
+    graphs = _task_inputs(client, "contrib") or _task_inputs(client, "update")
     client.unregister_scheduler_plugin("test-graph-log")
-    # only the run with the most tasks: an earlier test's tasks may still be released meanwhile
-    runs = Counter(key.split("-")[2] for key in deps)
-    run = runs.most_common(1)[0][0] if runs else None
-    segments = {}
-    for key, kinds in sorted(deps.items()):
-        if key.startswith(f"scar-segment-{run}-"):
-            segments.setdefault(int(key.split("-")[-2]), []).append(kinds)
-    return segments, any(key.startswith((f"scar-contrib-{run}-", f"scar-update-{run}-")) for key in deps)
+    return segments, bool(graphs)
 
 
 def test_segments_run_many_iterations_in_one_task_per_worker(client, digits, tmp_path):
