@@ -13,6 +13,9 @@ How a round goes (policy due after iteration ``t``):
    tasks (see :func:`training_task`). That graph is ``t + 2``'s, whose submission
    never waits for the choice (``t + 1``'s was submitted before ``t`` ended); it is
    ``t + 1``'s where graphs are not submitted ahead (a fit with a ``callback``).
+   Inside a segment (:mod:`dask_scar.segment`) the workers choose the round
+   themselves, as step 2 does (:func:`choose`), and each writes its blocks in its
+   update of ``t + 1``, while it waits for the other workers (:func:`write_now`).
    The writer writes the blocks (data, then their record), updates the chunk's
    reference copy, and reports bytes and seconds as another ``scar-progress``
    event;

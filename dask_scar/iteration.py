@@ -18,7 +18,9 @@ So an iteration has ``(blocks + workers) * phases`` tasks, however many
 partitions the data has. Where updates are replicated, a worker's update task
 also computes its block's contribution to the *next* iteration, from the values it
 just made (:func:`update_and_contribute`): one task per worker and iteration, so
-one hand-over through the scheduler fewer.
+one hand-over through the scheduler fewer. Where updates are replicated and no
+callback runs between iterations, :mod:`dask_scar.segment` goes further: many
+iterations in one task per worker, sharing :func:`step` with :func:`update`.
 """
 
 from __future__ import annotations
