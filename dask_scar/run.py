@@ -47,6 +47,7 @@ class TrainingRun:
             model, training, chunks, ckpt, restore, bar)
         self.client = chunks.client
         self.timeout = config.get("iteration-timeout")
+        self.divergence_factor = config.get("divergence-factor")
         self.watch = ClusterWatch(self.client)
         self.drift = Drift(chunks.ids, fresh=chunks.version == 0, first_round=ckpt.round if ckpt is not None else 0)
         if ckpt is not None:
@@ -66,7 +67,6 @@ class TrainingRun:
         self.segment_handler = False            # SegmentHandler installed on the workers
         self.segment_results: dict[str, str] = {}   # worker -> its task of the last segment
         self.clock = time.perf_counter()        # when the last row's iteration was done
-        self.stamp: float | None = None         # the worker's clock on the last row's event
         run = chunks.run
 
         def on_progress(event: tuple[float, dict]) -> None:
@@ -177,17 +177,18 @@ class TrainingRun:
         chunks' steps, a checkpoint round chosen from its priorities (unless not
         ``select``). True if the loss converged to ``tol``."""
         want = select and orders is not None and orders.priorities
-        loss, priorities, steps, self.stamp = _collect(self.inbox, self.early, self.ckpt, k, self.chunks.epoch,
-                                                       want, len(self.chunks.ids), self.timeout)
+        loss, priorities, steps, stamp = _collect(self.inbox, self.early, self.ckpt, k, self.chunks.epoch,
+                                                  want, len(self.chunks.ids), self.timeout)
         self.drift.record(k, steps)
         self.drift.prioritized(priorities)
         if self.ckpt is not None and select:
             self.ckpt.select(k, self.chunks.ids, priorities)
-        self.rows.append({"iteration": k, "loss": loss, "seconds": seconds, "event": self.note})
+        # "stamp": the worker's clock on the event (a segment's), not a column of the history
+        self.rows.append({"iteration": k, "loss": loss, "seconds": seconds, "event": self.note, "stamp": stamp})
         self.note = ""
         self.bar.update(k - self.bar.n)
         self.bar.set_postfix(loss=f"{loss:.6g}", refresh=False)
-        _check_divergence(self.rows, config.get("divergence-factor"), self.model)
+        _check_divergence(self.rows, self.divergence_factor, self.model)
         return tol > 0 and len(self.rows) > 1 and segment.converged(self.rows[-2]["loss"], loss, tol)
 
     def segmentable(self, callback: Callable | None) -> bool:
@@ -232,11 +233,10 @@ class TrainingRun:
                                                      for c in chunks.ids]), False
         # Each event carries its worker's clock: the rows' seconds split the segment's
         # time as its iterations took it, and add up to the driver's.
-        stamps, converged, i = [], False, k
+        converged, i = False, k
         try:
             for i in range(k, last + 1):
                 converged = self.record(i, orders[i - k], 0.0, tol)
-                stamps.append(self.stamp)
                 if converged or not math.isfinite(self.rows[-1]["loss"]):
                     break
                 if ckpt is not None and i < last:
@@ -245,7 +245,8 @@ class TrainingRun:
             release_keys(self.client, made)
             raise
         now = time.perf_counter()
-        rows = self.rows[-len(stamps):]
+        rows = self.rows[-(i - k + 1):]
+        stamps = [row["stamp"] for row in rows]
         inner = [b - a for a, b in zip(stamps, stamps[1:])] if None not in stamps else [0.0] * (len(stamps) - 1)
         for row, seconds in zip(rows[1:], inner):
             row["seconds"] = seconds
@@ -264,7 +265,7 @@ class TrainingRun:
         alive = live_workers(self.client)
         survivors = [w for w in workers if w in alive]
         self.client.run(segment.abort, chunks.run, chunks.epoch, workers=survivors, on_error="ignore")
-        _settle([f for f, w in zip(futures, workers) if w in alive], self.timeout)   # their events are then here
+        _wait_done([f for f, w in zip(futures, workers) if w in alive], self.timeout)   # their events are then here
         reached: dict[str, int] = {}
         for message in self.early + _take_all(self.inbox):
             if message.get("epoch") == chunks.epoch and "worker" in message:
@@ -369,11 +370,8 @@ class TrainingRun:
                 if time.monotonic() > deadline:
                     ckpt.abandon(f"no report from the checkpoint writers within "
                                  f"scar.iteration-timeout={self.timeout}s")
-        while True:
-            try:
-                take(self.inbox.get_nowait())
-            except queue.Empty:
-                return
+        for message in _take_all(self.inbox):
+            take(message)
 
     def gather(self) -> dict[str, np.ndarray] | None:
         try:
@@ -395,8 +393,10 @@ class TrainingRun:
 def _collect(inbox: queue.Queue, early: list[dict], ckpt: Checkpointer | None, iteration: int, epoch: int,
              want_priorities: bool, n_chunks: int, timeout: float
              ) -> tuple[float, dict[str, list[float]], dict[str, float], float | None]:
-    """The loss, the chunks' step norms and (if asked for) block priorities that
-    ``iteration``'s update tasks sent; events of abandoned work are dropped. Events of
+    """The loss, the chunks' step norms, (if asked for) block priorities that
+    ``iteration``'s update tasks sent, and the worker's clock on the event that
+    carried the loss (segments stamp theirs; None otherwise); events of abandoned
+    work are dropped. Events of
     the iteration after (a worker with no data block updates its chunks for the next
     iteration while another is still busy with this one's; :meth:`drain` takes in
     those of the iteration in flight) wait in ``early``."""
@@ -426,7 +426,7 @@ def _collect(inbox: queue.Queue, early: list[dict], ckpt: Checkpointer | None, i
     return loss, priorities, steps, stamp
 
 
-def _settle(futures: list[Future], timeout: float) -> None:
+def _wait_done(futures: list[Future], timeout: float) -> None:
     """Wait until none of ``futures`` is pending (done, failed, or cancelled when
     its input died with a worker), at most ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
