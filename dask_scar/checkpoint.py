@@ -279,15 +279,26 @@ def training_task(func: Callable) -> Callable:
     the gaps (softmax, 200k rows)."""
     @functools.wraps(func)
     def task(*args, **kwargs):
-        with _tasks:
-            _tasks.running += 1
-        try:
+        with _running(1):
             return func(*args, **kwargs)
-        finally:
-            with _tasks:
-                _tasks.running -= 1
-                _tasks.notify_all()
     return task
+
+
+@contextlib.contextmanager
+def _running(tasks: int):
+    """``tasks`` more training tasks count as running here while inside; the writer
+    thread hears of each change."""
+    _count(tasks)
+    try:
+        yield
+    finally:
+        _count(-tasks)
+
+
+def _count(tasks: int) -> None:
+    with _tasks:
+        _tasks.running += tasks
+        _tasks.notify_all()
 
 
 def open_cached(url: str, store_id: str) -> ZarrStore:
@@ -553,18 +564,10 @@ def with_round(orders: Orders, number: int, blocks: dict[ChunkId, tuple[int, ...
                      "priorities": then is not None and then.priorities, "keep": then is not None and then.keep})
 
 
-@contextlib.contextmanager
 def idle():
     """Within a training task: a wait (for other workers' contributions) that counts
     as a gap between training tasks, when this process's writer may write."""
-    with _tasks:
-        _tasks.running -= 1
-        _tasks.notify_all()
-    try:
-        yield
-    finally:
-        with _tasks:
-            _tasks.running += 1
+    return _running(-1)
 
 
 class Checkpointer:
