@@ -85,6 +85,11 @@ def per_iteration(client, ddf, n_chunks, processes, names, store=False) -> tuple
             {k: (long[k] - short.get(k, 0.0)) / (LONG - SHORT) * 1000 for k in long})
 
 
+def line(label: str, ms: list[float]) -> str:
+    """A row of the table: one figure per run, and the difference where there are two."""
+    return f"  {label:40s} " + " ".join(f"{v:6.1f}" for v in ms) + (f" {ms[1] - ms[0]:+6.1f}" if len(ms) == 2 else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -119,16 +124,12 @@ def main() -> None:
                     runs.append(per_iteration(client, ddf, n_chunks, processes, names, store=True))
                 total = [sum(v for k, v in per.items() if not k.startswith(" ")) for _, per in runs]
                 print(f"\n{n_chunks} chunks" + ("   (no store | with checkpoints | difference)" if args.store else ""))
-                print(f"  {'wall':40s} " + " ".join(f"{wall:6.1f}" for wall, _ in runs)
-                      + (f" {runs[1][0] - runs[0][0]:+6.1f}" if args.store else ""))
-                print(f"  {'CPU':40s} " + " ".join(f"{t:6.1f}" for t in total)
-                      + (f" {total[1] - total[0]:+6.1f}" if args.store else ""))
-                names_seen = list(dict.fromkeys(k for _, per in runs for k in per))
-                for name in names_seen:
+                print(line("wall", [wall for wall, _ in runs]))
+                print(line("CPU", total))
+                for name in dict.fromkeys(k for _, per in runs for k in per):
                     ms = [per.get(name, 0.0) for _, per in runs]
                     if max(ms) >= 0.5:
-                        print(f"  {name:40s} " + " ".join(f"{v:6.1f}" for v in ms)
-                              + (f" {ms[1] - ms[0]:+6.1f}" if args.store else ""))
+                        print(line(name, ms))
 
 
 if __name__ == "__main__":

@@ -62,13 +62,15 @@ def make_frame(rows: int, seed: int = 0) -> pd.DataFrame:
     return frame
 
 
-def local_seconds(frame: pd.DataFrame, iters: int, backend: str, blas_threads: int | None = None) -> float:
-    """Median seconds per iteration of ``fit_local`` (``blas_threads``: None, NumPy's default)."""
+def local_seconds(frame: pd.DataFrame, iters: int, backend: str, blas_threads: int | None = None,
+                  then=None) -> float:
+    """Median seconds per iteration of ``fit_local`` (``blas_threads``: None, NumPy's
+    default; ``then()``, if given, runs at the end of every iteration and is timed)."""
     if blas_threads is not None:
         from threadpoolctl import threadpool_limits     # in the test extra
 
         with threadpool_limits(blas_threads):
-            return local_seconds(frame, iters, backend)
+            return local_seconds(frame, iters, backend, then=then)
     xp = array_module(backend)
     model = scar.SoftmaxRegression(learning_rate=0.5)
     block = {k: to_device(v, xp) for k, v in prepare_local(model, frame, "label").items()}
@@ -77,6 +79,8 @@ def local_seconds(frame: pd.DataFrame, iters: int, backend: str, blas_threads: i
 
     def stamp(k):
         sync()
+        if then is not None:
+            then()
         stamps.append(time.perf_counter())
 
     fit_local(model, block, iters, xp=xp, callback=stamp)
@@ -86,21 +90,10 @@ def local_seconds(frame: pd.DataFrame, iters: int, backend: str, blas_threads: i
 def _share_loop(rows: int, workers: int, index: int, iters: int, barrier, results) -> None:
     """In a process of its own: ``fit_local`` on share ``index`` of the rows, one BLAS
     thread, waiting for the other shares after every iteration, as workers do."""
-    from threadpoolctl import threadpool_limits     # in the test extra
-
     share = -(-rows // workers)
-    model = scar.SoftmaxRegression(learning_rate=0.5)
-    block = prepare_local(model, make_frame(rows).iloc[index * share:(index + 1) * share], "label")
-    stamps = []
-
-    def stamp(k):
-        barrier.wait()
-        stamps.append(time.perf_counter())
-
+    part = make_frame(rows).iloc[index * share:(index + 1) * share]
     barrier.wait()
-    with threadpool_limits(1):
-        fit_local(model, block, iters, callback=stamp)
-    results.put(float(np.median(np.diff(stamps)[2:])))
+    results.put(local_seconds(part, iters, "numpy", blas_threads=1, then=barrier.wait))
 
 
 def parallel_seconds(rows: int, workers: int, iters: int) -> float:
