@@ -203,17 +203,20 @@ def test_partial_recovery_restores_only_the_lost_chunks_and_beats_full_rollback(
     assert cost["full"] >= 5, cost      # the rolled-back iterations alone
 
 
-def fit_killed_midway(client, trainer, frame, version: int):
-    """``trainer.fit(frame)`` for 60 iterations in a thread, SIGKILLing the second worker at
-    a random moment once chunk version ``version`` exists; returns the result and the victim."""
+def fit_killed_midway(client, trainer, frame, version: int, max_iter: int = 60, iteration: int = 0):
+    """``trainer.fit(frame)`` for ``max_iter`` iterations in a thread, SIGKILLing the second
+    worker at a random moment once chunk version ``version`` exists and the loss of
+    ``iteration`` was sent; returns the result and the victim."""
     victim = sorted(live_workers(client))[1]
-    outcome = {}
+    outcome, started = {}, time.time()
     thread = threading.Thread(target=lambda: outcome.update(
-        result=trainer.fit(frame, target="label", max_iter=60, tol=0, progress=False)))
+        result=trainer.fit(frame, target="label", max_iter=max_iter, tol=0, progress=False)))
     thread.start()
     wait_for(lambda: client.run_on_scheduler(
         lambda dask_scheduler: any(str(k).startswith("scar-chunk") and int(str(k).rsplit("-v", 1)[1]) >= version
                                    for k in dask_scheduler.tasks)), what="training to start")
+    wait_for(lambda: any(t > started and event.get("iteration", 0) >= iteration
+                         for t, event in client.get_events("scar-progress")), what=f"iteration {iteration}")
     kill_worker(client, victim)
     thread.join(timeout=120)
     assert not thread.is_alive(), "fit() hung after a worker was killed"
@@ -287,23 +290,25 @@ def test_kill_during_a_segment_loses_only_the_iteration_in_flight(tmp_path, digi
     back from the survivors' copies of that iteration (exactly: the run goes where a
     failure-free one goes) or, with copies switched off, from the store."""
     big = pd.concat([digits] * 20, ignore_index=True)
-    with dask.config.set({"scar.recovery.replicas": replicas}), new_cluster(3) as cluster, \
-            scar_client(cluster) as client:
-        free = scar.Trainer(client, scar.SoftmaxRegression(), n_chunks=6).fit(big, target="label", max_iter=60,
+    # one segment for the whole fit, killed once iteration 10 is done: never at a boundary
+    n = 400
+    with dask.config.set({"scar.recovery.replicas": replicas, "scar.segment-iterations": n}), \
+            new_cluster(3) as cluster, scar_client(cluster) as client:
+        free = scar.Trainer(client, scar.SoftmaxRegression(), n_chunks=6).fit(big, target="label", max_iter=n,
                                                                              tol=0, progress=False)
         trainer = scar.Trainer(client, scar.SoftmaxRegression(), n_chunks=6, store=tmp_path / "ckpt.zarr",
                                policy=scar.FullCheckpoint(every=10))
-        result, victim = fit_killed_midway(client, trainer, big, version=20)
+        result, victim = fit_killed_midway(client, trainer, big, version=0, max_iter=n, iteration=10)
     (event,) = result.events
-    assert event.worker == victim and event.resumed_at == event.iteration - 1 > 20
-    assert result.history["iteration"].tolist() == list(range(1, 61))
+    assert event.worker == victim and event.resumed_at == event.iteration - 1 >= 10
+    assert result.history["iteration"].tolist() == list(range(1, n + 1))
     if replicas:
         assert event.lost_chunks == [] and event.bytes_read == 0 and event.peer_iterations == 0
         assert len(event.peer_chunks) == 2 and event.est_perturbation == 0
         np.testing.assert_allclose(result.history["loss"], free.history["loss"], rtol=1e-6)
     else:
         assert len(event.lost_chunks) == 2 and event.bytes_read > 0 and event.peer_chunks == []
-        cost = iteration_cost(result.history, free.history, at=60 - 10)
+        cost = iteration_cost(result.history, free.history, at=n - 10)
         assert cost is not None and 0 < cost <= 10
 
 
