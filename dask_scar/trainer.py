@@ -190,9 +190,7 @@ class Trainer:
                           self.recovery, lambda: int(store.manifest.get("iteration", 0)) if store else 0, hint)
         bar = tqdm(total=max_iter, initial=start, unit="it", desc=type(model).__name__,
                    disable=not config.get("progress", progress))
-        # segments exchange contributions between workers directly; not yet checked on CuPy workers
-        length = config.get("segment-iterations") if self.backend == "numpy" else 1
-        training_run = TrainingRun(model, training, chunks, ckpt, restore, bar, length)
+        training_run = TrainingRun(model, training, chunks, ckpt, restore, bar, config.get("segment-iterations"))
         try:
             training_run.start(lambda: chunks.initialize(model, self.backend, start, prepare(resume)))
             converged = training_run.iterate(start + 1, max_iter, tol, callback)

@@ -106,3 +106,30 @@ def test_extrapolated_restore_on_the_gpu(tmp_path):
     assert event.extrapolated_blocks > 0 and event.bytes_read > 0
     assert result.n_iter == 100
     assert result.history["loss"].iloc[-1] == pytest.approx(free.history["loss"].iloc[-1], rel=1e-3)
+
+
+def test_segments_on_cupy_equal_graphs(client, digits, tmp_path):
+    """CuPy workers run segments (one task per worker per 20 iterations, contributions
+    sent worker to worker): the losses, weights and checkpoint rounds equal one graph
+    per iteration on the same GPU."""
+    from test_trainer import GraphLog, _segment_inputs
+
+    ddf = dd.from_pandas(digits, npartitions=4)
+
+    def fit(name):
+        return scar.Trainer(client, scar.SoftmaxRegression(), store=tmp_path / name, backend="cupy").fit(
+            ddf, target="label", max_iter=25, tol=0, progress=False)
+
+    client.register_plugin(GraphLog())
+    fast = fit("segments")
+    segments, graphs = _segment_inputs(client)
+    assert sorted(segments) == [1, 21] and not graphs
+    with dask.config.set({"scar.segment-iterations": 1}):
+        slow = fit("graphs")
+    np.testing.assert_allclose(fast.history["loss"], slow.history["loss"], rtol=1e-6)
+    np.testing.assert_allclose(fast.params["weights"], slow.params["weights"], rtol=1e-5, atol=1e-7)
+    columns = ["round", "iteration", "blocks"]
+    pd.testing.assert_frame_equal(fast.checkpoints[columns], slow.checkpoints[columns])
+    assert (fast.checkpoints["error"] == "").all() and fast.checkpoints["iteration"].tolist()[:4] == [5, 10, 15, 20]
+    np.testing.assert_allclose(scar.open_store(tmp_path / "segments").load()["weights"],
+                               scar.open_store(tmp_path / "graphs").load()["weights"], rtol=1e-5, atol=1e-7)
