@@ -20,7 +20,8 @@ How a round goes (policy due after iteration ``t``):
    reference copy, and reports bytes and seconds as another ``scar-progress``
    event;
 4. when every chunk of the round has reported, the driver commits the round in
-   the store's manifest. At most ``scar.checkpoint.backlog`` rounds are in
+   the store's manifest (the newest such round, once per batch of reports it takes in,
+   :meth:`Checkpointer.commit`). At most ``scar.checkpoint.backlog`` rounds are in
    flight; beyond that the driver waits before it submits more work.
 
 A failing write (full disk, lost permission) is reported, not raised: training
@@ -584,6 +585,7 @@ class Checkpointer:
                            reference, extrapolate=extrapolate)
         self.round = last_round
         self.committed = last_round
+        self.finished = (last_round, -1)       # the newest round written in full: number, iteration
         self.rounds: dict[int, Round] = {}
         self.pending: list[Orders] = []        # selected, to be written by the next graphs
         self.notes: dict[int, list[str]] = {}  # iteration -> warnings for the history
@@ -664,9 +666,17 @@ class Checkpointer:
             message = (f"checkpoint round {report['round']} (iteration {rnd.iteration}) failed: "
                        f"{rnd.errors[0]}; the store keeps its older blocks and training goes on")
             self._note(rnd.iteration, message)
-        elif report["round"] > self.committed:
-            self.committed = report["round"]
-            self.store.commit({"round": report["round"], "iteration": rnd.iteration, "epoch": self.base.epoch,
+        elif report["round"] > self.finished[0]:
+            self.finished = (report["round"], rnd.iteration)
+
+    def commit(self) -> None:
+        """Record the newest round whose writers all reported in the store's manifest
+        (once per batch of reports the driver takes in: a segment's end brings several
+        rounds' at once, and one write of the manifest takes ~2 ms)."""
+        number, iteration = self.finished
+        if number > self.committed:
+            self.committed = number
+            self.store.commit({"round": number, "iteration": iteration, "epoch": self.base.epoch,
                                "run": self.base.run, "time": time.time()})
 
     def abandon(self, reason: str, warn: bool = True) -> None:

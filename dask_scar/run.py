@@ -161,6 +161,8 @@ class TrainingRun:
                 now = time.perf_counter()
                 converged = self.record(k, orders, now - self.clock, tol)
                 self.clock = now
+                if ckpt is not None:
+                    ckpt.commit()
                 stop = callback(k, self.rows[-1]["loss"]) if callback is not None else None
                 if converged or (isinstance(stop, (bool, np.bool_)) and stop):
                     break           # the caller's own stopping rule (a bool: other return values mean nothing)
@@ -244,6 +246,8 @@ class TrainingRun:
         except BaseException:
             release_keys(self.client, made)
             raise
+        if ckpt is not None:
+            ckpt.commit()
         now = time.perf_counter()
         rows = self.rows[-(i - k + 1):]
         stamps = [row["stamp"] for row in rows]
@@ -372,6 +376,7 @@ class TrainingRun:
                                  f"scar.iteration-timeout={self.timeout}s")
         for message in _take_all(self.inbox):
             take(message)
+        ckpt.commit()
 
     def gather(self) -> dict[str, np.ndarray] | None:
         try:

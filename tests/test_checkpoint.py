@@ -398,5 +398,15 @@ def test_a_write_reported_before_the_driver_chose_its_round_counts(tmp_path):
     ckpt.select(1, ids, {})
     assert ckpt.outstanding() == 1
     ckpt.on_written(reports[1])
-    assert ckpt.outstanding() == 0 and ckpt.committed == 1 and store.manifest["round"] == 1
+    assert ckpt.outstanding() == 0 and store.manifest == {}     # committed once per batch of reports
+    ckpt.commit()
+    assert ckpt.committed == 1 and store.manifest["round"] == 1
     assert ckpt.table()["bytes"].tolist() == [128]
+    # a batch that finishes rounds 2 and 3 writes the manifest once, naming round 3
+    for number in (2, 3):
+        ckpt.select(number, ids, {})
+        for report in reports:
+            ckpt.on_written({**report, "round": number})
+    assert store.manifest["round"] == 1
+    ckpt.commit()
+    assert ckpt.committed == 3 and store.manifest["round"] == 3 and store.manifest["iteration"] == 3
