@@ -156,7 +156,7 @@ class Trainer:
         every iteration (logging, a custom stopping rule): returning ``True`` ends
         training there (the result is returned as usual); raising stops it too.
         The next iteration starts once it has returned. Without a callback, the
-        gradient models on NumPy workers run in *segments* (``scar.segment-iterations``, see
+        gradient models run in *segments* (``scar.segment-iterations``, see
         :mod:`dask_scar.segment`): one task per worker for many iterations, the
         workers exchanging contributions directly, and ``history`` rows arriving
         a segment at a time. Other models submit each iteration's graph before the
