@@ -130,13 +130,13 @@ def assemble(chunks: dict[ChunkId, Chunk], names: tuple[str, ...], xp) -> dict[s
     return params
 
 
-def detach(chunks: dict[str, Chunk], client_id: str, run: str, epoch: int, progress: dict | None = None) -> None:
+def detach(chunks: dict[str, Chunk], client_id: str, run: str, epoch: int, progress: list[dict] = ()) -> None:
     """From inside a task: keep ``chunks`` on this worker as lineage-free data under their keys.
 
     The worker stores them as if scattered to it, and tells the scheduler on its
     ordered stream *before* the running task reports that it finished, so anyone
-    who sees the task done can rely on the keys existing. ``progress`` (a small
-    JSON-able dict), if given, is published on the ``scar-progress`` topic. The
+    who sees the task done can rely on the keys existing. ``progress`` (small
+    JSON-able dicts) is published on the ``scar-progress`` topic, in order. The
     scheduler refuses chunks of an ``epoch`` that ``run`` has left behind.
     """
     worker = get_worker()
@@ -151,7 +151,7 @@ def detach(chunks: dict[str, Chunk], client_id: str, run: str, epoch: int, progr
             "client": client_id,
             "run": run,
             "epoch": epoch,
-            "progress": progress,
+            "progress": list(progress),
         })
 
     worker.loop.add_callback(register)

@@ -74,7 +74,7 @@ def update(model: Model, sources: list, contributions: list[Contribution], keys:
     new, progress = step(model, flatten(sources), contributions, list(keys), iteration, run, epoch, orders)
     if not report_loss:
         del progress["loss"]
-    detach({key: new[cid] for cid, key in keys.items()}, client_id, run, epoch, progress)
+    detach({key: new[cid] for cid, key in keys.items()}, client_id, run, epoch, [progress])
     remember(run, {cid: chunk for cid, chunk in new.items() if cid not in keys})   # current replicas
     return new
 

@@ -133,17 +133,17 @@ class ScarPlugin(SchedulerPlugin):
             self.epochs[run] = max(epoch, self.epochs.get(run, epoch))
 
     def _detach(self, worker: str, who_has: dict, nbytes: dict, client: str, run: str = "", epoch: int = 0,
-                progress: dict | None = None, **kwargs: Any) -> None:
+                progress: list[dict] = (), **kwargs: Any) -> None:
         """Register chunks a worker holds as data wanted by the driver's ``client``;
-        publish ``progress`` (an iteration's loss) for the driver."""
+        publish ``progress`` (iterations' losses) for the driver."""
         try:
             scheduler = self.scheduler
             current = epoch >= self.epochs.get(run, epoch)
             if current and worker in scheduler.workers and client in scheduler.clients:
                 scheduler.update_data(who_has=who_has, nbytes=nbytes, client=client)
                 self.detached += len(who_has)
-                if progress is not None:
-                    scheduler.log_event(PROGRESS_TOPIC, progress)
+                for event in progress:
+                    scheduler.log_event(PROGRESS_TOPIC, event)
                 return
             # Abandoned work, or the driver is gone, or the worker is leaving: nobody will
             # ever ask for these chunks, so let the worker free them instead of keeping them.
