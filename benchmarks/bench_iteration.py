@@ -8,9 +8,16 @@ cluster runs three ways: with Dask's defaults (segments: one task per worker for
 many iterations, see ``dask_scar.segment``), with the workers' statistical profiler
 off (``distributed.worker.profile.enabled: false``; by default it samples every
 thread of every worker every 10 ms, on the cores the training needs), and with
-the profiler off and one task graph per iteration (``scar.segment-iterations: 1``).
-Dask's time per iteration is the mean over the fit's iterations after the first,
-the segments' boundaries included.
+the profiler off and one task graph per iteration (``scar.segment-iterations: 1``),
+and *quiet*: the profiler off and the periodic work of every Dask process slowed
+down (:data:`QUIET`: the event loops' tick 1 s instead of 20 ms, the system monitor
+5 s instead of 0.5 s, the memory monitors 1 s instead of 0.1 s), the settings the
+README suggests for CPU clusters. Dask's time per iteration is the mean over the
+fit's iterations after the first, the segments' boundaries included. Each cluster runs
+twice, in turn, and each time the single process is timed again beside it: a ratio
+divides by the single process of its own window (this machine's speed drifts by a
+third within minutes), and the table gives the lowest and highest of the windows' ratios
+(*no-overhead* and *in parallel* are timed in every window).
 Then the time to a fixed loss against scikit-learn's ``LogisticRegression`` (lbfgs):
 the iterations' time, and fit()'s wall clock from its call (the data's preparation
 included), against scikit-learn's ``fit`` on arrays already in memory.
@@ -49,6 +56,8 @@ from dask_scar.backend import array_module, to_device
 from dask_scar.local import fit_local, prepare_local
 
 FEATURES, CLASSES = 100, 10
+QUIET = {"distributed.admin.tick.interval": "1s", "distributed.admin.system-monitor.interval": "5s",
+         "distributed.worker.memory.monitor-interval": "1s"}
 
 
 def make_frame(rows: int, seed: int = 0) -> pd.DataFrame:
@@ -169,48 +178,53 @@ def main() -> None:
     args = parser.parse_args()
 
     frames = {rows: make_frame(rows) for rows in args.rows}
-    numpy_s = {rows: [] for rows in args.rows}
-    share_s = {rows: [] for rows in args.rows}      # one worker's rows, one BLAS thread
-    parallel_s = {rows: [] for rows in args.rows}   # every worker's rows at once, no Dask
-    dask_s = {rows: {} for rows in args.rows}
-    for profiler in (True, False):
-        with dask.config.set({"distributed.worker.profile.enabled": profiler}), \
+    # per row count: (seconds, ratio) of each column in each window; a ratio divides by the
+    # single process timed in the same window, so that a quiet or busy spell of the machine
+    # hits both sides
+    results = {rows: {} for rows in args.rows}
+    single_s = {rows: [] for rows in args.rows}
+
+    def note(rows: int, column: str, seconds: float, single: float) -> None:
+        results[rows].setdefault(column, []).append((seconds, seconds / single))
+
+    clusters = [({"distributed.worker.profile.enabled": True}, ["defaults"]),
+                ({"distributed.worker.profile.enabled": False}, ["profiler off", "graphs"]),
+                ({"distributed.worker.profile.enabled": False, **QUIET}, ["quiet"])]
+    for window, (settings, runs) in enumerate(clusters * 2):    # each cluster twice, in turn
+        with dask.config.set(settings), \
                 LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=":0") as cluster, \
                 Client(cluster) as client:
             for rows, frame in frames.items():
                 ddf = dd.from_pandas(frame, npartitions=4).persist()
-                # interleave the two, twice, so that drifting machine load hits both alike
-                runs = [profiler] if profiler else [False, "graphs"]
-                times = {run: [] for run in runs}
-                for _ in range(2):
-                    numpy_s[rows].append(local_seconds(frame, args.iters, args.backend))
-                    share_s[rows].append(local_seconds(frame.iloc[: -(-rows // args.workers)], args.iters,
-                                                       args.backend, blas_threads=1))
-                    if args.backend == "numpy":
-                        parallel_s[rows].append(parallel_seconds(rows, args.workers, args.iters))
-                    for run in runs:
-                        times[run].append(dask_seconds(client, ddf, args.iters, args.backend,
-                                                       1 if run == "graphs" else None))
-                dask_s[rows].update({run: min(t) for run, t in times.items()})
-            if not profiler and not args.no_sklearn and args.backend == "numpy":
+                single = local_seconds(frame, args.iters, args.backend)
+                single_s[rows].append(single)
+                note(rows, "no-overhead", local_seconds(frame.iloc[: -(-rows // args.workers)], args.iters,
+                                                        args.backend, blas_threads=1), single)
+                if args.backend == "numpy":
+                    note(rows, "in parallel", parallel_seconds(rows, args.workers, args.iters), single)
+                for run in runs:
+                    note(rows, run, dask_seconds(client, ddf, args.iters, args.backend,
+                                                 1 if run == "graphs" else None), single)
+            if "profiler off" in runs and window < len(clusters) and not args.no_sklearn \
+                    and args.backend == "numpy":
                 rows = min(args.rows)
                 time_to_loss(client, frames[rows], dd.from_pandas(frames[rows], npartitions=4).persist(),
                              args.max_iter)
     print(f"\nsoftmax regression, {FEATURES} features x {CLASSES} classes, float32; {args.workers} workers x 1 "
           f"thread vs one process, backend {args.backend} (ratio: Dask / one process, time per iteration)")
-    print("(dask: segments of scar.segment-iterations iterations, the default; graphs: one task graph per "
-          "iteration, scar.segment-iterations=1, profiler off)")
+    print("(defaults: Dask's settings, segments of scar.segment-iterations iterations; graphs: one task graph "
+          "per iteration, scar.segment-iterations=1, profiler off; quiet: profiler off and QUIET)")
     print("(no-overhead: one worker's rows alone in one process; in parallel: every worker's rows at once, "
           "a process each, no Dask)")
-    print(f"{'rows':>10} {'single ms/it':>12} {'dask ms/it':>11} {'ratio':>7} {'profiler off':>13} {'ratio':>7} "
-          f"{'graphs':>8} {'ratio':>7} {'no-overhead':>12} {'ratio':>7} {'in parallel':>12} {'ratio':>7}")
+    columns = ["defaults", "profiler off", "graphs", "quiet", "no-overhead", "in parallel"]
+    print("(each cluster twice, in turn; ms: the fastest window; ratios: the lowest and highest of the windows', "
+          "each to the single process timed in its window)")
+    print(f"{'rows':>10} {'single ms/it':>12}" + "".join(f" {c:>12} {'ratios':>10}" for c in columns))
     for rows in args.rows:
-        n, share = min(numpy_s[rows]), min(share_s[rows])
-        parallel = min(parallel_s[rows]) if parallel_s[rows] else float("nan")
-        on, off, graphs = dask_s[rows][True], dask_s[rows][False], dask_s[rows]["graphs"]
-        print(f"{rows:>10,} {n * 1000:12.1f} {on * 1000:11.1f} {on / n:7.2f} {off * 1000:13.1f} {off / n:7.2f} "
-              f"{graphs * 1000:8.1f} {graphs / n:7.2f} {share * 1000:12.1f} {share / n:7.2f} "
-              f"{parallel * 1000:12.1f} {parallel / n:7.2f}")
+        cells = [results[rows].get(c, [(np.nan, np.nan)]) for c in columns]
+        print(f"{rows:>10,} {min(single_s[rows]) * 1000:12.1f}" + "".join(
+            f" {min(s for s, _ in cell) * 1000:12.1f} {min(r for _, r in cell):5.2f}-{max(r for _, r in cell):4.2f}"
+            for cell in cells))
 
 
 if __name__ == "__main__":
