@@ -23,8 +23,8 @@ progress (the loss and every chunk's step, so the driver hears all of them as lo
 one worker lives) and remembers its copies of every chunk
 (:func:`dask_scar.chunks.remember`). The progress goes to the driver with the segment's
 end, when the driver stops the segment, and at least every :data:`PROGRESS_SECONDS`: one
-event per iteration per worker cost the scheduler's process ~2 ms of CPU per iteration,
-and each worker's event loop ~1 ms. When a worker dies during a segment, the driver
+event per iteration per worker cost the scheduler's process 1-2 ms of CPU per iteration,
+and each worker ~0.5 ms. When a worker dies during a segment, the driver
 tells the others to stop (:func:`abort`), takes over the last version all survivors
 reached from their copies, and recovers from there: the work lost is the iteration in
 flight, as with iteration graphs.

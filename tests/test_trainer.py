@@ -254,6 +254,16 @@ def test_segments_run_many_iterations_in_one_task_per_worker(client, digits, tmp
     assert not graphs
     assert segments == {1: [["block", "chunk", "chunk", "chunk", "chunk"]] * 2,
                         21: [["block", "segment"]] * 2, 41: [["block", "segment"]] * 2}
+    # each worker sends a segment's progress in one batch once it ends (these segments
+    # take far less than scar.segment.PROGRESS_SECONDS), not an event per iteration
+    events = [(t, e) for t, e in client.get_events("scar-progress") if "stamp" in e]
+    events = [(t, e) for t, e in events if e["run"] == events[-1][1]["run"]]
+    last = {}   # (worker, segment) -> the worker's clock at the segment's last iteration
+    for _, e in events:
+        key = (e["worker"], (e["iteration"] - 1) // 20)
+        last[key] = max(last.get(key, 0.0), e["stamp"])
+    assert len(events) == 2 * 45
+    assert all(t >= last[(e["worker"], (e["iteration"] - 1) // 20)] for t, e in events)
     # the same maths as iteration graphs, to the last bit: the same sums in the same order
     with dask.config.set({"scar.segment-iterations": 1}):
         slow = scar.Trainer(client, scar.SoftmaxRegression()).fit(ddf, target="label", max_iter=45, tol=0,
