@@ -445,11 +445,12 @@ class Interrupted(Exception):
 
 
 def wait_watching(futures: list[Future], watch: ClusterWatch, owners: Callable[[], set[str]], timeout: float,
-                  hint: str) -> None:
+                  hint: str, progress: Callable[[], bool] | None = None) -> None:
     """Wait until ``futures`` are done; raise :class:`Interrupted` as soon as one of
     ``owners()`` is removed or a future is cancelled (its input data died with a
     worker), :class:`SchedulerLostError` if the scheduler is gone, or the error of a
-    task that failed.
+    task that failed. ``timeout`` counts from the start, or from the last time
+    ``progress()`` (asked between polls) said that work moved on.
 
     ``distributed.wait`` with a short timeout, again and again: it lets go of the
     futures when it times out, where a done-callback would hold a future whose task
@@ -470,6 +471,8 @@ def wait_watching(futures: list[Future], watch: ClusterWatch, owners: Callable[[
         if watch.noticed(owners()) is not None:
             raise Interrupted
         now = time.monotonic()
+        if progress is not None and progress():
+            started = now
         if now - last_look > 2.0:
             # no news for a while: look for ourselves (a scheduler whose plugin predates these events)
             last_look = now

@@ -188,10 +188,26 @@ class TrainingRun:
         # "stamp": the worker's clock on the event (a segment's), not a column of the history
         self.rows.append({"iteration": k, "loss": loss, "seconds": seconds, "event": self.note, "stamp": stamp})
         self.note = ""
-        self.bar.update(k - self.bar.n)
-        self.bar.set_postfix(loss=f"{loss:.6g}", refresh=False)
+        if stamp is None:       # a segment's rows (stamped): the bar moves as its events come
+            self.show(k, loss)
         _check_divergence(self.rows, self.divergence_factor, self.model)
         return tol > 0 and len(self.rows) > 1 and segment.converged(self.rows[-2]["loss"], loss, tol)
+
+    def show(self, k: int, loss: float) -> None:
+        self.bar.update(k - self.bar.n)     # backwards too, after a rollback
+        self.bar.set_postfix(loss=f"{loss:.6g}", refresh=False)
+
+    def take_in(self) -> bool:
+        """During a segment: keep what arrived for :meth:`record` and move the bar to
+        the newest iteration reported; True if one was."""
+        moved = False
+        for message in _take_all(self.inbox):
+            self.keep(message)
+            if message.get("epoch") == self.chunks.epoch and message.get("loss") is not None:
+                moved = True
+                if message["iteration"] > self.bar.n:
+                    self.show(message["iteration"], message["loss"])
+        return moved
 
     def segmentable(self, callback: Callable | None) -> bool:
         """Whether the next iterations can run as a segment (see :mod:`dask_scar.segment`)."""
@@ -222,8 +238,9 @@ class TrainingRun:
         self.previous = self.stale = []
         made = [chunks.key(c, i) for i in range(k, last + 1) for c in chunks.ids]   # whatever the segment registers
         interrupted = False
-        try:
-            wait_watching(futures, self.watch, lambda: set(workers), self.timeout, self.restore.hint)
+        try:    # the timeout is an iteration's: the workers' progress events restart it
+            wait_watching(futures, self.watch, lambda: set(workers), self.timeout, self.restore.hint,
+                          progress=self.take_in)
         except Interrupted:     # recovery runs outside the except block: see completed()
             interrupted = True
         if interrupted:
@@ -248,6 +265,7 @@ class TrainingRun:
             raise
         if ckpt is not None:
             ckpt.commit()
+        self.show(i, self.rows[-1]["loss"])
         now = time.perf_counter()
         rows = self.rows[-(i - k + 1):]
         stamps = [row["stamp"] for row in rows]
@@ -271,7 +289,8 @@ class TrainingRun:
         self.client.run(segment.abort, chunks.run, chunks.epoch, workers=survivors, on_error="ignore")
         _wait_done([f for f, w in zip(futures, workers) if w in alive], self.timeout)   # their events are then here
         reached: dict[str, int] = {}
-        for message in self.early + _take_all(self.inbox):
+        messages, self.early = self.early + _take_all(self.inbox), []
+        for message in messages:
             if message.get("epoch") == chunks.epoch and "worker" in message:
                 reached[message["worker"]] = max(reached.get(message["worker"], k - 1), message["iteration"])
             elif message.get("kind") == "written" and self.ckpt is not None:
@@ -282,6 +301,8 @@ class TrainingRun:
         for i in range(k, done + 1):       # every event of these is here: no priorities wanted
             self.record(i, orders[i - k], time.perf_counter() - self.clock, 0.0, select=False)
             self.clock = time.perf_counter()
+        if done >= k:
+            self.show(done, self.rows[-1]["loss"])
         self.early = []
         if done >= k:
             mine = {cid: w for cid, w in chunks.owner.items() if w in alive}
@@ -360,23 +381,24 @@ class TrainingRun:
         a worker holding chunks is lost (its writer will never report: the recovery
         abandons its rounds); gives up on rounds silent for ``scar.iteration-timeout``."""
         ckpt, deadline = self.ckpt, time.monotonic() + self.timeout
-
-        def take(message: dict) -> None:    # an iteration in flight reports too: kept for _collect
-            if message.get("kind") == "written":
-                ckpt.on_written(message)
-            else:
-                self.early.append(message)
-
         while not until() and self.watch.noticed(self.owners()) is None:
             try:
-                take(self.inbox.get(timeout=POLL_SECONDS))
+                self.keep(self.inbox.get(timeout=POLL_SECONDS))
             except queue.Empty:
                 if time.monotonic() > deadline:
                     ckpt.abandon(f"no report from the checkpoint writers within "
                                  f"scar.iteration-timeout={self.timeout}s")
         for message in _take_all(self.inbox):
-            take(message)
+            self.keep(message)
         ckpt.commit()
+
+    def keep(self, message: dict) -> None:
+        """A message taken in out of turn: a writer's report goes to the Checkpointer, an
+        iteration's event waits in :attr:`early` for :meth:`record`."""
+        if message.get("kind") == "written":
+            self.ckpt.on_written(message)
+        else:
+            self.early.append(message)
 
     def gather(self) -> dict[str, np.ndarray] | None:
         try:

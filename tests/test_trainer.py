@@ -244,6 +244,20 @@ def _segment_inputs(client):
     return segments, bool(graphs)
 
 
+
+@pytest.mark.slow
+def test_a_segment_may_outlast_the_iteration_timeout(client, digits):
+    """scar.iteration-timeout bounds an iteration, not a segment: the progress the
+    workers send (at least every scar.segment.PROGRESS_SECONDS) restarts the
+    driver's clock, and the bar follows it."""
+    ddf = dd.from_pandas(pd.concat([digits] * 40, ignore_index=True), npartitions=4)
+    timeout = 3
+    with dask.config.set({"scar.iteration-timeout": timeout, "scar.segment-iterations": 1000}):
+        result = scar.Trainer(client, scar.SoftmaxRegression()).fit(ddf, target="label", max_iter=1000, tol=0,
+                                                                   progress=False)
+    # one segment, long enough for the driver's check (every 2 s) to have seen it pass the timeout
+    assert result.n_iter == 1000 and result.history["seconds"].iloc[1:].sum() > timeout + 2
+
 def test_segments_run_many_iterations_in_one_task_per_worker(client, digits, tmp_path):
     ddf = dd.from_pandas(digits, npartitions=4)
     # One task per worker for every scar.segment-iterations (20) iterations; the first
