@@ -159,7 +159,7 @@ class Trainer:
         gradient models run in *segments* (``scar.segment-iterations``, see
         :mod:`dask_scar.segment`): one task per worker for many iterations, the
         workers exchanging contributions directly, ``history`` rows arriving
-        a segment at a time, and the progress bar a second behind at most.
+        a segment at a time, and the progress bar about a second behind.
         Other models submit each iteration's graph before the
         one before it ends, so that no round trip through this process separates
         them; stopping at ``tol`` then lets one surplus iteration finish, and
