@@ -301,10 +301,9 @@ class TrainingRun:
         for i in range(k, done + 1):       # every event of these is here: no priorities wanted
             self.record(i, orders[i - k], time.perf_counter() - self.clock, 0.0, select=False)
             self.clock = time.perf_counter()
-        if done >= k:
-            self.show(done, self.rows[-1]["loss"])
         self.early = []
         if done >= k:
+            self.show(done, self.rows[-1]["loss"])
             mine = {cid: w for cid, w in chunks.owner.items() if w in alive}
             try:
                 wait_watching(chunks.adopt(mine, done), self.watch, lambda: set(mine.values()), self.timeout,
