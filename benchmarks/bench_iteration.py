@@ -4,12 +4,12 @@ Side by side in one run on one machine (absolute times on shared CPUs mean littl
 the ratio is the figure): softmax regression, float32, N rows x 100 features x 10
 classes, a 2-worker LocalCluster (one thread each) against a single-process loop
 (NumPy with its default BLAS threads) running ``dask_scar.local.fit_local``. The
-cluster runs three ways: with Dask's defaults (segments: one task per worker for
+cluster runs four ways: with Dask's defaults (segments: one task per worker for
 many iterations, see ``dask_scar.segment``), with the workers' statistical profiler
 off (``distributed.worker.profile.enabled: false``; by default it samples every
-thread of every worker every 10 ms, on the cores the training needs), and with
-the profiler off and one task graph per iteration (``scar.segment-iterations: 1``),
-and *quiet*: the profiler off and the periodic work of every Dask process slowed
+thread of every worker every 10 ms, on the cores the training needs), with the
+profiler off and one task graph per iteration (``scar.segment-iterations: 1``), and
+*quiet*: the profiler off and the periodic work of every Dask process slowed
 down (:data:`QUIET`: the event loops' tick 1 s instead of 20 ms, the system monitor
 5 s instead of 0.5 s, the memory monitors 1 s instead of 0.1 s), the settings the
 README suggests for CPU clusters. Dask's time per iteration is the mean over the
