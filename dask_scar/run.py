@@ -293,10 +293,7 @@ class TrainingRun:
         for message in messages:
             if message.get("epoch") == chunks.epoch and "worker" in message:
                 reached[message["worker"]] = max(reached.get(message["worker"], k - 1), message["iteration"])
-            elif message.get("kind") == "written" and self.ckpt is not None:
-                self.ckpt.on_written(message)
-                continue
-            self.early.append(message)
+            self.keep(message)
         done = min((reached.get(w, k - 1) for w in survivors), default=k - 1)
         for i in range(k, done + 1):       # every event of these is here: no priorities wanted
             self.record(i, orders[i - k], time.perf_counter() - self.clock, 0.0, select=False)
