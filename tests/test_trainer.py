@@ -244,7 +244,6 @@ def _segment_inputs(client):
     return segments, bool(graphs)
 
 
-
 @pytest.mark.slow
 def test_a_segment_may_outlast_the_iteration_timeout(client, digits):
     """scar.iteration-timeout bounds an iteration, not a segment: the progress the
@@ -257,6 +256,16 @@ def test_a_segment_may_outlast_the_iteration_timeout(client, digits):
                                                                    progress=False)
     # one segment, long enough for the driver's check (every 2 s) to have seen it pass the timeout
     assert result.n_iter == 1000 and result.history["seconds"].iloc[1:].sum() > timeout + 2
+
+
+def _segment_senders(dask_worker) -> tuple[int, int]:
+    """Run on a worker: the connections it has taken from its pool, and its segments'
+    sending coroutines still running."""
+    import asyncio
+
+    senders = [t for t in asyncio.all_tasks(dask_worker.loop.asyncio_loop) if "_Outbox._post" in repr(t.get_coro())]
+    return sum(map(len, dask_worker.rpc.occupied.values())), len(senders)
+
 
 def test_segments_run_many_iterations_in_one_task_per_worker(client, digits, tmp_path):
     ddf = dd.from_pandas(digits, npartitions=4)
@@ -278,6 +287,9 @@ def test_segments_run_many_iterations_in_one_task_per_worker(client, digits, tmp
         last[key] = max(last.get(key, 0.0), e["stamp"])
     assert len(events) == 2 * 45
     assert all(t >= last[(e["worker"], (e["iteration"] - 1) // 20)] for t, e in events)
+    # a segment's messages to a peer go on one pooled connection, given back at its end
+    # (with its sender's coroutine finished)
+    assert set(client.run(_segment_senders).values()) == {(0, 0)}
     # the same maths as iteration graphs, to the last bit: the same sums in the same order
     with dask.config.set({"scar.segment-iterations": 1}):
         slow = scar.Trainer(client, scar.SoftmaxRegression()).fit(ddf, target="label", max_iter=45, tol=0,
