@@ -10,9 +10,9 @@ off (``distributed.worker.profile.enabled: false``; by default it samples every
 thread of every worker every 10 ms, on the cores the training needs), with the
 profiler off and one task graph per iteration (``scar.segment-iterations: 1``), and
 *quiet*: the profiler off and the periodic work of every Dask process slowed
-down (:data:`QUIET`: the event loops' tick 1 s instead of 20 ms, the system monitor
-5 s instead of 0.5 s, the memory monitors 1 s instead of 0.1 s), the settings the
-README suggests for CPU clusters. Dask's time per iteration is the mean over the
+down (:data:`dask_scar.config.QUIET`: the event loops' tick 1 s instead of 20 ms, the
+system monitor 5 s instead of 0.5 s, the memory monitors 1 s instead of 0.1 s), the
+settings the README suggests for CPU clusters and ``dask-scar train`` uses for its own. Dask's time per iteration is the mean over the
 fit's iterations after the first, the segments' boundaries included. Each cluster runs
 twice, in turn, and each time the single process is timed again beside it: a ratio
 divides by the single process of its own window (this machine's speed drifts by a
@@ -53,11 +53,10 @@ import dask.dataframe as dd
 
 import dask_scar as scar
 from dask_scar.backend import array_module, to_device
+from dask_scar.config import QUIET
 from dask_scar.local import fit_local, prepare_local
 
 FEATURES, CLASSES = 100, 10
-QUIET = {"distributed.admin.tick.interval": "1s", "distributed.admin.system-monitor.interval": "5s",
-         "distributed.worker.memory.monitor-interval": "1s"}
 
 
 def make_frame(rows: int, seed: int = 0) -> pd.DataFrame:
@@ -189,7 +188,7 @@ def main() -> None:
 
     clusters = [({"distributed.worker.profile.enabled": True}, ["defaults"]),
                 ({"distributed.worker.profile.enabled": False}, ["profiler off", "graphs"]),
-                ({"distributed.worker.profile.enabled": False, **QUIET}, ["quiet"])]
+                (QUIET, ["quiet"])]
     for window, (settings, runs) in enumerate(clusters * 2):    # each cluster twice, in turn
         with dask.config.set(settings), \
                 LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=":0") as cluster, \
@@ -213,7 +212,7 @@ def main() -> None:
     print(f"\nsoftmax regression, {FEATURES} features x {CLASSES} classes, float32; {args.workers} workers x 1 "
           f"thread vs one process, backend {args.backend} (ratio: Dask / one process, time per iteration)")
     print("(defaults: Dask's settings, segments of scar.segment-iterations iterations; graphs: one task graph "
-          "per iteration, scar.segment-iterations=1, profiler off; quiet: profiler off and QUIET)")
+          "per iteration, scar.segment-iterations=1, profiler off; quiet: dask_scar.config.QUIET)")
     print("(no-overhead: one worker's rows alone in one process; in parallel: every worker's rows at once, "
           "a process each, no Dask)")
     columns = ["defaults", "profiler off", "graphs", "quiet", "no-overhead", "in parallel"]

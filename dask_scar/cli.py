@@ -144,8 +144,20 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def local_cluster(workers: int):
+    """The LocalCluster ``dask-scar train`` starts: ``workers`` processes of one thread,
+    no dashboard, and so none of Dask's periodic work for it (:data:`dask_scar.config.QUIET`)."""
+    import dask
+    from distributed import LocalCluster
+
+    from dask_scar import config
+
+    with dask.config.set(config.QUIET):
+        return LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None)
+
+
 def train(args: argparse.Namespace) -> int:
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     import dask.dataframe as dd
 
@@ -165,7 +177,7 @@ def train(args: argparse.Namespace) -> int:
     if args.scheduler:
         client = Client(args.scheduler)
     else:
-        cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=None)
+        cluster = local_cluster(args.workers)
         client = Client(cluster)
     try:
         features = args.features.split(",") if args.features else None

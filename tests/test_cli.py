@@ -68,6 +68,27 @@ def test_train_with_lbfgs_gets_further_than_gradient_descent(tmp_path):
     assert final["lbfgs"] < final["gd"] - 0.01, final
 
 
+def _periodic(dask_worker) -> dict:
+    return {name: pc.callback_time for name, pc in dask_worker.periodic_callbacks.items()}
+
+
+def test_train_starts_its_local_cluster_quiet():
+    """`dask-scar train`'s LocalCluster has no dashboard: Dask's periodic work for it
+    (profiler, health check, monitors) is slowed down or off, on every process."""
+    from distributed import Client
+
+    from dask_scar.cli import local_cluster
+
+    with local_cluster(2) as cluster, Client(cluster) as client:
+        workers = client.run(_periodic)
+        scheduler = _periodic(cluster.scheduler)
+    assert len(workers) == 2
+    for callbacks in workers.values():
+        assert "profile" not in callbacks and callbacks["tick"] == 1000
+        assert callbacks["monitor"] == 5000 and callbacks["memory_monitor"] == 1000
+    assert scheduler["tick"] == 1000 and scheduler["monitor"] == 5000
+
+
 def test_inspect_a_path_that_holds_no_store(tmp_path):
     out = _run("inspect", str(tmp_path / "nothing.zarr"))
     assert out.returncode == 2
