@@ -366,7 +366,7 @@ def test_the_next_iteration_is_submitted_before_this_one_ends(client, digits, tm
     # graph submitted next (7's): no graph waits for the iteration before to end. (With
     # digits alone an iteration is so short that the driver's own pace makes some wait.)
     client.register_plugin(GraphLog(mark_done=True))
-    big = dd.from_pandas(pd.concat([digits] * 100, ignore_index=True), npartitions=4)
+    big = dd.concat([dd.from_pandas(digits, npartitions=2)] * 50)     # digits in the graph once
     result = scar.Trainer(client, scar.SoftmaxRegression(), store=tmp_path / "ckpt").fit(
         big, target="label", max_iter=12, tol=0, progress=False)
     updates = _graph_inputs(client)[1]
