@@ -33,9 +33,8 @@ import threading
 import time
 
 import dask
-import dask.dataframe as dd
 import psutil
-from bench_iteration import local_seconds, make_frame
+from bench_iteration import local_seconds, make_frame, on_cluster
 from distributed import Client, LocalCluster
 
 import dask_scar as scar
@@ -104,7 +103,7 @@ def main() -> None:
             LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
         frame = make_frame(args.rows)
-        ddf = dd.from_pandas(frame, npartitions=4).persist()
+        ddf = on_cluster(frame)
         processes = {"driver (client, scheduler, nannies)": psutil.Process()}
         workers = sorted(client.run(os.getpid).items())
         for i, (_, pid) in enumerate(workers):

@@ -21,8 +21,7 @@ import threading
 import time
 
 import dask
-import dask.dataframe as dd
-from bench_iteration import make_frame
+from bench_iteration import make_frame, on_cluster
 from distributed import Client, LocalCluster
 
 import dask_scar as scar
@@ -99,7 +98,7 @@ def main() -> None:
     with dask.config.set(settings), \
             LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
-        ddf = dd.from_pandas(make_frame(args.rows), npartitions=4).persist()
+        ddf = on_cluster(make_frame(args.rows))
         trainer = scar.Trainer(client, scar.SoftmaxRegression(learning_rate=0.5))
         client.run(install)
         install()
