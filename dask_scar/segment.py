@@ -28,7 +28,8 @@ event per iteration per worker cost the scheduler's process 1-2 ms of CPU per it
 and each worker ~0.5 ms. When a worker dies during a segment, the driver
 tells the others to stop (:func:`abort`), takes over the last version all survivors
 reached from their copies, and recovers from there: the work lost is the iteration in
-flight, as with iteration graphs.
+flight, as with iteration graphs. When the run ends while a segment runs (the driver
+was interrupted), :func:`forget` stops its tasks the same way.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import logging
 import math
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,18 +65,20 @@ PROGRESS_SECONDS = 1.0          # a segment sends its iterations' progress at le
 
 _box: dict[tuple[str, int, int, str], bytes] = {}  # (run, epoch, iteration, sender) -> its message, pickled
 _aborted: set[tuple[str, int]] = set()             # (run, epoch) whose segments must stop
+_ended: OrderedDict[str, None] = OrderedDict()     # runs that ended: their segments stop too
+_ENDED_RUNS = 64                                   # ended runs remembered per process
 _cond = threading.Condition()
 
 
 class SegmentAborted(ScarError):
-    """The driver stopped a segment: another worker of it died."""
+    """The driver stopped a segment: another worker of it died, or the run ended."""
 
 
 def _receive(key: tuple | None = None, value: Any = None) -> None:
     """The :data:`PUSH_OP` handler (on the worker's event loop): file a message."""
     run, epoch, _, _ = key = tuple(key)
     with _cond:
-        if (run, epoch) not in _aborted:
+        if (run, epoch) not in _aborted and run not in _ended:
             _box[key] = value
             _cond.notify_all()
 
@@ -99,11 +103,18 @@ def abort(run: str, epoch: int) -> None:
 
 
 def forget(run: str) -> None:
-    """Run on the workers when ``run`` ends."""
+    """Run on the workers when ``run`` ends, however it ends: a segment of it still
+    running (the driver was interrupted) stops at its next exchange. Dask cannot stop
+    a running task; left alone, it would run its remaining iterations on the thread
+    the next fit needs."""
     with _cond:
         for key in [k for k in _box if k[0] == run]:
             del _box[key]
         _aborted.difference_update({a for a in _aborted if a[0] == run})
+        _ended[run] = None
+        while len(_ended) > _ENDED_RUNS:
+            _ended.popitem(last=False)
+        _cond.notify_all()
 
 
 class _Outbox:
@@ -157,7 +168,7 @@ def _take(run: str, epoch: int, iteration: int, peers: list[str], timeout: float
         checkpoint.write_now()      # this round's blocks, while the others catch up
         with _cond:
             while True:
-                if (run, epoch) in _aborted:
+                if (run, epoch) in _aborted or run in _ended:
                     raise SegmentAborted(f"segment of run {run} stopped by the driver at iteration {iteration}")
                 if all(key in _box for key in keys):
                     messages = [_box.pop(key) for key in keys]

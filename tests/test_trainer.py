@@ -1,5 +1,6 @@
 """Training on a real multi-process cluster, checked against the single-process maths."""
 
+import _thread
 import threading
 import time
 from collections import Counter
@@ -256,6 +257,34 @@ def test_a_segment_may_outlast_the_iteration_timeout(client, digits):
                                                                    progress=False)
     # one segment, long enough for the driver's check (every 2 s) to have seen it pass the timeout
     assert result.n_iter == 1000 and result.history["seconds"].iloc[1:].sum() > timeout + 2
+
+
+def _running(dask_worker) -> int:
+    return len(dask_worker.state.all_running_tasks)    # cancelled ones still running included
+
+
+@pytest.mark.slow
+def test_an_interrupted_fit_stops_its_segments(client, digits):
+    """Interrupting a fit (Ctrl-C, a notebook's stop button) during a segment: the
+    fit's clean-up stops the segment's tasks at their next exchange. Dask cannot stop
+    a running task, and left alone these would run the segment's remaining iterations
+    (here ~100,000, minutes) on the threads the next fit needs."""
+    ddf = dd.from_pandas(digits, npartitions=4)
+    started = time.time()
+    interrupt = threading.Timer(4.0, _thread.interrupt_main)
+    try:
+        with dask.config.set({"scar.segment-iterations": 100_000}), pytest.raises(KeyboardInterrupt):
+            interrupt.start()
+            scar.Trainer(client, scar.SoftmaxRegression()).fit(ddf, target="label", max_iter=100_000, tol=0,
+                                                              progress=False)
+    finally:
+        interrupt.cancel()
+    # the interrupt came during the segment: its workers had sent progress (every second)
+    assert any(t >= started and "stamp" in e for t, e in client.get_events("scar-progress"))
+    wait_for(lambda: set(client.run(_running).values()) == {0}, timeout=20, what="the segment's tasks to stop")
+    result = scar.Trainer(client, scar.SoftmaxRegression()).fit(ddf, target="label", max_iter=25, tol=0,
+                                                               progress=False)
+    assert result.n_iter == 25
 
 
 def _segment_senders(dask_worker) -> tuple[int, int]:
