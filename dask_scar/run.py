@@ -530,9 +530,9 @@ def _end_run(client: Client, run: str) -> None:
 
 
 def _forget(run: str) -> None:
+    segment.forget(run)     # first: a segment of the run still running stops
     forget(run)
     checkpoint.forget(run)
-    segment.forget(run)
 
 
 def _check_divergence(rows: list[dict], factor: float, model: Model) -> None:

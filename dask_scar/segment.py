@@ -227,6 +227,8 @@ def run_segment(model: Model, sources: list, blocks: dict[int, dict], n_blocks: 
             except SegmentAborted:
                 detach({}, client_id, run, epoch, held)     # how far this worker got
                 checkpoint.hand_over()
+                if run in _ended:   # what this iteration kept for a round, after the run's forget
+                    checkpoint.forget(run)
                 return None     # quietly: the driver knows why
             parts = dict(made)
             for message in messages:

@@ -259,29 +259,38 @@ def test_a_segment_may_outlast_the_iteration_timeout(client, digits):
     assert result.n_iter == 1000 and result.history["seconds"].iloc[1:].sum() > timeout + 2
 
 
+def _kept_for_rounds() -> int:
+    from dask_scar import checkpoint
+
+    return len(checkpoint._kept)
+
+
 def _running(dask_worker) -> int:
     return len(dask_worker.state.all_running_tasks)    # cancelled ones still running included
 
 
 @pytest.mark.slow
-def test_an_interrupted_fit_stops_its_segments(client, digits):
+def test_an_interrupted_fit_stops_its_segments(client, digits, tmp_path):
     """Interrupting a fit (Ctrl-C, a notebook's stop button) during a segment: the
     fit's clean-up stops the segment's tasks at their next exchange. Dask cannot stop
     a running task, and left alone these would run the segment's remaining iterations
-    (here ~100,000, minutes) on the threads the next fit needs."""
+    (here ~100,000, minutes) on the threads the next fit needs, and write their
+    checkpoint rounds."""
     ddf = dd.from_pandas(digits, npartitions=4)
     started = time.time()
     interrupt = threading.Timer(4.0, _thread.interrupt_main)
     try:
         with dask.config.set({"scar.segment-iterations": 100_000}), pytest.raises(KeyboardInterrupt):
             interrupt.start()
-            scar.Trainer(client, scar.SoftmaxRegression()).fit(ddf, target="label", max_iter=100_000, tol=0,
-                                                              progress=False)
+            scar.Trainer(client, scar.SoftmaxRegression(), store=tmp_path / "ckpt").fit(
+                ddf, target="label", max_iter=100_000, tol=0, progress=False)
     finally:
         interrupt.cancel()
     # the interrupt came during the segment: its workers had sent progress (every second)
     assert any(t >= started and "stamp" in e for t, e in client.get_events("scar-progress"))
     wait_for(lambda: set(client.run(_running).values()) == {0}, timeout=20, what="the segment's tasks to stop")
+    # nor do the workers keep values for the ended run's checkpoint rounds
+    assert set(client.run(_kept_for_rounds).values()) == {0}
     result = scar.Trainer(client, scar.SoftmaxRegression()).fit(ddf, target="label", max_iter=25, tol=0,
                                                                progress=False)
     assert result.n_iter == 25
