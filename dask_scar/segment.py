@@ -29,7 +29,8 @@ and each worker ~0.5 ms. When a worker dies during a segment, the driver
 tells the others to stop (:func:`abort`), takes over the last version all survivors
 reached from their copies, and recovers from there: the work lost is the iteration in
 flight, as with iteration graphs. When the run ends while a segment runs (the driver
-was interrupted), :func:`forget` stops its tasks the same way.
+was interrupted), :func:`forget` stops its tasks the same way; when the driver dies,
+each task stops once the scheduler has released it (:func:`_released`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from distributed import get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.protocol import pickle
+from distributed.worker import thread_state
 
 from . import checkpoint
 from .chunks import Chunk, ChunkId, chunk_key, detach, flatten, remember
@@ -59,7 +61,7 @@ from .store import BlockLayout
 
 logger = logging.getLogger(__name__)
 
-PUSH_OP = "scar_segment_push"   # worker rpc: a message for a segment running here
+PUSH_OP = "scar_segment_push"   # worker handler: a message for a segment running here
 POLL_SECONDS = 0.05
 PROGRESS_SECONDS = 1.0          # a segment sends its iterations' progress at least this often
 
@@ -158,18 +160,26 @@ class _Outbox:
                 pool.reuse(address, comm)
 
 
-def _take(run: str, epoch: int, iteration: int, peers: list[str], timeout: float) -> list[dict]:
-    """The messages of ``peers`` for ``iteration``, once all are here (unpickled). The wait is a
-    gap between training tasks: the task writes its checkpoint blocks first, and
-    the writer thread may write too."""
+def _released(worker, task: str) -> bool:
+    """Whether the scheduler released this worker's running ``task``: nobody wants its
+    result any more (its driver let go of it, or is gone)."""
+    state = worker.state.tasks.get(task)
+    return state is None or state.state == "cancelled"
+
+
+def _take(run: str, epoch: int, iteration: int, peers: list[str], timeout: float, worker, task: str) -> list[dict]:
+    """The messages of ``peers`` for ``iteration``, unpickled, once all are here. The
+    wait is a gap between training tasks: the task writes its checkpoint blocks first,
+    and the writer thread may write too. Raises :class:`SegmentAborted` if the driver
+    stopped the segment, the run ended, or the scheduler released ``task``."""
     deadline = time.monotonic() + timeout
     keys = [(run, epoch, iteration, peer) for peer in peers]
     with checkpoint.idle():
         checkpoint.write_now()      # this round's blocks, while the others catch up
         with _cond:
             while True:
-                if (run, epoch) in _aborted or run in _ended:
-                    raise SegmentAborted(f"segment of run {run} stopped by the driver at iteration {iteration}")
+                if (run, epoch) in _aborted or run in _ended or _released(worker, task):
+                    raise SegmentAborted(f"segment of run {run} stopped at iteration {iteration}")
                 if all(key in _box for key in keys):
                     messages = [_box.pop(key) for key in keys]
                     break
@@ -208,7 +218,7 @@ def run_segment(model: Model, sources: list, blocks: dict[int, dict], n_blocks: 
     next message, and all choose round ``t``'s blocks alike (:func:`checkpoint.choose`),
     written by the update of ``t + 1`` (the driver chooses the same and waits for the
     writers' reports)."""
-    worker = get_worker()
+    worker, task = get_worker(), thread_state.key
     with _cond:     # leftovers of an earlier epoch of this run
         for key in [k for k in _box if k[0] == run and k[1] < epoch]:
             del _box[key]
@@ -223,11 +233,13 @@ def run_segment(model: Model, sources: list, blocks: dict[int, dict], n_blocks: 
             outbox.send((run, epoch, k, worker.address),
                         {"parts": made, "priorities": due["priorities"] if due else None})
             try:
-                messages = _take(run, epoch, k, peers, timeout)
+                messages = _take(run, epoch, k, peers, timeout, worker, task)
             except SegmentAborted:
                 detach({}, client_id, run, epoch, held)     # how far this worker got
                 checkpoint.hand_over()
-                if run in _ended:   # what this iteration kept for a round, after the run's forget
+                if run in _ended or ((run, epoch) not in _aborted and _released(worker, task)):
+                    # the run is over (its driver may be gone, and no forget will come): drop
+                    # what this iteration kept for a checkpoint round
                     checkpoint.forget(run)
                 return None     # quietly: the driver knows why
             parts = dict(made)

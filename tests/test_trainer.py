@@ -1,6 +1,8 @@
 """Training on a real multi-process cluster, checked against the single-process maths."""
 
 import _thread
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -277,22 +279,63 @@ def test_an_interrupted_fit_stops_its_segments(client, digits, tmp_path):
     (here ~100,000, minutes) on the threads the next fit needs, and write their
     checkpoint rounds."""
     ddf = dd.from_pandas(digits, npartitions=4)
-    started = time.time()
-    interrupt = threading.Timer(4.0, _thread.interrupt_main)
+    started, stop = time.time(), threading.Event()
+
+    def interrupt_in_the_segment():     # once its workers have sent progress (every second)
+        while not stop.is_set():
+            if any(t >= started and "stamp" in e for t, e in client.get_events("scar-progress")):
+                return _thread.interrupt_main()
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=interrupt_in_the_segment, daemon=True)
     try:
         with dask.config.set({"scar.segment-iterations": 100_000}), pytest.raises(KeyboardInterrupt):
-            interrupt.start()
+            watcher.start()
             scar.Trainer(client, scar.SoftmaxRegression(), store=tmp_path / "ckpt").fit(
                 ddf, target="label", max_iter=100_000, tol=0, progress=False)
     finally:
-        interrupt.cancel()
-    # the interrupt came during the segment: its workers had sent progress (every second)
-    assert any(t >= started and "stamp" in e for t, e in client.get_events("scar-progress"))
+        stop.set()
+        watcher.join()
     wait_for(lambda: set(client.run(_running).values()) == {0}, timeout=20, what="the segment's tasks to stop")
     # nor do the workers keep values for the ended run's checkpoint rounds
     assert set(client.run(_kept_for_rounds).values()) == {0}
     result = scar.Trainer(client, scar.SoftmaxRegression()).fit(ddf, target="label", max_iter=25, tol=0,
                                                                progress=False)
+    assert result.n_iter == 25
+
+
+_DRIVER = """
+import sys
+import dask, dask.dataframe as dd, pandas as pd
+from distributed import Client
+import dask_scar as scar
+frame = pd.read_parquet(sys.argv[2])
+with Client(sys.argv[1]) as client, dask.config.set({"scar.segment-iterations": 100_000}):
+    scar.Trainer(client, scar.SoftmaxRegression()).fit(dd.from_pandas(frame, npartitions=4), target="label",
+                                                      max_iter=100_000, tol=0, progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_a_dead_drivers_segments_stop(client, digits, tmp_path):
+    """The driver's process dies (SIGKILL: a notebook's kernel restarted) during a
+    segment: no clean-up runs, but the scheduler releases the dead client's tasks, and
+    each segment stops at its next exchange once it sees its own task released."""
+    data = tmp_path / "digits.parquet"
+    digits.to_parquet(data)
+    started = time.time()
+    driver = subprocess.Popen([sys.executable, "-c", _DRIVER, client.scheduler.address, str(data)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: any(t >= started and "stamp" in e for t, e in client.get_events("scar-progress")),
+                 timeout=60, what="the driver's segment to run")
+    finally:
+        driver.kill()
+        driver.wait()
+    wait_for(lambda: set(client.run(_running).values()) == {0}, timeout=20, what="the segment's tasks to stop")
+    assert set(client.run(_kept_for_rounds).values()) == {0}
+    result = scar.Trainer(client, scar.SoftmaxRegression()).fit(dd.from_pandas(digits, npartitions=4),
+                                                               target="label", max_iter=25, tol=0, progress=False)
     assert result.n_iter == 25
 
 
