@@ -73,7 +73,13 @@ _cond = threading.Condition()
 
 
 class SegmentAborted(ScarError):
-    """The driver stopped a segment: another worker of it died, or the run ended."""
+    """A segment stopped before its end: the driver aborted its epoch (another worker
+    of it died), or its run is over (``run_over``: the run ended, or the scheduler
+    released the task because the driver is gone)."""
+
+    def __init__(self, message: str, run_over: bool):
+        super().__init__(message)
+        self.run_over = run_over
 
 
 def _receive(key: tuple | None = None, value: Any = None) -> None:
@@ -167,19 +173,22 @@ def _released(worker, task: str) -> bool:
     return state is None or state.state == "cancelled"
 
 
-def _take(run: str, epoch: int, iteration: int, peers: list[str], timeout: float, worker, task: str) -> list[dict]:
+def _take(run: str, epoch: int, iteration: int, peers: list[str], timeout: float) -> list[dict]:
     """The messages of ``peers`` for ``iteration``, unpickled, once all are here. The
     wait is a gap between training tasks: the task writes its checkpoint blocks first,
     and the writer thread may write too. Raises :class:`SegmentAborted` if the driver
-    stopped the segment, the run ended, or the scheduler released ``task``."""
+    stopped the segment, the run ended, or the scheduler released this task."""
+    worker, task = get_worker(), thread_state.key
     deadline = time.monotonic() + timeout
     keys = [(run, epoch, iteration, peer) for peer in peers]
     with checkpoint.idle():
         checkpoint.write_now()      # this round's blocks, while the others catch up
         with _cond:
             while True:
-                if (run, epoch) in _aborted or run in _ended or _released(worker, task):
-                    raise SegmentAborted(f"segment of run {run} stopped at iteration {iteration}")
+                aborted = (run, epoch) in _aborted
+                if aborted or run in _ended or _released(worker, task):
+                    raise SegmentAborted(f"segment of run {run} stopped at iteration {iteration}",
+                                         run_over=run in _ended or not aborted)
                 if all(key in _box for key in keys):
                     messages = [_box.pop(key) for key in keys]
                     break
@@ -218,7 +227,7 @@ def run_segment(model: Model, sources: list, blocks: dict[int, dict], n_blocks: 
     next message, and all choose round ``t``'s blocks alike (:func:`checkpoint.choose`),
     written by the update of ``t + 1`` (the driver chooses the same and waits for the
     writers' reports)."""
-    worker, task = get_worker(), thread_state.key
+    worker = get_worker()
     with _cond:     # leftovers of an earlier epoch of this run
         for key in [k for k in _box if k[0] == run and k[1] < epoch]:
             del _box[key]
@@ -233,13 +242,13 @@ def run_segment(model: Model, sources: list, blocks: dict[int, dict], n_blocks: 
             outbox.send((run, epoch, k, worker.address),
                         {"parts": made, "priorities": due["priorities"] if due else None})
             try:
-                messages = _take(run, epoch, k, peers, timeout, worker, task)
-            except SegmentAborted:
+                messages = _take(run, epoch, k, peers, timeout)
+            except SegmentAborted as stop:
                 detach({}, client_id, run, epoch, held)     # how far this worker got
                 checkpoint.hand_over()
-                if run in _ended or ((run, epoch) not in _aborted and _released(worker, task)):
-                    # the run is over (its driver may be gone, and no forget will come): drop
-                    # what this iteration kept for a checkpoint round
+                if stop.run_over:
+                    # its driver may be gone, and no forget will come: drop what this
+                    # iteration kept for a checkpoint round
                     checkpoint.forget(run)
                 return None     # quietly: the driver knows why
             parts = dict(made)
