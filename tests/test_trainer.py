@@ -271,6 +271,21 @@ def _running(dask_worker) -> int:
     return len(dask_worker.state.all_running_tasks)    # cancelled ones still running included
 
 
+def _segment_ran_since(client, started: float) -> bool:
+    """Whether a segment's workers have sent progress (every second) since ``started``."""
+    return any(t >= started and "stamp" in e for t, e in client.get_events("scar-progress"))
+
+
+def _check_segments_stopped(client, ddf) -> None:
+    """Every worker's segment task stops, no worker keeps values for the ended run's
+    checkpoint rounds, and the next fit runs."""
+    wait_for(lambda: set(client.run(_running).values()) == {0}, timeout=20, what="the segment's tasks to stop")
+    assert set(client.run(_kept_for_rounds).values()) == {0}
+    result = scar.Trainer(client, scar.SoftmaxRegression()).fit(ddf, target="label", max_iter=25, tol=0,
+                                                               progress=False)
+    assert result.n_iter == 25
+
+
 @pytest.mark.slow
 def test_an_interrupted_fit_stops_its_segments(client, digits, tmp_path):
     """Interrupting a fit (Ctrl-C, a notebook's stop button) during a segment: the
@@ -283,7 +298,7 @@ def test_an_interrupted_fit_stops_its_segments(client, digits, tmp_path):
 
     def interrupt_in_the_segment():     # once its workers have sent progress (every second)
         while not stop.is_set():
-            if any(t >= started and "stamp" in e for t, e in client.get_events("scar-progress")):
+            if _segment_ran_since(client, started):
                 return _thread.interrupt_main()
             time.sleep(0.1)
 
@@ -296,12 +311,7 @@ def test_an_interrupted_fit_stops_its_segments(client, digits, tmp_path):
     finally:
         stop.set()
         watcher.join()
-    wait_for(lambda: set(client.run(_running).values()) == {0}, timeout=20, what="the segment's tasks to stop")
-    # nor do the workers keep values for the ended run's checkpoint rounds
-    assert set(client.run(_kept_for_rounds).values()) == {0}
-    result = scar.Trainer(client, scar.SoftmaxRegression()).fit(ddf, target="label", max_iter=25, tol=0,
-                                                               progress=False)
-    assert result.n_iter == 25
+    _check_segments_stopped(client, ddf)
 
 
 _DRIVER = """
@@ -327,16 +337,11 @@ def test_a_dead_drivers_segments_stop(client, digits, tmp_path):
     driver = subprocess.Popen([sys.executable, "-c", _DRIVER, client.scheduler.address, str(data)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: any(t >= started and "stamp" in e for t, e in client.get_events("scar-progress")),
-                 timeout=60, what="the driver's segment to run")
+        wait_for(lambda: _segment_ran_since(client, started), timeout=60, what="the driver's segment to run")
     finally:
         driver.kill()
         driver.wait()
-    wait_for(lambda: set(client.run(_running).values()) == {0}, timeout=20, what="the segment's tasks to stop")
-    assert set(client.run(_kept_for_rounds).values()) == {0}
-    result = scar.Trainer(client, scar.SoftmaxRegression()).fit(dd.from_pandas(digits, npartitions=4),
-                                                               target="label", max_iter=25, tol=0, progress=False)
-    assert result.n_iter == 25
+    _check_segments_stopped(client, dd.from_pandas(digits, npartitions=4))
 
 
 def _segment_senders(dask_worker) -> tuple[int, int]:
