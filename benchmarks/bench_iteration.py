@@ -12,8 +12,9 @@ profiler off and one task graph per iteration (``scar.segment-iterations: 1``), 
 *quiet*: the profiler off and the periodic work of every Dask process slowed
 down (:data:`dask_scar.config.QUIET`: the event loops' tick 1 s instead of 20 ms, the
 system monitor 5 s instead of 0.5 s, the memory monitors 1 s instead of 0.1 s), the
-settings the README suggests for CPU clusters and ``dask-scar train`` uses for its own. Dask's time per iteration is the mean over the
-fit's iterations after the first, the segments' boundaries included. Each cluster runs
+settings the README suggests for CPU clusters and ``dask-scar train`` uses for its own.
+Dask's time per iteration is the mean over the fit's iterations after the first, the
+segments' boundaries included. Each cluster runs
 twice, in turn, and each time the single process is timed again beside it: a ratio
 divides by the single process of its own window (this machine's speed drifts by a
 third within minutes), and the table gives the lowest and highest of the windows' ratios
