@@ -30,12 +30,15 @@ tells the others to stop (:func:`abort`), takes over the last version all surviv
 reached from their copies, and recovers from there: the work lost is the iteration in
 flight, as with iteration graphs. When the run ends while a segment runs (the driver
 was interrupted), :func:`forget` stops its tasks the same way; when the driver dies,
-each task stops once the scheduler has released it (:func:`_released`).
+each task stops once the scheduler has released it (:func:`_released`). While a
+segment runs, its worker's statistical profiler is paused and its event-loop health
+check slowed (:func:`_pause`): both hold the GIL the training thread needs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import threading
@@ -70,6 +73,10 @@ _aborted: set[tuple[str, int]] = set()             # (run, epoch) whose segments
 _ended: OrderedDict[str, None] = OrderedDict()     # runs that ended: their segments stop too
 _ENDED_RUNS = 64                                   # ended runs remembered per process
 _cond = threading.Condition()
+_running = 0                                       # segments running in this process
+_paused: dict[str, Any] = {}                       # what _pause changed, for _resume
+#: The event-loop health check's interval while segments run (Dask's default is 20 ms).
+TICK_MS = 1000
 
 
 class SegmentAborted(ScarError):
@@ -166,6 +173,49 @@ class _Outbox:
                 pool.reuse(address, comm)
 
 
+def _pause(worker) -> None:
+    """(On the event loop) pause the worker's statistical profiler and slow its event-loop
+    health check. A segment keeps its thread busy for many iterations: the profiler
+    would sample it every 10 ms, and the check run every 20 ms, each holding the GIL
+    the training thread needs (on 2 cores at 1M rows, 19 and 8 ms of the worker's
+    loop per second, see benchmarks/bench_loops.py). What the profiler would see is
+    the kernel; the check still reports a loop blocked for seconds."""
+    profiler = worker.periodic_callbacks.get("profile")
+    _paused["profiler"] = profiler is not None and profiler.is_running()
+    if _paused["profiler"]:
+        profiler.stop()
+    tick = worker.periodic_callbacks.get("tick")
+    if tick is not None:
+        _paused["tick"] = tick.callback_time
+        tick.callback_time = max(tick.callback_time, TICK_MS)
+
+
+def _resume(worker) -> None:
+    """(On the event loop) undo :func:`_pause`."""
+    if _paused.pop("profiler", False):
+        worker.periodic_callbacks["profile"].start()
+    if "tick" in _paused:
+        worker.periodic_callbacks["tick"].callback_time = _paused.pop("tick")
+
+
+@contextlib.contextmanager
+def _hushed(worker):
+    """Dask's periodic work that a segment does not need, paused while segments run in
+    this worker (:func:`_pause`; several at once pause it once)."""
+    global _running
+    with _cond:
+        _running += 1
+        if _running == 1:
+            worker.loop.add_callback(_pause, worker)
+    try:
+        yield
+    finally:
+        with _cond:
+            _running -= 1
+            if _running == 0:
+                worker.loop.add_callback(_resume, worker)
+
+
 def _released(worker, task: str) -> bool:
     """Whether the scheduler released this worker's running ``task``: nobody wants its
     result any more (its driver let go of it, or is gone)."""
@@ -236,8 +286,7 @@ def run_segment(model: Model, sources: list, blocks: dict[int, dict], n_blocks: 
     made = {b: contribute(model, 0, block, [current], first, b, run) for b, block in blocks.items()}
     k, loss, due, number = first, previous_loss, None, rounds.next if rounds is not None else 0
     held, sent = [], time.monotonic()     # progress not sent yet, and when it last was
-    outbox = _Outbox(worker, peers)
-    try:
+    with _hushed(worker), contextlib.closing(_Outbox(worker, peers)) as outbox:
         while True:
             outbox.send((run, epoch, k, worker.address),
                         {"parts": made, "priorities": due["priorities"] if due else None})
@@ -279,8 +328,6 @@ def run_segment(model: Model, sources: list, blocks: dict[int, dict], n_blocks: 
                    if rounds is not None and todo is not None and todo.keep else None)
             current, k = new, k + 1
             made = {b: contribute(model, 0, block, [current], k, b, run) for b, block in blocks.items()}
-    finally:
-        outbox.close()
 
 
 def build(model: Model, chunks, blocks: list[str], block_workers: list[str], first: int, last: int,

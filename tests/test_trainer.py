@@ -353,6 +353,33 @@ def _segment_senders(dask_worker) -> tuple[int, int]:
     return sum(map(len, dask_worker.rpc.occupied.values())), len(senders)
 
 
+def _periodic_work(dask_worker) -> tuple[bool, float]:
+    """Run on a worker: whether its statistical profiler runs, and its tick's interval (ms)."""
+    return dask_worker.periodic_callbacks["profile"].is_running(), dask_worker.periodic_callbacks["tick"].callback_time
+
+
+def test_segments_pause_the_workers_profiler_and_slow_their_tick(client, digits):
+    """While a segment runs, its worker's profiler is off and its event-loop check runs
+    every second (both hold the GIL the training thread needs); afterwards both are
+    as they were."""
+    ddf = dd.from_pandas(digits, npartitions=4)
+    before = client.run(_periodic_work)
+    assert set(before.values()) == {(True, 20)}     # Dask's defaults
+    started, seen, results = time.time(), [], []
+    fit = threading.Thread(target=lambda: results.append(scar.Trainer(client, scar.SoftmaxRegression()).fit(
+        ddf, target="label", max_iter=4000, tol=0, progress=False)))
+    with dask.config.set({"scar.segment-iterations": 4000}):     # one segment
+        fit.start()
+        try:
+            wait_for(lambda: _segment_ran_since(client, started), timeout=60, what="the segment to run")
+            seen = client.run(_periodic_work)
+        finally:
+            fit.join()
+    assert results[0].n_iter == 4000
+    assert set(seen.values()) == {(False, 1000)}
+    assert client.run(_periodic_work) == before
+
+
 def test_segments_run_many_iterations_in_one_task_per_worker(client, digits, tmp_path):
     ddf = dd.from_pandas(digits, npartitions=4)
     # One task per worker for every scar.segment-iterations (20) iterations; the first
