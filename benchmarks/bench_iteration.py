@@ -7,7 +7,8 @@ classes, a 2-worker LocalCluster (one thread each) against a single-process loop
 cluster runs four ways: with Dask's defaults (segments: one task per worker for
 many iterations, see ``dask_scar.segment``), with the workers' statistical profiler
 off (``distributed.worker.profile.enabled: false``; by default it samples every
-thread of every worker every 10 ms, on the cores the training needs), with the
+thread of every worker every 10 ms, on the cores the training needs; a segment pauses
+it while it runs, so this differs from the defaults between segments only), with the
 profiler off and one task graph per iteration (``scar.segment-iterations: 1``), and
 *quiet*: the profiler off and the periodic work of every Dask process slowed
 down (:data:`dask_scar.config.QUIET`: the event loops' tick 1 s instead of 20 ms, the
