@@ -16,10 +16,11 @@ system monitor 5 s instead of 0.5 s, the memory monitors 1 s instead of 0.1 s), 
 settings the README suggests for CPU clusters and ``dask-scar train`` uses for its own.
 Dask's time per iteration is the mean over the fit's iterations after the first, the
 segments' boundaries included. Each cluster runs
-twice, in turn, and each time the single process is timed again beside it: a ratio
-divides by the single process of its own window (this machine's speed drifts by a
-third within minutes), and the table gives the lowest and highest of the windows' ratios
-(*no-overhead* and *in parallel* are timed in every window).
+twice, in turn, per row count, and each time the single process is timed again just
+before it, while no cluster runs (an idle cluster's periodic work slows it by ~5 %): a
+ratio divides by the single process of its own window (this machine's speed drifts by
+a third within minutes), and the table gives the lowest and highest of the windows'
+ratios (*no-overhead* and *in parallel* are timed in every window, before the cluster).
 Then the time to a fixed loss against scikit-learn's ``LogisticRegression`` (lbfgs):
 the iterations' time, and fit()'s wall clock from its call (the data's preparation
 included), against scikit-learn's ``fit`` on arrays already in memory.
@@ -202,25 +203,25 @@ def main() -> None:
                 ({"distributed.worker.profile.enabled": False}, ["profiler off", "graphs"]),
                 (QUIET, ["quiet"])]
     for window, (settings, runs) in enumerate(clusters * 2):    # each cluster twice, in turn
-        with dask.config.set(settings), \
-                LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=":0") as cluster, \
-                Client(cluster) as client:
-            for rows, frame in frames.items():
+        for rows, frame in frames.items():
+            # the process-only columns first, while no cluster runs: an idle cluster's
+            # periodic work slows the single process down by ~5 %
+            single = local_seconds(frame, args.iters, args.backend)
+            single_s[rows].append(single)
+            note(rows, "no-overhead", local_seconds(frame.iloc[: -(-rows // args.workers)], args.iters,
+                                                    args.backend, blas_threads=1), single)
+            if args.backend == "numpy":
+                note(rows, "in parallel", parallel_seconds(rows, args.workers, args.iters), single)
+            with dask.config.set(settings), \
+                    LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=":0") as cluster, \
+                    Client(cluster) as client:
                 ddf = on_cluster(frame)
-                single = local_seconds(frame, args.iters, args.backend)
-                single_s[rows].append(single)
-                note(rows, "no-overhead", local_seconds(frame.iloc[: -(-rows // args.workers)], args.iters,
-                                                        args.backend, blas_threads=1), single)
-                if args.backend == "numpy":
-                    note(rows, "in parallel", parallel_seconds(rows, args.workers, args.iters), single)
                 for run in runs:
                     note(rows, run, dask_seconds(client, ddf, args.iters, args.backend,
                                                  1 if run == "graphs" else None), single)
-            if "profiler off" in runs and window < len(clusters) and not args.no_sklearn \
-                    and args.backend == "numpy":
-                rows = min(args.rows)
-                time_to_loss(client, frames[rows], on_cluster(frames[rows]),
-                             args.max_iter)
+                if "profiler off" in runs and window < len(clusters) and rows == min(args.rows) \
+                        and not args.no_sklearn and args.backend == "numpy":
+                    time_to_loss(client, frame, ddf, args.max_iter)
     print(f"\nsoftmax regression, {FEATURES} features x {CLASSES} classes, float32; {args.workers} workers x 1 "
           f"thread vs one process, backend {args.backend} (ratio: Dask / one process, time per iteration)")
     print("(defaults: Dask's settings, segments of scar.segment-iterations iterations; graphs: one task graph "
