@@ -16,11 +16,12 @@ system monitor 5 s instead of 0.5 s, the memory monitors 1 s instead of 0.1 s), 
 settings the README suggests for CPU clusters and ``dask-scar train`` uses for its own.
 Dask's time per iteration is the mean over the fit's iterations after the first, the
 segments' boundaries included. Each cluster runs
-twice, in turn, per row count, and each time the single process is timed again just
-before it, while no cluster runs (an idle cluster's periodic work slows it by ~5 %): a
-ratio divides by the single process of its own window (this machine's speed drifts by
-a third within minutes), and the table gives the lowest and highest of the windows'
-ratios (*no-overhead* and *in parallel* are timed in every window, before the cluster).
+in ``--windows`` windows (2), in turn, per row count, and each time the single process
+is timed again just before it, while no cluster runs (an idle cluster's periodic work
+slows it by ~5 %): a ratio divides by the single process of its own window (this
+machine's speed drifts by a third within minutes), and the table gives the lowest,
+highest and median of the windows' ratios (*no-overhead* and *in parallel* are timed in
+every window, before the cluster).
 Then the time to a fixed loss against scikit-learn's ``LogisticRegression`` (lbfgs):
 the iterations' time, and fit()'s wall clock from its call (the data's preparation
 included), against scikit-learn's ``fit`` on arrays already in memory.
@@ -38,6 +39,7 @@ process (timed with a device synchronisation after every iteration).
 
     python benchmarks/bench_iteration.py                  # 1,000,000 and 200,000 rows
     python benchmarks/bench_iteration.py --rows 200000 --no-sklearn
+    python benchmarks/bench_iteration.py --rows 1000000 --no-sklearn --windows 6
     python benchmarks/bench_iteration.py --backend cupy --workers 1 --rows 10000000 1000000 --no-sklearn
 """
 
@@ -187,6 +189,7 @@ def main() -> None:
                         help="array library of both sides (cupy: workers and baseline on the GPU)")
     parser.add_argument("--workers", type=int, default=2, help="workers of the cluster (one thread each)")
     parser.add_argument("--max-iter", type=int, default=400, help="iteration cap of the time-to-loss runs")
+    parser.add_argument("--windows", type=int, default=2, help="windows per cluster (each cluster runs in turn)")
     args = parser.parse_args()
 
     frames = {rows: make_frame(rows) for rows in args.rows}
@@ -202,7 +205,7 @@ def main() -> None:
     clusters = [({"distributed.worker.profile.enabled": True}, ["defaults"]),
                 ({"distributed.worker.profile.enabled": False}, ["profiler off", "graphs"]),
                 (QUIET, ["quiet"])]
-    for window, (settings, runs) in enumerate(clusters * 2):    # each cluster twice, in turn
+    for window, (settings, runs) in enumerate(clusters * args.windows):    # each cluster in turn
         for rows, frame in frames.items():
             # the process-only columns first, while no cluster runs: an idle cluster's
             # periodic work slows the single process down by ~5 %
@@ -229,14 +232,14 @@ def main() -> None:
     print("(no-overhead: one worker's rows alone in one process; in parallel: every worker's rows at once, "
           "a process each, no Dask)")
     columns = ["defaults", "profiler off", "graphs", "quiet", "no-overhead", "in parallel"]
-    print("(each cluster twice, in turn; ms: the fastest window; ratios: the lowest and highest of the windows', "
-          "each to the single process timed in its window)")
-    print(f"{'rows':>10} {'single ms/it':>12}" + "".join(f" {c:>12} {'ratios':>10}" for c in columns))
+    print(f"(each cluster in {args.windows} windows, in turn; ms: the fastest window; ratios: the lowest and "
+          "highest of the windows', each to the single process timed in its window, and their median)")
+    print(f"{'rows':>10} {'single ms/it':>12}" + "".join(f" {c:>12} {'ratios':>17}" for c in columns))
     for rows in args.rows:
         cells = [results[rows].get(c, [(np.nan, np.nan)]) for c in columns]
         print(f"{rows:>10,} {min(single_s[rows]) * 1000:12.1f}" + "".join(
             f" {min(s for s, _ in cell) * 1000:12.1f} {min(r for _, r in cell):5.2f}-{max(r for _, r in cell):4.2f}"
-            for cell in cells))
+            f" ({np.median([r for _, r in cell]):4.2f})" for cell in cells))
 
 
 if __name__ == "__main__":

@@ -365,18 +365,17 @@ def test_segments_pause_the_workers_profiler_and_slow_their_tick(client, digits)
     ddf = dd.from_pandas(digits, npartitions=4)
     before = client.run(_periodic_work)
     assert set(before.values()) == {(True, 20)}     # Dask's defaults
-    started, seen, results = time.time(), [], []
+    results = []
     fit = threading.Thread(target=lambda: results.append(scar.Trainer(client, scar.SoftmaxRegression()).fit(
         ddf, target="label", max_iter=4000, tol=0, progress=False)))
-    with dask.config.set({"scar.segment-iterations": 4000}):     # one segment
+    with dask.config.set({"scar.segment-iterations": 4000}):     # one segment, a few seconds
         fit.start()
         try:
-            wait_for(lambda: _segment_ran_since(client, started), timeout=60, what="the segment to run")
-            seen = client.run(_periodic_work)
+            wait_for(lambda: set(client.run(_periodic_work).values()) == {(False, 1000)}, timeout=60,
+                     interval=0.2, what="both workers' profilers paused and ticks slowed")
         finally:
             fit.join()
     assert results[0].n_iter == 4000
-    assert set(seen.values()) == {(False, 1000)}
     assert client.run(_periodic_work) == before
 
 
