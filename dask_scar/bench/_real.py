@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -37,6 +38,9 @@ class RealRun:
     seconds: float
     bytes_written: int = 0
     events: list = field(default_factory=list)
+
+
+_TRACKER_WARNING = "ignore:resource_tracker:UserWarning"
 
 
 class BenchCluster:
@@ -68,6 +72,12 @@ class BenchCluster:
     def _start(self) -> None:
         from distributed import LocalCluster
 
+        # A worker killed on purpose leaves the semaphores of its nanny's queues to
+        # Python's resource tracker, which cleans them up when this process exits and
+        # warns that they "leaked". The tracker is a child interpreter started with this
+        # one's -W options: the warning is not news here.
+        if _TRACKER_WARNING not in sys.warnoptions:
+            sys.warnoptions.append(_TRACKER_WARNING)
         self.cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, dashboard_address=None,
                                     silence_logs=logging.CRITICAL)
         self.client = Client(self.cluster)
