@@ -49,12 +49,13 @@ from typing import Any
 
 from dask._task_spec import Dict, List, Task, TaskRef
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+from dask.utils import parse_timedelta
 from distributed import get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.protocol import pickle
 from distributed.worker import thread_state
 
-from . import checkpoint
+from . import checkpoint, config
 from .chunks import Chunk, ChunkId, chunk_key, detach, flatten, remember
 from .exceptions import ScarError
 from .iteration import contribute, step
@@ -75,8 +76,9 @@ _ENDED_RUNS = 64                                   # ended runs remembered per p
 _cond = threading.Condition()
 _running = 0                                       # segments running in this process
 _paused: dict[str, Any] = {}                       # what _pause changed, for _resume
-#: The event-loop health check's interval while segments run (Dask's default is 20 ms).
-TICK_MS = 1000
+#: The event-loop health check's interval while segments run (Dask's default is 20 ms):
+#: the quiet settings' (:data:`dask_scar.config.QUIET`).
+TICK_MS = parse_timedelta(config.QUIET["distributed.admin.tick.interval"]) * 1000
 
 
 class SegmentAborted(ScarError):
@@ -235,10 +237,10 @@ def _take(run: str, epoch: int, iteration: int, peers: list[str], timeout: float
         checkpoint.write_now()      # this round's blocks, while the others catch up
         with _cond:
             while True:
-                aborted = (run, epoch) in _aborted
-                if aborted or run in _ended or _released(worker, task):
+                aborted, ended = (run, epoch) in _aborted, run in _ended
+                if aborted or ended or _released(worker, task):
                     raise SegmentAborted(f"segment of run {run} stopped at iteration {iteration}",
-                                         run_over=run in _ended or not aborted)
+                                         run_over=ended or not aborted)
                 if all(key in _box for key in keys):
                     messages = [_box.pop(key) for key in keys]
                     break
