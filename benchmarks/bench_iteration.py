@@ -110,16 +110,17 @@ def local_seconds(frame: pd.DataFrame, iters: int, backend: str, blas_threads: i
     return float(np.median(np.diff(stamps)[2:]))
 
 
-def _share_loop(rows: int, workers: int, index: int, iters: int, barrier, results) -> None:
-    """In a process of its own: ``fit_local`` on share ``index`` of the rows, one BLAS
-    thread, waiting for the other shares after every iteration, as workers do."""
+def _share_loop(rows: int, workers: int, index: int, iters: int, barrier, results, make) -> None:
+    """In a process of its own: ``fit_local`` on share ``index`` of the rows of
+    ``make(rows)``, one BLAS thread, waiting for the other shares after every
+    iteration, as workers do."""
     share = -(-rows // workers)
-    part = make_frame(rows).iloc[index * share:(index + 1) * share]
+    part = make(rows).iloc[index * share:(index + 1) * share]
     barrier.wait()
     results.put(local_seconds(part, iters, "numpy", blas_threads=1, then=barrier.wait))
 
 
-def parallel_seconds(rows: int, workers: int, iters: int) -> float:
+def parallel_seconds(rows: int, workers: int, iters: int, make=make_frame) -> float:
     """Seconds per iteration of every worker's share computed at once, each in a
     process of its own with one BLAS thread and no Dask, all waiting for each other
     after every iteration: what a cluster of ``workers`` on this machine's cores
@@ -127,7 +128,7 @@ def parallel_seconds(rows: int, workers: int, iters: int) -> float:
     down well beyond what one share alone takes)."""
     ctx = multiprocessing.get_context("spawn")
     barrier, results = ctx.Barrier(workers), ctx.Queue()
-    processes = [ctx.Process(target=_share_loop, args=(rows, workers, i, iters, barrier, results))
+    processes = [ctx.Process(target=_share_loop, args=(rows, workers, i, iters, barrier, results, make))
                  for i in range(workers)]
     for process in processes:
         process.start()

@@ -10,9 +10,12 @@ model) to every other worker, every iteration (see ``dask_scar.segment``).
    of their own (``dask_scar.segment._pickled``, how they send now).
 2. *cluster*: softmax regression on a 2-worker LocalCluster (one thread each), with
    few rows, so that the messages weigh: the segments' time per iteration against
-   one worker's rows alone in this process on one BLAS thread (its kernel and the
-   update of every chunk, without messages or Dask). Each size runs ``--windows``
-   times, alternating with the alone timing.
+   one worker's rows alone in this process on one BLAS thread (*alone*: its kernel
+   and the update of every parameter, without messages or Dask), and against both
+   workers' rows at once, a process each, no Dask, waiting for each other after
+   every iteration (*in parallel*, as in ``bench_iteration.py``: what the two
+   processes cost each other on shared cores and cache). Each size runs
+   ``--windows`` times, the three in turn.
 
     python benchmarks/bench_messages.py
 """
@@ -20,12 +23,13 @@ model) to every other worker, every iteration (see ``dask_scar.segment``).
 from __future__ import annotations
 
 import argparse
+import functools
 import timeit
 import warnings
 
 import numpy as np
 import pandas as pd
-from bench_iteration import dask_seconds, local_seconds
+from bench_iteration import dask_seconds, local_seconds, parallel_seconds
 from distributed import Client, LocalCluster
 from distributed.protocol import pickle
 from distributed.protocol.core import dumps, loads
@@ -81,24 +85,28 @@ def main() -> None:
             frame = wide_frame(rows, features, classes)
             ddf = dd.from_pandas(frame, npartitions=2).persist()
             in_band, frames = codec_seconds(features, classes)
-            alone, segments = [], []
+            alone, parallel, segments = [], [], []
+            make = functools.partial(wide_frame, features=features, classes=classes)
             for _ in range(args.windows):
                 alone.append(local_seconds(frame.iloc[: rows // 2], args.iters, "numpy", blas_threads=1))
+                parallel.append(parallel_seconds(rows, 2, args.iters, make))
                 segments.append(dask_seconds(client, ddf, args.iters, "numpy"))
-            rows_out.append((features, classes, rows, in_band, frames, alone, segments))
+            rows_out.append((features, classes, rows, in_band, frames, alone, parallel, segments))
             client.cancel(ddf)
     print("\nsoftmax regression, float32, 2 workers x 1 thread; a message: one worker's contribution, "
           "(features + 1) x classes")
     print("(codec: one message through Dask's protocol and back, in this process; alone: one worker's rows "
-          "in this process, one BLAS thread, no messages; ms per iteration: the fastest window, ratio: "
-          "the lowest and highest of the windows')")
+          "in this process, one BLAS thread, no messages; in parallel: both workers' rows at once, a process "
+          "each, no Dask; ms per iteration: the fastest window; ratios: the lowest and highest of the "
+          "windows', each to the alone timing of its window)")
     print(f"{'features':>8} {'classes':>7} {'rows':>6} {'message':>9} {'in-band us':>10} {'frames us':>9} "
-          f"{'ratio':>6} {'alone ms':>8} {'segments ms':>11} {'segments / alone':>16}")
-    for features, classes, rows, in_band, frames, alone, segments in rows_out:
-        ratios = [s / a for s, a in zip(segments, alone)]
+          f"{'ratio':>6} {'alone ms':>8} {'parallel ms':>11} {'/ alone':>9} {'segments ms':>11} {'/ alone':>9}")
+    for features, classes, rows, in_band, frames, alone, parallel, segments in rows_out:
+        cells = "".join(f" {min(t) * 1e3:>11.1f} {min(r):>4.2f}-{max(r):.2f}"
+                        for t, r in ((t, [x / a for x, a in zip(t, alone)]) for t in (parallel, segments)))
         print(f"{features:>8,} {classes:>7} {rows:>6,} {(features + 1) * classes * 4 / 1e6:>7.3f}MB "
-              f"{in_band * 1e6:>10.0f} {frames * 1e6:>9.0f} {frames / in_band:>6.2f} {min(alone) * 1e3:>8.1f} "
-              f"{min(segments) * 1e3:>11.1f} {min(ratios):>8.2f}-{max(ratios):.2f}")
+              f"{in_band * 1e6:>10.0f} {frames * 1e6:>9.0f} {frames / in_band:>6.2f} {min(alone) * 1e3:>8.1f}"
+              + cells)
 
 
 if __name__ == "__main__":
