@@ -65,13 +65,13 @@ from dask_scar.local import fit_local, prepare_local
 FEATURES, CLASSES = 100, 10
 
 
-def make_frame(rows: int, seed: int = 0) -> pd.DataFrame:
+def make_frame(rows: int, seed: int = 0, features: int = FEATURES, classes: int = CLASSES) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((CLASSES, FEATURES)).astype(np.float32) * 0.3
-    labels = rng.integers(0, CLASSES, rows)
-    X = rng.standard_normal((rows, FEATURES), dtype=np.float32)
+    centres = rng.standard_normal((classes, features)).astype(np.float32) * 0.3
+    labels = rng.integers(0, classes, rows)
+    X = rng.standard_normal((rows, features), dtype=np.float32)
     X += centres[labels]
-    frame = pd.DataFrame(X, columns=[f"x{i}" for i in range(FEATURES)])
+    frame = pd.DataFrame(X, columns=[f"x{i}" for i in range(features)])
     frame["label"] = labels
     return frame
 

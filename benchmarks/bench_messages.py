@@ -25,32 +25,18 @@ from __future__ import annotations
 import argparse
 import functools
 import timeit
-import warnings
 
 import numpy as np
-import pandas as pd
-from bench_iteration import dask_seconds, local_seconds, parallel_seconds
+from bench_iteration import dask_seconds, local_seconds, make_frame, on_cluster, parallel_seconds
 from distributed import Client, LocalCluster
 from distributed.protocol import pickle
 from distributed.protocol.core import dumps, loads
-
-import dask.dataframe as dd
 
 from dask_scar import segment
 from dask_scar.models import Contribution
 
 # (features, classes, rows): messages of 4 KB, 0.4 MB, 4 MB and 8 MB
 SIZES = [(100, 10, 20_000), (1_000, 100, 2_000), (2_000, 500, 512), (4_000, 500, 512)]
-
-
-def wide_frame(rows: int, features: int, classes: int, seed: int = 0) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, classes, rows)
-    X = rng.standard_normal((rows, features), dtype=np.float32)
-    X[np.arange(rows), labels % features] += 2.0
-    frame = pd.DataFrame(X, columns=[f"x{i}" for i in range(features)])
-    frame["label"] = labels
-    return frame
 
 
 def codec_seconds(features: int, classes: int) -> tuple[float, float]:
@@ -77,16 +63,15 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--windows", type=int, default=2)
     args = parser.parse_args()
-    warnings.filterwarnings("ignore", message="Sending large graph")
     rows_out = []
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
         for features, classes, rows in SIZES:
-            frame = wide_frame(rows, features, classes)
-            ddf = dd.from_pandas(frame, npartitions=2).persist()
+            make = functools.partial(make_frame, features=features, classes=classes)
+            frame = make(rows)
+            ddf = on_cluster(frame)
             in_band, frames = codec_seconds(features, classes)
             alone, parallel, segments = [], [], []
-            make = functools.partial(wide_frame, features=features, classes=classes)
             for _ in range(args.windows):
                 alone.append(local_seconds(frame.iloc[: rows // 2], args.iters, "numpy", blas_threads=1))
                 parallel.append(parallel_seconds(rows, 2, args.iters, make))
