@@ -69,6 +69,8 @@ def main() -> None:
         for features, classes, rows in SIZES:
             make = functools.partial(make_frame, features=features, classes=classes)
             frame = make(rows)
+            # the model's classes are the largest label + 1: so few rows must hold the last
+            assert frame["label"].max() == classes - 1, "no row of the last class: change the seed or the rows"
             ddf = on_cluster(frame)
             in_band, frames = codec_seconds(features, classes)
             alone, parallel, segments = [], [], []
