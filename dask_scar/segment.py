@@ -32,15 +32,19 @@ flight, as with iteration graphs. When the run ends while a segment runs (the dr
 was interrupted), :func:`forget` stops its tasks the same way; when the driver dies,
 each task stops once the scheduler has released it (:func:`_released`). While a
 segment runs, its worker's statistical profiler is paused and its event-loop health
-check slowed (:func:`_pause`): both hold the GIL the training thread needs.
+check slowed (:func:`_pause`): both hold the GIL the training thread needs. Its
+process's allocator keeps freed memory for the next iteration meanwhile
+(:func:`_hold_freed_memory`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import math
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -228,15 +232,49 @@ def _resume(worker) -> None:
         worker.periodic_callbacks["tick"].callback_time = _paused.pop("tick")
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3     # glibc's mallopt parameters
+
+
+def _hold_freed_memory(hold: bool) -> None:
+    """While segments run (``hold``), glibc's allocator serves arrays up to 32 MB from
+    its heap and keeps what is freed there; afterwards, Dask's settings again, and the
+    freed memory goes back to the system (``malloc_trim``).
+
+    Dask's nannies start workers with ``MALLOC_TRIM_THRESHOLD_`` set, which also fixes
+    glibc's mmap threshold at 128 KB: each larger array is a memory map of its own,
+    zeroed page by page by the kernel when first touched and unmapped when freed. A
+    segment makes and frees arrays the size of the model every iteration (the
+    contributions, the messages, the update), so that with a 1M-parameter model and
+    512 rows per worker, half of an iteration went to it (80 against 41 ms, 2 workers
+    on 2 cores). Nothing changes where that variable is not set (glibc then raises its
+    threshold itself) or where the C library is not glibc."""
+    try:
+        trim = int(os.environ["MALLOC_TRIM_THRESHOLD_"])
+        mmap = int(os.environ.get("MALLOC_MMAP_THRESHOLD_", 128 << 10))     # glibc's default
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
+    except (KeyError, ValueError, OSError, AttributeError):
+        return
+    if hold:
+        mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    else:
+        mallopt(_M_MMAP_THRESHOLD, mmap)
+        mallopt(_M_TRIM_THRESHOLD, trim)
+        malloc_trim(0)
+
+
 @contextlib.contextmanager
 def _hushed(worker):
     """Dask's periodic work that a segment does not need, paused while segments run in
-    this worker (:func:`_pause`; several at once pause it once)."""
+    this worker (:func:`_pause`; several at once pause it once), and freed memory
+    held for reuse (:func:`_hold_freed_memory`)."""
     global _running
     with _cond:
         _running += 1
         if _running == 1:
             worker.loop.add_callback(_pause, worker)
+            _hold_freed_memory(True)
     try:
         yield
     finally:
@@ -244,6 +282,7 @@ def _hushed(worker):
             _running -= 1
             if _running == 0:
                 worker.loop.add_callback(_resume, worker)
+                _hold_freed_memory(False)
 
 
 def _released(worker, task: str) -> bool:

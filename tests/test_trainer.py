@@ -1,6 +1,7 @@
 """Training on a real multi-process cluster, checked against the single-process maths."""
 
 import _thread
+import ctypes
 import subprocess
 import sys
 import threading
@@ -354,26 +355,41 @@ def _segment_senders(dask_worker) -> tuple[int, int]:
     return sum(map(len, dask_worker.rpc.occupied.values())), len(senders)
 
 
-def _periodic_work(dask_worker) -> tuple[bool, float]:
-    """Run on a worker: whether its statistical profiler runs, and its tick's interval (ms)."""
-    return dask_worker.periodic_callbacks["profile"].is_running(), dask_worker.periodic_callbacks["tick"].callback_time
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def _periodic_work(dask_worker) -> tuple[bool, float, bool]:
+    """Run on a worker: whether its statistical profiler runs, its tick's interval (ms),
+    and whether a new 4 MB array is a memory map of its own (glibc's count of them)."""
+    mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    mallinfo2.restype = _MallInfo2
+    maps = mallinfo2().hblks
+    array = np.ones(1 << 20, dtype=np.float32)
+    mapped = mallinfo2().hblks > maps
+    del array
+    return (dask_worker.periodic_callbacks["profile"].is_running(), dask_worker.periodic_callbacks["tick"].callback_time,
+            mapped)
 
 
 def test_segments_pause_the_workers_profiler_and_slow_their_tick(client, digits):
     """While a segment runs, its worker's profiler is off and its event-loop check runs
-    every second (both hold the GIL the training thread needs); afterwards both are
-    as they were."""
+    every second (both hold the GIL the training thread needs), and arrays of a few MB
+    come from the allocator's heap, not each from a memory map of its own; afterwards
+    all three are as they were."""
     ddf = dd.from_pandas(digits, npartitions=4)
     before = client.run(_periodic_work)
-    assert set(before.values()) == {(True, 20)}     # Dask's defaults
+    assert set(before.values()) == {(True, 20, True)}     # Dask's defaults
     results = []
     fit = threading.Thread(target=lambda: results.append(scar.Trainer(client, scar.SoftmaxRegression()).fit(
         ddf, target="label", max_iter=4000, tol=0, progress=False)))
     with dask.config.set({"scar.segment-iterations": 4000}):     # one segment, a few seconds
         fit.start()
         try:
-            wait_for(lambda: set(client.run(_periodic_work).values()) == {(False, 1000)}, timeout=60,
-                     interval=0.2, what="both workers' profilers paused and ticks slowed")
+            wait_for(lambda: set(client.run(_periodic_work).values()) == {(False, 1000, False)}, timeout=60,
+                     interval=0.2, what="both workers' profilers paused, ticks slowed and freed memory held")
         finally:
             fit.join()
     assert results[0].n_iter == 4000
