@@ -67,12 +67,14 @@ class TrainingRun:
         self.segment_handler = False            # SegmentHandler installed on the workers
         self.segment_results: dict[str, str] = {}   # worker -> its task of the last segment
         self.clock = time.perf_counter()        # when the last row's iteration was done
-        run = chunks.run
+        run, inbox = chunks.run, self.inbox
 
         def on_progress(event: tuple[float, dict]) -> None:
-            # runs on the client's event loop: hand over, never block
+            # Runs on the client's event loop: hand over, never block. It holds the inbox
+            # only, not this run: Dask's unsubscribe_topic keeps the handler until the
+            # topic's next subscription, and this run holds the training data's blocks.
             if event[1].get("run") == run:
-                self.inbox.put(event[1])
+                inbox.put(event[1])
 
         self.client.subscribe_topic(PROGRESS_TOPIC, on_progress)
 

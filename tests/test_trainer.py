@@ -2,6 +2,7 @@
 
 import _thread
 import ctypes
+import gc
 import subprocess
 import sys
 import threading
@@ -121,6 +122,23 @@ def test_task_count_stays_flat_and_chunks_carry_no_lineage(client, digits):
         assert watch.chunk_holders == live_workers(client)
         peaks[n_iter] = watch.peak
     assert peaks[400] <= peaks[40] + 6, peaks
+
+
+def _scar_keys(dask_scheduler) -> list[str]:
+    return sorted(str(key) for key in dask_scheduler.tasks if str(key).startswith("scar-"))
+
+
+def test_a_finished_fit_leaves_nothing_of_its_own_on_the_cluster(client, digits):
+    """Once fit() has returned and its result is all the caller holds, its data blocks
+    and chunks are gone from the scheduler and the workers. (Dask's unsubscribe_topic
+    keeps the topic's handler: a handler holding the run kept the training data on
+    the workers until the next fit.)"""
+    ddf = dd.from_pandas(digits, npartitions=4)
+    result = scar.Trainer(client, scar.SoftmaxRegression()).fit(ddf, target="label", max_iter=5, progress=False)
+    assert result.n_iter == 5
+    gc.collect()
+    wait_for(lambda: client.run_on_scheduler(_scar_keys) == [], timeout=10,
+             what="no scar- key left on the scheduler")
 
 
 def test_matrix_factorization_on_the_cluster(client):
