@@ -392,7 +392,7 @@ def _periodic_work(dask_worker) -> tuple[bool, float, bool]:
             mapped)
 
 
-def test_segments_pause_the_workers_profiler_and_slow_their_tick(client, digits):
+def test_segments_pause_the_profiler_slow_the_tick_and_hold_freed_memory(client, digits):
     """While a segment runs, its worker's profiler is off and its event-loop check runs
     every second (both hold the GIL the training thread needs), and arrays of a few MB
     come from the allocator's heap, not each from a memory map of its own; afterwards
