@@ -36,6 +36,12 @@ from .recovery import (
 
 logger = logging.getLogger(__name__)
 
+#: How long a segment after a fit's first runs, where ``scar.segment-iterations`` would
+#: end it sooner. Between two segments the driver takes the first's results in and
+#: submits the next through the scheduler, ~10-16 ms on 2 cores; with fast iterations
+#: (small blocks, a GPU) that was most of an iteration's cost.
+SEGMENT_SECONDS = 1.0
+
 
 class TrainingRun:
     """One call of :meth:`Trainer.fit` on the cluster: the iterations, and the
@@ -63,7 +69,8 @@ class TrainingRun:
         self.ahead = None                   # (iteration, graph, futures, orders) submitted, not yet waited for
         self.last = None                    # the last graph done, while the next may read its results
         self.replicated = iteration.replicates(model, training.rows)
-        self.segment_length = segment_length    # iterations per segment (1: an iteration graph each)
+        self.segment_length = segment_length    # iterations per segment (1: an iteration graph each), at least
+        self.next_segment = segment_length      # the next segment's, from the last's speed (SEGMENT_SECONDS)
         self.segment_handler = False            # SegmentHandler installed on the workers
         self.segment_results: dict[str, str] = {}   # worker -> its task of the last segment
         self.clock = time.perf_counter()        # when the last row's iteration was done
@@ -220,7 +227,7 @@ class TrainingRun:
         """Run iterations from ``k`` as one segment; returns the iteration to go on
         with, and whether the loss converged to ``tol``."""
         chunks, ckpt = self.chunks, self.ckpt
-        last = min(max_iter, k + self.segment_length - 1)
+        last = min(max_iter, k + self.next_segment - 1)
         rounds = None
         if ckpt is not None:
             orders = [ckpt.orders(i) for i in range(k, last + 1)]
@@ -275,7 +282,8 @@ class TrainingRun:
         for row, seconds in zip(rows[1:], inner):
             row["seconds"] = seconds
         rows[0]["seconds"] = max(now - self.clock - sum(inner), 0.0)
-        self.clock = now
+        took, self.clock = now - self.clock, now
+        self.next_segment = max(self.segment_length, int(SEGMENT_SECONDS * len(rows) / max(took, 1e-6)))
         self.stale = chunks.advance(i)
         self.previous, self.segment_results, self.last = futures, dict(zip(workers, keys)), None
         return i + 1, converged
