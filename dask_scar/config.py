@@ -9,6 +9,7 @@ Defaults live in ``dask_scar.yaml``; override them like any Dask setting::
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import dask.config
@@ -33,6 +34,14 @@ QUIET = {
     "distributed.admin.system-monitor.interval": "5s",
     "distributed.worker.memory.monitor-interval": "1s",
 }
+
+#: Settings of the clusters dask_scar starts itself (``dask-scar demo`` and ``bench``)
+#: and its tests'. CPython 3.11 before 3.11.9 can deadlock a process when one thread
+#: takes ``sys._current_frames()`` (Dask's statistical profiler does, every 10 ms in each
+#: worker) while a full garbage collection runs and another thread starts (CPython
+#: gh-106883, dask/distributed#8616). A worker that replaced a killed one hung that way
+#: in a test run here, as it started Zarr's threads. On such a Python the profiler is off.
+OWN_CLUSTER = {"distributed.worker.profile.enabled": False} if (3, 11) <= sys.version_info < (3, 11, 9) else {}
 
 
 def get(key: str, override: Any = None) -> Any:

@@ -8,10 +8,13 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import dask
 import numpy as np
 import pandas as pd
 import pytest
 from distributed import Client, LocalCluster
+
+from dask_scar import config
 
 
 def wait_for(condition, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):
@@ -26,8 +29,10 @@ def wait_for(condition, timeout: float = 30.0, interval: float = 0.05, what: str
 
 
 def new_cluster(n_workers: int = 2) -> LocalCluster:
-    return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                        dashboard_address=":0", silence_logs=40)
+    """Worker processes with Dask's settings, but for :data:`dask_scar.config.OWN_CLUSTER`."""
+    with dask.config.set(config.OWN_CLUSTER):
+        return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                            dashboard_address=":0", silence_logs=40)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from collections import Counter
 
 import dask
 import dask.dataframe as dd
+from distributed import Client, LocalCluster
 from distributed.diagnostics.plugin import SchedulerPlugin
 import numpy as np
 import pandas as pd
@@ -392,26 +393,29 @@ def _periodic_work(dask_worker) -> tuple[bool, float, bool]:
             mapped)
 
 
-def test_segments_pause_the_profiler_slow_the_tick_and_hold_freed_memory(client, digits):
+def test_segments_pause_the_profiler_slow_the_tick_and_hold_freed_memory(digits):
     """While a segment runs, its worker's profiler is off and its event-loop check runs
     every second (both hold the GIL the training thread needs), and arrays of a few MB
     come from the allocator's heap, not each from a memory map of its own; afterwards
-    all three are as they were."""
+    all three are as they were. A cluster of its own, with Dask's defaults: the profiler
+    on, even where config.OWN_CLUSTER turns it off for the other tests."""
     ddf = dd.from_pandas(digits, npartitions=4)
-    before = client.run(_periodic_work)
-    assert set(before.values()) == {(True, 20, True)}     # Dask's defaults
-    results = []
-    fit = threading.Thread(target=lambda: results.append(scar.Trainer(client, scar.SoftmaxRegression()).fit(
-        ddf, target="label", max_iter=4000, tol=0, progress=False)))
-    with dask.config.set({"scar.segment-iterations": 4000}):     # one segment, a few seconds
-        fit.start()
-        try:
-            wait_for(lambda: set(client.run(_periodic_work).values()) == {(False, 1000, False)}, timeout=60,
-                     interval=0.2, what="both workers' profilers paused, ticks slowed and freed memory held")
-        finally:
-            fit.join()
-    assert results[0].n_iter == 4000
-    assert client.run(_periodic_work) == before
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0", silence_logs=40) as cluster, \
+            Client(cluster) as client:
+        before = client.run(_periodic_work)
+        assert set(before.values()) == {(True, 20, True)}     # Dask's defaults
+        results = []
+        fit = threading.Thread(target=lambda: results.append(scar.Trainer(client, scar.SoftmaxRegression()).fit(
+            ddf, target="label", max_iter=4000, tol=0, progress=False)))
+        with dask.config.set({"scar.segment-iterations": 4000}):     # one segment, a few seconds
+            fit.start()
+            try:
+                wait_for(lambda: set(client.run(_periodic_work).values()) == {(False, 1000, False)}, timeout=60,
+                         interval=0.2, what="both workers' profilers paused, ticks slowed and freed memory held")
+            finally:
+                fit.join()
+        assert results[0].n_iter == 4000
+        assert client.run(_periodic_work) == before
 
 
 def test_segments_run_many_iterations_in_one_task_per_worker(client, digits, tmp_path):

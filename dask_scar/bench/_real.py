@@ -21,6 +21,7 @@ import dask.dataframe as dd
 import pandas as pd
 from distributed import Client
 
+from .. import config
 from ..checkpoint import settle
 from ..recovery import live_workers
 from ..trainer import Trainer
@@ -62,7 +63,7 @@ class BenchCluster:
         # just as it joined: a second loss in the run, which no strategy had asked for
         # (2 runs in 14 of one case; 3 of 30 in a full bench). The nannies here only
         # ever replace workers killed on purpose: never give them up.
-        self._config = dask.config.set({"distributed.deploy.lost-worker-timeout": "1 day"})
+        self._config = dask.config.set({"distributed.deploy.lost-worker-timeout": "1 day", **config.OWN_CLUSTER})
         try:
             self._start()
         except BaseException:
