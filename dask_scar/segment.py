@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import logging
 import math
 import os
@@ -183,6 +184,8 @@ class _Outbox:
             worker.loop.add_callback(self._post, address, queue)
 
     def send(self, key: tuple, message: dict) -> None:
+        if not self.queues:
+            return      # a segment of one worker: nothing to pickle (on a GPU, to copy to the host)
         payload = _pickled(message)
         for queue in self.queues.values():
             self.worker.loop.add_callback(queue.put_nowait, {"op": PUSH_OP, "reply": False, "key": key,
@@ -236,6 +239,16 @@ def _resume(worker) -> None:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3     # glibc's mallopt parameters
 
 
+@functools.cache
+def _glibc() -> tuple | None:
+    """glibc's ``mallopt`` and ``malloc_trim``; None where the C library is another."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
 def _hold_freed_memory(hold: bool) -> None:
     """While segments run (``hold``), glibc's allocator serves arrays up to 32 MB from
     its heap and keeps what is freed there; afterwards, Dask's settings again, and the
@@ -252,10 +265,11 @@ def _hold_freed_memory(hold: bool) -> None:
     try:
         trim = int(os.environ["MALLOC_TRIM_THRESHOLD_"])
         mmap = int(os.environ.get("MALLOC_MMAP_THRESHOLD_", 128 << 10))     # glibc's default
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
-    except (KeyError, ValueError, OSError, AttributeError):
+    except (KeyError, ValueError):
         return
+    if (glibc := _glibc()) is None:
+        return
+    mallopt, malloc_trim = glibc
     if hold:
         mallopt(_M_MMAP_THRESHOLD, 32 << 20)
         mallopt(_M_TRIM_THRESHOLD, 1 << 30)
