@@ -37,10 +37,12 @@ from .recovery import (
 logger = logging.getLogger(__name__)
 
 #: How long a segment after a fit's first runs, where ``scar.segment-iterations`` would
-#: end it sooner. Between two segments the driver takes the first's results in and
-#: submits the next through the scheduler, ~10-16 ms on 2 cores; with fast iterations
-#: (small blocks, a GPU) that was most of an iteration's cost.
-SEGMENT_SECONDS = 1.0
+#: end it sooner (but for at most SEGMENT_MOST iterations: the driver lists every
+#: iteration's keys and checkpoint orders for a segment). Between two segments the
+#: driver takes the first's results in and submits the next through the scheduler,
+#: ~10-16 ms on 2 cores; with fast iterations (small blocks, a GPU) that was most of an
+#: iteration's cost.
+SEGMENT_SECONDS, SEGMENT_MOST = 1.0, 1000
 
 
 class TrainingRun:
@@ -69,7 +71,7 @@ class TrainingRun:
         self.ahead = None                   # (iteration, graph, futures, orders) submitted, not yet waited for
         self.last = None                    # the last graph done, while the next may read its results
         self.replicated = iteration.replicates(model, training.rows)
-        self.segment_length = segment_length    # iterations per segment (1: an iteration graph each), at least
+        self.segment_length = segment_length    # the first segment's iterations, and the least (1: graphs)
         self.next_segment = segment_length      # the next segment's, from the last's speed (SEGMENT_SECONDS)
         self.segment_handler = False            # SegmentHandler installed on the workers
         self.segment_results: dict[str, str] = {}   # worker -> its task of the last segment
@@ -283,7 +285,8 @@ class TrainingRun:
             row["seconds"] = seconds
         rows[0]["seconds"] = max(now - self.clock - sum(inner), 0.0)
         took, self.clock = now - self.clock, now
-        self.next_segment = max(self.segment_length, int(SEGMENT_SECONDS * len(rows) / max(took, 1e-6)))
+        fits = int(SEGMENT_SECONDS * len(rows) / max(took, 1e-6))     # iterations in SEGMENT_SECONDS
+        self.next_segment = max(self.segment_length, min(SEGMENT_MOST, fits))
         self.stale = chunks.advance(i)
         self.previous, self.segment_results, self.last = futures, dict(zip(workers, keys)), None
         return i + 1, converged

@@ -13,9 +13,10 @@ as frames of their own, on a connection held for the segment, filed by the recei
 :data:`PUSH_OP` handler, see :class:`_Outbox`), takes theirs, and updates every chunk
 itself, in the same order everywhere, so all replicas agree exactly.
 
-A fit's first segment ends after ``scar.segment-iterations`` iterations, later ones
-after as many more as take about :data:`dask_scar.run.SEGMENT_SECONDS`, or where the loss
-converged to ``tol`` (every worker sees the same loss, so all stop at the same
+A fit's first segment ends after ``scar.segment-iterations`` iterations; a later one
+after as many, or as many as took :data:`dask_scar.run.SEGMENT_SECONDS` in the one
+before where that is more (at most :data:`~dask_scar.run.SEGMENT_MOST`); or where the
+loss converged to ``tol`` (every worker sees the same loss, so all stop at the same
 iteration). Checkpoint rounds do not end it: after a due iteration every worker sends
 its chunks' priorities with its next message, all choose the round's blocks as the
 driver does, and each writes its own while it waits for the others (see
