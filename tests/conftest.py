@@ -28,9 +28,10 @@ def wait_for(condition, timeout: float = 30.0, interval: float = 0.05, what: str
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def new_cluster(n_workers: int = 2) -> LocalCluster:
-    """Worker processes with Dask's settings, but for :data:`dask_scar.config.OWN_CLUSTER`."""
-    with dask.config.set(config.OWN_CLUSTER):
+def new_cluster(n_workers: int = 2, settings: dict | None = None) -> LocalCluster:
+    """Worker processes with Dask's settings, but for :data:`dask_scar.config.OWN_CLUSTER`
+    and then ``settings``."""
+    with dask.config.set({**config.OWN_CLUSTER, **(settings or {})}):
         return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
                             dashboard_address=":0", silence_logs=40)
 

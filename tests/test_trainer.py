@@ -11,12 +11,12 @@ from collections import Counter
 
 import dask
 import dask.dataframe as dd
-from distributed import Client, LocalCluster
+from distributed import Client
 from distributed.diagnostics.plugin import SchedulerPlugin
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import low_rank_ratings, wait_for
+from conftest import low_rank_ratings, new_cluster, wait_for
 
 import dask_scar as scar
 from dask_scar import segment
@@ -397,11 +397,10 @@ def test_segments_pause_the_profiler_slow_the_tick_and_hold_freed_memory(digits)
     """While a segment runs, its worker's profiler is off and its event-loop check runs
     every second (both hold the GIL the training thread needs), and arrays of a few MB
     come from the allocator's heap, not each from a memory map of its own; afterwards
-    all three are as they were. A cluster of its own, with Dask's defaults: the profiler
+    all three are as they were. A cluster of its own, with Dask's default of the profiler
     on, even where config.OWN_CLUSTER turns it off for the other tests."""
     ddf = dd.from_pandas(digits, npartitions=4)
-    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0", silence_logs=40) as cluster, \
-            Client(cluster) as client:
+    with new_cluster(2, {"distributed.worker.profile.enabled": True}) as cluster, Client(cluster) as client:
         before = client.run(_periodic_work)
         assert set(before.values()) == {(True, 20, True)}     # Dask's defaults
         results = []
