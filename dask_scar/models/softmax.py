@@ -88,16 +88,24 @@ class SoftmaxRegression(GradientModel):
         # On the CPU, tiles keep the feature rows in cache for the second product,
         # and every tile reuses the same buffers: Dask's workers run with
         # MALLOC_TRIM_THRESHOLD_ set, which makes glibc map and unmap (and the kernel
-        # zero) a fresh large temporary every time, ~30 % of this loop.
-        tile = max(1, n if xp is not np else min(n, int(config.get("tile-rows"))))
+        # zero) a fresh large temporary every time, ~30 % of this loop. OpenBLAS
+        # computes a tile's scores faster as rows @ (d, K), copied into the
+        # class-major buffer, than as (K, d) @ rows.T (0.58 of the time per row).
+        cpu = xp is np
+        tile = max(1, n if not cpu else min(n, int(config.get("tile-rows"))))
         buffer, column = xp.empty((k, tile), dtype=X.dtype), xp.empty(tile, dtype=X.dtype)
+        by_row = np.empty((tile, k), dtype=X.dtype) if cpu else None
         offsets = xp.arange(tile, dtype=y.dtype)
         for s in range(0, n, tile):
             Xb, yb = X[s:s + tile], y[s:s + tile]
             rows = Xb.shape[0]
             z = buffer if rows == tile else xp.empty((k, rows), dtype=X.dtype)
             c = column[:rows]
-            xp.matmul(coef_t, Xb.T, out=z)
+            if cpu:
+                np.matmul(Xb, weights[:d], out=by_row[:rows])
+                z[...] = by_row[:rows].T
+            else:
+                xp.matmul(coef_t, Xb.T, out=z)
             z += bias
             z.max(axis=0, out=c)
             z -= c
