@@ -34,11 +34,11 @@ def test_gradient_matches_finite_differences(model):
     np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-7)
 
 
-def test_softmax_tiles_give_the_whole_block_result(digits):
+@pytest.mark.parametrize("model", [scar.SoftmaxRegression(), scar.LinearRegression()])
+def test_kernel_tiles_give_the_whole_block_result(digits, model):
     """The kernel's tiles (and the shorter last one) add up to the untiled computation."""
     import dask
 
-    model = scar.SoftmaxRegression()
     block = prepare_local(model, digits, "label")
     w = np.random.default_rng(2).standard_normal(model.parameter_specs()["weights"].shape).astype(np.float32)
     results = {}

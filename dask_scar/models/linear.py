@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
+from .. import config
 from ._base import Contribution, score_with
 from ._gradient import GradientModel
 
@@ -34,13 +37,22 @@ class LinearRegression(GradientModel):
     def contribution(self, phase, block, params, xp, iteration=0, block_id=0):
         X, y = self._batch(block, xp, iteration, block_id)
         weights = params["weights"]
-        d = self.n_features_
-        residual = X @ weights[:d, 0] + weights[d, 0] - y
-        grad = xp.empty_like(weights)
-        grad[:d, 0] = residual @ X
-        grad[d, 0] = residual.sum(dtype=xp.float64)
-        loss = 0.5 * float((residual.astype(xp.float64) ** 2).sum())
-        return Contribution({"weights": grad}, count=X.shape[0], loss=loss,
+        d, n = self.n_features_, X.shape[0]
+        coef, intercept = weights[:d, 0], weights[d, 0]
+        grad = xp.zeros_like(weights)
+        residual_sum, squares = xp.zeros((), dtype=xp.float64), xp.zeros((), dtype=xp.float64)
+        # On the CPU, a tile of rows stays in cache from the first product to the
+        # second, so the block is read from memory once per iteration, not twice.
+        tile = max(1, n if xp is not np else min(n, int(config.get("tile-rows"))))
+        for s in range(0, n, tile):
+            Xb = X[s:s + tile]
+            residual = Xb @ coef + intercept - y[s:s + tile]
+            grad[:d, 0] += residual @ Xb
+            residual_sum += residual.sum(dtype=xp.float64)
+            wide = residual.astype(xp.float64)
+            squares += wide @ wide
+        grad[d, 0] = residual_sum
+        return Contribution({"weights": grad}, count=n, loss=0.5 * float(squares),
                             penalty=self.penalty_of(weights, xp))
 
     def predict(self, data: Any) -> Any:
