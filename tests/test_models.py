@@ -159,6 +159,51 @@ def test_als_recovers_a_noise_free_rank_5_matrix():
     assert np.sqrt(((full - R) ** 2).mean()) < 1e-2  # unobserved entries too
 
 
+def test_als_rows_solve_their_own_equations_from_any_blocks_and_chunks():
+    """Each user's row is the ridge solution of that user's ratings, whether the ratings
+    come in one block or three and the rows in one chunk or three; a user without
+    ratings gets 0, one with many (40) and ones with one or two are solved alike."""
+    rng = np.random.default_rng(3)
+    users = rng.integers(0, 60, 700)
+    users[users == 7] = 8
+    users[:40], users[-1] = 3, 59
+    frame = pd.DataFrame({"user": users, "item": rng.integers(0, 30, 700), "rating": rng.standard_normal(700)})
+    model = scar.MatrixFactorization(rank=3, l2=0.2)
+    block = prepare_local(model, frame)
+    params = {"user_factors": np.zeros((60, 3), np.float32),
+              "item_factors": rng.standard_normal((30, 3)).astype(np.float32)}
+
+    def update(blocks, bounds):
+        parts = [model.contribution(0, b, params, np).parts["user_factors"] for b in blocks]
+        return np.concatenate([model.update("user_factors", None, model.combine("user_factors", parts, a, z, np),
+                                            0, a, z, np)["value"] for a, z in bounds])
+
+    expected = np.zeros((60, 3))
+    for u in range(60):
+        mine = block["X"][:, 0] == u
+        F = params["item_factors"][block["X"][mine, 1]].astype(np.float64)
+        expected[u] = np.linalg.solve(F.T @ F + (0.2 + 1e-9) * np.eye(3), F.T @ block["y"][mine])
+    thirds = [{k: v[s] for k, v in block.items()} for s in (slice(0, 250), slice(250, 500), slice(500, None))]
+    np.testing.assert_allclose(update([block], [(0, 60)]), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(update(thirds, [(0, 8), (8, 41), (41, 60)]), expected, rtol=1e-5, atol=1e-6)
+    assert not expected[7].any() and expected[3].any()
+
+
+@pytest.mark.parametrize("most", [3, 65536])
+def test_als_batched_normal_equations_equal_the_row_by_row_sums(most):
+    """Rows grouped by how many each id has, ``most`` at a time, give what adding every
+    row's outer product in place (the GPU's way) gives."""
+    from dask_scar.models.factorization import _normal_equations, _normal_equations_scattered
+
+    rng = np.random.default_rng(4)
+    ids = rng.integers(0, 50, 400)
+    ids[:30] = 5
+    factors, ratings = rng.standard_normal((400, 4)).astype(np.float32), rng.standard_normal(400).astype(np.float32)
+    for got, want in zip(_normal_equations(ids, factors, ratings, np, most=most),
+                         _normal_equations_scattered(ids, factors, ratings, np)):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_init_does_not_depend_on_chunking():
     frame, _ = low_rank_ratings(n_users=3000, n_items=40)
     model = scar.MatrixFactorization(rank=4)

@@ -95,20 +95,31 @@ class MatrixFactorization(Model):
         return Contribution(parts, count=len(ratings))
 
     def combine(self, name, parts, start, stop, xp):
-        rows = stop - start
-        A = xp.zeros((rows, self.rank, self.rank))
-        b = xp.zeros((rows, self.rank))
+        """``(ids - start, A, b)`` of the rows ``start:stop`` that have ratings, summed
+        over the parts; rows without any need no equations (see :meth:`update`)."""
+        pieces = []
         for ids, A_part, b_part in parts:
             lo, hi = (int(i) for i in xp.searchsorted(ids, xp.asarray([start, stop])))
-            A[ids[lo:hi] - start] += A_part[lo:hi]
-            b[ids[lo:hi] - start] += b_part[lo:hi]
-        return A, b
+            if hi > lo:
+                pieces.append((ids[lo:hi] - start, A_part[lo:hi], b_part[lo:hi]))
+        if len(pieces) == 1:
+            return pieces[0]
+        rows = xp.unique(xp.concatenate([xp.zeros(0, dtype=xp.int64)] + [piece[0] for piece in pieces]))
+        A, b = xp.zeros((len(rows), self.rank, self.rank)), xp.zeros((len(rows), self.rank))
+        for ids, A_part, b_part in pieces:
+            at = xp.searchsorted(rows, ids)
+            A[at] += A_part
+            b[at] += b_part
+        return rows, A, b
 
     def update(self, name, state, total, count, start, stop, xp):
-        A, b = total
-        # A tiny ridge keeps rows without any rating (A = 0) solvable when l2 = 0.
-        A += (self.l2 + 1e-9) * xp.eye(self.rank)
-        return {"value": xp.linalg.solve(A, b[..., None])[..., 0].astype(xp.float32)}
+        rows, A, b = total
+        # A row without ratings has A = 0 and b = 0: its solution is 0. A tiny ridge
+        # keeps the others solvable when l2 = 0.
+        value = xp.zeros((stop - start, self.rank), dtype=xp.float32)
+        if len(rows):
+            value[rows] = xp.linalg.solve(A + (self.l2 + 1e-9) * xp.eye(self.rank), b[..., None])[..., 0]
+        return {"value": value}
 
     # -- fitted model -------------------------------------------------------------
     def _predict_numpy(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
@@ -139,12 +150,35 @@ class MatrixFactorization(Model):
         return score_with(self, data, target or self.rating, lambda p, y: ((y - p) ** 2).mean() ** 0.5)
 
 
-def _normal_equations(ids, factors, ratings, xp: types.ModuleType, tile: int = 16384):
+def _normal_equations(ids, factors, ratings, xp: types.ModuleType, most: int = 65536):
     """Per id: ``A = sum f f^T`` and ``b = sum r f`` over the rows with that id.
 
     Returns ``(unique sorted ids, A (m, k, k), b (m, k))`` in float64, so a chunk
-    only receives the rows it owns.
+    only receives the rows it owns. On the CPU the rows are sorted by id, and the ids
+    with the same number of rows are stacked, at most ``most`` rows at a time, for
+    batched products: ~20 times faster than adding each row's outer product in place.
     """
+    if xp is not np:
+        return _normal_equations_scattered(ids, factors, ratings, xp)
+    order = np.argsort(ids, kind="stable")
+    unique, starts, counts = np.unique(ids[order], return_index=True, return_counts=True)
+    k = factors.shape[1]
+    f, r = factors[order].astype(np.float64), ratings[order].astype(np.float64)
+    A, b = np.empty((len(unique), k, k)), np.empty((len(unique), k))
+    for count in np.unique(counts):
+        same = np.flatnonzero(counts == count)
+        step = max(1, most // int(count))
+        for s in range(0, len(same), step):
+            group = same[s:s + step]
+            rows = starts[group, None] + np.arange(count)          # (ids, count)
+            stacked = f[rows]                                      # (ids, count, k)
+            A[group] = stacked.transpose(0, 2, 1) @ stacked
+            b[group] = (r[rows][:, None, :] @ stacked)[:, 0]
+    return unique, A, b
+
+
+def _normal_equations_scattered(ids, factors, ratings, xp: types.ModuleType, tile: int = 16384):
+    """:func:`_normal_equations` by adding every row's outer product in place (the GPU's way)."""
     unique, inverse = xp.unique(ids, return_inverse=True)
     k = factors.shape[1]
     A = xp.zeros((len(unique), k, k))
