@@ -89,28 +89,29 @@ class MatrixFactorization(Model):
             residual = ratings - (U[users] * other).sum(axis=1)
             loss = float((residual.astype(xp.float64) ** 2).sum())
             penalty = self.l2 * float((U.astype(xp.float64) ** 2).sum() + (V.astype(xp.float64) ** 2).sum())
-            parts = {"user_factors": _normal_equations(users, other, ratings, xp)}
+            parts = {"user_factors": (users, other, ratings)}
             return Contribution(parts, count=len(ratings), loss=loss, penalty=penalty / self.n_rows_)
-        parts = {"item_factors": _normal_equations(items, U[users], ratings, xp)}
+        parts = {"item_factors": (items, U[users], ratings)}
         return Contribution(parts, count=len(ratings))
 
     def combine(self, name, parts, start, stop, xp):
-        """``(ids - start, A, b)`` of the rows ``start:stop`` that have ratings, summed
-        over the parts; rows without any need no equations (see :meth:`update`)."""
+        """The normal equations ``(ids - start, A, b)`` of the rows ``start:stop`` that
+        have ratings (rows without any need none, see :meth:`update`), from every
+        block's part: its ratings' ids, the other side's factors, and the ratings.
+
+        A block sends those rather than its own equations: ``rank + 2`` numbers per
+        rating against ``rank * (rank + 1)`` per id, far less where ids have fewer
+        than ~``rank`` ratings in a block.
+        """
         pieces = []
-        for ids, A_part, b_part in parts:
-            lo, hi = (int(i) for i in xp.searchsorted(ids, xp.asarray([start, stop])))
-            if hi > lo:
-                pieces.append((ids[lo:hi] - start, A_part[lo:hi], b_part[lo:hi]))
-        if len(pieces) == 1:
-            return pieces[0]
-        rows = xp.unique(xp.concatenate([xp.zeros(0, dtype=xp.int64)] + [piece[0] for piece in pieces]))
-        A, b = xp.zeros((len(rows), self.rank, self.rank)), xp.zeros((len(rows), self.rank))
-        for ids, A_part, b_part in pieces:
-            at = xp.searchsorted(rows, ids)
-            A[at] += A_part
-            b[at] += b_part
-        return rows, A, b
+        for ids, factors, ratings in parts:
+            mine = (ids >= start) & (ids < stop)
+            if not mine.all():
+                ids, factors, ratings = ids[mine], factors[mine], ratings[mine]
+            pieces.append((ids - start, factors, ratings))
+        if len(pieces) > 1:
+            pieces = [[xp.concatenate(column) for column in zip(*pieces)]]
+        return _normal_equations(*pieces[0], xp)
 
     def update(self, name, state, total, count, start, stop, xp):
         rows, A, b = total
@@ -153,8 +154,7 @@ class MatrixFactorization(Model):
 def _normal_equations(ids, factors, ratings, xp: types.ModuleType, most: int = 65536):
     """Per id: ``A = sum f f^T`` and ``b = sum r f`` over the rows with that id.
 
-    Returns ``(unique sorted ids, A (m, k, k), b (m, k))`` in float64, so a chunk
-    only receives the rows it owns. On the CPU the rows are sorted by id, and the ids
+    Returns ``(unique sorted ids, A (m, k, k), b (m, k))`` in float64. On the CPU the rows are sorted by id, and the ids
     with the same number of rows are stacked, at most ``most`` rows at a time, for
     batched products: ~20 times faster than adding each row's outer product in place.
     """
