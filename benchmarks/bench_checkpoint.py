@@ -11,7 +11,7 @@ fixed cost of a round) and ALS matrix factorization (parameters ~9 MB: the bytes
 100,000 ratings: the parameter bytes do not depend on them, the time to compute does).
 Then the store's own write and read rates for a 64 MB parameter in 1 MB blocks.
 
-    python benchmarks/bench_checkpoint.py            # 15-45 minutes on 2 shared cores (ALS sets the pace)
+    python benchmarks/bench_checkpoint.py            # ~11 minutes on 2 shared cores (ALS sets the pace)
     python benchmarks/bench_checkpoint.py --quick
     python benchmarks/bench_checkpoint.py --backend cupy --workers 1 --rows 1000000 --no-als   # a GPU
 """

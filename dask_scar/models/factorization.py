@@ -154,9 +154,10 @@ class MatrixFactorization(Model):
 def _normal_equations(ids, factors, ratings, xp: types.ModuleType, most: int = 65536):
     """Per id: ``A = sum f f^T`` and ``b = sum r f`` over the rows with that id.
 
-    Returns ``(unique sorted ids, A (m, k, k), b (m, k))`` in float64. On the CPU the rows are sorted by id, and the ids
-    with the same number of rows are stacked, at most ``most`` rows at a time, for
-    batched products: ~20 times faster than adding each row's outer product in place.
+    Returns ``(unique sorted ids, A (m, k, k), b (m, k))`` in float64. On the CPU the
+    rows are sorted by id, and the ids with the same number of rows are stacked, at
+    most ``most`` rows at a time, for batched products: ~20 times faster than adding
+    each row's outer product in place.
     """
     if xp is not np:
         return _normal_equations_scattered(ids, factors, ratings, xp)
