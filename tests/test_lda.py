@@ -83,6 +83,22 @@ def test_table_is_the_count_of_the_blocks_assignments(local_run):
     assert c.count == N_TOKENS and c.penalty == 0.0
 
 
+@pytest.mark.parametrize("rows", [3, 5000])
+def test_moving_counts_equals_adding_in_place(rows):
+    """Counts moved over the whole table (a small table, 3 x 4) or in place (a large
+    one, 5000 x 4) give what ``np.add.at`` gives, repeated cells included."""
+    from dask_scar.models.lda import _move
+
+    rng = np.random.default_rng(5)
+    table = rng.integers(5, 9, (rows, 4)).astype(np.float64)
+    d, old, new = rng.integers(0, rows, 300), rng.integers(0, 4, 300), rng.integers(0, 4, 300)
+    expected = table.copy()
+    np.add.at(expected, (d, old), -1)
+    np.add.at(expected, (d, new), 1)
+    _move(table, d, old, new)
+    np.testing.assert_array_equal(table, expected)
+
+
 def test_runs_are_reproducible():
     runs = []
     for _ in range(2):
