@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .. import config
 from ..exceptions import DataError
 from ._base import DataSummary, Model, ParameterSpec
 
@@ -118,6 +119,12 @@ class GradientModel(Model):
         rows = np.sort(rng.choice(n, size=min(take, n), replace=False))
         rows = xp.asarray(rows)
         return X[rows], y[rows]
+
+    @staticmethod
+    def _tile_rows(n: int, xp: types.ModuleType) -> int:
+        """Rows per tile of a kernel's loop over ``n`` rows: ``scar.tile-rows`` on the CPU
+        (a tile stays in cache from the first product to the second), all on a GPU."""
+        return max(1, n if xp is not np else min(n, int(config.get("tile-rows"))))
 
     def penalty_of(self, weights: Any, xp: types.ModuleType) -> float:
         if not self.l2:

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
-from .. import config
 from ._base import Contribution, score_with
 from ._gradient import GradientModel
 
@@ -41,9 +38,7 @@ class LinearRegression(GradientModel):
         coef, intercept = weights[:d, 0], weights[d, 0]
         grad = xp.zeros_like(weights)
         residual_sum, squares = xp.zeros((), dtype=xp.float64), xp.zeros((), dtype=xp.float64)
-        # On the CPU, a tile of rows stays in cache from the first product to the
-        # second, so the block is read from memory once per iteration, not twice.
-        tile = max(1, n if xp is not np else min(n, int(config.get("tile-rows"))))
+        tile = self._tile_rows(n, xp)      # the block is read from memory once, not twice
         for s in range(0, n, tile):
             Xb = X[s:s + tile]
             residual = Xb @ coef + intercept - y[s:s + tile]

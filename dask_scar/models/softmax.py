@@ -6,7 +6,6 @@ from typing import Any
 
 import numpy as np
 
-from .. import config
 from ..exceptions import DataError
 from ._base import Contribution, DataSummary, score_with
 from ._gradient import GradientModel
@@ -92,7 +91,7 @@ class SoftmaxRegression(GradientModel):
         # computes a tile's scores faster as rows @ (d, K), copied into the
         # class-major buffer, than as (K, d) @ rows.T (0.58 of the time per row).
         cpu = xp is np
-        tile = max(1, n if not cpu else min(n, int(config.get("tile-rows"))))
+        tile = self._tile_rows(n, xp)
         buffer, column = xp.empty((k, tile), dtype=X.dtype), xp.empty(tile, dtype=X.dtype)
         by_row = np.empty((tile, k), dtype=X.dtype) if cpu else None
         offsets = xp.arange(tile, dtype=y.dtype)
