@@ -116,10 +116,13 @@ class MatrixFactorization(Model):
     def update(self, name, state, total, count, start, stop, xp):
         rows, A, b = total
         # A row without ratings has A = 0 and b = 0: its solution is 0. A tiny ridge
-        # keeps the others solvable when l2 = 0.
+        # keeps the others solvable when l2 = 0; it goes on the diagonal in place, as
+        # combine built A for this update alone.
         value = xp.zeros((stop - start, self.rank), dtype=xp.float32)
         if len(rows):
-            value[rows] = xp.linalg.solve(A + (self.l2 + 1e-9) * xp.eye(self.rank), b[..., None])[..., 0]
+            diagonal = xp.arange(self.rank)
+            A[:, diagonal, diagonal] += self.l2 + 1e-9
+            value[rows] = xp.linalg.solve(A, b[..., None])[..., 0]
         return {"value": value}
 
     # -- fitted model -------------------------------------------------------------
