@@ -209,6 +209,9 @@ def inspect(args: argparse.Namespace) -> int:
     info = store.info()
     meta = store.meta
     print(f"{info['url']}: dask_scar checkpoint of {info['model']} {json.dumps(meta['model']['params'])}")
+    columns = meta["model"].get("columns")
+    if columns:
+        print(f"trained on features {columns['features']}, target {columns['target']!r}")
     print(f"policy {json.dumps(meta.get('policy'))}")
     for name, layout in store.layouts.items():
         print(f"  {name}: shape {layout.shape} {layout.dtype}, {layout.n_blocks} blocks of {layout.block_rows} rows")

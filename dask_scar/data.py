@@ -49,18 +49,35 @@ class TrainingData:
 def check_columns(model: Model, columns: list[str], dtypes: pd.Series, target: str | None,
                   features: list[str] | None) -> tuple[list[str], str | None]:
     """Resolve and check feature/target columns against a frame's columns and dtypes."""
+    names = pd.Index(columns)
+    duplicated = sorted(set(map(str, names[names.duplicated()])))
+    if duplicated:
+        raise DataError(f"the data has more than one column named {', '.join(map(repr, duplicated))}: "
+                        "rename them (ddf.columns = [...]) so that every column name is unique")
     if features is not None:
         features = [features] if isinstance(features, str) else list(features)
     features, target = model.select_columns(list(columns), target, features)
     missing = [c for c in [*features, target] if c is not None and c not in columns]
     if missing:
         raise DataError(f"column(s) {missing} not in the data; available columns: {list(columns)}")
-    bad = [f"{c!r} ({dtypes[c]})" for c in [*features, target]
-           if c is not None and not (pd.api.types.is_numeric_dtype(dtypes[c]) or pd.api.types.is_bool_dtype(dtypes[c]))]
+    if target is not None and target in features:
+        raise DataError(f"the target column {target!r} is also in features=: remove it from features, "
+                        "or the model would learn the answer from itself")
+    bad = [c for c in features if not _numeric(dtypes[c])]
     if bad:
-        raise DataError(f"column(s) {', '.join(bad)} are not numeric; {type(model).__name__} needs numbers. "
-                        "Encode them (e.g. dd.get_dummies or pandas.factorize) or leave them out with features=[...]")
+        raise DataError(f"column(s) {', '.join(f'{c!r} ({dtypes[c]})' for c in bad)} are not numeric; "
+                        f"{type(model).__name__} needs real numbers. Encode them (e.g. dd.get_dummies or "
+                        "pandas.factorize) or leave them out with features=[...]")
+    if target is not None and not _numeric(dtypes[target]):
+        raise DataError(f"the target column {target!r} ({dtypes[target]}) is not numeric: "
+                        f"{model.target_help()}")
     return features, target
+
+
+def _numeric(dtype) -> bool:
+    """Real numbers or booleans (complex numbers would lose their imaginary part)."""
+    return ((pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype))
+            and not pd.api.types.is_complex_dtype(dtype))
 
 
 def to_arrays(frame: pd.DataFrame, features: list[str], target: str | None,
@@ -161,7 +178,9 @@ def holders(client: Client, futures: list[Future]) -> dict[str, str]:
 def as_dask_frame(data: Any, n_workers: int) -> dd.DataFrame:
     """A Dask DataFrame with at least one partition per worker."""
     if isinstance(data, pd.DataFrame):
-        return dd.from_pandas(data, npartitions=max(1, n_workers))
+        # the index plays no part in training, and from_pandas sorts it (a mixed or
+        # multi-level one fails there)
+        return dd.from_pandas(data.reset_index(drop=True), npartitions=max(1, n_workers))
     if not isinstance(data, dd.DataFrame):
         raise DataError(f"expected a Dask or pandas DataFrame, got {type(data).__name__}")
     if data.npartitions < n_workers:

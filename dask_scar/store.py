@@ -201,6 +201,11 @@ class CheckpointStore(abc.ABC):
         diffs = []
         if mine["class"] != model["class"]:
             diffs.append(f"model class: store has {mine['class']}, trainer has {model['class']}")
+        ours, theirs = mine.get("columns"), model.get("columns")    # earlier stores do not say
+        if ours and theirs and ours != theirs:
+            diffs.append(f"columns: store has features {ours['features']} and target {ours['target']!r}, "
+                         f"the data has features {theirs['features']} and target {theirs['target']!r} "
+                         "(give the same names, in the same order)")
         if set(self.layouts) != set(layouts):
             diffs.append(f"parameters: store has {sorted(self.layouts)}, model has {sorted(layouts)}")
         for name in sorted(set(self.layouts) & set(layouts)):

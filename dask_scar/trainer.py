@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -21,6 +22,7 @@ from .checkpoint import Checkpointer
 from .chunks import ParameterChunks, place, split_rows
 from .exceptions import BackendError, CheckpointError
 from .models import Model
+from .models._base import check_number
 from .plugin import ensure_plugin
 from .policy import CheckpointPolicy, default_policy
 from .recovery import RecoveryEvent, Restore, live_workers
@@ -165,8 +167,9 @@ class Trainer:
         them; stopping at ``tol`` then lets one surplus iteration finish, and
         discards it.
         """
-        if max_iter < 1:
-            raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+        check_number("max_iter", max_iter, 1, integer=True)
+        check_number("tol", tol, 0)
+        self.model.check_params()
         if resume and self.store is None:
             raise ValueError("resume=True needs the Trainer's store=: the checkpoint to resume from")
         client, model = self.client, self.model
@@ -179,7 +182,11 @@ class Trainer:
         layouts = make_layouts({name: (spec.shape, spec.dtype) for name, spec in model.parameter_specs().items()},
                                n_chunks, config.get("checkpoint.blocks-per-chunk"))
         run = uuid.uuid4().hex[:8]
-        store, ckpt, start, prepare = self._open_store(layouts, run, resume)
+        store, ckpt, start, prepare = self._open_store(layouts, run, resume, training)
+        if start >= max_iter:
+            warnings.warn(f"the checkpoint store {self.store} is at iteration {start}, and max_iter={max_iter}: "
+                          "nothing to train; the model gets the stored parameters (raise max_iter to go on)",
+                          stacklevel=2)
         if store is not None:
             layouts = store.layouts
         chunks = ParameterChunks(client, run, place(split_rows(layouts, n_chunks), workers), version=start)
@@ -207,13 +214,15 @@ class Trainer:
         return FitResult(history=history_frame(rows, ckpt), params=params, n_iter=model.n_iter_, converged=converged,
                          events=training_run.events, checkpoints=ckpt.table() if ckpt is not None else None)
 
-    def _open_store(self, layouts: dict, run: str, resume: bool):
+    def _open_store(self, layouts: dict, run: str, resume: bool, training: data.TrainingData):
         """The store, the run's Checkpointer, the first iteration and how chunks are
         prepared, for a fresh or a resumed run (nothing when there is no store)."""
         if self.store is None:
             return None, None, 0, lambda load: None
         model, policy = self.model, self.policy
-        meta = {"class": f"{type(model).__module__}.{type(model).__qualname__}", "params": model.get_params()}
+        meta = {"class": f"{type(model).__module__}.{type(model).__qualname__}", "params": model.get_params(),
+                "columns": {"features": [str(c) for c in training.features],
+                            "target": None if training.target is None else str(training.target)}}
         if resume:
             store = ZarrStore.open(self.store, mode="r+")
             store.check_compatible(meta, layouts)

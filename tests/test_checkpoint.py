@@ -123,8 +123,19 @@ def test_equal_byte_budget_full_vs_prioritized(client, tmp_path):
 
 def test_store_for_another_model_or_corrupt_is_refused(client, digits, tmp_path):
     store = tmp_path / "ckpt.zarr"
-    scar.Trainer(client, scar.SoftmaxRegression(), store=store, policy=scar.FullCheckpoint(every=3)).fit(
+    first = scar.Trainer(client, scar.SoftmaxRegression(), store=store, policy=scar.FullCheckpoint(every=3)).fit(
         digits, target="label", max_iter=6, progress=False)
+    with pytest.warns(UserWarning, match="is at iteration 6, and max_iter=6: nothing to train"):
+        again = scar.Trainer(client, scar.SoftmaxRegression(), store=store).fit(
+            digits, target="label", max_iter=6, resume=True, progress=False)
+    assert again.n_iter == 6 and len(again.history) == 0
+    np.testing.assert_array_equal(again.params["weights"], first.params["weights"])
+    # the same columns in another order would put every weight on the wrong feature
+    swapped = digits[[*digits.columns[:-1][::-1], "label"]]
+    with pytest.raises(scar.StoreMismatchError, match=r"columns: store has features \['p0', 'p1', .*\] and target "
+                                                      r"'label', the data has features \['p63', 'p62', .*"):
+        scar.Trainer(client, scar.SoftmaxRegression(), store=store).fit(swapped, target="label", max_iter=9,
+                                                                        resume=True, progress=False)
     with pytest.raises(scar.CheckpointError, match="already holds a dask_scar checkpoint: pass resume=True"):
         scar.Trainer(client, scar.SoftmaxRegression(), store=store).fit(digits, target="label", max_iter=6)
     with pytest.raises(scar.StoreMismatchError, match=r"model class: store has .*SoftmaxRegression, trainer has "

@@ -43,6 +43,11 @@ def test_pandas_input_and_explicit_features(client):
     training = data.prepare(client, scar.SoftmaxRegression(), _frame(), "label", ["a", "c"])
     assert training.features == ["a", "c"]
     assert client.gather(training.blocks)[0]["X"].shape[1] == 2
+    # the index plays no part: one that Dask cannot sort (mixed types, several levels) is fine
+    mixed = _frame().set_index(pd.Index([0, "a"] * 100))
+    assert data.prepare(client, scar.SoftmaxRegression(), mixed, "label", None).n_rows == 200
+    levels = _frame().set_index(pd.MultiIndex.from_arrays([np.arange(200) % 7, np.arange(200)]))
+    assert data.prepare(client, scar.SoftmaxRegression(), levels, "label", None).n_rows == 200
 
 
 def test_missing_target_names_the_columns(client):

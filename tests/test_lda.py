@@ -152,6 +152,8 @@ def test_token_rows_are_count_one_rows(local_run):
     ("word", FRAME.assign(word=FRAME["word"] + 0.5)),
     ("doc", FRAME.assign(doc=-FRAME["doc"])),
     ("count", FRAME.drop(columns="count")),
+    ("count", FRAME.assign(count=0)),
+    ("word", FRAME.assign(word=FRAME["word"].where(FRAME.index > 0, 10**9))),
 ])
 def test_bad_data_names_the_column(column, frame):
     with pytest.raises(scar.DataError, match=repr(column)):

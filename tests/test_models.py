@@ -1,5 +1,6 @@
 """The maths of each model, in one process, against independent references."""
 
+import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pytest
@@ -240,21 +241,79 @@ def test_bad_class_labels_are_named(labels, message):
         prepare_local(scar.SoftmaxRegression(), frame, "label")
 
 
+@pytest.mark.parametrize("model, frame, message", [
+    # one stray label or id would size the model by itself: 40 GB of weights here
+    (scar.SoftmaxRegression(), pd.DataFrame({"a": [0.0, 1.0, 2.0], "label": [0, 1, 10**7]}),
+     r"'label' holds class labels up to 10,000,000: the model would need 10,000,001 of them for 3 rows"),
+    (scar.MatrixFactorization(rank=2), pd.DataFrame({"user": [0, 1, 2**40], "item": [0, 1, 2], "rating": 1.0}),
+     r"'user' holds ids up to 1,099,511,627,776"),
+    (scar.SoftmaxRegression(), pd.DataFrame({"a": [0.0, 1.0], "label": ["cat", "dog"]}),
+     r"target column 'label' \((object|str|string)\) is not numeric: encode the classes as integers 0, 1, 2"),
+    (scar.LinearRegression(), pd.DataFrame({"a": [0.0, 1.0], "y": [1 + 1j, 2.0]}),
+     r"target column 'y' \(complex128\) is not numeric: convert it to numbers"),
+    (scar.LinearRegression(), pd.DataFrame({"a": [0.0, 1.0], "z": [1 + 1j, 2.0], "y": 1.0}),
+     r"column\(s\) 'z' \(complex128\) are not numeric"),
+    (scar.LinearRegression(), pd.DataFrame([[0.0, 1.0, 2.0]], columns=["a", "a", "y"]),
+     "more than one column named 'a'"),
+])
+def test_unusable_columns_are_named_with_a_fix(model, frame, message):
+    target = "y" if isinstance(model, scar.LinearRegression) else "label"
+    with pytest.raises(DataError, match=message):
+        prepare_local(model, frame, None if isinstance(model, scar.MatrixFactorization) else target)
+
+
+def test_a_target_among_the_features_is_refused():
+    frame = pd.DataFrame({"a": [0.0, 1.0, 2.0], "label": [0, 1, 1]})
+    with pytest.raises(DataError, match="the target column 'label' is also in features="):
+        prepare_local(scar.SoftmaxRegression(), frame, "label", ["a", "label"])
+
+
+def test_predictions_check_their_columns_and_values(digits):
+    model = scar.SoftmaxRegression()
+    model.params_, _ = fit_local(model, prepare_local(model, digits, "label"), max_iter=5)
+    with pytest.raises(DataError, match=r"column\(s\) \['p3'\] not in the data: the model was fitted on"):
+        model.predict(dd.from_pandas(digits.drop(columns="p3"), npartitions=2))     # before any computing
+    holes = digits.head(5).copy()
+    holes.loc[2, "p7"] = np.nan
+    with pytest.raises(DataError, match=r"NaN/inf values in column\(s\) \['p7'\]"):
+        model.predict(holes)
+    # a lazy prediction declares what it computes
+    lazy = dd.from_pandas(digits, npartitions=2)
+    assert model.predict(lazy).dtype == model.predict(lazy).compute().dtype == np.int64
+    assert (model.predict_proba(lazy).dtypes == np.float32).all()
+    assert model.predict_proba(lazy).compute().dtypes.eq(np.float32).all()
+    # labels in memory against lazy predictions
+    assert model.score(lazy, digits["label"].to_numpy()) == pytest.approx(model.score(digits, "label"))
+    with pytest.raises(DataError, match="column 'Label' not in the data"):
+        model.score(digits, "Label")
+
+
+def test_factorization_predictions_refuse_fractional_and_unknown_ids():
+    frame, _ = low_rank_ratings()
+    model = scar.MatrixFactorization(rank=5)
+    model.params_, _ = fit_local(model, prepare_local(model, frame), max_iter=2)
+    for bad in (frame.assign(user=frame["user"] + 0.5), frame.assign(item=frame["item"] + 1000),
+                frame.assign(user=frame["user"].astype("Int64").where(frame.index > 0, pd.NA))):
+        with pytest.raises(DataError, match="must hold integer ids in the fitted range"):
+            model.predict(bad)
+
+
 def test_bad_ids_for_factorization_are_named():
     frame = pd.DataFrame({"user": [0, 1, -2], "item": [0, 1, 2], "rating": [1.0, 2.0, 3.0]})
-    with pytest.raises(DataError, match="'user' must hold non-negative integer ids"):
+    with pytest.raises(DataError, match=r"'user' must hold ids 0, 1, 2, \.\.\.; found negative values"):
         prepare_local(scar.MatrixFactorization(rank=2), frame)
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"learning_rate": 0}, "learning_rate must be > 0"),
-    ({"momentum": 1.0}, "momentum must be in"),
-    ({"l2": -1}, "l2 must be >= 0"),
+    ({"learning_rate": 0}, "learning_rate must be a number > 0, got 0"),
+    ({"learning_rate": "0.1"}, "learning_rate must be a number > 0, got '0.1'"),
+    ({"momentum": 1.0}, "momentum must be a number >= 0 and < 1, got 1.0"),
+    ({"l2": -1}, "l2 must be a number >= 0, got -1"),
     ({"batch_size": 0}, "batch_size"),
     ({"solver": "newton"}, "solver must be one of"),
     ({"solver": "lbfgs", "batch_size": 100}, "solver='lbfgs' needs the whole data"),
     ({"solver": "lbfgs", "momentum": 0.9}, "momentum applies to solver='gd' only"),
-    ({"solver": "lbfgs", "memory": 0}, "memory must be a positive number"),
+    ({"solver": "lbfgs", "memory": 0}, r"memory \(L-BFGS correction pairs\) must be an integer >= 1, got 0"),
 ])
 def test_bad_hyperparameters_are_refused(digits, kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -3,6 +3,7 @@
 import _thread
 import ctypes
 import gc
+import re
 import subprocess
 import sys
 import threading
@@ -209,6 +210,21 @@ def test_stops_early_at_tolerance(client, digits):
 def test_bad_trainer_arguments(client, kwargs, error, message):
     with pytest.raises(error, match=message):
         scar.Trainer(client, scar.SoftmaxRegression(), **kwargs)
+
+
+@pytest.mark.parametrize("model, kwargs, message", [
+    (scar.SoftmaxRegression(), {"max_iter": 5.5}, "max_iter must be an integer >= 1, got 5.5"),
+    (scar.SoftmaxRegression(), {"tol": float("nan")}, "tol must be a number >= 0, got nan"),
+    (scar.SoftmaxRegression(learning_rate="0.1"), {}, "learning_rate must be a number > 0, got '0.1'"),
+    (scar.MatrixFactorization(rank=0), {}, "rank must be an integer >= 1, got 0"),
+])
+def test_bad_fit_arguments_are_refused_before_the_data_is_read(client, model, kwargs, message):
+    def unread():
+        raise RuntimeError("the data was read")
+
+    frame = dd.from_delayed([dask.delayed(unread)()], meta=pd.DataFrame({"a": [0.0], "label": [0]}))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        scar.Trainer(client, model).fit(frame, target="label", progress=False, **kwargs)
 
 
 def test_a_callback_returning_true_stops_training_with_a_result(client, digits):

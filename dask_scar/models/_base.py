@@ -16,6 +16,7 @@ Array code takes ``xp`` (``numpy`` or ``cupy``) so that the same maths runs on b
 from __future__ import annotations
 
 import inspect
+import numbers
 import types
 import zlib
 from dataclasses import dataclass
@@ -151,8 +152,17 @@ class Model:
                             "set them in the model, not with features=")
         return names, target or default_target
 
+    def check_params(self) -> None:
+        """Raise ``ValueError`` for a constructor argument the model cannot train with
+        (the trainer asks before it reads any data)."""
+
+    def target_help(self) -> str:
+        """What to do about a target column that does not hold numbers."""
+        return "convert it to numbers (e.g. ddf[column].astype(float)), or name another column with target="
+
     def setup(self, summary: DataSummary) -> None:
         """Check the data summary (raise :class:`DataError`) and size the parameters."""
+        self.check_params()
         self.n_rows_ = summary.n_rows
 
     def parameter_specs(self) -> dict[str, ParameterSpec]:
@@ -233,11 +243,62 @@ def stable_seed(*parts: Any) -> list[int]:
     return [p if isinstance(p, int) else zlib.crc32(str(p).encode()) for p in parts]
 
 
+def check_number(name: str, value: Any, low: float = -np.inf, high: float = np.inf, *,
+                 integer: bool = False, low_open: bool = False, high_open: bool = False) -> None:
+    """Raise ``ValueError`` unless ``value`` is a number (an integer if ``integer``)
+    within ``low``..``high`` (bounds excluded where ``*_open``)."""
+    kind = numbers.Integral if integer else numbers.Real
+    ok = isinstance(value, kind) and not isinstance(value, bool) and (
+        (low < value if low_open else low <= value) and (value < high if high_open else value <= high))
+    if not ok:
+        what = "an integer" if integer else "a number"
+        if low > -np.inf:
+            what += f" {'>' if low_open else '>='} {low:g}"
+        if high < np.inf:
+            what += f"{' and' if low > -np.inf else ''} {'<' if high_open else '<='} {high:g}"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
+def check_integers(column: ColumnSummary, what: str) -> None:
+    """:class:`DataError` unless ``column`` holds non-negative integers (``what``: ids, labels...)."""
+    if column.min < 0 or not column.integral:
+        found = "negative values" if column.min < 0 else "non-integer values"
+        raise DataError(f"column {column.name!r} must hold {what} 0, 1, 2, ...; found {found} "
+                        f"(min {column.min:g}, max {column.max:g}). Encode it, e.g. with pandas.factorize")
+
+
+def check_ids(column: ColumnSummary, n_rows: int, what: str) -> int:
+    """The number of rows a parameter indexed by ``column``'s non-negative integer ids
+    needs (its largest id + 1); :class:`DataError` where the ids are not such, or are
+    so sparse that the parameter would hold far more rows than the data (an id column
+    that was never encoded, or one stray value)."""
+    check_integers(column, what)
+    size = int(column.max) + 1
+    if size > max(MAX_IDS_PER_ROW * n_rows, MAX_IDS_ANYWAY):
+        raise DataError(f"column {column.name!r} holds {what} up to {column.max:,.0f}: the model would need "
+                        f"{size:,} of them for {n_rows:,} rows. Encode the column as 0, 1, 2, ... "
+                        "(e.g. codes, values = pandas.factorize(column)), or drop the rows with stray values")
+    return size
+
+
+#: :func:`check_ids` refuses ids that would size a parameter beyond this many rows per
+#: data row, and beyond :data:`MAX_IDS_ANYWAY` rows.
+MAX_IDS_PER_ROW, MAX_IDS_ANYWAY = 10, 1_000_000
+
+
 def score_with(model: Model, data: Any, target: Any, metric) -> float:
     """``metric(predictions, labels)`` as a float; lazy (Dask) inputs are computed once."""
-    labels = data[target] if isinstance(target, str) else target
+    if isinstance(target, str):
+        if target not in data.columns:
+            raise DataError(f"column {target!r} not in the data; available columns: {list(data.columns)}")
+        labels = data[target]
+    else:
+        labels = target
     pred = model.predict(data)
-    if not hasattr(pred, "compute"):
-        pred, labels = np.asarray(pred), np.asarray(labels)
-    value = metric(pred, labels)
-    return float(value.compute() if hasattr(value, "compute") else value)
+    if hasattr(pred, "compute") and hasattr(labels, "compute"):   # both lazy: one computation
+        value = metric(pred, labels)
+        return float(value.compute())
+    pred, labels = (np.asarray(x.compute() if hasattr(x, "compute") else x) for x in (pred, labels))
+    if pred.shape != labels.shape:
+        raise DataError(f"{len(labels):,} labels for {len(pred):,} rows of data")
+    return float(metric(pred, labels))

@@ -15,7 +15,7 @@ import pandas as pd
 
 from .. import config
 from ..exceptions import DataError
-from ._base import DataSummary, Model, ParameterSpec
+from ._base import DataSummary, Model, ParameterSpec, check_number
 
 
 SOLVERS = ("gd", "lbfgs")
@@ -62,15 +62,12 @@ class GradientModel(Model):
         self.solver = solver
         self.memory = memory
 
-    def _check_hyperparameters(self) -> None:
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.l2 < 0:
-            raise ValueError(f"l2 must be >= 0, got {self.l2}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive number of rows or None, got {self.batch_size}")
+    def check_params(self) -> None:
+        check_number("learning_rate", self.learning_rate, 0, low_open=True)
+        check_number("momentum", self.momentum, 0, 1, high_open=True)
+        check_number("l2", self.l2, 0)
+        if self.batch_size is not None:
+            check_number("batch_size (rows per minibatch, or None)", self.batch_size, 1, integer=True)
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
         if self.solver == "lbfgs":
@@ -79,11 +76,9 @@ class GradientModel(Model):
                                  "or solver='gd' for minibatch SGD")
             if self.momentum:
                 raise ValueError("momentum applies to solver='gd' only; use momentum=0 with solver='lbfgs'")
-            if not (isinstance(self.memory, int) and self.memory >= 1):
-                raise ValueError(f"memory must be a positive number of L-BFGS correction pairs, got {self.memory!r}")
+            check_number("memory (L-BFGS correction pairs)", self.memory, 1, integer=True)
 
     def setup(self, summary: DataSummary) -> None:
-        self._check_hyperparameters()
         super().setup(summary)
         self.features_ = [c.name for c in summary.features]
         self.n_features_ = len(self.features_)
@@ -245,21 +240,31 @@ class GradientModel(Model):
     def _apply(self, data: Any, fn, columns: list[str] | None):
         """Apply ``fn`` (rows of features -> array) to NumPy, pandas or Dask data."""
         self._fitted()
+        features = self.features_
+        if hasattr(data, "columns"):
+            missing = [c for c in features if c not in data.columns]
+            if missing:
+                raise DataError(f"column(s) {missing} not in the data: the model was fitted on {features}")
         if hasattr(data, "map_partitions"):  # Dask DataFrame: stay lazy
-            features = self.features_
 
             def on_partition(frame: pd.DataFrame):
-                out = fn(frame[features].to_numpy(np.float32))
+                out = fn(self._rows(frame[features].to_numpy(np.float32, na_value=np.nan)))
                 if columns is None:
                     return pd.Series(out, index=frame.index)
                 return pd.DataFrame(out, index=frame.index, columns=columns)
 
-            meta = (pd.Series(dtype="float64") if columns is None
-                    else pd.DataFrame({c: pd.Series(dtype="float64") for c in columns}))
-            return data.map_partitions(on_partition, meta=meta)
+            return data.map_partitions(on_partition, meta=on_partition(data._meta))
         if isinstance(data, pd.DataFrame):
-            data = data[self.features_].to_numpy(np.float32)
+            data = data[features].to_numpy(np.float32, na_value=np.nan)
         X = np.asarray(data, dtype=np.float32)
         if X.ndim != 2 or X.shape[1] != self.n_features_:
-            raise DataError(f"expected {self.n_features_} feature columns {self.features_}, got shape {X.shape}")
-        return fn(X)
+            raise DataError(f"expected {self.n_features_} feature columns {features}, got shape {X.shape}")
+        return fn(self._rows(X))
+
+    def _rows(self, X: np.ndarray) -> np.ndarray:
+        """``X``, checked to hold finite values only (as training did)."""
+        finite = np.isfinite(X).all(axis=0)
+        if not finite.all():
+            bad = [name for name, ok in zip(self.features_, finite) if not ok]
+            raise DataError(f"NaN/inf values in column(s) {bad}: drop or fill those rows before predicting")
+        return X

@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 
 from ..exceptions import DataError
-from ._base import Contribution, DataSummary, Model, ParameterSpec, score_with, stable_seed
+from ._base import (Contribution, DataSummary, Model, ParameterSpec, check_ids, check_number, score_with,
+                    stable_seed)
 from .linear import r2_score
 
 _INIT_ROWS = 1024  # rows per seeded init block: init values do not depend on chunking
@@ -48,19 +49,14 @@ class MatrixFactorization(Model):
     def select_columns(self, columns, target, features):
         return self._fixed_columns(features, target, self.rating, user=self.user, item=self.item)
 
+    def check_params(self) -> None:
+        check_number("rank", self.rank, 1, integer=True)
+        check_number("l2", self.l2, 0)
+        check_number("init_scale", self.init_scale, 0, low_open=True)
+
     def setup(self, summary: DataSummary) -> None:
-        if not (isinstance(self.rank, int) and self.rank >= 1):
-            raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
-        if self.l2 < 0:
-            raise ValueError(f"l2 must be >= 0, got {self.l2}")
         super().setup(summary)
-        sizes = []
-        for column in summary.features:
-            if column.min < 0 or not column.integral:
-                raise DataError(f"column {column.name!r} must hold non-negative integer ids "
-                                f"(min {column.min:g}, max {column.max:g}); encode it, e.g. with pandas.factorize")
-            sizes.append(int(column.max) + 1)
-        self.n_users_, self.n_items_ = sizes
+        self.n_users_, self.n_items_ = (check_ids(column, summary.n_rows, "ids") for column in summary.features)
 
     def parameter_specs(self) -> dict[str, ParameterSpec]:
         return {"user_factors": ParameterSpec((self.n_users_, self.rank)),
@@ -126,19 +122,28 @@ class MatrixFactorization(Model):
         return {"value": value}
 
     # -- fitted model -------------------------------------------------------------
-    def _predict_numpy(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        params = self._fitted()
-        for ids, n, column in ((users, self.n_users_, self.user), (items, self.n_items_, self.item)):
-            if len(ids) and (ids.min() < 0 or ids.max() >= n):
-                raise DataError(f"column {column!r} holds ids outside the fitted range 0..{n - 1}")
-        return (params["user_factors"][users] * params["item_factors"][items]).sum(axis=1)
+    def _ids(self, frame: pd.DataFrame, column: str, n: int) -> np.ndarray:
+        """``frame[column]`` as row numbers of a factor matrix of ``n`` rows, checked."""
+        values = frame[column].to_numpy(np.float64, na_value=np.nan)
+        with np.errstate(invalid="ignore"):
+            ids = values.astype(np.int64)
+        bad = (ids != values) | (ids < 0) | (ids >= n)
+        if bad.any():
+            raise DataError(f"column {column!r} must hold integer ids in the fitted range 0..{n - 1}; "
+                            f"{bad.sum():,} rows do not (the first holds {values[bad][0]:g})")
+        return ids
 
     def predict(self, data: Any) -> Any:
         """Predicted rating of each (user, item) row (a Dask Series for Dask input)."""
-        self._fitted()
+        params = self._fitted()
+        missing = [c for c in (self.user, self.item) if c not in data.columns]
+        if missing:
+            raise DataError(f"column(s) {missing} not in the data: {type(self).__name__} reads the columns "
+                            f"user={self.user!r} and item={self.item!r}")
 
         def on_frame(frame: pd.DataFrame):
-            pred = self._predict_numpy(frame[self.user].to_numpy(np.int64), frame[self.item].to_numpy(np.int64))
+            users = params["user_factors"][self._ids(frame, self.user, self.n_users_)]
+            pred = (users * params["item_factors"][self._ids(frame, self.item, self.n_items_)]).sum(axis=1)
             return pd.Series(pred, index=frame.index)
 
         if hasattr(data, "map_partitions"):

@@ -7,7 +7,8 @@ from typing import Any
 import numpy as np
 
 from ..exceptions import BackendError, DataError
-from ._base import LOCAL_STATE, Contribution, DataSummary, Model, ParameterSpec, stable_seed
+from ._base import (LOCAL_STATE, Contribution, DataSummary, Model, ParameterSpec, check_ids, check_integers,
+                    check_number, stable_seed)
 
 _TILE = 1 << 16  # tokens per (tokens x topics) temporary: bounds memory on large blocks
 
@@ -76,21 +77,24 @@ class LDA(Model):
     def select_columns(self, columns, target, features):
         return self._fixed_columns(features, target, self.count, doc=self.doc, word=self.word)
 
+    def check_params(self) -> None:
+        check_number("n_topics", self.n_topics, 2, integer=True)
+        check_number("alpha", self.alpha, 0, low_open=True)
+        check_number("beta", self.beta, 0, low_open=True)
+        check_number("subsweeps", self.subsweeps, 1, integer=True)
+
     def setup(self, summary: DataSummary) -> None:
-        if not (isinstance(self.n_topics, (int, np.integer)) and self.n_topics >= 2):
-            raise ValueError(f"n_topics must be an integer >= 2, got {self.n_topics!r}")
-        for name in ("alpha", "beta"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if not (isinstance(self.subsweeps, (int, np.integer)) and self.subsweeps >= 1):
-            raise ValueError(f"subsweeps must be a positive integer, got {self.subsweeps!r}")
         super().setup(summary)
-        for column in [*summary.features, summary.target]:
-            if column.min < 0 or not column.integral:
-                what = "counts" if column is summary.target else "ids; encode it, e.g. with pandas.factorize"
-                raise DataError(f"column {column.name!r} must hold non-negative integer {what} "
-                                f"(min {column.min:g}, max {column.max:g})")
-        self.n_words_ = int(summary.features[1].max) + 1
+        doc, word = summary.features
+        check_integers(doc, "ids")     # each block numbers its own documents
+        self.n_words_ = check_ids(word, summary.n_rows, "ids")
+        counts = summary.target
+        if counts.min < 0 or not counts.integral:
+            raise DataError(f"column {counts.name!r} must hold non-negative integer counts "
+                            f"(min {counts.min:g}, max {counts.max:g})")
+        if counts.max == 0:
+            raise DataError(f"column {counts.name!r} holds no tokens (every count is 0): "
+                            "LDA needs some words counted at least once")
 
     def parameter_specs(self) -> dict[str, ParameterSpec]:
         return {"word_topics": ParameterSpec((self.n_words_, self.n_topics))}

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from ..exceptions import DataError
-from ._base import Contribution, DataSummary, score_with
+from ._base import Contribution, DataSummary, check_ids, score_with
 from ._gradient import GradientModel
 
 
@@ -57,17 +57,15 @@ class SoftmaxRegression(GradientModel):
     def setup(self, summary: DataSummary) -> None:
         super().setup(summary)
         t = summary.target
-        if t.min < 0 or not t.integral:
-            raise DataError(
-                f"target column {t.name!r} must hold class labels 0, 1, 2, ...; found "
-                f"{'negative values' if t.min < 0 else 'non-integer values'} (min {t.min:g}, max {t.max:g}). "
-                "Encode the classes as integers, e.g. with pandas.factorize"
-            )
+        self.n_classes_ = check_ids(t, summary.n_rows, "class labels")
         if t.min == t.max:
             raise DataError(f"target column {t.name!r} holds a single class ({t.min:g}); "
                             "classification needs two or more")
-        self.n_classes_ = int(t.max) + 1
         self.classes_ = np.arange(self.n_classes_)
+
+    def target_help(self) -> str:
+        return ("encode the classes as integers 0, 1, 2, ... (e.g. codes, classes = pandas.factorize(labels); "
+                "classes[model.predict(...)] maps predictions back)")
 
     def _n_outputs(self) -> int:
         return self.n_classes_
