@@ -218,7 +218,7 @@ class Trainer:
         """The store, the run's Checkpointer, the first iteration and how chunks are
         prepared, for a fresh or a resumed run (nothing when there is no store)."""
         if self.store is None:
-            return None, None, 0, lambda load: None
+            return None, None, 0, lambda load, trends=None: None
         model, policy = self.model, self.policy
         meta = {"class": f"{type(model).__module__}.{type(model).__qualname__}", "params": model.get_params(),
                 "columns": {"features": [str(c) for c in training.features],

@@ -365,6 +365,20 @@ def test_loss_after_the_last_iteration(tmp_path):
 
 
 @pytest.mark.slow
+def test_full_recovery_without_a_store_starts_again_from_the_beginning(tmp_path):
+    with new_cluster(2) as cluster, scar_client(cluster) as client:
+        victim = sorted(live_workers(client))[1]
+        result = train(client, tmp_path, "none", max_iter=20, recovery="full", store=None, policy=None,
+                       callback=once_at(8, lambda: kill_worker(client, victim)))
+    (event,) = result.events
+    assert event.resumed_at == 0 and event.bytes_read == 0 and "rolled every chunk back to iteration 0" in event.describe()
+    history = result.history
+    assert history["iteration"].tolist() == list(range(1, 9)) + list(range(1, 21))
+    # the same maths again from the same initial values
+    np.testing.assert_allclose(history["loss"].iloc[8:16], history["loss"].iloc[:8], rtol=1e-6)
+
+
+@pytest.mark.slow
 def test_graceful_retirement_moves_chunks_without_restoring(tmp_path, digits):
     with new_cluster(3) as cluster, scar_client(cluster) as client:
         victim = sorted(live_workers(client))[0]
