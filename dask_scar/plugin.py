@@ -23,9 +23,12 @@ install it when it is missing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
-from typing import Any
+import weakref
+from typing import Any, Callable
 
 from distributed import Client
 from distributed.active_memory_manager import ReduceReplicas
@@ -37,6 +40,42 @@ logger = logging.getLogger(__name__)
 
 CLUSTER_TOPIC = "scar"          # events: a worker was removed (and what it lost), a worker joined
 EPOCH_HANDLER = "scar_epoch"    # rpc: a driver moves its run to a new epoch
+
+
+_handlers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # client -> topic -> {token: handler}
+_handlers_lock = threading.Lock()
+
+
+def subscribe(client: Client, topic: str, handler: Callable[[tuple[float, Any]], None]) -> Callable[[], None]:
+    """Call ``handler(event)`` on the client's event loop for every event of ``topic``;
+    returns the function that stops it. A Client keeps one handler per topic, which a
+    second subscription replaces (two fits at once on one client lost each other's
+    events that way): this subscribes each client once per topic and hands every
+    event to all of its subscribers."""
+    token = object()
+    with _handlers_lock:
+        topics = _handlers.setdefault(client, {})
+        handlers = topics.get(topic)
+        if handlers is None:
+            handlers = topics[topic] = {}
+
+            def dispatch(event, handlers=handlers):
+                with _handlers_lock:
+                    current = list(handlers.values())
+                for each in current:
+                    each(event)
+
+            client.subscribe_topic(topic, dispatch)
+        handlers[token] = handler
+
+    def stop() -> None:
+        with _handlers_lock:    # (unsubscribing inside: before any later subscription reaches the scheduler)
+            if handlers.pop(token, None) is None or handlers or topics.get(topic) is not handlers:
+                return
+            del topics[topic]
+            with contextlib.suppress(ValueError):
+                client.unsubscribe_topic(topic)
+    return stop
 
 
 class KeepChunkReplicas(ReduceReplicas):
@@ -73,7 +112,10 @@ class ScarPlugin(SchedulerPlugin):
     Examples
     --------
     >>> client.register_plugin(ScarPlugin())   # doctest: +SKIP
-    >>> client.subscribe_topic("scar", print)   # doctest: +SKIP
+    >>> stop = subscribe(client, "scar", print)  # doctest: +SKIP
+
+    (Not ``client.subscribe_topic``: a Client keeps one handler per topic, and a
+    new one replaces the trainer's.)
     """
 
     name = "scar"

@@ -51,7 +51,7 @@ from . import config
 from .checkpoint import Trend
 from .chunks import ChunkId, ParameterChunks, place, release_keys, seen_versions
 from .exceptions import SchedulerLostError, ScarError, WorkerLostError
-from .plugin import CLUSTER_TOPIC, set_epoch
+from .plugin import CLUSTER_TOPIC, set_epoch, subscribe
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class ClusterWatch:
         self.removed: dict[str, float] = {}   # worker -> when the driver learned it was removed
         self.added: list[str] = []            # workers that joined since the last rebalance
         self._lock = threading.Lock()
-        client.subscribe_topic(CLUSTER_TOPIC, self._on_event)
+        self.close = subscribe(client, CLUSTER_TOPIC, self._on_event)
 
     def _on_event(self, event: tuple[float, dict]) -> None:
         msg = event[1]
@@ -156,9 +156,6 @@ class ClusterWatch:
         with self._lock:
             added, self.added = self.added, []
         return added
-
-    def close(self) -> None:
-        self.client.unsubscribe_topic(CLUSTER_TOPIC)
 
 
 def live_workers(client: Client) -> set[str]:

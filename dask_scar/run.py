@@ -20,7 +20,7 @@ from .checkpoint import Checkpointer
 from .chunks import PROGRESS_TOPIC, ParameterChunks, forget, place, release_keys
 from .exceptions import DivergenceError, ScarError
 from .models import Model
-from .plugin import set_epoch
+from .plugin import set_epoch, subscribe
 from .recovery import (
     POLL_SECONDS,
     ClusterWatch,
@@ -80,12 +80,11 @@ class TrainingRun:
 
         def on_progress(event: tuple[float, dict]) -> None:
             # Runs on the client's event loop: hand over, never block. It holds the inbox
-            # only, not this run: Dask's unsubscribe_topic keeps the handler until the
-            # topic's next subscription, and this run holds the training data's blocks.
+            # only, not this run, which holds the training data's blocks.
             if event[1].get("run") == run:
                 inbox.put(event[1])
 
-        self.client.subscribe_topic(PROGRESS_TOPIC, on_progress)
+        self.unsubscribe = subscribe(self.client, PROGRESS_TOPIC, on_progress)
 
     def owners(self) -> set[str]:
         return set(self.chunks.owner.values())
@@ -417,7 +416,7 @@ class TrainingRun:
             return None
 
     def close(self) -> None:
-        self.client.unsubscribe_topic(PROGRESS_TOPIC)
+        self.unsubscribe()
         self.watch.close()
         self.bar.close()
         release_keys(self.client, [f.key for f in [*self.previous, *self.stale, *self.chunks.futures.values()]])

@@ -143,6 +143,33 @@ def test_a_finished_fit_leaves_nothing_of_its_own_on_the_cluster(client, digits)
              what="no scar- key left on the scheduler")
 
 
+def test_two_fits_at_once_on_one_client(client, digits):
+    """Each run hears its own progress and the cluster's events: a Client keeps one
+    handler per topic, and the second fit's subscription used to take the first's."""
+    models = {"softmax": scar.SoftmaxRegression(learning_rate=0.5), "lbfgs": scar.SoftmaxRegression(solver="lbfgs")}
+    results = {}
+
+    def fit(name):
+        try:
+            results[name] = scar.Trainer(client, models[name]).fit(digits, target="label", max_iter=40, tol=0,
+                                                                   progress=False)
+        except Exception as exc:       # noqa: BLE001 -- reported below
+            results[name] = exc
+
+    with dask.config.set({"scar.iteration-timeout": 30}):
+        threads = [threading.Thread(target=fit, args=(name,)) for name in models]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+    # (L-BFGS sums its dot products chunk by chunk: the same path to 0.1 %, as above)
+    for name, hyper, rtol in (("softmax", {"learning_rate": 0.5}, 1e-5), ("lbfgs", {"solver": "lbfgs"}, 1e-3)):
+        assert not isinstance(results[name], Exception), results[name]
+        reference = scar.SoftmaxRegression(**hyper)
+        _, losses = fit_local(reference, prepare_local(reference, digits, "label"), max_iter=40)
+        np.testing.assert_allclose(results[name].history["loss"], losses, rtol=rtol)
+
+
 def test_matrix_factorization_on_the_cluster(client):
     frame, _ = low_rank_ratings()
     model = scar.MatrixFactorization(rank=5, l2=1e-6)
