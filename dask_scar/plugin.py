@@ -28,6 +28,7 @@ import logging
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from typing import Any, Callable
 
 from distributed import Client
@@ -40,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 CLUSTER_TOPIC = "scar"          # events: a worker was removed (and what it lost), a worker joined
 EPOCH_HANDLER = "scar_epoch"    # rpc: a driver moves its run to a new epoch
+ENDED_RUNS = 4096               # ended runs the plugin remembers, to refuse their late chunks
 
 
 _handlers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # client -> topic -> {token: handler}
@@ -126,6 +128,7 @@ class ScarPlugin(SchedulerPlugin):
         self.detached = 0   # chunks registered, for diagnostics
         self.rejected = 0   # chunks refused because their run moved to a newer epoch
         self.epochs: dict[str, int] = {}
+        self.ended: OrderedDict[str, None] = OrderedDict()   # the last ENDED_RUNS runs that ended
 
     async def start(self, scheduler: Any) -> None:
         self.scheduler = scheduler
@@ -167,12 +170,23 @@ class ScarPlugin(SchedulerPlugin):
             logger.exception("dask_scar: could not report the arrival of worker %s", worker)
 
     # -- handlers --------------------------------------------------------------------
-    def _set_epoch(self, run: str, epoch: int | None) -> None:
-        """From then on, refuse chunks of ``run`` from an older epoch (None: the run ended)."""
-        if epoch is None:
-            self.epochs.pop(run, None)
-        else:
+    def _set_epoch(self, run: str, epoch: int | None, client: str | None = None) -> None:
+        """From then on, refuse chunks of ``run`` from an older epoch. ``None``: the run
+        ended; refuse all of its chunks, and let go of every one its driver's ``client``
+        still wants (the iteration in flight when the fit was interrupted registers its
+        chunks after the driver has stopped waiting for them)."""
+        if epoch is not None:
             self.epochs[run] = max(epoch, self.epochs.get(run, epoch))
+            return
+        self.epochs.pop(run, None)
+        self.ended[run] = None
+        while len(self.ended) > ENDED_RUNS:
+            self.ended.popitem(last=False)
+        if client in self.scheduler.clients:
+            prefix = f"{CHUNK_PREFIX}{run}-"
+            keys = [key for key in self.scheduler.tasks if isinstance(key, str) and key.startswith(prefix)]
+            if keys:
+                self.scheduler.client_releases_keys(keys, client, stimulus_id=f"scar-run-ended-{time.time()}")
 
     def _detach(self, worker: str, who_has: dict, nbytes: dict, client: str, run: str = "", epoch: int = 0,
                 progress: list[dict] = (), **kwargs: Any) -> None:
@@ -180,7 +194,7 @@ class ScarPlugin(SchedulerPlugin):
         publish ``progress`` (iterations' losses) for the driver."""
         try:
             scheduler = self.scheduler
-            current = epoch >= self.epochs.get(run, epoch)
+            current = run not in self.ended and epoch >= self.epochs.get(run, epoch)
             if current and worker in scheduler.workers and client in scheduler.clients:
                 scheduler.update_data(who_has=who_has, nbytes=nbytes, client=client)
                 self.detached += len(who_has)
@@ -205,5 +219,6 @@ def ensure_plugin(client: Client) -> None:
 
 
 def set_epoch(client: Client, run: str, epoch: int | None) -> None:
-    """Tell the scheduler that ``run`` is at ``epoch``: chunks from older epochs are refused."""
-    client.sync(client.scheduler.scar_epoch, run=run, epoch=epoch)
+    """Tell the scheduler that ``run`` is at ``epoch``: chunks from older epochs are
+    refused (``None``: the run ended, all of them are, and the client lets go of them)."""
+    client.sync(client.scheduler.scar_epoch, run=run, epoch=epoch, client=client.id)

@@ -378,6 +378,38 @@ def test_an_interrupted_fit_stops_its_segments(client, digits, tmp_path):
     _check_segments_stopped(client, ddf)
 
 
+def test_interrupted_fits_leave_no_chunk_behind(client):
+    """Interrupted while waiting for an iteration (ALS: one graph per iteration), a fit
+    used to leave that iteration's chunks on the workers, wanted by the client for good:
+    a model's worth of memory per press of a notebook's stop button."""
+    frame, _ = low_rank_ratings()
+    ddf = dd.from_pandas(frame, npartitions=4)
+    for trial in range(3):
+        stop = threading.Event()
+
+        def interrupt_mid_fit():      # once a few iterations are done
+            while not stop.is_set():
+                if any("-v3" in key for key in client.run_on_scheduler(_scar_keys)):
+                    return _thread.interrupt_main()
+                time.sleep(0.02)
+
+        watcher = threading.Thread(target=interrupt_mid_fit, daemon=True)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                watcher.start()
+                scar.Trainer(client, scar.MatrixFactorization(rank=5)).fit(ddf, max_iter=100_000, tol=0,
+                                                                          progress=False)
+        finally:
+            stop.set()
+            watcher.join()
+        gc.collect()
+        wait_for(lambda: client.run_on_scheduler(_scar_keys) == [], timeout=10,
+                 what=f"no scar- key left on the scheduler after interrupt {trial + 1}")
+        wait_for(lambda: all(keys == [] for keys in client.run(
+            lambda dask_worker: [k for k in dask_worker.data if str(k).startswith("scar-chunk")]).values()),
+            timeout=10, what="no chunk left in the workers' memory")
+
+
 _DRIVER = """
 import sys
 import dask, dask.dataframe as dd, pandas as pd
