@@ -435,9 +435,20 @@ def restore_factors(trend: Trend, now: int, newest: np.ndarray, previous: np.nda
                          np.where(first, NEVER, previous[:, 0]), path_at(previous[:, 0]), trend.fresh)
 
 
+def as_of(versions: np.ndarray, round: int) -> np.ndarray:
+    """``versions`` (blocks, 2, 4) with each version written after ``round`` counted
+    as never saved; where both were (the version of ``round`` was overwritten), the
+    newer of the two only."""
+    drop = versions[:, :, 2] > round
+    both = drop.all(axis=1)
+    drop[both] = False
+    drop[both, pick(versions[both])[1]] = True
+    return np.where(drop[:, :, None], NEVER, versions)
+
+
 def prepare_chunk(chunk: Chunk, url: str | None, store_id: str, block_rows: dict[str, int], load: bool,
                   reference_dtype: str | None | bool, trends: dict[ChunkId, Trend] | None = None,
-                  trail: bool = False) -> dict[str, int]:
+                  trail: bool = False, upto_round: int | None = None) -> dict[str, int]:
     """Make a new chunk ready for checkpointing: with ``load``, overwrite its saved
     blocks from the store (reading only this chunk's blocks; the others keep their
     initial value); unless ``reference_dtype`` is False, keep a reference copy for
@@ -451,6 +462,11 @@ def prepare_chunk(chunk: Chunk, url: str | None, store_id: str, block_rows: dict
     over how far it walked between the two): where a block keeps its direction, as
     gradient descent's blocks do once the slowest mode leads, that restores where it
     would be now rather than where it was when saved.
+
+    With ``upto_round`` (a rollback to the last committed round), each block comes
+    back as of that round: versions that later rounds wrote are passed over (the
+    survivors of a round whose writer died wrote theirs, but the round never
+    committed), unless the block has no other (then the older of the two).
     """
     nbytes = never = 0
     value = chunk.value
@@ -463,6 +479,8 @@ def prepare_chunk(chunk: Chunk, url: str | None, store_id: str, block_rows: dict
         trend = (trends or {}).get(cid)
         initial = to_host(value).copy() if trend is not None else None
         versions = store.versions(cid.name, blocks)     # the records, read once
+        if upto_round is not None:
+            versions = as_of(versions, upto_round)
         saved_blocks = store.read_blocks(cid.name, blocks, versions=versions)
         for b, saved in saved_blocks.items():
             start = b * rows - cid.start
@@ -477,6 +495,10 @@ def prepare_chunk(chunk: Chunk, url: str | None, store_id: str, block_rows: dict
             read = store.read_blocks(cid.name, [b for b, m in zip(blocks, moving) if m], previous=True,
                                      versions=versions[moving])
             nbytes += sum(v.nbytes for v in read.values())
+            # a version before that a write cut short replaced is gone: no drift to follow
+            gone = moving & (pick(versions, previous=True)[0][:, 0] != NEVER) & ~np.isin(blocks, list(read))
+            factors[gone] = 0
+            moving &= ~gone
             moved = int(moving.sum())
             if moved:
                 previous = initial          # the initial value where no version before is read

@@ -9,14 +9,18 @@ Layout of a store (a Zarr group at any path or fsspec URL)::
                          holding one saved version of every block; one Zarr chunk
                          == one block of ``block_rows`` rows in one slot; fill
                          value NaN; crc32c on every chunk
-    saved/<name>         (n_blocks, 2, 3) int64: iteration, epoch and round at which
-                         each block was written into each slot; -1 where never
+    saved/<name>         (n_blocks, 2, 4) int64: iteration, epoch and round at which
+                         each block was written into each slot, and the check of
+                         its data (the chunk's CRC-32C); -1 where never (stores
+                         written before the check have 3 fields)
 
 A block is written into the slot holding its *older* version, so the store keeps
 the two newest versions of every block for the writes of one, and a write never
 touches the newest (a write cut short leaves it intact). Recovery reads both to
 extrapolate the block's drift since (see :func:`dask_scar.checkpoint.prepare_chunk`);
-everything else reads the newest.
+everything else reads the newest. A write cut short between the data and the
+record leaves the older slot with new data under its old record: its check tells,
+and that version counts as gone.
 
 A missing Zarr chunk reads back as the fill value without error, so whether a
 block was saved is read from ``saved/<name>``, never inferred from the data. The
@@ -46,13 +50,17 @@ from .exceptions import CheckpointError, StoreMismatchError
 FORMAT_VERSION = 2
 ATTRS = "dask_scar"
 NEVER = -1
-_RECORD = ("iteration", "epoch", "round")
+#: A version's record. ``check``: the last 4 bytes of its stored data chunk (the
+#: chunk's CRC-32C), so that data a write cut short left under an older record is
+#: told from the version the record describes; stores written before it have 3
+#: fields, and their checks read as :data:`NEVER` (unknown).
+_RECORD = ("iteration", "epoch", "round", "check")
 SLOTS = 2                   # versions kept of every block
 
 
 def pick(versions: np.ndarray, previous: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """The records (blocks, 3) of each block's newest version (``previous``: of the one
-    before it) among the two slots' ``versions`` (blocks, 2, 3), and their slots.
+    """The records (blocks, 4) of each block's newest version (``previous``: of the one
+    before it) among the two slots' ``versions`` (blocks, 2, 4), and their slots.
     Rounds only grow, so the higher is newer; the first write of a block goes to slot 0."""
     newest = 1 - np.argmin(versions[:, :, 2], axis=1)
     slots = 1 - newest if previous else newest
@@ -115,12 +123,13 @@ class CheckpointStore(abc.ABC):
 
     @abc.abstractmethod
     def versions(self, name: str, blocks: list[int] | None = None) -> np.ndarray:
-        """(blocks, 2, 3) int64: iteration, epoch, round of the version in each of a
-        block's two slots (-1 where none was saved; :func:`pick` tells them apart).
+        """(blocks, 2, 4) int64: the record (iteration, epoch, round, check) of the
+        version in each of a block's two slots (-1 where none was saved; :func:`pick`
+        tells them apart).
         Blocks default to all of them."""
 
     def records(self, name: str, blocks: list[int] | None = None, previous: bool = False) -> np.ndarray:
-        """(blocks, 3): the records of each block's newest version (``previous``: of the
+        """(blocks, 4): the records of each block's newest version (``previous``: of the
         version before it)."""
         return pick(self.versions(name, blocks), previous)[0]
 
@@ -257,6 +266,11 @@ def _encode(array: zarr.Array, coords: tuple[int, ...], value: np.ndarray) -> Bu
     return buf
 
 
+def _check(buf: Buffer) -> int:
+    """A stored chunk's last 4 bytes (its CRC-32C, the last codec's), as a number."""
+    return int.from_bytes(bytes(buf.as_numpy_array()[-4:]), "little")
+
+
 def _decode(array: zarr.Array, coords: tuple[int, ...], buf: Buffer) -> np.ndarray:
     pipeline = array._async_array.codec_pipeline
     spec = array.metadata.get_chunk_spec(coords, array._async_array.config, _PROTOTYPE)
@@ -386,14 +400,18 @@ class ZarrStore(CheckpointStore):
         data, saved = self._array(f"params/{name}"), self._array(f"saved/{name}")
         blocks = list(values)
         slots = pick(self.versions(name, blocks), previous=True)[1]     # a write replaces the older
-        record = np.array([[[iteration, epoch, round]]], dtype=np.int64)
         chunks, records = [], []
         for b, slot in zip(blocks, slots):
             coords = (int(slot), b) + (0,) * (data.ndim - 2)
-            chunks.append((_key(data, coords), _encode(data, coords, values[b][None])))
+            buf = _encode(data, coords, values[b][None])
+            chunks.append((_key(data, coords), buf))
+            record = np.array([[[iteration, epoch, round, _check(buf)]]], dtype=np.int64)[..., :saved.shape[2]]
             coords = (b, int(slot), 0)
             records.append((_key(saved, coords), _encode(saved, coords, record)))
-        self._io.put(chunks)    # every record only once every block's data is in
+        # Every record only once every block's data is in. A write cut short (its
+        # worker killed) may leave new data in the older slot under its old record:
+        # the record's check tells (see read_blocks).
+        self._io.put(chunks)
         self._io.put(records)
         return sum(len(buf) for _, buf in chunks)
 
@@ -404,7 +422,7 @@ class ZarrStore(CheckpointStore):
         out = np.full((len(coords), len(_RECORD)), NEVER, dtype=np.int64)
         for i, (c, buf) in enumerate(zip(coords, self._io.get([_key(saved, c) for c in coords]))):
             if buf is not None:
-                out[i] = _decode(saved, c, buf).reshape(-1)
+                out[i, :saved.shape[2]] = _decode(saved, c, buf).reshape(-1)
         return out.reshape(-1, SLOTS, len(_RECORD))
 
     def read_blocks(self, name: str, blocks: list[int], previous: bool = False,
@@ -412,21 +430,25 @@ class ZarrStore(CheckpointStore):
         layout = self.layouts[name]
         data = self._array(f"params/{name}")
         records, slots = pick(self.versions(name, blocks) if versions is None else versions, previous)
+        saved = [(block, int(s), record) for block, s, record in zip(blocks, slots, records) if record[0] != NEVER]
+        coords = [(s, block) + (0,) * (data.ndim - 2) for block, s, _ in saved]
         out = {}
-        for block, s, (iteration, _, _) in zip(blocks, slots, records):
-            if iteration == NEVER:
-                continue
+        for (block, s, record), c, buf in zip(saved, coords, self._io.get([_key(data, c) for c in coords])):
             start, stop = layout.bounds(block)
+            if buf is None:
+                raise CheckpointError(f"block {block} (slot {s}) of parameter {name!r} in {self.url} is recorded "
+                                      f"as saved at iteration {record[0]} but its data is missing")
             try:
-                rows = data[int(s), start:stop]
+                if record[3] != NEVER and _check(buf) != record[3]:
+                    if previous:    # a newer write into this slot was cut short: this version is gone
+                        continue
+                    raise ValueError(f"its data is not the version its record describes, iteration {record[0]}")
+                rows = _decode(data, c, buf)[0, :stop - start]
             except Exception as exc:  # noqa: BLE001  (a codec error: checksum, truncated data)
                 raise CheckpointError(
                     f"block {block} (rows {start}:{stop}, slot {s}) of parameter {name!r} in {self.url} is "
                     f"corrupt ({exc}); it cannot be loaded. Restore the store from a copy, or delete that "
                     f"block's record (saved/{name} chunk {block}.{s}) so it counts as never saved") from exc
-            if np.isnan(rows).all():
-                raise CheckpointError(f"block {block} (slot {s}) of parameter {name!r} in {self.url} is recorded "
-                                      f"as saved at iteration {iteration} but its data is missing")
             out[block] = rows
         return out
 

@@ -8,7 +8,8 @@ import pytest
 import zarr
 
 import dask_scar as scar
-from dask_scar.chunks import split_rows
+from dask_scar.checkpoint import Trend, prepare_chunk
+from dask_scar.chunks import Chunk, ChunkId, split_rows
 from dask_scar.store import ZarrStore, make_layouts, probe
 
 MODEL = {"class": "dask_scar.models.softmax.SoftmaxRegression", "params": {"l2": 0.0001}}
@@ -69,13 +70,62 @@ def test_a_block_keeps_its_two_newest_versions_and_a_write_spares_the_newest(tmp
     store.write_blocks("weights", {2: ones * 3}, iteration=30, epoch=1, round=3)   # over the first
     assert newest.read_bytes() == before
     reopened = scar.open_store(tmp_path / "ckpt.zarr")
-    assert reopened.records("weights", [2]).tolist() == [[30, 1, 3]]
-    assert reopened.records("weights", [2], previous=True).tolist() == [[20, 0, 2]]
+    assert reopened.records("weights", [2])[:, :3].tolist() == [[30, 1, 3]]
+    assert reopened.records("weights", [2], previous=True)[:, :3].tolist() == [[20, 0, 2]]
     assert reopened.read_blocks("weights", [2])[2][0, 0] == 3.0
     assert reopened.read_blocks("weights", [2], previous=True)[2][0, 0] == 2.0
     assert reopened.load()["weights"][10, 0] == 3.0 and reopened.saved_at.iteration[2] == 30
     assert reopened.records("weights", [2, 3], previous=True)[:, 0].tolist() == [20, -1]   # 3: never saved
     assert sizes[1] == os.path.getsize(newest)       # a write costs one version's bytes, not two
+
+
+class _Killed(BaseException):
+    pass
+
+
+def test_a_version_a_cut_short_write_replaced_is_not_used(tmp_path):
+    """A worker killed while writing a round, after the blocks' data and before their
+    records: the older slot holds new data under its old record. The block's newest
+    version stays what it was, the one before counts as gone, and a restore does
+    not extrapolate from it (it did: 10 read as the version of iteration 8, and the
+    block walked backwards, to 7)."""
+    puts = 1
+    url = tmp_path / "ckpt.zarr"
+    layouts = make_layouts({"w": ((4, 1), "float32")}, 1, 1)    # one block of 4 rows
+    store = ZarrStore.create(url, MODEL, layouts, None)
+
+    def at(iteration):      # the parameter walks +1 an iteration
+        return np.full((4, 1), float(iteration), np.float32)
+
+    store.write_blocks("w", {0: at(8)}, iteration=8, epoch=0, round=1)
+    store.write_blocks("w", {0: at(9)}, iteration=9, epoch=0, round=2)
+    put, done = store._io.put, []
+
+    def put_then_die(items):
+        if len(done) == puts:
+            raise _Killed
+        done.append(items)
+        put(items)
+
+    store._io.put = put_then_die
+    with pytest.raises(_Killed):
+        store.write_blocks("w", {0: at(10)}, iteration=10, epoch=0, round=3)
+
+    def restored_after(iteration):
+        chunk = Chunk(ChunkId("w", 0, 0, 4), {"value": np.zeros((4, 1), np.float32)}, version=iteration)
+        trend = Trend(paths=np.arange(iteration + 1, dtype=float), first_round=0, fresh=True)
+        prepare_chunk(chunk, str(url), store.meta["id"], {"w": 4}, True, False, trends={chunk.id: trend})
+        return chunk.value[0, 0]
+
+    store = ZarrStore.open(url, mode="r+")
+    assert store.records("w")[0].tolist()[:3] == [9, 0, 2]
+    np.testing.assert_array_equal(store.read_blocks("w", [0])[0], at(9))
+    assert store.read_blocks("w", [0], previous=True) == {}
+    assert restored_after(11) == 9          # as saved: nothing to extrapolate from
+    # the next write takes the same slot, and restores extrapolate again
+    store.write_blocks("w", {0: at(10)}, iteration=10, epoch=0, round=3)
+    np.testing.assert_array_equal(store.read_blocks("w", [0], previous=True)[0], at(9))
+    assert restored_after(11) == 11
 
 
 def test_blocks_are_written_as_plain_zarr_chunks(tmp_path):
@@ -93,7 +143,10 @@ def test_blocks_are_written_as_plain_zarr_chunks(tmp_path):
     np.testing.assert_array_equal(params[1, 60:], rows[15] + 1)
     assert np.isnan(params[1, :60]).all()
     saved = zarr.open_array(tmp_path / "ckpt.zarr/saved/weights", mode="r")
-    assert saved[15].tolist() == [[4, 2, 1], [8, 2, 2]] and saved[0].tolist() == [[4, 2, 1], [-1, -1, -1]]
+    assert saved[15, :, :3].tolist() == [[4, 2, 1], [8, 2, 2]] and saved[0].tolist()[1] == [-1, -1, -1, -1]
+    # each record's check: the last 4 bytes (the CRC-32C) of the data chunk it describes
+    stored = (tmp_path / "ckpt.zarr/params/weights/c/1/15/0").read_bytes()
+    assert saved[15, 1, 3] == int.from_bytes(stored[-4:], "little")
     assert not list((tmp_path / "ckpt.zarr").rglob("*.partial"))
 
 
