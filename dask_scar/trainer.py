@@ -193,8 +193,8 @@ class Trainer:
         hint = (f"; the checkpoint store {self.store} holds the model as last saved: fit(..., resume=True) "
                 "continues from it" if store is not None else "")
         restore = Restore(chunks, lambda ids, version, trends: chunks.initialize(
-                              model, self.backend, version, prepare(True, trends if self._extrapolates() else None),
-                              ids),
+                              model, self.backend, version,
+                              prepare(True, trends if self._extrapolates() else None, self.recovery == "full"), ids),
                           self.recovery, lambda: int(store.manifest.get("iteration", 0)) if store else 0, hint)
         bar = tqdm(total=max_iter, initial=start, unit="it", desc=type(model).__name__,
                    disable=not config.get("progress", progress))
@@ -218,7 +218,7 @@ class Trainer:
         """The store, the run's Checkpointer, the first iteration and how chunks are
         prepared, for a fresh or a resumed run (nothing when there is no store)."""
         if self.store is None:
-            return None, None, 0, lambda load, trends=None: None
+            return None, None, 0, lambda *how: None
         model, policy = self.model, self.policy
         meta = {"class": f"{type(model).__module__}.{type(model).__qualname__}", "params": model.get_params(),
                 "columns": {"features": [str(c) for c in training.features],
@@ -241,12 +241,14 @@ class Trainer:
                             max(int(manifest.get("round", 0)), store.last_round()), config.get("checkpoint.backlog"),
                             reference, self._extrapolates())
 
-        def prepare(load: bool, trends: dict | None = None) -> Callable:
+        def prepare(load: bool, trends: dict | None = None, committed: bool = False) -> Callable:
             """How new chunks are made ready: from the store's blocks if ``load``
-            (extrapolated along ``trends``)."""
+            (extrapolated along ``trends``; ``committed``: each block as of the last
+            committed round, for a rollback to it)."""
             return functools.partial(checkpoint.prepare_chunk, url=store.url, store_id=store_id,
                                      block_rows=ckpt.base.block_rows, load=load, reference_dtype=reference,
-                                     trends=trends, trail=self._extrapolates())
+                                     trends=trends, trail=self._extrapolates(),
+                                     upto_round=int(store.manifest.get("round", 0)) if committed else None)
 
         return store, ckpt, start, prepare
 

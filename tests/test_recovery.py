@@ -21,6 +21,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 import dask_scar as scar
 from dask_scar.bench import iteration_cost
+from dask_scar.checkpoint import as_of
 from dask_scar.chunks import ChunkId
 from dask_scar.datasets import synthetic_classification
 from dask_scar.local import fit_local, prepare_local
@@ -376,6 +377,33 @@ def test_full_recovery_without_a_store_starts_again_from_the_beginning(tmp_path)
     assert history["iteration"].tolist() == list(range(1, 9)) + list(range(1, 21))
     # the same maths again from the same initial values
     np.testing.assert_allclose(history["loss"].iloc[8:16], history["loss"].iloc[:8], rtol=1e-6)
+
+
+def test_a_rollback_takes_each_block_as_of_the_committed_round():
+    versions = np.array([[[20, 0, 2], [30, 0, 3]],       # a later round wrote it: the committed version
+                         [[20, 0, 2], [10, 0, 1]],       # nothing later
+                         [[40, 0, 4], [30, 0, 3]],       # two later rounds: round 2's is gone, the older
+                         [[-1, -1, -1], [30, 0, 3]]])    # first saved after round 2: never, as of round 2
+    assert as_of(versions, 2).tolist() == [[[20, 0, 2], [-1, -1, -1]], [[20, 0, 2], [10, 0, 1]],
+                                           [[-1, -1, -1], [30, 0, 3]], [[-1, -1, -1], [-1, -1, -1]]]
+
+
+@pytest.mark.slow
+def test_full_recovery_rolls_every_block_back_to_the_committed_round(tmp_path):
+    """Killed after iteration 31: round 30's writers on the surviving workers wrote
+    their blocks, the dead one did not report, so round 30 never committed and the
+    fit rolls back to 20. Every block must then be as of iteration 20 (survivors'
+    round-30 blocks mixed in made the redone iterations better than the first time)."""
+    with new_cluster(3) as cluster, scar_client(cluster) as client:
+        free = train(client, tmp_path, "free", max_iter=40, store=None, policy=None)
+        victim = sorted(live_workers(client))[1]
+        result = train(client, tmp_path, "full", max_iter=40, recovery="full",
+                       callback=once_at(31, lambda: kill_worker(client, victim)))
+    (event,) = result.events
+    redone = result.history.iloc[31:]
+    assert redone["iteration"].iloc[0] == event.resumed_at + 1 and event.resumed_at in (20, 30)
+    expected = free.history.set_index("iteration")["loss"].loc[redone["iteration"]]
+    np.testing.assert_allclose(redone["loss"], expected, rtol=1e-6)
 
 
 @pytest.mark.slow
