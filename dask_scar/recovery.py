@@ -394,6 +394,26 @@ def _holders(client: Client, futures: list[Future | None]) -> dict[str, list[str
         return {}
 
 
+#: How long one message to some workers may take (``run_on``): ``Client.run`` waits
+#: ``distributed.comm.timeouts.connect`` (30 s) for a worker that died but that the
+#: scheduler still lists (two workers without a nanny killed at once: a 30 s recovery
+#: in 3 of 6 trials).
+RUN_SECONDS = 2.0
+
+
+def run_on(client: Client, function: Callable, *args, workers: list[str]) -> dict:
+    """``client.run(function, *args, workers=workers, on_error="return")``, asked once
+    more of those still alive where the answers take over :data:`RUN_SECONDS`; empty if
+    they take that long again."""
+    for _ in range(2):
+        try:
+            return client.sync(client._run, function, *args, workers=workers, on_error="return",
+                               callback_timeout=RUN_SECONDS)
+        except TimeoutError:
+            workers = sorted(set(workers) & live_workers(client))
+    return {}
+
+
 def _copies(client: Client, chunks: ParameterChunks, ids: list[ChunkId], alive: set[str],
             newest: int) -> dict[ChunkId, tuple[str, int]]:
     """For chunks with no copy of their current value left: the live worker holding the
@@ -403,8 +423,7 @@ def _copies(client: Client, chunks: ParameterChunks, ids: list[ChunkId], alive: 
         return {}
     labels = {cid: f"{cid.name}/{cid.index}" for cid in ids}
     try:
-        offers = client.run(seen_versions, chunks.run, list(labels.values()), newest, workers=sorted(alive),
-                            on_error="return")
+        offers = run_on(client, seen_versions, chunks.run, list(labels.values()), newest, workers=sorted(alive))
     except Exception:  # noqa: BLE001  (a worker went meanwhile: the store serves)
         logger.debug("could not ask the workers for chunk copies", exc_info=True)
         return {}

@@ -31,6 +31,7 @@ from .recovery import (
     live_workers,
     new_epoch,
     recover,
+    run_on,
     wait_watching,
 )
 
@@ -298,7 +299,7 @@ class TrainingRun:
         chunks = self.chunks
         alive = live_workers(self.client)
         survivors = [w for w in workers if w in alive]
-        self.client.run(segment.abort, chunks.run, chunks.epoch, workers=survivors, on_error="ignore")
+        run_on(self.client, segment.abort, chunks.run, chunks.epoch, workers=survivors)
         _wait_done([f for f, w in zip(futures, workers) if w in alive], self.timeout)   # their events are then here
         reached: dict[str, int] = {}
         messages, self.early = self.early + _take_all(self.inbox), []
@@ -536,7 +537,7 @@ def _end_run(client: Client, run: str) -> None:
         return      # the scheduler is gone: nothing to tidy, and an rpc would wait to time out
     try:
         set_epoch(client, run, None)
-        client.run(_forget, run, on_error="ignore")    # the chunk copies and values the workers kept
+        run_on(client, _forget, run, workers=sorted(live_workers(client)))   # the copies and values workers kept
     except Exception:  # noqa: BLE001  (the scheduler is gone: nothing to tidy)
         logger.debug("could not tell the scheduler that run %s ended", run, exc_info=True)
 

@@ -25,7 +25,7 @@ from dask_scar.checkpoint import as_of
 from dask_scar.chunks import ChunkId
 from dask_scar.datasets import synthetic_classification
 from dask_scar.local import fit_local, prepare_local
-from dask_scar.recovery import Drift, live_workers
+from dask_scar.recovery import Drift, live_workers, run_on
 
 FRAME = synthetic_classification(12_000, 63, 10, seed=1)   # 64 weight rows x 10 classes
 MODEL_BYTES = 64 * 10 * 4
@@ -377,6 +377,16 @@ def test_full_recovery_without_a_store_starts_again_from_the_beginning(tmp_path)
     assert history["iteration"].tolist() == list(range(1, 9)) + list(range(1, 21))
     # the same maths again from the same initial values
     np.testing.assert_allclose(history["loss"].iloc[8:16], history["loss"].iloc[:8], rtol=1e-6)
+
+
+def test_messages_to_workers_leave_out_one_that_cannot_be_reached(own_client):
+    """A worker that died but is still listed (two killed at once, no nanny to tell the
+    scheduler at once) held Client.run for distributed.comm.timeouts.connect, 30 s, in
+    the middle of a recovery: run_on asks again, of the workers still alive."""
+    alive = sorted(live_workers(own_client))
+    gone = "tcp://127.0.0.1:1"      # nothing listens there
+    answers = run_on(own_client, os.getpid, workers=[*alive, gone])
+    assert sorted(answers) == alive and all(isinstance(pid, int) for pid in answers.values())
 
 
 def test_a_rollback_takes_each_block_as_of_the_committed_round():
