@@ -99,19 +99,23 @@ class RecoveryEvent:
     noticed_at: float = math.nan    # time.time() when the driver learned of the loss
 
     def describe(self) -> str:
-        what = (f"restored {len(self.lost_chunks)} chunk(s) ({self.bytes_read:,} bytes read)"
-                if self.mode == "partial" else
-                f"rolled every chunk back to iteration {self.resumed_at} ({self.bytes_read:,} bytes read)")
-        if self.peer_chunks:
-            what = (f"restored {len(self.peer_chunks)} chunk(s) from live workers' copies "
-                    f"({f'{self.peer_iterations} iteration(s) behind in all' if self.peer_iterations else 'current'})"
-                    + (f" and {what[len('restored '):]}" if self.lost_chunks else ""))
+        if self.mode != "partial":
+            parts = [f"rolled every chunk back to iteration {self.resumed_at} ({self.bytes_read:,} bytes read)"]
+        else:
+            restored = []
+            if self.peer_chunks:
+                behind = f"{self.peer_iterations} iteration(s) behind in all" if self.peer_iterations else "current"
+                restored.append(f"{len(self.peer_chunks)} chunk(s) from live workers' copies ({behind})")
+            if self.lost_chunks or not (self.peer_chunks or self.moved_chunks):
+                restored.append(f"{len(self.lost_chunks)} chunk(s) ({self.bytes_read:,} bytes read)")
+            parts = [f"restored {' and '.join(restored)}"] if restored else []
         if self.moved_chunks:
-            what += f", took over {len(self.moved_chunks)} surviving chunk(s)"
+            parts.append(f"took over {len(self.moved_chunks)} surviving chunk(s)")
         if self.extrapolated_blocks:
-            what += f", {self.extrapolated_blocks} block(s) extrapolated from their last two saves"
+            parts.append(f"{self.extrapolated_blocks} block(s) extrapolated from their last two saves")
         if self.reinitialized_blocks:
-            what += f", {self.reinitialized_blocks} never-saved block(s) re-initialised"
+            parts.append(f"{self.reinitialized_blocks} never-saved block(s) re-initialised")
+        what = ", ".join(parts)
         return (f"worker {self.worker} lost at iteration {self.iteration}: {what} in {self.seconds:.3f} s; "
                 f"estimated perturbation {self.est_perturbation:.4g}, "
                 f"predicted extra iterations {self.predicted_extra_iterations:.3g}")
