@@ -23,6 +23,7 @@ from distributed import Client, Future, wait
 from .backend import array_module, to_device
 from .exceptions import DataError
 from .models import ColumnSummary, DataSummary, Model
+from .models._base import require_columns
 from .recovery import live_workers
 
 logger = logging.getLogger(__name__)
@@ -57,9 +58,8 @@ def check_columns(model: Model, columns: list[str], dtypes: pd.Series, target: s
     if features is not None:
         features = [features] if isinstance(features, str) else list(features)
     features, target = model.select_columns(list(columns), target, features)
-    missing = [c for c in [*features, target] if c is not None and c not in columns]
-    if missing:
-        raise DataError(f"column(s) {missing} not in the data; available columns: {list(columns)}")
+    require_columns(columns, [c for c in [*features, target] if c is not None],
+                    f"; available columns: {list(columns)}")
     if target is not None and target in features:
         raise DataError(f"the target column {target!r} is also in features=: remove it from features, "
                         "or the model would learn the answer from itself")

@@ -284,7 +284,7 @@ def test_predictions_check_their_columns_and_values(digits):
     assert model.predict_proba(lazy).compute().dtypes.eq(np.float32).all()
     # labels in memory against lazy predictions
     assert model.score(lazy, digits["label"].to_numpy()) == pytest.approx(model.score(digits, "label"))
-    with pytest.raises(DataError, match="column 'Label' not in the data"):
+    with pytest.raises(DataError, match=r"column\(s\) \['Label'\] not in the data; available columns: \['p0', "):
         model.score(digits, "Label")
 
 

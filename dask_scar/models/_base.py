@@ -259,12 +259,21 @@ def check_number(name: str, value: Any, low: float = -np.inf, high: float = np.i
         raise ValueError(f"{name} must be {what}, got {value!r}")
 
 
-def check_integers(column: ColumnSummary, what: str) -> None:
-    """:class:`DataError` unless ``column`` holds non-negative integers (``what``: ids, labels...)."""
+def require_columns(columns: Any, needed: list, why: str) -> None:
+    """:class:`DataError` naming the ``needed`` columns not among ``columns``, and ``why``
+    (what the caller says after "not in the data")."""
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise DataError(f"column(s) {missing} not in the data{why}")
+
+
+def check_integers(column: ColumnSummary, what: str, fix: str = " Encode it, e.g. with pandas.factorize") -> None:
+    """:class:`DataError` unless ``column`` holds non-negative integers (``what``: ids,
+    labels...; ``fix``: what to do about it)."""
     if column.min < 0 or not column.integral:
         found = "negative values" if column.min < 0 else "non-integer values"
         raise DataError(f"column {column.name!r} must hold {what} 0, 1, 2, ...; found {found} "
-                        f"(min {column.min:g}, max {column.max:g}). Encode it, e.g. with pandas.factorize")
+                        f"(min {column.min:g}, max {column.max:g}).{fix}")
 
 
 def check_ids(column: ColumnSummary, n_rows: int, what: str) -> int:
@@ -289,8 +298,7 @@ MAX_IDS_PER_ROW, MAX_IDS_ANYWAY = 10, 1_000_000
 def score_with(model: Model, data: Any, target: Any, metric) -> float:
     """``metric(predictions, labels)`` as a float; lazy (Dask) inputs are computed once."""
     if isinstance(target, str):
-        if target not in data.columns:
-            raise DataError(f"column {target!r} not in the data; available columns: {list(data.columns)}")
+        require_columns(data.columns, [target], f"; available columns: {list(data.columns)}")
         labels = data[target]
     else:
         labels = target

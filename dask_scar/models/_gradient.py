@@ -15,7 +15,7 @@ import pandas as pd
 
 from .. import config
 from ..exceptions import DataError
-from ._base import DataSummary, Model, ParameterSpec, check_number
+from ._base import DataSummary, Model, ParameterSpec, check_number, require_columns
 
 
 SOLVERS = ("gd", "lbfgs")
@@ -242,9 +242,7 @@ class GradientModel(Model):
         self._fitted()
         features = self.features_
         if hasattr(data, "columns"):
-            missing = [c for c in features if c not in data.columns]
-            if missing:
-                raise DataError(f"column(s) {missing} not in the data: the model was fitted on {features}")
+            require_columns(data.columns, features, f": the model was fitted on {features}")
         if hasattr(data, "map_partitions"):  # Dask DataFrame: stay lazy
 
             def on_partition(frame: pd.DataFrame):

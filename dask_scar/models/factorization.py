@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 
 from ..exceptions import DataError
-from ._base import (Contribution, DataSummary, Model, ParameterSpec, check_ids, check_number, score_with,
-                    stable_seed)
+from ._base import (Contribution, DataSummary, Model, ParameterSpec, check_ids, check_number, require_columns,
+                    score_with, stable_seed)
 from .linear import r2_score
 
 _INIT_ROWS = 1024  # rows per seeded init block: init values do not depend on chunking
@@ -136,10 +136,8 @@ class MatrixFactorization(Model):
     def predict(self, data: Any) -> Any:
         """Predicted rating of each (user, item) row (a Dask Series for Dask input)."""
         params = self._fitted()
-        missing = [c for c in (self.user, self.item) if c not in data.columns]
-        if missing:
-            raise DataError(f"column(s) {missing} not in the data: {type(self).__name__} reads the columns "
-                            f"user={self.user!r} and item={self.item!r}")
+        require_columns(data.columns, [self.user, self.item],
+                        f": {type(self).__name__} reads the columns user={self.user!r} and item={self.item!r}")
 
         def on_frame(frame: pd.DataFrame):
             users = params["user_factors"][self._ids(frame, self.user, self.n_users_)]

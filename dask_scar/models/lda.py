@@ -89,9 +89,7 @@ class LDA(Model):
         check_integers(doc, "ids")     # each block numbers its own documents
         self.n_words_ = check_ids(word, summary.n_rows, "ids")
         counts = summary.target
-        if counts.min < 0 or not counts.integral:
-            raise DataError(f"column {counts.name!r} must hold non-negative integer counts "
-                            f"(min {counts.min:g}, max {counts.max:g})")
+        check_integers(counts, "counts", fix="")
         if counts.max == 0:
             raise DataError(f"column {counts.name!r} holds no tokens (every count is 0): "
                             "LDA needs some words counted at least once")
