@@ -488,7 +488,8 @@ def prepare_chunk(chunk: Chunk, url: str | None, store_id: str, block_rows: dict
             nbytes += saved.nbytes
         never = len(blocks) - len(saved_blocks)
         if trend is not None and saved_blocks:
-            factors = restore_factors(trend, chunk.version, pick(versions)[0], pick(versions, previous=True)[0])
+            before = pick(versions, previous=True)[0]
+            factors = restore_factors(trend, chunk.version, pick(versions)[0], before)
             # the versions before of the blocks that move (a block never saved has f = 0;
             # one saved once, in a fresh fit, moves from its initial value)
             moving = factors != 0
@@ -496,7 +497,7 @@ def prepare_chunk(chunk: Chunk, url: str | None, store_id: str, block_rows: dict
                                      versions=versions[moving])
             nbytes += sum(v.nbytes for v in read.values())
             # a version before that a write cut short replaced is gone: no drift to follow
-            gone = moving & (pick(versions, previous=True)[0][:, 0] != NEVER) & ~np.isin(blocks, list(read))
+            gone = moving & (before[:, 0] != NEVER) & ~np.isin(blocks, list(read))
             factors[gone] = 0
             moving &= ~gone
             moved = int(moving.sum())

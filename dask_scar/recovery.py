@@ -405,16 +405,17 @@ def _holders(client: Client, futures: list[Future | None]) -> dict[str, list[str
 RUN_SECONDS = 2.0
 
 
-def run_on(client: Client, function: Callable, *args, workers: list[str]) -> dict:
-    """``client.run(function, *args, workers=workers, on_error="return")``, asked once
-    more of those still alive where the answers take over :data:`RUN_SECONDS`; empty if
-    they take that long again."""
+def run_on(client: Client, function: Callable, *args, workers: list[str] | None = None) -> dict:
+    """``client.run(function, *args, workers=workers, on_error="return")`` (None: every
+    worker), asked once more of those still alive where the answers take over
+    :data:`RUN_SECONDS`; empty if they take that long again."""
     for _ in range(2):
         try:
             return client.sync(client._run, function, *args, workers=workers, on_error="return",
                                callback_timeout=RUN_SECONDS)
         except TimeoutError:
-            workers = sorted(set(workers) & live_workers(client))
+            alive = live_workers(client)
+            workers = sorted(alive if workers is None else alive & set(workers))
     return {}
 
 

@@ -537,7 +537,7 @@ def _end_run(client: Client, run: str) -> None:
         return      # the scheduler is gone: nothing to tidy, and an rpc would wait to time out
     try:
         set_epoch(client, run, None)
-        run_on(client, _forget, run, workers=sorted(live_workers(client)))   # the copies and values workers kept
+        run_on(client, _forget, run)    # the chunk copies and values the workers kept
     except Exception:  # noqa: BLE001  (the scheduler is gone: nothing to tidy)
         logger.debug("could not tell the scheduler that run %s ended", run, exc_info=True)
 
