@@ -365,7 +365,8 @@ def hand_over() -> None:
 def _write(worker, orders: Orders, chunk: Chunk, values: dict | None, path: float) -> None:
     started = time.perf_counter()
     report = {"run": orders.run, "kind": "written", "round": orders.round, "chunk": chunk.id.index,
-              "parameter": chunk.id.name, "blocks": len(values or ()), "bytes": 0, "error": None}
+              "parameter": chunk.id.name, "version": orders.version, "blocks": sorted(values or ()), "bytes": 0,
+              "error": None}
     try:
         if values is None:
             raise CheckpointError(f"version {orders.version} of chunk {chunk.id.name}/{chunk.id.index} "
@@ -613,8 +614,9 @@ class Checkpointer:
         self.pending: list[Orders] = []        # selected, to be written by the next graphs
         self.notes: dict[int, list[str]] = {}  # iteration -> warnings for the history
         self.early: list[dict] = []            # writers' reports of rounds not chosen here yet
-        #: called as ``on_saved(iteration, {chunk: blocks}, block_rows)`` when a writer
-        #: reports blocks written with their values of ``iteration``
+        self.stopped: dict[int, int] = {}      # rounds of stopped segments -> their last iteration kept
+        #: called as ``on_saved(iteration, {"name/index": blocks}, block_rows)`` when a
+        #: writer reports blocks written with their values of ``iteration``
         self.on_saved: Callable[[int, dict, dict], None] | None = None
         self._warned = False
 
@@ -649,11 +651,16 @@ class Checkpointer:
         workers chose the same blocks themselves (see :func:`choose`)."""
         self.pending = [orders for orders in self.pending if orders.version != iteration]
 
-    def skip(self, rounds: int) -> None:
+    def skip(self, rounds: int, done: int) -> None:
         """Rounds a stopped segment's workers may have begun to write: their numbers
-        are not used again (their blocks stay in the store, never committed)."""
+        are not used again. Their blocks stay in the store, never committed, and a
+        recovery may read them: :attr:`on_saved` hears of those of iterations up to
+        ``done``, the segment's last that training keeps."""
+        self.stopped.update({number: done for number in range(self.round + 1, self.round + rounds + 1)})
         self.round += rounds
-        self.early = [report for report in self.early if report["round"] > self.round]
+        reports, self.early = self.early, []
+        for report in reports:
+            self.on_written(report)
 
     def flush(self, client: Client, chunks) -> list:
         """Submit the rounds still waiting for a graph to carry them; returns their futures."""
@@ -674,15 +681,16 @@ class Checkpointer:
     def on_written(self, report: dict) -> None:
         if report.get("kind") != "written":
             return
-        rnd = self.rounds.get(report.get("round"))
+        number = report["round"]
+        rnd = self.rounds.get(number)
         if rnd is None:
-            if report.get("round", 0) > self.round:     # a segment chose it before this driver did
+            if number > self.round:         # a segment chose it before this driver did
                 self.early.append(report)
+            elif report["version"] <= self.stopped.get(number, -1):    # not of an iteration done again
+                self._saved(report)
             return
         rnd.reports.append(report)
-        if not report["error"] and self.on_saved is not None:
-            cid, blocks = rnd.chunks[f"{report['parameter']}/{report['chunk']}"]
-            self.on_saved(rnd.iteration, {cid: blocks}, self.base.block_rows)
+        self._saved(report)
         if not rnd.done or rnd.abandoned:
             return
         if rnd.errors:
@@ -691,6 +699,11 @@ class Checkpointer:
             self._note(rnd.iteration, message)
         elif report["round"] > self.finished[0]:
             self.finished = (report["round"], rnd.iteration)
+
+    def _saved(self, report: dict) -> None:
+        if not report["error"] and self.on_saved is not None:
+            self.on_saved(report["version"], {f"{report['parameter']}/{report['chunk']}": report["blocks"]},
+                          self.base.block_rows)
 
     def commit(self) -> None:
         """Record the newest round whose writers all reported in the store's manifest

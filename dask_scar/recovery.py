@@ -196,6 +196,7 @@ class Drift:
         self.fresh, self.first_round = fresh, first_round
         self.history = {cid: array("d") for cid in ids}   # the path after each iteration (8 bytes each)
         self.labels = {cid: f"{cid.name}/{cid.index}" for cid in ids}
+        self.chunks = {key: cid for cid, key in self.labels.items()}
         self.path = {cid: 0.0 for cid in ids}
         # per chunk: block distances from the stored values (None: all zero), and the path then
         self.known: dict[ChunkId, tuple[np.ndarray | None, float]] = {cid: (None, 0.0) for cid in ids}
@@ -228,9 +229,10 @@ class Drift:
             if key in priorities and not np.isinf(priorities[key]).any():
                 self.known[cid] = (np.asarray(priorities[key], dtype=float), self.path[cid])
 
-    def saved(self, iteration: int, blocks: dict[ChunkId, tuple[int, ...]], block_rows: dict[str, int]) -> None:
-        """A writer stored these blocks with their values of ``iteration``."""
-        for cid, chosen in blocks.items():
+    def saved(self, iteration: int, blocks: dict[str, list[int]], block_rows: dict[str, int]) -> None:
+        """A writer stored these blocks (of chunk ``"name/index"``) with their values of ``iteration``."""
+        for label, chosen in blocks.items():
+            cid = self.chunks[label]
             then = self.path_at(cid, iteration)
             distances, since = self.known[cid]
             if then is None or then < since:

@@ -257,7 +257,7 @@ class TrainingRun:
         if interrupted:
             done = self.abort_segment(k, futures, workers, orders)
             if ckpt is not None:    # the rounds its workers chose, each written or not
-                ckpt.skip(sum(1 for o in orders[:-1] if o is not None and o.keep))
+                ckpt.skip(sum(1 for o in orders[:-1] if o is not None and o.keep), done)
             futures.clear()     # some ran on the dead worker: let them go before recovering
             return self.recover(done + 1, abandoned=[chunks.key(c, i) for i in range(k, last + 1) if i != done
                                                      for c in chunks.ids]), False

@@ -405,8 +405,8 @@ def test_a_write_reported_before_the_driver_chose_its_round_counts(tmp_path):
     store = ZarrStore.create(tmp_path / "s.zarr", {"class": "test", "params": {}}, layouts, None)
     ckpt = Checkpointer(store, scar.FullCheckpoint(every=1), layouts, "run", "id", 0, 0, 2)
     ids = [ChunkId("w", 0, 0, 8), ChunkId("w", 1, 8, 16)]
-    reports = [{"kind": "written", "round": 1, "parameter": "w", "chunk": c.index, "blocks": 2, "bytes": 64,
-                "seconds": 0.0, "error": None} for c in ids]
+    reports = [{"kind": "written", "round": 1, "parameter": "w", "chunk": c.index, "version": 1,
+                "blocks": [2 * c.index, 2 * c.index + 1], "bytes": 64, "seconds": 0.0, "error": None} for c in ids]
     ckpt.on_written(reports[0])         # before the driver's choice
     ckpt.select(1, ids, {})
     assert ckpt.outstanding() == 1
@@ -423,3 +423,35 @@ def test_a_write_reported_before_the_driver_chose_its_round_counts(tmp_path):
     assert store.manifest["round"] == 1
     ckpt.commit()
     assert ckpt.committed == 3 and store.manifest["round"] == 3 and store.manifest["iteration"] == 3
+
+
+def test_writes_of_a_stopped_segment_are_heard_up_to_its_last_kept_iteration(tmp_path):
+    """A segment stopped after iteration 25 (a worker died) had chosen rounds 1-3 (of
+    iterations 10, 20, 30) itself. Their writes reach the store and a recovery may read
+    them, so the driver hears of those of iterations up to 25, whenever their reports
+    come, but not of iteration 30's: training does that iteration again."""
+    from dask_scar.checkpoint import Checkpointer
+    from dask_scar.chunks import ChunkId
+    from dask_scar.store import ZarrStore, make_layouts
+
+    layouts = make_layouts({"w": ((16, 4), "float32")}, 2, 2)
+    store = ZarrStore.create(tmp_path / "s.zarr", {"class": "test", "params": {}}, layouts, None)
+    ckpt = Checkpointer(store, scar.FullCheckpoint(every=10), layouts, "run", "id", 0, 0, 2)
+    heard = []
+    ckpt.on_saved = lambda iteration, blocks, rows: heard.append((iteration, blocks, rows))
+
+    def report(number, chunk, error=None):
+        return {"kind": "written", "round": number, "parameter": "w", "chunk": chunk, "version": 10 * number,
+                "blocks": [2 * chunk, 2 * chunk + 1], "bytes": 64, "seconds": 0.0, "error": error}
+
+    ckpt.on_written(report(1, 0))       # during the segment: its round is not chosen here
+    assert heard == [] and ckpt.early
+    ckpt.skip(3, 25)
+    ckpt.on_written(report(2, 1))       # after the stop
+    ckpt.on_written(report(3, 0))       # iteration 30: done again
+    ckpt.on_written(report(2, 0, error="OSError: disk full"))
+    assert heard == [(10, {"w/0": [0, 1]}, {"w": 4}), (20, {"w/1": [2, 3]}, {"w": 4})]
+    assert ckpt.early == [] and ckpt.round == 3 and ckpt.table().empty     # never rounds of this driver
+    ckpt.select(40, [ChunkId("w", 0, 0, 8), ChunkId("w", 1, 8, 16)], {})
+    assert ckpt.table()["round"].tolist() == [4]        # the stopped segment's numbers are not used again
+

@@ -120,10 +120,10 @@ def test_drift_bounds_the_perturbation_and_predicts_with_the_contraction_bound()
     drift.record(11, {"w/0": 0.5, "w/1": 0.0})
     assert drift.distance(a) == pytest.approx(5.0 + 0.5) and drift.distance(b) == 0.0
     # the writer stored block 1 with its values of iteration 11: only block 0's 3.0 remains
-    drift.saved(11, {a: (1,)}, {"w": 2})
+    drift.saved(11, {"w/0": [1]}, {"w": 2})
     assert drift.distance(a) == pytest.approx(3.0 + 0.5)    # measured at 10, stepped 0.5 since
     # ... unless it was measured after those values; a whole-chunk save of iteration 11 zeroes it
-    drift.saved(11, {a: (0, 1)}, {"w": 2})
+    drift.saved(11, {"w/0": [0, 1]}, {"w": 2})
     assert drift.distance(a) == 0.0
     drift.record(12, {"w/0": 0.25, "w/1": 0.0})
     delta, predicted, c = drift.predict([a])
@@ -202,6 +202,21 @@ def test_partial_recovery_restores_only_the_lost_chunks_and_beats_full_rollback(
     cost = {mode: iteration_cost(r.history, free.history, at=60) for mode, r in results.items()}
     assert cost["partial"] < cost["full"] and cost["scar"] < cost["full"], cost
     assert cost["full"] >= 5, cost      # the rolled-back iterations alone
+
+
+def trajectory(frame, n: int) -> list[np.ndarray]:
+    """A default SoftmaxRegression's weights after each of iterations 0..n on ``frame``,
+    computed in this process."""
+    local = scar.SoftmaxRegression()
+    block = prepare_local(local, frame, "label")
+    cid = ChunkId("weights", 0, 0, local.parameter_specs()["weights"].shape[0])
+    state = local.new_state("weights", local.init_rows("weights", cid.start, cid.stop))
+    weights = [state["value"].copy()]
+    for k in range(1, n + 1):
+        c = local.contribution(0, block, {"weights": state["value"]}, np, iteration=k, block_id=0)
+        state = local.apply({cid: state}, [c], np)[0][cid]
+        weights.append(state["value"].copy())
+    return weights
 
 
 def fit_killed_midway(client, trainer, frame, version: int, max_iter: int = 60, iteration: int = 0):
@@ -291,7 +306,7 @@ def test_kill_during_a_segment_loses_only_the_iteration_in_flight(tmp_path, digi
     back from the survivors' copies of that iteration (exactly: the run goes where a
     failure-free one goes) or, with copies switched off, from the store."""
     big = pd.concat([digits] * 20, ignore_index=True)
-    # one segment for the whole fit, killed once iteration 10 is done: never at a boundary
+    # one segment for the whole fit, killed once iteration 30 is done: never at a boundary
     n = 400
     with dask.config.set({"scar.recovery.replicas": replicas, "scar.segment-iterations": n}), \
             new_cluster(3) as cluster, scar_client(cluster) as client:
@@ -299,9 +314,9 @@ def test_kill_during_a_segment_loses_only_the_iteration_in_flight(tmp_path, digi
                                                                              tol=0, progress=False)
         trainer = scar.Trainer(client, scar.SoftmaxRegression(), n_chunks=6, store=tmp_path / "ckpt.zarr",
                                policy=scar.FullCheckpoint(every=10))
-        result, victim = fit_killed_midway(client, trainer, big, version=0, max_iter=n, iteration=10)
+        result, victim = fit_killed_midway(client, trainer, big, version=0, max_iter=n, iteration=30)
     (event,) = result.events
-    assert event.worker == victim and event.resumed_at == event.iteration - 1 >= 10
+    assert event.worker == victim and event.resumed_at == event.iteration - 1 >= 30
     assert result.history["iteration"].tolist() == list(range(1, n + 1))
     if replicas:
         assert event.lost_chunks == [] and event.bytes_read == 0 and event.peer_iterations == 0
@@ -311,6 +326,14 @@ def test_kill_during_a_segment_loses_only_the_iteration_in_flight(tmp_path, digi
         assert len(event.lost_chunks) == 2 and event.bytes_read > 0 and event.peer_chunks == []
         cost = iteration_cost(result.history, free.history, at=n - 10)
         assert cost is not None and 0 < cost <= 10
+        # the estimate is the lost chunks' path since their last save the driver heard
+        # of: one of the two rounds before the kill, written inside the segment
+        done, weights = event.resumed_at, trajectory(big, event.resumed_at)
+        path = [[float(np.linalg.norm(weights[k][slice(*span(label))] - weights[k - 1][slice(*span(label))]))
+                 for k in range(1, done + 1)] for label in event.lost_chunks]
+        since = {s: float(np.sqrt(sum(sum(p[s:]) ** 2 for p in path))) for s in range(0, done + 1, 10)}
+        assert any(since[s] == pytest.approx(event.est_perturbation, rel=1e-3) for s in since if s > done - 20), \
+            (event.est_perturbation, since)
 
 
 @pytest.mark.slow
