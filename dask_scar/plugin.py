@@ -23,8 +23,10 @@ install it when it is missing.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import logging
+import re
 import threading
 import time
 import weakref
@@ -78,6 +80,34 @@ def subscribe(client: Client, topic: str, handler: Callable[[tuple[float, Any]],
             with contextlib.suppress(ValueError):
                 client.unsubscribe_topic(topic)
     return stop
+
+
+SCHEDULER_LOG = logging.getLogger("distributed.scheduler")
+_LOST_DATA = re.compile(r"(Removing worker .*) caused the cluster to lose scattered data, which can't be "
+                        r"recovered: (\{.*\}) (\(stimulus_id=.*\))$", re.DOTALL)
+
+
+def chunk_loss_note(record: logging.LogRecord) -> bool:
+    """A filter of the scheduler's log, while :class:`ScarPlugin` runs there. When a
+    removed worker held data with no other copy, the scheduler logs an ERROR: "caused
+    the cluster to lose scattered data, which can't be recovered". Where all of it is
+    parameter chunks, which dask_scar's trainers restore, that ERROR is expected and
+    wrong: it becomes an INFO record that says so."""
+    if record.levelno != logging.ERROR or record.args or not isinstance(record.msg, str):
+        return True
+    match = _LOST_DATA.match(record.msg)
+    if match is None:
+        return True
+    try:
+        keys = ast.literal_eval(match[2])
+    except (ValueError, SyntaxError):
+        return True
+    if not keys or not all(isinstance(k, str) and k.startswith(CHUNK_PREFIX) for k in keys):
+        return True
+    record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+    record.msg = (f"{match[1]} lost {len(keys)} dask_scar parameter chunk(s) held nowhere else: "
+                  f"{sorted(keys)}; their trainer restores them {match[3]}")
+    return logging.getLogger(record.name).isEnabledFor(logging.INFO)
 
 
 class KeepChunkReplicas(ReduceReplicas):
@@ -135,12 +165,14 @@ class ScarPlugin(SchedulerPlugin):
         scheduler.stream_handlers[DETACH_OP] = self._detach
         scheduler.handlers[EPOCH_HANDLER] = self._set_epoch
         self._swap_policies(ReduceReplicas, KeepChunkReplicas)
+        SCHEDULER_LOG.addFilter(chunk_loss_note)
 
     async def close(self) -> None:
         if self.scheduler is not None:
             self.scheduler.stream_handlers.pop(DETACH_OP, None)
             self.scheduler.handlers.pop(EPOCH_HANDLER, None)
             self._swap_policies(KeepChunkReplicas, ReduceReplicas)
+            SCHEDULER_LOG.removeFilter(chunk_loss_note)
 
     def _swap_policies(self, old: type, new: type) -> None:
         """Replace the Active Memory Manager's policies of exactly type ``old`` by ``new``."""

@@ -6,6 +6,7 @@ same worker, same chunks), and the chunks that die have no copy elsewhere (the
 next iteration's contributions have not fetched them yet).
 """
 
+import logging
 import os
 import signal
 import threading
@@ -149,6 +150,41 @@ def test_plugin_reports_the_lost_scar_keys(own_client):
     wait_for(lambda: any(e["action"] == "add-worker" for _, e in own_client.get_events("scar")),
              what="the add-worker event")
     del lost, kept
+
+
+def test_a_lost_chunk_is_no_error_in_the_scheduler_log(own_client):
+    """When a worker dies holding data with no other copy, the scheduler logs an ERROR:
+    "caused the cluster to lose scattered data, which can't be recovered". With the
+    plugin, where that data is all parameter chunks, the record is an INFO saying that
+    their trainer restores them; other data keeps its ERROR."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("distributed.scheduler")
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        a, b = sorted(live_workers(own_client))
+        own_client.register_plugin(scar.ScarPlugin())
+        chunk = own_client.scatter({"scar-chunk-test-x-0-e0-v3": np.ones(4)}, workers=[a])
+        mixed = own_client.scatter({"scar-chunk-test-x-1-e0-v3": np.ones(4), "not-ours": np.ones(4)},
+                                   workers=[b])
+        for victim in (a, b):
+            kill_worker(own_client, victim)
+        lost = wait_for(lambda: [(r.levelname, r.getMessage()) for r in records if "scar-chunk" in r.getMessage()]
+                        if sum("scar-chunk" in r.getMessage() for r in records) == 2 else None,
+                        what="the scheduler's two records of lost data")
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    (level_a, text_a), = [(level, text) for level, text in lost if repr(a) in text]
+    assert level_a == "INFO" and text_a.startswith(
+        f"Removing worker {a!r} lost 1 dask_scar parameter chunk(s) held nowhere else: "
+        "['scar-chunk-test-x-0-e0-v3']; their trainer restores them (stimulus_id=")
+    (level_b, text_b), = [(level, text) for level, text in lost if repr(b) in text]
+    assert level_b == "ERROR" and "lose scattered data, which can't be recovered" in text_b and "not-ours" in text_b
+    del chunk, mixed
 
 
 @pytest.mark.slow
