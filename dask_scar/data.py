@@ -23,7 +23,7 @@ from distributed import Client, Future, wait
 from .backend import array_module, to_device
 from .exceptions import DataError
 from .models import ColumnSummary, DataSummary, Model
-from .models._base import require_columns
+from .models._base import numeric, require_columns, require_numeric
 from .recovery import live_workers
 
 logger = logging.getLogger(__name__)
@@ -63,21 +63,12 @@ def check_columns(model: Model, columns: list[str], dtypes: pd.Series, target: s
     if target is not None and target in features:
         raise DataError(f"the target column {target!r} is also in features=: remove it from features, "
                         "or the model would learn the answer from itself")
-    bad = [c for c in features if not _numeric(dtypes[c])]
-    if bad:
-        raise DataError(f"column(s) {', '.join(f'{c!r} ({dtypes[c]})' for c in bad)} are not numeric; "
-                        f"{type(model).__name__} needs real numbers. Encode them (e.g. dd.get_dummies or "
-                        "pandas.factorize) or leave them out with features=[...]")
-    if target is not None and not _numeric(dtypes[target]):
+    require_numeric(dtypes, features, f"{type(model).__name__} needs real numbers. Encode them (e.g. "
+                    "dd.get_dummies or pandas.factorize) or leave them out with features=[...]")
+    if target is not None and not numeric(dtypes[target]):
         raise DataError(f"the target column {target!r} ({dtypes[target]}) is not numeric: "
                         f"{model.target_help()}")
     return features, target
-
-
-def _numeric(dtype) -> bool:
-    """Real numbers or booleans (complex numbers would lose their imaginary part)."""
-    return ((pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype))
-            and not pd.api.types.is_complex_dtype(dtype))
 
 
 def to_arrays(frame: pd.DataFrame, features: list[str], target: str | None,

@@ -273,6 +273,11 @@ def test_predictions_check_their_columns_and_values(digits):
     model.params_, _ = fit_local(model, prepare_local(model, digits, "label"), max_iter=5)
     with pytest.raises(DataError, match=r"column\(s\) \['p3'\] not in the data: the model was fitted on"):
         model.predict(dd.from_pandas(digits.drop(columns="p3"), npartitions=2))     # before any computing
+    text = digits.head(5).assign(p5="a")
+    for data in (text, dd.from_pandas(text, npartitions=2)):     # the Dask frame: before any computing
+        with pytest.raises(DataError, match=r"column\(s\) 'p5' \((object|str|string)\) are not numeric; the model "
+                                            "was fitted on numbers"):
+            model.predict(data)
     holes = digits.head(5).copy()
     holes.loc[2, "p7"] = np.nan
     with pytest.raises(DataError, match=r"NaN/inf values in column\(s\) \['p7'\]"):
@@ -296,6 +301,8 @@ def test_factorization_predictions_refuse_fractional_and_unknown_ids():
                 frame.assign(user=frame["user"].astype("Int64").where(frame.index > 0, pd.NA))):
         with pytest.raises(DataError, match="must hold integer ids in the fitted range"):
             model.predict(bad)
+    with pytest.raises(DataError, match=r"column\(s\) 'item' \((object|str|string)\) are not numeric; user and item"):
+        model.predict(frame.assign(item=frame["item"].astype(str)))
 
 
 def test_bad_ids_for_factorization_are_named():

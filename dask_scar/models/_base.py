@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from ..exceptions import DataError, NotFittedError
 
@@ -257,6 +258,19 @@ def check_number(name: str, value: Any, low: float = -np.inf, high: float = np.i
         if high < np.inf:
             what += f"{' and' if low > -np.inf else ''} {'<' if high_open else '<='} {high:g}"
         raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
+def numeric(dtype) -> bool:
+    """Real numbers or booleans (complex numbers would lose their imaginary part)."""
+    return ((pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype))
+            and not pd.api.types.is_complex_dtype(dtype))
+
+
+def require_numeric(dtypes: Any, columns: list, fix: str) -> None:
+    """:class:`DataError` naming the ``columns`` whose ``dtypes`` are not real numbers, and ``fix``."""
+    bad = [c for c in columns if not numeric(dtypes[c])]
+    if bad:
+        raise DataError(f"column(s) {', '.join(f'{c!r} ({dtypes[c]})' for c in bad)} are not numeric; {fix}")
 
 
 def require_columns(columns: Any, needed: list, why: str) -> None:

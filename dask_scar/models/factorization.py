@@ -10,7 +10,7 @@ import pandas as pd
 
 from ..exceptions import DataError
 from ._base import (Contribution, DataSummary, Model, ParameterSpec, check_ids, check_number, require_columns,
-                    score_with, stable_seed)
+                    require_numeric, score_with, stable_seed)
 from .linear import r2_score
 
 _INIT_ROWS = 1024  # rows per seeded init block: init values do not depend on chunking
@@ -138,6 +138,7 @@ class MatrixFactorization(Model):
         params = self._fitted()
         require_columns(data.columns, [self.user, self.item],
                         f": {type(self).__name__} reads the columns user={self.user!r} and item={self.item!r}")
+        require_numeric(data.dtypes, [self.user, self.item], "user and item ids are integers, as for training")
 
         def on_frame(frame: pd.DataFrame):
             users = params["user_factors"][self._ids(frame, self.user, self.n_users_)]
