@@ -14,6 +14,8 @@ iterations.
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 
 from . import config
@@ -47,8 +49,8 @@ class CheckpointPolicy:
         return {"class": type(self).__name__, "every": self.every, "fraction": self.fraction}
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.to_json().items() if k != "class")
-        return f"{type(self).__name__}({args})"
+        names = inspect.signature(type(self)).parameters
+        return f"{type(self).__name__}({', '.join(f'{name}={getattr(self, name)!r}' for name in names)})"
 
 
 def _check_fraction(fraction: float) -> float:

@@ -61,6 +61,14 @@ class FitResult:
     events: list[RecoveryEvent] = field(default_factory=list)
     checkpoints: pd.DataFrame | None = None
 
+    def __repr__(self) -> str:
+        """A summary: a notebook shows it for a ``fit`` call on a cell's last line."""
+        loss = f", final loss {self.history['loss'].iloc[-1]:.6g}" if len(self.history) else ""
+        params = ", ".join(f"{name!r}: {value.shape} {value.dtype}" for name, value in self.params.items())
+        rounds = "" if self.checkpoints is None else f", {len(self.checkpoints)} checkpoint round(s)"
+        return (f"FitResult(n_iter={self.n_iter}, converged={self.converged}{loss}, "
+                f"{len(self.events)} recovery event(s){rounds}, params {{{params}}})")
+
 
 class Trainer:
     """Data-parallel training of a dask_scar model on a Dask cluster.

@@ -214,6 +214,14 @@ def test_policies_select_the_right_blocks():
     assert [k for k in range(1, 9) if prioritized.due(k)] == [2, 4, 6, 8]
 
 
+def test_a_policys_repr_builds_it_again():
+    for policy in (scar.FullCheckpoint(every=8), scar.PrioritizedCheckpoint(0.3, every=3, reference_dtype="float16"),
+                   scar.RoundRobinCheckpoint(0.5), scar.RandomCheckpoint(seed=2)):
+        again = eval(repr(policy), vars(scar))
+        assert type(again) is type(policy) and again.to_json() == policy.to_json()
+    assert repr(scar.FullCheckpoint(every=8)) == "FullCheckpoint(every=8)"
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda: scar.FullCheckpoint(every=0), "every must be a positive integer"),
     (lambda: scar.PrioritizedCheckpoint(fraction=0), r"fraction must be in \(0, 1\]"),

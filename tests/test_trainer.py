@@ -77,6 +77,9 @@ def test_digits_accuracy_and_equality_with_single_process(client, digits):
     np.testing.assert_allclose(result.history["loss"], losses, rtol=1e-5)
     np.testing.assert_allclose(result.params["weights"], params["weights"], rtol=1e-3, atol=1e-4)
     assert result.params["weights"].dtype == np.float32
+    # what a notebook shows for it
+    assert repr(result) == (f"FitResult(n_iter=150, converged=False, final loss {losses[-1]:.6g}, "
+                            "0 recovery event(s), params {'weights': (65, 10) float32})")
     # nothing of the run is left on the scheduler (once the client's batched releases landed)
     wait_for(lambda: client.run_on_scheduler(lambda dask_scheduler: [
         k for k in dask_scheduler.tasks if str(k).startswith(("scar-chunk", "scar-update", "scar-contrib"))]) == [],
