@@ -163,16 +163,16 @@ def train(args: argparse.Namespace) -> int:
 
     import dask_scar as scar
 
+    given = {name: getattr(args, name) for name in HYPERPARAMETERS if getattr(args, name) is not None}
+    foreign = [name for name in given if args.model not in HYPERPARAMETERS[name]]
+    if foreign:
+        options = ", ".join("--" + name.replace("_", "-") for name in foreign)
+        raise scar.ScarError(f"--model {args.model} takes no {options}")
+    model = getattr(scar, MODELS[args.model])(**given)
     reader = dd.read_csv if args.data.endswith((".csv", ".csv.gz")) else dd.read_parquet
     ddf = reader(args.data)
-    models = {
-        "softmax": lambda: scar.SoftmaxRegression(l2=args.l2, learning_rate=args.learning_rate, momentum=args.momentum,
-                                                  solver=args.solver),
-        "linear": lambda: scar.LinearRegression(l2=args.l2, learning_rate=args.learning_rate, momentum=args.momentum,
-                                                solver=args.solver),
-        "mf": lambda: scar.MatrixFactorization(rank=args.rank, l2=args.l2),
-    }
-    model = models[args.model]()
+    if args.target is None and args.model != "mf":
+        raise scar.ScarError(f"--model {args.model} needs --target: one of the columns {list(ddf.columns)}")
     cluster = None
     if args.scheduler:
         client = Client(args.scheduler)
@@ -241,61 +241,95 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``dask-scar train --model``: the model classes
+MODELS = {"softmax": "SoftmaxRegression", "linear": "LinearRegression", "mf": "MatrixFactorization"}
+#: ``dask-scar train``'s hyperparameter options and the models they apply to; an option
+#: left out keeps the model's own default
+HYPERPARAMETERS = {"learning_rate": ("softmax", "linear"), "momentum": ("softmax", "linear"),
+                   "solver": ("softmax", "linear"), "l2": ("softmax", "linear", "mf"), "rank": ("mf",)}
+
+
+class _Help(argparse.HelpFormatter):
+    """Help that names each option's default, where it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _model_defaults(name: str) -> str:
+    """The models' own defaults of hyperparameter ``name``, for its option's help."""
+    import inspect as signature
+
+    import dask_scar as scar
+
+    values = [f"{model} {signature.signature(getattr(scar, MODELS[model])).parameters[name].default}"
+              for model in HYPERPARAMETERS[name]]
+    return f"(default: the model's own: {', '.join(values)})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dask-scar", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="train on an embedded LocalCluster, kill a worker, and compare SCAR's "
-                                     "recovery with traditional checkpoint/rollback")
-    p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--rows", type=int, default=200_000)
-    p.add_argument("--features", type=int, default=50)
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--max-iter", type=int, default=150)
+    p = sub.add_parser("demo", formatter_class=_Help,
+                       help="train on an embedded LocalCluster, kill a worker, and compare SCAR's "
+                            "recovery with traditional checkpoint/rollback")
+    p.add_argument("--workers", type=int, default=4, help="worker processes of the embedded LocalCluster")
+    p.add_argument("--rows", type=int, default=200_000, help="rows of the synthetic data set")
+    p.add_argument("--features", type=int, default=50, help="its feature columns")
+    p.add_argument("--classes", type=int, default=10, help="its classes")
+    p.add_argument("--max-iter", type=int, default=150, help="iterations of each run")
     p.add_argument("--quick", action="store_true", help="a small run that takes seconds")
     p.add_argument("--plot", metavar="PNG", help="also save the loss curves as a picture")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=demo)
 
-    p = sub.add_parser("train", help="train a model on a Parquet or CSV dataset")
+    p = sub.add_parser("train", formatter_class=_Help, help="train a model on a Parquet or CSV dataset")
     p.add_argument("data", help="path or URL of Parquet files, or CSV files ending in .csv")
-    p.add_argument("--model", choices=["softmax", "linear", "mf"], default="softmax")
-    p.add_argument("--target", help="target column (ratings column for mf)")
+    p.add_argument("--model", choices=list(MODELS), default="softmax",
+                   help="softmax regression, linear regression, or matrix factorization (alternating least "
+                        "squares on user, item and rating columns)")
+    p.add_argument("--target", help="target column: integer class labels (softmax), numbers (linear), ratings "
+                                    "(mf, default 'rating')")
     p.add_argument("--features", help="comma-separated feature columns (default: all others)")
     p.add_argument("--scheduler", help="address of a running scheduler (default: an embedded LocalCluster)")
     p.add_argument("--workers", type=int, default=2, help="workers of the embedded LocalCluster")
-    p.add_argument("--max-iter", type=int, default=100)
-    p.add_argument("--tol", type=float, default=1e-6)
-    p.add_argument("--learning-rate", type=float, default=0.5)
-    p.add_argument("--momentum", type=float, default=0.0)
-    p.add_argument("--solver", choices=["gd", "lbfgs"], default="gd",
-                   help="softmax/linear: gradient descent (with --momentum) or L-BFGS")
-    p.add_argument("--l2", type=float, default=1e-4)
-    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--max-iter", type=int, default=100, help="iterations at most")
+    p.add_argument("--tol", type=float, default=1e-6, help="stop when the loss moves by less, relatively")
+    p.add_argument("--learning-rate", type=float, help="gradient descent's step " + _model_defaults("learning_rate"))
+    p.add_argument("--momentum", type=float, help="Nesterov momentum " + _model_defaults("momentum"))
+    p.add_argument("--solver", choices=["gd", "lbfgs"],
+                   help="gradient descent (with --momentum) or L-BFGS " + _model_defaults("solver"))
+    p.add_argument("--l2", type=float, help="L2 penalty " + _model_defaults("l2"))
+    p.add_argument("--rank", type=int, help="factors per user and item " + _model_defaults("rank"))
     p.add_argument("--out", help="save the parameters to this .npz file")
     p.add_argument("--store", help="path or URL of a checkpoint store every worker can write")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --store")
     p.add_argument("--recovery", choices=["partial", "full"], default="partial",
                    help="when a worker dies: restore only its chunks (SCAR), or roll everything back")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=train)
 
     p = sub.add_parser("inspect", help="show what a checkpoint store holds")
     p.add_argument("store", help="path or URL of the store")
     p.set_defaults(func=inspect)
 
-    p = sub.add_parser("bench", help="measure the iteration cost of failures under each recovery strategy "
-                                      "(simulated trials and real kills), as in the SCAR paper")
+    p = sub.add_parser("bench", formatter_class=_Help,
+                       help="measure the iteration cost of failures under each recovery strategy "
+                            "(simulated trials and real kills), as in the SCAR paper")
     p.add_argument("--quick", action="store_true", help="smaller data sets (minutes on 2 cores)")
     p.add_argument("--out", default="bench-out", help="folder for bench.csv, trials.csv, bench.md, recovery.png")
     p.add_argument("--trials", type=int, default=3,
-                   help="failure iterations per model; each is tried at every lost fraction (default 3)")
+                   help="failure iterations per model; each is tried at every lost fraction")
     p.add_argument("--cases", help="comma-separated subset of: softmax-digits, softmax-synthetic, linear, mf, lda")
     p.add_argument("--simulated-only", action="store_true", help="skip the real kills on a LocalCluster")
     p.set_defaults(func=bench)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")   # messages name dask_scar
     from dask_scar.exceptions import ScarError
 
     try:

@@ -205,8 +205,8 @@ class TrainingRun:
         return tol > 0 and len(self.rows) > 1 and segment.converged(self.rows[-2]["loss"], loss, tol)
 
     def show(self, k: int, loss: float) -> None:
+        self.bar.set_postfix(loss=f"{loss:.6g}", refresh=False)    # shown by the update
         self.bar.update(k - self.bar.n)     # backwards too, after a rollback
-        self.bar.set_postfix(loss=f"{loss:.6g}", refresh=False)
 
     def take_in(self) -> bool:
         """During a segment: keep what arrived for :meth:`record` and move the bar to
@@ -364,7 +364,8 @@ class TrainingRun:
         event = recover(self.restore, self.watch, k, noticed, self.drift, abandoned=[*self.abandon(), *abandoned])
         if self.ckpt is not None:
             self.ckpt.recovered(self.chunks.epoch)
-        logger.warning("dask_scar: %s", event.describe())
+        with self.bar.external_write_mode():    # on a line of its own, not after the bar's
+            logger.warning("dask_scar: %s", event.describe())
         self.events.append(event)
         self.note = _join(self.note, event.describe())
         return event.resumed_at + 1

@@ -1,8 +1,10 @@
+import json
 import os
 import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from dask_scar.datasets import synthetic_classification
@@ -96,6 +98,27 @@ def test_inspect_a_path_that_holds_no_store(tmp_path):
     out = _run("inspect", str(tmp_path / "nothing.zarr"))
     assert out.returncode == 2
     assert "dask-scar: error: no checkpoint store at" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_train_keeps_the_models_defaults_and_refuses_options_it_would_ignore(tmp_path):
+    """Hyperparameters left out keep the model's own defaults (the option's help names
+    them); one the model does not take, or a missing --target, is an error that says so."""
+    ratings, store = tmp_path / "ratings.parquet", tmp_path / "mf.zarr"
+    pd.DataFrame({"user": [0, 1, 2, 0], "item": [0, 1, 1, 2], "rating": [1.0, 2.0, 3.0, 4.0]}).to_parquet(ratings)
+    out = _run("train", str(ratings), "--model", "mf", "--learning-rate", "0.1", "--no-progress")
+    assert out.returncode == 2 and "dask-scar: error: --model mf takes no --learning-rate" in out.stderr
+    path = tmp_path / "data.parquet"
+    synthetic_classification(100, 2, 2).to_parquet(path)
+    out = _run("train", str(path), "--no-progress")
+    assert out.returncode == 2
+    assert "dask-scar: error: --model softmax needs --target: one of the columns ['x0', 'x1', 'label']" in out.stderr
+    out = _run("train", str(ratings), "--model", "mf", "--max-iter", "2", "--no-progress", "--workers", "1",
+               "--store", str(store))
+    assert out.returncode == 0, out.stderr
+    stored = json.loads(_run("inspect", str(store)).stdout.splitlines()[0].split("MatrixFactorization ", 1)[1])
+    assert stored == {**stored, "l2": 0.1, "rank": 16}       # MatrixFactorization()'s, not another model's
+    help_text = " ".join(_run("train", "--help").stdout.split())
+    assert "L2 penalty (default: the model's own: softmax 0.0001, linear 0.0, mf 0.1)" in help_text
 
 
 def test_train_reports_a_missing_column(tmp_path):
