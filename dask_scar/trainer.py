@@ -74,15 +74,17 @@ class Trainer:
     """Data-parallel training of a dask_scar model on a Dask cluster.
 
     The model's parameters are split by rows into ``n_chunks`` chunks held on the
-    workers; the data stays on the workers as one block each. Every iteration is
-    one task graph (see :mod:`dask_scar.iteration`).
+    workers; the data stays on the workers as one block each. An iteration is one
+    task graph (see :mod:`dask_scar.iteration`), or, for the gradient models when
+    ``fit`` has no ``callback``, many iterations run as one task per worker, the
+    workers exchanging their contributions directly (see :mod:`dask_scar.segment`).
 
     Parameters
     ----------
     client : distributed.Client
         Client of the cluster to train on.
     model : Model
-        ``SoftmaxRegression``, ``LinearRegression`` or ``MatrixFactorization``.
+        ``SoftmaxRegression``, ``LinearRegression``, ``MatrixFactorization`` or ``LDA``.
     store : str or os.PathLike, optional
         Path or fsspec URL (``file://``, ``s3://``...) of a Zarr checkpoint store
         that every worker can write. None: no checkpoints.

@@ -74,13 +74,16 @@ def test_softmax_regression_matches_scikit_learn_loss(digits):
     l2 = 1e-3
     model = scar.SoftmaxRegression(l2=l2, learning_rate=0.5, momentum=0.9)
     block = prepare_local(model, digits, "label")
-    _, losses = fit_local(model, block, max_iter=1500)
+    model.params_, losses = fit_local(model, block, max_iter=1500)
     X, y = digits.drop(columns="label").to_numpy(np.float64), digits["label"].to_numpy()
     reference = LogisticRegression(C=1 / (l2 * len(y)), tol=1e-10, max_iter=10_000).fit(X, y)
     p = reference.predict_proba(X)
     sk_loss = -np.log(p[np.arange(len(y)), y]).mean() + 0.5 * l2 * (reference.coef_ ** 2).sum()
     assert abs(losses[-1] - sk_loss) < 1e-3
     assert losses[-1] >= sk_loss - 1e-6  # sklearn's optimum is the true minimum
+    # the fitted attributes are shaped as scikit-learn's, and near its values
+    assert model.coef_.shape == reference.coef_.shape and model.intercept_.shape == reference.intercept_.shape
+    np.testing.assert_allclose(model.coef_, reference.coef_, atol=0.05)
 
 
 def _sklearn_loss(digits, l2):

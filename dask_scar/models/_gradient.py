@@ -227,11 +227,14 @@ class GradientModel(Model):
     # -- fitted model -------------------------------------------------------------
     @property
     def coef_(self) -> np.ndarray:
-        """Coefficients, shape ``(n_features, n_outputs)``."""
-        return self._fitted()["weights"][: self.n_features_]
+        """Coefficients, shaped as scikit-learn's: ``(n_classes, n_features)`` (a
+        view of ``params_["weights"]``, which holds them transposed, the intercepts
+        in its last row)."""
+        return self._fitted()["weights"][: self.n_features_].T
 
     @property
     def intercept_(self) -> np.ndarray:
+        """Intercepts, shape ``(n_classes,)``."""
         return self._fitted()["weights"][self.n_features_]
 
     def _scores_numpy(self, X: np.ndarray) -> np.ndarray:

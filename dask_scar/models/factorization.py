@@ -25,6 +25,19 @@ class MatrixFactorization(Model):
     ids must be non-negative integers; the factor matrices have ``max id + 1`` rows
     and are chunked by rows across the workers.
 
+    Parameters
+    ----------
+    rank : int
+        Factors per user and per item.
+    l2 : float
+        Ridge penalty on both factor matrices (scaled as in the objective above).
+    user, item, rating : str
+        Columns of the user id, the item id (non-negative integers) and the rating.
+    init_scale : float
+        Standard deviation of the initial factors (normal, around 0).
+    random_state : int
+        Seed of the initial factors.
+
     Examples
     --------
     >>> import dask_scar as scar

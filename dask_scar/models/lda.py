@@ -53,8 +53,8 @@ class LDA(Model):
     >>> frame, true_topics = synthetic_corpus(300, 200, n_topics=5, doc_length=60)
     >>> model = scar.LDA(n_topics=5)
     >>> scar.Trainer(client, model).fit(frame, max_iter=50)     # doctest: +SKIP
-    >>> model.topic_word_.shape                                # doctest: +SKIP
-    (5, 200)
+    >>> model.topic_word_.shape     # (topics, largest word id + 1)  # doctest: +SKIP
+    (5, 198)
     """
 
     phases = (("word_topics",),)

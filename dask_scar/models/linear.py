@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from ._base import Contribution, score_with
 from ._gradient import GradientModel
 
@@ -30,6 +32,15 @@ class LinearRegression(GradientModel):
 
     def _n_outputs(self) -> int:
         return 1
+
+    @property
+    def coef_(self) -> np.ndarray:
+        """Coefficients, shape ``(n_features,)`` (as scikit-learn's for one target)."""
+        return super().coef_[0]
+
+    @property
+    def intercept_(self) -> float:
+        return float(super().intercept_[0])
 
     def contribution(self, phase, block, params, xp, iteration=0, block_id=0):
         X, y = self._batch(block, xp, iteration, block_id)
