@@ -223,6 +223,10 @@ def inspect(args: argparse.Namespace) -> int:
     if info["staleness"]:
         print("iterations since each saved block was written: "
               + ", ".join(f"{age}: {count}" for age, count in info["staleness"].items()))
+    if info["newer_blocks"]:
+        print(f"{info['newer_blocks']} block(s) written after that round, up to iteration "
+              f"{info['newest_iteration']} (by rounds that never committed: resume=True and partial restores "
+              "read them, a full rollback does not)")
     return 0
 
 

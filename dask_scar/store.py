@@ -183,12 +183,17 @@ class CheckpointStore(abc.ABC):
         return out
 
     def info(self) -> dict[str, Any]:
-        """Size and freshness: bytes stored, blocks saved, and how many iterations old
-        the saved blocks are at the last committed round (a histogram)."""
+        """Size and freshness: bytes stored, blocks saved, how many iterations old
+        the saved blocks are at the last committed round (a histogram), and how many
+        were written after it (``newer_blocks``, by rounds that never committed: a
+        driver or writer died first; a resume and a partial restore read them, a
+        rollback does not), up to iteration ``newest_iteration``."""
         saved = self.saved_at
         done = saved[saved["iteration"] != NEVER]
-        now = self.manifest.get("iteration", int(done["iteration"].max()) if len(done) else 0)
-        staleness = (now - done["iteration"]).clip(lower=0)
+        newest = int(done["iteration"].max()) if len(done) else None
+        now = self.manifest.get("iteration", newest or 0)
+        newer = done["iteration"] > now
+        staleness = now - done["iteration"][~newer]
         edges = [0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, np.inf]
         counts, _ = np.histogram(staleness, bins=edges)
         labels = [f"{int(a)}" if b - a == 1 else f"{int(a)}-{b - 1:g}" for a, b in zip(edges[:-1], edges[1:])]
@@ -202,6 +207,8 @@ class CheckpointStore(abc.ABC):
             "blocks_saved": len(done),
             "manifest": self.manifest,
             "staleness": {label: int(c) for label, c in zip(labels, counts) if c},
+            "newer_blocks": int(newer.sum()),
+            "newest_iteration": newest,
         }
 
     def check_compatible(self, model: dict, layouts: dict[str, BlockLayout]) -> None:
@@ -454,6 +461,11 @@ class ZarrStore(CheckpointStore):
 
     def commit(self, manifest: dict) -> None:
         self.group.attrs.update({"manifest": manifest})
+
+    def describe(self, model: dict, policy: dict) -> None:
+        """Record the model (class, hyperparameters, columns) and policy now writing here."""
+        self.meta = {**self.meta, "model": model, "policy": policy}
+        self.group.attrs.update({ATTRS: self.meta})
 
     @property
     def manifest(self) -> dict:

@@ -20,7 +20,7 @@ from . import checkpoint, config, data
 from .backend import array_module
 from .checkpoint import Checkpointer
 from .chunks import ParameterChunks, place, split_rows
-from .exceptions import BackendError, CheckpointError
+from .exceptions import BackendError, CheckpointError, CheckpointWarning
 from .models import Model
 from .models._base import check_number
 from .plugin import ensure_plugin
@@ -236,6 +236,13 @@ class Trainer:
         if resume:
             store = ZarrStore.open(self.store, mode="r+")
             store.check_compatible(meta, layouts)
+            before, now = store.meta["model"]["params"], meta["params"]
+            changed = [name for name, value in now.items() if before.get(name, value) != value]
+            if changed:
+                warnings.warn(f"resuming with {', '.join(f'{n}={now[n]!r}' for n in changed)}; the store was "
+                              f"written with {', '.join(f'{n}={before[n]!r}' for n in changed)}. The store now "
+                              "records the new values", CheckpointWarning, stacklevel=3)
+            store.describe(meta, policy.to_json())
         else:
             store = ZarrStore.create(self.store, meta, layouts, policy.to_json())
         manifest = store.manifest

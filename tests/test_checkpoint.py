@@ -130,6 +130,13 @@ def test_store_for_another_model_or_corrupt_is_refused(client, digits, tmp_path)
             digits, target="label", max_iter=6, resume=True, progress=False)
     assert again.n_iter == 6 and len(again.history) == 0
     np.testing.assert_array_equal(again.params["weights"], first.params["weights"])
+    # other hyperparameters: said, and recorded, so that the store tells what trained it last
+    with pytest.warns(scar.CheckpointWarning, match=r"resuming with l2=0\.001; the store was written with "
+                                                    r"l2=0\.0001\. The store now records the new values"):
+        scar.Trainer(client, scar.SoftmaxRegression(l2=1e-3), store=store, policy=scar.FullCheckpoint(every=3)).fit(
+            digits, target="label", max_iter=9, resume=True, progress=False)
+    meta = scar.open_store(store).meta
+    assert meta["model"]["params"]["l2"] == 1e-3 and meta["policy"] == scar.FullCheckpoint(every=3).to_json()
     # the same columns in another order would put every weight on the wrong feature
     swapped = digits[[*digits.columns[:-1][::-1], "label"]]
     with pytest.raises(scar.StoreMismatchError, match=r"columns: store has features \['p0', 'p1', .*\] and target "

@@ -54,6 +54,11 @@ def test_write_read_records_and_info(tmp_path):
     info = reopened.info()
     assert info["blocks"] == 13 and info["blocks_saved"] == 2
     assert info["manifest"]["iteration"] == 9 and info["staleness"] == {"0": 2}
+    assert info["newer_blocks"] == 0 and info["newest_iteration"] == 9
+    # a round that never committed (its driver died): counted apart, not as 0 iterations old
+    store.write_blocks("weights", {1: rows, 12: rows}, iteration=14, epoch=1, round=4)
+    info = scar.open_store(tmp_path / "ckpt.zarr").info()
+    assert info["staleness"] == {"0": 1} and info["newer_blocks"] == 2 and info["newest_iteration"] == 14
     assert info["nbytes_parameters"] == 65 * 10 * 4
     # metadata is plain JSON
     meta = json.loads((tmp_path / "ckpt.zarr/zarr.json").read_text())["attributes"]
