@@ -66,13 +66,17 @@ class RecoveryEvent:
 
     ``iteration`` is the iteration that was in flight; training went on with
     ``resumed_at + 1`` (the same iteration for partial recovery, the last committed
-    checkpoint's for full recovery). ``lost_chunks`` were restored from the store
-    (``bytes_read``; ``extrapolated_blocks`` of them along the drift between their
-    last two saves, ``reinitialized_blocks`` had never been saved and
-    start again from their initial value), ``moved_chunks`` were taken over from a
-    surviving copy of their current value, ``peer_chunks`` from the copy of an
-    earlier iteration (``peer_iterations`` behind, in all) that a contribution task
-    left on a live worker. ``seconds`` run from the moment the driver learned of the loss
+    checkpoint's for full recovery). Each chunk the worker held is in one of three
+    lists: ``lost_chunks`` were restored from the store (``bytes_read``;
+    ``extrapolated_blocks`` of them along the drift between their last two saves,
+    ``reinitialized_blocks`` had never been saved and start again from their
+    initial value; for full recovery: every chunk), ``peer_chunks`` from a copy a
+    live worker kept (the replicas update tasks keep, current for the gradient
+    models, or the copy of an earlier iteration a contribution task left:
+    ``peer_iterations`` behind, in all), ``moved_chunks`` were taken over from a
+    surviving copy of their current value (a graceful retirement moves them all).
+    So ``lost_chunks`` may be empty although chunks died with the worker: none
+    needed the store. ``seconds`` run from the moment the driver learned of the loss
     to the moment the restored chunks were in place (``noticed_at``: the wall-clock
     time, ``time.time()``, it learned of the loss). ``contraction`` is the rate
     ``c`` estimated from the recent steps. ``est_perturbation`` estimates
