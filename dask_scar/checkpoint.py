@@ -454,8 +454,8 @@ def prepare_chunk(chunk: Chunk, url: str | None, store_id: str, block_rows: dict
     blocks from the store (reading only this chunk's blocks; the others keep their
     initial value); unless ``reference_dtype`` is False, keep a reference copy for
     priorities (the saved values) and, with ``trail``, a :class:`SaveTrail` (for
-    priorities that extrapolate). Returns the bytes read and the number of blocks
-    never saved.
+    priorities that extrapolate). Returns the bytes read and the numbers of blocks
+    never saved, extrapolated, and (with ``upto_round``) saved last by an earlier round.
 
     With a ``trend`` for the chunk, each block is restored *extrapolated* along the
     two versions the store holds: ``newest + f * (newest - previous)``, ``f`` from
@@ -469,7 +469,7 @@ def prepare_chunk(chunk: Chunk, url: str | None, store_id: str, block_rows: dict
     survivors of a round whose writer died wrote theirs, but the round never
     committed), unless the block has no other (then the older of the two).
     """
-    nbytes = never = 0
+    nbytes = never = older = 0
     value = chunk.value
     xp = get_array_module(value)
     target, moved = None, 0                     # the extrapolated value, blocks moved
@@ -488,6 +488,9 @@ def prepare_chunk(chunk: Chunk, url: str | None, store_id: str, block_rows: dict
             value[start:start + len(saved)] = xp.asarray(saved, dtype=value.dtype)
             nbytes += saved.nbytes
         never = len(blocks) - len(saved_blocks)
+        if upto_round is not None:      # blocks the rounds before the one rolled back to saved last
+            records = pick(versions)[0]
+            older = int(((records[:, 0] != NEVER) & (records[:, 2] < upto_round)).sum())
         if trend is not None and saved_blocks:
             before = pick(versions, previous=True)[0]
             factors = restore_factors(trend, chunk.version, pick(versions)[0], before)
@@ -514,7 +517,7 @@ def prepare_chunk(chunk: Chunk, url: str | None, store_id: str, block_rows: dict
                                         len(chunk_blocks(chunk.id, block_rows[chunk.id.name])), fresh=not load)
     if target is not None:
         value[...] = xp.asarray(target, dtype=value.dtype)
-    return {"bytes": nbytes, "never_saved": never, "extrapolated_blocks": moved}
+    return {"bytes": nbytes, "never_saved": never, "extrapolated_blocks": moved, "older_blocks": older}
 
 
 def restore_reference(chunk: Chunk, initial: Any, orders: Orders) -> None:

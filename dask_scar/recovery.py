@@ -70,7 +70,8 @@ class RecoveryEvent:
     lists: ``lost_chunks`` were restored from the store (``bytes_read``;
     ``extrapolated_blocks`` of them along the drift between their last two saves,
     ``reinitialized_blocks`` had never been saved and start again from their
-    initial value; for full recovery: every chunk), ``peer_chunks`` from a copy a
+    initial value; for full recovery: every chunk, ``older_blocks`` of the blocks
+    as saved by rounds before the one rolled back to), ``peer_chunks`` from a copy a
     live worker kept (the replicas update tasks keep, current for the gradient
     models, or the copy of an earlier iteration a contribution task left:
     ``peer_iterations`` behind, in all), ``moved_chunks`` were taken over from a
@@ -101,10 +102,13 @@ class RecoveryEvent:
     resumed_at: int = 0
     contraction: float = math.nan
     noticed_at: float = math.nan    # time.time() when the driver learned of the loss
+    older_blocks: int = 0
 
     def describe(self) -> str:
         if self.mode != "partial":
             parts = [f"rolled every chunk back to iteration {self.resumed_at} ({self.bytes_read:,} bytes read)"]
+            if self.older_blocks:   # a partial policy's round holds a share of the blocks
+                parts.append(f"{self.older_blocks} block(s) as saved by rounds before that iteration's")
         else:
             restored = []
             if self.peer_chunks:
@@ -378,6 +382,7 @@ def recover(restore: Restore, watch: ClusterWatch, iteration: int, noticed: floa
         bytes_read=stats.get("bytes", 0), seconds=time.time() - noticed, est_perturbation=delta,
         predicted_extra_iterations=predicted, mode=restore.mode, moved_chunks=[label(c) for c in sorted(moved)],
         reinitialized_blocks=stats.get("never_saved", 0), extrapolated_blocks=stats.get("extrapolated_blocks", 0),
+        older_blocks=stats.get("older_blocks", 0),
         peer_chunks=[label(c) for c in sorted(copies)],
         peer_iterations=sum(version - v for _, v in copies.values()), resumed_at=version, contraction=c,
         noticed_at=noticed)

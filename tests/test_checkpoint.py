@@ -343,20 +343,25 @@ def test_a_restored_block_is_extrapolated_along_its_last_two_saves(tmp_path):
     store.write_blocks("w", {0: 3 * full, 1: 4 * full}, 20, 0, 2)
     store.write_blocks("w", {2: 5 * full}, 4, 0, 0)               # round 0: another fit's
 
-    def restore(trends, version=30):
+    def restore(trends, version=30, upto_round=None):
         chunk = Chunk(cid, {"value": np.full((8, 2), -1.0, np.float32)}, version)    # -1: the initial value
-        stats = prepare_chunk(chunk, str(tmp_path / "ckpt.zarr"), store.meta["id"], {"w": 2}, True, False, trends)
+        stats = prepare_chunk(chunk, str(tmp_path / "ckpt.zarr"), store.meta["id"], {"w": 2}, True, False, trends,
+                              upto_round=upto_round)
         return chunk.value[::2, 0].tolist(), stats
 
     # block 0: saved at 10 and 20, the chunk walked 10 between them and 5 since: f = 0.5;
     # block 1: saved once in a fresh fit, so from its initial value (iteration 0, path 0): f = 5 / 20;
     # block 2: from another fit, as saved; block 3: never saved, initial
     assert restore(drift.trends([cid])) == ([3 + 0.5 * (3 - 1), 4 + 0.25 * (4 - -1), 5.0, -1.0],
-                                            {"bytes": 4 * 16, "never_saved": 1, "extrapolated_blocks": 2})
+                                            {"bytes": 4 * 16, "never_saved": 1, "extrapolated_blocks": 2,
+                                             "older_blocks": 0})
     assert restore(None)[0] == [3.0, 4.0, 5.0, -1.0]               # the paper's restore: as saved
     # a write the driver never heard of is used too: block 0 now holds iterations 20 and 25
     store.write_blocks("w", {0: 9 * full}, 25, 0, 3)
     assert restore(drift.trends([cid]))[0][0] == 9 + (25 - 22.5) / (22.5 - 20) * (9 - 3)   # paths 20, 22.5, 25
+    # a rollback to round 2 passes that write over; block 2 is as an earlier round saved it
+    assert restore(None, upto_round=2) == ([3.0, 4.0, 5.0, -1.0], {"bytes": 3 * 16, "never_saved": 1,
+                                                                    "extrapolated_blocks": 0, "older_blocks": 1})
     # a resumed fit knows no path before its start: nothing to go by
     resumed = Drift([cid], fresh=False, first_round=3)
     resumed.record(31, {"w/0": 1.0})

@@ -448,6 +448,15 @@ def test_messages_to_workers_leave_out_one_that_cannot_be_reached(own_client):
     assert sorted(answers) == alive and all(isinstance(pid, int) for pid in answers.values())
 
 
+def test_a_rollback_says_how_many_blocks_are_older_than_its_round():
+    event = scar.RecoveryEvent(iteration=263, worker="tcp://w", lost_chunks=["weights[0:8]"], bytes_read=1640,
+                               seconds=0.05, est_perturbation=0.0, predicted_extra_iterations=2, mode="full",
+                               resumed_at=260, older_blocks=30)
+    assert event.describe().startswith("worker tcp://w lost at iteration 263: rolled every chunk back to iteration "
+                                       "260 (1,640 bytes read), 30 block(s) as saved by rounds before that "
+                                       "iteration's in 0.050 s")
+
+
 def test_a_rollback_takes_each_block_as_of_the_committed_round():
     versions = np.array([[[20, 0, 2], [30, 0, 3]],       # a later round wrote it: the committed version
                          [[20, 0, 2], [10, 0, 1]],       # nothing later
