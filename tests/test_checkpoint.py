@@ -155,8 +155,8 @@ def test_store_for_another_model_or_corrupt_is_refused(client, digits, tmp_path)
         raw[-6] ^= 0x10
         path.write_bytes(bytes(raw))
     with pytest.raises(scar.CheckpointError, match=r"block 4 \(rows 12:15, slot \d\) of parameter 'weights'.* corrupt"):
-        scar.Trainer(client, scar.SoftmaxRegression(), store=store).fit(digits, target="label", max_iter=9,
-                                                                        resume=True, progress=False)
+        scar.Trainer(client, scar.SoftmaxRegression(l2=1e-3), store=store).fit(digits, target="label", max_iter=12,
+                                                                               resume=True, progress=False)
     with pytest.raises(scar.CheckpointError, match="no dask_scar checkpoint store at"):
         scar.Trainer(client, scar.SoftmaxRegression(), store=tmp_path / "none.zarr").fit(
             digits, target="label", resume=True)
