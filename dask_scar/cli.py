@@ -265,11 +265,11 @@ class _Help(argparse.HelpFormatter):
 
 def _model_defaults(name: str) -> str:
     """The models' own defaults of hyperparameter ``name``, for its option's help."""
-    import inspect as signature
+    from inspect import signature
 
     import dask_scar as scar
 
-    values = [f"{model} {signature.signature(getattr(scar, MODELS[model])).parameters[name].default}"
+    values = [f"{model} {signature(getattr(scar, MODELS[model])).parameters[name].default}"
               for model in HYPERPARAMETERS[name]]
     return f"(default: the model's own: {', '.join(values)})"
 

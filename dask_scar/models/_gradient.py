@@ -15,8 +15,7 @@ import pandas as pd
 
 from .. import config
 from ..exceptions import DataError
-from ._base import (DataSummary, Model, ParameterSpec, check_number, require_columns,
-                    require_numeric)
+from ._base import DataSummary, Model, ParameterSpec, check_number, require_columns, require_numeric
 
 
 SOLVERS = ("gd", "lbfgs")
