@@ -24,9 +24,11 @@ from .backend import array_module, to_device
 from .exceptions import DataError
 from .models import ColumnSummary, DataSummary, Model
 from .models._base import numeric, require_columns, require_numeric
-from .recovery import live_workers
+from .recovery import live_workers, warn_paused, workers_info
 
 logger = logging.getLogger(__name__)
+
+PAUSE_LOOK_SECONDS = 5.0    # while the data is read, how often to look for workers Dask paused
 
 
 @dataclass
@@ -196,7 +198,14 @@ def prepare(client: Client, model: Model, data: Any, target: str | None,
     parts = frame.to_delayed()
     converted = client.compute([dask.delayed(_partition_arrays, pure=True)(
         p, features, target, model.feature_dtype, target_dtype) for p in parts])
-    wait(converted)
+    warned: set[str] = set()
+    while True:     # however long it takes to read, but a paused worker is said
+        try:
+            wait(converted, timeout=PAUSE_LOOK_SECONDS)
+            break
+        except TimeoutError:
+            info = workers_info(client)
+            warn_paused(info, set(info), warned)
     failed = [f for f in converted if f.status == "error"]
     if failed:
         failed[0].result()  # raises the partition's error

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+from dask.utils import format_bytes
 from distributed import Client, Future, wait
 
 from . import config
@@ -145,6 +146,7 @@ class ClusterWatch:
         self.removed: dict[str, float] = {}   # worker -> when the driver learned it was removed
         self.added: list[str] = []            # workers that joined since the last rebalance
         self._lock = threading.Lock()
+        self.paused: set[str] = set()         # paused workers already warned about (driver thread only)
         self.close = subscribe(client, CLUSTER_TOPIC, self._on_event)
 
     def _on_event(self, event: tuple[float, dict]) -> None:
@@ -177,7 +179,37 @@ def live_workers(client: Client) -> set[str]:
     returns the cache, which the client's own periodic refresh (every 2 s, asking for
     no workers) can overwrite in between -- an empty worker list now and then.
     """
-    return set(client.sync(client.scheduler.identity, n_workers=-1)["workers"])
+    return set(workers_info(client))
+
+
+def workers_info(client: Client) -> dict[str, dict]:
+    """The scheduler's identity of every worker (status, memory...), asked now (see :func:`live_workers`)."""
+    return client.sync(client.scheduler.identity, n_workers=-1)["workers"]
+
+
+def paused(info: dict[str, dict], among: set[str]) -> dict[str, str]:
+    """The workers of ``among`` that Dask paused (``info``: :func:`workers_info`), each
+    described with its memory."""
+    return {w: f"{w} ({format_bytes(i.get('metrics', {}).get('memory', 0))} of "
+               f"{format_bytes(i.get('memory_limit') or 0)})"
+            for w, i in sorted(info.items()) if w in among and i.get("status") == "paused"}
+
+
+def warn_paused(info: dict[str, dict], among: set[str], warned: set[str]) -> dict[str, str]:
+    """Log a warning for each worker of ``among`` newly paused (not in ``warned``,
+    which gains it); returns all of them, described."""
+    now = paused(info, among)
+    new = {w: text for w, text in now.items() if w not in warned}
+    if new:
+        warned.update(new)
+        logger.warning("dask_scar: %s", pause_advice(new))
+    return now
+
+
+def pause_advice(workers: dict[str, str]) -> str:
+    return (f"worker(s) {', '.join(workers.values())} paused by Dask, at distributed.worker.memory.pause "
+            "(80 % of the memory limit by default): training waits until its memory drops. Give the workers "
+            "more memory (dask worker --memory-limit), or add workers")
 
 
 def check_scheduler(client: Client, hint: str) -> None:
@@ -509,12 +541,15 @@ def wait_watching(futures: list[Future], watch: ClusterWatch, owners: Callable[[
             # no news for a while: look for ourselves (a scheduler whose plugin predates these events)
             last_look = now
             check_scheduler(client, hint)
-            if not owners() <= live_workers(client):
+            info = workers_info(client)
+            if not owners() <= set(info):
                 raise Interrupted
+            stuck = warn_paused(info, owners(), watch.paused)
             if now - started > timeout:
-                raise ScarError(f"an iteration took longer than scar.iteration-timeout={timeout}s; is the "
-                                   "cluster overloaded, or a worker hung? A hung (not dead) worker is only "
-                                   "removed after distributed.scheduler.worker-ttl (default 5 minutes)")
+                raise ScarError(f"an iteration took longer than scar.iteration-timeout={timeout}s; "
+                                + (pause_advice(stuck) if stuck else
+                                   "is the cluster overloaded, or a worker hung? A hung (not dead) worker is "
+                                   "only removed after distributed.scheduler.worker-ttl (default 5 minutes)"))
     for f in futures:
         if f.status == "cancelled":
             check_scheduler(client, hint)

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import cli_cluster, kill_worker, new_cluster, wait_for
+from distributed import Client
 from distributed.diagnostics.plugin import WorkerPlugin
 
 import dask_scar as scar
@@ -647,3 +648,46 @@ def test_scheduler_loss_ends_fit_saying_how_to_resume(tmp_path):
     with new_cluster(2) as cluster, scar_client(cluster) as client:
         result = train(client, tmp_path, "ckpt", max_iter=30, resume=True)
     assert result.history["iteration"].tolist() == list(range(21, 31))
+
+
+def _pause(dask_worker, on=True):
+    from distributed.core import Status
+
+    dask_worker.status = Status.paused if on else Status.running
+
+
+@pytest.mark.slow
+def test_a_paused_worker_is_named_with_its_memory(digits, caplog):
+    """Dask pauses a worker whose memory reaches distributed.worker.memory.pause; every
+    task of a fit is pinned to its worker, so the fit waits for it. The driver says so
+    at once, and the timeout's error names it instead of guessing at a hung worker.
+    (Here the worker is paused by hand: its memory monitor, switched off, would unpause
+    it as soon as its memory is below the threshold.)"""
+    settings = {"distributed.worker.memory.pause": False, "distributed.worker.memory.terminate": False}
+    with dask.config.set({"scar.iteration-timeout": 8}), new_cluster(2, settings) as cluster, \
+            Client(cluster) as client:
+        victim = sorted(live_workers(client))[1]
+        outcome = {}
+
+        def fit():
+            try:
+                outcome["result"] = scar.Trainer(client, scar.SoftmaxRegression()).fit(
+                    pd.concat([digits] * 20, ignore_index=True), target="label", max_iter=100_000, tol=0,
+                    progress=False)
+            except Exception as exc:  # noqa: BLE001
+                outcome["error"] = exc
+
+        with caplog.at_level(logging.WARNING, logger="dask_scar"):
+            thread = threading.Thread(target=fit)
+            thread.start()
+            wait_for(lambda: any(e.get("iteration", 0) >= 5 for _, e in client.get_events("scar-progress")),
+                     what="training to start")
+            client.run(_pause, workers=[victim])
+            thread.join(timeout=120)
+        client.run(_pause, on=False, workers=[victim])
+    assert not thread.is_alive() and "result" not in outcome
+    message = str(outcome["error"])
+    assert message.startswith("an iteration took longer than scar.iteration-timeout=8s; worker(s) "
+                              f"{victim} (") and "paused by Dask, at distributed.worker.memory.pause" in message
+    warned = [r.getMessage() for r in caplog.records if "paused by Dask" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith(f"dask_scar: worker(s) {victim} (")
