@@ -618,6 +618,7 @@ class Checkpointer:
         self.notes: dict[int, list[str]] = {}  # iteration -> warnings for the history
         self.early: list[dict] = []            # writers' reports of rounds not chosen here yet
         self.stopped: dict[int, int] = {}      # rounds of stopped segments -> their last iteration kept
+        self.lost = ""                         # why this fit writes the store no more (gone, taken over)
         #: called as ``on_saved(iteration, {"name/index": blocks}, block_rows)`` when a
         #: writer reports blocks written with their values of ``iteration``
         self.on_saved: Callable[[int, dict, dict], None] | None = None
@@ -628,7 +629,7 @@ class Checkpointer:
         """Orders for the graph of ``iteration`` (None when it has nothing to do): the
         oldest round selected and not yet handed out, and if the policy is due after
         ``iteration``, keep (and rank) its new values."""
-        due = self.policy.due(iteration)
+        due = self.policy.due(iteration) and not self.lost
         pending = self.pending.pop(0) if self.pending else None
         if pending is None and not due:
             return None
@@ -637,7 +638,7 @@ class Checkpointer:
 
     def select(self, iteration: int, ids: list[ChunkId], priorities: dict[str, list[float]]) -> None:
         """After ``iteration`` finished: if the policy is due, choose the round's blocks."""
-        if not self.policy.due(iteration):
+        if not self.policy.due(iteration) or self.lost:
             return
         self.round += 1
         blocks, chosen, values = choose(self.policy, self.layouts, ids, self.round, priorities)
@@ -713,10 +714,16 @@ class Checkpointer:
         (once per batch of reports the driver takes in: a segment's end brings several
         rounds' at once, and one write of the manifest takes ~2 ms)."""
         number, iteration = self.finished
-        if number > self.committed:
+        if number > self.committed and not self.lost:
+            try:
+                self.store.commit({"round": number, "iteration": iteration, "epoch": self.base.epoch,
+                                   "run": self.base.run, "time": time.time()})
+            except CheckpointError as exc:      # gone, or another fit's now
+                self.lost = f"{exc}; this fit goes on without checkpoints"
+                self._note(iteration, self.lost)
+                self.abandon(self.lost, warn=False)
+                return
             self.committed = number
-            self.store.commit({"round": number, "iteration": iteration, "epoch": self.base.epoch,
-                               "run": self.base.run, "time": time.time()})
 
     def abandon(self, reason: str, warn: bool = True) -> None:
         """Give up on the rounds in flight and the one selected but not yet handed

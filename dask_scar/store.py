@@ -147,7 +147,9 @@ class CheckpointStore(abc.ABC):
 
     @abc.abstractmethod
     def commit(self, manifest: dict) -> None:
-        """Record a finished round (driver only). Written after the round's blocks."""
+        """Record a finished round (driver only). Written after the round's blocks.
+        Raises :class:`CheckpointError` where the store is gone, or another run than
+        ``manifest["run"]`` claimed it (see :meth:`ZarrStore.claim`)."""
 
     @property
     @abc.abstractmethod
@@ -396,7 +398,12 @@ class ZarrStore(CheckpointStore):
     # -- primitives ------------------------------------------------------------------
     def _array(self, path: str) -> zarr.Array:
         if path not in self._arrays:
-            self._arrays[path] = self.group[path]
+            try:
+                self._arrays[path] = self.group[path]
+            except KeyError:
+                raise CheckpointError(f"the checkpoint store at {self.url} is damaged: its array {path!r} is "
+                                      "missing (was the store deleted while a fit wrote it?). Start afresh "
+                                      "in another path") from None
         return self._arrays[path]
 
     def write_blocks(self, name: str, values: dict[int, np.ndarray], iteration: int, epoch: int,
@@ -460,12 +467,47 @@ class ZarrStore(CheckpointStore):
         return out
 
     def commit(self, manifest: dict) -> None:
-        self.group.attrs.update({"manifest": manifest})
+        group = self._fresh()
+        writer = group.attrs.get("writer")
+        if writer not in (None, manifest.get("run")):
+            raise CheckpointError(f"another fit (run {writer}) took the checkpoint store at {self.url} over: "
+                                  "fit(..., resume=True) from another driver")
+        group.attrs.update({"manifest": manifest})
+        self.group = group
 
-    def describe(self, model: dict, policy: dict) -> None:
-        """Record the model (class, hyperparameters, columns) and policy now writing here."""
+    def claim(self, run: str, model: dict, policy: dict) -> None:
+        """Record the fit now writing here: its ``run``, from then on the only one whose
+        commits are taken, and its model (class, hyperparameters, columns) and policy."""
         self.meta = {**self.meta, "model": model, "policy": policy}
-        self.group.attrs.update({ATTRS: self.meta})
+        group = self._fresh()
+        group.attrs.update({ATTRS: self.meta, "writer": run})
+        self.group = group
+
+    def release(self, run: str) -> None:
+        """``run`` has ended: no fit writes here now (unless another claimed the store since)."""
+        try:
+            group = self._fresh()
+        except CheckpointError:
+            return
+        if group.attrs.get("writer") == run:
+            group.attrs.update({"writer": None})
+            self.group = group
+
+    @property
+    def writer(self) -> str | None:
+        """The run writing here, as last read (None: none, or one that ended)."""
+        return self.group.attrs.get("writer")
+
+    def _fresh(self) -> zarr.Group:
+        """The group as it is stored now (another driver may have written its
+        attributes since this one read them); :class:`CheckpointError` if it is gone."""
+        try:
+            group = zarr.open_group(self.group.store, mode="r+")
+        except FileNotFoundError:      # (zarr's NodeNotFoundError too)
+            group = None
+        if group is None or ATTRS not in group.attrs:
+            raise CheckpointError(f"the checkpoint store at {self.url} is gone: it was deleted while training")
+        return group
 
     @property
     def manifest(self) -> dict:

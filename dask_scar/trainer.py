@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 import uuid
 import warnings
 from dataclasses import dataclass, field
@@ -68,6 +69,11 @@ class FitResult:
         rounds = "" if self.checkpoints is None else f", {len(self.checkpoints)} checkpoint round(s)"
         return (f"FitResult(n_iter={self.n_iter}, converged={self.converged}{loss}, "
                 f"{len(self.events)} recovery event(s){rounds}, params {{{params}}})")
+
+
+#: a resume within this many seconds of the store's last commit warns that the fit
+#: that made it may still run (it stops checkpointing when it sees the store taken over)
+RECENT_COMMIT_SECONDS = 60
 
 
 class Trainer:
@@ -218,6 +224,8 @@ class Trainer:
                 params = training_run.finish()
         finally:
             training_run.close()
+            if store is not None:
+                store.release(run)
         rows = training_run.rows
         model.params_ = params
         model.n_iter_ = rows[-1]["iteration"] if rows else start
@@ -242,9 +250,14 @@ class Trainer:
                 warnings.warn(f"resuming with {', '.join(f'{n}={now[n]!r}' for n in changed)}; the store was "
                               f"written with {', '.join(f'{n}={before[n]!r}' for n in changed)}. The store now "
                               "records the new values", CheckpointWarning, stacklevel=3)
-            store.describe(meta, policy.to_json())
+            last = store.manifest
+            if store.writer is not None and time.time() - last.get("time", 0) < RECENT_COMMIT_SECONDS:
+                warnings.warn(f"run {store.writer} committed to {self.store} {time.time() - last['time']:.0f} s "
+                              "ago and did not end: if that fit still runs, it stops checkpointing at its next "
+                              "commit, and this one writes the store from now on", CheckpointWarning, stacklevel=3)
         else:
             store = ZarrStore.create(self.store, meta, layouts, policy.to_json())
+        store.claim(run, meta, policy.to_json())
         manifest = store.manifest
         start = int(manifest.get("iteration", 0))
         epoch = int(manifest.get("epoch", -1)) + 1

@@ -2,6 +2,7 @@
 
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -296,8 +297,10 @@ def test_resume_after_the_driver_process_died(client, digits, tmp_path):
     written = checkpoint.last_round()      # committed or not
 
     model = scar.SoftmaxRegression()
-    result = scar.Trainer(client, model, store=store, policy=scar.FullCheckpoint(every=5)).fit(
-        digits, target="label", max_iter=start + 30, tol=0, resume=True, progress=False)
+    # the dead driver never ended its run: a resume so soon after its last commit says what that means
+    with pytest.warns(scar.CheckpointWarning, match=r"committed to .* s ago and did not end: if that fit still runs"):
+        result = scar.Trainer(client, model, store=store, policy=scar.FullCheckpoint(every=5)).fit(
+            digits, target="label", max_iter=start + 30, tol=0, resume=True, progress=False)
     assert result.history["iteration"].tolist() == list(range(start + 1, start + 31))
     assert result.n_iter == start + 30
     # rounds the dead driver handed out but never committed keep their numbers: new ones follow
@@ -467,3 +470,59 @@ def test_writes_of_a_stopped_segment_are_heard_up_to_its_last_kept_iteration(tmp
     ckpt.select(40, [ChunkId("w", 0, 0, 8), ChunkId("w", 1, 8, 16)], {})
     assert ckpt.table()["round"].tolist() == [4]        # the stopped segment's numbers are not used again
 
+
+
+def _fit_in_thread(client, store, frame, max_iter):
+    """``fit`` of a store-writing trainer in a thread; returns the thread and its outcome."""
+    outcome = {}
+
+    def fit():
+        outcome["result"] = scar.Trainer(client, scar.SoftmaxRegression(), store=store,
+                                         policy=scar.FullCheckpoint(every=5)).fit(
+            frame, target="label", max_iter=max_iter, tol=0, progress=False)
+    thread = threading.Thread(target=fit)
+    thread.start()
+    wait_for(lambda: (store / "zarr.json").exists() and scar.open_store(store).manifest.get("iteration", 0) >= 10,
+             what="the first fit's first commits")
+    return thread, outcome
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:another fit")       # the first fit's, from its thread
+def test_a_store_taken_over_by_another_fit_is_left_to_it(client, digits, tmp_path):
+    """A second fit resumes from the store of one still running (a user who thought it
+    hung): the second is told the first may still run, and from then on writes the
+    store alone; the first says so, and goes on training without checkpoints."""
+    store = tmp_path / "ckpt.zarr"
+    frame = pd.concat([digits] * 4, ignore_index=True)
+    thread, first = _fit_in_thread(client, store, frame, max_iter=6000)
+    seen = []
+    with pytest.warns(scar.CheckpointWarning, match=r"committed to .* s ago and did not end: if that fit still "
+                                                    r"runs, it stops checkpointing at its next commit"):
+        second = scar.Trainer(client, scar.SoftmaxRegression(), store=store, policy=scar.FullCheckpoint(every=5)).fit(
+            frame, target="label", max_iter=10**6, tol=0, resume=True, progress=False,
+            callback=lambda k, loss: seen.append(k) or len(seen) == 40)      # 40 iterations, wherever it starts
+    manifest = scar.open_store(store).manifest
+    thread.join(timeout=300)
+    assert not thread.is_alive() and first["result"].n_iter == 6000
+    assert scar.open_store(store).manifest == manifest      # the first fit committed nothing since
+    assert manifest["iteration"] == second.n_iter == seen[-1] and seen[-1] % 5 == 0
+    taken = [e for e in first["result"].history["event"] if "took the checkpoint store at" in e]
+    assert len(taken) == 1 and taken[0] == (f"another fit (run {manifest['run']}) took the checkpoint store at "
+                                            f"{store} over: fit(..., resume=True) from another driver; this fit "
+                                            "goes on without checkpoints")
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:the checkpoint store at")
+def test_a_store_deleted_while_training_is_said_and_not_rebuilt(client, digits, tmp_path):
+    store = tmp_path / "ckpt.zarr"
+    thread, first = _fit_in_thread(client, store, pd.concat([digits] * 4, ignore_index=True), max_iter=3000)
+    shutil.rmtree(store, ignore_errors=True)     # (its writers may add files meanwhile)
+    thread.join(timeout=300)
+    assert not thread.is_alive() and first["result"].n_iter == 3000
+    gone = [e for e in first["result"].history["event"] if "is gone" in e]
+    assert gone == [f"the checkpoint store at {store} is gone: it was deleted while training; this fit goes on "
+                    "without checkpoints"]
+    with pytest.raises(scar.CheckpointError, match="no checkpoint store at|not a dask_scar"):
+        scar.open_store(store)
