@@ -317,10 +317,15 @@ def open_cached(url: str, store_id: str) -> ZarrStore:
         return store
 
 
-def check_access(url: str, store_id: str) -> None:
-    """Run on every worker before training: the store is the driver's and writable here."""
-    open_cached(url, store_id)
-    probe(url)
+def check_access(url: str, store_id: str) -> str | None:
+    """Run on every worker before training: what keeps this worker from using the
+    driver's store (None: nothing; it is that store, and writable here)."""
+    try:
+        open_cached(url, store_id)
+        probe(url)
+    except CheckpointError as exc:
+        return str(exc)
+    return None
 
 
 def _writer() -> queue.Queue:

@@ -483,6 +483,10 @@ class ZarrStore(CheckpointStore):
         group.attrs.update({ATTRS: self.meta, "writer": run})
         self.group = group
 
+    def destroy(self) -> None:
+        """Delete the whole store."""
+        sync(self.group.store.delete_dir(""))
+
     def release(self, run: str) -> None:
         """``run`` has ended: no fit writes here now (unless another claimed the store since)."""
         try:

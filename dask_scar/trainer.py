@@ -144,7 +144,10 @@ class Trainer:
         array_module(backend)  # fail now, with an install hint, if CuPy is missing
         self.client = client
         self.model = model
+        # a relative path would be resolved in each worker's working directory
         self.store = None if store is None else os.fspath(store)
+        if self.store is not None and "://" not in self.store:
+            self.store = os.path.abspath(os.path.expanduser(self.store))
         self.policy = policy if policy is not None or store is None else default_policy()
         self.recovery = recovery
         self.n_chunks = n_chunks
@@ -257,15 +260,19 @@ class Trainer:
                               "commit, and this one writes the store from now on", CheckpointWarning, stacklevel=3)
         else:
             store = ZarrStore.create(self.store, meta, layouts, policy.to_json())
+        store_id = store.meta["id"]
+        problems = {w: p for w, p in self.client.run(checkpoint.check_access, store.url, store_id).items() if p}
+        if problems:
+            if not resume:
+                store.destroy()     # never trained: it would only ask for resume=True next time
+            worker, problem = min(problems.items())
+            raise CheckpointError(f"worker {worker} cannot use the checkpoint store: {problem}. The workers must "
+                                  "see the same storage as the driver: a shared filesystem, or an object store URL "
+                                  "such as s3://... (a memory:// store lives in one process)")
         store.claim(run, meta, policy.to_json())
         manifest = store.manifest
         start = int(manifest.get("iteration", 0))
         epoch = int(manifest.get("epoch", -1)) + 1
-        store_id = store.meta["id"]
-        errors = self.client.run(checkpoint.check_access, store.url, store_id, on_error="return")
-        for worker, error in sorted(errors.items()):
-            if isinstance(error, BaseException):
-                raise CheckpointError(f"worker {worker} cannot use the checkpoint store: {error}") from error
         reference = getattr(policy, "reference_dtype", None) if policy.needs_priorities else False
         ckpt = Checkpointer(store, policy, store.layouts, run, store_id, epoch,
                             max(int(manifest.get("round", 0)), store.last_round()), config.get("checkpoint.backlog"),

@@ -182,6 +182,7 @@ def test_unwritable_store_fails_before_training(client, digits, tmp_path):
                 digits, target="label", max_iter=5, progress=False)
     finally:
         client.run(_limit_file_size, resource.RLIM_INFINITY)
+    assert not (tmp_path / "ckpt.zarr").exists()     # the store it made is gone again: a retry starts afresh
     assert not [k for k in client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.tasks))
                 if str(k).startswith("scar-chunk")]
 
@@ -526,3 +527,20 @@ def test_a_store_deleted_while_training_is_said_and_not_rebuilt(client, digits, 
                     "without checkpoints"]
     with pytest.raises(scar.CheckpointError, match="no checkpoint store at|not a dask_scar"):
         scar.open_store(store)
+
+
+def test_store_paths_are_the_drivers_and_one_workers_cannot_see_is_not_left_behind(client, digits, tmp_path,
+                                                                                     monkeypatch):
+    """A relative path would be resolved in each worker's working directory (another
+    machine's, or another folder's): the trainer makes it absolute, ``~`` expanded. A
+    store the workers cannot see (a memory:// store lives in the driver's process) is
+    refused with what to do, and not left behind to ask for resume=True next time."""
+    monkeypatch.chdir(tmp_path)
+    assert scar.Trainer(client, scar.SoftmaxRegression(), store="ckpt.zarr").store == str(tmp_path / "ckpt.zarr")
+    assert scar.Trainer(client, scar.SoftmaxRegression(), store="~/c.zarr").store == os.path.expanduser("~/c.zarr")
+    for _ in range(2):
+        with pytest.raises(scar.CheckpointError, match=r"worker .* cannot use the checkpoint store: .*no checkpoint "
+                                                       r"store at memory://c\.zarr\. The workers must see the same "
+                                                       r"storage as the driver"):
+            scar.Trainer(client, scar.SoftmaxRegression(), store="memory://c.zarr").fit(digits, target="label",
+                                                                                        max_iter=2, progress=False)
