@@ -219,6 +219,16 @@ def check_scheduler(client: Client, hint: str) -> None:
                                  f"(client {client.status}){hint or ''}")
 
 
+def cancelled(client: Client, error: CancelledError, hint: str) -> ScarError:
+    """The error to raise for the fit's tasks cancelled from outside: the scheduler
+    lost (:class:`SchedulerLostError`), or the cluster restarted."""
+    check_scheduler(client, hint)
+    if "lost the connection to the scheduler" in str(error):    # before the client's status says so
+        return SchedulerLostError(f"lost the connection to the scheduler at {client.scheduler.address}{hint}")
+    return ScarError(f"Dask cancelled the fit's tasks ({error}): was the cluster restarted "
+                     f"(client.restart())?{hint or ' Start the fit again'}")
+
+
 class Drift:
     """What the driver knows of how far the parameters moved, for recovery estimates.
 

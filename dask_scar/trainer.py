@@ -9,6 +9,7 @@ import os
 import time
 import uuid
 import warnings
+from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -26,7 +27,7 @@ from .models import Model
 from .models._base import check_number
 from .plugin import ensure_plugin
 from .policy import CheckpointPolicy, default_policy
-from .recovery import RecoveryEvent, Restore, live_workers
+from .recovery import RecoveryEvent, Restore, cancelled, live_workers
 from .run import TrainingRun, history_frame
 from .store import ZarrStore, make_layouts, probe
 
@@ -195,7 +196,10 @@ class Trainer:
         if self.store is not None:
             _check_store_path(self.store, resume)
         ensure_plugin(client)
-        training = data.prepare(client, model, frame, target, features, self.backend)
+        try:
+            training = data.prepare(client, model, frame, target, features, self.backend)
+        except CancelledError as exc:
+            raise cancelled(client, exc, _resume_hint(self.store) if resume else "") from None
         workers = sorted(live_workers(client))
         n_chunks = self.n_chunks or config.get("chunks-per-worker") * len(workers)
         layouts = make_layouts({name: (spec.shape, spec.dtype) for name, spec in model.parameter_specs().items()},
@@ -209,8 +213,7 @@ class Trainer:
         if store is not None:
             layouts = store.layouts
         chunks = ParameterChunks(client, run, place(split_rows(layouts, n_chunks), workers), version=start)
-        hint = (f"; the checkpoint store {self.store} holds the model as last saved: fit(..., resume=True) "
-                "continues from it" if store is not None else "")
+        hint = _resume_hint(self.store) if store is not None else ""
         restore = Restore(chunks, lambda ids, version, trends: chunks.initialize(
                               model, self.backend, version,
                               prepare(True, trends if self._extrapolates() else None, self.recovery == "full"), ids),
@@ -225,6 +228,8 @@ class Trainer:
             while params is None:   # a worker was lost after the last iteration: go on from there
                 converged = training_run.iterate(training_run.resume_from, max_iter, tol, callback)
                 params = training_run.finish()
+        except CancelledError as exc:
+            raise cancelled(client, exc, hint) from None
         finally:
             training_run.close()
             if store is not None:
@@ -294,6 +299,10 @@ class Trainer:
         how far such a restore would be off): ``scar.recovery.extrapolate``, for
         partial recovery, where the model allows it."""
         return self.recovery == "partial" and self.model.extrapolate_restores and config.get("recovery.extrapolate")
+
+
+def _resume_hint(store: str) -> str:
+    return f"; the checkpoint store {store} holds the model as last saved: fit(..., resume=True) continues from it"
 
 
 def _check_store_path(url: str, resume: bool) -> None:

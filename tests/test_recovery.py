@@ -691,3 +691,44 @@ def test_a_paused_worker_is_named_with_its_memory(digits, caplog):
                               f"{victim} (") and "paused by Dask, at distributed.worker.memory.pause" in message
     warned = [r.getMessage() for r in caplog.records if "paused by Dask" in r.getMessage()]
     assert len(warned) == 1 and warned[0].startswith(f"dask_scar: worker(s) {victim} (")
+
+
+def _slow_frame(frame, seconds):
+    """``frame`` as a Dask DataFrame whose two partitions each take ``seconds`` to make."""
+    halves = [frame.iloc[: len(frame) // 2], frame.iloc[len(frame) // 2:]]
+    return dd.from_delayed([dask.delayed(lambda part: (time.sleep(seconds), part)[1])(h) for h in halves],
+                           meta=frame.head(0))
+
+
+def _fit_outcome(client, frame, **fit):
+    outcome = {}
+
+    def run():
+        try:
+            scar.Trainer(client, scar.SoftmaxRegression()).fit(frame, target="label", progress=False, **fit)
+        except Exception as exc:  # noqa: BLE001
+            outcome["error"] = exc
+    thread = threading.Thread(target=run)
+    thread.start()
+    wait_for(lambda: client.run_on_scheduler(lambda dask_scheduler: any(
+        ts.state == "processing" for ts in dask_scheduler.tasks.values())), what="the data's tasks to run")
+    return thread, outcome
+
+
+@pytest.mark.slow
+def test_the_cluster_going_while_the_data_is_read_is_said(tmp_path, digits):
+    """The scheduler lost, or the cluster restarted, while the data was read: the
+    same errors as later in a fit, not Dask's FuturesCancelledError."""
+    with cli_cluster(tmp_path, 2) as (cluster, client):
+        thread, outcome = _fit_outcome(client, _slow_frame(digits, 5))
+        cluster.scheduler.kill()
+        thread.join(timeout=60)
+    assert not thread.is_alive() and isinstance(outcome["error"], scar.SchedulerLostError), outcome
+    assert str(outcome["error"]).startswith("lost the connection to the scheduler")
+    with new_cluster(2) as cluster, Client(cluster) as client:
+        thread, outcome = _fit_outcome(client, _slow_frame(digits, 5))
+        client.restart()
+        thread.join(timeout=60)
+    assert not thread.is_alive() and type(outcome["error"]) is scar.ScarError, outcome
+    assert str(outcome["error"]).startswith("Dask cancelled the fit's tasks (") and str(outcome["error"]).endswith(
+        "was the cluster restarted (client.restart())? Start the fit again")
