@@ -76,7 +76,8 @@ class RecoveryEvent:
     live worker kept (the replicas update tasks keep, current for the gradient
     models, or the copy of an earlier iteration a contribution task left:
     ``peer_iterations`` behind, in all), ``moved_chunks`` were taken over from a
-    surviving copy of their current value (a graceful retirement moves them all).
+    surviving copy of their current value (a graceful retirement, ``retired``, moves
+    them all).
     So ``lost_chunks`` may be empty although chunks died with the worker: none
     needed the store. ``seconds`` run from the moment the driver learned of the loss
     to the moment the restored chunks were in place (``noticed_at``: the wall-clock
@@ -104,6 +105,7 @@ class RecoveryEvent:
     contraction: float = math.nan
     noticed_at: float = math.nan    # time.time() when the driver learned of the loss
     older_blocks: int = 0
+    retired: bool = False           # every worker gone was retired gracefully
 
     def describe(self) -> str:
         if self.mode != "partial":
@@ -125,7 +127,8 @@ class RecoveryEvent:
         if self.reinitialized_blocks:
             parts.append(f"{self.reinitialized_blocks} never-saved block(s) re-initialised")
         what = ", ".join(parts)
-        return (f"worker {self.worker} lost at iteration {self.iteration}: {what} in {self.seconds:.3f} s; "
+        return (f"worker {self.worker} {'retired' if self.retired else 'lost'} at iteration {self.iteration}: "
+                f"{what} in {self.seconds:.3f} s; "
                 f"estimated perturbation {self.est_perturbation:.4g}, "
                 f"predicted extra iterations {self.predicted_extra_iterations:.3g}")
 
@@ -147,6 +150,7 @@ class ClusterWatch:
         self.added: list[str] = []            # workers that joined since the last rebalance
         self._lock = threading.Lock()
         self.paused: set[str] = set()         # paused workers already warned about (driver thread only)
+        self.retired: set[str] = set()        # removed workers whose removal was expected (retired)
         self.close = subscribe(client, CLUSTER_TOPIC, self._on_event)
 
     def _on_event(self, event: tuple[float, dict]) -> None:
@@ -154,6 +158,8 @@ class ClusterWatch:
         with self._lock:
             if msg.get("action") == "remove-worker":
                 self.removed.setdefault(msg["worker"], time.time())
+                if msg.get("expected"):
+                    self.retired.add(msg["worker"])
                 if msg["worker"] in self.added:
                     self.added.remove(msg["worker"])
             elif msg.get("action") == "add-worker":
@@ -427,7 +433,7 @@ def recover(restore: Restore, watch: ClusterWatch, iteration: int, noticed: floa
         older_blocks=stats.get("older_blocks", 0),
         peer_chunks=[label(c) for c in sorted(copies)],
         peer_iterations=sum(version - v for _, v in copies.values()), resumed_at=version, contraction=c,
-        noticed_at=noticed)
+        noticed_at=noticed, retired=bool(workers_lost) and workers_lost <= watch.retired)
 
 
 def new_epoch(chunks: ParameterChunks, abandoned: list[str]) -> None:

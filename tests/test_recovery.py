@@ -495,8 +495,9 @@ def test_graceful_retirement_moves_chunks_without_restoring(tmp_path, digits):
             callback=once_at(20, lambda: client.retire_workers([victim])))
     (event,) = result.events
     assert event.lost_chunks == [] and len(event.moved_chunks) == 2 and event.bytes_read == 0
-    assert event.worker == victim and event.est_perturbation == 0
-    assert f"worker {victim} lost at iteration 21: took over 2 surviving chunk(s) in" in result.history["event"].iloc[20]
+    assert event.worker == victim and event.est_perturbation == 0 and event.retired
+    assert f"worker {victim} retired at iteration 21: took over 2 surviving chunk(s) in" in \
+        result.history["event"].iloc[20]
     # nothing was lost: the very same losses as the same maths in one process
     reference = scar.SoftmaxRegression(**hyper)
     _, losses = fit_local(reference, prepare_local(reference, digits, "label"), max_iter=60)
