@@ -323,8 +323,8 @@ def check_access(url: str, store_id: str) -> str | None:
     try:
         open_cached(url, store_id)
         probe(url)
-    except CheckpointError as exc:
-        return str(exc)
+    except Exception as exc:  # noqa: BLE001  (told to the driver, which raises)
+        return str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
     return None
 
 
