@@ -516,6 +516,7 @@ def test_a_store_taken_over_by_another_fit_is_left_to_it(client, digits, tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:the checkpoint store at")
+@pytest.mark.filterwarnings("ignore:checkpoint round")     # a write the deletion cut short
 def test_a_store_deleted_while_training_is_said_and_not_rebuilt(client, digits, tmp_path):
     store = tmp_path / "ckpt.zarr"
     thread, first = _fit_in_thread(client, store, pd.concat([digits] * 4, ignore_index=True), max_iter=3000)
