@@ -493,12 +493,12 @@ def prepare_chunk(chunk: Chunk, url: str | None, store_id: str, block_rows: dict
             value[start:start + len(saved)] = xp.asarray(saved, dtype=value.dtype)
             nbytes += saved.nbytes
         never = len(blocks) - len(saved_blocks)
+        newest = pick(versions)[0]
         if upto_round is not None:      # blocks the rounds before the one rolled back to saved last
-            records = pick(versions)[0]
-            older = int(((records[:, 0] != NEVER) & (records[:, 2] < upto_round)).sum())
+            older = int(((newest[:, 0] != NEVER) & (newest[:, 2] < upto_round)).sum())
         if trend is not None and saved_blocks:
             before = pick(versions, previous=True)[0]
-            factors = restore_factors(trend, chunk.version, pick(versions)[0], before)
+            factors = restore_factors(trend, chunk.version, newest, before)
             # the versions before of the blocks that move (a block never saved has f = 0;
             # one saved once, in a fresh fit, moves from its initial value)
             moving = factors != 0
