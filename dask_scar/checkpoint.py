@@ -25,7 +25,9 @@ How a round goes (policy due after iteration ``t``):
    flight; beyond that the driver waits before it submits more work.
 
 A failing write (full disk, lost permission) is reported, not raised: training
-goes on and the store keeps the blocks it had (chunk writes are atomic).
+goes on and the store keeps the blocks it had (chunk writes are atomic). So is a
+failing commit (step 4): the store keeps its last committed round until a later one
+commits.
 """
 
 from __future__ import annotations
@@ -617,6 +619,7 @@ class Checkpointer:
                            reference, extrapolate=extrapolate)
         self.round = last_round
         self.committed = last_round
+        self.tried = last_round                # the newest round whose commit was tried (once each)
         self.finished = (last_round, -1)       # the newest round written in full: number, iteration
         self.rounds: dict[int, Round] = {}
         self.pending: list[Orders] = []        # selected, to be written by the next graphs
@@ -719,7 +722,8 @@ class Checkpointer:
         (once per batch of reports the driver takes in: a segment's end brings several
         rounds' at once, and one write of the manifest takes ~2 ms)."""
         number, iteration = self.finished
-        if number > self.committed and not self.lost:
+        if number > self.tried and not self.lost:
+            self.tried = number
             try:
                 self.store.commit({"round": number, "iteration": iteration, "epoch": self.base.epoch,
                                    "run": self.base.run, "time": time.time()})
@@ -727,6 +731,11 @@ class Checkpointer:
                 self.lost = f"{exc}; this fit goes on without checkpoints"
                 self._note(iteration, self.lost)
                 self.abandon(self.lost, warn=False)
+                return
+            except OSError as exc:              # a full disk, lost permission: a later round may commit
+                self._note(iteration, f"could not record checkpoint round {number} (iteration {iteration}) in "
+                                      f"the checkpoint store at {self.store.url}: {exc}; the store keeps round "
+                                      f"{self.committed} as its newest and training goes on")
                 return
             self.committed = number
 

@@ -226,6 +226,47 @@ def test_failing_writes_warn_and_training_goes_on(own_client, digits, tmp_path):
     np.testing.assert_array_equal(final.load()["weights"], result.params["weights"])
 
 
+@pytest.mark.slow
+def test_a_failing_manifest_write_warns_and_training_goes_on(own_client, digits, tmp_path):
+    """The driver's own write (the manifest, once per round) on a full disk: the round
+    stays uncommitted, the fit trains on, and a later round commits."""
+    store = tmp_path / "ckpt.zarr"
+    big = pd.concat([digits] * 4, ignore_index=True)
+    outcome = {"warnings": []}
+
+    def train():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            outcome["warnings"] = caught
+            outcome["result"] = scar.Trainer(own_client, scar.SoftmaxRegression(), store=store,
+                                             policy=scar.FullCheckpoint(every=2)).fit(
+                big, target="label", max_iter=600, tol=0, progress=False)
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    wait_for(lambda: scar.ZarrStore.exists(store) and scar.open_store(store).manifest.get("round", 0) >= 3,
+             what="three committed rounds")
+    _limit_file_size(0)      # this process (the driver) cannot write; the workers still can
+    try:
+        wait_for(lambda: any(issubclass(w.category, scar.CheckpointWarning) for w in outcome["warnings"])
+                 or not thread.is_alive(), what="a failed commit")
+        committed = scar.open_store(store).manifest["round"]
+    finally:
+        _limit_file_size(resource.RLIM_INFINITY)
+    thread.join(timeout=120)
+    result = outcome["result"]
+    (warning,) = [w for w in outcome["warnings"] if issubclass(w.category, scar.CheckpointWarning)]
+    assert warning.filename == __file__
+    assert "could not record checkpoint round" in str(warning.message)
+    assert str(store) in str(warning.message) and "File too large" in str(warning.message)
+    assert result.history["event"].str.contains("could not record").sum() >= 1
+    assert result.n_iter == 600 and np.isfinite(result.history["loss"]).all()
+    final = scar.open_store(store)
+    assert final.manifest["round"] > committed and final.manifest["iteration"] == 600
+    assert final.writer is None          # released at the end
+    np.testing.assert_array_equal(final.load()["weights"], result.params["weights"])
+
+
 def _train_for(seconds: float) -> None:
     from dask_scar.checkpoint import training_task
     training_task(time.sleep)(seconds)      # a training task that never pauses
@@ -439,6 +480,34 @@ def test_a_write_reported_before_the_driver_chose_its_round_counts(tmp_path):
     assert store.manifest["round"] == 1
     ckpt.commit()
     assert ckpt.committed == 3 and store.manifest["round"] == 3 and store.manifest["iteration"] == 3
+
+
+def test_a_commit_that_cannot_write_is_noted_once_and_the_next_round_commits(tmp_path):
+    from dask_scar.checkpoint import Checkpointer
+    from dask_scar.chunks import ChunkId
+    from dask_scar.store import ZarrStore, make_layouts
+
+    layouts = make_layouts({"w": ((8, 4), "float32")}, 1, 2)
+    store = ZarrStore.create(tmp_path / "s.zarr", {"class": "test", "params": {}}, layouts, None)
+    ckpt = Checkpointer(store, scar.FullCheckpoint(every=1), layouts, "run", "id", 0, 0, 2)
+    ids = [ChunkId("w", 0, 0, 8)]
+    for number in (1, 2):
+        ckpt.select(number, ids, {})
+        ckpt.on_written({"kind": "written", "round": number, "parameter": "w", "chunk": 0, "version": number,
+                         "blocks": [0, 1, 2, 3], "bytes": 64, "seconds": 0.0, "error": None})
+        if number == 1:
+            _limit_file_size(0)
+            try:
+                with pytest.warns(scar.CheckpointWarning, match=r"could not record checkpoint round 1 \(iteration "
+                                  rf"1\) in the checkpoint store at {tmp_path}/s.zarr: .*File too large; the store "
+                                  "keeps round 0 as its newest"):
+                    ckpt.commit()
+                ckpt.commit()                # the same round: not tried (nor noted) again
+            finally:
+                _limit_file_size(resource.RLIM_INFINITY)
+            assert ckpt.committed == 0 and store.manifest == {} and len(ckpt.notes[1]) == 1
+    ckpt.commit()
+    assert ckpt.committed == 2 and store.manifest["round"] == 2 and not ckpt.lost
 
 
 def test_writes_of_a_stopped_segment_are_heard_up_to_its_last_kept_iteration(tmp_path):
