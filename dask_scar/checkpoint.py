@@ -733,9 +733,10 @@ class Checkpointer:
                 self.abandon(self.lost, warn=False)
                 return
             except OSError as exc:              # a full disk, lost permission: a later round may commit
+                kept = f"keeps round {self.committed} as its newest" if self.committed else "has no round yet"
                 self._note(iteration, f"could not record checkpoint round {number} (iteration {iteration}) in "
-                                      f"the checkpoint store at {self.store.url}: {exc}; the store keeps round "
-                                      f"{self.committed} as its newest and training goes on")
+                                      f"the checkpoint store at {self.store.url}: {exc}; the store {kept} and "
+                                      "training goes on")
                 return
             self.committed = number
 

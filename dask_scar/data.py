@@ -59,6 +59,9 @@ def check_columns(model: Model, columns: list[str], dtypes: pd.Series, target: s
                         "rename them (ddf.columns = [...]) so that every column name is unique")
     if features is not None:
         features = [features] if isinstance(features, str) else list(features)
+        twice = sorted({str(c) for c in features if features.count(c) > 1})
+        if twice:
+            raise DataError(f"features= names {', '.join(map(repr, twice))} more than once: name each column once")
     features, target = model.select_columns(list(columns), target, features)
     require_columns(columns, [c for c in [*features, target] if c is not None],
                     f"; available columns: {list(columns)}")

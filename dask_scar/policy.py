@@ -19,6 +19,7 @@ import inspect
 import numpy as np
 
 from . import config
+from .models._base import check_number
 
 
 class CheckpointPolicy:
@@ -54,8 +55,7 @@ class CheckpointPolicy:
 
 
 def _check_fraction(fraction: float) -> float:
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    check_number("fraction", fraction, 0, 1, low_open=True)
     return float(fraction)
 
 
@@ -130,7 +130,8 @@ class RandomCheckpoint(CheckpointPolicy):
     def __init__(self, fraction: float = 0.25, every: int = 5, seed: int = 0):
         super().__init__(every)
         self.fraction = _check_fraction(fraction)
-        self.seed = seed
+        check_number("seed", seed, 0, integer=True)
+        self.seed = int(seed)
 
     def select(self, n_blocks: int, round: int, priorities: np.ndarray | None = None) -> np.ndarray:
         rng = np.random.default_rng([self.seed, round])

@@ -35,6 +35,7 @@ import asyncio
 import logging
 import math
 import os
+import json
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -224,9 +225,7 @@ class CheckpointStore(abc.ABC):
             diffs.append(f"model class: store has {mine['class']}, trainer has {model['class']}")
         ours, theirs = mine.get("columns"), model.get("columns")    # earlier stores do not say
         if ours and theirs and ours != theirs:
-            diffs.append(f"columns: store has features {ours['features']} and target {ours['target']!r}, "
-                         f"the data has features {theirs['features']} and target {theirs['target']!r} "
-                         "(give the same names, in the same order)")
+            diffs.append(f"columns: {_column_change(ours, theirs)} (give the same names, in the same order)")
         if set(self.layouts) != set(layouts):
             diffs.append(f"parameters: store has {sorted(self.layouts)}, model has {sorted(layouts)}")
         for name in sorted(set(self.layouts) & set(layouts)):
@@ -239,6 +238,28 @@ class CheckpointStore(abc.ABC):
             raise StoreMismatchError(
                 f"the checkpoint store {self.url} was written for another model ({'; '.join(diffs)}): "
                 "use another store path, or the model and data the store was written for")
+
+
+def _column_change(stored: dict, now: dict) -> str:
+    """How the data's features and target differ from those a store was written for."""
+    before, after, out = stored["features"], now["features"], []
+    if stored["target"] != now["target"]:
+        out.append(f"the store has target {stored['target']!r}, the data {now['target']!r}")
+    missing, new = [c for c in before if c not in after], [c for c in after if c not in before]
+    if missing:
+        out.append(f"features missing from the data: {_few(missing)}")
+    if new:
+        out.append(f"features not in the store: {_few(new)}")
+    if not missing and not new and before != after:
+        i = next(i for i, (a, b) in enumerate(zip(before, after)) if a != b)
+        out.append(f"the same features in another order (position {i}: the store has {before[i]!r}, "
+                   f"the data {after[i]!r})")
+    return "; ".join(out)
+
+
+def _few(names: list, most: int = 10) -> str:
+    shown = ", ".join(map(repr, names[:most]))
+    return shown if len(names) <= most else f"{shown} and {len(names) - most:,} more"
 
 
 def _zarr_store(url: str, read_only: bool) -> zarr.abc.store.Store:
@@ -361,6 +382,9 @@ class ZarrStore(CheckpointStore):
             group = zarr.open_group(_zarr_store(url, read_only=mode == "r"), mode=mode)
         except FileNotFoundError:
             raise CheckpointError(f"no checkpoint store at {url}") from None
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"the checkpoint store at {url} is damaged: its metadata (zarr.json) is not "
+                                  f"JSON ({exc}). Restore it from a copy, or start afresh in another path") from exc
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"cannot open the checkpoint store at {url}: {exc}") from exc
         if ATTRS not in group.attrs:

@@ -128,6 +128,8 @@ class Trainer:
                  recovery: str = "partial", n_chunks: int | None = None, backend: str = "numpy"):
         if store is not None and not isinstance(store, (str, os.PathLike)):
             raise TypeError(f"store must be a path or URL, got {type(store).__name__}")
+        if store is not None and not os.fspath(store).strip():
+            raise ValueError(f"store must be a path or URL, got {store!r}; store=None trains without checkpoints")
         if policy is not None and not isinstance(policy, CheckpointPolicy):
             raise TypeError(f"policy must be a dask_scar CheckpointPolicy such as "
                             f"PrioritizedCheckpoint(0.25, every=5), got {policy!r}")
@@ -135,8 +137,8 @@ class Trainer:
             raise ValueError("policy= needs store=: the path or URL where checkpoints are written")
         if recovery not in RECOVERY_MODES:
             raise ValueError(f"recovery must be one of {RECOVERY_MODES}, got {recovery!r}")
-        if n_chunks is not None and (not isinstance(n_chunks, int) or n_chunks < 1):
-            raise ValueError(f"n_chunks must be a positive integer or None, got {n_chunks!r}")
+        if n_chunks is not None:
+            check_number("n_chunks", n_chunks, 1, integer=True)
         if not isinstance(model, Model):
             raise TypeError(f"model must be a dask_scar model, got {type(model).__name__}")
         if backend not in model.backends:
@@ -151,7 +153,7 @@ class Trainer:
             self.store = os.path.abspath(os.path.expanduser(self.store))
         self.policy = policy if policy is not None or store is None else default_policy()
         self.recovery = recovery
-        self.n_chunks = n_chunks
+        self.n_chunks = None if n_chunks is None else int(n_chunks)
         self.backend = backend
 
     def fit(self, frame: Any, target: str | None = None, features: list[str] | None = None,
@@ -189,9 +191,15 @@ class Trainer:
         """
         check_number("max_iter", max_iter, 1, integer=True)
         check_number("tol", tol, 0)
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be a function of (iteration, loss), got {callback!r}")
         self.model.check_params()
         if resume and self.store is None:
             raise ValueError("resume=True needs the Trainer's store=: the checkpoint to resume from")
+        with self.model.fitting():
+            return self._fit(frame, target, features, max_iter, tol, resume, progress, callback)
+
+    def _fit(self, frame, target, features, max_iter, tol, resume, progress, callback) -> FitResult:
         client, model = self.client, self.model
         if self.store is not None:
             _check_store_path(self.store, resume)
@@ -209,7 +217,7 @@ class Trainer:
         if start >= max_iter:
             warnings.warn(f"the checkpoint store {self.store} is at iteration {start}, and max_iter={max_iter}: "
                           "nothing to train; the model gets the stored parameters (raise max_iter to go on)",
-                          stacklevel=2)
+                          stacklevel=3)
         if store is not None:
             layouts = store.layouts
         chunks = ParameterChunks(client, run, place(split_rows(layouts, n_chunks), workers), version=start)
@@ -257,12 +265,12 @@ class Trainer:
             if changed:
                 warnings.warn(f"resuming with {', '.join(f'{n}={now[n]!r}' for n in changed)}; the store was "
                               f"written with {', '.join(f'{n}={before[n]!r}' for n in changed)}. The store now "
-                              "records the new values", CheckpointWarning, stacklevel=3)
+                              "records the new values", CheckpointWarning, stacklevel=4)
             last = store.manifest
             if store.writer is not None and time.time() - last.get("time", 0) < RECENT_COMMIT_SECONDS:
                 warnings.warn(f"run {store.writer} committed to {self.store} {time.time() - last['time']:.0f} s "
                               "ago and did not end: if that fit still runs, it stops checkpointing at its next "
-                              "commit, and this one writes the store from now on", CheckpointWarning, stacklevel=3)
+                              "commit, and this one writes the store from now on", CheckpointWarning, stacklevel=4)
         else:
             store = ZarrStore.create(self.store, meta, layouts, policy.to_json())
         store_id = store.meta["id"]
@@ -309,9 +317,14 @@ def _check_store_path(url: str, resume: bool) -> None:
     """Before any work: the store path suits ``resume`` and can be written."""
     exists = ZarrStore.exists(url)
     if resume and not exists:
+        if os.path.exists(url):
+            ZarrStore.open(url)      # its own error: damaged, or not a dask_scar store
         raise CheckpointError(f"resume=True, but there is no dask_scar checkpoint store at {url}")
     if not resume and exists:
         raise CheckpointError(
             f"{url} already holds a dask_scar checkpoint: pass resume=True to continue from it, or "
             "delete it or choose another store path to start afresh")
+    if not resume and os.path.isdir(url) and os.listdir(url):
+        raise CheckpointError(f"{url} is a directory that is not empty and holds no readable dask_scar "
+                              "checkpoint: choose a new (or empty) path for the store")
     probe(url)

@@ -126,22 +126,24 @@ def test_store_for_another_model_or_corrupt_is_refused(client, digits, tmp_path)
     store = tmp_path / "ckpt.zarr"
     first = scar.Trainer(client, scar.SoftmaxRegression(), store=store, policy=scar.FullCheckpoint(every=3)).fit(
         digits, target="label", max_iter=6, progress=False)
-    with pytest.warns(UserWarning, match="is at iteration 6, and max_iter=6: nothing to train"):
+    with pytest.warns(UserWarning, match="is at iteration 6, and max_iter=6: nothing to train") as said:
         again = scar.Trainer(client, scar.SoftmaxRegression(), store=store).fit(
             digits, target="label", max_iter=6, resume=True, progress=False)
+    assert {w.filename for w in said} == {__file__}       # the warnings point at the fit() call
     assert again.n_iter == 6 and len(again.history) == 0
     np.testing.assert_array_equal(again.params["weights"], first.params["weights"])
     # other hyperparameters: said, and recorded, so that the store tells what trained it last
     with pytest.warns(scar.CheckpointWarning, match=r"resuming with l2=0\.001; the store was written with "
-                                                    r"l2=0\.0001\. The store now records the new values"):
+                                                    r"l2=0\.0001\. The store now records the new values") as said:
         scar.Trainer(client, scar.SoftmaxRegression(l2=1e-3), store=store, policy=scar.FullCheckpoint(every=3)).fit(
             digits, target="label", max_iter=9, resume=True, progress=False)
+    assert {w.filename for w in said} == {__file__}
     meta = scar.open_store(store).meta
     assert meta["model"]["params"]["l2"] == 1e-3 and meta["policy"] == scar.FullCheckpoint(every=3).to_json()
     # the same columns in another order would put every weight on the wrong feature
     swapped = digits[[*digits.columns[:-1][::-1], "label"]]
-    with pytest.raises(scar.StoreMismatchError, match=r"columns: store has features \['p0', 'p1', .*\] and target "
-                                                      r"'label', the data has features \['p63', 'p62', .*"):
+    with pytest.raises(scar.StoreMismatchError, match=r"columns: the same features in another order \(position 0: "
+                                                      r"the store has 'p0', the data 'p63'\) \(give the same names"):
         scar.Trainer(client, scar.SoftmaxRegression(), store=store).fit(swapped, target="label", max_iter=9,
                                                                         resume=True, progress=False)
     with pytest.raises(scar.CheckpointError, match="already holds a dask_scar checkpoint: pass resume=True"):
@@ -161,6 +163,27 @@ def test_store_for_another_model_or_corrupt_is_refused(client, digits, tmp_path)
     with pytest.raises(scar.CheckpointError, match="no dask_scar checkpoint store at"):
         scar.Trainer(client, scar.SoftmaxRegression(), store=tmp_path / "none.zarr").fit(
             digits, target="label", resume=True)
+
+
+def test_a_store_path_that_holds_something_else_is_named(client, digits, tmp_path):
+    other = tmp_path / "results"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(scar.CheckpointError, match=f"{other} is a directory that is not empty and holds no "
+                                                   "readable dask_scar checkpoint: choose a new"):
+        scar.Trainer(client, scar.SoftmaxRegression(), store=other).fit(digits, target="label", progress=False)
+    assert os.listdir(other) == ["notes.txt"]
+    store = tmp_path / "ckpt.zarr"
+    scar.Trainer(client, scar.SoftmaxRegression(), store=store).fit(digits, target="label", max_iter=3,
+                                                                  progress=False)
+    meta = store / "zarr.json"
+    meta.write_text(meta.read_text()[:40])           # cut short by something other than dask_scar
+    damaged = r"the checkpoint store at .*ckpt.zarr is damaged: its metadata \(zarr.json\) is not JSON"
+    with pytest.raises(scar.CheckpointError, match=damaged):
+        scar.Trainer(client, scar.SoftmaxRegression(), store=store).fit(digits, target="label", resume=True,
+                                                                      progress=False)
+    with pytest.raises(scar.CheckpointError, match=damaged):
+        scar.open_store(store)
 
 
 def _limit_file_size(limit: int) -> None:
@@ -500,7 +523,7 @@ def test_a_commit_that_cannot_write_is_noted_once_and_the_next_round_commits(tmp
             try:
                 with pytest.warns(scar.CheckpointWarning, match=r"could not record checkpoint round 1 \(iteration "
                                   rf"1\) in the checkpoint store at {tmp_path}/s.zarr: .*File too large; the store "
-                                  "keeps round 0 as its newest"):
+                                  "has no round yet and training goes on"):
                     ckpt.commit()
                 ckpt.commit()                # the same round: not tried (nor noted) again
             finally:

@@ -55,6 +55,11 @@ def test_missing_target_names_the_columns(client):
         _prepare(client, _frame(), target="nope")
 
 
+def test_a_feature_named_twice_is_refused(client):
+    with pytest.raises(DataError, match="features= names 'a' more than once"):
+        data.prepare(client, scar.SoftmaxRegression(), _frame(), "label", ["a", "a", "c"])
+
+
 def test_text_column_is_named_with_a_fix(client):
     frame = _frame().assign(city=["x"] * 200)
     with pytest.raises(DataError, match=r"'city' \((object|str|string)\) are not numeric.*features="):

@@ -296,6 +296,31 @@ def test_predictions_check_their_columns_and_values(digits):
         model.score(digits, "Label")
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered")     # R^2 of an infinite label, computed alongside
+def test_scores_check_their_labels(digits):
+    """A label that is no class (NaN, a label the model never saw) would count as a
+    wrong prediction, and text as every one wrong: refused, for lazy data too."""
+    model = scar.SoftmaxRegression()
+    model.params_, _ = fit_local(model, prepare_local(model, digits, "label"), max_iter=5)
+    holes = digits.assign(label=digits["label"].where(digits.index % 2 == 0))
+    for data in (holes, dd.from_pandas(holes, npartitions=3)):
+        with pytest.raises(DataError, match=r"the target column 'label': 898 of 1,797 values are not class labels "
+                                            r"0\.\.9 \(NaN, inf or out of range\); drop or fix those rows"):
+            model.score(data, "label")
+    with pytest.raises(DataError, match="the labels: 180 of 1,797 values are not class labels 0..9"):
+        model.score(digits, digits["label"] + 1)         # 1-based: the 9s become 10s
+    with pytest.raises(DataError, match=r"the labels \((object|str|string)\): score needs class labels 0..9"):
+        model.score(digits, digits["label"].astype(str))
+    with pytest.raises(DataError, match="no rows to score"):
+        model.score(digits.head(0), "label")
+    assert model.score(digits, pd.array(digits["label"], dtype="Int64")) == model.score(digits, "label")
+    regression = scar.LinearRegression()
+    regression.params_, _ = fit_local(regression, prepare_local(regression, digits, "label"), max_iter=5)
+    infinite = digits.assign(label=digits["label"].astype(float).where(digits.index != 3, np.inf))
+    with pytest.raises(DataError, match="the target column 'label': 1 of 1,797 values are not finite numbers"):
+        regression.score(dd.from_pandas(infinite, npartitions=2), "label")
+
+
 def test_factorization_predictions_refuse_fractional_and_unknown_ids():
     frame, _ = low_rank_ratings()
     model = scar.MatrixFactorization(rank=5)
@@ -306,6 +331,9 @@ def test_factorization_predictions_refuse_fractional_and_unknown_ids():
             model.predict(bad)
     with pytest.raises(DataError, match=r"column\(s\) 'item' \((object|str|string)\) are not numeric; user and item"):
         model.predict(frame.assign(item=frame["item"].astype(str)))
+    with pytest.raises(DataError, match="MatrixFactorization.predict needs a DataFrame with the columns "
+                                        "user='user' and item='item', got ndarray"):
+        model.predict(frame[["user", "item"]].to_numpy())
 
 
 def test_bad_ids_for_factorization_are_named():
@@ -315,10 +343,14 @@ def test_bad_ids_for_factorization_are_named():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"learning_rate": 0}, "learning_rate must be a number > 0, got 0"),
-    ({"learning_rate": "0.1"}, "learning_rate must be a number > 0, got '0.1'"),
-    ({"momentum": 1.0}, "momentum must be a number >= 0 and < 1, got 1.0"),
-    ({"l2": -1}, "l2 must be a number >= 0, got -1"),
+    ({"learning_rate": 0}, "learning_rate must be a finite number > 0, got 0"),
+    ({"learning_rate": "0.1"}, "learning_rate must be a finite number > 0, got '0.1'"),
+    ({"momentum": 1.0}, "momentum must be a finite number >= 0 and < 1, got 1.0"),
+    ({"l2": -1}, "l2 must be a finite number >= 0, got -1"),
+    ({"l2": float("inf")}, "l2 must be a finite number >= 0, got inf"),
+    ({"learning_rate": float("inf")}, "learning_rate must be a finite number > 0, got inf"),
+    ({"random_state": -1}, "random_state must be an integer >= 0, got -1"),
+    ({"random_state": "x"}, "random_state must be an integer >= 0, got 'x'"),
     ({"batch_size": 0}, "batch_size"),
     ({"solver": "newton"}, "solver must be one of"),
     ({"solver": "lbfgs", "batch_size": 100}, "solver='lbfgs' needs the whole data"),
@@ -328,6 +360,12 @@ def test_bad_ids_for_factorization_are_named():
 def test_bad_hyperparameters_are_refused(digits, kwargs, message):
     with pytest.raises(ValueError, match=message):
         prepare_local(scar.SoftmaxRegression(**kwargs), digits, "label")
+
+
+@pytest.mark.parametrize("model", [scar.MatrixFactorization(random_state=1.5), scar.LDA(random_state=-3)])
+def test_every_model_checks_its_random_state(model):
+    with pytest.raises(ValueError, match="random_state must be an integer >= 0"):
+        model.check_params()
 
 
 def test_predict_before_fit_raises():

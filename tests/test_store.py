@@ -191,6 +191,19 @@ def test_store_for_another_model_is_refused_saying_what_differs(tmp_path):
         new_store(tmp_path / "ckpt.zarr")
 
 
+def test_changed_columns_are_named_not_listed():
+    from dask_scar.store import _column_change
+
+    wide = [f"f{i}" for i in range(2000)]
+    assert _column_change({"features": wide, "target": "y"}, {"features": wide[:-1], "target": "y"}) == \
+        "features missing from the data: 'f1999'"
+    assert _column_change({"features": wide, "target": "y"}, {"features": [*wide, *"abcdefghijkl"], "target": "z"}) \
+        == ("the store has target 'y', the data 'z'; features not in the store: 'a', 'b', 'c', 'd', 'e', 'f', 'g', "
+            "'h', 'i', 'j' and 2 more")
+    assert _column_change({"features": ["a", "b", "c"], "target": "y"}, {"features": ["a", "c", "b"], "target": "y"}) \
+        == "the same features in another order (position 1: the store has 'b', the data 'c')"
+
+
 def test_unwritable_and_missing_paths(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
@@ -229,8 +242,10 @@ def test_a_policys_repr_builds_it_again():
 
 @pytest.mark.parametrize("make, message", [
     (lambda: scar.FullCheckpoint(every=0), "every must be a positive integer"),
-    (lambda: scar.PrioritizedCheckpoint(fraction=0), r"fraction must be in \(0, 1\]"),
-    (lambda: scar.PrioritizedCheckpoint(fraction=1.5), r"fraction must be in \(0, 1\]"),
+    (lambda: scar.PrioritizedCheckpoint(fraction=0), "fraction must be a finite number > 0 and <= 1"),
+    (lambda: scar.PrioritizedCheckpoint(fraction=1.5), "fraction must be a finite number > 0 and <= 1"),
+    (lambda: scar.PrioritizedCheckpoint("0.5"), "fraction must be a finite number > 0 and <= 1, got '0.5'"),
+    (lambda: scar.RandomCheckpoint(0.5, seed="x"), "seed must be an integer >= 0, got 'x'"),
     (lambda: scar.PrioritizedCheckpoint(reference_dtype="int8"), "reference_dtype must be"),
     (lambda: scar.PrioritizedCheckpoint(0.25).select(4, 1, None), "needs one priority per block"),
 ])

@@ -91,8 +91,9 @@ def test_lbfgs_on_the_cluster_follows_the_single_process_run(client, digits):
     chunk, where one process takes the whole vector): the same path to 0.1 %."""
     hyper = dict(l2=1e-3, solver="lbfgs")
     model = scar.SoftmaxRegression(**hyper)
-    result = scar.Trainer(client, model, n_chunks=5).fit(dd.from_pandas(digits, npartitions=4), target="label",
-                                                         max_iter=60, tol=0, progress=False)
+    # (n_chunks as NumPy's integer, as a computed value would be)
+    result = scar.Trainer(client, model, n_chunks=np.int64(5)).fit(dd.from_pandas(digits, npartitions=4),
+                                                                   target="label", max_iter=60, tol=0, progress=False)
     reference = scar.SoftmaxRegression(**hyper)
     params, losses = fit_local(reference, prepare_local(reference, digits, "label"), max_iter=60)
     np.testing.assert_allclose(result.history["loss"], losses, rtol=1e-3)
@@ -235,8 +236,9 @@ def test_stops_early_at_tolerance(client, digits):
     ({"policy": scar.FullCheckpoint(every=5)}, ValueError, "policy= needs store="),
     ({"store": "ckpt.zarr", "policy": "full"}, TypeError, "policy must be a dask_scar CheckpointPolicy"),
     ({"store": 3}, TypeError, "store must be a path or URL"),
+    ({"store": ""}, ValueError, "store must be a path or URL, got ''; store=None trains without checkpoints"),
     ({"recovery": "sometimes"}, ValueError, "recovery must be one of"),
-    ({"n_chunks": 0}, ValueError, "n_chunks must be a positive integer"),
+    ({"n_chunks": 0}, ValueError, "n_chunks must be an integer >= 1, got 0"),
 ])
 def test_bad_trainer_arguments(client, kwargs, error, message):
     with pytest.raises(error, match=message):
@@ -245,17 +247,42 @@ def test_bad_trainer_arguments(client, kwargs, error, message):
 
 @pytest.mark.parametrize("model, kwargs, message", [
     (scar.SoftmaxRegression(), {"max_iter": 5.5}, "max_iter must be an integer >= 1, got 5.5"),
-    (scar.SoftmaxRegression(), {"tol": float("nan")}, "tol must be a number >= 0, got nan"),
-    (scar.SoftmaxRegression(learning_rate="0.1"), {}, "learning_rate must be a number > 0, got '0.1'"),
+    (scar.SoftmaxRegression(), {"tol": float("nan")}, "tol must be a finite number >= 0, got nan"),
+    (scar.SoftmaxRegression(learning_rate="0.1"), {}, "learning_rate must be a finite number > 0, got '0.1'"),
     (scar.MatrixFactorization(rank=0), {}, "rank must be an integer >= 1, got 0"),
+    (scar.SoftmaxRegression(), {"callback": 1}, "callback must be a function of (iteration, loss), got 1"),
 ])
 def test_bad_fit_arguments_are_refused_before_the_data_is_read(client, model, kwargs, message):
     def unread():
         raise RuntimeError("the data was read")
 
     frame = dd.from_delayed([dask.delayed(unread)()], meta=pd.DataFrame({"a": [0.0], "label": [0]}))
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises((ValueError, TypeError), match=re.escape(message)):
         scar.Trainer(client, model).fit(frame, target="label", progress=False, **kwargs)
+
+
+def test_a_fit_that_fails_leaves_a_fitted_model_as_it_was(client, digits, tmp_path):
+    model = scar.SoftmaxRegression()
+    scar.Trainer(client, model, store=tmp_path / "ckpt.zarr").fit(digits, target="label", max_iter=20,
+                                                                  progress=False)
+    before = {k: v for k, v in vars(model).items() if k.endswith("_")}
+    accuracy = model.score(digits, "label")
+    assert accuracy > 0.9
+    few = digits[[f"p{i}" for i in range(20, 30)] + ["label"]]
+    with pytest.raises(scar.DataError, match="single class"):           # refused after setup began
+        scar.Trainer(client, model).fit(few[few["label"] == 3], target="label", progress=False)
+    with pytest.raises(scar.StoreMismatchError):                       # refused after the data was read
+        scar.Trainer(client, model, store=tmp_path / "ckpt.zarr").fit(
+            digits[digits["label"] < 8], target="label", resume=True, progress=False)
+    assert {k: v for k, v in vars(model).items() if k.endswith("_")}.keys() == before.keys()
+    assert model.features_ == before["features_"] and model.n_classes_ == 10
+    assert model.params_ is before["params_"] and model.score(digits, "label") == accuracy
+    fresh = scar.SoftmaxRegression()
+    with pytest.raises(scar.DataError):
+        scar.Trainer(client, fresh).fit(few[few["label"] == 3], target="label", progress=False)
+    assert not [k for k in vars(fresh) if k.endswith("_")]
+    with pytest.raises(scar.NotFittedError):
+        fresh.predict(digits)
 
 
 def test_a_callback_returning_true_stops_training_with_a_result(client, digits):

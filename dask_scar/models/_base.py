@@ -15,12 +15,14 @@ Array code takes ``xp`` (``numpy`` or ``cupy``) so that the same maths runs on b
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import math
 import numbers
 import types
 import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
@@ -232,6 +234,23 @@ class Model:
         return state["value"]
 
     # -- fitted model --------------------------------------------------------------
+    @contextlib.contextmanager
+    def fitting(self) -> Iterator[None]:
+        """Around a fit: one that raises (bad data, a store for another model, an
+        interrupt) leaves the fitted attributes (``name_``) as they were before it, so
+        a fitted model stays fitted and consistent, and an unfitted one unfitted."""
+        def fitted() -> dict[str, Any]:
+            return {k: v for k, v in vars(self).items() if k.endswith("_") and not k.startswith("_")}
+
+        before = fitted()
+        try:
+            yield
+        except BaseException:
+            for name in fitted():
+                delattr(self, name)
+            vars(self).update(before)
+            raise
+
     def _fitted(self) -> dict[str, np.ndarray]:
         params = getattr(self, "params_", None)
         if params is None:
@@ -246,13 +265,13 @@ def stable_seed(*parts: Any) -> list[int]:
 
 def check_number(name: str, value: Any, low: float = -np.inf, high: float = np.inf, *,
                  integer: bool = False, low_open: bool = False, high_open: bool = False) -> None:
-    """Raise ``ValueError`` unless ``value`` is a number (an integer if ``integer``)
-    within ``low``..``high`` (bounds excluded where ``*_open``)."""
+    """Raise ``ValueError`` unless ``value`` is a finite number (an integer if
+    ``integer``) within ``low``..``high`` (bounds excluded where ``*_open``)."""
     kind = numbers.Integral if integer else numbers.Real
-    ok = isinstance(value, kind) and not isinstance(value, bool) and (
+    ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value) and (
         (low < value if low_open else low <= value) and (value < high if high_open else value <= high))
     if not ok:
-        what = "an integer" if integer else "a number"
+        what = "an integer" if integer else "a finite number"
         if low > -np.inf:
             what += f" {'>' if low_open else '>='} {low:g}"
         if high < np.inf:
@@ -309,18 +328,34 @@ def check_ids(column: ColumnSummary, n_rows: int, what: str) -> int:
 MAX_IDS_PER_ROW, MAX_IDS_ANYWAY = 10, 1_000_000
 
 
-def score_with(model: Model, data: Any, target: Any, metric) -> float:
-    """``metric(predictions, labels)`` as a float; lazy (Dask) inputs are computed once."""
+def score_with(model: Model, data: Any, target: Any, metric, valid=np.isfinite, what: str = "finite numbers"
+               ) -> float:
+    """``metric(predictions, labels)`` as a float; lazy (Dask) inputs are computed once.
+    :class:`DataError` where the labels are not numbers, or some fail ``valid`` (an
+    elementwise test; ``what`` the labels must be), or there are none."""
     if isinstance(target, str):
         require_columns(data.columns, [target], f"; available columns: {list(data.columns)}")
-        labels = data[target]
+        labels, name = data[target], f"the target column {target!r}"
     else:
-        labels = target
+        labels, name = (target if hasattr(target, "compute") else np.asarray(target)), "the labels"
+    if not numeric(labels.dtype):
+        raise DataError(f"{name} ({labels.dtype}): score needs {what}")
+    labels = labels.astype(np.float64)      # nullable integers: NA becomes NaN, and fails ``valid``
     pred = model.predict(data)
-    if hasattr(pred, "compute") and hasattr(labels, "compute"):   # both lazy: one computation
-        value = metric(pred, labels)
-        return float(value.compute())
-    pred, labels = (np.asarray(x.compute() if hasattr(x, "compute") else x) for x in (pred, labels))
-    if pred.shape != labels.shape:
-        raise DataError(f"{len(labels):,} labels for {len(pred):,} rows of data")
-    return float(metric(pred, labels))
+    if hasattr(pred, "compute") and hasattr(labels, "compute"):   # both lazy (Dask's): one computation
+        from dask import compute
+
+        value, bad, count = compute(metric(pred, labels), (~valid(labels)).sum(), labels.size)
+    else:
+        pred, labels = (np.asarray(x.compute() if hasattr(x, "compute") else x) for x in (pred, labels))
+        if pred.shape != labels.shape:
+            raise DataError(f"{len(labels):,} labels for {len(pred):,} rows of data")
+        with np.errstate(invalid="ignore"):
+            bad, count = (~valid(labels)).sum(), labels.size
+        value = metric(pred, labels) if count and not bad else np.nan
+    if not count:
+        raise DataError("no rows to score")
+    if bad:
+        raise DataError(f"{name}: {bad:,} of {count:,} values are not {what} (NaN, inf or out of range); "
+                        "drop or fix those rows before scoring")
+    return float(value)

@@ -66,6 +66,7 @@ class GradientModel(Model):
         check_number("learning_rate", self.learning_rate, 0, low_open=True)
         check_number("momentum", self.momentum, 0, 1, high_open=True)
         check_number("l2", self.l2, 0)
+        check_number("random_state", self.random_state, 0, integer=True)
         if self.batch_size is not None:
             check_number("batch_size (rows per minibatch, or None)", self.batch_size, 1, integer=True)
         if self.solver not in SOLVERS:

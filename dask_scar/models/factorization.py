@@ -66,6 +66,7 @@ class MatrixFactorization(Model):
         check_number("rank", self.rank, 1, integer=True)
         check_number("l2", self.l2, 0)
         check_number("init_scale", self.init_scale, 0, low_open=True)
+        check_number("random_state", self.random_state, 0, integer=True)
 
     def setup(self, summary: DataSummary) -> None:
         super().setup(summary)
@@ -149,6 +150,9 @@ class MatrixFactorization(Model):
     def predict(self, data: Any) -> Any:
         """Predicted rating of each (user, item) row (a Dask Series for Dask input)."""
         params = self._fitted()
+        if not hasattr(data, "columns"):
+            raise DataError(f"{type(self).__name__}.predict needs a DataFrame with the columns user={self.user!r} "
+                            f"and item={self.item!r}, got {type(data).__name__}")
         require_columns(data.columns, [self.user, self.item],
                         f": {type(self).__name__} reads the columns user={self.user!r} and item={self.item!r}")
         require_numeric(data.dtypes, [self.user, self.item], "user and item ids are integers, as for training")

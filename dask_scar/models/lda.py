@@ -82,6 +82,7 @@ class LDA(Model):
         check_number("alpha", self.alpha, 0, low_open=True)
         check_number("beta", self.beta, 0, low_open=True)
         check_number("subsweeps", self.subsweeps, 1, integer=True)
+        check_number("random_state", self.random_state, 0, integer=True)
 
     def setup(self, summary: DataSummary) -> None:
         super().setup(summary)

@@ -144,5 +144,8 @@ class SoftmaxRegression(GradientModel):
 
         ``target`` is a column name of ``data`` or an array of labels.
         """
-        return score_with(self, data, target, lambda pred, y: (pred == y).mean())
+        self._fitted()
+        k = self.n_classes_
+        return score_with(self, data, target, lambda pred, y: (pred == y).mean(),
+                          valid=lambda y: (y >= 0) & (y < k) & (y % 1 == 0), what=f"class labels 0..{k - 1}")
 
