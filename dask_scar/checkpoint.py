@@ -57,6 +57,8 @@ from .store import NEVER, BlockLayout, ZarrStore, pick, probe
 
 logger = logging.getLogger(__name__)
 
+#: Stores a worker process keeps open (see :func:`open_cached`).
+OPEN_STORES = 8
 #: Seconds an update task measuring priorities waits for its process's last writes
 #: (a store that slow is reported by the writes themselves; priorities then go on).
 WRITE_WAIT = 10.0
@@ -306,16 +308,19 @@ def _count(tasks: int) -> None:
 
 def open_cached(url: str, store_id: str) -> ZarrStore:
     """The store at ``url``, opened once per process (per store id, so a store
-    re-created at the same path is re-opened)."""
+    re-created at the same path is re-opened); the :data:`OPEN_STORES` used last stay
+    open (a long-lived worker sees a new store every fit)."""
     with _lock:
-        store = _stores.get((url, store_id))
+        store = _stores.pop((url, store_id), None)
         if store is None:
+            while len(_stores) >= OPEN_STORES:
+                del _stores[next(iter(_stores))]
             store = ZarrStore.open(url, mode="r+")
             if store.meta.get("id") != store_id:
                 raise CheckpointError(f"the checkpoint store at {url} seen from this process is not the one "
                                       "the driver created: the workers must see the same storage as the driver "
                                       "(a shared filesystem, or an object store URL such as s3://...)")
-            _stores[(url, store_id)] = store
+        _stores[(url, store_id)] = store        # the newest, last in line to go
         return store
 
 

@@ -24,7 +24,7 @@ from .backend import array_module, to_device
 from .exceptions import DataError
 from .models import ColumnSummary, DataSummary, Model
 from .models._base import numeric, require_columns, require_numeric
-from .recovery import live_workers, warn_paused, workers_info
+from .recovery import live_or_wait, warn_paused, workers_info
 
 logger = logging.getLogger(__name__)
 
@@ -191,9 +191,7 @@ def prepare(client: Client, model: Model, data: Any, target: str | None,
 
     Raises :class:`DataError` naming the offending column before any training.
     """
-    n_workers = len(live_workers(client))
-    if n_workers == 0:
-        raise DataError("the cluster has no workers: start some (cluster.scale(n)) before fit()")
+    n_workers = len(live_or_wait(client, ""))
     frame = as_dask_frame(data, n_workers)
     features, target = check_columns(model, list(frame.columns), frame.dtypes, target, features)
     target_dtype = model.target_dtype if target is not None else None

@@ -220,6 +220,9 @@ def pause_advice(workers: dict[str, str]) -> str:
 
 def check_scheduler(client: Client, hint: str) -> None:
     """Raise :class:`SchedulerLostError` if the client lost its scheduler."""
+    if client.status in ("closing", "closed"):
+        raise SchedulerLostError(f"the Dask client is {client.status}: connect a new one (Client(...)) to "
+                                 f"train{hint or ''}")
     if client.status not in ("running", "newly-created"):
         raise SchedulerLostError(f"lost the connection to the scheduler at {client.scheduler.address} "
                                  f"(client {client.status}){hint or ''}")
@@ -382,7 +385,7 @@ def recover(restore: Restore, watch: ClusterWatch, iteration: int, noticed: floa
     moved: set[ChunkId] = set()      # taken over from a surviving copy of the current value
     stale = [*(chunks.key(cid, iteration) for cid in chunks.ids), *abandoned]   # what abandoned graphs may make
     while True:
-        alive = _live_or_wait(client, restore.hint)
+        alive = live_or_wait(client, restore.hint)
         workers_lost |= {w for w in chunks.owner.values() if w not in alive}
         new_epoch(chunks, stale)
         if restore.mode == "full":
@@ -504,19 +507,21 @@ def _copies(client: Client, chunks: ParameterChunks, ids: list[ChunkId], alive: 
     return found
 
 
-def _live_or_wait(client: Client, hint: str) -> set[str]:
-    """The live workers; with none, wait ``scar.recovery.wait-for-workers`` seconds for one."""
+def live_or_wait(client: Client, hint: str) -> set[str]:
+    """The live workers; with none (all lost, or a batch job's workers not started
+    yet), wait ``scar.recovery.wait-for-workers`` seconds for one."""
     check_scheduler(client, hint)
     alive = live_workers(client)
     if alive:
         return alive
     timeout = config.get("recovery.wait-for-workers")
-    logger.warning("dask_scar: no worker left; waiting up to %s s for one to join", timeout)
+    logger.warning("dask_scar: the cluster has no worker; waiting up to %s s for one to join", timeout)
     try:
         client.wait_for_workers(1, timeout=timeout)
     except TimeoutError:
-        raise WorkerLostError(f"every worker is gone and none joined within "
-                              f"scar.recovery.wait-for-workers={timeout}s{hint}") from None
+        raise WorkerLostError(f"the cluster has no worker, and none joined within "
+                              f"scar.recovery.wait-for-workers={timeout}s: start some (cluster.scale(n)){hint}"
+                              ) from None
     return live_workers(client)
 
 

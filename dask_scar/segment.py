@@ -58,6 +58,7 @@ from dask._task_spec import Dict, List, Task, TaskRef
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from dask.utils import parse_timedelta
 from distributed import get_worker
+from distributed.core import Status
 from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.protocol import pickle
 from distributed.protocol.serialize import Serialized, register_serialization_family
@@ -308,11 +309,19 @@ def _released(worker, task: str) -> bool:
     return state is None or state.state == "cancelled"
 
 
+def _leaving(worker) -> bool:
+    """Whether this worker is closing (retired, scaled down, its job or pod told to
+    stop): Dask waits for its running tasks before it exits, and the driver recovers
+    from its departure either way."""
+    return worker.status not in (Status.running, Status.paused)
+
+
 def _take(run: str, epoch: int, iteration: int, peers: list[str], timeout: float) -> list[dict]:
     """The messages of ``peers`` for ``iteration``, unpickled, once all are here. The
     wait is a gap between training tasks: the task writes its checkpoint blocks first,
     and the writer thread may write too. Raises :class:`SegmentAborted` if the driver
-    stopped the segment, the run ended, or the scheduler released this task."""
+    stopped the segment, the run ended, the scheduler released this task, or this
+    worker is closing."""
     worker, task = get_worker(), thread_state.key
     deadline = time.monotonic() + timeout
     keys = [(run, epoch, iteration, peer) for peer in peers]
@@ -321,9 +330,9 @@ def _take(run: str, epoch: int, iteration: int, peers: list[str], timeout: float
         with _cond:
             while True:
                 aborted, ended = (run, epoch) in _aborted, run in _ended
-                if aborted or ended or _released(worker, task):
+                if aborted or ended or _released(worker, task) or _leaving(worker):
                     raise SegmentAborted(f"segment of run {run} stopped at iteration {iteration}",
-                                         run_over=ended or not aborted)
+                                         run_over=ended or not (aborted or _leaving(worker)))
                 if all(key in _box for key in keys):
                     messages = [_box.pop(key) for key in keys]
                     break

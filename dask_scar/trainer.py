@@ -27,7 +27,7 @@ from .models import Model
 from .models._base import check_number
 from .plugin import ensure_plugin
 from .policy import CheckpointPolicy, default_policy
-from .recovery import RecoveryEvent, Restore, cancelled, live_workers
+from .recovery import RecoveryEvent, Restore, cancelled, check_scheduler, live_workers
 from .run import TrainingRun, history_frame
 from .store import ZarrStore, make_layouts, probe
 
@@ -201,6 +201,7 @@ class Trainer:
 
     def _fit(self, frame, target, features, max_iter, tol, resume, progress, callback) -> FitResult:
         client, model = self.client, self.model
+        check_scheduler(client, "")
         if self.store is not None:
             _check_store_path(self.store, resume)
         ensure_plugin(client)

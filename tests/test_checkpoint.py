@@ -505,6 +505,23 @@ def test_a_write_reported_before_the_driver_chose_its_round_counts(tmp_path):
     assert ckpt.committed == 3 and store.manifest["round"] == 3 and store.manifest["iteration"] == 3
 
 
+def test_a_worker_keeps_the_stores_it_used_last_open_not_every_one(tmp_path):
+    from dask_scar import checkpoint
+    from dask_scar.store import ZarrStore, make_layouts
+
+    layouts = make_layouts({"w": ((8, 4), "float32")}, 1, 2)
+    stores = [ZarrStore.create(tmp_path / f"{i}.zarr", {"class": "test", "params": {}}, layouts, None)
+              for i in range(checkpoint.OPEN_STORES + 3)]
+    for store in stores:
+        checkpoint.open_cached(store.url, store.meta["id"])
+        first = checkpoint.open_cached(stores[0].url, stores[0].meta["id"])   # used every time: kept
+    assert len(checkpoint._stores) == checkpoint.OPEN_STORES
+    assert checkpoint.open_cached(stores[0].url, stores[0].meta["id"]) is first
+    assert (stores[1].url, stores[1].meta["id"]) not in checkpoint._stores
+    assert (stores[-1].url, stores[-1].meta["id"]) in checkpoint._stores
+    checkpoint._stores.clear()
+
+
 def test_a_commit_that_cannot_write_is_noted_once_and_the_next_round_commits(tmp_path):
     from dask_scar.checkpoint import Checkpointer
     from dask_scar.chunks import ChunkId

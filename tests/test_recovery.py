@@ -505,6 +505,33 @@ def test_graceful_retirement_moves_chunks_without_restoring(tmp_path, digits):
 
 
 @pytest.mark.slow
+def test_a_worker_retired_during_a_segment_leaves_at_once(tmp_path):
+    """A worker told to close (retired, scaled down, its job ending) while it runs a
+    segment: the segment stops for it at its next exchange, so the worker does not
+    wait out Dask's 30 s for its running task (it did, 3 of 3 runs; a pod's grace
+    period is often 30 s too)."""
+    frame = dd.from_pandas(synthetic_classification(30000, 30, 10), npartitions=6)
+    with cli_cluster(tmp_path, 3) as (cluster, client):
+        victim = sorted(live_workers(client))[0]
+        pid = client.run(os.getpid, workers=[victim])[victim]
+        (process,) = [p for p in cluster.workers if p.pid == pid]
+        outcome = {}
+        fit = threading.Thread(target=lambda: outcome.update(result=scar.Trainer(client, scar.SoftmaxRegression()).fit(
+            frame, target="label", max_iter=1500, tol=0, progress=False)))
+        fit.start()
+        wait_for(lambda: any(str(k).startswith("scar-segment") for k in client.processing().get(victim, ())),
+                 timeout=60, what="a segment on the worker")
+        start = time.monotonic()
+        client.retire_workers([victim])
+        process.wait(timeout=60)
+        left = time.monotonic() - start
+        fit.join(timeout=120)
+    (event,) = outcome["result"].events
+    assert event.retired and event.worker == victim and outcome["result"].n_iter == 1500
+    assert left < 15, f"the retired worker took {left:.1f} s to exit"     # Dask's executor wait is 30 s
+
+
+@pytest.mark.slow
 def test_chunks_never_checkpointed_start_again_from_their_initial_value(tmp_path):
     # (no live copies: restored from the store alone)
     with dask.config.set({"scar.recovery.replicas": False}), new_cluster(2) as cluster, \

@@ -285,6 +285,26 @@ def test_a_fit_that_fails_leaves_a_fitted_model_as_it_was(client, digits, tmp_pa
         fresh.predict(digits)
 
 
+def test_a_fit_on_a_closed_client_says_so(client, digits):
+    other = Client(client.scheduler.address)
+    other.close()
+    with pytest.raises(scar.SchedulerLostError, match=r"the Dask client is closed: connect a new one"):
+        scar.Trainer(other, scar.SoftmaxRegression()).fit(digits, target="label", progress=False)
+
+
+def test_a_fit_waits_for_the_first_worker(digits, caplog):
+    """As on a batch system, where the driver may start before the workers' jobs."""
+    with new_cluster(0) as cluster, Client(cluster) as c:
+        with dask.config.set({"scar.recovery.wait-for-workers": 1}), \
+                pytest.raises(scar.WorkerLostError, match=r"the cluster has no worker, and none joined within "
+                                                          r"scar.recovery.wait-for-workers=1s: start some"):
+            scar.Trainer(c, scar.SoftmaxRegression()).fit(digits, target="label", progress=False)
+        threading.Timer(2.0, cluster.scale, args=(2,)).start()
+        result = scar.Trainer(c, scar.SoftmaxRegression()).fit(digits, target="label", max_iter=5, progress=False)
+        assert result.n_iter == 5 and len(live_workers(c)) == 2
+    assert "the cluster has no worker; waiting up to 120 s for one to join" in caplog.text
+
+
 def test_a_callback_returning_true_stops_training_with_a_result(client, digits):
     seen = []
 
