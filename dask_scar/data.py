@@ -24,7 +24,7 @@ from .backend import array_module, to_device
 from .exceptions import DataError
 from .models import ColumnSummary, DataSummary, Model
 from .models._base import numeric, require_columns, require_numeric
-from .recovery import live_or_wait, warn_paused, workers_info
+from .recovery import live_or_wait, live_workers, warn_paused, workers_info
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +163,33 @@ def _block(backend, *parts):
 
 def _block_summary(*parts):
     return [summary for _, summary in parts]
+
+
+def _same(block):
+    return block
+
+
+def spread(client: Client, training: TrainingData) -> str:
+    """Move data blocks from workers holding several onto live workers holding none:
+    a worker that replaced a lost one (whose block Dask rebuilt on a survivor)
+    computes a share of the data again. Whole blocks move; a worker that joins a
+    cluster where each worker holds one block gets none. Returns what moved."""
+    alive = sorted(live_workers(client))
+    held = {w: [i for i, where in enumerate(training.workers) if where == w] for w in alive}
+    moved = []
+    for idle in [w for w in alive if not held[w]]:
+        most = max(alive, key=lambda w: (len(held[w]), w))
+        if len(held[most]) < 2:
+            break
+        i = held[most].pop()
+        held[idle].append(i)
+        # a task of its own, not a transfer: a lost copy is rebuilt from the lineage
+        old = training.blocks[i]
+        training.blocks[i] = client.submit(_same, old, key=f"scar-block-{dask.base.tokenize(old.key, idle)}",
+                                           workers=[idle], allow_other_workers=True, pure=False)
+        training.workers[i] = idle
+        moved.append(idle)
+    return f"moved {len(moved)} data block(s) onto {', '.join(sorted(set(moved)))}" if moved else ""
 
 
 def holders(client: Client, futures: list[Future]) -> dict[str, str]:

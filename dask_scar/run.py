@@ -75,6 +75,7 @@ class TrainingRun:
         self.segment_length = segment_length    # the first segment's iterations, and the least (1: graphs)
         self.next_segment = segment_length      # the next segment's, from the last's speed (SEGMENT_SECONDS)
         self.segment_handler = False            # SegmentHandler installed on the workers
+        self.spread = False                     # workers joined: data blocks may move to them
         self.segment_results: dict[str, str] = {}   # worker -> its task of the last segment
         self.clock = time.perf_counter()        # when the last row's iteration was done
         run, inbox = chunks.run, self.inbox
@@ -144,8 +145,12 @@ class TrainingRun:
                         if ckpt is not None:
                             ckpt.drop_pending("the chunks moved to new workers")
                         self.last = None    # the chunks moved: read them where they are now
+                        self.spread = True
                     placed = list(self.training.workers)
                     _forget_dead_block_workers(self.training, self.watch)
+                    if self.spread and None not in self.training.workers:   # each block where it is now
+                        self.spread = False
+                        self.note = _join(self.note, data.spread(self.client, self.training))
                     if self.training.workers != placed:
                         self.last = None
                     if self.segmentable(callback):

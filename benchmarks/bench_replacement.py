@@ -1,0 +1,65 @@
+"""How fast training runs after a worker is SIGKILLed and its nanny starts it again.
+
+Softmax regression, ``--rows`` x 100 features, on a 2-worker LocalCluster (one
+thread each, nannies). After ``--kill-after`` seconds one worker is SIGKILLed: its
+chunks are restored, Dask rebuilds its data block on the survivor, and the nanny
+starts a new worker, which gets chunks and (since this change) the block back.
+Printed, from one fit's history: ms per iteration before the kill, while the
+survivor computes both blocks, and after the block moved, with their ratios to
+the first.
+
+    python benchmarks/bench_replacement.py            # about a minute on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import threading
+
+import dask
+from bench_iteration import on_cluster
+from distributed import Client, LocalCluster
+
+import dask_scar as scar
+from dask_scar import config, datasets
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=300_000)
+    parser.add_argument("--iters", type=int, default=700)
+    parser.add_argument("--kill-after", type=float, default=4.0, help="seconds into the fit")
+    args = parser.parse_args()
+    with dask.config.set(config.OWN_CLUSTER), \
+            LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0", silence_logs=50) as cluster, \
+            Client(cluster) as client:
+        frame = on_cluster(datasets.synthetic_classification(args.rows, 100, 10))
+        pids = client.run(os.getpid)
+        victim = sorted(pids)[1]
+        threading.Timer(args.kill_after, os.kill, (pids[victim], signal.SIGKILL)).start()
+        history = scar.Trainer(client, scar.SoftmaxRegression()).fit(
+            frame, target="label", max_iter=args.iters, tol=0, progress=False).history
+    events = history[history["event"] != ""]
+    lost = int(events["iteration"].iloc[0])
+    moved = [int(i) for i, e in zip(events["iteration"], events["event"]) if "data block" in e]
+    end = moved[0] if moved else args.iters + 1
+
+    def ms(first: int, last: int) -> tuple[float, int]:
+        seconds = history[(history["iteration"] >= first) & (history["iteration"] <= last)]["seconds"]
+        return 1e3 * float(seconds.mean()), len(seconds)
+
+    # 20 iterations' margin after each change: a segment's rows share its time
+    phases = [("before the kill", ms(20, lost - 1)), ("survivor computes both blocks", ms(lost + 20, end - 1))]
+    if moved:
+        phases.append(("after the block moved back", ms(end + 20, args.iters)))
+    base = phases[0][1][0]
+    for what, (value, n) in phases:
+        print(f"{what:32s} {value:7.1f} ms/it  ({n} iterations)  ratio {value / base:.2f}")
+    for iteration, event in zip(events["iteration"], events["event"]):
+        print(f"  iteration {iteration}: {event}")
+
+
+if __name__ == "__main__":
+    main()
