@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 import time
 import uuid
 import warnings
@@ -228,7 +229,7 @@ class Trainer:
                               prepare(True, trends if self._extrapolates() else None, self.recovery == "full"), ids),
                           self.recovery, lambda: int(store.manifest.get("iteration", 0)) if store else 0, hint)
         bar = tqdm(total=max_iter, initial=start, unit="it", desc=type(model).__name__,
-                   disable=not config.get("progress", progress))
+                   disable=not config.get("progress", progress), mininterval=_bar_interval())
         training_run = TrainingRun(model, training, chunks, ckpt, restore, bar, config.get("segment-iterations"))
         try:
             training_run.start(lambda: chunks.initialize(model, self.backend, start, prepare(resume)))
@@ -312,6 +313,19 @@ class Trainer:
 
 def _resume_hint(store: str) -> str:
     return f"; the checkpoint store {store} holds the model as last saved: fit(..., resume=True) continues from it"
+
+
+#: Seconds between progress-bar updates written to a log (stderr neither a terminal nor
+#: a notebook's): a batch job's log gets a line's worth, not ten frames a second.
+LOG_BAR_SECONDS = 30.0
+
+
+def _bar_interval() -> float:
+    """tqdm's own 0.1 s on a terminal or in a notebook, :data:`LOG_BAR_SECONDS` else."""
+    from tqdm.autonotebook import tqdm as maybe_notebook
+    from tqdm.std import tqdm as plain
+
+    return 0.1 if maybe_notebook is not plain or sys.stderr.isatty() else LOG_BAR_SECONDS
 
 
 def _check_store_path(url: str, resume: bool) -> None:

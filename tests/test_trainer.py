@@ -215,6 +215,10 @@ def test_progress_bar_goes_to_stderr_and_can_be_turned_off(client, digits, capsy
     assert "SoftmaxRegression" in capsys.readouterr().err
     trainer.fit(digits, target="label", max_iter=5, progress=False)
     assert "SoftmaxRegression" not in capsys.readouterr().err
+    # to a log (here pytest's capture), not ten frames a second: the first and the last
+    trainer.fit(digits, target="label", max_iter=150, progress=True, callback=lambda k, loss: None)
+    frames = [f for f in capsys.readouterr().err.split("\r") if "SoftmaxRegression" in f]
+    assert len(frames) <= 3 and "150/150" in frames[-1]
 
 
 def test_divergence_is_reported_with_a_fix(client, digits):
