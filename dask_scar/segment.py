@@ -329,10 +329,10 @@ def _take(run: str, epoch: int, iteration: int, peers: list[str], timeout: float
         checkpoint.write_now()      # this round's blocks, while the others catch up
         with _cond:
             while True:
-                aborted, ended = (run, epoch) in _aborted, run in _ended
-                if aborted or ended or _released(worker, task) or _leaving(worker):
+                aborted, ended, leaving = (run, epoch) in _aborted, run in _ended, _leaving(worker)
+                if aborted or ended or leaving or _released(worker, task):
                     raise SegmentAborted(f"segment of run {run} stopped at iteration {iteration}",
-                                         run_over=ended or not (aborted or _leaving(worker)))
+                                         run_over=ended or not (aborted or leaving))
                 if all(key in _box for key in keys):
                     messages = [_box.pop(key) for key in keys]
                     break

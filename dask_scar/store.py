@@ -32,10 +32,10 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import json
 import logging
 import math
 import os
-import json
 import uuid
 from dataclasses import dataclass
 from typing import Any

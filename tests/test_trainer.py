@@ -305,7 +305,7 @@ def test_a_fit_waits_for_the_first_worker(digits, caplog):
             scar.Trainer(c, scar.SoftmaxRegression()).fit(digits, target="label", progress=False)
         threading.Timer(2.0, cluster.scale, args=(2,)).start()
         result = scar.Trainer(c, scar.SoftmaxRegression()).fit(digits, target="label", max_iter=5, progress=False)
-        assert result.n_iter == 5 and len(live_workers(c)) == 2
+        assert result.n_iter == 5 and live_workers(c)
     assert "the cluster has no worker; waiting up to 120 s for one to join" in caplog.text
 
 
