@@ -442,9 +442,10 @@ def test_interrupted_fits_leave_no_chunk_behind(client):
     for trial in range(3):
         stop = threading.Event()
 
-        def interrupt_mid_fit():      # once a few iterations are done
-            while not stop.is_set():
-                if any("-v3" in key for key in client.run_on_scheduler(_scar_keys)):
+        def interrupt_mid_fit():      # once a few iterations are done (a version of 3 or later seen:
+            while not stop.is_set():  # an iteration's keys may come and go between two looks)
+                if any(int(key.rsplit("-v", 1)[1]) >= 3 for key in client.run_on_scheduler(_scar_keys)
+                       if key.startswith("scar-chunk")):
                     return _thread.interrupt_main()
                 time.sleep(0.02)
 
