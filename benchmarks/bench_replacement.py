@@ -39,10 +39,14 @@ def main() -> None:
         frame = on_cluster(datasets.synthetic_classification(args.rows, 100, 10))
         pids = client.run(os.getpid)
         victim = sorted(pids)[1]
-        threading.Timer(args.kill_after, os.kill, (pids[victim], signal.SIGKILL)).start()
+        kill = threading.Timer(args.kill_after, os.kill, (pids[victim], signal.SIGKILL))
+        kill.start()
         history = scar.Trainer(client, scar.SoftmaxRegression()).fit(
             frame, target="label", max_iter=args.iters, tol=0, progress=False).history
+        kill.cancel()
     events = history[history["event"] != ""]
+    if events.empty:
+        raise SystemExit(f"the fit ended before the kill at {args.kill_after} s: raise --iters")
     lost = int(events["iteration"].iloc[0])
     moved = [int(i) for i, e in zip(events["iteration"], events["event"]) if "data block" in e]
     end = moved[0] if moved else args.iters + 1

@@ -738,7 +738,8 @@ class Checkpointer:
                 self.abandon(self.lost, warn=False)
                 return
             except OSError as exc:              # a full disk, lost permission: a later round may commit
-                kept = f"keeps round {self.committed} as its newest" if self.committed else "has no round yet"
+                newest = self.store.manifest.get("round")      # as last committed (a failed write keeps it)
+                kept = f"keeps round {newest} as its newest" if newest else "has no round yet"
                 self._note(iteration, f"could not record checkpoint round {number} (iteration {iteration}) in "
                                       f"the checkpoint store at {self.store.url}: {exc}; the store {kept} and "
                                       "training goes on")

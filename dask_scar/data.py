@@ -10,7 +10,7 @@ DataFrame's graph.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,7 @@ from .backend import array_module, to_device
 from .exceptions import DataError
 from .models import ColumnSummary, DataSummary, Model
 from .models._base import numeric, require_columns, require_numeric
-from .recovery import live_or_wait, live_workers, warn_paused, workers_info
+from .recovery import live_or_wait, warn_paused, workers_info
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def check_columns(model: Model, columns: list[str], dtypes: pd.Series, target: s
                         "rename them (ddf.columns = [...]) so that every column name is unique")
     if features is not None:
         features = [features] if isinstance(features, str) else list(features)
-        twice = sorted({str(c) for c in features if features.count(c) > 1})
+        twice = sorted(str(c) for c, n in Counter(features).items() if n > 1)
         if twice:
             raise DataError(f"features= names {', '.join(map(repr, twice))} more than once: name each column once")
     features, target = model.select_columns(list(columns), target, features)
@@ -170,15 +170,17 @@ def _same(block):
 
 
 def spread(client: Client, training: TrainingData) -> str:
-    """Move data blocks from workers holding several onto live workers holding none:
-    a worker that replaced a lost one (whose block Dask rebuilt on a survivor)
+    """Move data blocks from workers holding several onto running workers holding
+    none: a worker that replaced a lost one (whose block Dask rebuilt on a survivor)
     computes a share of the data again. Whole blocks move; a worker that joins a
     cluster where each worker holds one block gets none. Returns what moved."""
-    alive = sorted(live_workers(client))
-    held = {w: [i for i, where in enumerate(training.workers) if where == w] for w in alive}
+    running = sorted(w for w, info in workers_info(client).items() if info.get("status") == "running")
+    where = holders(client, training.blocks)     # as they are (a replacement may have a lost one's address)
+    training.workers = [where[b.key] or w for b, w in zip(training.blocks, training.workers)]
+    held = {w: [i for i, at in enumerate(training.workers) if at == w] for w in running}
     moved = []
-    for idle in [w for w in alive if not held[w]]:
-        most = max(alive, key=lambda w: (len(held[w]), w))
+    for idle in [w for w in running if not held[w]]:
+        most = max(running, key=lambda w: (len(held[w]), w))
         if len(held[most]) < 2:
             break
         i = held[most].pop()
@@ -186,7 +188,7 @@ def spread(client: Client, training: TrainingData) -> str:
         # a task of its own, not a transfer: a lost copy is rebuilt from the lineage
         old = training.blocks[i]
         training.blocks[i] = client.submit(_same, old, key=f"scar-block-{dask.base.tokenize(old.key, idle)}",
-                                           workers=[idle], allow_other_workers=True, pure=False)
+                                           workers=[idle], allow_other_workers=True)
         training.workers[i] = idle
         moved.append(idle)
     return f"moved {len(moved)} data block(s) onto {', '.join(sorted(set(moved)))}" if moved else ""

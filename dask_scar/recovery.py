@@ -221,8 +221,8 @@ def pause_advice(workers: dict[str, str]) -> str:
 def check_scheduler(client: Client, hint: str) -> None:
     """Raise :class:`SchedulerLostError` if the client lost its scheduler."""
     if client.status in ("closing", "closed"):
-        raise SchedulerLostError(f"the Dask client is {client.status}: connect a new one (Client(...)) to "
-                                 f"train{hint or ''}")
+        raise SchedulerLostError(f"the Dask client is {client.status} (closed by its user, or after it lost "
+                                 f"its scheduler): connect a new one (Client(...)) to train{hint or ''}")
     if client.status not in ("running", "newly-created"):
         raise SchedulerLostError(f"lost the connection to the scheduler at {client.scheduler.address} "
                                  f"(client {client.status}){hint or ''}")

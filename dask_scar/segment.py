@@ -310,10 +310,12 @@ def _released(worker, task: str) -> bool:
 
 
 def _leaving(worker) -> bool:
-    """Whether this worker is closing (retired, scaled down, its job or pod told to
-    stop): Dask waits for its running tasks before it exits, and the driver recovers
-    from its departure either way."""
-    return worker.status not in (Status.running, Status.paused)
+    """Whether this worker is closing (retired once its data moved, scaled down, its
+    job or pod told to stop): Dask waits for its running tasks before it exits, and
+    the driver recovers from its departure either way. Not while a retirement is
+    only under way (``closing_gracefully``): Dask may call that off, and the worker
+    then stays and its peers wait for its messages."""
+    return worker.status not in (Status.running, Status.paused, Status.closing_gracefully)
 
 
 def _take(run: str, epoch: int, iteration: int, peers: list[str], timeout: float) -> list[dict]:

@@ -245,14 +245,16 @@ def _column_change(stored: dict, now: dict) -> str:
     before, after, out = stored["features"], now["features"], []
     if stored["target"] != now["target"]:
         out.append(f"the store has target {stored['target']!r}, the data {now['target']!r}")
-    missing, new = [c for c in before if c not in after], [c for c in after if c not in before]
+    had, has = set(before), set(after)
+    missing, new = [c for c in before if c not in has], [c for c in after if c not in had]
     if missing:
         out.append(f"features missing from the data: {_few(missing)}")
     if new:
         out.append(f"features not in the store: {_few(new)}")
     if not missing and not new and before != after:
-        i = next(i for i, (a, b) in enumerate(zip(before, after)) if a != b)
-        out.append(f"the same features in another order (position {i}: the store has {before[i]!r}, "
+        i = next((i for i, (a, b) in enumerate(zip(before, after)) if a != b), None)
+        out.append("the same features, some named more than once" if i is None else
+                   f"the same features in another order (position {i}: the store has {before[i]!r}, "
                    f"the data {after[i]!r})")
     return "; ".join(out)
 

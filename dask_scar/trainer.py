@@ -228,8 +228,10 @@ class Trainer:
                               model, self.backend, version,
                               prepare(True, trends if self._extrapolates() else None, self.recovery == "full"), ids),
                           self.recovery, lambda: int(store.manifest.get("iteration", 0)) if store else 0, hint)
-        bar = tqdm(total=max_iter, initial=start, unit="it", desc=type(model).__name__,
-                   disable=not config.get("progress", progress), mininterval=_bar_interval())
+        shown = config.get("progress", progress)
+        interval = _bar_interval() if shown else 0.1
+        bar = tqdm(total=max_iter, initial=start, unit="it", desc=type(model).__name__, disable=not shown,
+                   mininterval=interval, maxinterval=max(10.0, interval))
         training_run = TrainingRun(model, training, chunks, ckpt, restore, bar, config.get("segment-iterations"))
         try:
             training_run.start(lambda: chunks.initialize(model, self.backend, start, prepare(resume)))
@@ -321,11 +323,13 @@ LOG_BAR_SECONDS = 30.0
 
 
 def _bar_interval() -> float:
-    """tqdm's own 0.1 s on a terminal or in a notebook, :data:`LOG_BAR_SECONDS` else."""
+    """tqdm's own 0.1 s on a terminal or in a notebook's widget, :data:`LOG_BAR_SECONDS`
+    else (also in a notebook without ipywidgets, where tqdm writes text)."""
     from tqdm.autonotebook import tqdm as maybe_notebook
     from tqdm.std import tqdm as plain
 
-    return 0.1 if maybe_notebook is not plain or sys.stderr.isatty() else LOG_BAR_SECONDS
+    isatty = getattr(sys.stderr, "isatty", None)
+    return 0.1 if maybe_notebook is not plain or (isatty is not None and isatty()) else LOG_BAR_SECONDS
 
 
 def _check_store_path(url: str, resume: bool) -> None:

@@ -621,6 +621,37 @@ def test_new_worker_gets_chunks_at_the_next_rebalance(tmp_path, digits):
     np.testing.assert_allclose(result.history["loss"], losses, rtol=1e-5)   # moving loses nothing
 
 
+async def _retire_then_call_it_off(dask_worker):
+    import asyncio
+
+    from distributed.core import Status
+
+    dask_worker.status = Status.closing_gracefully      # as Client.retire_workers begins
+    await asyncio.sleep(0.5)                            # (on the worker's event loop, not blocking it)
+    dask_worker.status = Status.running                 # as Dask does when the data has nowhere to go
+
+
+@pytest.mark.slow
+def test_a_retirement_called_off_leaves_the_segment_running(digits):
+    """Dask may call a retirement off (no other worker can take the data): a worker
+    only *closing gracefully* goes on with its segment, or its peers would wait for
+    its messages until scar.iteration-timeout."""
+    frame = pd.concat([digits] * 20, ignore_index=True)
+    with dask.config.set({"scar.iteration-timeout": 20}), new_cluster(2) as cluster, \
+            scar_client(cluster) as client:
+        victim = sorted(live_workers(client))[0]
+        outcome = {}
+        fit = threading.Thread(target=lambda: outcome.update(result=scar.Trainer(client, scar.SoftmaxRegression()).fit(
+            frame, target="label", max_iter=1500, tol=0, progress=False)))
+        fit.start()
+        wait_for(lambda: any(str(k).startswith("scar-segment") for k in client.processing().get(victim, ())),
+                 timeout=60, what="a segment on the worker")
+        client.run(_retire_then_call_it_off, workers=[victim])
+        fit.join(timeout=120)
+    result = outcome["result"]      # (the code before: none; the fit raised "no word from worker(s)" after 20 s)
+    assert result.n_iter == 1500 and result.events == []
+
+
 @pytest.mark.slow
 def test_a_replacement_worker_gets_a_data_block_back(digits):
     """A killed worker's block is rebuilt on a survivor; the worker its nanny starts

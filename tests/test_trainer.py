@@ -292,7 +292,8 @@ def test_a_fit_that_fails_leaves_a_fitted_model_as_it_was(client, digits, tmp_pa
 def test_a_fit_on_a_closed_client_says_so(client, digits):
     other = Client(client.scheduler.address)
     other.close()
-    with pytest.raises(scar.SchedulerLostError, match=r"the Dask client is closed: connect a new one"):
+    with pytest.raises(scar.SchedulerLostError, match=r"the Dask client is closed \(closed by its user, or after "
+                                                      r"it lost its scheduler\): connect a new one"):
         scar.Trainer(other, scar.SoftmaxRegression()).fit(digits, target="label", progress=False)
 
 

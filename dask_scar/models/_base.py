@@ -260,7 +260,7 @@ class Model:
 
 def stable_seed(*parts: Any) -> list[int]:
     """A seed sequence from ints and strings that is the same in every process."""
-    return [p if isinstance(p, int) else zlib.crc32(str(p).encode()) for p in parts]
+    return [int(p) if isinstance(p, numbers.Integral) else zlib.crc32(str(p).encode()) for p in parts]
 
 
 def check_number(name: str, value: Any, low: float = -np.inf, high: float = np.inf, *,
@@ -268,7 +268,8 @@ def check_number(name: str, value: Any, low: float = -np.inf, high: float = np.i
     """Raise ``ValueError`` unless ``value`` is a finite number (an integer if
     ``integer``) within ``low``..``high`` (bounds excluded where ``*_open``)."""
     kind = numbers.Integral if integer else numbers.Real
-    ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value) and (
+    ok = isinstance(value, kind) and not isinstance(value, bool) and (
+        isinstance(value, numbers.Integral) or math.isfinite(value)) and (
         (low < value if low_open else low <= value) and (value < high if high_open else value <= high))
     if not ok:
         what = "an integer" if integer else "a finite number"
