@@ -504,6 +504,18 @@ def test_graceful_retirement_moves_chunks_without_restoring(tmp_path, digits):
     np.testing.assert_allclose(result.history["loss"], losses, rtol=1e-5)
 
 
+def _fit_until_a_segment_runs_on(client, worker: str, frame, max_iter: int):
+    """A softmax fit started in a thread, returned (thread, outcome) once ``worker``
+    runs one of its segments."""
+    outcome = {}
+    fit = threading.Thread(target=lambda: outcome.update(result=scar.Trainer(client, scar.SoftmaxRegression()).fit(
+        frame, target="label", max_iter=max_iter, tol=0, progress=False)))
+    fit.start()
+    wait_for(lambda: any(str(k).startswith("scar-segment") for k in client.processing().get(worker, ())),
+             timeout=60, what="a segment on the worker")
+    return fit, outcome
+
+
 @pytest.mark.slow
 def test_a_worker_retired_during_a_segment_leaves_at_once(tmp_path):
     """A worker told to close (retired, scaled down, its job ending) while it runs a
@@ -515,12 +527,7 @@ def test_a_worker_retired_during_a_segment_leaves_at_once(tmp_path):
         victim = sorted(live_workers(client))[0]
         pid = client.run(os.getpid, workers=[victim])[victim]
         (process,) = [p for p in cluster.workers if p.pid == pid]
-        outcome = {}
-        fit = threading.Thread(target=lambda: outcome.update(result=scar.Trainer(client, scar.SoftmaxRegression()).fit(
-            frame, target="label", max_iter=1500, tol=0, progress=False)))
-        fit.start()
-        wait_for(lambda: any(str(k).startswith("scar-segment") for k in client.processing().get(victim, ())),
-                 timeout=60, what="a segment on the worker")
+        fit, outcome = _fit_until_a_segment_runs_on(client, victim, frame, max_iter=1500)
         start = time.monotonic()
         client.retire_workers([victim])
         process.wait(timeout=60)
@@ -640,12 +647,7 @@ def test_a_retirement_called_off_leaves_the_segment_running(digits):
     with dask.config.set({"scar.iteration-timeout": 20}), new_cluster(2) as cluster, \
             scar_client(cluster) as client:
         victim = sorted(live_workers(client))[0]
-        outcome = {}
-        fit = threading.Thread(target=lambda: outcome.update(result=scar.Trainer(client, scar.SoftmaxRegression()).fit(
-            frame, target="label", max_iter=1500, tol=0, progress=False)))
-        fit.start()
-        wait_for(lambda: any(str(k).startswith("scar-segment") for k in client.processing().get(victim, ())),
-                 timeout=60, what="a segment on the worker")
+        fit, outcome = _fit_until_a_segment_runs_on(client, victim, frame, max_iter=1500)
         client.run(_retire_then_call_it_off, workers=[victim])
         fit.join(timeout=120)
     result = outcome["result"]      # (the code before: none; the fit raised "no word from worker(s)" after 20 s)
