@@ -1,15 +1,19 @@
-"""How fast training runs after a worker is SIGKILLed and its nanny starts it again.
+"""How fast training runs after a worker is SIGKILLed and its nanny starts it again,
+or after a worker joins.
 
 Softmax regression, ``--rows`` x 100 features, on a 2-worker LocalCluster (one
-thread each, nannies). After ``--kill-after`` seconds one worker is SIGKILLed: its
+thread each, nannies). After ``--after`` seconds one worker is SIGKILLed: its
 chunks are restored, Dask rebuilds its data block on the survivor, and the nanny
 starts a new worker, which gets chunks and the block back (with code before that, the
 survivor kept both blocks: run it with such a package on ``PYTHONPATH`` to compare).
-Printed, from one fit's history: ms per iteration before the kill, while the
-survivor computes both blocks, and after the block moved, with their ratios to
-the first.
+With ``--join`` the cluster starts with one worker, and a second joins after
+``--after`` seconds: it gets chunks, and half of the one block's rows (with code
+before that, chunks only).
+Printed, from one fit's history: ms per iteration before the event, until the data
+moved, and after, with their ratios to the first.
 
     python benchmarks/bench_replacement.py            # about a minute on 2 cores
+    python benchmarks/bench_replacement.py --join
 """
 
 from __future__ import annotations
@@ -31,23 +35,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=300_000)
     parser.add_argument("--iters", type=int, default=700)
-    parser.add_argument("--kill-after", type=float, default=4.0, help="seconds into the fit")
+    parser.add_argument("--after", type=float, default=4.0, help="seconds into the fit")
+    parser.add_argument("--join", action="store_true", help="start with one worker; a second joins")
     args = parser.parse_args()
     with dask.config.set(config.OWN_CLUSTER), \
-            LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0", silence_logs=50) as cluster, \
+            LocalCluster(n_workers=1 if args.join else 2, threads_per_worker=1, dashboard_address=":0",
+                         silence_logs=50) as cluster, \
             Client(cluster) as client:
         frame = on_cluster(datasets.synthetic_classification(args.rows, 100, 10))
-        pids = client.run(os.getpid)
-        victim = sorted(pids)[1]
-        kill = threading.Timer(args.kill_after, os.kill, (pids[victim], signal.SIGKILL))
-        kill.start()
+        if args.join:
+            event = threading.Timer(args.after, cluster.scale, (2,))
+        else:
+            pids = client.run(os.getpid)
+            event = threading.Timer(args.after, os.kill, (pids[sorted(pids)[1]], signal.SIGKILL))
+        event.start()
         history = scar.Trainer(client, scar.SoftmaxRegression()).fit(
             frame, target="label", max_iter=args.iters, tol=0, progress=False).history
-        kill.cancel()
+        event.cancel()
     events = history[history["event"] != ""]
     if events.empty:
-        raise SystemExit(f"the fit ended before the kill at {args.kill_after} s: raise --iters")
-    lost = int(events["iteration"].iloc[0])
+        raise SystemExit(f"the fit ended before the event at {args.after} s: raise --iters")
+    noticed = int(events["iteration"].iloc[0])
+    # a joining worker shows in the history only once it is running: "before" ends when
+    # it was asked for (the fit's first second or so read the data)
+    before = int((history["seconds"].cumsum() < args.after - 1).sum()) if args.join else noticed - 1
     moved = [int(i) for i, e in zip(events["iteration"], events["event"]) if "data block" in e]
     end = moved[0] if moved else args.iters + 1
 
@@ -56,12 +67,14 @@ def main() -> None:
         return 1e3 * float(seconds.mean()), len(seconds)
 
     # 20 iterations' margin after each change: a segment's rows share its time
-    phases = [("before the kill", ms(20, lost - 1)), ("survivor computes both blocks", ms(lost + 20, end - 1))]
+    phases = [("before the " + ("join" if args.join else "kill"), ms(20, before)),
+              ("until the data moved", ms(noticed + 20, end - 1))]
     if moved:
-        phases.append(("after the block moved back", ms(end + 20, args.iters)))
+        phases.append(("after the data moved", ms(end + 20, args.iters)))
     base = phases[0][1][0]
     for what, (value, n) in phases:
-        print(f"{what:32s} {value:7.1f} ms/it  ({n} iterations)  ratio {value / base:.2f}")
+        if n:
+            print(f"{what:32s} {value:7.1f} ms/it  ({n} iterations)  ratio {value / base:.2f}")
     for iteration, event in zip(events["iteration"], events["event"]):
         print(f"  iteration {iteration}: {event}")
 

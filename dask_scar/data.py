@@ -4,7 +4,8 @@ The frame's partitions are converted to arrays (``X`` features, ``y`` target), a
 the partitions that sit on the same worker are concatenated into one *block*, so
 the tasks of an iteration grow with the workers, not with the partitions. Blocks
 keep their lineage: a block lost with its worker is rebuilt by Dask from the
-DataFrame's graph.
+DataFrame's graph. A worker that joins during a fit gets an even share of the rows
+(:func:`spread`): whole blocks, or the ends of blocks cut in two.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from distributed import Client, Future, wait
 from .backend import array_module, to_device
 from .exceptions import DataError
 from .models import ColumnSummary, DataSummary, Model
-from .models._base import numeric, require_columns, require_numeric
+from .models._base import LOCAL_STATE, numeric, require_columns, require_numeric
 from .recovery import live_or_wait, warn_paused, workers_info
 
 logger = logging.getLogger(__name__)
@@ -169,29 +170,95 @@ def _same(block):
     return block
 
 
+def _rows(block, start, stop, copy):
+    """Rows ``start:stop`` of a block: a copy (the whole block's memory can then go) or
+    views (of rows on their way to another worker). Model state kept in the block
+    (``LOCAL_STATE``) is left behind: the model builds it again, as for a rebuilt block."""
+    return {name: values[start:stop].copy() if copy else values[start:stop]
+            for name, values in block.items() if name != LOCAL_STATE}
+
+
+#: a worker whose rows are within this share of an even split keeps them: a join moves
+#: data only where it makes a difference, and never cuts a sliver off a block
+BALANCE_SLACK = 0.1
+
+
 def spread(client: Client, training: TrainingData) -> str:
-    """Move data blocks from workers holding several onto running workers holding
-    none: a worker that replaced a lost one (whose block Dask rebuilt on a survivor)
-    computes a share of the data again. Whole blocks move; a worker that joins a
-    cluster where each worker holds one block gets none. Returns what moved."""
+    """Balance the training rows over the running workers, when one of them holds
+    none: a worker that joined (a replacement, or one more) computes an even share of
+    the data from the next iteration on. Whole blocks move where they fit (a lost
+    worker's block, rebuilt on a survivor, goes to its replacement); otherwise a block
+    is cut in two and its end moves. Either way the moved rows keep their lineage, so
+    Dask can rebuild them. Returns what moved."""
     running = sorted(w for w, info in workers_info(client).items() if info.get("status") == "running")
     where = holders(client, training.blocks)     # as they are (a replacement may have a lost one's address)
     training.workers = [where[b.key] or w for b, w in zip(training.blocks, training.workers)]
-    held = {w: [i for i, at in enumerate(training.workers) if at == w] for w in running}
-    moved = []
-    for idle in [w for w in running if not held[w]]:
-        most = max(running, key=lambda w: (len(held[w]), w))
-        if len(held[most]) < 2:
-            break
-        i = held[most].pop()
-        held[idle].append(i)
-        # a task of its own, not a transfer: a lost copy is rebuilt from the lineage
-        old = training.blocks[i]
-        training.blocks[i] = client.submit(_same, old, key=f"scar-block-{dask.base.tokenize(old.key, idle)}",
-                                           workers=[idle], allow_other_workers=True)
-        training.workers[i] = idle
-        moved.append(idle)
-    return f"moved {len(moved)} data block(s) onto {', '.join(sorted(set(moved)))}" if moved else ""
+    load = {w: 0 for w in running}
+    for w, n in zip(training.workers, training.rows):
+        if w in load:
+            load[w] += n
+    if not running or all(load.values()):
+        return ""
+    share = sum(load.values()) / len(running)
+    slack = max(BALANCE_SLACK * share, 1)
+    moved: dict[str, list[int]] = defaultdict(list)     # taker -> rows of each block it got
+    for taker in [w for w in running if load[w] < share - slack]:
+        for donor in sorted(running, key=lambda w: (-load[w], w)):
+            give = min(share - load[taker], load[donor] - share)
+            if give <= slack:
+                continue
+            for i in _to_give(training, donor, give, slack):
+                n = training.rows[i]
+                if n > give + slack:    # cut: the donor keeps the block's first rows
+                    n = int(round(give))
+                    _cut(client, training, i, training.rows[i] - n)
+                    i = len(training.blocks) - 1
+                _move(client, training, i, taker)
+                load[donor] -= n
+                load[taker] += n
+                give -= n
+                moved[taker].append(n)
+    if not moved:
+        return ""
+    blocks, rows = sum(map(len, moved.values())), sum(map(sum, moved.values()))
+    return f"moved {blocks} data block(s) ({rows:,} rows) onto {', '.join(sorted(moved))}"
+
+
+def _to_give(training: TrainingData, donor: str, give: float, slack: float) -> list[int]:
+    """The donor's blocks to move for ``give`` rows: whole blocks that fit, largest
+    first, then (if rows are still owed) the smallest block left, to be cut."""
+    mine = sorted((i for i, w in enumerate(training.workers) if w == donor), key=lambda i: -training.rows[i])
+    whole = []
+    for i in mine:
+        if training.rows[i] <= give + slack:
+            whole.append(i)
+            give -= training.rows[i]
+    left = [i for i in mine if i not in whole]
+    return whole + left[-1:] if give > slack else whole
+
+
+def _cut(client: Client, training: TrainingData, i: int, keep: int) -> None:
+    """Block ``i`` becomes its first ``keep`` rows; the rest becomes a new, last block.
+    Both are made where the block is, so only the rows that move travel."""
+    old, worker, n = training.blocks[i], training.workers[i], training.rows[i]
+
+    def part(start: int, stop: int, copy: bool) -> Future:
+        return client.submit(_rows, old, start, stop, copy,
+                             key=f"scar-block-{dask.base.tokenize(old.key, start, stop)}",
+                             workers=[worker], allow_other_workers=True)
+
+    training.blocks[i], training.rows[i] = part(0, keep, True), keep
+    training.blocks.append(part(keep, n, False))
+    training.workers.append(worker)
+    training.rows.append(n - keep)
+
+
+def _move(client: Client, training: TrainingData, i: int, worker: str) -> None:
+    # a task of its own, not a transfer: a lost copy is rebuilt from the lineage
+    old = training.blocks[i]
+    training.blocks[i] = client.submit(_same, old, key=f"scar-block-{dask.base.tokenize(old.key, worker)}",
+                                       workers=[worker], allow_other_workers=True)
+    training.workers[i] = worker
 
 
 def holders(client: Client, futures: list[Future]) -> dict[str, str]:

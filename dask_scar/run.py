@@ -71,11 +71,12 @@ class TrainingRun:
         self.stale: list[Future] = []       # chunk futures of the last version, likewise
         self.ahead = None                   # (iteration, graph, futures, orders) submitted, not yet waited for
         self.last = None                    # the last graph done, while the next may read its results
+        # decided once, on the blocks as read: the smaller blocks a join cuts change only its cost
         self.replicated = iteration.replicates(model, training.rows)
         self.segment_length = segment_length    # the first segment's iterations, and the least (1: graphs)
         self.next_segment = segment_length      # the next segment's, from the last's speed (SEGMENT_SECONDS)
         self.segment_handler = False            # SegmentHandler installed on the workers
-        self.spread = False                     # workers joined: data blocks may move to them
+        self.spread = False                     # workers joined: data rows may move to them
         self.segment_results: dict[str, str] = {}   # worker -> its task of the last segment
         self.clock = time.perf_counter()        # when the last row's iteration was done
         run, inbox = chunks.run, self.inbox

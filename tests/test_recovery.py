@@ -622,7 +622,8 @@ def test_new_worker_gets_chunks_at_the_next_rebalance(tmp_path, digits):
             callback=lambda k, loss: steps[k]() if k in steps else None)
         (new,) = set(live_workers(client)) - before
     assert new in holders["chunks"]
-    assert result.history["event"].iloc[10] == f"rebalanced 2 chunk(s) onto {new}"
+    assert result.history["event"].iloc[10] == (f"rebalanced 2 chunk(s) onto {new}; "
+                                                f"moved 2 data block(s) (599 rows) onto {new}")
     reference = scar.SoftmaxRegression(**hyper)
     _, losses = fit_local(reference, prepare_local(reference, digits, "label"), max_iter=30)
     np.testing.assert_allclose(result.history["loss"], losses, rtol=1e-5)   # moving loses nothing
@@ -679,10 +680,41 @@ def test_a_replacement_worker_gets_a_data_block_back(digits):
     assert seen["blocks"] == [1, 1, 1]
     (new,) = seen["workers"] - before
     moved = result.history[result.history["event"].str.contains("moved 1 data block")]
-    assert len(moved) == 1 and moved["event"].iloc[0].endswith(f"moved 1 data block(s) onto {new}")
+    assert len(moved) == 1 and moved["event"].iloc[0].endswith(f"moved 1 data block(s) (1,797 rows) onto {new}")
     reference = scar.SoftmaxRegression(**hyper)
     _, losses = fit_local(reference, prepare_local(reference, frame, "label"), max_iter=50)
     np.testing.assert_allclose(result.history["loss"], losses, rtol=1e-5)   # restored from live copies
+
+
+def _rows_held(dask_worker):
+    return sum(len(block["X"]) for key, block in dask_worker.data.items() if str(key).startswith("scar-block"))
+
+
+@pytest.mark.slow
+def test_a_worker_that_joins_gets_an_even_share_of_the_rows(digits):
+    """Two workers hold a block each; a third joins: a sixth of the rows comes off the
+    end of each block, and three workers compute. The maths is unchanged."""
+    frame = pd.concat([digits] * 3, ignore_index=True)     # 5,391 rows: blocks of 2,696 and 2,695
+    with new_cluster(2) as cluster, scar_client(cluster) as client:
+        before = set(live_workers(client))
+        seen = {}
+
+        def grow():
+            cluster.scale(3)
+            client.wait_for_workers(3, timeout=60)
+
+        steps = {10: grow, 30: lambda: seen.update(rows=client.run(_rows_held))}
+        hyper = dict(l2=1e-4, learning_rate=0.5)
+        result = scar.Trainer(client, scar.SoftmaxRegression(**hyper), n_chunks=6).fit(
+            frame, target="label", max_iter=40, tol=0, progress=False,
+            callback=lambda k, loss: steps[k]() if k in steps else None)
+        (new,) = set(live_workers(client)) - before
+    assert sorted(seen["rows"].values()) == [1797, 1797, 1797]     # (the code before: 0, 2695, 2696)
+    assert seen["rows"][new] == 1797
+    assert result.history["event"].iloc[10].endswith(f"moved 2 data block(s) (1,797 rows) onto {new}")
+    reference = scar.SoftmaxRegression(**hyper)
+    _, losses = fit_local(reference, prepare_local(reference, frame, "label"), max_iter=40)
+    np.testing.assert_allclose(result.history["loss"], losses, rtol=1e-5)
 
 
 @pytest.mark.slow
