@@ -329,9 +329,12 @@ def check_ids(column: ColumnSummary, n_rows: int, what: str) -> int:
 MAX_IDS_PER_ROW, MAX_IDS_ANYWAY = 10, 1_000_000
 
 
-def score_with(model: Model, data: Any, target: Any, metric, valid=np.isfinite, what: str = "finite numbers"
-               ) -> float:
-    """``metric(predictions, labels)`` as a float; lazy (Dask) inputs are computed once.
+def score_with(model: Model, data: Any, target: Any, metric, valid=np.isfinite, what: str = "finite numbers",
+               finish=float) -> float:
+    """``finish(metric(predictions, labels))`` as a float; lazy (Dask) inputs are computed
+    once. ``metric`` reduces the rows (lazily, for Dask inputs); ``finish`` runs here, on
+    its computed value, only once the labels passed: arithmetic that bad labels would
+    break (a division) goes there, so they raise :class:`DataError` and no NumPy warning.
     :class:`DataError` where the labels are not numbers, or some fail ``valid`` (an
     elementwise test; ``what`` the labels must be), or there are none."""
     if isinstance(target, str):
@@ -359,4 +362,4 @@ def score_with(model: Model, data: Any, target: Any, metric, valid=np.isfinite, 
     if bad:
         raise DataError(f"{name}: {bad:,} of {count:,} values are not {what} (NaN, inf or out of range); "
                         "drop or fix those rows before scoring")
-    return float(value)
+    return float(finish(value))

@@ -11,7 +11,7 @@ import pandas as pd
 from ..exceptions import DataError
 from ._base import (Contribution, DataSummary, Model, ParameterSpec, check_ids, check_number, require_columns,
                     require_numeric, score_with, stable_seed)
-from .linear import r2_score
+from .linear import r2_score, squared_errors
 
 _INIT_ROWS = 1024  # rows per seeded init block: init values do not depend on chunking
 
@@ -168,7 +168,7 @@ class MatrixFactorization(Model):
 
     def score(self, data: Any, target: str | None = None) -> float:
         """R^2 of the predicted ratings."""
-        return score_with(self, data, target or self.rating, r2_score)
+        return score_with(self, data, target or self.rating, squared_errors, finish=r2_score)
 
     def rmse(self, data: Any, target: str | None = None) -> float:
         """Root mean squared error of the predicted ratings."""

@@ -67,8 +67,15 @@ class LinearRegression(GradientModel):
 
     def score(self, data: Any, target: str | Any) -> float:
         """Coefficient of determination R^2 of the predictions."""
-        return score_with(self, data, target, r2_score)
+        return score_with(self, data, target, squared_errors, finish=r2_score)
 
 
-def r2_score(pred, y):
-    return 1.0 - ((y - pred) ** 2).sum() / ((y - y.mean()) ** 2).sum()
+def squared_errors(pred, y) -> tuple:
+    """The residual and the total sum of squares of the labels ``y`` (lazy for Dask inputs)."""
+    return ((y - pred) ** 2).sum(), ((y - y.mean()) ** 2).sum()
+
+
+def r2_score(sums: tuple) -> float:
+    """R^2 from :func:`squared_errors`' computed sums."""
+    residual, total = sums
+    return 1.0 - residual / total
