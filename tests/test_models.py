@@ -331,6 +331,25 @@ def test_an_infinite_label_raises_without_a_numpy_warning(digits):
         assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []
 
 
+
+def test_r2_of_a_constant_target_is_finite_as_scikit_learns():
+    """No spread to explain: 1.0 for perfect predictions, else 0.0 (scikit-learn's
+    r2_score, force_finite=True), for pandas and Dask data, in both R^2 models."""
+    frame = pd.DataFrame({"a": [0.0, 1.0, 2.0, 3.0], "y": 3.0})
+    model = scar.LinearRegression()
+    prepare_local(model, frame, "y")
+    ratings = pd.DataFrame({"user": [0, 1, 0, 1], "item": [0, 0, 1, 1], "rating": 3.0})
+    factorization = scar.MatrixFactorization(rank=1)
+    prepare_local(factorization, ratings)
+    for intercept, r2 in [(3.0, 1.0), (2.0, 0.0)]:
+        model.params_ = {"weights": np.array([[0.0], [intercept]], dtype=np.float32)}
+        factorization.params_ = {"user_factors": np.ones((2, 1), np.float32),
+                                 "item_factors": np.full((2, 1), intercept, np.float32)}
+        for data in (frame, dd.from_pandas(frame, npartitions=2)):
+            assert model.score(data, "y") == r2
+        for data in (ratings, dd.from_pandas(ratings, npartitions=2)):
+            assert factorization.score(data) == r2
+
 def test_factorization_predictions_refuse_fractional_and_unknown_ids():
     frame, _ = low_rank_ratings()
     model = scar.MatrixFactorization(rank=5)

@@ -76,6 +76,10 @@ def squared_errors(pred, y) -> tuple:
 
 
 def r2_score(sums: tuple) -> float:
-    """R^2 from :func:`squared_errors`' computed sums."""
+    """R^2 from :func:`squared_errors`' computed sums. For a constant target (no total
+    sum of squares) 1.0 where every prediction is right, else 0.0, as scikit-learn's
+    ``r2_score`` (``force_finite=True``), not NaN or -inf."""
     residual, total = sums
+    if total == 0:
+        return 1.0 if residual == 0 else 0.0
     return 1.0 - residual / total
