@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,8 @@ class SoftmaxRegression(GradientModel):
 
     Minimises ``mean cross-entropy + l2/2 * ||coef||^2`` (the intercept is not
     penalised), the objective of scikit-learn's ``LogisticRegression(C=1/(l2*n))``.
-    Class labels are the integers ``0 .. n_classes-1``. Scale the features (to unit
+    Class labels are the integers ``0 .. n_classes-1`` (labels from 1 train a class 0
+    that has no rows, and a warning says so). Scale the features (to unit
     range or variance) for the default learning rate to be stable.
 
     Parameters
@@ -61,6 +63,11 @@ class SoftmaxRegression(GradientModel):
         if t.min == t.max:
             raise DataError(f"target column {t.name!r} holds a single class ({t.min:g}); "
                             "classification needs two or more")
+        if t.min > 0:
+            warnings.warn(f"target column {t.name!r}: the smallest class label is {t.min:g}, so the model trains "
+                          f"classes 0..{t.max:g}, {t.min:g} of them without a row, and predict_proba has a column "
+                          f"for each. Subtract {t.min:g} from the labels (or encode them with pandas.factorize) "
+                          "to train only the classes in the data", UserWarning, stacklevel=2)
         self.classes_ = np.arange(self.n_classes_)
 
     def target_help(self) -> str:
