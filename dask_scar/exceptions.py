@@ -36,6 +36,10 @@ class NotFittedError(ScarError, AttributeError):
     """A model was asked to predict before it was fitted."""
 
 
+class MissingPackageError(ScarError, ImportError):
+    """A package that a path or URL needs is not installed (the message says which)."""
+
+
 class CheckpointError(ScarError, OSError):
     """The checkpoint store cannot be written or read (path, permission, corrupt block)."""
 

@@ -47,7 +47,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.buffer import Buffer, default_buffer_prototype
 from zarr.core.sync import sync
 
-from .exceptions import CheckpointError, StoreMismatchError
+from .exceptions import CheckpointError, MissingPackageError, StoreMismatchError
 
 logger = logging.getLogger(__name__)
 
@@ -267,9 +267,14 @@ def _few(names: list, most: int = 10) -> str:
 def _zarr_store(url: str, read_only: bool) -> zarr.abc.store.Store:
     if url.startswith("file://"):
         url = url[len("file://"):]
-    if "://" in url:
+    if "://" not in url:
+        return zarr.storage.LocalStore(url, read_only=read_only)
+    try:
         return zarr.storage.FsspecStore.from_url(url, read_only=read_only)
-    return zarr.storage.LocalStore(url, read_only=read_only)
+    except ImportError as exc:     # fsspec's message names the package (not always its pip name), not the URL
+        fix = "pip install s3fs" if url.startswith(("s3://", "s3a://")) else "install it"
+        raise MissingPackageError(f"the checkpoint store {url} needs a filesystem package that is not installed "
+                                  f"({exc}): {fix}, here and on every worker") from exc
 
 
 def _codecs() -> list:

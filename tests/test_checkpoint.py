@@ -1,5 +1,6 @@
 """Checkpointing while training, on real multi-process clusters and real stores on disk."""
 
+import importlib.util
 import os
 import re
 import resource
@@ -13,6 +14,7 @@ import time
 import warnings
 
 import dask
+import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pytest
@@ -210,6 +212,27 @@ def test_unwritable_store_fails_before_training(client, digits, tmp_path):
     assert not [k for k in client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.tasks))
                 if str(k).startswith("scar-chunk")]
 
+
+
+def test_a_store_url_whose_filesystem_is_not_installed_is_named_before_the_data_is_read(client):
+    """fsspec's ImportError for s3:// without s3fs names neither the URL nor what to run;
+    the fit says both before it reads any data, and open_store keeps fsspec's hint."""
+    for package in ("s3fs", "gcsfs"):
+        if importlib.util.find_spec(package) is not None:
+            pytest.skip(f"{package} is installed")
+
+    def unread():
+        raise RuntimeError("the data was read")
+
+    frame = dd.from_delayed([dask.delayed(unread)()], meta=pd.DataFrame({"a": [0.0], "label": [0]}))
+    with pytest.raises(ImportError, match=r"the checkpoint store s3://bucket/ckpt.zarr needs a filesystem package "
+                                          r"that is not installed \(.*s3fs.*\): pip install s3fs, here and on "
+                                          "every worker") as raised:
+        scar.Trainer(client, scar.SoftmaxRegression(), store="s3://bucket/ckpt.zarr").fit(frame, target="label",
+                                                                                         progress=False)
+    assert isinstance(raised.value, scar.ScarError)      # the command line says it without a traceback
+    with pytest.raises(ImportError, match=r"the checkpoint store gcs://bucket/ckpt.zarr needs .*gcsfs"):
+        scar.open_store("gcs://bucket/ckpt.zarr")
 
 @pytest.mark.slow
 def test_failing_writes_warn_and_training_goes_on(own_client, digits, tmp_path):
