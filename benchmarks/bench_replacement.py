@@ -59,7 +59,7 @@ def main() -> None:
     # a joining worker shows in the history only once it is running: "before" ends when
     # it was asked for (the fit's first second or so read the data)
     before = int((history["seconds"].cumsum() < args.after - 1).sum()) if args.join else noticed - 1
-    moved = [int(i) for i, e in zip(events["iteration"], events["event"]) if "data block" in e]
+    moved = [int(i) for i, e in zip(events["iteration"], events["event"]) if "data rows" in e]
     end = moved[0] if moved else args.iters + 1
 
     def ms(first: int, last: int) -> tuple[float, int]:

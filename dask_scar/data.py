@@ -166,16 +166,26 @@ def _block_summary(*parts):
     return [summary for _, summary in parts]
 
 
-def _same(block):
-    return block
-
-
 def _rows(block, start, stop, copy):
     """Rows ``start:stop`` of a block: a copy (the whole block's memory can then go) or
     views (of rows on their way to another worker). Model state kept in the block
     (``LOCAL_STATE``) is left behind: the model builds it again, as for a rebuilt block."""
     return {name: values[start:stop].copy() if copy else values[start:stop]
             for name, values in block.items() if name != LOCAL_STATE}
+
+
+def _take(*parts):
+    """``parts`` as one block on the worker this task runs on. Rows that are views of
+    a larger block (a cut's end, rebuilt from its lineage here) are copied, so that the
+    larger block's memory can go."""
+    if len(parts) > 1:
+        return concat_blocks([{name: values for name, values in p.items() if name != LOCAL_STATE} for p in parts])
+    return {name: values.copy() if _larger_base(values) else values for name, values in parts[0].items()}
+
+
+def _larger_base(values) -> bool:
+    """Whether ``values`` is a view of a larger buffer (which stays in memory with it)."""
+    return getattr(getattr(values, "base", None), "nbytes", 0) > getattr(values, "nbytes", 0)
 
 
 #: a worker whose rows are within this share of an even split keeps them: a join moves
@@ -185,11 +195,12 @@ BALANCE_SLACK = 0.1
 
 def spread(client: Client, training: TrainingData) -> str:
     """Balance the training rows over the running workers, when one of them holds
-    none: a worker that joined (a replacement, or one more) computes an even share of
-    the data from the next iteration on. Whole blocks move where they fit (a lost
-    worker's block, rebuilt on a survivor, goes to its replacement); otherwise a block
-    is cut in two and its end moves. Either way the moved rows keep their lineage, so
-    Dask can rebuild them. Returns what moved."""
+    none: a worker that joined (a replacement, or one more, also while the data was
+    read) computes an even share of the data from the next iteration on. Donors give
+    whole blocks where they fit (a lost worker's block, rebuilt on a survivor, goes back
+    to its replacement), otherwise the end of a block cut in two where it lies. Each
+    taker gets what it takes as one block, made by a task of its own (not a transfer),
+    so the moved rows keep their lineage. Returns what moved."""
     running = sorted(w for w, info in workers_info(client).items() if info.get("status") == "running")
     where = holders(client, training.blocks)     # as they are (a replacement may have a lost one's address)
     training.workers = [where[b.key] or w for b, w in zip(training.blocks, training.workers)]
@@ -201,7 +212,7 @@ def spread(client: Client, training: TrainingData) -> str:
         return ""
     share = sum(load.values()) / len(running)
     slack = max(BALANCE_SLACK * share, 1)
-    moved: dict[str, list[int]] = defaultdict(list)     # taker -> rows of each block it got
+    taken: dict[str, list[int]] = defaultdict(list)     # taker -> the blocks (or cut ends) it takes
     for taker in [w for w in running if load[w] < share - slack]:
         for donor in sorted(running, key=lambda w: (-load[w], w)):
             give = min(share - load[taker], load[donor] - share)
@@ -213,15 +224,26 @@ def spread(client: Client, training: TrainingData) -> str:
                     n = int(round(give))
                     _cut(client, training, i, training.rows[i] - n)
                     i = len(training.blocks) - 1
-                _move(client, training, i, taker)
+                training.workers[i] = taker
+                taken[taker].append(i)
                 load[donor] -= n
                 load[taker] += n
                 give -= n
-                moved[taker].append(n)
-    if not moved:
+    if not taken:
         return ""
-    blocks, rows = sum(map(len, moved.values())), sum(map(sum, moved.values()))
-    return f"moved {blocks} data block(s) ({rows:,} rows) onto {', '.join(sorted(moved))}"
+    moved = 0
+    for taker, took in taken.items():
+        parts = [training.blocks[i] for i in took]
+        training.blocks.append(client.submit(_take, *parts, workers=[taker], allow_other_workers=True,
+                                             key=f"scar-block-{dask.base.tokenize([p.key for p in parts], taker)}"))
+        training.workers.append(taker)
+        training.rows.append(sum(training.rows[i] for i in took))
+        moved += training.rows[-1]
+    gone = {i for took in taken.values() for i in took}
+    kept = [i for i in range(len(training.blocks)) if i not in gone]
+    training.blocks, training.workers, training.rows = ([values[i] for i in kept] for values in
+                                                        (training.blocks, training.workers, training.rows))
+    return f"moved {moved:,} data rows onto {', '.join(sorted(taken))}"
 
 
 def _to_give(training: TrainingData, donor: str, give: float, slack: float) -> list[int]:
@@ -251,14 +273,6 @@ def _cut(client: Client, training: TrainingData, i: int, keep: int) -> None:
     training.blocks.append(part(keep, n, False))
     training.workers.append(worker)
     training.rows.append(n - keep)
-
-
-def _move(client: Client, training: TrainingData, i: int, worker: str) -> None:
-    # a task of its own, not a transfer: a lost copy is rebuilt from the lineage
-    old = training.blocks[i]
-    training.blocks[i] = client.submit(_same, old, key=f"scar-block-{dask.base.tokenize(old.key, worker)}",
-                                       workers=[worker], allow_other_workers=True)
-    training.workers[i] = worker
 
 
 def holders(client: Client, futures: list[Future]) -> dict[str, str]:

@@ -76,7 +76,7 @@ class TrainingRun:
         self.segment_length = segment_length    # the first segment's iterations, and the least (1: graphs)
         self.next_segment = segment_length      # the next segment's, from the last's speed (SEGMENT_SECONDS)
         self.segment_handler = False            # SegmentHandler installed on the workers
-        self.spread = False                     # workers joined: data rows may move to them
+        self.spread = True                      # workers joined (or did while the data was read): rows may move
         self.segment_results: dict[str, str] = {}   # worker -> its task of the last segment
         self.clock = time.perf_counter()        # when the last row's iteration was done
         run, inbox = chunks.run, self.inbox

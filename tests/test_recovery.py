@@ -627,7 +627,7 @@ def test_new_worker_gets_chunks_at_the_next_rebalance(tmp_path, digits):
         (new,) = set(live_workers(client)) - before
     assert new in holders["chunks"]
     assert result.history["event"].iloc[10] == (f"rebalanced 2 chunk(s) onto {new}; "
-                                                f"moved 2 data block(s) (599 rows) onto {new}")
+                                                f"moved 599 data rows onto {new}")
     reference = scar.SoftmaxRegression(**hyper)
     _, losses = fit_local(reference, prepare_local(reference, digits, "label"), max_iter=30)
     np.testing.assert_allclose(result.history["loss"], losses, rtol=1e-5)   # moving loses nothing
@@ -683,42 +683,97 @@ def test_a_replacement_worker_gets_a_data_block_back(digits):
             callback=lambda k, loss: steps[k]() if k in steps else None)
     assert seen["blocks"] == [1, 1, 1]
     (new,) = seen["workers"] - before
-    moved = result.history[result.history["event"].str.contains("moved 1 data block")]
-    assert len(moved) == 1 and moved["event"].iloc[0].endswith(f"moved 1 data block(s) (1,797 rows) onto {new}")
+    moved = result.history[result.history["event"].str.contains("data rows")]
+    assert len(moved) == 1 and moved["event"].iloc[0].endswith(f"moved 1,797 data rows onto {new}")
     reference = scar.SoftmaxRegression(**hyper)
     _, losses = fit_local(reference, prepare_local(reference, frame, "label"), max_iter=50)
     np.testing.assert_allclose(result.history["loss"], losses, rtol=1e-5)   # restored from live copies
 
 
-def _rows_held(dask_worker):
-    return sum(len(block["X"]) for key, block in dask_worker.data.items() if str(key).startswith("scar-block"))
+def _blocks_held(dask_worker):
+    """Rows of each data block on this worker, and whether its arrays are views of a
+    larger array (which then stays in memory too)."""
+    return sorted((len(block["X"]), any(getattr(v.base, "nbytes", 0) > v.nbytes for v in block.values()))
+                  for key, block in dask_worker.data.items() if str(key).startswith("scar-block"))
+
+
+def _fit_with_steps(client, frame, steps, max_iter, pandas_frame=None):
+    hyper = dict(l2=1e-4, learning_rate=0.5)
+    result = scar.Trainer(client, scar.SoftmaxRegression(**hyper), n_chunks=6).fit(
+        frame, target="label", max_iter=max_iter, tol=0, progress=False,
+        callback=lambda k, loss: steps[k]() if k in steps else None)
+    reference = scar.SoftmaxRegression(**hyper)
+    local = prepare_local(reference, frame if pandas_frame is None else pandas_frame, "label")
+    _, losses = fit_local(reference, local, max_iter=max_iter)
+    np.testing.assert_allclose(result.history["loss"], losses, rtol=1e-5)     # the maths is unchanged
+    return result
 
 
 @pytest.mark.slow
 def test_a_worker_that_joins_gets_an_even_share_of_the_rows(digits):
     """Two workers hold a block each; a third joins: a sixth of the rows comes off the
-    end of each block, and three workers compute. The maths is unchanged."""
+    end of each block, and the new worker holds them as one block. Then a fourth."""
     frame = pd.concat([digits] * 3, ignore_index=True)     # 5,391 rows: blocks of 2,696 and 2,695
     with new_cluster(2) as cluster, scar_client(cluster) as client:
-        before = set(live_workers(client))
+        seen, joined = {}, []
+
+        def grow(n):
+            before = set(live_workers(client))
+            cluster.scale(n)
+            client.wait_for_workers(n, timeout=60)
+            joined.extend(set(live_workers(client)) - before)
+
+        steps = {10: lambda: grow(3), 20: lambda: seen.update(three=client.run(_blocks_held)),
+                 30: lambda: grow(4), 40: lambda: seen.update(four=client.run(_blocks_held))}
+        result = _fit_with_steps(client, frame, steps, max_iter=50)
+    # (the code before: blocks of 0, 2695 and 2696 rows)
+    assert sorted(seen["three"].values()) == [[(1797, False)]] * 3
+    assert sorted(seen["four"].values()) == [[(1347, False)], [(1348, False)], [(1348, False)], [(1348, False)]]
+    assert result.history["event"].iloc[10].endswith(f"moved 1,797 data rows onto {joined[0]}")
+    assert result.history["event"].iloc[30].endswith(f"moved 1,347 data rows onto {joined[1]}")
+
+
+@pytest.mark.slow
+def test_a_worker_that_joins_while_the_data_is_read_gets_rows(digits):
+    """The data is one partition that takes 5 s to make; a worker joins meanwhile."""
+    frame = pd.concat([digits] * 3, ignore_index=True)
+    slow = dd.from_delayed([dask.delayed(lambda: (time.sleep(5), frame)[1])()], meta=frame.head(0))
+    with new_cluster(1) as cluster, scar_client(cluster) as client:
+        (first,) = live_workers(client)
+        grow = threading.Timer(0.5, cluster.scale, (2,))
+        grow.start()
+        seen = {}
+        result = _fit_with_steps(client, slow, {5: lambda: seen.update(rows=client.run(_blocks_held))}, max_iter=10,
+                                 pandas_frame=frame)
+        grow.join()
+    (new,) = set(seen["rows"]) - {first}
+    assert seen["rows"] == {first: [(2695, False)], new: [(2696, False)]}     # (the code before: new: [])
+    assert result.history["event"].iloc[0] == f"moved 2,696 data rows onto {new}"
+
+
+@pytest.mark.slow
+def test_rows_rebuilt_after_their_taker_died_do_not_keep_the_whole_block(digits):
+    """A worker takes the end of the only block and is SIGKILLed: Dask rebuilds its rows
+    on the donor from the lineage (the whole block, cut again), and the donor keeps a
+    copy of them, not a view that holds the whole rebuilt block in memory; the nanny's
+    replacement then takes them back."""
+    frame = pd.concat([digits] * 3, ignore_index=True)
+    with new_cluster(1) as cluster, scar_client(cluster) as client:
+        (first,) = live_workers(client)
         seen = {}
 
         def grow():
-            cluster.scale(3)
-            client.wait_for_workers(3, timeout=60)
+            cluster.scale(2)
+            client.wait_for_workers(2, timeout=60)
 
-        steps = {10: grow, 30: lambda: seen.update(rows=client.run(_rows_held))}
-        hyper = dict(l2=1e-4, learning_rate=0.5)
-        result = scar.Trainer(client, scar.SoftmaxRegression(**hyper), n_chunks=6).fit(
-            frame, target="label", max_iter=40, tol=0, progress=False,
-            callback=lambda k, loss: steps[k]() if k in steps else None)
-        (new,) = set(live_workers(client)) - before
-    assert sorted(seen["rows"].values()) == [1797, 1797, 1797]     # (the code before: 0, 2695, 2696)
-    assert seen["rows"][new] == 1797
-    assert result.history["event"].iloc[10].endswith(f"moved 2 data block(s) (1,797 rows) onto {new}")
-    reference = scar.SoftmaxRegression(**hyper)
-    _, losses = fit_local(reference, prepare_local(reference, frame, "label"), max_iter=40)
-    np.testing.assert_allclose(result.history["loss"], losses, rtol=1e-5)
+        steps = {3: grow, 10: lambda: kill_worker(client, (set(live_workers(client)) - {first}).pop()),
+                 15: lambda: seen.update(rebuilt=client.run(_blocks_held, workers=[first])),
+                 20: lambda: client.wait_for_workers(2, timeout=60),
+                 30: lambda: seen.update(rows=client.run(_blocks_held))}
+        result = _fit_with_steps(client, frame, steps, max_iter=40)
+    assert seen["rebuilt"][first] == [(2695, False), (2696, False)]    # (the code before: (2695, True))
+    assert sorted(seen["rows"].values()) == [[(2695, False)], [(2696, False)]]
+    assert len(result.events) == 1
 
 
 @pytest.mark.slow
