@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from distributed import Client, Future, wait
 
-from .backend import array_module, to_device
+from .backend import array_module, get_array_module, to_device
 from .exceptions import DataError
 from .models import ColumnSummary, DataSummary, Model
 from .models._base import LOCAL_STATE, numeric, require_columns, require_numeric
@@ -146,8 +146,10 @@ def summarize(parts: list[list[ColumnSummary]], has_target: bool) -> DataSummary
     return DataSummary(n_rows, merged[:-1] if has_target else merged, target)
 
 
-def concat_blocks(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+def concat_blocks(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The parts' arrays (NumPy, or CuPy on the GPU) concatenated, name by name."""
+    return {name: get_array_module(*(p[name] for p in parts)).concatenate([p[name] for p in parts])
+            for name in parts[0]}
 
 
 # -- on the cluster ---------------------------------------------------------------------
