@@ -179,7 +179,8 @@ def _rows(block, start, stop, copy):
 def _take(*parts):
     """``parts`` as one block on the worker this task runs on. Rows that are views of
     a larger block (a cut's end, rebuilt from its lineage here) are copied, so that the
-    larger block's memory can go."""
+    larger block's memory can go. One whole block keeps its model state
+    (``LOCAL_STATE``); blocks joined leave theirs behind, as cut ones do."""
     if len(parts) > 1:
         return concat_blocks([{name: values for name, values in p.items() if name != LOCAL_STATE} for p in parts])
     return {name: values.copy() if _larger_base(values) else values for name, values in parts[0].items()}
@@ -214,23 +215,28 @@ def spread(client: Client, training: TrainingData) -> str:
         return ""
     share = sum(load.values()) / len(running)
     slack = max(BALANCE_SLACK * share, 1)
+    need = {w: share - load[w] for w in running if load[w] < share - slack}    # the takers
+    if not need:
+        return ""
+    level = _level([load[w] for w in running if w not in need], sum(need.values()))
     taken: dict[str, list[int]] = defaultdict(list)     # taker -> the blocks (or cut ends) it takes
-    for taker in [w for w in running if load[w] < share - slack]:
-        for donor in sorted(running, key=lambda w: (-load[w], w)):
-            give = min(share - load[taker], load[donor] - share)
-            if give <= slack:
-                continue
-            for i in _to_give(training, donor, give, slack):
-                n = training.rows[i]
-                if n > give + slack:    # cut: the donor keeps the block's first rows
-                    n = int(round(give))
+    takers = iter(sorted(need))
+    taker = next(takers)
+    for donor in sorted((w for w in running if w not in need), key=lambda w: (-load[w], w)):
+        give = load[donor] - level    # the most loaded give down to one level: the slowest sets the pace
+        while give >= 1 and taker is not None:
+            for i, n in _to_give(training, donor, min(give, need[taker]), slack):
+                if n < training.rows[i]:    # cut: the donor keeps the block's first rows
                     _cut(client, training, i, training.rows[i] - n)
                     i = len(training.blocks) - 1
                 training.workers[i] = taker
                 taken[taker].append(i)
-                load[donor] -= n
-                load[taker] += n
                 give -= n
+                need[taker] -= n
+            if need[taker] >= 1 and give >= 1:
+                break   # what the donor has left does not fit: the next donor
+            if need[taker] < 1:
+                taker = next(takers, None)
     if not taken:
         return ""
     moved = 0
@@ -248,17 +254,30 @@ def spread(client: Client, training: TrainingData) -> str:
     return f"moved {moved:,} data rows onto {', '.join(sorted(taken))}"
 
 
-def _to_give(training: TrainingData, donor: str, give: float, slack: float) -> list[int]:
-    """The donor's blocks to move for ``give`` rows: whole blocks that fit, largest
-    first, then (if rows are still owed) the smallest block left, to be cut."""
+def _level(loads: list[float], total: float) -> float:
+    """The level the largest of ``loads`` come down to when they give ``total`` in all."""
+    loads = sorted(loads, reverse=True)
+    for k in range(1, len(loads) + 1):
+        level = (sum(loads[:k]) - total) / k
+        if k == len(loads) or level >= loads[k]:
+            return level
+    return 0.0
+
+
+def _to_give(training: TrainingData, donor: str, give: float, slack: float) -> list[tuple[int, int]]:
+    """The donor's blocks to move for ``give`` rows, and the rows of each to move:
+    whole blocks that fit, largest first, then the end of the smallest block left (if
+    more than ``slack`` rows are still owed, or nothing fitted whole)."""
     mine = sorted((i for i, w in enumerate(training.workers) if w == donor), key=lambda i: -training.rows[i])
-    whole = []
+    chosen = []
     for i in mine:
         if training.rows[i] <= give + slack:
-            whole.append(i)
+            chosen.append((i, training.rows[i]))
             give -= training.rows[i]
-    left = [i for i in mine if i not in whole]
-    return whole + left[-1:] if give > slack else whole
+    left = [i for i in mine if i not in dict(chosen)]
+    if left and (give > slack or not chosen) and round(give) >= 1:
+        chosen.append((left[-1], int(round(give))))
+    return chosen
 
 
 def _cut(client: Client, training: TrainingData, i: int, keep: int) -> None:
@@ -316,7 +335,10 @@ def prepare(client: Client, model: Model, data: Any, target: str | None,
         try:
             wait(converted, timeout=PAUSE_LOOK_SECONDS)
             break
-        except TimeoutError:
+        except TimeoutError as exc:
+            # Dask's sync() holds the error in a reference cycle with its traceback, which
+            # holds this frame, and so every partition's arrays until the collector runs
+            exc.__traceback__ = None
             info = workers_info(client)
             warn_paused(info, set(info), warned)
     failed = [f for f in converted if f.status == "error"]

@@ -1,9 +1,14 @@
 """Validation and placement of training data on a real cluster."""
 
+import gc
+
+import dask
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pytest
+
+from conftest import wait_for
 
 import dask_scar as scar
 from dask_scar import data
@@ -127,3 +132,27 @@ def test_live_workers_never_reads_the_clients_emptied_cache():
     with dask.config.set({"distributed.client.scheduler-info-interval": "1ms"}), \
             new_cluster(2) as cluster, Client(cluster) as client:
         assert all(len(live_workers(client)) == 2 for _ in range(300))
+
+
+def _read_slowly(frame):
+    import time
+    time.sleep(1)
+    return frame
+
+
+def test_a_slow_read_lets_the_partitions_arrays_go(client, monkeypatch):
+    """While the data is read, prepare() looks for paused workers every
+    PAUSE_LOOK_SECONDS. Once it returns, nothing of it keeps the partitions' arrays
+    (the blocks hold the rows now), without waiting for the garbage collector."""
+    monkeypatch.setattr(data, "PAUSE_LOOK_SECONDS", 0.1)
+    frame = _frame(400)
+    slow = dd.from_delayed([dask.delayed(_read_slowly)(frame)], meta=frame.head(0))
+    gc.disable()
+    try:
+        training = data.prepare(client, scar.SoftmaxRegression(), slow, "label", None)
+        # (futures are let go on the client's event loop: soon, not at once)
+        wait_for(lambda: not [k for k in client.refcount if str(k).startswith("_partition_arrays")], timeout=5,
+                 what="the partitions' futures to go")     # (the code before: kept until the collector ran)
+    finally:
+        gc.enable()
+    assert training.n_rows == 400

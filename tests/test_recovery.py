@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import cli_cluster, kill_worker, new_cluster, wait_for
-from distributed import Client
+from distributed import Client, Event
 from distributed.diagnostics.plugin import WorkerPlugin
 
 import dask_scar as scar
@@ -697,6 +697,20 @@ def _blocks_held(dask_worker):
                   for key, block in dask_worker.data.items() if str(key).startswith("scar-block"))
 
 
+def _settled(client, rows=5391, **where):
+    """What :func:`_blocks_held` says once the workers hold ``rows`` rows in all: a cut
+    end stays where it was cut (and a copy where it went) until Dask lets it go."""
+    held = {}
+
+    def settled():
+        held.clear()
+        held.update(client.run(_blocks_held, **where))
+        return sum(n for blocks in held.values() for n, _ in blocks) == rows
+
+    wait_for(settled, what=f"the workers to hold {rows} rows in all")
+    return held
+
+
 def _fit_with_steps(client, frame, steps, max_iter, pandas_frame=None):
     hyper = dict(l2=1e-4, learning_rate=0.5)
     result = scar.Trainer(client, scar.SoftmaxRegression(**hyper), n_chunks=6).fit(
@@ -723,8 +737,8 @@ def test_a_worker_that_joins_gets_an_even_share_of_the_rows(digits):
             client.wait_for_workers(n, timeout=60)
             joined.extend(set(live_workers(client)) - before)
 
-        steps = {10: lambda: grow(3), 20: lambda: seen.update(three=client.run(_blocks_held)),
-                 30: lambda: grow(4), 40: lambda: seen.update(four=client.run(_blocks_held))}
+        steps = {10: lambda: grow(3), 20: lambda: seen.update(three=_settled(client)),
+                 30: lambda: grow(4), 40: lambda: seen.update(four=_settled(client))}
         result = _fit_with_steps(client, frame, steps, max_iter=50)
     # (the code before: blocks of 0, 2695 and 2696 rows)
     assert sorted(seen["three"].values()) == [[(1797, False)]] * 3
@@ -733,22 +747,32 @@ def test_a_worker_that_joins_gets_an_even_share_of_the_rows(digits):
     assert result.history["event"].iloc[30].endswith(f"moved 1,347 data rows onto {joined[1]}")
 
 
+def _read_slowly(frame):
+    Event("scar-test-reading").set()
+    time.sleep(5)
+    return frame
+
+
 @pytest.mark.slow
 def test_a_worker_that_joins_while_the_data_is_read_gets_rows(digits):
-    """The data is one partition that takes 5 s to make; a worker joins meanwhile."""
+    """The data is one partition that takes 5 s to make; a worker joins meanwhile (Dask
+    may then run the partition's next tasks on either worker)."""
     frame = pd.concat([digits] * 3, ignore_index=True)
-    slow = dd.from_delayed([dask.delayed(lambda: (time.sleep(5), frame)[1])()], meta=frame.head(0))
+    slow = dd.from_delayed([dask.delayed(_read_slowly)(frame)], meta=frame.head(0))
     with new_cluster(1) as cluster, scar_client(cluster) as client:
-        (first,) = live_workers(client)
-        grow = threading.Timer(0.5, cluster.scale, (2,))
-        grow.start()
+        def grow():
+            Event("scar-test-reading", client=client).wait(timeout=60)
+            cluster.scale(2)
+
+        grower = threading.Thread(target=grow)
+        grower.start()
         seen = {}
-        result = _fit_with_steps(client, slow, {5: lambda: seen.update(rows=client.run(_blocks_held))}, max_iter=10,
+        result = _fit_with_steps(client, slow, {5: lambda: seen.update(rows=_settled(client))}, max_iter=10,
                                  pandas_frame=frame)
-        grow.join()
-    (new,) = set(seen["rows"]) - {first}
-    assert seen["rows"] == {first: [(2695, False)], new: [(2696, False)]}     # (the code before: new: [])
-    assert result.history["event"].iloc[0] == f"moved 2,696 data rows onto {new}"
+        grower.join()
+    assert sorted(seen["rows"].values()) == [[(2695, False)], [(2696, False)]]    # (the code before: [], 5,391)
+    (taker,) = [w for w, blocks in seen["rows"].items() if blocks == [(2696, False)]]
+    assert result.history["event"].iloc[0] == f"moved 2,696 data rows onto {taker}"
 
 
 @pytest.mark.slow
@@ -767,9 +791,9 @@ def test_rows_rebuilt_after_their_taker_died_do_not_keep_the_whole_block(digits)
             client.wait_for_workers(2, timeout=60)
 
         steps = {3: grow, 10: lambda: kill_worker(client, (set(live_workers(client)) - {first}).pop()),
-                 15: lambda: seen.update(rebuilt=client.run(_blocks_held, workers=[first])),
+                 15: lambda: seen.update(rebuilt=_settled(client, workers=[first])),
                  20: lambda: client.wait_for_workers(2, timeout=60),
-                 30: lambda: seen.update(rows=client.run(_blocks_held))}
+                 30: lambda: seen.update(rows=_settled(client))}
         result = _fit_with_steps(client, frame, steps, max_iter=40)
     assert seen["rebuilt"][first] == [(2695, False), (2696, False)]    # (the code before: (2695, True))
     assert sorted(seen["rows"].values()) == [[(2695, False)], [(2696, False)]]
