@@ -59,6 +59,9 @@ def main() -> None:
     # a joining worker shows in the history only once it is running: "before" ends when
     # it was asked for (the fit's first second or so read the data)
     before = int((history["seconds"].cumsum() < args.after - 1).sum()) if args.join else noticed - 1
+    if before < 21:
+        raise SystemExit(f"fewer than 20 iterations came before the event (the data took long to read): "
+                         f"raise --after (now {args.after} s)")
     moved = [int(i) for i, e in zip(events["iteration"], events["event"]) if "data rows" in e]
     end = moved[0] if moved else args.iters + 1
 

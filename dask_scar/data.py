@@ -191,8 +191,9 @@ def _larger_base(values) -> bool:
     return getattr(getattr(values, "base", None), "nbytes", 0) > getattr(values, "nbytes", 0)
 
 
-#: a worker whose rows are within this share of an even split keeps them: a join moves
-#: data only where it makes a difference, and never cuts a sliver off a block
+#: a worker short of an even share of the rows by less than this fraction of it takes
+#: none, and a whole block moves where it is within this of the rows owed, rather than
+#: leaving a sliver of it behind
 BALANCE_SLACK = 0.1
 
 

@@ -301,10 +301,11 @@ def test_labels_from_1_train_an_empty_class_0_and_say_so_once_per_fit(client, di
             scar.Trainer(client, model).fit(digits.assign(label=digits["label"] + 1), target="label", max_iter=2,
                                             progress=False)
         assert [str(w.message) for w in caught if "class label" in str(w.message)] == [
-            "target column 'label': the smallest class label is 1, so the model trains classes 0..10, 1 of them "
-            "without a row, and predict_proba has a column for each. Subtract 1 from the labels (or encode them "
-            "with pandas.factorize) to train only the classes in the data"]
+            "target column 'label': the smallest class label is 1, so the model trains classes 0..10, at least 1 of "
+            "them without a row, and predict_proba has a column for each. Subtract 1 from the labels (or encode "
+            "them with pandas.factorize) to train only the classes in the data"]
     assert model.n_classes_ == 11 and model.predict_proba(digits).shape == (len(digits), 11)
+
 
 def test_a_fit_on_a_closed_client_says_so(client, digits):
     other = Client(client.scheduler.address)

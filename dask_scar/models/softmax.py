@@ -65,9 +65,9 @@ class SoftmaxRegression(GradientModel):
                             "classification needs two or more")
         if t.min > 0:
             warnings.warn(f"target column {t.name!r}: the smallest class label is {t.min:g}, so the model trains "
-                          f"classes 0..{t.max:g}, at least {t.min:g} of them without a row, and predict_proba has a column "
-                          f"for each. Subtract {t.min:g} from the labels (or encode them with pandas.factorize) "
-                          "to train only the classes in the data", UserWarning, stacklevel=2)
+                          f"classes 0..{t.max:g}, at least {t.min:g} of them without a row, and predict_proba has a "
+                          f"column for each. Subtract {t.min:g} from the labels (or encode them with "
+                          "pandas.factorize) to train only the classes in the data", UserWarning, stacklevel=2)
         self.classes_ = np.arange(self.n_classes_)
 
     def target_help(self) -> str:
