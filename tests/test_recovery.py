@@ -795,7 +795,7 @@ def test_rows_rebuilt_after_their_taker_died_do_not_keep_the_whole_block(digits)
                  20: lambda: client.wait_for_workers(2, timeout=60),
                  30: lambda: seen.update(rows=_settled(client))}
         result = _fit_with_steps(client, frame, steps, max_iter=40)
-    assert seen["rebuilt"][first] == [(2695, False), (2696, False)]    # (the code before: (2695, True))
+    assert seen["rebuilt"][first] == [(2695, False), (2696, False)]    # (97a1ea5: (2696, True), a view)
     assert sorted(seen["rows"].values()) == [[(2695, False)], [(2696, False)]]
     assert len(result.events) == 1
 
