@@ -275,7 +275,8 @@ def _to_give(training: TrainingData, donor: str, give: float, slack: float) -> l
         if training.rows[i] <= give + slack:
             chosen.append((i, training.rows[i]))
             give -= training.rows[i]
-    left = [i for i in mine if i not in dict(chosen)]
+    given = {i for i, _ in chosen}
+    left = [i for i in mine if i not in given]
     if left and (give > slack or not chosen) and round(give) >= 1:
         chosen.append((left[-1], int(round(give))))
     return chosen

@@ -659,37 +659,6 @@ def test_a_retirement_called_off_leaves_the_segment_running(digits):
     assert result.n_iter == 1500 and result.events == []
 
 
-@pytest.mark.slow
-def test_a_replacement_worker_gets_a_data_block_back(digits):
-    """A killed worker's block is rebuilt on a survivor; the worker its nanny starts
-    again gets that block back, so that three workers compute again, not two."""
-    frame = pd.concat([digits] * 3, ignore_index=True)
-    with new_cluster(3) as cluster, scar_client(cluster) as client:
-        before = set(live_workers(client))
-        victim = sorted(before)[0]
-        seen = {}
-
-        def blocks_by_worker(dask_scheduler):
-            return sorted(len([k for k in (ts.key for ts in ws.has_what) if str(k).startswith("scar-block")])
-                          for ws in dask_scheduler.workers.values())
-
-        steps = {10: lambda: kill_worker(client, victim),
-                 20: lambda: client.wait_for_workers(3, timeout=60),
-                 40: lambda: seen.update(blocks=client.run_on_scheduler(blocks_by_worker),
-                                         workers=set(live_workers(client)))}
-        hyper = dict(l2=1e-4, learning_rate=0.5)
-        result = scar.Trainer(client, scar.SoftmaxRegression(**hyper), n_chunks=6).fit(
-            frame, target="label", max_iter=50, tol=0, progress=False,
-            callback=lambda k, loss: steps[k]() if k in steps else None)
-    assert seen["blocks"] == [1, 1, 1]
-    (new,) = seen["workers"] - before
-    moved = result.history[result.history["event"].str.contains("data rows")]
-    assert len(moved) == 1 and moved["event"].iloc[0].endswith(f"moved 1,797 data rows onto {new}")
-    reference = scar.SoftmaxRegression(**hyper)
-    _, losses = fit_local(reference, prepare_local(reference, frame, "label"), max_iter=50)
-    np.testing.assert_allclose(result.history["loss"], losses, rtol=1e-5)   # restored from live copies
-
-
 def _blocks_held(dask_worker):
     """Rows of each data block on this worker, and whether its arrays are views of a
     larger array (which then stays in memory too)."""
@@ -721,6 +690,31 @@ def _fit_with_steps(client, frame, steps, max_iter, pandas_frame=None):
     _, losses = fit_local(reference, local, max_iter=max_iter)
     np.testing.assert_allclose(result.history["loss"], losses, rtol=1e-5)     # the maths is unchanged
     return result
+
+
+@pytest.mark.slow
+def test_a_replacement_worker_gets_a_data_block_back(digits):
+    """A killed worker's block is rebuilt on a survivor; the worker its nanny starts
+    again gets that block back, so that three workers compute again, not two."""
+    frame = pd.concat([digits] * 3, ignore_index=True)
+    with new_cluster(3) as cluster, scar_client(cluster) as client:
+        before = set(live_workers(client))
+        victim = sorted(before)[0]
+        seen = {}
+
+        def blocks_by_worker(dask_scheduler):
+            return sorted(len([k for k in (ts.key for ts in ws.has_what) if str(k).startswith("scar-block")])
+                          for ws in dask_scheduler.workers.values())
+
+        steps = {10: lambda: kill_worker(client, victim),
+                 20: lambda: client.wait_for_workers(3, timeout=60),
+                 40: lambda: seen.update(blocks=client.run_on_scheduler(blocks_by_worker),
+                                         workers=set(live_workers(client)))}
+        result = _fit_with_steps(client, frame, steps, max_iter=50)     # the losses: restored from live copies
+    assert seen["blocks"] == [1, 1, 1]
+    (new,) = seen["workers"] - before
+    moved = result.history[result.history["event"].str.contains("data rows")]
+    assert len(moved) == 1 and moved["event"].iloc[0].endswith(f"moved 1,797 data rows onto {new}")
 
 
 @pytest.mark.slow
