@@ -1,5 +1,5 @@
 """How fast training runs after a worker is SIGKILLed and its nanny starts it again,
-or after a worker joins.
+after a worker joins, or after the cluster shrinks.
 
 Softmax regression, ``--rows`` x 100 features, on a 2-worker LocalCluster (one
 thread each, nannies). After ``--after`` seconds one worker is SIGKILLed: its
@@ -8,12 +8,16 @@ starts a new worker, which gets chunks and the block back (with code before that
 survivor kept both blocks: run it with such a package on ``PYTHONPATH`` to compare).
 With ``--join`` the cluster starts with one worker, and a second joins after
 ``--after`` seconds: it gets chunks, and half of the one block's rows (with code
-before that, chunks only).
+before that, chunks only). With ``--shrink`` the cluster starts with three workers
+and is scaled down to two after ``--after`` seconds: Dask moves the retired worker's
+block onto one survivor, and the rows are spread over both again (with code before
+that, one survivor computed two thirds of them).
 Printed, from one fit's history: ms per iteration before the event, until the data
 moved, and after, with their ratios to the first.
 
     python benchmarks/bench_replacement.py            # about a minute on 2 cores
     python benchmarks/bench_replacement.py --join
+    python benchmarks/bench_replacement.py --shrink
 """
 
 from __future__ import annotations
@@ -36,14 +40,17 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=300_000)
     parser.add_argument("--iters", type=int, default=700)
     parser.add_argument("--after", type=float, default=4.0, help="seconds into the fit")
-    parser.add_argument("--join", action="store_true", help="start with one worker; a second joins")
+    event = parser.add_mutually_exclusive_group()
+    event.add_argument("--join", action="store_true", help="start with one worker; a second joins")
+    event.add_argument("--shrink", action="store_true", help="start with three workers; scale down to two")
     args = parser.parse_args()
     with dask.config.set(config.OWN_CLUSTER), \
-            LocalCluster(n_workers=1 if args.join else 2, threads_per_worker=1, dashboard_address=":0",
+            LocalCluster(n_workers=1 if args.join else 3 if args.shrink else 2, threads_per_worker=1,
+                         dashboard_address=":0",
                          silence_logs=50) as cluster, \
             Client(cluster) as client:
         frame = on_cluster(datasets.synthetic_classification(args.rows, 100, 10))
-        if args.join:
+        if args.join or args.shrink:
             event = threading.Timer(args.after, cluster.scale, (2,))
         else:
             pids = client.run(os.getpid)
@@ -52,7 +59,8 @@ def main() -> None:
         history = scar.Trainer(client, scar.SoftmaxRegression()).fit(
             frame, target="label", max_iter=args.iters, tol=0, progress=False).history
         event.cancel()
-    events = history[history["event"] != ""]
+    # (rows that move before the first iteration: the partitions as Dask placed them)
+    events = history[(history["event"] != "") & (history["iteration"] > 1)]
     if events.empty:
         raise SystemExit(f"the fit ended before the event at {args.after} s: raise --iters")
     noticed = int(events["iteration"].iloc[0])
@@ -70,7 +78,7 @@ def main() -> None:
         return 1e3 * float(seconds.mean()), len(seconds)
 
     # 20 iterations' margin after each change: a segment's rows share its time
-    phases = [("before the " + ("join" if args.join else "kill"), ms(20, before)),
+    phases = [("before the " + ("join" if args.join else "scale-down" if args.shrink else "kill"), ms(20, before)),
               ("until the data moved", ms(noticed + 20, end - 1))]
     if moved:
         phases.append(("after the data moved", ms(end + 20, args.iters)))
@@ -78,7 +86,8 @@ def main() -> None:
     for what, (value, n) in phases:
         if n:
             print(f"{what:32s} {value:7.1f} ms/it  ({n} iterations)  ratio {value / base:.2f}")
-    for iteration, event in zip(events["iteration"], events["event"]):
+    said = history[history["event"] != ""]
+    for iteration, event in zip(said["iteration"], said["event"]):
         print(f"  iteration {iteration}: {event}")
 
 

@@ -4,8 +4,9 @@ The frame's partitions are converted to arrays (``X`` features, ``y`` target), a
 the partitions that sit on the same worker are concatenated into one *block*, so
 the tasks of an iteration grow with the workers, not with the partitions. Blocks
 keep their lineage: a block lost with its worker is rebuilt by Dask from the
-DataFrame's graph. A worker that joins during a fit gets an even share of the rows
-(:func:`spread`): whole blocks, or the ends of blocks cut in two.
+DataFrame's graph. The rows stay spread evenly over the running workers
+(:func:`spread`): a worker that joins, or survivors that one lost worker's block came
+back on, get or give whole blocks, or the ends of blocks cut in two.
 """
 
 from __future__ import annotations
@@ -198,13 +199,15 @@ BALANCE_SLACK = 0.1
 
 
 def spread(client: Client, training: TrainingData) -> str:
-    """Balance the training rows over the running workers, when one of them holds
-    none: a worker that joined (a replacement, or one more, also while the data was
-    read) computes an even share of the data from the next iteration on. Donors give
-    whole blocks where they fit (a lost worker's block, rebuilt on a survivor, goes back
-    to its replacement), otherwise the end of a block cut in two where it lies. Each
-    taker gets what it takes as one block, made by a task of its own (not a transfer),
-    so the moved rows keep their lineage. Returns what moved."""
+    """Balance the training rows over the running workers, where one of them is short
+    of an even share by more than ``BALANCE_SLACK``: a worker that joined (a
+    replacement, or one more, also while the data was read), a survivor beside the one
+    that a lost or retired worker's block came back on, a worker that Dask gave fewer
+    partitions. Each computes an even share of the data from the next iteration on.
+    Donors give whole blocks where they fit (a lost worker's block, rebuilt on a
+    survivor, goes back to its replacement), otherwise the end of a block cut in two
+    where it lies. Each taker gets what it takes as one block, made by a task of its
+    own (not a transfer), so the moved rows keep their lineage. Returns what moved."""
     running = sorted(w for w, info in workers_info(client).items() if info.get("status") == "running")
     where = holders(client, training.blocks)     # as they are (a replacement may have a lost one's address)
     training.workers = [where[b.key] or w for b, w in zip(training.blocks, training.workers)]
@@ -212,7 +215,7 @@ def spread(client: Client, training: TrainingData) -> str:
     for w, n in zip(training.workers, training.rows):
         if w in load:
             load[w] += n
-    if not running or all(load.values()):
+    if not running:
         return ""
     share = sum(load.values()) / len(running)
     slack = max(BALANCE_SLACK * share, 1)

@@ -148,7 +148,8 @@ class TrainingRun:
                         self.last = None    # the chunks moved: read them where they are now
                         self.spread = True
                     placed = list(self.training.workers)
-                    _forget_dead_block_workers(self.training, self.watch)
+                    if _forget_dead_block_workers(self.training, self.watch):
+                        self.spread = True      # rebuilt or moved onto survivors: one may hold two blocks
                     if self.spread and None not in self.training.workers:   # each block where it is now
                         self.spread = False
                         self.note = _join(self.note, data.spread(self.client, self.training))
@@ -530,14 +531,17 @@ def _rebalance(chunks: ParameterChunks, watch: ClusterWatch) -> str:
     return f"rebalanced {len(moved)} chunk(s) onto {', '.join(to)}"
 
 
-def _forget_dead_block_workers(training: data.TrainingData, watch: ClusterWatch) -> None:
+def _forget_dead_block_workers(training: data.TrainingData, watch: ClusterWatch) -> bool:
     """A data block whose worker died is rebuilt by Dask wherever the scheduler
-    chooses: its tasks lose their placement, and get it back once it exists."""
+    chooses (a retired worker's is moved): its tasks lose their placement, and get it
+    back once it exists. True if blocks lost their worker."""
     if watch.removed and any(w in watch.removed for w in training.workers if w):
         training.workers = [None if w in watch.removed else w for w in training.workers]
-    elif None in training.workers:
+        return True
+    if None in training.workers:
         where = data.holders(training.blocks[0].client, training.blocks)
         training.workers = [where[b.key] or None for b in training.blocks]
+    return False
 
 
 def _end_run(client: Client, run: str) -> None:

@@ -59,7 +59,9 @@ class CliCluster:
     def __init__(self, workdir: Path, preload: bool = True):
         self.workdir = Path(workdir)
         self.scheduler_file = self.workdir / "scheduler.json"
-        self.env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # the workers can import the tests' modules (functions given to ``client.run``)
+        path = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path)
         self.dask = os.path.join(os.path.dirname(sys.executable), "dask")
         self.log = open(self.workdir / "cluster.log", "ab")
         args = [self.dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", ":0",

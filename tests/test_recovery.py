@@ -694,8 +694,9 @@ def _fit_with_steps(client, frame, steps, max_iter, pandas_frame=None):
 
 @pytest.mark.slow
 def test_a_replacement_worker_gets_a_data_block_back(digits):
-    """A killed worker's block is rebuilt on a survivor; the worker its nanny starts
-    again gets that block back, so that three workers compute again, not two."""
+    """A killed worker's block is rebuilt on a survivor, and the two survivors share its
+    rows; the worker its nanny starts again gets a third of them back, as one block, so
+    that three workers compute again, not two."""
     frame = pd.concat([digits] * 3, ignore_index=True)
     with new_cluster(3) as cluster, scar_client(cluster) as client:
         before = set(live_workers(client))
@@ -713,8 +714,10 @@ def test_a_replacement_worker_gets_a_data_block_back(digits):
         result = _fit_with_steps(client, frame, steps, max_iter=50)     # the losses: restored from live copies
     assert seen["blocks"] == [1, 1, 1]
     (new,) = seen["workers"] - before
-    moved = result.history[result.history["event"].str.contains("data rows")]
-    assert len(moved) == 1 and moved["event"].iloc[0].endswith(f"moved 1,797 data rows onto {new}")
+    moved = list(result.history["event"][result.history["event"].str.contains("data rows")].str.split("; ").str[-1])
+    assert moved[-1] == f"moved 1,797 data rows onto {new}"
+    # (the survivors share the rebuilt block's rows, unless the new worker had already joined)
+    assert moved[:-1] in ([], *([f"moved 898 data rows onto {w}"] for w in before - {victim}))
 
 
 @pytest.mark.slow
@@ -792,6 +795,38 @@ def test_rows_rebuilt_after_their_taker_died_do_not_keep_the_whole_block(digits)
     assert seen["rebuilt"][first] == [(2695, False), (2696, False)]    # (97a1ea5: (2696, True), a view)
     assert sorted(seen["rows"].values()) == [[(2695, False)], [(2696, False)]]
     assert len(result.events) == 1
+
+
+@pytest.mark.slow
+def test_a_loss_with_no_replacement_spreads_the_rows_over_the_survivors(tmp_path, digits):
+    """Three workers with no nanny; one is SIGKILLed and stays dead. Dask rebuilds its
+    block on one survivor, which would then compute two thirds of the rows, the other
+    one third: the end of a block moves, and each survivor computes half."""
+    frame = pd.concat([digits] * 3, ignore_index=True)     # 5,391 rows: blocks of 1,797
+    with cli_cluster(tmp_path, 3) as (_, client):
+        victim = sorted(live_workers(client))[0]
+        seen = {}
+        steps = {10: lambda: kill_worker(client, victim), 20: lambda: seen.update(rows=_settled(client))}
+        result = _fit_with_steps(client, frame, steps, max_iter=30)    # the chunks: from live copies
+    # (the code before: one survivor held 1,797 × 2 rows, the other 1,797)
+    rows = {w: sum(n for n, _ in blocks) for w, blocks in seen["rows"].items()}
+    assert sorted(rows.values()) == [2695, 2696]
+    assert not any(view for blocks in seen["rows"].values() for _, view in blocks)
+    (taker,) = [w for w, n in rows.items() if n == 2695]
+    moved = result.history[result.history["event"].str.contains("data rows")]
+    assert list(moved["event"].str.split("; ").str[-1]) == [f"moved 898 data rows onto {taker}"]
+
+
+@pytest.mark.slow
+def test_a_scale_down_spreads_the_retired_workers_rows(digits):
+    """``cluster.scale`` from three workers to two: Dask moves the retired worker's
+    block onto one survivor, and the rows are spread over both again."""
+    frame = pd.concat([digits] * 3, ignore_index=True)
+    with new_cluster(3) as cluster, scar_client(cluster) as client:
+        seen = {}
+        steps = {10: lambda: cluster.scale(2), 20: lambda: seen.update(rows=_settled(client))}
+        _fit_with_steps(client, frame, steps, max_iter=30)
+    assert sorted(sum(n for n, _ in blocks) for blocks in seen["rows"].values()) == [2695, 2696]
 
 
 @pytest.mark.slow
