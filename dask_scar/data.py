@@ -188,59 +188,39 @@ def _take(*parts):
 
 
 def _larger_base(values) -> bool:
-    """Whether ``values`` is a view of a larger buffer (which stays in memory with it)."""
-    return getattr(getattr(values, "base", None), "nbytes", 0) > getattr(values, "nbytes", 0)
+    """Whether ``values`` is a view of a buffer larger by a sixteenth or more, which
+    stays in memory with it (not an array received from another worker: its buffer
+    holds a few hundred bytes more, the message's)."""
+    nbytes = getattr(values, "nbytes", 0)
+    return getattr(getattr(values, "base", None), "nbytes", 0) - nbytes >= nbytes / 16
 
 
-#: a worker short of an even share of the rows by less than this fraction of it takes
-#: none, and a whole block moves where it is within this of the rows owed, rather than
+#: a worker within this fraction of an even share of the rows neither gives nor takes
+#: any, and a whole block moves where it is within this of the rows owed, rather than
 #: leaving a sliver of it behind
 BALANCE_SLACK = 0.1
 
 
 def spread(client: Client, training: TrainingData) -> str:
-    """Balance the training rows over the running workers, where one of them is short
-    of an even share by more than ``BALANCE_SLACK``: a worker that joined (a
-    replacement, or one more, also while the data was read), a survivor beside the one
-    that a lost or retired worker's block came back on, a worker that Dask gave fewer
-    partitions. Each computes an even share of the data from the next iteration on.
-    Donors give whole blocks where they fit (a lost worker's block, rebuilt on a
+    """Balance the training rows over the running workers, where one of them holds
+    more or less than an even share by more than ``BALANCE_SLACK``: a worker that
+    joined (a replacement, or one more, also while the data was read), the survivor
+    that a lost or retired worker's block came back on, partitions that Dask placed
+    unevenly. Each worker computes an even share of the data from the next iteration
+    on. Donors give whole blocks where they fit (a lost worker's block, rebuilt on a
     survivor, goes back to its replacement), otherwise the end of a block cut in two
     where it lies. Each taker gets what it takes as one block, made by a task of its
     own (not a transfer), so the moved rows keep their lineage. Returns what moved."""
     running = sorted(w for w, info in workers_info(client).items() if info.get("status") == "running")
     where = holders(client, training.blocks)     # as they are (a replacement may have a lost one's address)
     training.workers = [where[b.key] or w for b, w in zip(training.blocks, training.workers)]
-    load = {w: 0 for w in running}
-    for w, n in zip(training.workers, training.rows):
-        if w in load:
-            load[w] += n
-    if not running:
-        return ""
-    share = sum(load.values()) / len(running)
-    slack = max(BALANCE_SLACK * share, 1)
-    need = {w: share - load[w] for w in running if load[w] < share - slack}    # the takers
-    if not need:
-        return ""
-    level = _level([load[w] for w in running if w not in need], sum(need.values()))
     taken: dict[str, list[int]] = defaultdict(list)     # taker -> the blocks (or cut ends) it takes
-    takers = iter(sorted(need))
-    taker = next(takers)
-    for donor in sorted((w for w in running if w not in need), key=lambda w: (-load[w], w)):
-        give = load[donor] - level    # the most loaded give down to one level: the slowest sets the pace
-        while give >= 1 and taker is not None:
-            for i, n in _to_give(training, donor, min(give, need[taker]), slack):
-                if n < training.rows[i]:    # cut: the donor keeps the block's first rows
-                    _cut(client, training, i, training.rows[i] - n)
-                    i = len(training.blocks) - 1
-                training.workers[i] = taker
-                taken[taker].append(i)
-                give -= n
-                need[taker] -= n
-            if need[taker] >= 1 and give >= 1:
-                break   # what the donor has left does not fit: the next donor
-            if need[taker] < 1:
-                taker = next(takers, None)
+    for i, n, taker in _plan(training.workers, training.rows, running):
+        if n < training.rows[i]:    # cut: the donor keeps the block's first rows
+            _cut(client, training, i, training.rows[i] - n)
+            i = len(training.blocks) - 1
+        training.workers[i] = taker
+        taken[taker].append(i)
     if not taken:
         return ""
     moved = 0
@@ -258,26 +238,56 @@ def spread(client: Client, training: TrainingData) -> str:
     return f"moved {moved:,} data rows onto {', '.join(sorted(taken))}"
 
 
-def _level(loads: list[float], total: float) -> float:
-    """The level the largest of ``loads`` come down to when they give ``total`` in all."""
-    loads = sorted(loads, reverse=True)
-    for k in range(1, len(loads) + 1):
-        level = (sum(loads[:k]) - total) / k
-        if k == len(loads) or level >= loads[k]:
-            return level
-    return 0.0
+def _plan(workers: list[str], rows: list[int], running: list[str]) -> list[tuple[int, int, str]]:
+    """The moves that spread ``rows`` (of blocks on ``workers``) evenly over ``running``,
+    in order: (block, rows off its end, taker). A block not moved whole is cut in two,
+    and its end becomes a new, last block. The most loaded worker gives to the least
+    (the slowest one sets the pace) until every worker is within ``BALANCE_SLACK`` of
+    an even share; a worker gives or takes, never both."""
+    workers, rows = list(workers), list(rows)
+    load = {w: 0 for w in running}
+    for w, n in zip(workers, rows):
+        if w in load:
+            load[w] += n
+    if not running:
+        return []
+    share = sum(load.values()) / len(running)
+    slack = max(BALANCE_SLACK * share, 1)
+    moves: list[tuple[int, int, str]] = []
+    givers, takers = set(), set()
+    while True:
+        donor = max((w for w in running if w not in takers), key=lambda w: (load[w], w))
+        taker = min((w for w in running if w not in givers), key=lambda w: (load[w], w))
+        spare, owed = load[donor] - share, share - load[taker]
+        if max(spare, owed) <= slack or min(spare, owed) < 1:
+            return moves
+        pieces = _to_give(workers, rows, donor, min(spare, owed), slack)
+        if not pieces:
+            return moves
+        givers.add(donor)
+        takers.add(taker)
+        for i, n in pieces:
+            moves.append((i, n, taker))
+            if n < rows[i]:
+                rows[i] -= n
+                rows.append(n)
+                workers.append(taker)
+            else:
+                workers[i] = taker
+            load[donor] -= n
+            load[taker] += n
 
 
-def _to_give(training: TrainingData, donor: str, give: float, slack: float) -> list[tuple[int, int]]:
+def _to_give(workers: list[str], rows: list[int], donor: str, give: float, slack: float) -> list[tuple[int, int]]:
     """The donor's blocks to move for ``give`` rows, and the rows of each to move:
     whole blocks that fit, largest first, then the end of the smallest block left (if
     more than ``slack`` rows are still owed, or nothing fitted whole)."""
-    mine = sorted((i for i, w in enumerate(training.workers) if w == donor), key=lambda i: -training.rows[i])
+    mine = sorted((i for i, w in enumerate(workers) if w == donor), key=lambda i: -rows[i])
     chosen = []
     for i in mine:
-        if training.rows[i] <= give + slack:
-            chosen.append((i, training.rows[i]))
-            give -= training.rows[i]
+        if rows[i] <= give + slack:
+            chosen.append((i, rows[i]))
+            give -= rows[i]
     given = {i for i, _ in chosen}
     left = [i for i in mine if i not in given]
     if left and (give > slack or not chosen) and round(give) >= 1:
