@@ -372,13 +372,14 @@ class Restore:
 
 
 def recover(restore: Restore, watch: ClusterWatch, iteration: int, noticed: float, drift: Drift,
-            abandoned: list[str] = ()) -> RecoveryEvent:
+            abandoned: list[str] = (), workers_gone: list[str] = ()) -> RecoveryEvent:
     """Bring every chunk back onto live workers after worker loss, while ``iteration``
     was in flight (its work is abandoned, and so are the keys ``abandoned`` work after
-    it makes). Returns what was done."""
+    it makes; ``workers_gone``: workers known gone, besides those that held chunks).
+    Returns what was done."""
     chunks, client = restore.chunks, restore.chunks.client
     version = chunks.version
-    workers_lost: set[str] = set()
+    workers_lost: set[str] = set(workers_gone)
     gone_for_good: set[ChunkId] = set()   # no copy of the current value left: re-created
     lost: set[ChunkId] = set()       # of those, restored from the store (or re-initialised)
     copies: dict[ChunkId, tuple[str, int]] = {}   # the others: from a live worker's older copy

@@ -268,7 +268,8 @@ class TrainingRun:
                 ckpt.skip(sum(1 for o in orders[:-1] if o is not None and o.keep), done)
             futures.clear()     # some ran on the dead worker: let them go before recovering
             return self.recover(done + 1, abandoned=[chunks.key(c, i) for i in range(k, last + 1) if i != done
-                                                     for c in chunks.ids]), False
+                                                     for c in chunks.ids],
+                                workers_gone=[w for w in workers if self.watch.noticed({w}) is not None]), False
         # Each event carries its worker's clock: the rows' seconds split the segment's
         # time as its iterations took it, and add up to the driver's.
         converged, i = False, k
@@ -360,16 +361,18 @@ class TrainingRun:
         self.ahead = None
         return [*graph.update_keys, *(self.chunks.key(c, k) for c in self.chunks.ids)]
 
-    def recover(self, k: int, abandoned: list[str] = ()) -> int:
+    def recover(self, k: int, abandoned: list[str] = (), workers_gone: list[str] = ()) -> int:
         """Recover from worker loss noticed while iteration ``k`` was due (the keys
-        ``abandoned`` work may have registered are let go); returns the iteration to
-        go on with."""
-        noticed = self.watch.noticed(self.owners()) or time.time()
+        ``abandoned`` work may have registered are let go; ``workers_gone``: workers
+        known gone, holding chunks or not, such as a segment's); returns the iteration
+        to go on with."""
+        noticed = self.watch.noticed(self.owners() | set(workers_gone)) or time.time()
         self.last, self.segment_results = None, {}    # what they made belongs to an abandoned epoch
         if self.ckpt is not None:
             # rounds whose writers all reported are committed before a rollback looks for one
             self.drain(until=lambda: True)
-        event = recover(self.restore, self.watch, k, noticed, self.drift, abandoned=[*self.abandon(), *abandoned])
+        event = recover(self.restore, self.watch, k, noticed, self.drift, abandoned=[*self.abandon(), *abandoned],
+                        workers_gone=workers_gone)
         if self.ckpt is not None:
             self.ckpt.recovered(self.chunks.epoch)
         with self.bar.external_write_mode():    # on a line of its own, not after the bar's
