@@ -561,7 +561,7 @@ class Round:
         return [r["error"] for r in self.reports if r["error"]]
 
 
-def _callers_level() -> int:
+def callers_level() -> int:
     """The ``stacklevel`` that makes a warning issued by this function's caller point
     at the first frame outside dask_scar (the user's ``fit`` call)."""
     package = os.path.dirname(os.path.abspath(__file__))
@@ -783,7 +783,7 @@ class Checkpointer:
         else:
             self._warned = True
             warnings.warn(message + " (later failures of this fit: see history['event'])", CheckpointWarning,
-                          stacklevel=_callers_level())
+                          stacklevel=callers_level())
 
     def table(self) -> pd.DataFrame:
         """One row per round: what was written, and with what result."""

@@ -20,13 +20,13 @@ import dask
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
-from distributed import Client, Future, wait
+from distributed import Client, Future
 
 from .backend import array_module, get_array_module, to_device
 from .exceptions import DataError
 from .models import ColumnSummary, DataSummary, Model
 from .models._base import LOCAL_STATE, numeric, require_columns, require_numeric
-from .recovery import live_or_wait, warn_paused, workers_info
+from .recovery import live_or_wait, wait_on, warn_paused, workers_info
 
 logger = logging.getLogger(__name__)
 
@@ -345,40 +345,48 @@ def prepare(client: Client, model: Model, data: Any, target: str | None,
     parts = frame.to_delayed()
     converted = client.compute([dask.delayed(_partition_arrays, pure=True)(
         p, features, target, model.feature_dtype, target_dtype) for p in parts])
-    warned: set[str] = set()
-    while True:     # however long it takes to read, but a paused worker is said
-        try:
-            wait(converted, timeout=PAUSE_LOOK_SECONDS)
-            break
-        except TimeoutError as exc:
-            # Dask's sync() holds the error in a reference cycle with its traceback, which
-            # holds this frame, and so every partition's arrays until the collector runs
-            exc.__traceback__ = None
-            info = workers_info(client)
-            warn_paused(info, set(info), warned)
-    failed = [f for f in converted if f.status == "error"]
-    if failed:
-        failed[0].result()  # raises the partition's error
+    blocks: list[Future] = []
+    rows: list[int] = []
+    try:
+        warned: set[str] = set()
+        while True:     # however long it takes to read, but a paused worker is said
+            try:
+                wait_on(client, converted, timeout=PAUSE_LOOK_SECONDS)
+                break
+            except TimeoutError as exc:
+                # Dask's sync() holds the error in a reference cycle with its traceback, which
+                # holds this frame, and so every partition's arrays until the collector runs
+                exc.__traceback__ = None
+                info = workers_info(client)
+                warn_paused(info, set(info), warned)
+        failed = [f for f in converted if f.status == "error"]
+        if failed:
+            failed[0].result()  # raises the partition's error
 
-    by_worker: dict[str, list[Future]] = defaultdict(list)
-    where = holders(client, converted)
-    for future in converted:
-        by_worker[where[future.key]].append(future)
-    summaries = client.gather([client.submit(_block_summary, *futs, pure=False) for futs in by_worker.values()])
-    summary = summarize([s for per_worker in summaries for s in per_worker], target is not None)
-    model.setup(summary)
+        by_worker: dict[str, list[Future]] = defaultdict(list)
+        where = holders(client, converted)
+        for future in converted:
+            by_worker[where[future.key]].append(future)
+        summaries = client.gather([client.submit(_block_summary, *futs, pure=False) for futs in by_worker.values()])
+        summary = summarize([s for per_worker in summaries for s in per_worker], target is not None)
+        model.setup(summary)
 
-    blocks, rows = [], []
-    for (worker, futs), per_worker in zip(by_worker.items(), summaries):
-        n = sum(s[0].count for s in per_worker)
-        if n == 0:
-            continue  # empty partitions only: no block on this worker
-        blocks.append(client.submit(_block, backend, *futs, key=f"scar-block-{dask.base.tokenize(backend, futs)}",
-                                    workers=[worker] if worker else None, allow_other_workers=True))
-        rows.append(n)
-    wait(blocks)
-    where = holders(client, blocks)
-    workers = [where[b.key] for b in blocks]
+        for (worker, futs), per_worker in zip(by_worker.items(), summaries):
+            n = sum(s[0].count for s in per_worker)
+            if n == 0:
+                continue  # empty partitions only: no block on this worker
+            blocks.append(client.submit(_block, backend, *futs, key=f"scar-block-{dask.base.tokenize(backend, futs)}",
+                                        workers=[worker] if worker else None, allow_other_workers=True))
+            rows.append(n)
+        wait_on(client, blocks)
+        where = holders(client, blocks)
+        workers = [where[b.key] for b in blocks]
+    except BaseException:
+        # an error (bad data, Ctrl-C) keeps this frame in its traceback, and a notebook
+        # keeps the last traceback: the partitions' and blocks' arrays go now
+        for future in [*converted, *blocks]:
+            future.release()
+        raise
     del converted  # the blocks hold the arrays now; partitions stay as lineage only
     logger.info("training data: %d rows in %d blocks on %d workers", summary.n_rows, len(blocks), n_workers)
     return TrainingData(blocks, workers, rows, summary, features, target)

@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 from distributed import Client
 from distributed.active_memory_manager import ReduceReplicas
+from distributed.client import ClosedClientError
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from .chunks import CHUNK_PREFIX, DETACH_OP, PROGRESS_TOPIC
@@ -77,7 +78,7 @@ def subscribe(client: Client, topic: str, handler: Callable[[tuple[float, Any]],
             if handlers.pop(token, None) is None or handlers or topics.get(topic) is not handlers:
                 return
             del topics[topic]
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, ClosedClientError):    # (a closed client has none)
                 client.unsubscribe_topic(topic)
     return stop
 

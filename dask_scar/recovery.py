@@ -530,6 +530,15 @@ class Interrupted(Exception):
     """A worker holding chunks went away (or a chunk's data died) while waiting."""
 
 
+def wait_on(client: Client, futures: list[Future], timeout: float | None = None) -> None:
+    """``distributed.wait`` for futures of ``client``. ``wait`` itself runs on the
+    default client (the last one made, unless another is current), which may be
+    another, on another cluster, or closed: "IOLoop is closed" for a fit on one client
+    after another was closed."""
+    with client.as_current():
+        wait(futures, timeout=timeout)
+
+
 def wait_watching(futures: list[Future], watch: ClusterWatch, owners: Callable[[], set[str]], timeout: float,
                   hint: str, progress: Callable[[], bool] | None = None) -> None:
     """Wait until ``futures`` are done; raise :class:`Interrupted` as soon as one of
@@ -546,7 +555,7 @@ def wait_watching(futures: list[Future], watch: ClusterWatch, owners: Callable[[
     started = last_look = time.monotonic()
     while True:
         try:
-            wait(futures, timeout=POLL_SECONDS)
+            wait_on(client, futures, timeout=POLL_SECONDS)
             break
         except (CancelledError, TimeoutError) as exc:
             # its traceback sits in a reference cycle that holds the futures until the

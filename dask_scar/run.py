@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-from distributed import Client, Future, wait
+from distributed import Client, Future
 from tqdm.auto import tqdm
 
 from . import checkpoint, config, data, iteration, segment
@@ -32,6 +32,7 @@ from .recovery import (
     new_epoch,
     recover,
     run_on,
+    wait_on,
     wait_watching,
 )
 
@@ -68,6 +69,7 @@ class TrainingRun:
         self.inbox: queue.Queue = queue.Queue()
         self.early: list[dict] = []         # events of an iteration after the one being collected
         self.previous: list[Future] = []    # futures of the last graph, released after the next submit
+        self.waiting: list[Future] = []     # those waited for last (released at the end, however it came)
         self.stale: list[Future] = []       # chunk futures of the last version, likewise
         self.ahead = None                   # (iteration, graph, futures, orders) submitted, not yet waited for
         self.last = None                    # the last graph done, while the next may read its results
@@ -100,10 +102,12 @@ class TrainingRun:
         (Recovery runs outside of any ``except`` block: an exception raised and caught
         there would chain to the one being handled, and keep its frames, with their
         futures, alive until the garbage collector runs.)"""
+        self.waiting = futures
         try:
             self.wait(futures)
             return True
         except Interrupted:
+            self.waiting = []   # some ran on the dead worker: the caller lets them go before recovering
             return False
 
     def start(self, submit: Callable[[], list[Future]]) -> None:
@@ -256,7 +260,7 @@ class TrainingRun:
         futures = self.client.get(graph, keys, sync=False)
         self.previous = self.stale = []
         made = [chunks.key(c, i) for i in range(k, last + 1) for c in chunks.ids]   # whatever the segment registers
-        interrupted = False
+        interrupted, self.waiting = False, futures
         try:    # the timeout is an iteration's: the workers' progress events restart it
             wait_watching(futures, self.watch, lambda: set(workers), self.timeout, self.restore.hint,
                           progress=self.take_in)
@@ -309,7 +313,8 @@ class TrainingRun:
         alive = live_workers(self.client)
         survivors = [w for w in workers if w in alive]
         run_on(self.client, segment.abort, chunks.run, chunks.epoch, workers=survivors)
-        _wait_done([f for f, w in zip(futures, workers) if w in alive], self.timeout)   # their events are then here
+        # their events are then here
+        _wait_done(self.client, [f for f, w in zip(futures, workers) if w in alive], self.timeout)
         reached: dict[str, int] = {}
         messages, self.early = self.early + _take_all(self.inbox), []
         for message in messages:
@@ -432,8 +437,9 @@ class TrainingRun:
         self.unsubscribe()
         self.watch.close()
         self.bar.close()
-        release_keys(self.client, [f.key for f in [*self.previous, *self.stale, *self.chunks.futures.values()]])
-        self.previous = self.stale = []
+        release_keys(self.client, [f.key for f in [*self.previous, *self.stale, *self.waiting,
+                                                   *self.chunks.futures.values()]])
+        self.previous = self.stale = self.waiting = []
         self.chunks.release()
         _end_run(self.client, self.chunks.run)
 
@@ -474,13 +480,13 @@ def _collect(inbox: queue.Queue, early: list[dict], ckpt: Checkpointer | None, i
     return loss, priorities, steps, stamp
 
 
-def _wait_done(futures: list[Future], timeout: float) -> None:
+def _wait_done(client: Client, futures: list[Future], timeout: float) -> None:
     """Wait until none of ``futures`` is pending (done, failed, or cancelled when
     its input died with a worker), at most ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while any(f.status == "pending" for f in futures) and time.monotonic() < deadline:
         try:
-            wait(futures, timeout=POLL_SECONDS)
+            wait_on(client, futures, timeout=POLL_SECONDS)
         except (CancelledError, TimeoutError) as exc:
             exc.__traceback__ = None    # see TrainingRun.completed
 

@@ -210,6 +210,16 @@ class Trainer:
             training = data.prepare(client, model, frame, target, features, self.backend)
         except CancelledError as exc:
             raise cancelled(client, exc, _resume_hint(self.store) if resume else "") from None
+        try:
+            return self._train(training, max_iter, tol, resume, progress, callback)
+        finally:
+            # the fit's copy of the data goes now, however the fit ended: an exception's
+            # traceback (a notebook keeps the last) holds these futures in its frames
+            for block in training.blocks:
+                block.release()
+
+    def _train(self, training: data.TrainingData, max_iter, tol, resume, progress, callback) -> FitResult:
+        client, model = self.client, self.model
         workers = sorted(live_workers(client))
         n_chunks = self.n_chunks or config.get("chunks-per-worker") * len(workers)
         layouts = make_layouts({name: (spec.shape, spec.dtype) for name, spec in model.parameter_specs().items()},
@@ -219,7 +229,7 @@ class Trainer:
         if start >= max_iter:
             warnings.warn(f"the checkpoint store {self.store} is at iteration {start}, and max_iter={max_iter}: "
                           "nothing to train; the model gets the stored parameters (raise max_iter to go on)",
-                          stacklevel=3)
+                          stacklevel=checkpoint.callers_level())
         if store is not None:
             layouts = store.layouts
         chunks = ParameterChunks(client, run, place(split_rows(layouts, n_chunks), workers), version=start)
@@ -243,9 +253,11 @@ class Trainer:
         except CancelledError as exc:
             raise cancelled(client, exc, hint) from None
         finally:
-            training_run.close()
-            if store is not None:
-                store.release(run)
+            try:
+                training_run.close()
+            finally:
+                if store is not None:
+                    store.release(run)
         rows = training_run.rows
         model.params_ = params
         model.n_iter_ = rows[-1]["iteration"] if rows else start
@@ -269,12 +281,14 @@ class Trainer:
             if changed:
                 warnings.warn(f"resuming with {', '.join(f'{n}={now[n]!r}' for n in changed)}; the store was "
                               f"written with {', '.join(f'{n}={before[n]!r}' for n in changed)}. The store now "
-                              "records the new values", CheckpointWarning, stacklevel=4)
+                              "records the new values", CheckpointWarning,
+                              stacklevel=checkpoint.callers_level())
             last = store.manifest
             if store.writer is not None and time.time() - last.get("time", 0) < RECENT_COMMIT_SECONDS:
                 warnings.warn(f"run {store.writer} committed to {self.store} {time.time() - last['time']:.0f} s "
                               "ago and did not end: if that fit still runs, it stops checkpointing at its next "
-                              "commit, and this one writes the store from now on", CheckpointWarning, stacklevel=4)
+                              "commit, and this one writes the store from now on", CheckpointWarning,
+                              stacklevel=checkpoint.callers_level())
         else:
             store = ZarrStore.create(self.store, meta, layouts, policy.to_json())
         store_id = store.meta["id"]

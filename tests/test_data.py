@@ -76,8 +76,13 @@ def test_nan_and_inf_are_counted_per_column(client):
     frame.loc[3, "a"] = np.nan
     frame.loc[150, "a"] = np.inf
     frame.loc[7, "c"] = -np.inf
-    with pytest.raises(DataError, match=r"'a' \(2 of 200 rows\), 'c' \(1 of 200 rows\).*dropna"):
+    with pytest.raises(DataError, match=r"'a' \(2 of 200 rows\), 'c' \(1 of 200 rows\).*dropna") as kept:
         _prepare(client, frame)
+    # the partitions were read before the error: they go, though a notebook keeps the traceback
+    assert kept.tb is not None
+    wait_for(lambda: client.run_on_scheduler(lambda dask_scheduler: [
+        str(k) for k in dask_scheduler.tasks if "_partition_arrays" in str(k)]) == [], timeout=10,
+        what="the partitions to go while the DataError lives")
 
 
 def test_values_beyond_float32_are_refused_by_name(client):

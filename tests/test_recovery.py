@@ -906,6 +906,31 @@ def test_scheduler_loss_ends_fit_saying_how_to_resume(tmp_path):
     assert result.history["iteration"].tolist() == list(range(21, 31))
 
 
+def test_closing_the_client_during_a_fit_says_how_to_resume(tmp_path, digits):
+    """The client a fit runs on is closed (by its user, in another cell or thread):
+    the fit ends with SchedulerLostError, not with the closed client's error from the
+    fit's clean-up (``ClosedClientError`` while it unsubscribed from a topic, which also
+    left the store claimed by the run), and a fit on another client resumes (where
+    ``distributed.wait`` ran on the default client, the closed one: "IOLoop is closed")."""
+    store = tmp_path / "ckpt.zarr"
+    frame = pd.concat([digits] * 5, ignore_index=True)
+    with new_cluster(2) as cluster, scar_client(cluster) as client, \
+            Client(cluster.scheduler_address) as other:
+        outcome = {}
+
+        def close_at_10(k, loss):
+            if k == 10:
+                threading.Thread(target=other.close).start()
+
+        with pytest.raises(scar.SchedulerLostError, match=r"client is closed .* fit\(\.\.\., resume=True\)"):
+            scar.Trainer(other, scar.SoftmaxRegression(), store=store, policy=scar.FullCheckpoint(every=5)).fit(
+                frame, target="label", max_iter=1000, tol=0, progress=False, callback=close_at_10)
+        assert scar.open_store(store).writer is None
+        outcome["result"] = scar.Trainer(client, scar.SoftmaxRegression(), store=store).fit(
+            frame, target="label", max_iter=30, tol=0, progress=False, resume=True)
+    assert outcome["result"].n_iter == 30
+
+
 def _pause(dask_worker, on=True):
     from distributed.core import Status
 

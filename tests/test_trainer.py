@@ -494,6 +494,40 @@ def test_interrupted_fits_leave_no_chunk_behind(client):
             timeout=10, what="no chunk left in the workers' memory")
 
 
+def _tasks(dask_scheduler) -> list[str]:
+    return sorted(map(str, dask_scheduler.tasks))
+
+
+@pytest.mark.parametrize("model", ["softmax", "als"])
+def test_an_interrupted_fit_holds_nothing_while_its_traceback_lives(client, model, digits):
+    """A notebook keeps the last exception's traceback (``sys.last_traceback``), whose
+    frames held the fit's futures: a copy of the training data stayed on the workers
+    (and, for ALS, the iteration in flight) until another error replaced it."""
+    if model == "als":
+        ddf, fit = dd.from_pandas(low_rank_ratings()[0], npartitions=4), dict(model=scar.MatrixFactorization(rank=5))
+    else:
+        ddf, fit = dd.from_pandas(digits, npartitions=4), dict(model=scar.SoftmaxRegression(), target="label")
+    started, stop = time.time(), threading.Event()
+
+    def interrupt_once_it_runs():
+        while not stop.is_set():
+            if any(t >= started and e.get("iteration", 0) >= 3 for t, e in client.get_events("scar-progress")):
+                return _interrupt()
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=interrupt_once_it_runs, daemon=True)
+    try:
+        with pytest.raises(KeyboardInterrupt) as kept:
+            watcher.start()
+            scar.Trainer(client, fit.pop("model")).fit(ddf, **fit, max_iter=100_000, tol=0, progress=False)
+    finally:
+        stop.set()
+        watcher.join()
+    assert kept.tb is not None
+    wait_for(lambda: client.run_on_scheduler(_tasks) == [], timeout=10,
+             what="no task left on the scheduler while the traceback lives")
+
+
 _DRIVER = """
 import sys
 import dask, dask.dataframe as dd, pandas as pd
