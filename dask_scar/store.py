@@ -4,6 +4,7 @@ Layout of a store (a Zarr group at any path or fsspec URL)::
 
     zarr.json            group attributes, JSON, written by the driver only:
                            "dask_scar": format, model, parameter layouts, policy
+                                        (written once the arrays are: see create)
                            "manifest":  the last committed round (written last)
     params/<name>        one array per parameter, (2, *shape): two slots, each
                          holding one saved version of every block; one Zarr chunk
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -53,6 +55,9 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 ATTRS = "dask_scar"
+#: The attribute a store has in place of :data:`ATTRS` while :meth:`ZarrStore.create`
+#: makes its arrays: a store that still has it was never finished (its driver was killed).
+CREATING = "dask_scar_creating"
 NEVER = -1
 #: A version's record. ``check``: the last 4 bytes of its stored data chunk (the
 #: chunk's CRC-32C), so that data a write cut short left under an older record is
@@ -395,38 +400,59 @@ class ZarrStore(CheckpointStore):
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"cannot open the checkpoint store at {url}: {exc}") from exc
         if ATTRS not in group.attrs:
+            if CREATING in group.attrs:
+                raise CheckpointError(
+                    f"{url} holds a checkpoint store whose creation was cut short (the fit that created it was "
+                    "stopped before it had made the store's arrays): it holds nothing. Delete it, or choose "
+                    "another store path")
             raise StoreMismatchError(f"{url} holds a Zarr group that is not a dask_scar checkpoint store")
         return cls(url, group)
 
     @classmethod
     def exists(cls, url: str | os.PathLike) -> bool:
-        """True if ``url`` holds a dask_scar store."""
+        """True if ``url`` holds a dask_scar store, also one whose creation was cut short
+        (:meth:`open` raises for that one)."""
         try:
             group = zarr.open_group(_zarr_store(os.fspath(url), read_only=True), mode="r")
         except (FileNotFoundError, OSError, ValueError):
             return False
-        return ATTRS in group.attrs
+        return ATTRS in group.attrs or CREATING in group.attrs
 
     @classmethod
     def create(cls, url: str | os.PathLike, model: dict, layouts: dict[str, BlockLayout],
                policy: dict | None) -> ZarrStore:
-        """Create an empty store (the driver does this once, before training)."""
+        """Create an empty store (the driver does this once, before training).
+
+        The arrays are made first, and the attributes that make the group a dask_scar
+        store last (:data:`CREATING` stands in for them until then). A creation that
+        fails or is interrupted (Ctrl-C) removes what it wrote; one whose process is
+        killed leaves a group that :meth:`open` says was never finished."""
         url = os.fspath(url)
         meta = {"format": FORMAT_VERSION, "id": uuid.uuid4().hex, "model": model, "policy": policy,
                 "parameters": {name: lay.to_json() for name, lay in layouts.items()}}
         try:
-            group = zarr.open_group(_zarr_store(url, read_only=False), mode="w-", attributes={ATTRS: meta})
+            zstore = _zarr_store(url, read_only=False)
+            made_root = not (isinstance(zstore, zarr.storage.LocalStore) and zstore.root.is_dir())
+            group = zarr.open_group(zstore, mode="w-", attributes={CREATING: meta["id"]})
+        except (zarr.errors.ContainsGroupError, FileExistsError):
+            raise CheckpointError(f"{url} already holds a Zarr group; choose another store path") from None
+        except OSError as exc:
+            raise CheckpointError(f"cannot create the checkpoint store at {url}: {exc}; "
+                                  "choose a writable path or URL") from exc
+        try:
             for name, lay in layouts.items():
                 group.create_array(f"params/{name}", shape=(SLOTS, *lay.shape), dtype=lay.dtype,
                                    chunks=(1, lay.block_rows, *lay.shape[1:]), fill_value=np.nan,
                                    compressors=_codecs())
                 group.create_array(f"saved/{name}", shape=(lay.n_blocks, SLOTS, len(_RECORD)), dtype="int64",
                                    chunks=(1, 1, len(_RECORD)), fill_value=NEVER, compressors=[Crc32cCodec()])
-        except (zarr.errors.ContainsGroupError, FileExistsError):
-            raise CheckpointError(f"{url} already holds a Zarr group; choose another store path") from None
-        except OSError as exc:
-            raise CheckpointError(f"cannot create the checkpoint store at {url}: {exc}; "
-                                  "choose a writable path or URL") from exc
+            group.attrs.put({ATTRS: meta})
+        except BaseException as exc:
+            _remove_unfinished(zstore, made_root)
+            if isinstance(exc, OSError):
+                raise CheckpointError(f"cannot create the checkpoint store at {url}: {exc}; "
+                                      "choose a writable path or URL") from exc
+            raise
         return cls(url, group)
 
     # -- primitives ------------------------------------------------------------------
@@ -436,9 +462,15 @@ class ZarrStore(CheckpointStore):
                 self._arrays[path] = self.group[path]
             except KeyError:
                 raise CheckpointError(f"the checkpoint store at {self.url} is damaged: its array {path!r} is "
-                                      "missing (was the store deleted while a fit wrote it?). Start afresh "
-                                      "in another path") from None
+                                      "missing (was the store deleted while a fit wrote it?). To start afresh, "
+                                      "delete it, or choose another store path") from None
         return self._arrays[path]
+
+    def check_arrays(self) -> None:
+        """Raise :class:`CheckpointError` where one of the store's arrays is missing."""
+        for name in self.layouts:
+            for kind in ("params", "saved"):
+                self._array(f"{kind}/{name}")
 
     def write_blocks(self, name: str, values: dict[int, np.ndarray], iteration: int, epoch: int,
                      round: int) -> int:
@@ -556,6 +588,35 @@ class ZarrStore(CheckpointStore):
     def nbytes_stored(self) -> int:
         return sum(self._array(f"{kind}/{name}").nbytes_stored() for name in self.layouts
                    for kind in ("params", "saved"))
+
+
+#: How long a failed :meth:`ZarrStore.create` waits for the writes still in flight to end.
+SETTLE_SECONDS = 10.0
+
+
+def _remove_unfinished(store: zarr.abc.store.Store, made_root: bool) -> None:
+    """Delete what :meth:`ZarrStore.create` wrote into ``store`` before it was stopped
+    (``made_root``: the store's local directory too, once empty). Raises nothing: the
+    error that stopped it is the one to see."""
+    try:
+        # A Ctrl-C stops the driver's thread, not the write it waited for on Zarr's event
+        # loop: let that end first, or it would put its file back once the rest is gone.
+        sync(_settled(), timeout=SETTLE_SECONDS + 1)
+        for prefix in ("params", "saved"):
+            sync(store.delete_dir(prefix))
+        sync(store.delete("zarr.json"))     # last: until then it tells that the store is unfinished
+        if made_root and isinstance(store, zarr.storage.LocalStore):
+            with contextlib.suppress(OSError):      # something else was put there meanwhile
+                store.root.rmdir()
+    except Exception:  # noqa: BLE001
+        logger.warning("could not remove the unfinished checkpoint store at %s", store, exc_info=True)
+
+
+async def _settled() -> None:
+    """Once the other tasks on this event loop (Zarr's) have ended, or after :data:`SETTLE_SECONDS`."""
+    others = asyncio.all_tasks() - {asyncio.current_task()}
+    if others:
+        await asyncio.wait(others, timeout=SETTLE_SECONDS)
 
 
 def probe(url: str | os.PathLike) -> None:

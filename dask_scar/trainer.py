@@ -348,15 +348,18 @@ def _bar_interval() -> float:
 
 def _check_store_path(url: str, resume: bool) -> None:
     """Before any work: the store path suits ``resume`` and can be written."""
-    exists = ZarrStore.exists(url)
-    if resume and not exists:
+    if ZarrStore.exists(url):
+        # one whose creation was cut short, or that lost an array, says so the same
+        # way whether resumed or not: neither can be resumed
+        ZarrStore.open(url).check_arrays()
+        if not resume:
+            raise CheckpointError(
+                f"{url} already holds a dask_scar checkpoint: pass resume=True to continue from it, or "
+                "delete it or choose another store path to start afresh")
+    elif resume:
         if os.path.exists(url):
             ZarrStore.open(url)      # its own error: damaged, or not a dask_scar store
         raise CheckpointError(f"resume=True, but there is no dask_scar checkpoint store at {url}")
-    if not resume and exists:
-        raise CheckpointError(
-            f"{url} already holds a dask_scar checkpoint: pass resume=True to continue from it, or "
-            "delete it or choose another store path to start afresh")
     if not resume and os.path.isdir(url) and os.listdir(url):
         raise CheckpointError(f"{url} is a directory that is not empty and holds no readable dask_scar "
                               "checkpoint: choose a new (or empty) path for the store")

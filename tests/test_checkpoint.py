@@ -189,6 +189,26 @@ def test_a_store_path_that_holds_something_else_is_named(client, digits, tmp_pat
         scar.open_store(store)
 
 
+def test_a_fit_interrupted_while_it_creates_its_store_can_start_afresh(client, digits, tmp_path, monkeypatch):
+    import zarr
+
+    def interrupted(self, *args, **kwargs):     # Ctrl-C while the store's arrays are made
+        raise KeyboardInterrupt
+
+    store = tmp_path / "ckpt.zarr"
+    with monkeypatch.context() as patched:
+        patched.setattr(zarr.Group, "create_array", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            scar.Trainer(client, scar.SoftmaxRegression(), store=store).fit(digits, target="label", max_iter=3,
+                                                                          progress=False)
+    with pytest.raises(scar.CheckpointError, match=r"no (dask_scar )?checkpoint store at"):     # nothing to resume
+        scar.Trainer(client, scar.SoftmaxRegression(), store=store).fit(digits, target="label", resume=True,
+                                                                      progress=False)
+    result = scar.Trainer(client, scar.SoftmaxRegression(), store=store, policy=scar.FullCheckpoint(every=3)).fit(
+        digits, target="label", max_iter=3, progress=False)
+    assert result.n_iter == 3 and scar.open_store(store).manifest["iteration"] == 3
+
+
 def _limit_file_size(limit: int) -> None:
     # a process writing past RLIMIT_FSIZE gets EFBIG ("File too large"), like a full disk
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

@@ -2,6 +2,10 @@
 
 import json
 import os
+import shutil
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -11,6 +15,7 @@ import dask_scar as scar
 from dask_scar.checkpoint import Trend, prepare_chunk
 from dask_scar.chunks import Chunk, ChunkId, split_rows
 from dask_scar.store import ZarrStore, make_layouts, probe
+from dask_scar.trainer import _check_store_path
 
 MODEL = {"class": "dask_scar.models.softmax.SoftmaxRegression", "params": {"l2": 0.0001}}
 
@@ -211,6 +216,72 @@ def test_unwritable_and_missing_paths(tmp_path):
         probe(blocker / "ckpt.zarr")
     with pytest.raises(scar.CheckpointError, match="no checkpoint store at"):
         scar.open_store(tmp_path / "nothing-here.zarr")
+
+
+def test_an_interrupted_create_leaves_nothing_a_fresh_fit_trips_over(tmp_path, monkeypatch):
+    # A Ctrl-C lands while create() makes the arrays: here once the first is written.
+    # It used to leave a zarr.json that fit(resume=False) took for a trained store
+    # and fit(resume=True) for a damaged one.
+    real, made = zarr.Group.create_array, []
+
+    def interrupted(self, *args, **kwargs):
+        if made:
+            raise KeyboardInterrupt
+        made.append(real(self, *args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(zarr.Group, "create_array", interrupted)
+    path = tmp_path / "ckpt.zarr"
+    with pytest.raises(KeyboardInterrupt):
+        new_store(path)
+    monkeypatch.undo()
+    assert len(made) == 1                       # it was cut short after writing something
+    assert not path.exists() and not ZarrStore.exists(path)
+    with pytest.raises(scar.CheckpointError, match="resume=True, but there is no dask_scar checkpoint store"):
+        _check_store_path(str(path), resume=True)
+    _check_store_path(str(path), resume=False)  # what a fresh fit checks first
+    new_store(path).write_blocks("weights", {0: np.ones((5, 10), np.float32)}, 1, 0, 1)
+    np.testing.assert_array_equal(scar.open_store(path).load()["weights"][:5], 1.0)
+    # an empty directory made beforehand (a mounted volume, say) stays
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    monkeypatch.setattr(zarr.Group, "create_array", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        new_store(volume)
+    assert volume.is_dir() and os.listdir(volume) == []
+
+
+def test_a_store_whose_creation_was_killed_says_to_delete_it(tmp_path):
+    # the driver SIGKILLed while it created the store: nothing could tidy up
+    path = tmp_path / "ckpt.zarr"
+    script = textwrap.dedent(f"""
+        import os, signal, zarr
+        import dask_scar as scar
+        from dask_scar.store import ZarrStore, make_layouts
+        real = zarr.Group.create_array
+        def killed(self, *args, **kwargs):
+            real(self, *args, **kwargs)
+            os.kill(os.getpid(), signal.SIGKILL)
+        zarr.Group.create_array = killed
+        ZarrStore.create({str(path)!r}, {MODEL!r}, make_layouts({{"weights": ((65, 10), "float32")}}, 4, 4), None)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -9, done.stderr
+    assert (path / "zarr.json").exists()
+    unfinished = rf"{path} holds a checkpoint store whose creation was cut short .* Delete it, or choose another"
+    for resume in (False, True):
+        with pytest.raises(scar.CheckpointError, match=unfinished):
+            _check_store_path(str(path), resume=resume)
+    with pytest.raises(scar.CheckpointError, match=unfinished):
+        scar.open_store(path)
+    # a store an array of which is gone (deleted by hand): damaged, whether resumed or not
+    shutil.rmtree(path)
+    new_store(path)
+    shutil.rmtree(path / "saved")
+    damaged = r"is damaged: its array 'saved/weights' is missing .* delete it, or choose another"
+    for resume in (False, True):
+        with pytest.raises(scar.CheckpointError, match=damaged):
+            _check_store_path(str(path), resume=resume)
 
 
 # -- policies -------------------------------------------------------------------------------
