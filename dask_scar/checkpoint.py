@@ -50,7 +50,7 @@ import pandas as pd
 from distributed import Client, get_worker
 
 from .backend import get_array_module, to_host
-from .chunks import PROGRESS_TOPIC, Chunk, ChunkId
+from .chunks import PROGRESS_TOPIC, Chunk, ChunkId, ended
 from .exceptions import CheckpointError, CheckpointWarning
 from .policy import CheckpointPolicy
 from .store import NEVER, BlockLayout, ZarrStore, pick, probe
@@ -197,8 +197,12 @@ def _as_saved(chunk: Chunk) -> tuple[Any, float]:
 
 def keep(run: str, chunks: dict[ChunkId, Chunk]) -> None:
     """Keep the values of ``chunks`` (new versions, on their owner) and their paths, for
-    the round chosen from them: it is written while a later iteration runs."""
+    the round chosen from them: it is written while a later iteration runs. Nothing
+    once ``run`` ended (a task of it still running: see :func:`dask_scar.chunks.forget`,
+    which the driver has the workers run before :func:`forget`)."""
     with _lock:
+        if ended(run):
+            return
         for cid, chunk in chunks.items():
             kept = _kept.setdefault((run, cid), {})
             for version in [v for v in kept if v < chunk.version - 2]:    # a round nobody wrote

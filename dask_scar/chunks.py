@@ -171,12 +171,17 @@ _seen: OrderedDict[str, dict[ChunkId, list[Chunk]]] = OrderedDict()   # run -> c
 _seen_lock = threading.Lock()
 _SEEN_RUNS = 4      # runs remembered per process (a run's driver normally forgets it when it ends)
 _SEEN_VERSIONS = 2  # copies remembered per chunk
+#: Runs that ended (see :func:`forget`): a task of theirs still running keeps nothing.
+_ended: OrderedDict[str, None] = OrderedDict()
+_ENDED_RUNS = 64    # ended runs remembered per process
 
 
 def remember(run: str, chunks: dict[ChunkId, Chunk]) -> None:
     """Keep ``chunks`` among the newest copies this process saw (contribution tasks call
-    it with what they read, update tasks with their replicas)."""
+    it with what they read, update tasks with their replicas); nothing once ``run`` ended."""
     with _seen_lock:
+        if run in _ended:
+            return
         seen = _seen.setdefault(run, {})
         _seen.move_to_end(run)
         while len(_seen) > _SEEN_RUNS:
@@ -216,9 +221,20 @@ def seen_versions(run: str, labels: list[str], newest: int) -> dict[str, int]:
 
 
 def forget(run: str) -> None:
-    """Run on the workers when ``run`` ends: drop its copies."""
+    """Run on the workers when ``run`` ends: drop its copies. Tasks of the run still
+    running (the driver was interrupted while they ran: Dask cannot stop them) keep
+    none afterwards."""
     with _seen_lock:
         _seen.pop(run, None)
+        _ended[run] = None
+        while len(_ended) > _ENDED_RUNS:
+            _ended.popitem(last=False)
+
+
+def ended(run: str) -> bool:
+    """Whether :func:`forget` ran for ``run`` in this process."""
+    with _seen_lock:
+        return run in _ended
 
 
 def _adopt_chunks(ids: list[ChunkId], keys: list[str], client_id: str, run: str, epoch: int,

@@ -528,6 +528,55 @@ def test_an_interrupted_fit_holds_nothing_while_its_traceback_lives(client, mode
              what="no task left on the scheduler while the traceback lives")
 
 
+def _slow_remember(seconds: float) -> None:
+    """On a worker: each task waits ``seconds`` before it keeps its chunk copies, so that
+    an interrupted fit's tasks are still running when the driver says the run ended."""
+    from dask_scar import chunks, iteration
+
+    def remember(run, copies):
+        time.sleep(seconds)
+        chunks.remember(run, copies)
+
+    iteration.remember = remember
+
+
+def _runs_kept() -> list[str]:
+    """On a worker: the runs whose chunk copies (or values for checkpoint rounds) it keeps."""
+    from dask_scar import checkpoint, chunks
+
+    return sorted({*chunks._seen, *(run for run, _ in checkpoint._kept)})
+
+
+def test_tasks_still_running_after_an_interrupt_keep_no_chunk_copies(own_client):
+    """Dask cannot stop a running task: those of an interrupted fit (ALS, one graph per
+    iteration) ran on after the workers had dropped the run's chunk copies, and kept
+    new ones for good (a model's worth per worker and run, up to 4 runs)."""
+    client = own_client
+    client.run(_slow_remember, 0.5)
+    frame, _ = low_rank_ratings()
+    ddf = dd.from_pandas(frame, npartitions=4)
+    stop = threading.Event()
+
+    def interrupt_mid_fit():
+        while not stop.is_set():
+            if any(int(key.rsplit("-v", 1)[1]) >= 2 for key in client.run_on_scheduler(_scar_keys)
+                   if key.startswith("scar-chunk")):
+                return _interrupt()
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=interrupt_mid_fit, daemon=True)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            watcher.start()
+            scar.Trainer(client, scar.MatrixFactorization(rank=5)).fit(ddf, max_iter=100_000, tol=0, progress=False)
+    finally:
+        stop.set()
+        watcher.join()
+    wait_for(lambda: set(client.run(_running).values()) == {0}, timeout=20, what="the run's tasks to end")
+    kept = client.run(_runs_kept)
+    assert len(kept) == 2 and not any(kept.values()), kept
+
+
 _DRIVER = """
 import sys
 import dask, dask.dataframe as dd, pandas as pd
