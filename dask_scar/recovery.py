@@ -34,8 +34,10 @@ iterations the contraction bound of SCAR predicts,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import signal
 import threading
 import time
 from array import array
@@ -530,6 +532,36 @@ class Interrupted(Exception):
     """A worker holding chunks went away (or a chunk's data died) while waiting."""
 
 
+_sigint = threading.Event()     # a Ctrl-C came during the fit (see interruptible)
+
+
+@contextlib.contextmanager
+def interruptible():
+    """While a fit runs in the main thread, a Ctrl-C (SIGINT) that raised
+    KeyboardInterrupt is also noted, and :func:`wait_watching` raises it again where
+    Python ignored it: Python ignores exceptions in a ``__del__``, such as a dropped
+    Future's, which a fit's driver runs often (the fit went on, 1 Ctrl-C in 8 or so
+    with one graph per iteration)."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield
+        return
+
+    def noted(signum, frame):
+        try:
+            previous(signum, frame)
+        except KeyboardInterrupt:
+            _sigint.set()
+            raise
+
+    signal.signal(signal.SIGINT, noted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _sigint.clear()
+
+
 def wait_on(client: Client, futures: list[Future], timeout: float | None = None) -> None:
     """``distributed.wait`` for futures of ``client``. ``wait`` itself runs on the
     default client (the last one made, unless another is current), which may be
@@ -554,6 +586,8 @@ def wait_watching(futures: list[Future], watch: ClusterWatch, owners: Callable[[
     client = watch.client
     started = last_look = time.monotonic()
     while True:
+        if _sigint.is_set():
+            raise KeyboardInterrupt     # one that Python ignored (see interruptible)
         try:
             wait_on(client, futures, timeout=POLL_SECONDS)
             break

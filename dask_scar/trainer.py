@@ -28,7 +28,7 @@ from .models import Model
 from .models._base import check_number
 from .plugin import ensure_plugin
 from .policy import CheckpointPolicy, default_policy
-from .recovery import RecoveryEvent, Restore, cancelled, check_scheduler, live_workers
+from .recovery import RecoveryEvent, Restore, cancelled, check_scheduler, interruptible, live_workers
 from .run import TrainingRun, history_frame
 from .store import ZarrStore, make_layouts, probe
 
@@ -197,7 +197,7 @@ class Trainer:
         self.model.check_params()
         if resume and self.store is None:
             raise ValueError("resume=True needs the Trainer's store=: the checkpoint to resume from")
-        with self.model.fitting():
+        with self.model.fitting(), interruptible():
             return self._fit(frame, target, features, max_iter, tol, resume, progress, callback)
 
     def _fit(self, frame, target, features, max_iter, tol, resume, progress, callback) -> FitResult:

@@ -418,6 +418,31 @@ def _interrupt() -> None:
     os.kill(os.getpid(), signal.SIGINT)
 
 
+class _CtrlCInDel:
+    """Sends this process a SIGINT from its ``__del__``: Python ignores the
+    KeyboardInterrupt the handler raises there (it prints "Exception ignored in")."""
+
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")   # the ignored one
+def test_a_ctrl_c_that_python_ignored_still_stops_the_fit(client, digits):
+    """Where a Ctrl-C lands in a ``__del__`` (a dropped Future's, in the driver, often)
+    Python ignores its KeyboardInterrupt: the fit went on to ``max_iter``."""
+    handler, seen = signal.getsignal(signal.SIGINT), []
+
+    def callback(k, loss):
+        seen.append(k)
+        if k == 5:
+            _CtrlCInDel()   # dropped at once
+    with pytest.raises(KeyboardInterrupt):
+        scar.Trainer(client, scar.SoftmaxRegression()).fit(digits, target="label", max_iter=200, tol=0,
+                                                           progress=False, callback=callback)
+    assert max(seen) <= 6
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
 def _segment_ran_since(client, started: float) -> bool:
     """Whether a segment's workers have sent progress (every second) since ``started``."""
     return any(t >= started and "stamp" in e for t, e in client.get_events("scar-progress"))
