@@ -207,10 +207,9 @@ def spread(client: Client, training: TrainingData) -> str:
     joined (a replacement, or one more, also while the data was read), the survivor
     that a lost or retired worker's block came back on, partitions that Dask placed
     unevenly. Each worker computes an even share of the data from the next iteration
-    on. Donors give whole blocks where they fit (a lost worker's block, rebuilt on a
-    survivor, goes back to its replacement), otherwise the end of a block cut in two
-    where it lies. Each taker gets what it takes as one block, made by a task of its
-    own (not a transfer), so the moved rows keep their lineage. Returns what moved."""
+    on. Donors give whole blocks where they fit, otherwise the end of a block cut in
+    two where it lies. Each taker gets what it takes as one block, made by a task of
+    its own (not a transfer), so the moved rows keep their lineage. Returns what moved."""
     running = sorted(w for w, info in workers_info(client).items() if info.get("status") == "running")
     where = holders(client, training.blocks)     # as they are (a replacement may have a lost one's address)
     training.workers = [where[b.key] or w for b, w in zip(training.blocks, training.workers)]
@@ -242,8 +241,10 @@ def _plan(workers: list[str], rows: list[int], running: list[str]) -> list[tuple
     """The moves that spread ``rows`` (of blocks on ``workers``) evenly over ``running``,
     in order: (block, rows off its end, taker). A block not moved whole is cut in two,
     and its end becomes a new, last block. The most loaded worker gives to the least
-    (the slowest one sets the pace) until every worker is within ``BALANCE_SLACK`` of
-    an even share; a worker gives or takes, never both."""
+    (the slowest one sets the pace) until both are within ``BALANCE_SLACK`` of an even
+    share, or no move is left: a worker gives or takes, never both, so one that took a
+    whole block a little over its share gives nothing back, and another may stay short
+    (random layouts end within two slacks)."""
     workers, rows = list(workers), list(rows)
     load = {w: 0 for w in running}
     for w, n in zip(workers, rows):

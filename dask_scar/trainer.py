@@ -207,16 +207,25 @@ class Trainer:
             _check_store_path(self.store, resume)
         ensure_plugin(client)
         try:
-            training = data.prepare(client, model, frame, target, features, self.backend)
-        except CancelledError as exc:
-            raise cancelled(client, exc, _resume_hint(self.store) if resume else "") from None
-        try:
-            return self._train(training, max_iter, tol, resume, progress, callback)
-        finally:
-            # the fit's copy of the data goes now, however the fit ended: an exception's
-            # traceback (a notebook keeps the last) holds these futures in its frames
-            for block in training.blocks:
-                block.release()
+            try:
+                training = data.prepare(client, model, frame, target, features, self.backend)
+            except CancelledError as exc:
+                raise cancelled(client, exc, _resume_hint(self.store) if resume else "") from None
+            try:
+                return self._train(training, max_iter, tol, resume, progress, callback)
+            finally:
+                # the fit's copy of the data goes now, however the fit ended: an exception's
+                # traceback (a notebook keeps the last) holds these futures in its frames
+                for block in training.blocks:
+                    block.release()
+        except Exception:
+            if client.status in ("running", "newly-created"):
+                raise
+        # The client was closed meanwhile (by its user, from another thread): whichever of
+        # Dask's errors that gave (a closed client's, a closed loop's), say so (this raises),
+        # and how to go on.
+        stored = self.store is not None and ZarrStore.exists(self.store)
+        check_scheduler(client, _resume_hint(self.store) if stored else "")
 
     def _train(self, training: data.TrainingData, max_iter, tol, resume, progress, callback) -> FitResult:
         client, model = self.client, self.model
@@ -226,24 +235,25 @@ class Trainer:
                                n_chunks, config.get("checkpoint.blocks-per-chunk"))
         run = uuid.uuid4().hex[:8]
         store, ckpt, start, prepare = self._open_store(layouts, run, resume, training)
-        if start >= max_iter:
-            warnings.warn(f"the checkpoint store {self.store} is at iteration {start}, and max_iter={max_iter}: "
-                          "nothing to train; the model gets the stored parameters (raise max_iter to go on)",
-                          stacklevel=checkpoint.callers_level())
-        if store is not None:
-            layouts = store.layouts
-        chunks = ParameterChunks(client, run, place(split_rows(layouts, n_chunks), workers), version=start)
         hint = _resume_hint(self.store) if store is not None else ""
-        restore = Restore(chunks, lambda ids, version, trends: chunks.initialize(
-                              model, self.backend, version,
-                              prepare(True, trends if self._extrapolates() else None, self.recovery == "full"), ids),
-                          self.recovery, lambda: int(store.manifest.get("iteration", 0)) if store else 0, hint)
-        shown = config.get("progress", progress)
-        interval = _bar_interval() if shown else 0.1
-        bar = tqdm(total=max_iter, initial=start, unit="it", desc=type(model).__name__, disable=not shown,
-                   mininterval=interval, maxinterval=max(10.0, interval))
-        training_run = TrainingRun(model, training, chunks, ckpt, restore, bar, config.get("segment-iterations"))
-        try:
+        training_run = None
+        try:     # (from here, the store is claimed by the run)
+            if start >= max_iter:
+                warnings.warn(f"the checkpoint store {self.store} is at iteration {start}, and max_iter={max_iter}: "
+                              "nothing to train; the model gets the stored parameters (raise max_iter to go on)",
+                              stacklevel=checkpoint.callers_level())
+            if store is not None:
+                layouts = store.layouts
+            chunks = ParameterChunks(client, run, place(split_rows(layouts, n_chunks), workers), version=start)
+            restore = Restore(chunks, lambda ids, version, trends: chunks.initialize(
+                model, self.backend, version,
+                prepare(True, trends if self._extrapolates() else None, self.recovery == "full"), ids),
+                self.recovery, lambda: int(store.manifest.get("iteration", 0)) if store else 0, hint)
+            shown = config.get("progress", progress)
+            interval = _bar_interval() if shown else 0.1
+            bar = tqdm(total=max_iter, initial=start, unit="it", desc=type(model).__name__, disable=not shown,
+                       mininterval=interval, maxinterval=max(10.0, interval))
+            training_run = TrainingRun(model, training, chunks, ckpt, restore, bar, config.get("segment-iterations"))
             training_run.start(lambda: chunks.initialize(model, self.backend, start, prepare(resume)))
             converged = training_run.iterate(start + 1, max_iter, tol, callback)
             params = training_run.finish()
@@ -254,7 +264,8 @@ class Trainer:
             raise cancelled(client, exc, hint) from None
         finally:
             try:
-                training_run.close()
+                if training_run is not None:
+                    training_run.close()
             finally:
                 if store is not None:
                     store.release(run)
@@ -292,14 +303,17 @@ class Trainer:
         else:
             store = ZarrStore.create(self.store, meta, layouts, policy.to_json())
         store_id = store.meta["id"]
-        problems = {w: p for w, p in self.client.run(checkpoint.check_access, store.url, store_id).items() if p}
-        if problems:
+        try:
+            problems = {w: p for w, p in self.client.run(checkpoint.check_access, store.url, store_id).items() if p}
+            if problems:
+                worker, problem = min(problems.items())
+                raise CheckpointError(f"worker {worker} cannot use the checkpoint store: {problem}. The workers "
+                                      "must see the same storage as the driver: a shared filesystem, or an object "
+                                      "store URL such as s3://... (a memory:// store lives in one process)")
+        except BaseException:
             if not resume:
-                store.destroy()     # never trained: it would only ask for resume=True next time
-            worker, problem = min(problems.items())
-            raise CheckpointError(f"worker {worker} cannot use the checkpoint store: {problem}. The workers must "
-                                  "see the same storage as the driver: a shared filesystem, or an object store URL "
-                                  "such as s3://... (a memory:// store lives in one process)")
+                store.destroy()     # never trained (or Ctrl-C): it would only ask for resume=True next time
+            raise
         store.claim(run, meta, policy.to_json())
         manifest = store.manifest
         start = int(manifest.get("iteration", 0))
