@@ -402,15 +402,15 @@ class ZarrStore(CheckpointStore):
         if ATTRS not in group.attrs:
             if CREATING in group.attrs:
                 raise CheckpointError(
-                    f"{url} holds a checkpoint store whose creation was cut short (the fit that created it was "
-                    "stopped before it had made the store's arrays): it holds nothing. Delete it, or choose "
-                    "another store path")
+                    f"{url} holds a checkpoint store whose creation did not finish (its fit was killed before "
+                    "it had made the store's arrays, or is making them now): it holds nothing. Delete it, or "
+                    "choose another store path")
             raise StoreMismatchError(f"{url} holds a Zarr group that is not a dask_scar checkpoint store")
         return cls(url, group)
 
     @classmethod
     def exists(cls, url: str | os.PathLike) -> bool:
-        """True if ``url`` holds a dask_scar store, also one whose creation was cut short
+        """True if ``url`` holds a dask_scar store, also one whose creation did not finish
         (:meth:`open` raises for that one)."""
         try:
             group = zarr.open_group(_zarr_store(os.fspath(url), read_only=True), mode="r")

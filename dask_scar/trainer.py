@@ -363,7 +363,7 @@ def _bar_interval() -> float:
 def _check_store_path(url: str, resume: bool) -> None:
     """Before any work: the store path suits ``resume`` and can be written."""
     if ZarrStore.exists(url):
-        # one whose creation was cut short, or that lost an array, says so the same
+        # one whose creation did not finish, or that lost an array, says so the same
         # way whether resumed or not: neither can be resumed
         ZarrStore.open(url).check_arrays()
         if not resume:

@@ -375,14 +375,21 @@ DRIVER = textwrap.dedent("""
 
 
 @pytest.mark.slow
+def _committed(store) -> int:
+    """The store's last committed iteration; 0 while it is not there, or being created."""
+    try:
+        return scar.open_store(store).manifest.get("iteration", 0)
+    except scar.CheckpointError:
+        return 0
+
+
 def test_resume_after_the_driver_process_died(client, digits, tmp_path):
     store = tmp_path / "ckpt.zarr"
     digits.to_parquet(tmp_path / "digits.parquet")
     driver = subprocess.Popen([sys.executable, "-c", DRIVER, client.scheduler.address,
                                str(tmp_path / "digits.parquet"), str(store)])
     try:
-        wait_for(lambda: scar.ZarrStore.exists(store) and scar.open_store(store).manifest.get("iteration", 0) >= 20,
-                 timeout=120, what="the driver to commit iteration 20")
+        wait_for(lambda: _committed(store) >= 20, timeout=120, what="the driver to commit iteration 20")
     finally:
         driver.send_signal(signal.SIGKILL)
         driver.wait()

@@ -268,7 +268,7 @@ def test_a_store_whose_creation_was_killed_says_to_delete_it(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == -9, done.stderr
     assert (path / "zarr.json").exists()
-    unfinished = rf"{path} holds a checkpoint store whose creation was cut short .* Delete it, or choose another"
+    unfinished = rf"{path} holds a checkpoint store whose creation did not finish .* Delete it, or choose another"
     for resume in (False, True):
         with pytest.raises(scar.CheckpointError, match=unfinished):
             _check_store_path(str(path), resume=resume)
