@@ -1,0 +1,213 @@
+"""Interrupting a fit (Ctrl-C, a notebook's stop button) on a real cluster: what stops,
+and what it leaves behind. A module of its own, with a cluster of its own: after the
+rest of the suite in one process, a SIGINT sometimes did not reach these tests' fits
+(not yet understood; never when this module runs alone or after the other modules)."""
+
+import gc
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import dask
+import dask.dataframe as dd
+import pytest
+from conftest import low_rank_ratings, wait_for
+from test_trainer import _check_segments_stopped, _running, _scar_keys, _segment_ran_since
+
+import dask_scar as scar
+
+
+def _interrupt(stop: threading.Event) -> None:
+    """Ctrl-C, as a terminal or a notebook's stop button sends it: a real SIGINT, and
+    again every 5 s until ``stop`` is set, as a user presses it again. (One can be lost
+    in the full suite still, in a way not yet understood; in a fit's own process, one
+    that Python ignored is raised again: the test above.)"""
+    os.kill(os.getpid(), signal.SIGINT)
+    while not stop.wait(5):
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+_IGNORED_CTRL_C_DRIVER = """
+import os, signal, sys
+import pandas as pd
+from distributed import Client
+import dask_scar as scar
+
+class CtrlCInDel:      # sends this process SIGINT from its __del__, where Python ignores the KeyboardInterrupt
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+
+seen = []
+def callback(k, loss):
+    seen.append(k)
+    if k == 5:
+        CtrlCInDel()    # dropped at once
+handler = signal.getsignal(signal.SIGINT)
+with Client(sys.argv[1]) as client:
+    try:
+        scar.Trainer(client, scar.SoftmaxRegression()).fit(pd.read_parquet(sys.argv[2]), target="label",
+                                                           max_iter=200, tol=0, progress=False, callback=callback)
+        print("trained to", max(seen))
+    except KeyboardInterrupt:
+        print("stopped after", max(seen), signal.getsignal(signal.SIGINT) is handler)
+"""
+
+
+def test_a_ctrl_c_that_python_ignored_still_stops_the_fit(client, digits, tmp_path):
+    """Where a Ctrl-C lands in a ``__del__`` (a dropped Future's, in the driver, often)
+    Python ignores its KeyboardInterrupt: the fit went on to ``max_iter``. (A driver
+    process of its own, as a notebook's kernel is.)"""
+    data = tmp_path / "digits.parquet"
+    digits.to_parquet(data)
+    out = subprocess.run([sys.executable, "-c", _IGNORED_CTRL_C_DRIVER, client.scheduler.address, str(data)],
+                         capture_output=True, text=True, timeout=120)
+    assert "Exception ignored" in out.stderr       # Python did ignore it
+    assert out.stdout.split() in (["stopped", "after", "5", "True"], ["stopped", "after", "6", "True"]), \
+        out.stdout + out.stderr     # (the code before: "trained to 200")
+
+
+@pytest.mark.slow
+def test_an_interrupted_fit_stops_its_segments(client, digits, tmp_path):
+    """Interrupting a fit (Ctrl-C, a notebook's stop button) during a segment: the
+    fit's clean-up stops the segment's tasks at their next exchange. Dask cannot stop
+    a running task, and left alone these would run the segment's remaining iterations
+    (here ~100,000, minutes) on the threads the next fit needs, and write their
+    checkpoint rounds."""
+    ddf = dd.from_pandas(digits, npartitions=4)
+    started, stop = time.time(), threading.Event()
+
+    def interrupt_in_the_segment():     # once its workers have sent progress (every second)
+        while not stop.is_set():
+            if _segment_ran_since(client, started):
+                return _interrupt(stop)
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=interrupt_in_the_segment, daemon=True)
+    try:
+        with dask.config.set({"scar.segment-iterations": 100_000}), pytest.raises(KeyboardInterrupt):
+            watcher.start()
+            scar.Trainer(client, scar.SoftmaxRegression(), store=tmp_path / "ckpt").fit(
+                ddf, target="label", max_iter=100_000, tol=0, progress=False)
+    finally:
+        stop.set()
+        watcher.join()
+    _check_segments_stopped(client, ddf)
+
+
+def test_interrupted_fits_leave_no_chunk_behind(client):
+    """Interrupted while waiting for an iteration (ALS: one graph per iteration), a fit
+    used to leave that iteration's chunks on the workers, wanted by the client for good:
+    a model's worth of memory per press of a notebook's stop button."""
+    frame, _ = low_rank_ratings()
+    ddf = dd.from_pandas(frame, npartitions=4)
+    for trial in range(3):
+        stop = threading.Event()
+
+        def interrupt_mid_fit():      # once a few iterations are done (a version of 3 or later seen:
+            while not stop.is_set():  # an iteration's keys may come and go between two looks)
+                if any(int(key.rsplit("-v", 1)[1]) >= 3 for key in client.run_on_scheduler(_scar_keys)
+                       if key.startswith("scar-chunk")):
+                    return _interrupt(stop)
+                time.sleep(0.02)
+
+        watcher = threading.Thread(target=interrupt_mid_fit, daemon=True)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                watcher.start()
+                scar.Trainer(client, scar.MatrixFactorization(rank=5)).fit(ddf, max_iter=100_000, tol=0,
+                                                                          progress=False)
+        finally:
+            stop.set()
+            watcher.join()
+        gc.collect()
+        wait_for(lambda: client.run_on_scheduler(_scar_keys) == [], timeout=10,
+                 what=f"no scar- key left on the scheduler after interrupt {trial + 1}")
+        wait_for(lambda: all(keys == [] for keys in client.run(
+            lambda dask_worker: [k for k in dask_worker.data if str(k).startswith("scar-chunk")]).values()),
+            timeout=10, what="no chunk left in the workers' memory")
+
+
+def _tasks(dask_scheduler) -> list[str]:
+    return sorted(map(str, dask_scheduler.tasks))
+
+
+@pytest.mark.parametrize("model", ["softmax", "als"])
+def test_an_interrupted_fit_holds_nothing_while_its_traceback_lives(client, model, digits):
+    """A notebook keeps the last exception's traceback (``sys.last_traceback``), whose
+    frames held the fit's futures: a copy of the training data stayed on the workers
+    (and, for ALS, the iteration in flight) until another error replaced it."""
+    if model == "als":
+        ddf, fit = dd.from_pandas(low_rank_ratings()[0], npartitions=4), dict(model=scar.MatrixFactorization(rank=5))
+    else:
+        ddf, fit = dd.from_pandas(digits, npartitions=4), dict(model=scar.SoftmaxRegression(), target="label")
+    started, stop = time.time(), threading.Event()
+
+    def interrupt_once_it_runs():
+        while not stop.is_set():
+            if any(t >= started and e.get("iteration", 0) >= 3 for t, e in client.get_events("scar-progress")):
+                return _interrupt(stop)
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=interrupt_once_it_runs, daemon=True)
+    try:
+        with pytest.raises(KeyboardInterrupt) as kept:
+            watcher.start()
+            scar.Trainer(client, fit.pop("model")).fit(ddf, **fit, max_iter=100_000, tol=0, progress=False)
+    finally:
+        stop.set()
+        watcher.join()
+    assert kept.tb is not None
+    wait_for(lambda: client.run_on_scheduler(_tasks) == [], timeout=10,
+             what="no task left on the scheduler while the traceback lives")
+
+
+def _slow_remember(seconds: float) -> None:
+    """On a worker: each task waits ``seconds`` before it keeps its chunk copies, so that
+    an interrupted fit's tasks are still running when the driver says the run ended."""
+    from dask_scar import chunks, iteration
+
+    def remember(run, copies):
+        time.sleep(seconds)
+        chunks.remember(run, copies)
+
+    iteration.remember = remember
+
+
+def _runs_kept() -> list[str]:
+    """On a worker: the runs whose chunk copies (or values for checkpoint rounds) it keeps."""
+    from dask_scar import checkpoint, chunks
+
+    return sorted({*chunks._seen, *(run for run, _ in checkpoint._kept)})
+
+
+def test_tasks_still_running_after_an_interrupt_keep_no_chunk_copies(own_client):
+    """Dask cannot stop a running task: those of an interrupted fit (ALS, one graph per
+    iteration) ran on after the workers had dropped the run's chunk copies, and kept
+    new ones for good (a model's worth per worker and run, up to 4 runs)."""
+    client = own_client
+    client.run(_slow_remember, 0.5)
+    frame, _ = low_rank_ratings()
+    ddf = dd.from_pandas(frame, npartitions=4)
+    stop = threading.Event()
+
+    def interrupt_mid_fit():
+        while not stop.is_set():
+            if any(int(key.rsplit("-v", 1)[1]) >= 2 for key in client.run_on_scheduler(_scar_keys)
+                   if key.startswith("scar-chunk")):
+                return _interrupt(stop)
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=interrupt_mid_fit, daemon=True)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            watcher.start()
+            scar.Trainer(client, scar.MatrixFactorization(rank=5)).fit(ddf, max_iter=100_000, tol=0, progress=False)
+    finally:
+        stop.set()
+        watcher.join()
+    wait_for(lambda: set(client.run(_running).values()) == {0}, timeout=20, what="the run's tasks to end")
+    kept = client.run(_runs_kept)
+    assert len(kept) == 2 and not any(kept.values()), kept
