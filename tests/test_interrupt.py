@@ -30,6 +30,35 @@ def _interrupt(stop: threading.Event) -> None:
         os.kill(os.getpid(), signal.SIGINT)
 
 
+def _fit_interrupted(when, fit):
+    """``fit()`` with Ctrl-C sent (see :func:`_interrupt`) once ``when()`` is true;
+    returns the KeyboardInterrupt, as pytest keeps it."""
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            if when():
+                return _interrupt(stop)
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    try:
+        with pytest.raises(KeyboardInterrupt) as kept:
+            watcher.start()
+            fit()
+    finally:
+        stop.set()
+        watcher.join()
+    return kept
+
+
+def _chunk_version_seen(client, version: int) -> bool:
+    """Whether the scheduler holds a chunk of ``version`` or later (an iteration's keys may
+    come and go between two looks)."""
+    return any(int(key.rsplit("-v", 1)[1]) >= version for key in client.run_on_scheduler(_scar_keys)
+               if key.startswith("scar-chunk"))
+
+
 _IGNORED_CTRL_C_DRIVER = """
 import os, signal, sys
 import pandas as pd
@@ -77,23 +106,11 @@ def test_an_interrupted_fit_stops_its_segments(client, digits, tmp_path):
     (here ~100,000, minutes) on the threads the next fit needs, and write their
     checkpoint rounds."""
     ddf = dd.from_pandas(digits, npartitions=4)
-    started, stop = time.time(), threading.Event()
-
-    def interrupt_in_the_segment():     # once its workers have sent progress (every second)
-        while not stop.is_set():
-            if _segment_ran_since(client, started):
-                return _interrupt(stop)
-            time.sleep(0.1)
-
-    watcher = threading.Thread(target=interrupt_in_the_segment, daemon=True)
-    try:
-        with dask.config.set({"scar.segment-iterations": 100_000}), pytest.raises(KeyboardInterrupt):
-            watcher.start()
-            scar.Trainer(client, scar.SoftmaxRegression(), store=tmp_path / "ckpt").fit(
-                ddf, target="label", max_iter=100_000, tol=0, progress=False)
-    finally:
-        stop.set()
-        watcher.join()
+    started = time.time()
+    with dask.config.set({"scar.segment-iterations": 100_000}):     # once its workers sent progress (every second)
+        _fit_interrupted(lambda: _segment_ran_since(client, started), lambda: scar.Trainer(
+            client, scar.SoftmaxRegression(), store=tmp_path / "ckpt").fit(ddf, target="label", max_iter=100_000,
+                                                                          tol=0, progress=False))
     _check_segments_stopped(client, ddf)
 
 
@@ -104,24 +121,8 @@ def test_interrupted_fits_leave_no_chunk_behind(client):
     frame, _ = low_rank_ratings()
     ddf = dd.from_pandas(frame, npartitions=4)
     for trial in range(3):
-        stop = threading.Event()
-
-        def interrupt_mid_fit():      # once a few iterations are done (a version of 3 or later seen:
-            while not stop.is_set():  # an iteration's keys may come and go between two looks)
-                if any(int(key.rsplit("-v", 1)[1]) >= 3 for key in client.run_on_scheduler(_scar_keys)
-                       if key.startswith("scar-chunk")):
-                    return _interrupt(stop)
-                time.sleep(0.02)
-
-        watcher = threading.Thread(target=interrupt_mid_fit, daemon=True)
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                watcher.start()
-                scar.Trainer(client, scar.MatrixFactorization(rank=5)).fit(ddf, max_iter=100_000, tol=0,
-                                                                          progress=False)
-        finally:
-            stop.set()
-            watcher.join()
+        _fit_interrupted(lambda: _chunk_version_seen(client, 3), lambda: scar.Trainer(
+            client, scar.MatrixFactorization(rank=5)).fit(ddf, max_iter=100_000, tol=0, progress=False))
         gc.collect()
         wait_for(lambda: client.run_on_scheduler(_scar_keys) == [], timeout=10,
                  what=f"no scar- key left on the scheduler after interrupt {trial + 1}")
@@ -143,22 +144,10 @@ def test_an_interrupted_fit_holds_nothing_while_its_traceback_lives(client, mode
         ddf, fit = dd.from_pandas(low_rank_ratings()[0], npartitions=4), dict(model=scar.MatrixFactorization(rank=5))
     else:
         ddf, fit = dd.from_pandas(digits, npartitions=4), dict(model=scar.SoftmaxRegression(), target="label")
-    started, stop = time.time(), threading.Event()
-
-    def interrupt_once_it_runs():
-        while not stop.is_set():
-            if any(t >= started and e.get("iteration", 0) >= 3 for t, e in client.get_events("scar-progress")):
-                return _interrupt(stop)
-            time.sleep(0.02)
-
-    watcher = threading.Thread(target=interrupt_once_it_runs, daemon=True)
-    try:
-        with pytest.raises(KeyboardInterrupt) as kept:
-            watcher.start()
-            scar.Trainer(client, fit.pop("model")).fit(ddf, **fit, max_iter=100_000, tol=0, progress=False)
-    finally:
-        stop.set()
-        watcher.join()
+    started = time.time()
+    kept = _fit_interrupted(
+        lambda: any(t >= started and e.get("iteration", 0) >= 3 for t, e in client.get_events("scar-progress")),
+        lambda: scar.Trainer(client, fit.pop("model")).fit(ddf, **fit, max_iter=100_000, tol=0, progress=False))
     assert kept.tb is not None
     wait_for(lambda: client.run_on_scheduler(_tasks) == [], timeout=10,
              what="no task left on the scheduler while the traceback lives")
@@ -191,23 +180,8 @@ def test_tasks_still_running_after_an_interrupt_keep_no_chunk_copies(own_client)
     client.run(_slow_remember, 0.5)
     frame, _ = low_rank_ratings()
     ddf = dd.from_pandas(frame, npartitions=4)
-    stop = threading.Event()
-
-    def interrupt_mid_fit():
-        while not stop.is_set():
-            if any(int(key.rsplit("-v", 1)[1]) >= 2 for key in client.run_on_scheduler(_scar_keys)
-                   if key.startswith("scar-chunk")):
-                return _interrupt(stop)
-            time.sleep(0.02)
-
-    watcher = threading.Thread(target=interrupt_mid_fit, daemon=True)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            watcher.start()
-            scar.Trainer(client, scar.MatrixFactorization(rank=5)).fit(ddf, max_iter=100_000, tol=0, progress=False)
-    finally:
-        stop.set()
-        watcher.join()
+    _fit_interrupted(lambda: _chunk_version_seen(client, 2), lambda: scar.Trainer(
+        client, scar.MatrixFactorization(rank=5)).fit(ddf, max_iter=100_000, tol=0, progress=False))
     wait_for(lambda: set(client.run(_running).values()) == {0}, timeout=20, what="the run's tasks to end")
     kept = client.run(_runs_kept)
     assert len(kept) == 2 and not any(kept.values()), kept
