@@ -270,7 +270,7 @@ def test_failing_writes_warn_and_training_goes_on(own_client, digits, tmp_path):
 
     thread = threading.Thread(target=train)
     thread.start()
-    wait_for(lambda: scar.ZarrStore.exists(store) and scar.open_store(store).manifest.get("round", 0) >= 3,
+    wait_for(lambda: _committed(store, "round") >= 3,
              what="three committed rounds")
     # The disk is "full" for a while: a few rounds' time, well short of the fit's rest
     # (later segments run ~1 s each; at 300 iterations the whole rest once fitted in 1 s).
@@ -375,10 +375,11 @@ DRIVER = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def _committed(store) -> int:
-    """The store's last committed iteration; 0 while it is not there, or being created."""
+def _committed(store, what: str = "iteration") -> int:
+    """The store's last committed iteration (or round); 0 while it is not there, or
+    being created."""
     try:
-        return scar.open_store(store).manifest.get("iteration", 0)
+        return scar.open_store(store).manifest.get(what, 0)
     except scar.CheckpointError:
         return 0
 
@@ -639,8 +640,7 @@ def _fit_in_thread(client, store, frame, max_iter):
             frame, target="label", max_iter=max_iter, tol=0, progress=False)
     thread = threading.Thread(target=fit)
     thread.start()
-    wait_for(lambda: (store / "zarr.json").exists() and scar.open_store(store).manifest.get("iteration", 0) >= 10,
-             what="the first fit's first commits")
+    wait_for(lambda: _committed(store) >= 10, what="the first fit's first commits")
     return thread, outcome
 
 
