@@ -9,9 +9,10 @@ survivor kept both blocks: run it with such a package on ``PYTHONPATH`` to compa
 With ``--join`` the cluster starts with one worker, and a second joins after
 ``--after`` seconds: it gets chunks, and half of the one block's rows (with code
 before that, chunks only). With ``--shrink`` the cluster starts with three workers
-and is scaled down to two after ``--after`` seconds: Dask moves the retired worker's
-block onto one survivor, and the rows are spread over both again (with code before
-that, one survivor computed two thirds of them).
+and is scaled down to two after ``--after`` seconds: Dask rebuilds the removed worker's
+block on one survivor (``LocalCluster.scale`` closes the worker rather than retiring
+it), and the rows are spread over both again (with code before that, one survivor
+computed two thirds of them).
 Printed, from one fit's history: ms per iteration before the event, until the data
 moved, and after, with their ratios to the first.
 
@@ -46,8 +47,7 @@ def main() -> None:
     args = parser.parse_args()
     with dask.config.set(config.OWN_CLUSTER), \
             LocalCluster(n_workers=1 if args.join else 3 if args.shrink else 2, threads_per_worker=1,
-                         dashboard_address=":0",
-                         silence_logs=50) as cluster, \
+                         dashboard_address=":0", silence_logs=50) as cluster, \
             Client(cluster) as client:
         frame = on_cluster(datasets.synthetic_classification(args.rows, 100, 10))
         if args.join or args.shrink:

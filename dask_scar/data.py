@@ -245,13 +245,13 @@ def _plan(workers: list[str], rows: list[int], running: list[str]) -> list[tuple
     share, or no move is left: a worker gives or takes, never both, so one that took a
     whole block a little over its share gives nothing back, and another may stay short
     (random layouts end within two slacks)."""
+    if not running:
+        return []
     workers, rows = list(workers), list(rows)
     load = {w: 0 for w in running}
     for w, n in zip(workers, rows):
         if w in load:
             load[w] += n
-    if not running:
-        return []
     share = sum(load.values()) / len(running)
     slack = max(BALANCE_SLACK * share, 1)
     moves: list[tuple[int, int, str]] = []
