@@ -133,3 +133,33 @@ def test_segments_on_cupy_equal_graphs(client, digits, tmp_path):
     assert (fast.checkpoints["error"] == "").all() and fast.checkpoints["iteration"].tolist()[:4] == [5, 10, 15, 20]
     np.testing.assert_allclose(scar.open_store(tmp_path / "segments").load()["weights"],
                                scar.open_store(tmp_path / "graphs").load()["weights"], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_rows_spread_over_gpu_workers_stay_on_the_gpu(digits):
+    """CuPy blocks are cut, sent and joined: a third worker joins two (a sixth of the
+    rows comes off the end of each block), then one of the three retires (its block
+    is moved and cut again). Every block stays a CuPy array, no worker keeps a view
+    of a larger block, and the losses equal the NumPy maths."""
+    from test_recovery import _block_types, _fit_with_steps, _settled, live_workers, scar_client
+
+    frame = pd.concat([digits] * 3, ignore_index=True)     # 5,391 rows
+    with new_cluster(2) as cluster, scar_client(cluster) as client:
+        seen = {}
+
+        def grow():
+            cluster.scale(3)
+            client.wait_for_workers(3, timeout=60)
+
+        def look(name):
+            seen[name] = _settled(client)
+            seen[name + " types"] = client.run(_block_types)
+
+        steps = {10: grow, 20: lambda: look("three"),
+                 25: lambda: client.retire_workers([sorted(live_workers(client))[0]]), 35: lambda: look("two")}
+        _fit_with_steps(client, frame, steps, max_iter=45, backend="cupy", rtol=2e-4)
+    assert sorted(seen["three"].values()) == [[(1797, False)]] * 3
+    assert sorted(sum(n for n, _ in blocks) for blocks in seen["two"].values()) == [2695, 2696]
+    assert not any(view for blocks in seen["two"].values() for _, view in blocks)
+    assert all(types == ["cupy"] for types in seen["three types"].values())
+    assert all(types == ["cupy"] for types in seen["two types"].values())

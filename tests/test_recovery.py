@@ -683,6 +683,12 @@ def _blocks_held(dask_worker):
                   for key, block in dask_worker.data.items() if str(key).startswith("scar-block"))
 
 
+def _block_types(dask_worker):
+    """The array types of this worker's data blocks."""
+    return sorted({type(v).__module__.split(".")[0] for key, block in dask_worker.data.items()
+                   if str(key).startswith("scar-block") for v in block.values()})
+
+
 def _settled(client, rows=5391, **where):
     """What :func:`_blocks_held` says once the workers hold ``rows`` rows in all: a cut
     end stays where it was cut (and a copy where it went) until Dask lets it go."""
@@ -697,15 +703,15 @@ def _settled(client, rows=5391, **where):
     return held
 
 
-def _fit_with_steps(client, frame, steps, max_iter, pandas_frame=None):
+def _fit_with_steps(client, frame, steps, max_iter, pandas_frame=None, backend="numpy", rtol=1e-5):
     hyper = dict(l2=1e-4, learning_rate=0.5)
-    result = scar.Trainer(client, scar.SoftmaxRegression(**hyper), n_chunks=6).fit(
+    result = scar.Trainer(client, scar.SoftmaxRegression(**hyper), n_chunks=6, backend=backend).fit(
         frame, target="label", max_iter=max_iter, tol=0, progress=False,
         callback=lambda k, loss: steps[k]() if k in steps else None)
     reference = scar.SoftmaxRegression(**hyper)
     local = prepare_local(reference, frame if pandas_frame is None else pandas_frame, "label")
     _, losses = fit_local(reference, local, max_iter=max_iter)
-    np.testing.assert_allclose(result.history["loss"], losses, rtol=1e-5)     # the maths is unchanged
+    np.testing.assert_allclose(result.history["loss"], losses, rtol=rtol)     # the maths is unchanged
     return result
 
 
