@@ -318,14 +318,21 @@ def holders(client: Client, futures: list[Future]) -> dict[str, str]:
     return {key: sorted(workers)[0] if workers else "" for key, workers in client.who_has(futures).items()}
 
 
-def as_dask_frame(data: Any, n_workers: int) -> dd.DataFrame:
+def columns_of(model: Model, data: Any, target: str | None,
+               features: list[str] | None) -> tuple[list[str], str | None]:
+    """The feature and target columns that training on ``data`` (a Dask or pandas
+    DataFrame) uses, checked against its columns' names and dtypes; nothing is read."""
+    if not isinstance(data, (pd.DataFrame, dd.DataFrame)):
+        raise DataError(f"expected a Dask or pandas DataFrame, got {type(data).__name__}")
+    return check_columns(model, list(data.columns), data.dtypes, target, features)
+
+
+def as_dask_frame(data: pd.DataFrame | dd.DataFrame, n_workers: int) -> dd.DataFrame:
     """A Dask DataFrame with at least one partition per worker."""
     if isinstance(data, pd.DataFrame):
         # the index plays no part in training, and from_pandas sorts it (a mixed or
         # multi-level one fails there)
         return dd.from_pandas(data.reset_index(drop=True), npartitions=max(1, n_workers))
-    if not isinstance(data, dd.DataFrame):
-        raise DataError(f"expected a Dask or pandas DataFrame, got {type(data).__name__}")
     if data.npartitions < n_workers:
         data = data.repartition(npartitions=n_workers)
     return data
@@ -338,9 +345,9 @@ def prepare(client: Client, model: Model, data: Any, target: str | None,
 
     Raises :class:`DataError` naming the offending column before any training.
     """
+    features, target = columns_of(model, data, target, features)
     n_workers = len(live_or_wait(client, ""))
     frame = as_dask_frame(data, n_workers)
-    features, target = check_columns(model, list(frame.columns), frame.dtypes, target, features)
     target_dtype = model.target_dtype if target is not None else None
 
     parts = frame.to_delayed()

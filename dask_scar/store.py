@@ -222,8 +222,10 @@ class CheckpointStore(abc.ABC):
             "newest_iteration": newest,
         }
 
-    def check_compatible(self, model: dict, layouts: dict[str, BlockLayout]) -> None:
-        """Raise :class:`StoreMismatchError` if the store was written for another model."""
+    def check_compatible(self, model: dict, layouts: dict[str, BlockLayout] | None = None) -> None:
+        """Raise :class:`StoreMismatchError` if the store was written for another model:
+        its class or columns, and (given ``layouts``, known once the data is read) the
+        shapes of its parameters."""
         mine = self.meta["model"]
         diffs = []
         if mine["class"] != model["class"]:
@@ -231,6 +233,7 @@ class CheckpointStore(abc.ABC):
         ours, theirs = mine.get("columns"), model.get("columns")    # earlier stores do not say
         if ours and theirs and ours != theirs:
             diffs.append(f"columns: {_column_change(ours, theirs)} (give the same names, in the same order)")
+        layouts = self.layouts if layouts is None else layouts
         if set(self.layouts) != set(layouts):
             diffs.append(f"parameters: store has {sorted(self.layouts)}, model has {sorted(layouts)}")
         for name in sorted(set(self.layouts) & set(layouts)):

@@ -204,7 +204,8 @@ class Trainer:
         client, model = self.client, self.model
         check_scheduler(client, "")
         if self.store is not None:
-            _check_store_path(self.store, resume)
+            # a store written for another model class or other columns is refused before the data is read
+            _check_store_path(self.store, resume, self._store_model(*data.columns_of(model, frame, target, features)))
         ensure_plugin(client)
         try:
             try:
@@ -280,10 +281,8 @@ class Trainer:
         prepared, for a fresh or a resumed run (nothing when there is no store)."""
         if self.store is None:
             return None, None, 0, lambda *how: None
-        model, policy = self.model, self.policy
-        meta = {"class": f"{type(model).__module__}.{type(model).__qualname__}", "params": model.get_params(),
-                "columns": {"features": [str(c) for c in training.features],
-                            "target": None if training.target is None else str(training.target)}}
+        policy = self.policy
+        meta = self._store_model(training.features, training.target)
         if resume:
             store = ZarrStore.open(self.store, mode="r+")
             store.check_compatible(meta, layouts)
@@ -334,6 +333,12 @@ class Trainer:
 
         return store, ckpt, start, prepare
 
+    def _store_model(self, features: list, target: str | None) -> dict:
+        """What a store records of the model it was written for."""
+        model = self.model
+        return {"class": f"{type(model).__module__}.{type(model).__qualname__}", "params": model.get_params(),
+                "columns": {"features": [str(c) for c in features], "target": None if target is None else str(target)}}
+
     def _extrapolates(self) -> bool:
         """Whether restores from the store extrapolate (and priorities rank blocks by
         how far such a restore would be off): ``scar.recovery.extrapolate``, for
@@ -360,16 +365,20 @@ def _bar_interval() -> float:
     return 0.1 if maybe_notebook is not plain or (isatty is not None and isatty()) else LOG_BAR_SECONDS
 
 
-def _check_store_path(url: str, resume: bool) -> None:
-    """Before any work: the store path suits ``resume`` and can be written."""
+def _check_store_path(url: str, resume: bool, model: dict | None = None) -> None:
+    """Before any work: the store path suits ``resume`` and can be written, and a store
+    to resume was written for ``model`` (:meth:`_store_model`: its class and columns)."""
     if ZarrStore.exists(url):
         # one whose creation did not finish, or that lost an array, says so the same
         # way whether resumed or not: neither can be resumed
-        ZarrStore.open(url).check_arrays()
+        store = ZarrStore.open(url)
+        store.check_arrays()
         if not resume:
             raise CheckpointError(
                 f"{url} already holds a dask_scar checkpoint: pass resume=True to continue from it, or "
                 "delete it or choose another store path to start afresh")
+        if model is not None:
+            store.check_compatible(model)
     elif resume:
         if os.path.exists(url):
             ZarrStore.open(url)      # its own error: damaged, or not a dask_scar store

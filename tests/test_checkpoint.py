@@ -152,8 +152,7 @@ def test_store_for_another_model_or_corrupt_is_refused(client, digits, tmp_path)
     with pytest.raises(scar.CheckpointError, match="already holds a dask_scar checkpoint: pass resume=True"):
         scar.Trainer(client, scar.SoftmaxRegression(), store=store).fit(digits, target="label", max_iter=6)
     with pytest.raises(scar.StoreMismatchError, match=r"model class: store has .*SoftmaxRegression, trainer has "
-                                                      r".*LinearRegression; shape of 'weights': store has "
-                                                      r"\(65, 10\), model has \(65, 1\)"):
+                                                      r"\S*LinearRegression\): use another store path"):
         scar.Trainer(client, scar.LinearRegression(), store=store).fit(digits, target="label", max_iter=9,
                                                                        resume=True, progress=False)
     for path in store.glob("params/weights/c/*/4/0"):      # both saved versions of block 4

@@ -265,6 +265,38 @@ def test_bad_fit_arguments_are_refused_before_the_data_is_read(client, model, kw
         scar.Trainer(client, model).fit(frame, target="label", progress=False, **kwargs)
 
 
+def test_a_store_for_another_model_class_or_columns_is_refused_before_the_data_is_read(client, digits, tmp_path):
+    """Resuming checks the store's model class and columns against the trainer's
+    model and the frame's columns (its metadata) before a partition is read: a large
+    frame is not read only to be refused."""
+    store = tmp_path / "ckpt.zarr"
+    scar.Trainer(client, scar.SoftmaxRegression(), store=store, policy=scar.FullCheckpoint(every=2)).fit(
+        digits, target="label", max_iter=2, progress=False)
+
+    def unread():
+        raise RuntimeError("the data was read")
+
+    def frame(columns):
+        return dd.from_delayed([dask.delayed(unread)()], meta=digits[columns].head(0))
+
+    def resume(model, columns, **kwargs):
+        scar.Trainer(client, model, store=store).fit(frame(columns), target="label", max_iter=4, resume=True,
+                                                     progress=False, **kwargs)
+
+    columns = list(digits.columns)
+    with pytest.raises(scar.StoreMismatchError, match=r"model class: store has \S*SoftmaxRegression, trainer has "
+                                                      r"\S*LinearRegression\): use another store path"):
+        resume(scar.LinearRegression(), columns)
+    with pytest.raises(scar.StoreMismatchError, match=r"columns: the same features in another order \(position 0: "
+                                                      r"the store has 'p0', the data 'p63'\)"):
+        resume(scar.SoftmaxRegression(), [*columns[:-1][::-1], "label"])
+    with pytest.raises(scar.StoreMismatchError, match=r"columns: features missing from the data: 'p2', 'p3', "):
+        resume(scar.SoftmaxRegression(), columns, features=["p0", "p1"])
+    with pytest.raises(RuntimeError, match="the data was read"):     # the same model and columns: read
+        resume(scar.SoftmaxRegression(), columns)
+    assert scar.open_store(store).manifest["iteration"] == 2
+
+
 def test_a_fit_that_fails_leaves_a_fitted_model_as_it_was(client, digits, tmp_path):
     model = scar.SoftmaxRegression()
     scar.Trainer(client, model, store=tmp_path / "ckpt.zarr").fit(digits, target="label", max_iter=20,
