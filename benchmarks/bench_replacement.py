@@ -1,8 +1,8 @@
 """How fast training runs after a worker is SIGKILLed and its nanny starts it again,
 after a worker joins, or after the cluster shrinks.
 
-Softmax regression, ``--rows`` x 100 features, on a 2-worker LocalCluster (one
-thread each, nannies). After ``--after`` seconds one worker is SIGKILLed: its
+Softmax regression, ``--rows`` x 100 features, on a 2-worker (``--workers``)
+LocalCluster (one thread each, nannies). After ``--after`` seconds one worker is SIGKILLed: its
 chunks are restored, Dask rebuilds its data block on the survivor, and the nanny
 starts a new worker, which gets chunks and the block back (with code before that, the
 survivor kept both blocks: run it with such a package on ``PYTHONPATH`` to compare).
@@ -41,12 +41,15 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=300_000)
     parser.add_argument("--iters", type=int, default=700)
     parser.add_argument("--after", type=float, default=4.0, help="seconds into the fit")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="workers of the kill (the survivors share the lost block, then the replacement "
+                             "takes its share back from them)")
     event = parser.add_mutually_exclusive_group()
     event.add_argument("--join", action="store_true", help="start with one worker; a second joins")
     event.add_argument("--shrink", action="store_true", help="start with three workers; scale down to two")
     args = parser.parse_args()
     with dask.config.set(config.OWN_CLUSTER), \
-            LocalCluster(n_workers=1 if args.join else 3 if args.shrink else 2, threads_per_worker=1,
+            LocalCluster(n_workers=1 if args.join else 3 if args.shrink else args.workers, threads_per_worker=1,
                          dashboard_address=":0", silence_logs=50) as cluster, \
             Client(cluster) as client:
         frame = on_cluster(datasets.synthetic_classification(args.rows, 100, 10))
@@ -71,7 +74,6 @@ def main() -> None:
         raise SystemExit(f"fewer than 20 iterations came before the event (the data took long to read): "
                          f"raise --after (now {args.after} s)")
     moved = [int(i) for i, e in zip(events["iteration"], events["event"]) if "data rows" in e]
-    end = moved[0] if moved else args.iters + 1
 
     def ms(first: int, last: int) -> tuple[float, int]:
         seconds = history[(history["iteration"] >= first) & (history["iteration"] <= last)]["seconds"]
@@ -79,9 +81,9 @@ def main() -> None:
 
     # 20 iterations' margin after each change: a segment's rows share its time
     phases = [("before the " + ("join" if args.join else "scale-down" if args.shrink else "kill"), ms(20, before)),
-              ("until the data moved", ms(noticed + 20, end - 1))]
-    if moved:
-        phases.append(("after the data moved", ms(end + 20, args.iters)))
+              ("until the data moved", ms(noticed + 20, (moved or [args.iters + 1])[0] - 1))]
+    for n, (start, end) in enumerate(zip(moved, [*moved[1:], args.iters + 1])):
+        phases.append((f"after the data moved{f' ({n + 1})' if len(moved) > 1 else ''}", ms(start + 20, end - 1)))
     base = phases[0][1][0]
     for what, (value, n) in phases:
         if n:
