@@ -141,6 +141,18 @@ class RandomCheckpoint(CheckpointPolicy):
         return {**super().to_json(), "seed": self.seed}
 
 
+def from_json(spec: dict | None) -> CheckpointPolicy | None:
+    """The policy that :meth:`CheckpointPolicy.to_json` described, if it is one of this
+    module's (None for another class: it cannot be rebuilt from its name)."""
+    classes = {cls.__name__: cls for cls in (FullCheckpoint, PrioritizedCheckpoint, RoundRobinCheckpoint,
+                                             RandomCheckpoint)}
+    cls = classes.get((spec or {}).get("class"))
+    if cls is None:
+        return None
+    names = inspect.signature(cls).parameters
+    return cls(**{name: value for name, value in spec.items() if name in names})
+
+
 def default_policy() -> CheckpointPolicy:
     """``PrioritizedCheckpoint`` with ``scar.checkpoint.fraction`` and ``scar.checkpoint.every``."""
     return PrioritizedCheckpoint(config.get("checkpoint.fraction"), config.get("checkpoint.every"))

@@ -27,7 +27,7 @@ from .exceptions import BackendError, CheckpointError, CheckpointWarning
 from .models import Model
 from .models._base import check_number
 from .plugin import ensure_plugin
-from .policy import CheckpointPolicy, default_policy
+from .policy import CheckpointPolicy, default_policy, from_json
 from .recovery import RecoveryEvent, Restore, cancelled, check_scheduler, interruptible, live_workers
 from .run import TrainingRun, history_frame
 from .store import ZarrStore, make_layouts, probe
@@ -99,7 +99,7 @@ class Trainer:
     policy : CheckpointPolicy, optional
         Which blocks to save when (:mod:`dask_scar.policy`); default
         ``PrioritizedCheckpoint(scar.checkpoint.fraction, every=scar.checkpoint.every)``
-        when a store is given.
+        when a store is given, and when resuming, the policy the store was written with.
     recovery : {"partial", "full"}
         How to recover when a worker dies. ``"partial"`` (SCAR): only the chunks
         that died with it are restored from the store (or taken over from a copy
@@ -108,8 +108,9 @@ class Trainer:
         chunk keeps its current value and
         training goes on with the iteration that was in flight. ``"full"``: the
         traditional rollback of every chunk to the store's last committed round,
-        and of the iteration count with it. Without a store, lost chunks start
-        again from their initial value.
+        and of the iteration count with it (it needs ``store=``). Without a store,
+        lost chunks that no live worker holds a copy of start again from their
+        initial value.
     n_chunks : int, optional
         Chunks per parameter; default ``scar.chunks-per-worker`` times the workers.
     backend : {"numpy", "cupy"}
@@ -138,6 +139,9 @@ class Trainer:
             raise ValueError("policy= needs store=: the path or URL where checkpoints are written")
         if recovery not in RECOVERY_MODES:
             raise ValueError(f"recovery must be one of {RECOVERY_MODES}, got {recovery!r}")
+        if recovery == "full" and store is None:
+            raise ValueError('recovery="full" rolls every chunk back to the last checkpoint: it needs store=, '
+                             'the path or URL where checkpoints are written')
         if n_chunks is not None:
             check_number("n_chunks", n_chunks, 1, integer=True)
         if not isinstance(model, Model):
@@ -152,7 +156,7 @@ class Trainer:
         self.store = None if store is None else os.fspath(store)
         if self.store is not None and "://" not in self.store:
             self.store = os.path.abspath(os.path.expanduser(self.store))
-        self.policy = policy if policy is not None or store is None else default_policy()
+        self.policy = policy     # None: the default, or when resuming, the store's
         self.recovery = recovery
         self.n_chunks = None if n_chunks is None else int(n_chunks)
         self.backend = backend
@@ -235,10 +239,10 @@ class Trainer:
         layouts = make_layouts({name: (spec.shape, spec.dtype) for name, spec in model.parameter_specs().items()},
                                n_chunks, config.get("checkpoint.blocks-per-chunk"))
         run = uuid.uuid4().hex[:8]
-        store, ckpt, start, prepare = self._open_store(layouts, run, resume, training)
+        store, ckpt, start, prepare, claim = self._open_store(layouts, run, resume, training)
         hint = _resume_hint(self.store) if store is not None else ""
         training_run = None
-        try:     # (from here, the store is claimed by the run)
+        try:     # (the run claims the store in here: released however it ends)
             if start >= max_iter:
                 warnings.warn(f"the checkpoint store {self.store} is at iteration {start}, and max_iter={max_iter}: "
                               "nothing to train; the model gets the stored parameters (raise max_iter to go on)",
@@ -256,6 +260,7 @@ class Trainer:
                        mininterval=interval, maxinterval=max(10.0, interval))
             training_run = TrainingRun(model, training, chunks, ckpt, restore, bar, config.get("segment-iterations"))
             training_run.start(lambda: chunks.initialize(model, self.backend, start, prepare(resume)))
+            claim()
             converged = training_run.iterate(start + 1, max_iter, tol, callback)
             params = training_run.finish()
             while params is None:   # a worker was lost after the last iteration: go on from there
@@ -280,12 +285,13 @@ class Trainer:
         """The store, the run's Checkpointer, the first iteration and how chunks are
         prepared, for a fresh or a resumed run (nothing when there is no store)."""
         if self.store is None:
-            return None, None, 0, lambda *how: None
+            return None, None, 0, lambda *how: None, lambda: None
         policy = self.policy
         meta = self._store_model(training.features, training.target)
         if resume:
             store = ZarrStore.open(self.store, mode="r+")
             store.check_compatible(meta, layouts)
+            policy = self._resumed_policy(store.meta.get("policy"))
             before, now = store.meta["model"]["params"], meta["params"]
             changed = [name for name, value in now.items() if before.get(name, value) != value]
             if changed:
@@ -300,6 +306,7 @@ class Trainer:
                               "commit, and this one writes the store from now on", CheckpointWarning,
                               stacklevel=checkpoint.callers_level())
         else:
+            policy = policy or default_policy()
             store = ZarrStore.create(self.store, meta, layouts, policy.to_json())
         store_id = store.meta["id"]
         try:
@@ -313,7 +320,6 @@ class Trainer:
             if not resume:
                 store.destroy()     # never trained (or Ctrl-C): it would only ask for resume=True next time
             raise
-        store.claim(run, meta, policy.to_json())
         manifest = store.manifest
         start = int(manifest.get("iteration", 0))
         epoch = int(manifest.get("epoch", -1)) + 1
@@ -331,7 +337,26 @@ class Trainer:
                                      trends=trends, trail=self._extrapolates(),
                                      upto_round=int(store.manifest.get("round", 0)) if committed else None)
 
-        return store, ckpt, start, prepare
+        # the store records this run as its writer, with its model and policy, once the
+        # chunks are loaded: a resume that fails before (a corrupt block) leaves it as it was
+        return store, ckpt, start, prepare, functools.partial(store.claim, run, meta, policy.to_json())
+
+    def _resumed_policy(self, stored: dict | None) -> CheckpointPolicy:
+        """The policy a resumed fit checkpoints with: the Trainer's, said where it is not
+        the one the store was written with, else the store's."""
+        if self.policy is None:
+            policy = from_json(stored)
+            if policy is None:
+                policy = default_policy()
+                warnings.warn(f"the checkpoint store {self.store} was written with the policy {stored}, which "
+                              f"cannot be rebuilt from the store: resuming with {policy!r}. Pass policy= to choose",
+                              CheckpointWarning, stacklevel=checkpoint.callers_level())
+            return policy
+        if stored is not None and self.policy.to_json() != stored:
+            warnings.warn(f"resuming with {self.policy!r}; the store was written with "
+                          f"{from_json(stored) or stored!r}. The store now records the new policy",
+                          CheckpointWarning, stacklevel=checkpoint.callers_level())
+        return self.policy
 
     def _store_model(self, features: list, target: str | None) -> dict:
         """What a store records of the model it was written for."""
@@ -375,8 +400,8 @@ def _check_store_path(url: str, resume: bool, model: dict | None = None) -> None
         store.check_arrays()
         if not resume:
             raise CheckpointError(
-                f"{url} already holds a dask_scar checkpoint: pass resume=True to continue from it, or "
-                "delete it or choose another store path to start afresh")
+                f"{url} already holds a dask_scar checkpoint: pass resume=True (--resume on the command "
+                "line) to continue from it, or delete it or choose another store path to start afresh")
         if model is not None:
             store.check_compatible(model)
     elif resume:

@@ -125,6 +125,29 @@ def test_equal_byte_budget_full_vs_prioritized(client, tmp_path):
     assert per_iteration["scar"] == pytest.approx(per_iteration["full"], rel=0.05)
 
 
+def test_a_resume_checkpoints_with_the_stores_policy_unless_given_another(client, digits, tmp_path):
+    store = tmp_path / "ckpt.zarr"
+
+    def fit(max_iter, **kwargs):
+        return scar.Trainer(client, scar.SoftmaxRegression(), store=store, **kwargs).fit(
+            digits, target="label", max_iter=max_iter, resume=max_iter > 8, tol=0, progress=False)
+
+    first = fit(8, policy=scar.FullCheckpoint(every=4))
+    every_block = first.checkpoints["blocks"].iloc[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept = fit(12)      # no policy=: the store's, not the default PrioritizedCheckpoint(0.25, every=5)
+    assert kept.checkpoints["iteration"].tolist() == [12] and kept.checkpoints["blocks"].tolist() == [every_block]
+    assert scar.open_store(store).meta["policy"] == scar.FullCheckpoint(every=4).to_json()
+    with pytest.warns(scar.CheckpointWarning, match=re.escape(
+            "resuming with PrioritizedCheckpoint(fraction=0.5, every=2, reference_dtype=None); the store was "
+            "written with FullCheckpoint(every=4). The store now records the new policy")):
+        other = fit(16, policy=scar.PrioritizedCheckpoint(0.5, every=2))
+    assert other.checkpoints["iteration"].tolist() == [14, 16]
+    assert [len(blocks) for blocks in other.checkpoints["blocks"]] == [round(len(every_block) / 2)] * 2
+    assert scar.open_store(store).meta["policy"] == scar.PrioritizedCheckpoint(0.5, every=2).to_json()
+
+
 def test_store_for_another_model_or_corrupt_is_refused(client, digits, tmp_path):
     store = tmp_path / "ckpt.zarr"
     first = scar.Trainer(client, scar.SoftmaxRegression(), store=store, policy=scar.FullCheckpoint(every=3)).fit(
@@ -159,9 +182,12 @@ def test_store_for_another_model_or_corrupt_is_refused(client, digits, tmp_path)
         raw = bytearray(path.read_bytes())
         raw[-6] ^= 0x10
         path.write_bytes(bytes(raw))
-    with pytest.raises(scar.CheckpointError, match=r"block 4 \(rows 12:15, slot \d\) of parameter 'weights'.* corrupt"):
-        scar.Trainer(client, scar.SoftmaxRegression(l2=1e-3), store=store).fit(digits, target="label", max_iter=12,
+    with pytest.raises(scar.CheckpointError, match=r"block 4 \(rows 12:15, slot \d\) of parameter 'weights'.* corrupt"), \
+            pytest.warns(scar.CheckpointWarning, match="resuming with l2=0.01"):
+        scar.Trainer(client, scar.SoftmaxRegression(l2=1e-2), store=store).fit(digits, target="label", max_iter=12,
                                                                                resume=True, progress=False)
+    # the failed resume left the store's record as it was: its model, its policy, no writer
+    assert scar.open_store(store).meta == meta and scar.open_store(store).writer is None
     with pytest.raises(scar.CheckpointError, match="no dask_scar checkpoint store at"):
         scar.Trainer(client, scar.SoftmaxRegression(), store=tmp_path / "none.zarr").fit(
             digits, target="label", resume=True)

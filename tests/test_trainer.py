@@ -242,6 +242,7 @@ def test_stops_early_at_tolerance(client, digits):
     ({"store": 3}, TypeError, "store must be a path or URL"),
     ({"store": ""}, ValueError, "store must be a path or URL, got ''; store=None trains without checkpoints"),
     ({"recovery": "sometimes"}, ValueError, "recovery must be one of"),
+    ({"recovery": "full"}, ValueError, 'recovery="full" rolls every chunk back to the last checkpoint: it needs store='),
     ({"n_chunks": 0}, ValueError, "n_chunks must be an integer >= 1, got 0"),
 ])
 def test_bad_trainer_arguments(client, kwargs, error, message):
