@@ -376,8 +376,10 @@ class TrainingRun:
         if self.ckpt is not None:
             # rounds whose writers all reported are committed before a rollback looks for one
             self.drain(until=lambda: True)
+        self.check_data()
         event = recover(self.restore, self.watch, k, noticed, self.drift, abandoned=[*self.abandon(), *abandoned],
                         workers_gone=workers_gone)
+        self.check_data()       # (a restart's cancellation may come while the workers come back)
         if self.ckpt is not None:
             self.ckpt.recovered(self.chunks.epoch)
         with self.bar.external_write_mode():    # on a line of its own, not after the bar's
@@ -385,6 +387,14 @@ class TrainingRun:
         self.events.append(event)
         self.note = _join(self.note, event.describe())
         return event.resumed_at + 1
+
+    def check_data(self) -> None:
+        """Raise :class:`CancelledError` where the data blocks were cancelled from
+        outside (``client.restart()``, ``client.cancel``): workers lost with them are
+        not recovered, and no recovery is reported."""
+        cancelled = sum(block.cancelled() for block in self.training.blocks)
+        if cancelled:
+            raise CancelledError(f"{cancelled} of the fit's {len(self.training.blocks)} data blocks cancelled")
 
     def finish(self) -> dict[str, np.ndarray] | None:
         """Write the last checkpoint round and gather the parameters. If a worker is

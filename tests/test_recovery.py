@@ -856,6 +856,25 @@ def test_a_retired_workers_rows_are_spread_over_the_rest(digits):
 
 
 @pytest.mark.slow
+def test_a_restart_during_training_is_said_and_not_recovered(digits, caplog):
+    """``client.restart()`` while segments run: the fit ends with the restart's error,
+    and reports no recovery of the workers the restart took (it reported one with the
+    chunks re-initialised, then one of no worker and no chunk)."""
+    frame = pd.concat([digits] * 20, ignore_index=True)
+    with new_cluster(2) as cluster, Client(cluster) as client:
+        thread, outcome = _fit_outcome(client, frame, max_iter=100_000, tol=0)
+        wait_for(lambda: client.run_on_scheduler(lambda dask_scheduler: any(
+            str(ts.key).startswith("scar-segment") and ts.state == "processing"
+            for ts in dask_scheduler.tasks.values())), what="a segment to run")
+        client.restart()
+        thread.join(timeout=60)
+    assert not thread.is_alive() and type(outcome["error"]) is scar.ScarError, outcome
+    assert str(outcome["error"]) == ("Dask cancelled the fit's tasks (2 of the fit's 2 data blocks cancelled): "
+                                     "was the cluster restarted (client.restart())? Start the fit again")
+    assert not [r for r in caplog.records if "lost at iteration" in r.getMessage()]
+
+
+@pytest.mark.slow
 def test_cli_cluster_kill_one_then_every_worker(tmp_path):
     """``dask scheduler --preload dask_scar.preload`` + ``dask worker`` (no nanny: the dead stay dead)."""
     # the store alone, restored as saved: what iteration 43 starts from is known exactly
