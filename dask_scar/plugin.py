@@ -51,12 +51,34 @@ _handlers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # client ->
 _handlers_lock = threading.Lock()
 
 
+#: How long :func:`subscribe` waits for the scheduler to take a subscription in.
+SUBSCRIBE_SECONDS = 10.0
+
+
+def _wait_subscribed(client: Client, topic: str) -> None:
+    """Until the scheduler lists ``client`` among ``topic``'s subscribers (given up
+    after :data:`SUBSCRIBE_SECONDS`, or at once where it cannot tell)."""
+    if client.asynchronous:
+        return
+    deadline = time.monotonic() + SUBSCRIBE_SECONDS
+    while not client.run_on_scheduler(_subscribed, topic, client.id) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _subscribed(topic: str, client: str, dask_scheduler=None) -> bool:
+    broker = getattr(dask_scheduler, "_broker", None)       # (not part of Dask's API)
+    topics = getattr(broker, "_topics", None)
+    return not isinstance(topics, dict) or client in getattr(topics.get(topic), "subscribers", ())
+
+
 def subscribe(client: Client, topic: str, handler: Callable[[tuple[float, Any]], None]) -> Callable[[], None]:
     """Call ``handler(event)`` on the client's event loop for every event of ``topic``;
     returns the function that stops it. A Client keeps one handler per topic, which a
     second subscription replaces (two fits at once on one client lost each other's
     events that way): this subscribes each client once per topic and hands every
-    event to all of its subscribers."""
+    event to all of its subscribers. It returns once the scheduler has the
+    subscription (Dask sends it on without waiting): an event published after that
+    reaches ``handler``."""
     token = object()
     with _handlers_lock:
         topics = _handlers.setdefault(client, {})
@@ -71,6 +93,7 @@ def subscribe(client: Client, topic: str, handler: Callable[[tuple[float, Any]],
                     each(event)
 
             client.subscribe_topic(topic, dispatch)
+            _wait_subscribed(client, topic)
         handlers[token] = handler
 
     def stop() -> None:

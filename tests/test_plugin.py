@@ -73,3 +73,25 @@ def test_memory_manager_keeps_chunk_copies_and_drops_others(own_client):
     chunk, other = two_copies("scar-chunk-test-weights-0-e0-v2"), two_copies("some-array")
     wait_for(lambda: copies(other.key) == 1, what="the memory manager to drop a copy")
     assert copies(chunk.key) == 2
+
+
+def _publish(topic, dask_scheduler=None):
+    dask_scheduler.log_event(topic, {"n": 1})
+
+
+def test_subscribe_returns_once_the_scheduler_has_the_subscription(client):
+    """An event published by the scheduler right after ``subscribe`` returns (here, by
+    an RPC that can overtake the subscription Dask sends on) reaches the handler."""
+    from dask_scar.plugin import subscribe
+
+    missed = 0
+    for i in range(10):
+        got = []
+        stop = subscribe(client, f"scar-test-{i}", got.append)
+        client.run_on_scheduler(_publish, f"scar-test-{i}")
+        try:
+            wait_for(lambda: got, what="the event", timeout=1)
+        except AssertionError:
+            missed += 1
+        stop()
+    assert missed == 0
