@@ -1,5 +1,6 @@
 """The maths of each model, in one process, against independent references."""
 
+import re
 import warnings
 
 import dask.dataframe as dd
@@ -265,6 +266,19 @@ def test_unusable_columns_are_named_with_a_fix(model, frame, message):
     target = "y" if isinstance(model, scar.LinearRegression) else "label"
     with pytest.raises(DataError, match=message):
         prepare_local(model, frame, None if isinstance(model, scar.MatrixFactorization) else target)
+
+
+@pytest.mark.parametrize("model, frame, target, message", [
+    (scar.SoftmaxRegression(), pd.DataFrame({"a": np.arange(30.0), "label": [0, 1] * 14 + [0, 500]}), "label",
+     "column 'label' holds class labels up to 500: the model trains 501 of them for 30 rows. Encode the column"),
+    (scar.MatrixFactorization(rank=2), pd.DataFrame({"user": [0, 1, 40], "item": [0, 1, 2], "rating": 1.0}), None,
+     "column 'user' holds ids up to 40: the model trains 41 of them for 3 rows"),
+])
+def test_sparse_labels_or_ids_are_warned_of(model, frame, target, message):
+    """Under the size that is refused, labels or ids more than ten times the rows (one
+    stray value) are trained, and said."""
+    with pytest.warns(UserWarning, match=re.escape(message)):
+        prepare_local(model, frame, target)
 
 
 def test_a_target_among_the_features_is_refused():

@@ -20,6 +20,7 @@ import inspect
 import math
 import numbers
 import types
+import warnings
 import zlib
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -317,15 +318,18 @@ def check_ids(column: ColumnSummary, n_rows: int, what: str) -> int:
     that was never encoded, or one stray value)."""
     check_integers(column, what)
     size = int(column.max) + 1
-    if size > max(MAX_IDS_PER_ROW * n_rows, MAX_IDS_ANYWAY):
-        raise DataError(f"column {column.name!r} holds {what} up to {column.max:,.0f}: the model would need "
-                        f"{size:,} of them for {n_rows:,} rows. Encode the column as 0, 1, 2, ... "
-                        "(e.g. codes, values = pandas.factorize(column)), or drop the rows with stray values")
+    if size > MAX_IDS_PER_ROW * n_rows:
+        said = (f"column {column.name!r} holds {what} up to {column.max:,.0f}: the model would need {size:,} of "
+                f"them for {n_rows:,} rows. Encode the column as 0, 1, 2, ... (e.g. codes, values = "
+                "pandas.factorize(column)), or drop the rows with stray values")
+        if size > MAX_IDS_ANYWAY:
+            raise DataError(said)
+        warnings.warn(said.replace("would need", "trains"), UserWarning, stacklevel=3)
     return size
 
 
-#: :func:`check_ids` refuses ids that would size a parameter beyond this many rows per
-#: data row, and beyond :data:`MAX_IDS_ANYWAY` rows.
+#: :func:`check_ids` warns of ids that size a parameter beyond this many rows per data
+#: row, and refuses them beyond :data:`MAX_IDS_ANYWAY` rows too.
 MAX_IDS_PER_ROW, MAX_IDS_ANYWAY = 10, 1_000_000
 
 
