@@ -202,11 +202,23 @@ def test_linear_regression_reaches_least_squares(client):
 
 
 def test_minibatch_sgd_trains(client, digits):
-    model = scar.SoftmaxRegression(learning_rate=0.5, batch_size=300)
-    result = scar.Trainer(client, model).fit(dd.from_pandas(digits, npartitions=4), target="label",
-                                             max_iter=150, tol=0, progress=False)
-    assert result.history["loss"].tail(10).mean() < 0.5 * result.history["loss"].iloc[0]
-    assert model.score(digits, "label") > 0.9
+    """Minibatches of 300 rows (150 on each worker's block) and of 100 (50 a block):
+    both run in segments (the model is small enough to replicate whatever the rows;
+    the code before ran one graph per iteration below 128 rows a block), and their
+    losses equal one graph per iteration and the same maths in one process."""
+    ddf = dd.from_pandas(digits, npartitions=4)
+    for batch in (300, 100):
+        model = scar.SoftmaxRegression(learning_rate=0.5, batch_size=batch)
+        client.register_plugin(GraphLog())
+        result = scar.Trainer(client, model).fit(ddf, target="label", max_iter=150, tol=0, progress=False)
+        segments, graphs = _segment_inputs(client)
+        assert segments and not graphs, batch
+        assert result.history["loss"].tail(10).mean() < 0.5 * result.history["loss"].iloc[0]
+        assert model.score(digits, "label") > 0.9
+        with dask.config.set({"scar.segment-iterations": 1}):
+            slow = scar.Trainer(client, scar.SoftmaxRegression(learning_rate=0.5, batch_size=batch)).fit(
+                ddf, target="label", max_iter=150, tol=0, progress=False)
+        np.testing.assert_allclose(result.history["loss"], slow.history["loss"], rtol=1e-6)
 
 
 def test_progress_bar_goes_to_stderr_and_can_be_turned_off(client, digits, capsys):
@@ -636,7 +648,7 @@ def graphs():
         yield
 
 
-def test_the_next_iteration_is_submitted_before_this_one_ends(client, digits, tmp_path, graphs):
+def test_the_next_iteration_is_submitted_before_this_one_ends(client, digits, tmp_path, graphs, monkeypatch):
     ddf = dd.from_pandas(digits, npartitions=4)
     # Without a store every graph after the first is submitted while the one before
     # runs, and reads its results, not the chunks they register. Its updates are
@@ -651,8 +663,9 @@ def test_the_next_iteration_is_submitted_before_this_one_ends(client, digits, tm
     assert updates[1] == [["block", "chunk", "chunk", "chunk", "chunk", "contrib", "contrib"]] * 2
     assert {k: v for k, v in updates.items() if 1 < k < 12 and v != [["block", "update", "update"]] * 2} == {}
     assert updates[12] == [["update", "update"]] * 2     # the last: no next contribution
-    # blocks under REPLICA_MIN_ROWS rows: each update task updates only its own chunks,
-    # and the next contributions read both workers' updates
+    # blocks under REPLICA_MIN_ROWS rows of a model over REPLICA_ANY_BYTES: each update
+    # task updates only its own chunks, and the next contributions read both workers' updates
+    monkeypatch.setattr(scar.SoftmaxRegression, "REPLICA_ANY_BYTES", 0)
     client.register_plugin(GraphLog())
     small = dd.from_pandas(digits.head(2 * (scar.SoftmaxRegression.REPLICA_MIN_ROWS - 1)), npartitions=4)
     scar.Trainer(client, scar.SoftmaxRegression()).fit(small, target="label", max_iter=4, tol=0, progress=False)

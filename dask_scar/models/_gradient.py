@@ -46,11 +46,19 @@ class GradientModel(Model):
     """
 
     phases = (("weights",),)
-    #: Rows a contribution must read for replicated updates to pay: an update touches each
-    #: weight a few times in memory, a contribution spends ~4 flops per weight and row in
-    #: BLAS, so below ~128 rows replicas add over ~10 % (100 MB of weights on 31-row
-    #: blocks, benchmarks/bench_recovery.py: 4.9 s per iteration with them, 3.7 s without).
+    #: Rows a contribution must read for replicated updates to pay on any model: an update
+    #: touches each weight a few times in memory, a contribution spends ~4 flops per weight
+    #: and row in BLAS, so below ~128 rows replicas add over ~10 % (100 MB of weights on
+    #: 31-row blocks, benchmarks/bench_recovery.py: 4.9 s per iteration with them, 3.7 s
+    #: without).
     REPLICA_MIN_ROWS = 128
+    #: Weights (bytes) that replicate on blocks of any rows: their updates and the
+    #: workers' exchange cost less than a task graph per iteration, which a model that
+    #: does not replicate runs instead of segments. Minibatches of 100 on 2 workers:
+    #: 1.2-1.5 against 22-24 ms per iteration at 340 bytes of weights, 3.3 against 29 at
+    #: 0.4 MB, 33-35 against 89-123 at 8 MB, 104-108 against 148-150 at 16 MB, even at
+    #: 32 MB.
+    REPLICA_ANY_BYTES = 8 * 2**20
 
     def __init__(self, l2: float = 0.0, learning_rate: float = 0.1, momentum: float = 0.0,
                  batch_size: int | None = None, random_state: int = 0, solver: str = "gd", memory: int = 10):
@@ -102,7 +110,9 @@ class GradientModel(Model):
         if self.solver == "lbfgs":
             return True     # its step needs every chunk
         rows = block_rows if self.batch_size is None else self.batch_size * block_rows / self.n_rows_
-        return rows >= self.REPLICA_MIN_ROWS
+        weights = self.parameter_specs()["weights"]
+        size = int(np.prod(weights.shape)) * np.dtype(weights.dtype).itemsize
+        return rows >= self.REPLICA_MIN_ROWS or size <= self.REPLICA_ANY_BYTES
 
     def _batch(self, block: dict[str, Any], xp: types.ModuleType, iteration: int, block_id: int):
         """The rows of ``block`` used at ``iteration``: all, or a seeded minibatch share."""
