@@ -201,7 +201,7 @@ def _larger_base(values) -> bool:
 BALANCE_SLACK = 0.1
 
 
-def spread(client: Client, training: TrainingData) -> str:
+def spread(client: Client, training: TrainingData) -> tuple[str, bool]:
     """Balance the training rows over the running workers, where one of them holds
     more or less than an even share by more than ``BALANCE_SLACK``: a worker that
     joined (a replacement, or one more, also while the data was read), the survivor
@@ -209,8 +209,12 @@ def spread(client: Client, training: TrainingData) -> str:
     unevenly. Each worker computes an even share of the data from the next iteration
     on. Donors give whole blocks where they fit, otherwise the end of a block cut in
     two where it lies. Each taker gets what it takes as one block, made by a task of
-    its own (not a transfer), so the moved rows keep their lineage. Returns what moved."""
-    running = sorted(w for w, info in workers_info(client).items() if info.get("status") == "running")
+    its own (not a transfer), so the moved rows keep their lineage. Returns what moved,
+    and whether to spread again: a worker that joined is still starting (its plugins
+    being set up), and takes its rows once it runs."""
+    info = workers_info(client)
+    running = sorted(w for w, about in info.items() if about.get("status") == "running")
+    starting = any(about.get("status") == "init" for about in info.values())
     where = holders(client, training.blocks)     # as they are (a replacement may have a lost one's address)
     training.workers = [where[b.key] or w for b, w in zip(training.blocks, training.workers)]
     taken: dict[str, list[int]] = defaultdict(list)     # taker -> the blocks (or cut ends) it takes
@@ -221,7 +225,7 @@ def spread(client: Client, training: TrainingData) -> str:
         training.workers[i] = taker
         taken[taker].append(i)
     if not taken:
-        return ""
+        return "", starting
     moved = 0
     for taker, took in taken.items():
         parts = [training.blocks[i] for i in took]
@@ -234,7 +238,7 @@ def spread(client: Client, training: TrainingData) -> str:
     kept = [i for i in range(len(training.blocks)) if i not in gone]
     training.blocks, training.workers, training.rows = ([values[i] for i in kept] for values in
                                                         (training.blocks, training.workers, training.rows))
-    return f"moved {moved:,} data rows onto {', '.join(sorted(taken))}"
+    return f"moved {moved:,} data rows onto {', '.join(sorted(taken))}", starting
 
 
 def _plan(workers: list[str], rows: list[int], running: list[str]) -> list[tuple[int, int, str]]:

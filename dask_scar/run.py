@@ -155,8 +155,8 @@ class TrainingRun:
                     if _forget_dead_block_workers(self.training, self.watch):
                         self.spread = True      # rebuilt or moved onto survivors: one may hold two blocks
                     if self.spread and None not in self.training.workers:   # each block where it is now
-                        self.spread = False
-                        self.note = _join(self.note, data.spread(self.client, self.training))
+                        moved, self.spread = data.spread(self.client, self.training)
+                        self.note = _join(self.note, moved)
                     if self.training.workers != placed:
                         self.last = None
                     if self.segmentable(callback):

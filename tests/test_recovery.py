@@ -767,6 +767,32 @@ def test_a_worker_that_joins_gets_an_even_share_of_the_rows(digits):
     assert result.history["event"].iloc[30].endswith(f"moved 1,347 data rows onto {joined[1]}")
 
 
+class _SlowStart(WorkerPlugin):
+    """A worker plugin whose setup takes 3 s: a worker that starts with it stays in
+    status ``init`` (known to the scheduler, running no task) meanwhile."""
+
+    name = "scar-test-slow-start"
+
+    def setup(self, worker):
+        time.sleep(3)
+
+
+@pytest.mark.slow
+def test_a_worker_that_joins_still_starting_gets_rows_once_it_runs(digits):
+    """The scheduler says a worker joined while it still sets up its plugins: its rows
+    move once it runs (the code before looked once, found it not running, and left
+    every row on the first worker for the rest of the fit)."""
+    frame = pd.concat([digits] * 3, ignore_index=True)
+    with new_cluster(1) as cluster, scar_client(cluster) as client:
+        client.register_plugin(_SlowStart())
+        seen = {}
+        steps = {3: lambda: cluster.scale(2), **{k: lambda: time.sleep(0.25) for k in range(4, 40)},
+                 45: lambda: seen.update(rows=_settled(client))}
+        result = _fit_with_steps(client, frame, steps, max_iter=50)
+    assert sorted(seen["rows"].values()) == [[(2695, False)], [(2696, False)]]
+    assert result.history["event"].str.contains("moved 2,696 data rows onto").sum() == 1
+
+
 def _read_slowly(frame):
     Event("scar-test-reading").set()
     time.sleep(5)
