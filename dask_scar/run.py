@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-from distributed import Client, Future
+from distributed import Client, Future, Lock
 from tqdm.auto import tqdm
 
 from . import checkpoint, config, data, iteration, segment
@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 #: ~10-16 ms on 2 cores; with fast iterations (small blocks, a GPU) that was most of an
 #: iteration's cost.
 SEGMENT_SECONDS, SEGMENT_MOST = 1.0, 1000
+#: The name of the cluster-wide lock a fit holds while one of its segments runs.
+SEGMENT_LOCK = "dask-scar-segments"
 
 
 class TrainingRun:
@@ -78,6 +80,7 @@ class TrainingRun:
         self.segment_length = segment_length    # the first segment's iterations, and the least (1: graphs)
         self.next_segment = segment_length      # the next segment's, from the last's speed (SEGMENT_SECONDS)
         self.segment_handler = False            # SegmentHandler installed on the workers
+        self.segment_lock: Lock | None = None   # held while a segment runs (see segment())
         self.spread = True                      # workers joined (or did while the data was read): rows may move
         self.segment_results: dict[str, str] = {}   # worker -> its task of the last segment
         self.clock = time.perf_counter()        # when the last row's iteration was done
@@ -257,17 +260,32 @@ class TrainingRun:
         graph, keys, workers = segment.build(self.model, chunks, [b.key for b in self.training.blocks],
                                              self.training.workers, k, last, self.client.id, orders, rounds,
                                              previous_loss, tol, self.timeout, self.segment_results)
-        futures = self.client.get(graph, keys, sync=False)
-        self.previous = self.stale = []
-        made = [chunks.key(c, i) for i in range(k, last + 1) for c in chunks.ids]   # whatever the segment registers
-        interrupted, self.waiting = False, futures
-        try:    # the timeout is an iteration's: the workers' progress events restart it
-            wait_watching(futures, self.watch, lambda: set(workers), self.timeout, self.restore.hint,
-                          progress=self.take_in)
-        except Interrupted:     # recovery runs outside the except block: see completed()
-            interrupted = True
+        # A segment's task on each worker waits for the others' at every iteration: two
+        # fits' segments on one cluster, each taking a worker's only thread first on a
+        # different worker, would wait for each other to the timeout. One segment runs
+        # at a time on a cluster; the lease of a driver that died lapses after
+        # distributed.scheduler.locks.lease-timeout (30 s).
+        if self.segment_lock is None:
+            self.segment_lock = Lock(SEGMENT_LOCK, scheduler_rpc=self.client.scheduler, loop=self.client.loop)
+        self.segment_lock.acquire()
+        try:
+            futures = self.client.get(graph, keys, sync=False)
+            self.previous = self.stale = []
+            made = [chunks.key(c, i) for i in range(k, last + 1) for c in chunks.ids]   # what the segment registers
+            interrupted, self.waiting = False, futures
+            try:    # the timeout is an iteration's: the workers' progress events restart it
+                wait_watching(futures, self.watch, lambda: set(workers), self.timeout, self.restore.hint,
+                              progress=self.take_in)
+            except Interrupted:     # recovery runs outside the except block: see completed()
+                interrupted = True
+            if interrupted:
+                done = self.abort_segment(k, futures, workers, orders)
+        finally:
+            try:
+                self.segment_lock.release()
+            except Exception:  # noqa: BLE001  (the scheduler is gone: the lease lapses; the fit's error is the one to see)
+                logger.debug("could not release %s", SEGMENT_LOCK, exc_info=True)
         if interrupted:
-            done = self.abort_segment(k, futures, workers, orders)
             if ckpt is not None:    # the rounds its workers chose, each written or not
                 ckpt.skip(sum(1 for o in orders[:-1] if o is not None and o.keep), done)
             futures.clear()     # some ran on the dead worker: let them go before recovering
@@ -446,6 +464,8 @@ class TrainingRun:
     def close(self) -> None:
         self.unsubscribe()
         self.watch.close()
+        if getattr(self.segment_lock, "refresh_callback", None) is not None:
+            self.segment_lock.refresh_callback.stop()   # (not close(): that ends the lock for every fit)
         self.bar.close()
         release_keys(self.client, [f.key for f in [*self.previous, *self.stale, *self.waiting,
                                                    *self.chunks.futures.values()]])

@@ -13,7 +13,7 @@ from collections import Counter
 import dask
 import dask.dataframe as dd
 from distributed import Client
-from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 import numpy as np
 import pandas as pd
 import pytest
@@ -147,11 +147,35 @@ def test_a_finished_fit_leaves_nothing_of_its_own_on_the_cluster(client, digits)
              what="no scar- key left on the scheduler")
 
 
+class _SegmentSpans(WorkerPlugin):
+    """When each segment task ran on this worker: {key: [start, end]} (wall clock)."""
+
+    name = "scar-test-segment-spans"
+
+    def setup(self, worker):
+        self.spans = {}
+
+    def transition(self, key, start, finish, **kwargs):
+        if str(key).startswith("scar-segment-"):
+            if finish == "executing":
+                self.spans[key] = [time.time(), None]
+            elif start == "executing" and key in self.spans:
+                self.spans[key][1] = time.time()
+
+
+def _segment_spans(dask_worker):
+    return dask_worker.plugins[_SegmentSpans.name].spans
+
+
 def test_two_fits_at_once_on_one_client(client, digits):
     """Each run hears its own progress and the cluster's events: a Client keeps one
-    handler per topic, and the second fit's subscription used to take the first's."""
+    handler per topic, and the second fit's subscription used to take the first's.
+    Their segments take turns: a segment's tasks wait for each other at every
+    iteration, so two runs' segments, each first on a different worker's only thread,
+    waited for each other to the timeout (seen after a worker was killed)."""
     models = {"softmax": scar.SoftmaxRegression(learning_rate=0.5), "lbfgs": scar.SoftmaxRegression(solver="lbfgs")}
     results = {}
+    client.register_plugin(_SegmentSpans())
 
     def fit(name):
         try:
@@ -166,6 +190,11 @@ def test_two_fits_at_once_on_one_client(client, digits):
             thread.start()
         for thread in threads:
             thread.join(120)
+    spans = [(key.split("-")[2], *span) for spans in client.run(_segment_spans).values() for key, span in spans.items()]
+    client.unregister_worker_plugin(_SegmentSpans.name)
+    assert len({run for run, _, _ in spans}) == 2 and all(end is not None for _, _, end in spans)
+    overlaps = [(a, b) for a in spans for b in spans if a[0] < b[0] and a[1] < b[2] and b[1] < a[2]]
+    assert not overlaps
     # (L-BFGS sums its dot products chunk by chunk: the same path to 0.1 %, as above)
     for name, hyper, rtol in (("softmax", {"learning_rate": 0.5}, 1e-5), ("lbfgs", {"solver": "lbfgs"}, 1e-3)):
         assert not isinstance(results[name], Exception), results[name]
