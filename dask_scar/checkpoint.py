@@ -57,6 +57,9 @@ from .store import NEVER, BlockLayout, ZarrStore, pick, probe
 
 logger = logging.getLogger(__name__)
 
+#: After a fit's first checkpoint warning, the log gets its notes at most this often.
+NOTE_SECONDS = 60.0
+
 #: Stores a worker process keeps open (see :func:`open_cached`).
 OPEN_STORES = 8
 #: Seconds an update task measuring priorities waits for its process's last writes
@@ -640,6 +643,8 @@ class Checkpointer:
         #: writer reports blocks written with their values of ``iteration``
         self.on_saved: Callable[[int, dict, dict], None] | None = None
         self._warned = False
+        self._logged = 0.0      # when the log last got a note (after the first, a warning)
+        self._unlogged = 0      # notes since, in the history only
 
     # -- orders ------------------------------------------------------------------------
     def orders(self, iteration: int) -> Orders | None:
@@ -780,14 +785,31 @@ class Checkpointer:
         self.base = Orders(**{**self.base.__dict__, "epoch": epoch})
 
     def _note(self, iteration: int, message: str) -> None:
-        """Into the history; a warning the first time in a fit, the log after that."""
+        """Into the history; a warning the first time in a fit, and after that into the
+        log at most once every :data:`NOTE_SECONDS` (a store that fails every round
+        filled a batch job's log with hundreds of lines a second)."""
         self.notes.setdefault(iteration, []).append(message)
-        if self._warned:
-            logger.warning(message)
-        else:
-            self._warned = True
+        if not self._warned:
+            self._warned, self._logged = True, time.monotonic()
             warnings.warn(message + " (later failures of this fit: see history['event'])", CheckpointWarning,
                           stacklevel=callers_level())
+        elif time.monotonic() - self._logged >= NOTE_SECONDS:
+            since = f" ({self._unlogged} more since the last, in history['event'])" if self._unlogged else ""
+            logger.warning(message + since)
+            self._logged, self._unlogged = time.monotonic(), 0
+        else:
+            self._unlogged += 1
+
+    def behind(self, iteration: int) -> str:
+        """Why the store holds less than a fit that reached ``iteration``: its rounds
+        since the last committed one failed ("" if none did)."""
+        failed = [rnd for number, rnd in self.rounds.items() if number > self.committed and rnd.errors]
+        if not failed or self.lost:
+            return ""
+        committed = int(self.store.manifest.get("iteration", 0))
+        return (f"the checkpoint store {self.store.url} holds iteration {committed}, its last committed round, "
+                f"and this fit reached {iteration}: {len(failed)} later round(s) failed ({failed[-1].errors[0]}). "
+                f"fit(..., resume=True) would go on from iteration {committed}")
 
     def table(self) -> pd.DataFrame:
         """One row per round: what was written, and with what result."""

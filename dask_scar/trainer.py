@@ -278,6 +278,9 @@ class Trainer:
         rows = training_run.rows
         model.params_ = params
         model.n_iter_ = rows[-1]["iteration"] if rows else start
+        behind = ckpt.behind(model.n_iter_) if ckpt is not None else ""
+        if behind:
+            warnings.warn(behind, CheckpointWarning, stacklevel=checkpoint.callers_level())
         return FitResult(history=history_frame(rows, ckpt), params=params, n_iter=model.n_iter_, converged=converged,
                          events=training_run.events, checkpoints=ckpt.table() if ckpt is not None else None)
 

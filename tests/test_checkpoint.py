@@ -1,6 +1,7 @@
 """Checkpointing while training, on real multi-process clusters and real stores on disk."""
 
 import importlib.util
+import logging
 import os
 import re
 import resource
@@ -316,6 +317,44 @@ def test_failing_writes_warn_and_training_goes_on(own_client, digits, tmp_path):
     final = scar.open_store(store)
     assert final.manifest["iteration"] == 600            # later rounds were written again
     np.testing.assert_array_equal(final.load()["weights"], result.params["weights"])
+
+
+def test_a_store_that_fails_to_the_end_is_said_once_in_the_log_and_at_the_end(own_client, digits, tmp_path,
+                                                                                caplog):
+    """Every round fails from some point to the end of the fit: the first failure is a
+    warning, the log gets no line per round (it got one every round: hundreds a
+    second), and the fit ends with a warning that the store holds an older iteration."""
+    store = tmp_path / "ckpt.zarr"
+    big = pd.concat([digits] * 4, ignore_index=True)
+    outcome = {}
+
+    def train():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            outcome["result"] = scar.Trainer(own_client, scar.SoftmaxRegression(), store=store,
+                                             policy=scar.FullCheckpoint(every=2)).fit(
+                big, target="label", max_iter=400, tol=0, progress=False)
+        outcome["warnings"] = [str(w.message) for w in caught if issubclass(w.category, scar.CheckpointWarning)]
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    try:
+        wait_for(lambda: _committed(store, "round") >= 3, what="three committed rounds")
+        own_client.run(_limit_file_size, 0)
+        thread.join(timeout=120)
+    finally:
+        own_client.run(_limit_file_size, resource.RLIM_INFINITY)
+    result = outcome["result"]
+    failed = result.history[result.history["event"].str.contains("failed")]
+    committed = scar.open_store(store).manifest["iteration"]
+    assert result.n_iter == 400 and len(failed) >= 20 and committed < 400
+    first, last = outcome["warnings"]
+    assert "later failures of this fit" in first
+    assert re.fullmatch(rf"the checkpoint store {store} holds iteration {committed}, its last committed round, and "
+                        rf"this fit reached 400: \d+ later round\(s\) failed \(.*File too large.*\)\. "
+                        rf"fit\(\.\.\., resume=True\) would go on from iteration {committed}", last)
+    logged = [r for r in caplog.records if r.name == "dask_scar.checkpoint" and r.levelno >= logging.WARNING]
+    assert len(logged) <= 1, [r.getMessage() for r in logged]
 
 
 def test_a_failing_manifest_write_warns_and_training_goes_on(client, digits, tmp_path):
