@@ -65,7 +65,7 @@ from distributed.protocol.serialize import Serialized, register_serialization_fa
 from distributed.utils import ensure_memoryview
 from distributed.worker import thread_state
 
-from . import checkpoint, config
+from . import checkpoint, chunks, config
 from .chunks import Chunk, ChunkId, chunk_key, detach, flatten, remember
 from .exceptions import ScarError
 from .iteration import contribute, step
@@ -392,8 +392,10 @@ def run_segment(model: Model, sources: list, blocks: dict[int, dict], n_blocks: 
                 detach({}, client_id, run, epoch, held)     # how far this worker got
                 checkpoint.hand_over()
                 if stop.run_over:
-                    # its driver may be gone, and no forget will come: drop what this
-                    # iteration kept for a checkpoint round
+                    # its driver may be gone, and no forget will come: drop the run's chunk
+                    # copies, its peers' messages, what it kept for a checkpoint round
+                    forget(run)
+                    chunks.forget(run)
                     checkpoint.forget(run)
                 return None     # quietly: the driver knows why
             parts = dict(made)

@@ -478,6 +478,13 @@ def _kept_for_rounds() -> int:
     return len(checkpoint._kept)
 
 
+def _held_for_runs() -> tuple[int, int]:
+    """Run on a worker: the runs it keeps chunk copies of, and peers' messages for segments."""
+    from dask_scar import chunks
+
+    return len(chunks._seen), len(segment._box)
+
+
 def _running(dask_worker) -> int:
     return len(dask_worker.state.all_running_tasks)    # cancelled ones still running included
 
@@ -489,9 +496,11 @@ def _segment_ran_since(client, started: float) -> bool:
 
 def _check_segments_stopped(client, ddf) -> None:
     """Every worker's segment task stops, no worker keeps values for the ended run's
-    checkpoint rounds, and the next fit runs."""
+    checkpoint rounds, chunk copies or messages (a dead driver's run kept both), and
+    the next fit runs."""
     wait_for(lambda: set(client.run(_running).values()) == {0}, timeout=20, what="the segment's tasks to stop")
     assert set(client.run(_kept_for_rounds).values()) == {0}
+    assert set(client.run(_held_for_runs).values()) == {(0, 0)}
     result = scar.Trainer(client, scar.SoftmaxRegression()).fit(ddf, target="label", max_iter=25, tol=0,
                                                                progress=False)
     assert result.n_iter == 25
