@@ -143,6 +143,8 @@ def detach(chunks: dict[str, Chunk], client_id: str, run: str, epoch: int, progr
     nbytes = {key: sizeof(chunk) for key, chunk in chunks.items()}
 
     def register() -> None:
+        if worker.batched_stream.closed():
+            return      # the scheduler went away: nothing to register with it (send would raise)
         worker.update_data(data=chunks, stimulus_id=f"scar-detach-{time.time()}")
         worker.batched_stream.send({
             "op": DETACH_OP,

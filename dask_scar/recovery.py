@@ -519,13 +519,16 @@ def live_or_wait(client: Client, hint: str) -> set[str]:
     if alive:
         return alive
     timeout = config.get("recovery.wait-for-workers")
-    logger.warning("dask_scar: the cluster has no worker; waiting up to %s s for one to join", timeout)
+    address = client.scheduler.address
+    logger.warning("dask_scar: the cluster of the scheduler at %s has no worker; waiting up to %s s for one to join",
+                   address, timeout)
     try:
         client.wait_for_workers(1, timeout=timeout)
     except TimeoutError:
-        raise WorkerLostError(f"the cluster has no worker, and none joined within "
-                              f"scar.recovery.wait-for-workers={timeout}s: start some (cluster.scale(n)){hint}"
-                              ) from None
+        raise WorkerLostError(f"the cluster of the scheduler at {address} has no worker, and none joined within "
+                              f"scar.recovery.wait-for-workers={timeout}s: start some (cluster.scale(n), or "
+                              f"dask worker {address}: a worker whose scheduler went away does not come back "
+                              f"to its successor by itself){hint}") from None
     return live_workers(client)
 
 

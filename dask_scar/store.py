@@ -637,5 +637,7 @@ def probe(url: str | os.PathLike) -> None:
 
 
 def open_store(url: str | os.PathLike) -> ZarrStore:
-    """Open a checkpoint store read-only, for inspection: ``saved_at``, ``load()``, ``info()``."""
-    return ZarrStore.open(url, mode="r")
+    """Open a checkpoint store read-only, for inspection: ``saved_at``, ``load()``, ``info()``
+    (a local path's ``~`` expanded, as by :class:`~dask_scar.Trainer`)."""
+    url = os.fspath(url)
+    return ZarrStore.open(url if "://" in url else os.path.expanduser(url), mode="r")

@@ -126,7 +126,7 @@ def test_equal_byte_budget_full_vs_prioritized(client, tmp_path):
     assert per_iteration["scar"] == pytest.approx(per_iteration["full"], rel=0.05)
 
 
-def test_a_resume_checkpoints_with_the_stores_policy_unless_given_another(client, digits, tmp_path):
+def test_a_resume_checkpoints_with_the_stores_policy_unless_given_another(client, digits, tmp_path, monkeypatch):
     store = tmp_path / "ckpt.zarr"
 
     def fit(max_iter, **kwargs):
@@ -147,6 +147,8 @@ def test_a_resume_checkpoints_with_the_stores_policy_unless_given_another(client
     assert other.checkpoints["iteration"].tolist() == [14, 16]
     assert [len(blocks) for blocks in other.checkpoints["blocks"]] == [round(len(every_block) / 2)] * 2
     assert scar.open_store(store).meta["policy"] == scar.PrioritizedCheckpoint(0.5, every=2).to_json()
+    monkeypatch.setenv("HOME", str(tmp_path))      # open_store expands ~ as the Trainer does
+    assert scar.open_store("~/ckpt.zarr").meta == scar.open_store(store).meta
 
 
 def test_store_for_another_model_or_corrupt_is_refused(client, digits, tmp_path):

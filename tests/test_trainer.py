@@ -392,13 +392,18 @@ def test_a_fit_waits_for_the_first_worker(digits, caplog):
     """As on a batch system, where the driver may start before the workers' jobs."""
     with new_cluster(0) as cluster, Client(cluster) as c:
         with dask.config.set({"scar.recovery.wait-for-workers": 1}), \
-                pytest.raises(scar.WorkerLostError, match=r"the cluster has no worker, and none joined within "
-                                                          r"scar.recovery.wait-for-workers=1s: start some"):
+                pytest.raises(scar.WorkerLostError) as info:
             scar.Trainer(c, scar.SoftmaxRegression()).fit(digits, target="label", progress=False)
+        address = c.scheduler.address
+        assert str(info.value) == (
+            f"the cluster of the scheduler at {address} has no worker, and none joined within "
+            f"scar.recovery.wait-for-workers=1s: start some (cluster.scale(n), or dask worker {address}: a worker "
+            "whose scheduler went away does not come back to its successor by itself)")
         threading.Timer(2.0, cluster.scale, args=(2,)).start()
         result = scar.Trainer(c, scar.SoftmaxRegression()).fit(digits, target="label", max_iter=5, progress=False)
         assert result.n_iter == 5 and live_workers(c)
-    assert "the cluster has no worker; waiting up to 120 s for one to join" in caplog.text
+    assert f"the cluster of the scheduler at {address} has no worker; waiting up to 120 s for one to join" \
+        in caplog.text
 
 
 def test_a_callback_returning_true_stops_training_with_a_result(client, digits):
