@@ -624,16 +624,23 @@ async def _settled() -> None:
 
 def probe(url: str | os.PathLike) -> None:
     """Write and delete a scratch object at ``url``: raises :class:`CheckpointError`
-    where this process cannot write there."""
+    where this process cannot write there. A local directory it made goes again (a fit
+    that fails before it creates its store leaves nothing behind)."""
     url = os.fspath(url)
     key = f".scar-probe-{uuid.uuid4().hex}"
+    made_root = False
     try:
         store = _zarr_store(url, read_only=False)
+        made_root = isinstance(store, zarr.storage.LocalStore) and not store.root.is_dir()
         sync(store.set(key, default_buffer_prototype().buffer.from_bytes(b"probe")))
         sync(store.delete(key))
     except Exception as exc:  # noqa: BLE001  (whatever the reason, it cannot be written)
         raise CheckpointError(f"cannot write to the checkpoint store at {url}: {exc}; "
                               "choose a writable path or URL") from exc
+    finally:
+        if made_root:
+            with contextlib.suppress(OSError):
+                store.root.rmdir()
 
 
 def open_store(url: str | os.PathLike) -> ZarrStore:

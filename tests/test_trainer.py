@@ -388,12 +388,15 @@ def test_a_fit_on_a_closed_client_says_so(client, digits):
         scar.Trainer(other, scar.SoftmaxRegression()).fit(digits, target="label", progress=False)
 
 
-def test_a_fit_waits_for_the_first_worker(digits, caplog):
-    """As on a batch system, where the driver may start before the workers' jobs."""
+def test_a_fit_waits_for_the_first_worker(digits, caplog, tmp_path):
+    """As on a batch system, where the driver may start before the workers' jobs. One
+    that none joined leaves nothing at its store's path (an empty directory before)."""
     with new_cluster(0) as cluster, Client(cluster) as c:
         with dask.config.set({"scar.recovery.wait-for-workers": 1}), \
                 pytest.raises(scar.WorkerLostError) as info:
-            scar.Trainer(c, scar.SoftmaxRegression()).fit(digits, target="label", progress=False)
+            scar.Trainer(c, scar.SoftmaxRegression(), store=tmp_path / "ckpt.zarr").fit(digits, target="label",
+                                                                                        progress=False)
+        assert not (tmp_path / "ckpt.zarr").exists()
         address = c.scheduler.address
         assert str(info.value) == (
             f"the cluster of the scheduler at {address} has no worker, and none joined within "
