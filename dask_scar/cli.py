@@ -168,9 +168,8 @@ def train(args: argparse.Namespace) -> int:
     if foreign:
         options = ", ".join("--" + name.replace("_", "-") for name in foreign)
         raise scar.ScarError(f"--model {args.model} takes no {options}")
-    for flag, given_flag in (("--resume", args.resume), ("--recovery full", args.recovery == "full")):
-        if given_flag and not args.store:
-            raise scar.ScarError(f"{flag} needs --store: the path or URL of the checkpoint store")
+    if args.resume and not args.store:
+        raise scar.ScarError("--resume needs --store: the path or URL of the checkpoint store")
     model = getattr(scar, MODELS[args.model])(**given)
     reader = dd.read_csv if args.data.endswith((".csv", ".csv.gz")) else dd.read_parquet
     ddf = reader(args.data)

@@ -108,9 +108,9 @@ class Trainer:
         chunk keeps its current value and
         training goes on with the iteration that was in flight. ``"full"``: the
         traditional rollback of every chunk to the store's last committed round,
-        and of the iteration count with it (it needs ``store=``). Without a store,
-        lost chunks that no live worker holds a copy of start again from their
-        initial value.
+        and of the iteration count with it; without a store, to iteration 0 (a job
+        restarted with no checkpoint). Without a store, ``"partial"`` starts lost
+        chunks that no live worker holds a copy of again from their initial value.
     n_chunks : int, optional
         Chunks per parameter; default ``scar.chunks-per-worker`` times the workers.
     backend : {"numpy", "cupy"}
@@ -139,9 +139,6 @@ class Trainer:
             raise ValueError("policy= needs store=: the path or URL where checkpoints are written")
         if recovery not in RECOVERY_MODES:
             raise ValueError(f"recovery must be one of {RECOVERY_MODES}, got {recovery!r}")
-        if recovery == "full" and store is None:
-            raise ValueError('recovery="full" rolls every chunk back to the last checkpoint: it needs store=, '
-                             'the path or URL where checkpoints are written')
         if n_chunks is not None:
             check_number("n_chunks", n_chunks, 1, integer=True)
         if not isinstance(model, Model):
