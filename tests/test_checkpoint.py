@@ -282,22 +282,30 @@ def test_a_store_url_whose_filesystem_is_not_installed_is_named_before_the_data_
     with pytest.raises(ImportError, match=r"the checkpoint store gcs://bucket/ckpt.zarr needs .*gcsfs"):
         scar.open_store("gcs://bucket/ckpt.zarr")
 
-@pytest.mark.slow
-def test_failing_writes_warn_and_training_goes_on(own_client, digits, tmp_path):
-    store = tmp_path / "ckpt.zarr"
-    big = pd.concat([digits] * 4, ignore_index=True)
+def _fit_in_a_thread(client, digits, store, max_iter):
+    """A fit of four copies of digits, a full checkpoint every 2 iterations, started
+    in a thread: the thread, and what it puts in ``outcome`` (``result``, and the
+    ``warnings`` of class CheckpointWarning)."""
     outcome = {}
 
     def train():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            outcome["result"] = scar.Trainer(own_client, scar.SoftmaxRegression(), store=store,
+            outcome["result"] = scar.Trainer(client, scar.SoftmaxRegression(), store=store,
                                              policy=scar.FullCheckpoint(every=2)).fit(
-                big, target="label", max_iter=600, tol=0, progress=False)
+                pd.concat([digits] * 4, ignore_index=True), target="label", max_iter=max_iter, tol=0,
+                progress=False)
         outcome["warnings"] = [w for w in caught if issubclass(w.category, scar.CheckpointWarning)]
 
     thread = threading.Thread(target=train)
     thread.start()
+    return thread, outcome
+
+
+@pytest.mark.slow
+def test_failing_writes_warn_and_training_goes_on(own_client, digits, tmp_path):
+    store = tmp_path / "ckpt.zarr"
+    thread, outcome = _fit_in_a_thread(own_client, digits, store, 600)
     wait_for(lambda: _committed(store, "round") >= 3,
              what="three committed rounds")
     # The disk is "full" for a while: a few rounds' time, well short of the fit's rest
@@ -321,25 +329,14 @@ def test_failing_writes_warn_and_training_goes_on(own_client, digits, tmp_path):
     np.testing.assert_array_equal(final.load()["weights"], result.params["weights"])
 
 
+@pytest.mark.slow
 def test_a_store_that_fails_to_the_end_is_said_once_in_the_log_and_at_the_end(own_client, digits, tmp_path,
                                                                                 caplog):
     """Every round fails from some point to the end of the fit: the first failure is a
     warning, the log gets no line per round (it got one every round: hundreds a
     second), and the fit ends with a warning that the store holds an older iteration."""
     store = tmp_path / "ckpt.zarr"
-    big = pd.concat([digits] * 4, ignore_index=True)
-    outcome = {}
-
-    def train():
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            outcome["result"] = scar.Trainer(own_client, scar.SoftmaxRegression(), store=store,
-                                             policy=scar.FullCheckpoint(every=2)).fit(
-                big, target="label", max_iter=400, tol=0, progress=False)
-        outcome["warnings"] = [str(w.message) for w in caught if issubclass(w.category, scar.CheckpointWarning)]
-
-    thread = threading.Thread(target=train)
-    thread.start()
+    thread, outcome = _fit_in_a_thread(own_client, digits, store, 400)
     try:
         wait_for(lambda: _committed(store, "round") >= 3, what="three committed rounds")
         own_client.run(_limit_file_size, 0)
@@ -350,7 +347,7 @@ def test_a_store_that_fails_to_the_end_is_said_once_in_the_log_and_at_the_end(ow
     failed = result.history[result.history["event"].str.contains("failed")]
     committed = scar.open_store(store).manifest["iteration"]
     assert result.n_iter == 400 and len(failed) >= 20 and committed < 400
-    first, last = outcome["warnings"]
+    first, last = (str(w.message) for w in outcome["warnings"])
     assert "later failures of this fit" in first
     assert re.fullmatch(rf"the checkpoint store {store} holds iteration {committed}, its last committed round, and "
                         rf"this fit reached 400: \d+ later round\(s\) failed \(.*File too large.*\)\. "
