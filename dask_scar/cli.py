@@ -229,6 +229,13 @@ def inspect(args: argparse.Namespace) -> int:
         print(f"{info['newer_blocks']} block(s) written after that round, up to iteration "
               f"{info['newest_iteration']} (by rounds that never committed: resume=True and partial restores "
               "read them, a full rollback does not)")
+    if args.verify:
+        read, problems = store.verify()
+        for problem in problems:
+            print(f"damaged: {problem}")
+        print(f"verified {read:,} saved block version(s): " + (f"{len(problems)} damaged" if problems else
+                                                               "each matches its record"))
+        return 1 if problems else 0
     return 0
 
 
@@ -321,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("inspect", help="show what a checkpoint store holds")
     p.add_argument("store", help="path or URL of the store")
+    p.add_argument("--verify", action="store_true",
+                   help="read every saved block version and check it against its record (reads the whole store; "
+                        "exits 1 if any is damaged)")
     p.set_defaults(func=inspect)
 
     p = sub.add_parser("bench", formatter_class=_Help,

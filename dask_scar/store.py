@@ -193,6 +193,22 @@ class CheckpointStore(abc.ABC):
             out[name] = value
         return out
 
+    def verify(self) -> tuple[int, list[str]]:
+        """Read every saved version of every block (the newest and the one before),
+        checking each against its record: the versions read, and what is wrong (a
+        block's data missing, or not what its record describes, or corrupt). Reads the
+        whole store."""
+        read, problems = 0, []
+        for name, layout in self.layouts.items():
+            versions = self.versions(name)
+            for block in range(layout.n_blocks):
+                for previous in (False, True):
+                    try:
+                        read += len(self.read_blocks(name, [block], previous, versions[block:block + 1]))
+                    except CheckpointError as exc:
+                        problems.append(str(exc))
+        return read, problems
+
     def info(self) -> dict[str, Any]:
         """Size and freshness: bytes stored, blocks saved, how many iterations old
         the saved blocks are at the last committed round (a histogram), and how many

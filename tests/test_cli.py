@@ -100,6 +100,20 @@ def test_inspect_a_path_that_holds_no_store(tmp_path):
     assert "dask-scar: error: no checkpoint store at" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_inspect_verify_names_damaged_blocks(tmp_path):
+    """A deleted or corrupted block version is not seen by the summary, which reads
+    the records only; --verify reads every saved version."""
+    from test_store import _damaged_store
+
+    _damaged_store(tmp_path / "ckpt.zarr")
+    assert _run("inspect", str(tmp_path / "ckpt.zarr")).returncode == 0
+    out = _run("inspect", str(tmp_path / "ckpt.zarr"), "--verify")
+    assert out.returncode == 1, out.stderr
+    damaged = [line for line in out.stdout.splitlines() if line.startswith("damaged: ")]
+    assert len(damaged) == 2 and "block 5 (slot 0)" in damaged[1] and "data is missing" in damaged[1]
+    assert out.stdout.splitlines()[-1] == "verified 1 saved block version(s): 2 damaged"
+
+
 def test_train_keeps_the_models_defaults_and_refuses_options_it_would_ignore(tmp_path):
     """Hyperparameters left out keep the model's own defaults (the option's help names
     them); one the model does not take, or a missing --target, is an error that says so."""

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -323,3 +324,30 @@ def test_a_policys_repr_builds_it_again():
 def test_bad_policy_arguments(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def _damaged_store(path):
+    """A store whose block 3 was saved twice (the newest version then corrupted) and
+    block 5 once (its data then deleted)."""
+    store = new_store(path)
+    rng = np.random.default_rng(0)
+    store.write_blocks("weights", {3: rng.random((5, 10), dtype=np.float32),
+                                   5: rng.random((5, 10), dtype=np.float32)}, 4, 0, 1)
+    store.write_blocks("weights", {3: rng.random((5, 10), dtype=np.float32)}, 8, 0, 2)
+    assert store.verify() == (3, [])
+    newest = path / "params/weights/c/1/3/0"
+    raw = bytearray(newest.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    newest.write_bytes(bytes(raw))
+    (path / "params/weights/c/0/5/0").unlink()
+    return store
+
+
+def test_verify_reads_every_saved_version_and_names_each_damaged_one(tmp_path):
+    _damaged_store(tmp_path / "ckpt.zarr")
+    read, problems = scar.open_store(tmp_path / "ckpt.zarr").verify()
+    assert read == 1        # block 3's older version; the other two are damaged
+    assert len(problems) == 2
+    assert re.match(r"block 3 \(rows 15:20, slot 1\) of parameter 'weights' in .* is corrupt", problems[0])
+    assert re.match(r"block 5 \(slot 0\) of parameter 'weights' in .* is recorded as saved at iteration 4 but its "
+                    r"data is missing", problems[1])
