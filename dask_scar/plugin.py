@@ -24,6 +24,7 @@ install it when it is missing.
 from __future__ import annotations
 
 import ast
+import asyncio
 import contextlib
 import logging
 import re
@@ -44,10 +45,15 @@ logger = logging.getLogger(__name__)
 
 CLUSTER_TOPIC = "scar"          # events: a worker was removed (and what it lost), a worker joined
 EPOCH_HANDLER = "scar_epoch"    # rpc: a driver moves its run to a new epoch
+TURN_HANDLER = "scar_turn"      # rpc: a driver waits for its run's turn to run a segment
+TURN_RELEASE_HANDLER = "scar_turn_release"      # rpc: ... and gives it back
+#: A run waiting for its turn that has not asked again for this long lost its place
+#: (its driver asks every :data:`dask_scar.run.TURN_POLL_SECONDS`).
+TURN_STALE_SECONDS = 30.0
 ENDED_RUNS = 4096               # ended runs the plugin remembers, to refuse their late chunks
 
 
-_handlers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # client -> topic -> {token: handler}
+_handlers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # client -> topic -> _Topic
 _handlers_lock = threading.Lock()
 
 
@@ -82,28 +88,46 @@ def subscribe(client: Client, topic: str, handler: Callable[[tuple[float, Any]],
     token = object()
     with _handlers_lock:
         topics = _handlers.setdefault(client, {})
-        handlers = topics.get(topic)
-        if handlers is None:
-            handlers = topics[topic] = {}
+        entry = topics.get(topic)
+        new = entry is None
+        if new:
+            entry = topics[topic] = _Topic()
 
-            def dispatch(event, handlers=handlers):
-                with _handlers_lock:
-                    current = list(handlers.values())
-                for each in current:
+            def dispatch(event, entry=entry):      # (on the client's event loop: takes no lock)
+                for _, each in entry.handlers:
                     each(event)
 
             client.subscribe_topic(topic, dispatch)
+        entry.handlers = (*entry.handlers, (token, handler))
+    # (waited for outside the lock: dispatch runs on the loop that the wait needs)
+    if new:
+        try:
             _wait_subscribed(client, topic)
-        handlers[token] = handler
+        finally:
+            entry.confirmed.set()
+    else:
+        entry.confirmed.wait(SUBSCRIBE_SECONDS)
 
     def stop() -> None:
         with _handlers_lock:    # (unsubscribing inside: before any later subscription reaches the scheduler)
-            if handlers.pop(token, None) is None or handlers or topics.get(topic) is not handlers:
+            before = entry.handlers
+            entry.handlers = tuple(pair for pair in before if pair[0] is not token)
+            if len(entry.handlers) == len(before) or entry.handlers or topics.get(topic) is not entry:
                 return
             del topics[topic]
             with contextlib.suppress(ValueError, ClosedClientError):    # (a closed client has none)
                 client.unsubscribe_topic(topic)
     return stop
+
+
+class _Topic:
+    """A client's subscription to a topic: its handlers, as a tuple that a change
+    replaces (so that dispatch reads them without a lock), and whether the scheduler
+    has it yet."""
+
+    def __init__(self) -> None:
+        self.handlers: tuple[tuple[object, Callable], ...] = ()
+        self.confirmed = threading.Event()
 
 
 SCHEDULER_LOG = logging.getLogger("distributed.scheduler")
@@ -165,6 +189,13 @@ class ScarPlugin(SchedulerPlugin):
     True for a graceful retirement, ``stimulus_id``, ``time``) or ``"add-worker"``
     (``worker``, ``time``).
 
+    It also gives runs their *turns*: one run's segment at a time on the cluster (a
+    segment's task on each worker waits for the others' at every iteration, so two
+    runs' segments, each first on some workers' only thread, would wait for each
+    other). A run's turn and its place in the queue go when its driver gives them
+    back, when the run ends, when the driver's client goes, and (a place only) when
+    its driver stops asking for :data:`TURN_STALE_SECONDS`.
+
     Examples
     --------
     >>> client.register_plugin(ScarPlugin())   # doctest: +SKIP
@@ -183,18 +214,26 @@ class ScarPlugin(SchedulerPlugin):
         self.rejected = 0   # chunks refused because their run moved to a newer epoch
         self.epochs: dict[str, int] = {}
         self.ended: OrderedDict[str, None] = OrderedDict()   # the last ENDED_RUNS runs that ended
+        self.turn: str | None = None                # the run whose segment runs
+        self.waiting: dict[str, tuple[str, float]] = {}   # runs waiting, in order -> (client, when last asked)
+        self.turn_client: str | None = None         # the client of the run that has the turn
+        self._turn_changed: asyncio.Event | None = None
 
     async def start(self, scheduler: Any) -> None:
         self.scheduler = scheduler
+        self._turn_changed = asyncio.Event()
         scheduler.stream_handlers[DETACH_OP] = self._detach
         scheduler.handlers[EPOCH_HANDLER] = self._set_epoch
+        scheduler.handlers[TURN_HANDLER] = self._take_turn
+        scheduler.handlers[TURN_RELEASE_HANDLER] = self._release_turn
         self._swap_policies(ReduceReplicas, KeepChunkReplicas)
         SCHEDULER_LOG.addFilter(chunk_loss_note)
 
     async def close(self) -> None:
         if self.scheduler is not None:
             self.scheduler.stream_handlers.pop(DETACH_OP, None)
-            self.scheduler.handlers.pop(EPOCH_HANDLER, None)
+            for handler in (EPOCH_HANDLER, TURN_HANDLER, TURN_RELEASE_HANDLER):
+                self.scheduler.handlers.pop(handler, None)
             self._swap_policies(KeepChunkReplicas, ReduceReplicas)
             SCHEDULER_LOG.removeFilter(chunk_loss_note)
 
@@ -219,6 +258,12 @@ class ScarPlugin(SchedulerPlugin):
         except Exception:  # never raise out of a scheduler hook
             logger.exception("dask_scar: could not report the removal of worker %s", msg.get("worker"))
 
+    def remove_client(self, scheduler: Any, client: str) -> None:
+        for run in [run for run, (owner, _) in self.waiting.items() if owner == client]:
+            self._release_turn(run)
+        if self.turn is not None and self.turn_client == client:
+            self._release_turn(self.turn)
+
     def add_worker(self, scheduler: Any, worker: str) -> None:
         try:
             self.scheduler.log_event(CLUSTER_TOPIC, {"action": "add-worker", "worker": worker, "time": time.time()})
@@ -226,6 +271,38 @@ class ScarPlugin(SchedulerPlugin):
             logger.exception("dask_scar: could not report the arrival of worker %s", worker)
 
     # -- handlers --------------------------------------------------------------------
+    async def _take_turn(self, run: str, client: str, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for ``run``'s turn (first come, first served);
+        True once it has it. A run that waited in vain keeps its place while its driver
+        asks again."""
+        if self.turn == run:
+            return True
+        self.waiting[run] = (client, time.monotonic())
+        deadline = time.monotonic() + timeout
+        while True:
+            now = time.monotonic()
+            for stale in [r for r, (_, asked) in self.waiting.items() if now - asked > TURN_STALE_SECONDS]:
+                del self.waiting[stale]
+            if run not in self.waiting:
+                return False        # given back meanwhile (the run ended)
+            if self.turn is None and next(iter(self.waiting)) == run:
+                del self.waiting[run]
+                self.turn, self.turn_client = run, client
+                return True
+            changed = self._turn_changed
+            try:
+                await asyncio.wait_for(changed.wait(), max(deadline - time.monotonic(), 0))
+            except asyncio.TimeoutError:
+                return False
+
+    def _release_turn(self, run: str) -> None:
+        """``run`` gives back its turn, or its place in the queue."""
+        self.waiting.pop(run, None)
+        if self.turn == run:
+            self.turn = self.turn_client = None
+        self._turn_changed.set()
+        self._turn_changed = asyncio.Event()
+
     def _set_epoch(self, run: str, epoch: int | None, client: str | None = None) -> None:
         """From then on, refuse chunks of ``run`` from an older epoch. ``None``: the run
         ended; refuse all of its chunks, and let go of every one its driver's ``client``
@@ -234,6 +311,7 @@ class ScarPlugin(SchedulerPlugin):
         if epoch is not None:
             self.epochs[run] = max(epoch, self.epochs.get(run, epoch))
             return
+        self._release_turn(run)
         self.epochs.pop(run, None)
         self.ended[run] = None
         while len(self.ended) > ENDED_RUNS:

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-from distributed import Client, Future, Lock
+from distributed import Client, Future
 from tqdm.auto import tqdm
 
 from . import checkpoint, config, data, iteration, segment
@@ -45,8 +45,9 @@ logger = logging.getLogger(__name__)
 #: ~10-16 ms on 2 cores; with fast iterations (small blocks, a GPU) that was most of an
 #: iteration's cost.
 SEGMENT_SECONDS, SEGMENT_MOST = 1.0, 1000
-#: The name of the cluster-wide lock a fit holds while one of its segments runs.
-SEGMENT_LOCK = "dask-scar-segments"
+#: A driver waiting for its run's turn to run a segment asks the scheduler again this
+#: often (see :class:`dask_scar.plugin.ScarPlugin`), and says so after TURN_SAY_SECONDS.
+TURN_POLL_SECONDS, TURN_SAY_SECONDS = 1.0, 10.0
 
 
 class TrainingRun:
@@ -80,7 +81,6 @@ class TrainingRun:
         self.segment_length = segment_length    # the first segment's iterations, and the least (1: graphs)
         self.next_segment = segment_length      # the next segment's, from the last's speed (SEGMENT_SECONDS)
         self.segment_handler = False            # SegmentHandler installed on the workers
-        self.segment_lock: Lock | None = None   # held while a segment runs (see segment())
         self.spread = True                      # workers joined (or did while the data was read): rows may move
         self.segment_results: dict[str, str] = {}   # worker -> its task of the last segment
         self.clock = time.perf_counter()        # when the last row's iteration was done
@@ -263,11 +263,8 @@ class TrainingRun:
         # A segment's task on each worker waits for the others' at every iteration: two
         # fits' segments on one cluster, each taking a worker's only thread first on a
         # different worker, would wait for each other to the timeout. One segment runs
-        # at a time on a cluster; the lease of a driver that died lapses after
-        # distributed.scheduler.locks.lease-timeout (30 s).
-        if self.segment_lock is None:
-            self.segment_lock = Lock(SEGMENT_LOCK, scheduler_rpc=self.client.scheduler, loop=self.client.loop)
-        self.segment_lock.acquire()
+        # at a time on a cluster: its run's turn.
+        self.take_turn()
         try:
             futures = self.client.get(graph, keys, sync=False)
             self.previous = self.stale = []
@@ -281,10 +278,7 @@ class TrainingRun:
             if interrupted:
                 done = self.abort_segment(k, futures, workers, orders)
         finally:
-            try:
-                self.segment_lock.release()
-            except Exception:  # noqa: BLE001  (the scheduler is gone: the lease lapses; the fit's error is the one to see)
-                logger.debug("could not release %s", SEGMENT_LOCK, exc_info=True)
+            self.release_turn()
         if interrupted:
             if ckpt is not None:    # the rounds its workers chose, each written or not
                 ckpt.skip(sum(1 for o in orders[:-1] if o is not None and o.keep), done)
@@ -321,6 +315,33 @@ class TrainingRun:
         self.stale = chunks.advance(i)
         self.previous, self.segment_results, self.last = futures, dict(zip(workers, keys)), None
         return i + 1, converged
+
+    def take_turn(self) -> None:
+        """Wait for this run's turn to run a segment on the cluster (another fit's
+        segment may be running), saying so after :data:`TURN_SAY_SECONDS`. Interrupted,
+        it gives its place back (and the scheduler does when the run ends)."""
+        waited, said = time.monotonic(), False
+        try:
+            while True:
+                # (None: the scheduler's dask_scar plugin is of a version that gives no turns)
+                if self.client.sync(self.client.scheduler.scar_turn, run=self.chunks.run, client=self.client.id,
+                                    timeout=TURN_POLL_SECONDS) in (True, None):
+                    return
+                if not said and time.monotonic() - waited > TURN_SAY_SECONDS:
+                    said = True
+                    logger.warning("dask_scar: run %s waits for another fit's segment on this cluster to end",
+                                   self.chunks.run)
+        except BaseException:
+            self.release_turn()
+            raise
+
+    def release_turn(self) -> None:
+        """Give back this run's turn (or its place in the queue); raises nothing: the
+        scheduler may be gone, and then so is the turn."""
+        try:
+            self.client.sync(self.client.scheduler.scar_turn_release, run=self.chunks.run)
+        except Exception:  # noqa: BLE001
+            logger.debug("could not give back the turn of run %s", self.chunks.run, exc_info=True)
 
     def abort_segment(self, k: int, futures: list[Future], workers: list[str],
                       orders: list[checkpoint.Orders | None]) -> int:
@@ -464,8 +485,6 @@ class TrainingRun:
     def close(self) -> None:
         self.unsubscribe()
         self.watch.close()
-        if getattr(self.segment_lock, "refresh_callback", None) is not None:
-            self.segment_lock.refresh_callback.stop()   # (not close(): that ends the lock for every fit)
         self.bar.close()
         release_keys(self.client, [f.key for f in [*self.previous, *self.stale, *self.waiting,
                                                    *self.chunks.futures.values()]])

@@ -191,3 +191,31 @@ def test_tasks_still_running_after_an_interrupt_keep_no_chunk_copies(own_client)
     wait_for(lambda: set(client.run(_running).values()) == {0}, timeout=20, what="the run's tasks to end")
     kept = client.run(_runs_kept)
     assert len(kept) == 2 and not any(kept.values()), kept
+
+
+def _turns(dask_scheduler):
+    plugin = dask_scheduler.plugins["scar"]
+    return plugin.turn, list(plugin.waiting)
+
+
+def test_a_fit_interrupted_while_it_waits_for_its_turn_gives_its_place_back(client, digits):
+    """Another run's segment has the cluster's turn (here a second client holds it); a
+    fit waits for it, and Ctrl-C stops the wait: the fit's place in the queue goes with
+    it, so the next fit waits for no one (a lease that nobody held, granted after the
+    interrupt, held every fit on the cluster for 30-40 s). When the other client goes,
+    so does its turn."""
+    from distributed import Client
+
+    from dask_scar.plugin import ensure_plugin
+
+    ensure_plugin(client)
+    with Client(client.scheduler.address) as other:
+        assert other.sync(other.scheduler.scar_turn, run="other-run", client=other.id, timeout=5)
+        waiting = lambda: client.run_on_scheduler(_turns)[1] != []     # noqa: E731
+        _fit_interrupted(waiting, lambda: scar.Trainer(client, scar.SoftmaxRegression()).fit(
+            digits, target="label", max_iter=100, tol=0, progress=False))
+        assert client.run_on_scheduler(_turns) == ("other-run", [])
+    wait_for(lambda: client.run_on_scheduler(_turns) == (None, []), what="the closed client's turn to go")
+    result = scar.Trainer(client, scar.SoftmaxRegression()).fit(digits, target="label", max_iter=30, tol=0,
+                                                               progress=False)
+    assert result.n_iter == 30 and client.run_on_scheduler(_turns) == (None, [])

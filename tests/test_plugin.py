@@ -1,6 +1,7 @@
 """ScarPlugin installed the three supported ways, on real schedulers."""
 
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -85,7 +86,7 @@ def test_subscribe_returns_once_the_scheduler_has_the_subscription(client):
     from dask_scar.plugin import subscribe
 
     missed = 0
-    for i in range(10):
+    for i in range(40):
         got = []
         stop = subscribe(client, f"scar-test-{i}", got.append)
         client.run_on_scheduler(_publish, f"scar-test-{i}")
@@ -95,3 +96,40 @@ def test_subscribe_returns_once_the_scheduler_has_the_subscription(client):
             missed += 1
         stop()
     assert missed == 0
+
+
+def _publish_every_2_ms(topic, dask_scheduler=None):
+    from tornado.ioloop import PeriodicCallback
+
+    dask_scheduler._scar_test_publisher = PeriodicCallback(lambda: dask_scheduler.log_event(topic, {"n": 1}), 2)
+    dask_scheduler._scar_test_publisher.start()
+
+
+def _stop_publishing(dask_scheduler=None):
+    dask_scheduler._scar_test_publisher.stop()
+
+
+def test_subscribing_while_events_of_another_topic_arrive_does_not_hang(client):
+    """While ``subscribe`` waits for the scheduler to take a new subscription, events
+    of a topic the client already follows keep arriving on its event loop (a fit
+    subscribes twice; workers join meanwhile): their dispatch must not wait for the
+    subscription, which needs that loop (it held a lock the wait held: the client hung)."""
+    from dask_scar.plugin import subscribe
+
+    got = []
+    stop_x = subscribe(client, "scar-test-x", got.append)
+    client.run_on_scheduler(_publish_every_2_ms, "scar-test-x")
+    try:
+        wait_for(lambda: got, what="the first events")
+
+        def subscribe_many():
+            for i in range(100):
+                subscribe(client, f"scar-test-y{i}", lambda event: None)()
+
+        thread = threading.Thread(target=subscribe_many, daemon=True)
+        thread.start()
+        thread.join(60)
+        assert not thread.is_alive()
+    finally:
+        client.run_on_scheduler(_stop_publishing)
+        stop_x()
