@@ -644,6 +644,7 @@ class Checkpointer:
         self.on_saved: Callable[[int, dict, dict], None] | None = None
         self._warned = False
         self._logged = 0.0      # when the log last got a note (after the first, a warning)
+        self._last_note = "none said"
         self._unlogged = 0      # notes since, in the history only
 
     # -- orders ------------------------------------------------------------------------
@@ -743,7 +744,7 @@ class Checkpointer:
                                    "run": self.base.run, "time": time.time()})
             except CheckpointError as exc:      # gone, or another fit's now
                 self.lost = f"{exc}; this fit goes on without checkpoints"
-                self._note(iteration, self.lost)
+                self._note(iteration, self.lost, repeats=False)
                 self.abandon(self.lost, warn=False)
                 return
             except OSError as exc:              # a full disk, lost permission: a later round may commit
@@ -784,12 +785,16 @@ class Checkpointer:
         self.abandon("training recovered from worker loss", warn=False)
         self.base = Orders(**{**self.base.__dict__, "epoch": epoch})
 
-    def _note(self, iteration: int, message: str) -> None:
+    def _note(self, iteration: int, message: str, repeats: bool = True) -> None:
         """Into the history; a warning the first time in a fit, and after that into the
-        log at most once every :data:`NOTE_SECONDS` (a store that fails every round
-        filled a batch job's log with hundreds of lines a second)."""
+        log, a note that ``repeats`` (a round's failure) at most once every
+        :data:`NOTE_SECONDS` (a store that fails every round filled a batch job's log
+        with hundreds of lines a second)."""
         self.notes.setdefault(iteration, []).append(message)
-        if not self._warned:
+        self._last_note = message
+        if not repeats and self._warned:
+            logger.warning(message)
+        elif not self._warned:
             self._warned, self._logged = True, time.monotonic()
             warnings.warn(message + " (later failures of this fit: see history['event'])", CheckpointWarning,
                           stacklevel=callers_level())
@@ -801,15 +806,17 @@ class Checkpointer:
             self._unlogged += 1
 
     def behind(self, iteration: int) -> str:
-        """Why the store holds less than a fit that reached ``iteration``: its rounds
-        since the last committed one failed ("" if none did)."""
-        failed = [rnd for number, rnd in self.rounds.items() if number > self.committed and rnd.errors]
-        if not failed or self.lost:
+        """What to say at the end of a fit that reached ``iteration`` where the store's
+        last committed round is older than the fit's newest round (its writes or its
+        record failed); "" where it is not, or where the fit lost the store (said then)."""
+        if self.lost or not self.rounds:
             return ""
         committed = int(self.store.manifest.get("iteration", 0))
+        if committed >= max(rnd.iteration for rnd in self.rounds.values()):
+            return ""
         return (f"the checkpoint store {self.store.url} holds iteration {committed}, its last committed round, "
-                f"and this fit reached {iteration}: {len(failed)} later round(s) failed ({failed[-1].errors[0]}). "
-                f"fit(..., resume=True) would go on from iteration {committed}")
+                f"and this fit reached {iteration}: its later rounds were not recorded (the last failure: "
+                f"{self._last_note}). fit(..., resume=True) would go on from iteration {committed}")
 
     def table(self) -> pd.DataFrame:
         """One row per round: what was written, and with what result."""

@@ -210,8 +210,9 @@ def spread(client: Client, training: TrainingData) -> tuple[str, bool]:
     on. Donors give whole blocks where they fit, otherwise the end of a block cut in
     two where it lies. Each taker gets what it takes as one block, made by a task of
     its own (not a transfer), so the moved rows keep their lineage. Returns what moved,
-    and whether to spread again: a worker that joined is still starting (its plugins
-    being set up), and takes its rows once it runs."""
+    and whether to spread again: a worker that joined is still starting (status
+    ``init``; the scheduler announces it as it registers), and takes its rows once it
+    runs."""
     info = workers_info(client)
     running = sorted(w for w, about in info.items() if about.get("status") == "running")
     starting = any(about.get("status") == "init" for about in info.values())

@@ -560,12 +560,19 @@ class ZarrStore(CheckpointStore):
         group.attrs.update({"manifest": manifest})
         self.group = group
 
-    def claim(self, run: str, model: dict, policy: dict) -> None:
+    def claim(self, run: str) -> None:
         """Record the fit now writing here: its ``run``, from then on the only one whose
-        commits are taken, and its model (class, hyperparameters, columns) and policy."""
+        commits are taken."""
+        group = self._fresh()
+        group.attrs.update({"writer": run})
+        self.group = group
+
+    def record(self, model: dict, policy: dict) -> None:
+        """Record the model (class, hyperparameters, columns) and the policy of the fit
+        writing here (once it has loaded what it resumes from)."""
         self.meta = {**self.meta, "model": model, "policy": policy}
         group = self._fresh()
-        group.attrs.update({ATTRS: self.meta, "writer": run})
+        group.attrs.update({ATTRS: self.meta})
         self.group = group
 
     def destroy(self) -> None:
@@ -640,8 +647,9 @@ async def _settled() -> None:
 
 def probe(url: str | os.PathLike) -> None:
     """Write and delete a scratch object at ``url``: raises :class:`CheckpointError`
-    where this process cannot write there. A local directory it made goes again (a fit
-    that fails before it creates its store leaves nothing behind)."""
+    where this process cannot write there. The store's local directory, if it made it,
+    goes again (a fit that fails before it creates its store leaves no store directory;
+    parent directories it made stay)."""
     url = os.fspath(url)
     key = f".scar-probe-{uuid.uuid4().hex}"
     made_root = False

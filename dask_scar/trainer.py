@@ -236,10 +236,10 @@ class Trainer:
         layouts = make_layouts({name: (spec.shape, spec.dtype) for name, spec in model.parameter_specs().items()},
                                n_chunks, config.get("checkpoint.blocks-per-chunk"))
         run = uuid.uuid4().hex[:8]
-        store, ckpt, start, prepare, claim = self._open_store(layouts, run, resume, training)
+        store, ckpt, start, prepare, record = self._open_store(layouts, run, resume, training)
         hint = _resume_hint(self.store) if store is not None else ""
         training_run = None
-        try:     # (the run claims the store in here: released however it ends)
+        try:     # (from here, the store is claimed by the run)
             if start >= max_iter:
                 warnings.warn(f"the checkpoint store {self.store} is at iteration {start}, and max_iter={max_iter}: "
                               "nothing to train; the model gets the stored parameters (raise max_iter to go on)",
@@ -257,7 +257,7 @@ class Trainer:
                        mininterval=interval, maxinterval=max(10.0, interval))
             training_run = TrainingRun(model, training, chunks, ckpt, restore, bar, config.get("segment-iterations"))
             training_run.start(lambda: chunks.initialize(model, self.backend, start, prepare(resume)))
-            claim()
+            record()
             converged = training_run.iterate(start + 1, max_iter, tol, callback)
             params = training_run.finish()
             while params is None:   # a worker was lost after the last iteration: go on from there
@@ -296,8 +296,8 @@ class Trainer:
             changed = [name for name, value in now.items() if before.get(name, value) != value]
             if changed:
                 warnings.warn(f"resuming with {', '.join(f'{n}={now[n]!r}' for n in changed)}; the store was "
-                              f"written with {', '.join(f'{n}={before[n]!r}' for n in changed)}. The store now "
-                              "records the new values", CheckpointWarning,
+                              f"written with {', '.join(f'{n}={before[n]!r}' for n in changed)}. The store "
+                              "records the new values once this fit has started", CheckpointWarning,
                               stacklevel=checkpoint.callers_level())
             last = store.manifest
             if store.writer is not None and time.time() - last.get("time", 0) < RECENT_COMMIT_SECONDS:
@@ -320,6 +320,7 @@ class Trainer:
             if not resume:
                 store.destroy()     # never trained (or Ctrl-C): it would only ask for resume=True next time
             raise
+        store.claim(run)
         manifest = store.manifest
         start = int(manifest.get("iteration", 0))
         epoch = int(manifest.get("epoch", -1)) + 1
@@ -337,9 +338,9 @@ class Trainer:
                                      trends=trends, trail=self._extrapolates(),
                                      upto_round=int(store.manifest.get("round", 0)) if committed else None)
 
-        # the store records this run as its writer, with its model and policy, once the
-        # chunks are loaded: a resume that fails before (a corrupt block) leaves it as it was
-        return store, ckpt, start, prepare, functools.partial(store.claim, run, meta, policy.to_json())
+        # the store records the run's model and policy once the chunks are loaded: a resume
+        # that fails before (a corrupt block) leaves them as they were
+        return store, ckpt, start, prepare, functools.partial(store.record, meta, policy.to_json())
 
     def _resumed_policy(self, stored: dict | None) -> CheckpointPolicy:
         """The policy a resumed fit checkpoints with: the Trainer's, said where it is not
@@ -354,7 +355,8 @@ class Trainer:
             return policy
         if stored is not None and self.policy.to_json() != stored:
             warnings.warn(f"resuming with {self.policy!r}; the store was written with "
-                          f"{from_json(stored) or stored!r}. The store now records the new policy",
+                          f"{from_json(stored) or stored!r}. The store records the new "
+                          "policy once this fit has started",
                           CheckpointWarning, stacklevel=checkpoint.callers_level())
         return self.policy
 

@@ -768,8 +768,9 @@ def test_a_worker_that_joins_gets_an_even_share_of_the_rows(digits):
 
 
 class _SlowStart(WorkerPlugin):
-    """A worker plugin whose setup takes 3 s: a worker that starts with it stays in
-    status ``init`` (known to the scheduler, running no task) meanwhile."""
+    """A worker plugin whose setup blocks the worker's event loop for 3 s: a worker
+    that starts with it stays in status ``init`` on the scheduler (known, running no
+    task) meanwhile."""
 
     name = "scar-test-slow-start"
 
@@ -779,7 +780,7 @@ class _SlowStart(WorkerPlugin):
 
 @pytest.mark.slow
 def test_a_worker_that_joins_still_starting_gets_rows_once_it_runs(digits):
-    """The scheduler says a worker joined while it still sets up its plugins: its rows
+    """The scheduler says a worker joined while it is still starting: its rows
     move once it runs (the code before looked once, found it not running, and left
     every row on the first worker for the rest of the fit)."""
     frame = pd.concat([digits] * 3, ignore_index=True)

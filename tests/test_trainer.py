@@ -170,9 +170,11 @@ def _segment_spans(dask_worker):
 def test_two_fits_at_once_on_one_client(client, digits):
     """Each run hears its own progress and the cluster's events: a Client keeps one
     handler per topic, and the second fit's subscription used to take the first's.
-    Their segments take turns: a segment's tasks wait for each other at every
-    iteration, so two runs' segments, each first on a different worker's only thread,
-    waited for each other to the timeout (seen after a worker was killed)."""
+    Their segments take turns (checked on the workers: no two runs' segment tasks run
+    at once): a segment's tasks wait for each other at every iteration, so two runs'
+    segments, each first on a different worker's only thread, waited for each other to
+    the timeout (seen with dask worker processes after a worker was killed; not
+    reproduced here)."""
     models = {"softmax": scar.SoftmaxRegression(learning_rate=0.5), "lbfgs": scar.SoftmaxRegression(solver="lbfgs")}
     results = {}
     client.register_plugin(_SegmentSpans())
@@ -234,7 +236,7 @@ def test_minibatch_sgd_trains(client, digits):
     """Minibatches of 300 rows (150 on each worker's block) and of 100 (50 a block):
     both run in segments (the model is small enough to replicate whatever the rows;
     the code before ran one graph per iteration below 128 rows a block), and their
-    losses equal one graph per iteration and the same maths in one process."""
+    losses equal one graph per iteration's."""
     ddf = dd.from_pandas(digits, npartitions=4)
     for batch in (300, 100):
         model = scar.SoftmaxRegression(learning_rate=0.5, batch_size=batch)
