@@ -567,13 +567,21 @@ class ZarrStore(CheckpointStore):
         group.attrs.update({"writer": run})
         self.group = group
 
-    def record(self, model: dict, policy: dict) -> None:
-        """Record the model (class, hyperparameters, columns) and the policy of the fit
-        writing here (once it has loaded what it resumes from)."""
-        self.meta = {**self.meta, "model": model, "policy": policy}
-        group = self._fresh()
-        group.attrs.update({ATTRS: self.meta})
-        self.group = group
+    def record(self, run: str, model: dict, policy: dict) -> None:
+        """Record the model (class, hyperparameters, columns) and the policy of ``run``,
+        once it has loaded what it resumes from, unless another fit claimed the store
+        meanwhile. It raises nothing: where this cannot be written, neither can the
+        run's rounds, which say so."""
+        try:
+            group = self._fresh()
+            if group.attrs.get("writer") != run:
+                return
+            meta = {**self.meta, "model": model, "policy": policy}
+            group.attrs.update({ATTRS: meta})
+            self.meta, self.group = meta, group
+        except OSError:
+            logger.warning("could not record the model and policy in the checkpoint store at %s", self.url,
+                           exc_info=True)
 
     def destroy(self) -> None:
         """Delete the whole store."""

@@ -340,7 +340,7 @@ class Trainer:
 
         # the store records the run's model and policy once the chunks are loaded: a resume
         # that fails before (a corrupt block) leaves them as they were
-        return store, ckpt, start, prepare, functools.partial(store.record, meta, policy.to_json())
+        return store, ckpt, start, prepare, functools.partial(store.record, run, meta, policy.to_json())
 
     def _resumed_policy(self, stored: dict | None) -> CheckpointPolicy:
         """The policy a resumed fit checkpoints with: the Trainer's, said where it is not
