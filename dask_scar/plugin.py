@@ -72,9 +72,14 @@ def _wait_subscribed(client: Client, topic: str) -> None:
 
 
 def _subscribed(topic: str, client: str, dask_scheduler=None) -> bool:
-    broker = getattr(dask_scheduler, "_broker", None)       # (not part of Dask's API)
-    topics = getattr(broker, "_topics", None)
-    return not isinstance(topics, dict) or client in getattr(topics.get(topic), "subscribers", ())
+    """Whether the scheduler lists ``client`` among ``topic``'s subscribers; True where
+    it cannot tell (Dask's broker is not part of its API, and may change)."""
+    topics = getattr(getattr(dask_scheduler, "_broker", None), "_topics", None)
+    if not isinstance(topics, dict):
+        return True
+    entry = topics.get(topic)
+    subscribers = getattr(entry, "subscribers", None) if entry is not None else ()
+    return subscribers is None or client in subscribers
 
 
 def subscribe(client: Client, topic: str, handler: Callable[[tuple[float, Any]], None]) -> Callable[[], None]:
