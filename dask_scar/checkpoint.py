@@ -644,7 +644,7 @@ class Checkpointer:
         self.on_saved: Callable[[int, dict, dict], None] | None = None
         self._warned = False
         self._logged = 0.0      # when the log last got a note (after the first, a warning)
-        self._last_note = "none said"
+        self._last_note: str | None = None     # the last note (a failure) of this fit
         self._unlogged = 0      # notes since, in the history only
 
     # -- orders ------------------------------------------------------------------------
@@ -808,11 +808,13 @@ class Checkpointer:
     def behind(self, iteration: int) -> str:
         """What to say at the end of a fit that reached ``iteration`` where the store's
         last committed round is older than the fit's newest round (its writes or its
-        record failed); "" where it is not, or where the fit lost the store (said then)."""
-        if self.lost or not self.rounds:
+        record failed, as a note said); "" where it is not (rounds abandoned by a recovery
+        do not count), or where the fit lost the store (said then)."""
+        rounds = [rnd.iteration for rnd in self.rounds.values() if not rnd.abandoned]
+        if self.lost or self._last_note is None or not rounds:
             return ""
         committed = int(self.store.manifest.get("iteration", 0))
-        if committed >= max(rnd.iteration for rnd in self.rounds.values()):
+        if committed >= max(rounds):
             return ""
         return (f"the checkpoint store {self.store.url} holds iteration {committed}, its last committed round, "
                 f"and this fit reached {iteration}: its later rounds were not recorded (the last failure: "

@@ -104,15 +104,6 @@ def subscribe(client: Client, topic: str, handler: Callable[[tuple[float, Any]],
 
             client.subscribe_topic(topic, dispatch)
         entry.handlers = (*entry.handlers, (token, handler))
-    # (waited for outside the lock: dispatch runs on the loop that the wait needs)
-    if new:
-        try:
-            _wait_subscribed(client, topic)
-        finally:
-            entry.confirmed.set()
-    else:
-        entry.confirmed.wait(SUBSCRIBE_SECONDS)
-
     def stop() -> None:
         with _handlers_lock:    # (unsubscribing inside: before any later subscription reaches the scheduler)
             before = entry.handlers
@@ -122,6 +113,19 @@ def subscribe(client: Client, topic: str, handler: Callable[[tuple[float, Any]],
             del topics[topic]
             with contextlib.suppress(ValueError, ClosedClientError):    # (a closed client has none)
                 client.unsubscribe_topic(topic)
+
+    # (waited for outside the lock: dispatch runs on the loop that the wait needs)
+    try:
+        if new:
+            try:
+                _wait_subscribed(client, topic)
+            finally:
+                entry.confirmed.set()
+        else:
+            entry.confirmed.wait(SUBSCRIBE_SECONDS)
+    except BaseException:       # (Ctrl-C): the handler goes again
+        stop()
+        raise
     return stop
 
 
@@ -282,6 +286,8 @@ class ScarPlugin(SchedulerPlugin):
         asks again."""
         if self.turn == run:
             return True
+        if run in self.ended or client not in self.scheduler.clients:
+            return False        # a request that came after its run ended, or its client went: no turn
         self.waiting[run] = (client, time.monotonic())
         deadline = time.monotonic() + timeout
         while True:
@@ -292,6 +298,8 @@ class ScarPlugin(SchedulerPlugin):
                 return False        # given back meanwhile (the run ended)
             if self.turn is None and next(iter(self.waiting)) == run:
                 del self.waiting[run]
+                if client not in self.scheduler.clients:
+                    return False    # it went while it waited
                 self.turn, self.turn_client = run, client
                 return True
             changed = self._turn_changed

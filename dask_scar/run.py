@@ -81,6 +81,7 @@ class TrainingRun:
         self.segment_length = segment_length    # the first segment's iterations, and the least (1: graphs)
         self.next_segment = segment_length      # the next segment's, from the last's speed (SEGMENT_SECONDS)
         self.segment_handler = False            # SegmentHandler installed on the workers
+        self.turnless = False                   # the scheduler gives no turns (said once)
         self.spread = True                      # workers joined (or did while the data was read): rows may move
         self.segment_results: dict[str, str] = {}   # worker -> its task of the last segment
         self.clock = time.perf_counter()        # when the last row's iteration was done
@@ -323,9 +324,14 @@ class TrainingRun:
         waited, said = time.monotonic(), False
         try:
             while True:
-                # (None: the scheduler's dask_scar plugin is of a version that gives no turns)
-                if self.client.sync(self.client.scheduler.scar_turn, run=self.chunks.run, client=self.client.id,
-                                    timeout=TURN_POLL_SECONDS) in (True, None):
+                got = self.client.sync(self.client.scheduler.scar_turn, run=self.chunks.run, client=self.client.id,
+                                       timeout=TURN_POLL_SECONDS)
+                if got is None and not self.turnless:     # the scheduler's dask_scar plugin gives no turns
+                    self.turnless = True
+                    logger.warning("dask_scar: the scheduler's dask_scar plugin gives segments no turns (is it "
+                                   "of an older version?): fits that share this cluster may wait for each "
+                                   "other's segments. Install the same dask-scar version on the scheduler")
+                if got in (True, None):
                     return
                 if not said and time.monotonic() - waited > TURN_SAY_SECONDS:
                     said = True

@@ -133,3 +133,30 @@ def test_subscribing_while_events_of_another_topic_arrive_does_not_hang(client):
     finally:
         client.run_on_scheduler(_stop_publishing)
         stop_x()
+
+
+def test_turns_go_to_live_runs_of_connected_clients_only(own_client):
+    """A request for a turn that comes after its run ended, or from a client that
+    went (a driver interrupted while its request was on its way), is refused: a turn
+    granted then would have had no one to give it back."""
+    from dask_scar.plugin import set_epoch
+
+    ensure_plugin(own_client)
+
+    def turn(run, client_id=own_client.id):
+        return own_client.sync(own_client.scheduler.scar_turn, run=run, client=client_id, timeout=0.1)
+
+    def state(dask_scheduler):
+        plugin = dask_scheduler.plugins["scar"]
+        return plugin.turn, list(plugin.waiting)
+
+    assert turn("gone-client-run", "Client-that-went") is False
+    set_epoch(own_client, "ended-run", None)
+    assert turn("ended-run") is False
+    assert own_client.run_on_scheduler(state) == (None, [])
+    assert turn("live-run") is True and own_client.run_on_scheduler(state) == ("live-run", [])
+    assert turn("next-run") is False and own_client.run_on_scheduler(state) == ("live-run", ["next-run"])
+    own_client.sync(own_client.scheduler.scar_turn_release, run="live-run")
+    assert turn("next-run") is True
+    own_client.sync(own_client.scheduler.scar_turn_release, run="next-run")
+    assert own_client.run_on_scheduler(state) == (None, [])
