@@ -104,6 +104,7 @@ def subscribe(client: Client, topic: str, handler: Callable[[tuple[float, Any]],
 
             client.subscribe_topic(topic, dispatch)
         entry.handlers = (*entry.handlers, (token, handler))
+
     def stop() -> None:
         with _handlers_lock:    # (unsubscribing inside: before any later subscription reaches the scheduler)
             before = entry.handlers
