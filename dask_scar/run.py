@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, config, data, iteration, segment
 from .checkpoint import Checkpointer
-from .chunks import PROGRESS_TOPIC, ParameterChunks, forget, place, release_keys
+from .chunks import PROGRESS_TOPIC, ParameterChunks, place, release_keys
 from .exceptions import DivergenceError, ScarError
 from .models import Model
 from .plugin import set_epoch, subscribe
@@ -619,8 +619,7 @@ def _end_run(client: Client, run: str) -> None:
 
 
 def _forget(run: str) -> None:
-    segment.forget(run)     # first: a segment of the run still running stops
-    forget(run)
+    segment.forget(run)     # first: a segment of the run still running stops (and its chunk copies go)
     checkpoint.forget(run)
 
 

@@ -50,7 +50,6 @@ import math
 import os
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,8 +81,6 @@ PROGRESS_SECONDS = 1.0          # a segment sends its iterations' progress at le
 
 _box: dict[tuple[str, int, int, str], list] = {}   # (run, epoch, iteration, sender) -> its message's frames
 _aborted: set[tuple[str, int]] = set()             # (run, epoch) whose segments must stop
-_ended: OrderedDict[str, None] = OrderedDict()     # runs that ended: their segments stop too
-_ENDED_RUNS = 64                                   # ended runs remembered per process
 _cond = threading.Condition()
 _running = 0                                       # segments running in this process
 _paused: dict[str, Any] = {}                       # what _pause changed, for _resume
@@ -127,7 +124,7 @@ def _receive(key: tuple | None = None, value: Any = None) -> None:
     """The :data:`PUSH_OP` handler (on the worker's event loop): file a message's frames."""
     run, epoch, _, _ = key = tuple(key)
     with _cond:
-        if (run, epoch) not in _aborted and run not in _ended:
+        if (run, epoch) not in _aborted and not chunks.ended(run):
             _box[key] = value
             _cond.notify_all()
 
@@ -155,14 +152,13 @@ def forget(run: str) -> None:
     """Run on the workers when ``run`` ends, however it ends: a segment of it still
     running (the driver was interrupted) stops at its next exchange. Dask cannot stop
     a running task; left alone, it would run its remaining iterations on the thread
-    the next fit needs."""
+    the next fit needs. The run's chunk copies go too (:func:`dask_scar.chunks.forget`,
+    which records that it ended)."""
     with _cond:
+        chunks.forget(run)
         for key in [k for k in _box if k[0] == run]:
             del _box[key]
         _aborted.difference_update({a for a in _aborted if a[0] == run})
-        _ended[run] = None
-        while len(_ended) > _ENDED_RUNS:
-            _ended.popitem(last=False)
         _cond.notify_all()
 
 
@@ -331,7 +327,7 @@ def _take(run: str, epoch: int, iteration: int, peers: list[str], timeout: float
         checkpoint.write_now()      # this round's blocks, while the others catch up
         with _cond:
             while True:
-                aborted, ended, leaving = (run, epoch) in _aborted, run in _ended, _leaving(worker)
+                aborted, ended, leaving = (run, epoch) in _aborted, chunks.ended(run), _leaving(worker)
                 if aborted or ended or leaving or _released(worker, task):
                     raise SegmentAborted(f"segment of run {run} stopped at iteration {iteration}",
                                          run_over=ended or not (aborted or leaving))
@@ -395,7 +391,6 @@ def run_segment(model: Model, sources: list, blocks: dict[int, dict], n_blocks: 
                     # its driver may be gone, and no forget will come: drop the run's chunk
                     # copies, its peers' messages, what it kept for a checkpoint round
                     forget(run)
-                    chunks.forget(run)
                     checkpoint.forget(run)
                 return None     # quietly: the driver knows why
             parts = dict(made)
