@@ -451,7 +451,7 @@ class ZarrStore(CheckpointStore):
                 "parameters": {name: lay.to_json() for name, lay in layouts.items()}}
         try:
             zstore = _zarr_store(url, read_only=False)
-            made_root = not (isinstance(zstore, zarr.storage.LocalStore) and zstore.root.is_dir())
+            made_root = _makes_root(zstore)
             group = zarr.open_group(zstore, mode="w-", attributes={CREATING: meta["id"]})
         except (zarr.errors.ContainsGroupError, FileExistsError):
             raise CheckpointError(f"{url} already holds a Zarr group; choose another store path") from None
@@ -639,9 +639,8 @@ def _remove_unfinished(store: zarr.abc.store.Store, made_root: bool) -> None:
         for prefix in ("params", "saved"):
             sync(store.delete_dir(prefix))
         sync(store.delete("zarr.json"))     # last: until then it tells that the store is unfinished
-        if made_root and isinstance(store, zarr.storage.LocalStore):
-            with contextlib.suppress(OSError):      # something else was put there meanwhile
-                store.root.rmdir()
+        if made_root:
+            _remove_root(store)
     except Exception:  # noqa: BLE001
         logger.warning("could not remove the unfinished checkpoint store at %s", store, exc_info=True)
 
@@ -663,7 +662,7 @@ def probe(url: str | os.PathLike) -> None:
     made_root = False
     try:
         store = _zarr_store(url, read_only=False)
-        made_root = isinstance(store, zarr.storage.LocalStore) and not store.root.is_dir()
+        made_root = _makes_root(store)
         sync(store.set(key, default_buffer_prototype().buffer.from_bytes(b"probe")))
         sync(store.delete(key))
     except Exception as exc:  # noqa: BLE001  (whatever the reason, it cannot be written)
@@ -671,8 +670,19 @@ def probe(url: str | os.PathLike) -> None:
                               "choose a writable path or URL") from exc
     finally:
         if made_root:
-            with contextlib.suppress(OSError):
-                store.root.rmdir()
+            _remove_root(store)
+
+
+def _makes_root(store: zarr.abc.store.Store) -> bool:
+    """Whether writing to ``store`` makes its local directory (none is there yet)."""
+    return isinstance(store, zarr.storage.LocalStore) and not store.root.is_dir()
+
+
+def _remove_root(store: zarr.storage.LocalStore) -> None:
+    """Remove the store's local directory if it is empty (something else may have been
+    put there meanwhile)."""
+    with contextlib.suppress(OSError):
+        store.root.rmdir()
 
 
 def open_store(url: str | os.PathLike) -> ZarrStore:
