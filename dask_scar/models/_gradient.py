@@ -54,10 +54,10 @@ class GradientModel(Model):
     REPLICA_MIN_ROWS = 128
     #: Weights (bytes) that replicate on blocks of any rows: their updates and the
     #: workers' exchange cost less than a task graph per iteration, which a model that
-    #: does not replicate runs instead of segments. Minibatches of 100 on 2 workers:
-    #: 1.2-1.5 against 22-24 ms per iteration at 340 bytes of weights, 3.3 against 29 at
-    #: 0.4 MB, 33-35 against 89-123 at 8 MB, 104-108 against 148-150 at 16 MB, even at
-    #: 32 MB.
+    #: does not replicate runs instead of segments. benchmarks/bench_minibatch.py
+    #: (minibatches of 100 on 2 workers): replicated, 0.05-0.06 of the time per
+    #: iteration at 340 bytes of weights, 0.10-0.11 at 0.4 MB, 0.49-0.57 at 8 MB; at
+    #: 32 MB about the same time either way (measured with 2 workers only).
     REPLICA_ANY_BYTES = 8 * 2**20
 
     def __init__(self, l2: float = 0.0, learning_rate: float = 0.1, momentum: float = 0.0,
