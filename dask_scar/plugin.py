@@ -9,7 +9,9 @@ hook. It
 * tells drivers about the cluster: when a worker is removed, which ``scar-`` keys
   died with it, and when a worker joins — as events on the ``scar`` topic;
 * keeps the Active Memory Manager from dropping copies of parameter chunks (see
-  :class:`KeepChunkReplicas`).
+  :class:`KeepChunkReplicas`);
+* gives fits their turns to run a segment, and tells Dask's adaptive scaling how
+  many workers the fits could use (see :class:`ScarPlugin`).
 
 The scheduler's ``remove_worker`` plugin hook runs only after the lost keys have
 been forgotten; the scheduler's own ``remove-worker`` event on the ``all`` topic,
@@ -27,6 +29,7 @@ import ast
 import asyncio
 import contextlib
 import logging
+import math
 import re
 import threading
 import time
@@ -34,6 +37,8 @@ import weakref
 from collections import OrderedDict
 from typing import Any, Callable
 
+import dask.config
+from dask.utils import parse_timedelta
 from distributed import Client
 from distributed.active_memory_manager import ReduceReplicas
 from distributed.client import ClosedClientError
@@ -47,6 +52,7 @@ CLUSTER_TOPIC = "scar"          # events: a worker was removed (and what it lost
 EPOCH_HANDLER = "scar_epoch"    # rpc: a driver moves its run to a new epoch
 TURN_HANDLER = "scar_turn"      # rpc: a driver waits for its run's turn to run a segment
 TURN_RELEASE_HANDLER = "scar_turn_release"      # rpc: ... and gives it back
+WORKLOAD_HANDLER = "scar_workload"  # rpc: a driver says how much work its run has left
 #: A run waiting for its turn that has not asked again for this long lost its place
 #: (its driver asks every :data:`dask_scar.run.TURN_POLL_SECONDS`).
 TURN_STALE_SECONDS = 30.0
@@ -206,6 +212,16 @@ class ScarPlugin(SchedulerPlugin):
     back, when the run ends, when the driver's client goes, and (a place only) when
     its driver stops asking for :data:`TURN_STALE_SECONDS`.
 
+    And it tells Dask's adaptive scaling (``cluster.adapt``) about the fits' work. A
+    fit keeps one task per worker busy, so nothing queues and Dask would never add a
+    worker for it. Each run's driver says every few seconds how many worker-seconds
+    its remaining iterations would take, and how many workers its rows could use at
+    most; the scheduler's ``adaptive_target`` asks for enough workers to do the runs'
+    work in ``distributed.adaptive.target-duration`` (adapt's ``target_duration``),
+    as Dask does for queued tasks, at most the most any run could use. The work of
+    a run goes when the run ends, when its client goes, and when its driver has not
+    said it again for as long as it asked.
+
     Examples
     --------
     >>> client.register_plugin(ScarPlugin())   # doctest: +SKIP
@@ -228,6 +244,9 @@ class ScarPlugin(SchedulerPlugin):
         self.waiting: dict[str, tuple[str, float]] = {}   # runs waiting, in order -> (client, when last asked)
         self.turn_client: str | None = None         # the client of the run that has the turn
         self._turn_changed: asyncio.Event | None = None
+        self.workloads: dict[str, tuple[str, float, int, float]] = {}   # run -> (client, worker-seconds left,
+        #                                                                  most workers, until: monotonic)
+        self._adaptive_target: Callable | None = None      # the scheduler's own
 
     async def start(self, scheduler: Any) -> None:
         self.scheduler = scheduler
@@ -236,14 +255,25 @@ class ScarPlugin(SchedulerPlugin):
         scheduler.handlers[EPOCH_HANDLER] = self._set_epoch
         scheduler.handlers[TURN_HANDLER] = self._take_turn
         scheduler.handlers[TURN_RELEASE_HANDLER] = self._release_turn
+        scheduler.handlers[WORKLOAD_HANDLER] = self._set_workload
+        # Adaptive scaling asks the scheduler's adaptive_target: Dask's Adaptive through the
+        # handler, Kubernetes' operator through the HTTP API, which calls the attribute.
+        # (Dask's unregister_scheduler_plugin does not close a plugin: a removed one's is replaced)
+        previous = getattr(scheduler.adaptive_target, "__self__", None)
+        self._adaptive_target = (previous._adaptive_target if isinstance(previous, ScarPlugin)
+                                 else scheduler.adaptive_target)
+        scheduler.adaptive_target = scheduler.handlers["adaptive_target"] = self.adaptive_target
         self._swap_policies(ReduceReplicas, KeepChunkReplicas)
         SCHEDULER_LOG.addFilter(chunk_loss_note)
 
     async def close(self) -> None:
         if self.scheduler is not None:
             self.scheduler.stream_handlers.pop(DETACH_OP, None)
-            for handler in (EPOCH_HANDLER, TURN_HANDLER, TURN_RELEASE_HANDLER):
+            for handler in (EPOCH_HANDLER, TURN_HANDLER, TURN_RELEASE_HANDLER, WORKLOAD_HANDLER):
                 self.scheduler.handlers.pop(handler, None)
+            if vars(self.scheduler).get("adaptive_target") == self.adaptive_target:
+                del self.scheduler.adaptive_target
+                self.scheduler.handlers["adaptive_target"] = self.scheduler.adaptive_target
             self._swap_policies(KeepChunkReplicas, ReduceReplicas)
             SCHEDULER_LOG.removeFilter(chunk_loss_note)
 
@@ -271,6 +301,8 @@ class ScarPlugin(SchedulerPlugin):
     def remove_client(self, scheduler: Any, client: str) -> None:
         for run in [run for run, (owner, _) in self.waiting.items() if owner == client]:
             self._release_turn(run)
+        for run in [run for run, work in self.workloads.items() if work[0] == client]:
+            del self.workloads[run]
         if self.turn is not None and self.turn_client == client:
             self._release_turn(self.turn)
 
@@ -317,6 +349,39 @@ class ScarPlugin(SchedulerPlugin):
         self._turn_changed.set()
         self._turn_changed = asyncio.Event()
 
+    def _set_workload(self, run: str, client: str, seconds: float, most: int, valid_for: float) -> None:
+        """``run``'s remaining iterations would take its workers ``seconds`` (summed over
+        them), and its rows could use at most ``most`` workers; it says so again within
+        ``valid_for`` seconds, or no longer counts (at once: 0)."""
+        if valid_for <= 0:
+            self.workloads.pop(run, None)
+        elif run not in self.ended and client in self.scheduler.clients:
+            self.workloads[run] = (client, float(seconds), int(most), time.monotonic() + valid_for)
+
+    def wanted(self, target_duration: Any = None) -> int:
+        """The workers that would do the runs' remaining work in ``target_duration``
+        (default ``distributed.adaptive.target-duration``), at most the most any run
+        could use; 0 without runs."""
+        now = time.monotonic()
+        for run in [run for run, (_, _, _, until) in self.workloads.items() if until < now]:
+            del self.workloads[run]
+        if not self.workloads:
+            return 0
+        if target_duration is None:
+            target_duration = dask.config.get("distributed.adaptive.target-duration")
+        seconds = sum(work[1] for work in self.workloads.values())
+        most = max(work[2] for work in self.workloads.values())
+        return min(most, math.ceil(seconds / parse_timedelta(target_duration)))
+
+    def adaptive_target(self, target_duration: Any = None) -> int:
+        """The scheduler's ``adaptive_target``, raised to :meth:`wanted`."""
+        target = self._adaptive_target(target_duration)
+        try:
+            return max(target, self.wanted(target_duration))
+        except Exception:  # never fail the scheduler's own answer
+            logger.exception("dask_scar: could not add the fits' work to the adaptive target")
+            return target
+
     def _set_epoch(self, run: str, epoch: int | None, client: str | None = None) -> None:
         """From then on, refuse chunks of ``run`` from an older epoch. ``None``: the run
         ended; refuse all of its chunks, and let go of every one its driver's ``client``
@@ -326,6 +391,7 @@ class ScarPlugin(SchedulerPlugin):
             self.epochs[run] = max(epoch, self.epochs.get(run, epoch))
             return
         self._release_turn(run)
+        self.workloads.pop(run, None)
         self.epochs.pop(run, None)
         self.ended[run] = None
         while len(self.ended) > ENDED_RUNS:
@@ -364,6 +430,20 @@ def ensure_plugin(client: Client) -> None:
     present = client.run_on_scheduler(lambda dask_scheduler: ScarPlugin.name in dask_scheduler.plugins)
     if not present:
         client.register_plugin(ScarPlugin())
+
+
+def say_work(client: Client, run: str, seconds: float, most: int, valid_for: float) -> bool:
+    """Tell the scheduler that ``run``'s remaining work would take ``seconds`` of its
+    workers' time, on at most ``most`` workers, for the next ``valid_for`` seconds
+    (see :class:`ScarPlugin`); False where the scheduler's plugin takes no work (an
+    older dask-scar). Raises nothing: the work is only a hint to adaptive scaling."""
+    try:
+        client.sync(client.scheduler.scar_workload, run=run, client=client.id, seconds=seconds, most=most,
+                    valid_for=valid_for)
+        return True
+    except Exception:  # noqa: BLE001
+        logger.debug("could not tell the scheduler the work of run %s", run, exc_info=True)
+        return False
 
 
 def set_epoch(client: Client, run: str, epoch: int | None) -> None:

@@ -55,7 +55,7 @@ from . import config
 from .checkpoint import Trend
 from .chunks import ChunkId, ParameterChunks, place, release_keys, seen_versions
 from .exceptions import SchedulerLostError, ScarError, WorkerLostError
-from .plugin import CLUSTER_TOPIC, set_epoch, subscribe
+from .plugin import CLUSTER_TOPIC, say_work, set_epoch, subscribe
 
 logger = logging.getLogger(__name__)
 
@@ -522,6 +522,9 @@ def live_or_wait(client: Client, hint: str) -> set[str]:
     address = client.scheduler.address
     logger.warning("dask_scar: the cluster of the scheduler at %s has no worker; waiting up to %s s for one to join",
                    address, timeout)
+    # nothing queues for a fit that waits: adaptive scaling (adapt(minimum=0)) would start no worker
+    waiting = f"waiting-{client.id}"
+    say_work(client, waiting, seconds=1.0, most=1, valid_for=timeout)
     try:
         client.wait_for_workers(1, timeout=timeout)
     except TimeoutError:
@@ -529,6 +532,8 @@ def live_or_wait(client: Client, hint: str) -> set[str]:
                               f"scar.recovery.wait-for-workers={timeout}s: start some (cluster.scale(n), or "
                               f"dask worker {address}: a worker whose scheduler went away does not come back "
                               f"to its successor by itself){hint}") from None
+    finally:
+        say_work(client, waiting, seconds=0.0, most=1, valid_for=0.0)
     return live_workers(client)
 
 

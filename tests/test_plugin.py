@@ -2,8 +2,10 @@
 
 import os
 import threading
+import time
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import cli_cluster, new_cluster, wait_for
 from distributed import Client
@@ -160,3 +162,71 @@ def test_turns_go_to_live_runs_of_connected_clients_only(own_client):
     assert turn("next-run") is True
     own_client.sync(own_client.scheduler.scar_turn_release, run="next-run")
     assert own_client.run_on_scheduler(state) == (None, [])
+
+
+def test_adaptive_target_asks_for_the_workers_the_fits_could_use(own_client):
+    """Dask's adaptive scaling sees no queued task for a fit (one task per worker):
+    the plugin raises the scheduler's adaptive target to the workers that would do
+    the runs' remaining work in adapt's target duration, at most the most any run
+    could use, for live runs of connected clients that said so lately."""
+    from dask_scar.plugin import say_work, set_epoch
+
+    client = own_client
+    idle = client.sync(client.scheduler.adaptive_target)    # Dask's own: two idle workers
+    ensure_plugin(client)
+
+    def target(duration="5s"):      # as Dask's Adaptive asks: the scheduler's handler
+        return client.sync(client.scheduler.adaptive_target, target_duration=duration)
+
+    assert target() == idle
+    assert say_work(client, "run-a", seconds=100.0, most=4, valid_for=60)
+    assert target() == 4                    # 20 workers for 100 s in 5 s, but its rows use 4
+    assert target("50s") == 2
+    assert client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.adaptive_target()) == 4   # the HTTP API's way
+    assert say_work(client, "run-b", seconds=200.0, most=3, valid_for=60)
+    assert target("100s") == 3              # both runs' work (they take turns), at most 4
+    set_epoch(client, "run-a", None)        # run-a ended
+    assert target("100s") == 2 and target() == 3
+    say_work(client, "run-b", seconds=0.0, most=1, valid_for=0)     # withdrawn
+    assert target() == idle
+    assert say_work(client, "run-c", seconds=100.0, most=4, valid_for=0.2)
+    assert target() == 4
+    wait_for(lambda: target() == idle, timeout=5, what="run-c's work to lapse")
+    set_epoch(client, "ended-run", None)
+    say_work(client, "ended-run", seconds=100.0, most=4, valid_for=60)
+    with Client(client.scheduler.address) as other:
+        say_work(other, "other-run", seconds=100.0, most=4, valid_for=60)
+        assert target() == 4
+    wait_for(lambda: target() == idle, timeout=10, what="the closed client's work to go")
+
+    say_work(client, "run-d", seconds=100.0, most=4, valid_for=60)
+    client.unregister_scheduler_plugin("scar")      # (Dask does not close it)
+    client.register_plugin(scar.ScarPlugin())
+    assert target() == idle                 # the new plugin's, not the removed one's on top
+
+
+@pytest.mark.slow
+def test_adapt_adds_a_worker_during_a_fit_and_lets_it_go_after():
+    """``cluster.adapt(1, 2)`` on a one-worker cluster: the fit's work asks for a
+    second worker, which takes its share of the rows; once the fit is over, Dask
+    retires it."""
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.standard_normal((40_000, 20)).astype("float32"), columns=[f"x{i}" for i in range(20)])
+    frame["label"] = rng.integers(0, 5, len(frame))
+    with new_cluster(1) as cluster, Client(cluster) as client:
+        cluster.adapt(minimum=1, maximum=2, interval="200ms")
+        started, joined = time.monotonic(), []
+
+        def until_the_new_worker_ran_a_while(k, loss):     # (a callback: one graph per iteration)
+            workers = client.scheduler_info()["workers"]
+            if len(workers) == 2 and not joined:
+                joined.append(k)
+            return (joined and k > joined[0] + 30) or time.monotonic() - started > 120
+
+        result = scar.Trainer(client, scar.SoftmaxRegression()).fit(
+            frame, target="label", max_iter=100_000, tol=0, progress=False, callback=until_the_new_worker_ran_a_while)
+        assert joined, "no worker joined in 120 s"
+        moved = [e for e in result.history["event"] if "moved" in e]
+        assert len(moved) == 1 and "20,000 data rows onto" in moved[0]
+        wait_for(lambda: len(client.scheduler_info()["workers"]) == 1, timeout=30,
+                 what="adapt to retire the worker once the fit was over")
