@@ -1,9 +1,10 @@
-"""ScarPlugin installed the three supported ways, on real schedulers."""
+"""ScarPlugin installed the three supported ways, on real schedulers; its turns, and its word to adaptive scaling."""
 
 import os
 import threading
 import time
 
+import dask
 import numpy as np
 import pandas as pd
 import pytest
@@ -230,3 +231,16 @@ def test_adapt_adds_a_worker_during_a_fit_and_lets_it_go_after():
         assert len(moved) == 1 and "20,000 data rows onto" in moved[0]
         wait_for(lambda: len(client.scheduler_info()["workers"]) == 1, timeout=30,
                  what="adapt to retire the worker once the fit was over")
+
+
+@pytest.mark.slow
+def test_a_fit_waiting_for_its_first_worker_gets_one_from_adapt(digits):
+    """``cluster.adapt(minimum=0)`` with no worker: nothing queues while a fit waits
+    for workers, so the fit asks for one itself."""
+    with dask.config.set({"scar.recovery.wait-for-workers": 30}), new_cluster(0) as cluster, \
+            Client(cluster) as client:
+        cluster.adapt(minimum=0, maximum=1, interval="200ms")
+        model = scar.SoftmaxRegression()
+        result = scar.Trainer(client, model).fit(digits, target="label", max_iter=5, progress=False)
+        assert len(result.history) == 5 and len(client.scheduler_info()["workers"]) == 1
+        assert client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.plugins["scar"].workloads) == {}
