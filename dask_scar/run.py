@@ -50,8 +50,10 @@ SEGMENT_SECONDS, SEGMENT_MOST = 1.0, 1000
 TURN_POLL_SECONDS, TURN_SAY_SECONDS = 1.0, 10.0
 #: A driver tells the scheduler how much work its run has left this often, for Dask's
 #: adaptive scaling (see :class:`dask_scar.plugin.ScarPlugin`), asking for at most one
-#: worker per WORKER_ROWS rows: a segment's exchange costs ~1 ms an iteration, and
-#: 10,000 rows of softmax regression (100 features, 10 classes) ~4 ms on one core.
+#: worker per WORKER_ROWS rows: 10,000 rows of softmax regression (100 features, 10
+#: classes) take 1.2 ms an iteration on one core, about what a segment's iteration
+#: costs with almost no rows (1.2-1.7 ms, benchmarks/bench_minibatch.py): fewer rows a
+#: worker save less than the worker adds.
 WORK_SAY_SECONDS, WORKER_ROWS = 2.0, 10_000
 
 
