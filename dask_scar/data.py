@@ -25,7 +25,7 @@ from distributed import Client, Future
 from .backend import array_module, get_array_module, to_device
 from .exceptions import DataError
 from .models import ColumnSummary, DataSummary, Model
-from .models._base import LOCAL_STATE, numeric, require_columns, require_numeric
+from .models._base import LOCAL_STATE, is_column_name, numeric, require_columns, require_numeric
 from .recovery import live_or_wait, wait_on, warn_paused, workers_info
 
 logger = logging.getLogger(__name__)
@@ -59,8 +59,11 @@ def check_columns(model: Model, columns: list[str], dtypes: pd.Series, target: s
     if duplicated:
         raise DataError(f"the data has more than one column named {', '.join(map(repr, duplicated))}: "
                         "rename them (ddf.columns = [...]) so that every column name is unique")
+    if target is not None and not is_column_name(target):
+        raise DataError(f"target= must be one column name of the frame, got {type(target).__name__}: to train on "
+                        "labels held apart, add them as a column (ddf.assign(label=y)) and pass target='label'")
     if features is not None:
-        features = [features] if isinstance(features, str) else list(features)
+        features = _feature_names(features)
         twice = sorted(str(c) for c, n in Counter(features).items() if n > 1)
         if twice:
             raise DataError(f"features= names {', '.join(map(repr, twice))} more than once: name each column once")
@@ -76,6 +79,20 @@ def check_columns(model: Model, columns: list[str], dtypes: pd.Series, target: s
         raise DataError(f"the target column {target!r} ({dtypes[target]}) is not numeric: "
                         f"{model.target_help()}")
     return features, target
+
+
+def _feature_names(features: Any) -> list:
+    """``features=`` as a list of column names (a string is one name)."""
+    if isinstance(features, str):
+        return [features]
+    # a Series holds data, not names (and list() of a Dask one would read it)
+    listed = np.iterable(features) and not hasattr(features, "compute") and not isinstance(features, pd.Series)
+    names = list(features) if listed else []
+    if not listed or not all(is_column_name(c) for c in names):
+        raise DataError(f"features= must be a list of column names of the frame (features=['a', 'b']), got "
+                        f"{type(features).__name__}: to train on a Series held apart, add it as a column "
+                        "(ddf.assign(x=s))")
+    return names
 
 
 def to_arrays(frame: pd.DataFrame, features: list[str], target: str | None,

@@ -287,6 +287,43 @@ def test_a_target_among_the_features_is_refused():
         prepare_local(scar.SoftmaxRegression(), frame, "label", ["a", "label"])
 
 
+def test_target_and_features_must_name_columns():
+    """Labels held apart are no target=, and a Series no list of features: said, with
+    what to do, before anything is read."""
+    frame = pd.DataFrame({"a": [0.0, 1.0, 2.0], "label": [0, 1, 1]})
+    for target in (frame["label"], dd.from_pandas(frame, npartitions=1)["label"], ["label"]):
+        with pytest.raises(DataError, match=r"target= must be one column name of the frame, got (Series|list): "
+                                            r"to train on labels held apart, add them as a column \(ddf.assign"):
+            prepare_local(scar.SoftmaxRegression(), frame, target)
+    for features in (frame["a"], [["a"]], 5):
+        with pytest.raises(DataError, match=r"features= must be a list of column names of the frame \(features="):
+            prepare_local(scar.SoftmaxRegression(), frame, "label", features)
+
+
+def test_score_reads_any_column_name_that_fit_accepts(digits):
+    """A target that names a column (a number, a tuple) is that column, for score as for
+    fit; labels are a Series, an array or a list; None is the model's own column."""
+    numbered = digits.set_axis(range(digits.shape[1]), axis=1)     # as a frame made from a NumPy array
+    tupled = digits.set_axis(pd.MultiIndex.from_tuples([("x", c) for c in digits.columns[:-1]] + [("t", "y")]),
+                             axis=1)
+    for frame, target in ((numbered, 64), (tupled, ("t", "y"))):
+        model = scar.SoftmaxRegression()
+        model.params_, _ = fit_local(model, prepare_local(model, frame, target), max_iter=5)
+        accuracy = (model.predict(frame) == digits["label"]).mean()
+        assert 0.5 < accuracy < 1
+        assert model.score(frame, target) == accuracy
+        if frame is numbered:    # Dask cannot select a column by a tuple
+            assert model.score(dd.from_pandas(frame, npartitions=2), target) == accuracy
+    ratings, _ = low_rank_ratings()
+    ratings = ratings.rename(columns={"rating": 0})
+    model = scar.MatrixFactorization(rank=5, rating=0)
+    model.params_, _ = fit_local(model, prepare_local(model, ratings), max_iter=5)
+    r2 = model.score(ratings)
+    assert 0.5 < r2 < 1
+    assert model.score(ratings, ratings[0]) == model.score(ratings, 0) == model.score(ratings, list(ratings[0])) == r2
+    assert model.rmse(ratings, ratings[0].to_numpy()) == model.rmse(ratings)
+
+
 def test_predictions_check_their_columns_and_values(digits):
     model = scar.SoftmaxRegression()
     model.params_, _ = fit_local(model, prepare_local(model, digits, "label"), max_iter=5)

@@ -154,7 +154,7 @@ class Model:
             named = " and ".join(f"{key}={value!r}" for key, value in columns.items())
             raise DataError(f"{type(self).__name__} reads the columns {named}; "
                             "set them in the model, not with features=")
-        return names, target or default_target
+        return names, default_target if target is None else target
 
     def check_params(self) -> None:
         """Raise ``ValueError`` for a constructor argument the model cannot train with
@@ -294,6 +294,12 @@ def require_numeric(dtypes: Any, columns: list, fix: str) -> None:
         raise DataError(f"column(s) {', '.join(f'{c!r} ({dtypes[c]})' for c in bad)} are not numeric; {fix}")
 
 
+def is_column_name(value: Any) -> bool:
+    """Whether ``value`` can name a column (a string, a number, a tuple), rather than hold
+    labels (a list, an array, a pandas or Dask Series)."""
+    return pd.api.types.is_hashable(value) and not hasattr(value, "compute")
+
+
 def require_columns(columns: Any, needed: list, why: str) -> None:
     """:class:`DataError` naming the ``needed`` columns not among ``columns``, and ``why``
     (what the caller says after "not in the data")."""
@@ -341,7 +347,7 @@ def score_with(model: Model, data: Any, target: Any, metric, valid=np.isfinite, 
     break (a division) goes there, so they raise :class:`DataError` and no NumPy warning.
     :class:`DataError` where the labels are not numbers, or some fail ``valid`` (an
     elementwise test; ``what`` the labels must be), or there are none."""
-    if isinstance(target, str):
+    if is_column_name(target):
         require_columns(data.columns, [target], f"; available columns: {list(data.columns)}")
         labels, name = data[target], f"the target column {target!r}"
     else:

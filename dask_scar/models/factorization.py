@@ -166,13 +166,13 @@ class MatrixFactorization(Model):
             return data.map_partitions(on_frame, meta=pd.Series(dtype="float32"))
         return on_frame(data).to_numpy()
 
-    def score(self, data: Any, target: str | None = None) -> float:
+    def score(self, data: Any, target: Any = None) -> float:
         """R^2 of the predicted ratings."""
-        return score_with(self, data, target or self.rating, squared_errors, finish=r2_score)
+        return score_with(self, data, self.rating if target is None else target, squared_errors, finish=r2_score)
 
-    def rmse(self, data: Any, target: str | None = None) -> float:
+    def rmse(self, data: Any, target: Any = None) -> float:
         """Root mean squared error of the predicted ratings."""
-        return score_with(self, data, target or self.rating, lambda p, y: ((y - p) ** 2).mean() ** 0.5)
+        return score_with(self, data, self.rating if target is None else target, lambda p, y: ((y - p) ** 2).mean() ** 0.5)
 
 
 def _normal_equations(ids, factors, ratings, xp: types.ModuleType, most: int = 65536):
