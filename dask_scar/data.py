@@ -25,7 +25,8 @@ from distributed import Client, Future
 from .backend import array_module, get_array_module, to_device
 from .exceptions import DataError
 from .models import ColumnSummary, DataSummary, Model
-from .models._base import LOCAL_STATE, is_column_name, numeric, require_columns, require_numeric
+from .models._base import (LOCAL_STATE, is_column_name, numeric, require_columns, require_numeric,
+                           require_unique)
 from .recovery import live_or_wait, wait_on, warn_paused, workers_info
 
 logger = logging.getLogger(__name__)
@@ -54,11 +55,7 @@ class TrainingData:
 def check_columns(model: Model, columns: list[str], dtypes: pd.Series, target: str | None,
                   features: list[str] | None) -> tuple[list[str], str | None]:
     """Resolve and check feature/target columns against a frame's columns and dtypes."""
-    names = pd.Index(columns)
-    duplicated = sorted(set(map(str, names[names.duplicated()])))
-    if duplicated:
-        raise DataError(f"the data has more than one column named {', '.join(map(repr, duplicated))}: "
-                        "rename them (ddf.columns = [...]) so that every column name is unique")
+    require_unique(columns, columns)
     if target is not None and not is_column_name(target):
         raise DataError(f"target= must be one column name of the frame, got {type(target).__name__}: to train on "
                         "labels held apart, add them as a column (ddf.assign(label=y)) and pass target='label'")

@@ -349,6 +349,25 @@ def test_predictions_check_their_columns_and_values(digits):
         model.score(digits, "Label")
 
 
+def test_duplicated_columns_are_refused_at_predict_and_score_as_in_training(digits):
+    model = scar.SoftmaxRegression()
+    model.params_, _ = fit_local(model, prepare_local(model, digits, "label"), max_iter=2)
+    twice = "the data has more than one column named '{}': rename them"
+    for column in ("p1", "label"):
+        frame = pd.concat([digits, digits[[column]]], axis=1)
+        with pytest.raises(DataError, match=twice.format(column)):
+            model.score(frame, "label")
+        if column != "label":
+            for data in (frame, dd.from_pandas(frame, npartitions=2)):
+                with pytest.raises(DataError, match=twice.format(column)):
+                    model.predict(data)
+    ratings, _ = low_rank_ratings()
+    factorization = scar.MatrixFactorization(rank=2)
+    factorization.params_, _ = fit_local(factorization, prepare_local(factorization, ratings), max_iter=1)
+    with pytest.raises(DataError, match=twice.format("item")):
+        factorization.predict(pd.concat([ratings, ratings[["item"]]], axis=1))
+
+
 def test_scores_check_their_labels(digits):
     """A label that is no class (NaN, a label the model never saw) would count as a
     wrong prediction, and text as every one wrong: refused, for lazy data too."""

@@ -300,6 +300,15 @@ def is_column_name(value: Any) -> bool:
     return pd.api.types.is_hashable(value) and not hasattr(value, "compute")
 
 
+def require_unique(columns: Any, needed: list) -> None:
+    """:class:`DataError` naming the ``needed`` columns that appear more than once among ``columns``."""
+    names = pd.Index(columns)
+    twice = sorted({str(c) for c in names[names.duplicated()] if c in needed})
+    if twice:
+        raise DataError(f"the data has more than one column named {', '.join(map(repr, twice))}: "
+                        "rename them (ddf.columns = [...]) so that every column name is unique")
+
+
 def require_columns(columns: Any, needed: list, why: str) -> None:
     """:class:`DataError` naming the ``needed`` columns not among ``columns``, and ``why``
     (what the caller says after "not in the data")."""
@@ -349,6 +358,7 @@ def score_with(model: Model, data: Any, target: Any, metric, valid=np.isfinite, 
     elementwise test; ``what`` the labels must be), or there are none."""
     if is_column_name(target):
         require_columns(data.columns, [target], f"; available columns: {list(data.columns)}")
+        require_unique(data.columns, [target])
         labels, name = data[target], f"the target column {target!r}"
     else:
         labels, name = (target if hasattr(target, "compute") else np.asarray(target)), "the labels"

@@ -10,7 +10,7 @@ import pandas as pd
 
 from ..exceptions import DataError
 from ._base import (Contribution, DataSummary, Model, ParameterSpec, check_ids, check_number, require_columns,
-                    require_numeric, score_with, stable_seed)
+                    require_numeric, require_unique, score_with, stable_seed)
 from .linear import r2_score, squared_errors
 
 _INIT_ROWS = 1024  # rows per seeded init block: init values do not depend on chunking
@@ -155,6 +155,7 @@ class MatrixFactorization(Model):
                             f"and item={self.item!r}, got {type(data).__name__}")
         require_columns(data.columns, [self.user, self.item],
                         f": {type(self).__name__} reads the columns user={self.user!r} and item={self.item!r}")
+        require_unique(data.columns, [self.user, self.item])
         require_numeric(data.dtypes, [self.user, self.item], "user and item ids are integers, as for training")
 
         def on_frame(frame: pd.DataFrame):
