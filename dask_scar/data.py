@@ -70,8 +70,7 @@ def check_columns(model: Model, columns: list[str], dtypes: pd.Series, target: s
     if target is not None and target in features:
         raise DataError(f"the target column {target!r} is also in features=: remove it from features, "
                         "or the model would learn the answer from itself")
-    require_numeric(dtypes, features, f"{type(model).__name__} needs real numbers. Encode them (e.g. "
-                    "dd.get_dummies or pandas.factorize) or leave them out with features=[...]")
+    require_numeric(dtypes, features, model.feature_help())
     if target is not None and not numeric(dtypes[target]):
         raise DataError(f"the target column {target!r} ({dtypes[target]}) is not numeric: "
                         f"{model.target_help()}")

@@ -268,6 +268,19 @@ def test_unusable_columns_are_named_with_a_fix(model, frame, message):
         prepare_local(model, frame, None if isinstance(model, scar.MatrixFactorization) else target)
 
 
+@pytest.mark.parametrize("model, frame", [
+    (scar.MatrixFactorization(rank=2), pd.DataFrame({"user": pd.Categorical([0, 1, 2]), "item": [0, 1, 2],
+                                                     "rating": 1.0})),
+    (scar.LDA(n_topics=2), pd.DataFrame({"doc": [0, 0, 1], "word": ["a", "b", "a"], "count": 1})),
+])
+def test_ids_that_are_not_numbers_get_advice_for_ids(model, frame):
+    """Id columns cannot be left out or one-hot encoded: they are to become 0, 1, 2, ..."""
+    with pytest.raises(DataError, match=rf"are not numeric; {type(model).__name__} reads integer ids 0, 1, 2, "
+                                        r"\.\.\.: encode them \(column\.cat\.codes .*pandas\.factorize") as caught:
+        prepare_local(model, frame)
+    assert "get_dummies" not in str(caught.value) and "features=" not in str(caught.value)
+
+
 @pytest.mark.parametrize("model, frame, target, message", [
     (scar.SoftmaxRegression(), pd.DataFrame({"a": np.arange(30.0), "label": [0, 1] * 14 + [0, 500]}), "label",
      "column 'label' holds class labels up to 500: the model trains 501 of them for 30 rows. Encode the column"),

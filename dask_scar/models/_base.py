@@ -160,6 +160,11 @@ class Model:
         """Raise ``ValueError`` for a constructor argument the model cannot train with
         (the trainer asks before it reads any data)."""
 
+    def feature_help(self) -> str:
+        """What to do about feature columns that do not hold numbers."""
+        return (f"{type(self).__name__} needs real numbers. Encode them (e.g. dd.get_dummies or pandas.factorize) "
+                "or leave them out with features=[...]")
+
     def target_help(self) -> str:
         """What to do about a target column that does not hold numbers."""
         return "convert it to numbers (e.g. ddf[column].astype(float)), or name another column with target="
@@ -315,6 +320,11 @@ def require_columns(columns: Any, needed: list, why: str) -> None:
     missing = [c for c in needed if c not in columns]
     if missing:
         raise DataError(f"column(s) {missing} not in the data{why}")
+
+
+#: :meth:`Model.feature_help` of the models whose columns hold ids
+ID_HELP = ("{model} reads integer ids 0, 1, 2, ...: encode them (column.cat.codes for a category column, "
+           "or codes, uniques = pandas.factorize(column))")
 
 
 def check_integers(column: ColumnSummary, what: str, fix: str = " Encode it, e.g. with pandas.factorize") -> None:

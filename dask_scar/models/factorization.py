@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 
 from ..exceptions import DataError
-from ._base import (Contribution, DataSummary, Model, ParameterSpec, check_ids, check_number, require_columns,
-                    require_numeric, require_unique, score_with, stable_seed)
+from ._base import (ID_HELP, Contribution, DataSummary, Model, ParameterSpec, check_ids, check_number,
+                    require_columns, require_numeric, require_unique, score_with, stable_seed)
 from .linear import r2_score, squared_errors
 
 _INIT_ROWS = 1024  # rows per seeded init block: init values do not depend on chunking
@@ -61,6 +61,9 @@ class MatrixFactorization(Model):
 
     def select_columns(self, columns, target, features):
         return self._fixed_columns(features, target, self.rating, user=self.user, item=self.item)
+
+    def feature_help(self) -> str:
+        return ID_HELP.format(model=type(self).__name__)
 
     def check_params(self) -> None:
         check_number("rank", self.rank, 1, integer=True)
@@ -173,7 +176,8 @@ class MatrixFactorization(Model):
 
     def rmse(self, data: Any, target: Any = None) -> float:
         """Root mean squared error of the predicted ratings."""
-        return score_with(self, data, self.rating if target is None else target, lambda p, y: ((y - p) ** 2).mean() ** 0.5)
+        return score_with(self, data, self.rating if target is None else target,
+                          lambda p, y: ((y - p) ** 2).mean() ** 0.5)
 
 
 def _normal_equations(ids, factors, ratings, xp: types.ModuleType, most: int = 65536):

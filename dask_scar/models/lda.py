@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from ..exceptions import BackendError, DataError
-from ._base import (LOCAL_STATE, Contribution, DataSummary, Model, ParameterSpec, check_ids, check_integers,
+from ._base import (ID_HELP, LOCAL_STATE, Contribution, DataSummary, Model, ParameterSpec, check_ids, check_integers,
                     check_number, stable_seed)
 
 _TILE = 1 << 16  # tokens per (tokens x topics) temporary: bounds memory on large blocks
@@ -76,6 +76,9 @@ class LDA(Model):
 
     def select_columns(self, columns, target, features):
         return self._fixed_columns(features, target, self.count, doc=self.doc, word=self.word)
+
+    def feature_help(self) -> str:
+        return ID_HELP.format(model=type(self).__name__)
 
     def check_params(self) -> None:
         check_number("n_topics", self.n_topics, 2, integer=True)
