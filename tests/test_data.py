@@ -65,6 +65,22 @@ def test_a_feature_named_twice_is_refused(client):
         data.prepare(client, scar.SoftmaxRegression(), _frame(), "label", ["a", "a", "c"])
 
 
+def _unreadable(frame):
+    """A Dask frame whose partitions raise when they are read."""
+    def boom(part):
+        raise RuntimeError("a partition was read")
+    return dd.from_pandas(frame, npartitions=2).map_partitions(boom, meta=frame.iloc[:0])
+
+
+def test_no_feature_column_is_refused_before_the_data_is_read(client):
+    frame = _frame()
+    message = "SoftmaxRegression needs at least one feature column besides the target 'label': name them with features="
+    with pytest.raises(DataError, match=message):
+        data.prepare(client, scar.SoftmaxRegression(), _unreadable(frame), "label", [])
+    with pytest.raises(DataError, match=message):
+        data.prepare(client, scar.SoftmaxRegression(), _unreadable(frame[["label"]]), "label", None)
+
+
 def test_text_column_is_named_with_a_fix(client):
     frame = _frame().assign(city=["x"] * 200)
     with pytest.raises(DataError, match=r"'city' \((object|str|string)\) are not numeric.*features="):

@@ -143,6 +143,9 @@ class Model:
             raise DataError(f"{type(self).__name__} needs target=: one of {columns}")
         if features is None:
             features = [c for c in columns if c != target]
+        if not features:
+            raise DataError(f"{type(self).__name__} needs at least one feature column besides the target {target!r}: "
+                            "name them with features=[...]")
         return list(features), target
 
     def _fixed_columns(self, features: list[str] | None, target: str | None, default_target: str,

@@ -92,8 +92,6 @@ class GradientModel(Model):
         super().setup(summary)
         self.features_ = [c.name for c in summary.features]
         self.n_features_ = len(self.features_)
-        if self.n_features_ == 0:
-            raise DataError(f"{type(self).__name__} needs at least one feature column")
 
     def _n_outputs(self) -> int:
         raise NotImplementedError
