@@ -483,6 +483,8 @@ def test_every_model_checks_its_random_state(model):
 def test_predict_before_fit_raises():
     with pytest.raises(NotFittedError, match="not fitted"):
         scar.SoftmaxRegression().predict(np.zeros((2, 3)))
+    with pytest.raises(NotFittedError, match="SoftmaxRegression is not fitted yet: call Trainer"):
+        scar.SoftmaxRegression().predict_proba(pd.DataFrame({"a": [0.1, 0.2]}))
 
 
 def test_minibatch_sgd_decreases_the_loss(digits):

@@ -140,6 +140,7 @@ class SoftmaxRegression(GradientModel):
 
     def predict_proba(self, data: Any) -> Any:
         """Class probabilities, shape ``(rows, n_classes)`` (a Dask DataFrame for Dask input)."""
+        self._fitted()      # before classes_, which an unfitted model lacks
         return self._apply(data, self._proba_numpy, columns=[str(c) for c in self.classes_])
 
     def predict(self, data: Any) -> Any:
