@@ -3,6 +3,7 @@
 import re
 import warnings
 
+import dask
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
@@ -379,6 +380,31 @@ def test_duplicated_columns_are_refused_at_predict_and_score_as_in_training(digi
     factorization.params_, _ = fit_local(factorization, prepare_local(factorization, ratings), max_iter=1)
     with pytest.raises(DataError, match=twice.format("item")):
         factorization.predict(pd.concat([ratings, ratings[["item"]]], axis=1))
+
+
+def test_a_lazy_prediction_keeps_the_model_it_was_made_with(digits):
+    """A refit (other columns, other labels, fewer ids) before a lazy prediction is
+    computed does not change it."""
+    lazy = dd.from_pandas(digits, npartitions=2)
+    model = scar.SoftmaxRegression()
+    model.params_, _ = fit_local(model, prepare_local(model, digits, "label"), max_iter=5)
+    made = model.predict(lazy), model.predict_proba(lazy)
+    expected = model.predict(digits), model.predict_proba(digits)
+    other = digits[["p20", "p30", "p40", "label"]].assign(label=9 - digits["label"])
+    model.params_, _ = fit_local(model, prepare_local(model, other, "label"), max_iter=5)
+    predicted, probabilities, now = dask.compute(*made, model.predict(lazy))
+    np.testing.assert_array_equal(predicted, expected[0])
+    np.testing.assert_array_equal(probabilities, expected[1])
+    np.testing.assert_array_equal(now, model.predict(other))
+
+    ratings, _ = low_rank_ratings()
+    factorization = scar.MatrixFactorization(rank=5)
+    factorization.params_, _ = fit_local(factorization, prepare_local(factorization, ratings), max_iter=2)
+    made = factorization.predict(dd.from_pandas(ratings, npartitions=2))
+    expected = factorization.predict(ratings)
+    fewer = ratings[ratings["user"] < 10]
+    factorization.params_, _ = fit_local(factorization, prepare_local(factorization, fewer), max_iter=2)
+    np.testing.assert_array_equal(made.compute(), expected)
 
 
 def test_scores_check_their_labels(digits):

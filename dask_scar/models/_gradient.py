@@ -246,14 +246,10 @@ class GradientModel(Model):
         """Intercepts, shape ``(n_classes,)``."""
         return self._fitted()["weights"][self.n_features_]
 
-    def _scores_numpy(self, X: np.ndarray) -> np.ndarray:
-        w = self._fitted()["weights"]
-        return X @ w[: self.n_features_] + w[self.n_features_]
-
     def _apply(self, data: Any, fn, columns: list[str] | None):
-        """Apply ``fn`` (rows of features -> array) to NumPy, pandas or Dask data."""
-        self._fitted()
-        features = self.features_
+        """``fn(rows of features, weights)`` (an array) on NumPy, pandas or Dask data, with
+        the weights and features fitted now: a lazy result does not follow a later fit."""
+        weights, features = self._fitted()["weights"], self.features_
         if hasattr(data, "columns"):
             require_columns(data.columns, features, f": the model was fitted on {features}")
             require_unique(data.columns, features)
@@ -261,7 +257,7 @@ class GradientModel(Model):
         if hasattr(data, "map_partitions"):  # Dask DataFrame: stay lazy
 
             def on_partition(frame: pd.DataFrame):
-                out = fn(self._rows(frame[features].to_numpy(np.float32, na_value=np.nan)))
+                out = fn(_finite(frame[features].to_numpy(np.float32, na_value=np.nan), features), weights)
                 if columns is None:
                     return pd.Series(out, index=frame.index)
                 return pd.DataFrame(out, index=frame.index, columns=columns)
@@ -270,14 +266,20 @@ class GradientModel(Model):
         if isinstance(data, pd.DataFrame):
             data = data[features].to_numpy(np.float32, na_value=np.nan)
         X = np.asarray(data, dtype=np.float32)
-        if X.ndim != 2 or X.shape[1] != self.n_features_:
-            raise DataError(f"expected {self.n_features_} feature columns {features}, got shape {X.shape}")
-        return fn(self._rows(X))
+        if X.ndim != 2 or X.shape[1] != len(features):
+            raise DataError(f"expected {len(features)} feature columns {features}, got shape {X.shape}")
+        return fn(_finite(X, features), weights)
 
-    def _rows(self, X: np.ndarray) -> np.ndarray:
-        """``X``, checked to hold finite values only (as training did)."""
-        finite = np.isfinite(X).all(axis=0)
-        if not finite.all():
-            bad = [name for name, ok in zip(self.features_, finite) if not ok]
-            raise DataError(f"NaN/inf values in column(s) {bad}: drop or fill those rows before predicting")
-        return X
+
+def scores(X: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``X @ coef + intercept`` for ``weights`` that hold the intercepts in their last row."""
+    return X @ weights[:-1] + weights[-1]
+
+
+def _finite(X: np.ndarray, features: list) -> np.ndarray:
+    """``X``, checked to hold finite values only (as training did)."""
+    finite = np.isfinite(X).all(axis=0)
+    if not finite.all():
+        bad = [name for name, ok in zip(features, finite) if not ok]
+        raise DataError(f"NaN/inf values in column(s) {bad}: drop or fill those rows before predicting")
+    return X

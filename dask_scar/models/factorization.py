@@ -139,31 +139,21 @@ class MatrixFactorization(Model):
         return {"value": value}
 
     # -- fitted model -------------------------------------------------------------
-    def _ids(self, frame: pd.DataFrame, column: str, n: int) -> np.ndarray:
-        """``frame[column]`` as row numbers of a factor matrix of ``n`` rows, checked."""
-        values = frame[column].to_numpy(np.float64, na_value=np.nan)
-        with np.errstate(invalid="ignore"):
-            ids = values.astype(np.int64)
-        bad = (ids != values) | (ids < 0) | (ids >= n)
-        if bad.any():
-            raise DataError(f"column {column!r} must hold integer ids in the fitted range 0..{n - 1}; "
-                            f"{bad.sum():,} rows do not (the first holds {values[bad][0]:g})")
-        return ids
-
     def predict(self, data: Any) -> Any:
-        """Predicted rating of each (user, item) row (a Dask Series for Dask input)."""
-        params = self._fitted()
+        """Predicted rating of each (user, item) row (a Dask Series for Dask input), with the
+        factors fitted now: a lazy result does not follow a later fit."""
+        params, user, item = self._fitted(), self.user, self.item
         if not hasattr(data, "columns"):
-            raise DataError(f"{type(self).__name__}.predict needs a DataFrame with the columns user={self.user!r} "
-                            f"and item={self.item!r}, got {type(data).__name__}")
-        require_columns(data.columns, [self.user, self.item],
-                        f": {type(self).__name__} reads the columns user={self.user!r} and item={self.item!r}")
-        require_unique(data.columns, [self.user, self.item])
-        require_numeric(data.dtypes, [self.user, self.item], "user and item ids are integers, as for training")
+            raise DataError(f"{type(self).__name__}.predict needs a DataFrame with the columns user={user!r} "
+                            f"and item={item!r}, got {type(data).__name__}")
+        require_columns(data.columns, [user, item],
+                        f": {type(self).__name__} reads the columns user={user!r} and item={item!r}")
+        require_unique(data.columns, [user, item])
+        require_numeric(data.dtypes, [user, item], "user and item ids are integers, as for training")
 
         def on_frame(frame: pd.DataFrame):
-            users = params["user_factors"][self._ids(frame, self.user, self.n_users_)]
-            pred = (users * params["item_factors"][self._ids(frame, self.item, self.n_items_)]).sum(axis=1)
+            users, items = params["user_factors"], params["item_factors"]
+            pred = (users[_ids(frame, user, len(users))] * items[_ids(frame, item, len(items))]).sum(axis=1)
             return pd.Series(pred, index=frame.index)
 
         if hasattr(data, "map_partitions"):
@@ -178,6 +168,18 @@ class MatrixFactorization(Model):
         """Root mean squared error of the predicted ratings."""
         return score_with(self, data, self.rating if target is None else target,
                           lambda p, y: ((y - p) ** 2).mean() ** 0.5)
+
+
+def _ids(frame: pd.DataFrame, column: str, n: int) -> np.ndarray:
+    """``frame[column]`` as row numbers of a factor matrix of ``n`` rows, checked."""
+    values = frame[column].to_numpy(np.float64, na_value=np.nan)
+    with np.errstate(invalid="ignore"):
+        ids = values.astype(np.int64)
+    bad = (ids != values) | (ids < 0) | (ids >= n)
+    if bad.any():
+        raise DataError(f"column {column!r} must hold integer ids in the fitted range 0..{n - 1}; "
+                        f"{bad.sum():,} rows do not (the first holds {values[bad][0]:g})")
+    return ids
 
 
 def _normal_equations(ids, factors, ratings, xp: types.ModuleType, most: int = 65536):

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from ._base import Contribution, score_with
-from ._gradient import GradientModel
+from ._gradient import GradientModel, scores
 
 
 class LinearRegression(GradientModel):
@@ -63,7 +63,7 @@ class LinearRegression(GradientModel):
 
     def predict(self, data: Any) -> Any:
         """Predicted target of each row (a Dask Series for Dask input)."""
-        return self._apply(data, lambda X: self._scores_numpy(X)[:, 0], columns=None)
+        return self._apply(data, lambda X, weights: scores(X, weights)[:, 0], columns=None)
 
     def score(self, data: Any, target: str | Any) -> float:
         """Coefficient of determination R^2 of the predictions."""

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..exceptions import DataError
 from ._base import Contribution, DataSummary, check_ids, score_with
-from ._gradient import GradientModel
+from ._gradient import GradientModel, scores
 
 
 class SoftmaxRegression(GradientModel):
@@ -131,21 +131,14 @@ class SoftmaxRegression(GradientModel):
                             penalty=self.penalty_of(weights, xp))
 
     # -- fitted model ---------------------------------------------------------------
-    def _proba_numpy(self, X: np.ndarray) -> np.ndarray:
-        z = self._scores_numpy(X)
-        z -= z.max(axis=1, keepdims=True)
-        np.exp(z, out=z)
-        z /= z.sum(axis=1, keepdims=True)
-        return z
-
     def predict_proba(self, data: Any) -> Any:
         """Class probabilities, shape ``(rows, n_classes)`` (a Dask DataFrame for Dask input)."""
         self._fitted()      # before classes_, which an unfitted model lacks
-        return self._apply(data, self._proba_numpy, columns=[str(c) for c in self.classes_])
+        return self._apply(data, probabilities, columns=[str(c) for c in self.classes_])
 
     def predict(self, data: Any) -> Any:
         """Most probable class of each row (a Dask Series for Dask input)."""
-        return self._apply(data, lambda X: self._scores_numpy(X).argmax(axis=1), columns=None)
+        return self._apply(data, lambda X, weights: scores(X, weights).argmax(axis=1), columns=None)
 
     def score(self, data: Any, target: str | Any) -> float:
         """Accuracy: the fraction of rows whose predicted class equals ``target``.
@@ -157,3 +150,11 @@ class SoftmaxRegression(GradientModel):
         return score_with(self, data, target, lambda pred, y: (pred == y).mean(),
                           valid=lambda y: (y >= 0) & (y < k) & (y % 1 == 0), what=f"class labels 0..{k - 1}")
 
+
+def probabilities(X: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Softmax of each row's class :func:`scores`."""
+    z = scores(X, weights)
+    z -= z.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
