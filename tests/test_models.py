@@ -426,6 +426,27 @@ def test_scores_check_their_labels(digits):
     assert model.score(digits, pd.array(digits["label"], dtype="Int64")) == model.score(digits, "label")
 
 
+def test_dask_labels_are_scored_partition_by_partition_with_the_data():
+    """Dask labels go with the data's rows in order, partition by partition, as labels
+    in memory go in order, whatever their index; labels that do not line up are refused."""
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.standard_normal((400, 3)), columns=["a", "b", "c"])
+    frame["y"] = frame @ [2.0, 1.0, -1.0] + 0.1 * rng.standard_normal(400)
+    model = scar.LinearRegression(learning_rate=0.3)
+    model.params_, _ = fit_local(model, prepare_local(model, frame, "y"), max_iter=50)
+    whole = model.score(frame, "y")
+    assert 0.9 < whole < 1
+    data = dd.from_pandas(frame, npartitions=4)
+    shifted = dd.from_pandas(frame["y"].set_axis(frame.index + 1000), npartitions=4)
+    for labels in (data["y"], data["y"].reset_index(drop=True), shifted):
+        assert model.score(data, labels) == pytest.approx(whole)
+    fix = r"pass the target's column name \(score\(ddf, 'label'\)\), or labels with the same partitions as the data"
+    with pytest.raises(DataError, match=f"a partition of the data has 100 rows, its labels 50: {fix}"):
+        model.score(data, dd.from_pandas(frame["y"].iloc[:200], npartitions=4))
+    with pytest.raises(DataError, match=f"the labels have 1 partitions, the data 4: {fix}"):
+        model.score(data, dd.from_pandas(frame["y"], npartitions=1))
+
+
 def test_an_infinite_label_raises_without_a_numpy_warning(digits):
     """R^2 of an infinite label divides inf by inf: the labels are checked before that
     division, for lazy data too, so the DataError comes alone."""

@@ -364,7 +364,7 @@ MAX_IDS_PER_ROW, MAX_IDS_ANYWAY = 10, 1_000_000
 def score_with(model: Model, data: Any, target: Any, metric, valid=np.isfinite, what: str = "finite numbers",
                finish=float) -> float:
     """``finish(metric(predictions, labels))`` as a float; lazy (Dask) inputs are computed
-    once. ``metric`` reduces the rows (lazily, for Dask inputs); ``finish`` runs here, on
+    once, Dask labels for Dask data partition by partition (:func:`side_by_side`). ``metric`` reduces the rows (lazily, for Dask inputs); ``finish`` runs here, on
     its computed value, only once the labels passed: arithmetic that bad labels would
     break (a division) goes there, so they raise :class:`DataError` and no NumPy warning.
     :class:`DataError` where the labels are not numbers, or some fail ``valid`` (an
@@ -379,9 +379,10 @@ def score_with(model: Model, data: Any, target: Any, metric, valid=np.isfinite, 
         raise DataError(f"{name} ({labels.dtype}): score needs {what}")
     labels = labels.astype(np.float64)      # nullable integers: NA becomes NaN, and fails ``valid``
     pred = model.predict(data)
-    if hasattr(pred, "compute") and hasattr(labels, "compute"):   # both lazy (Dask's): one computation
+    if hasattr(pred, "map_partitions") and hasattr(labels, "map_partitions"):   # both Dask's: one computation
         from dask import compute
 
+        pred, labels = side_by_side(pred, labels)
         value, bad, count = compute(metric(pred, labels), (~valid(labels)).sum(), labels.size)
     else:
         pred, labels = (np.asarray(x.compute() if hasattr(x, "compute") else x) for x in (pred, labels))
@@ -396,3 +397,22 @@ def score_with(model: Model, data: Any, target: Any, metric, valid=np.isfinite, 
         raise DataError(f"{name}: {bad:,} of {count:,} values are not {what} (NaN, inf or out of range); "
                         "drop or fix those rows before scoring")
     return float(finish(value))
+
+
+def side_by_side(pred: Any, labels: Any) -> tuple[Any, Any]:
+    """Lazy predictions and labels (Dask Series) as two columns of one frame, each partition
+    of the labels beside the same partition of the predictions, whatever their indexes
+    (as labels in memory are taken in order). :class:`DataError` where they do not line
+    up: another number of partitions (here), or of rows in a partition (when computed)."""
+    fix = ("pass the target's column name (score(ddf, 'label')), or labels with the same partitions as the data "
+           "(a column of the same frame)")
+    if labels.npartitions != pred.npartitions:
+        raise DataError(f"the labels have {labels.npartitions} partitions, the data {pred.npartitions}: {fix}")
+
+    def pair(pred: pd.Series, labels: pd.Series) -> pd.DataFrame:
+        if len(pred) != len(labels):
+            raise DataError(f"a partition of the data has {len(pred):,} rows, its labels {len(labels):,}: {fix}")
+        return pd.DataFrame({"pred": pred.to_numpy(), "label": labels.to_numpy()}, index=pred.index)
+
+    both = pred.map_partitions(pair, labels, align_dataframes=False, meta=pair(pred._meta, labels._meta))
+    return both["pred"], both["label"]
