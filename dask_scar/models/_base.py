@@ -364,7 +364,8 @@ MAX_IDS_PER_ROW, MAX_IDS_ANYWAY = 10, 1_000_000
 def score_with(model: Model, data: Any, target: Any, metric, valid=np.isfinite, what: str = "finite numbers",
                finish=float) -> float:
     """``finish(metric(predictions, labels))`` as a float; lazy (Dask) inputs are computed
-    once, Dask labels for Dask data partition by partition (:func:`side_by_side`). ``metric`` reduces the rows (lazily, for Dask inputs); ``finish`` runs here, on
+    once, Dask labels for Dask data partition by partition (:func:`side_by_side`).
+    ``metric`` reduces the rows (lazily, for Dask inputs); ``finish`` runs here, on
     its computed value, only once the labels passed: arithmetic that bad labels would
     break (a division) goes there, so they raise :class:`DataError` and no NumPy warning.
     :class:`DataError` where the labels are not numbers, or some fail ``valid`` (an
