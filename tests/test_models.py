@@ -424,6 +424,11 @@ def test_scores_check_their_labels(digits):
     with pytest.raises(DataError, match="no rows to score"):
         model.score(digits.head(0), "label")
     assert model.score(digits, pd.array(digits["label"], dtype="Int64")) == model.score(digits, "label")
+    lazy = dd.from_pandas(digits, npartitions=3)
+    for data, labels in ((digits, digits[["label"]]), (lazy, lazy[["label"]]), (digits, digits[["label"]].to_numpy())):
+        with pytest.raises(DataError, match=r"the labels must be one column \(a Series, or a 1-d array\), got "
+                                            r"\w+ of 2 dimensions: pass the column itself \(df\['label'\]\)"):
+            model.score(data, labels)
 
 
 def test_dask_labels_are_scored_partition_by_partition_with_the_data():

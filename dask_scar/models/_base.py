@@ -376,6 +376,9 @@ def score_with(model: Model, data: Any, target: Any, metric, valid=np.isfinite, 
         labels, name = data[target], f"the target column {target!r}"
     else:
         labels, name = (target if hasattr(target, "compute") else np.asarray(target)), "the labels"
+        if labels.ndim != 1:
+            raise DataError(f"the labels must be one column (a Series, or a 1-d array), got {type(target).__name__} "
+                            f"of {labels.ndim} dimensions: pass the column itself (df['label']) or its name")
     if not numeric(labels.dtype):
         raise DataError(f"{name} ({labels.dtype}): score needs {what}")
     labels = labels.astype(np.float64)      # nullable integers: NA becomes NaN, and fails ``valid``
