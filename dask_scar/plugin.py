@@ -349,14 +349,16 @@ class ScarPlugin(SchedulerPlugin):
         self._turn_changed.set()
         self._turn_changed = asyncio.Event()
 
-    def _set_workload(self, run: str, client: str, seconds: float, most: int, valid_for: float) -> None:
+    def _set_workload(self, run: str, client: str, seconds: float, most: int, valid_for: float) -> bool:
         """``run``'s remaining iterations would take its workers ``seconds`` (summed over
         them), and its rows could use at most ``most`` workers; it says so again within
-        ``valid_for`` seconds, or no longer counts (at once: 0)."""
+        ``valid_for`` seconds, or no longer counts (at once: 0). True: heard (a
+        scheduler without this handler answers None)."""
         if valid_for <= 0:
             self.workloads.pop(run, None)
         elif run not in self.ended and client in self.scheduler.clients:
             self.workloads[run] = (client, float(seconds), int(most), time.monotonic() + valid_for)
+        return True
 
     def wanted(self, target_duration: Any = None) -> int:
         """The workers that would do the runs' remaining work in ``target_duration``
@@ -436,11 +438,11 @@ def say_work(client: Client, run: str, seconds: float, most: int, valid_for: flo
     """Tell the scheduler that ``run``'s remaining work would take ``seconds`` of its
     workers' time, on at most ``most`` workers, for the next ``valid_for`` seconds
     (see :class:`ScarPlugin`); False where the scheduler's plugin takes no work (an
-    older dask-scar). Raises nothing: the work is only a hint to adaptive scaling."""
+    older dask-scar: the scheduler logs a warning for every such call, and answers
+    None). Raises nothing: the work is only a hint to adaptive scaling."""
     try:
-        client.sync(client.scheduler.scar_workload, run=run, client=client.id, seconds=seconds, most=most,
-                    valid_for=valid_for)
-        return True
+        return client.sync(client.scheduler.scar_workload, run=run, client=client.id, seconds=seconds, most=most,
+                           valid_for=valid_for) is True
     except Exception:  # noqa: BLE001
         logger.debug("could not tell the scheduler the work of run %s", run, exc_info=True)
         return False

@@ -524,7 +524,7 @@ def live_or_wait(client: Client, hint: str) -> set[str]:
                    address, timeout)
     # nothing queues for a fit that waits: adaptive scaling (adapt(minimum=0)) would start no worker
     waiting = f"waiting-{client.id}"
-    say_work(client, waiting, seconds=1.0, most=1, valid_for=timeout)
+    asked = say_work(client, waiting, seconds=1.0, most=1, valid_for=timeout)
     try:
         client.wait_for_workers(1, timeout=timeout)
     except TimeoutError:
@@ -533,7 +533,8 @@ def live_or_wait(client: Client, hint: str) -> set[str]:
                               f"dask worker {address}: a worker whose scheduler went away does not come back "
                               f"to its successor by itself){hint}") from None
     finally:
-        say_work(client, waiting, seconds=0.0, most=1, valid_for=0.0)
+        if asked:
+            say_work(client, waiting, seconds=0.0, most=1, valid_for=0.0)
     return live_workers(client)
 
 
