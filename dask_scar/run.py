@@ -345,13 +345,16 @@ class TrainingRun:
     def take_turn(self) -> None:
         """Wait for this run's turn to run a segment on the cluster (another fit's
         segment may be running), saying so after :data:`TURN_SAY_SECONDS`. Interrupted,
-        it gives its place back (and the scheduler does when the run ends)."""
+        it gives its place back (and the scheduler does when the run ends). A scheduler
+        whose plugin gives no turns (it logs a warning for every request) is asked once."""
+        if self.turnless:
+            return
         waited, said = time.monotonic(), False
         try:
             while True:
                 got = self.client.sync(self.client.scheduler.scar_turn, run=self.chunks.run, client=self.client.id,
                                        timeout=TURN_POLL_SECONDS)
-                if got is None and not self.turnless:     # the scheduler's dask_scar plugin gives no turns
+                if got is None:     # the scheduler's dask_scar plugin gives no turns
                     self.turnless = True
                     logger.warning("dask_scar: the scheduler's dask_scar plugin gives segments no turns (is it "
                                    "of an older version?): fits that share this cluster may wait for each "
@@ -369,6 +372,8 @@ class TrainingRun:
     def release_turn(self) -> None:
         """Give back this run's turn (or its place in the queue); raises nothing: the
         scheduler may be gone, and then so is the turn."""
+        if self.turnless:
+            return
         try:
             self.client.sync(self.client.scheduler.scar_turn_release, run=self.chunks.run)
         except Exception:  # noqa: BLE001

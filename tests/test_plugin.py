@@ -246,3 +246,24 @@ def test_a_fit_waiting_for_its_first_worker_gets_one_from_adapt(digits):
         result = scar.Trainer(client, model).fit(digits, target="label", max_iter=5, progress=False)
         assert len(result.history) == 5 and len(client.scheduler_info()["workers"]) == 1
         assert client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.plugins["scar"].workloads) == {}
+
+
+def test_a_scheduler_that_gives_no_turns_is_asked_once_per_fit(own_client, digits, caplog):
+    """A scheduler whose dask-scar plugin is older answers None to the turn and work
+    requests (and logs a warning for each): a fit asks once, says so once, and runs."""
+    client = own_client
+    ensure_plugin(client)
+
+    def answer_none(dask_scheduler):
+        dask_scheduler.asked = []
+        for handler in ("scar_turn", "scar_turn_release", "scar_workload"):
+            dask_scheduler.handlers[handler] = lambda handler=handler, **kwargs: dask_scheduler.asked.append(handler)
+
+    client.run_on_scheduler(answer_none)
+    with caplog.at_level("WARNING", logger="dask_scar"):
+        result = scar.Trainer(client, scar.SoftmaxRegression()).fit(digits, target="label", max_iter=600, tol=0,
+                                                                    progress=False)
+    assert len(result.history) == 600
+    asked = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.asked)
+    assert asked.count("scar_turn") == 1 and "scar_turn_release" not in asked and asked.count("scar_workload") <= 1
+    assert sum("gives segments no turns" in r.getMessage() for r in caplog.records) == 1
