@@ -70,6 +70,7 @@ def _sizeof_chunk(chunk: Chunk) -> int:
 
 
 CHUNK_PREFIX = "scar-chunk-"
+SEGMENT_PREFIX = "scar-segment-"    # a segment's tasks: SEGMENT_PREFIX + run + "-e<epoch>-<first>-<worker>"
 
 
 def chunk_key(run: str, cid: ChunkId, epoch: int, version: int) -> str:

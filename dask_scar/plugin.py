@@ -44,7 +44,7 @@ from distributed.active_memory_manager import ReduceReplicas
 from distributed.client import ClosedClientError
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from .chunks import CHUNK_PREFIX, DETACH_OP, PROGRESS_TOPIC
+from .chunks import CHUNK_PREFIX, DETACH_OP, PROGRESS_TOPIC, SEGMENT_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,10 @@ WORKLOAD_HANDLER = "scar_workload"  # rpc: a driver says how much work its run h
 #: A run waiting for its turn that has not asked again for this long lost its place
 #: (its driver asks every :data:`dask_scar.run.TURN_POLL_SECONDS`).
 TURN_STALE_SECONDS = 30.0
+#: A run that holds the turn with no segment task running for this long loses it (its
+#: driver hung: a laptop gone to sleep, a stopped process, whose client is still
+#: connected), so that the other runs go on.
+TURN_IDLE_SECONDS = 30.0
 ENDED_RUNS = 4096               # ended runs the plugin remembers, to refuse their late chunks
 
 
@@ -209,8 +213,9 @@ class ScarPlugin(SchedulerPlugin):
     segment's task on each worker waits for the others' at every iteration, so two
     runs' segments, each first on some workers' only thread, would wait for each
     other). A run's turn and its place in the queue go when its driver gives them
-    back, when the run ends, when the driver's client goes, and (a place only) when
-    its driver stops asking for :data:`TURN_STALE_SECONDS`.
+    back, when the run ends, when the driver's client goes, when no segment task of
+    the run has run for :data:`TURN_IDLE_SECONDS` (a turn), and (a place) when its
+    driver stops asking for :data:`TURN_STALE_SECONDS`.
 
     And it tells Dask's adaptive scaling (``cluster.adapt``) about the fits' work. A
     fit keeps one task per worker busy, so nothing queues and Dask would never add a
@@ -243,6 +248,7 @@ class ScarPlugin(SchedulerPlugin):
         self.turn: str | None = None                # the run whose segment runs
         self.waiting: dict[str, tuple[str, float]] = {}   # runs waiting, in order -> (client, when last asked)
         self.turn_client: str | None = None         # the client of the run that has the turn
+        self.turn_busy = 0.0                        # when a segment task of that run last ran (or it got the turn)
         self._turn_changed: asyncio.Event | None = None
         self.workloads: dict[str, tuple[str, float, int, float]] = {}   # run -> (client, worker-seconds left,
         #                                                                  most workers, until: monotonic)
@@ -319,6 +325,7 @@ class ScarPlugin(SchedulerPlugin):
         asks again."""
         if self.turn == run:
             return True
+        self._check_idle_turn()
         if run in self.ended or client not in self.scheduler.clients:
             return False        # a request that came after its run ended, or its client went: no turn
         self.waiting[run] = (client, time.monotonic())
@@ -333,13 +340,26 @@ class ScarPlugin(SchedulerPlugin):
                 del self.waiting[run]
                 if client not in self.scheduler.clients:
                     return False    # it went while it waited
-                self.turn, self.turn_client = run, client
+                self.turn, self.turn_client, self.turn_busy = run, client, time.monotonic()
                 return True
             changed = self._turn_changed
             try:
                 await asyncio.wait_for(changed.wait(), max(deadline - time.monotonic(), 0))
             except asyncio.TimeoutError:
                 return False
+
+    def _check_idle_turn(self) -> None:
+        """Take the turn back from a run none of whose segment tasks has run for
+        :data:`TURN_IDLE_SECONDS` (asked while other runs wait)."""
+        if self.turn is None:
+            return
+        now, prefix = time.monotonic(), f"{SEGMENT_PREFIX}{self.turn}-"
+        if any(str(ts.key).startswith(prefix) for ws in self.scheduler.workers.values() for ts in ws.processing):
+            self.turn_busy = now
+        elif now - self.turn_busy > TURN_IDLE_SECONDS:
+            logger.warning("dask_scar: run %s has held the segment turn for %.0f s without running a segment (is its "
+                           "driver hung?): the turn goes to the next run", self.turn, now - self.turn_busy)
+            self._release_turn(self.turn)
 
     def _release_turn(self, run: str) -> None:
         """``run`` gives back its turn, or its place in the queue."""

@@ -65,7 +65,7 @@ from distributed.utils import ensure_memoryview
 from distributed.worker import thread_state
 
 from . import checkpoint, chunks, config
-from .chunks import Chunk, ChunkId, chunk_key, detach, flatten, remember
+from .chunks import SEGMENT_PREFIX, Chunk, ChunkId, chunk_key, detach, flatten, remember
 from .exceptions import ScarError
 from .iteration import contribute, step
 from .models import Model
@@ -436,14 +436,14 @@ def build(model: Model, chunks, blocks: list[str], block_workers: list[str], fir
     tag = f"{chunks.run}-e{chunks.epoch}-{first}"
     layers, keys = {}, []
     for i, worker in enumerate(workers):
-        key = f"scar-segment-{tag}-{i}"
+        key = f"{SEGMENT_PREFIX}{tag}-{i}"
         sources = ([TaskRef(previous[worker])] if worker in previous
                    else [TaskRef(chunks.keys[cid]) for cid in chunks.ids])
         data = Dict({b: TaskRef(blocks[b]) for b in mine[worker]})
         task = Task(key, run_segment, model, List(*sources), data, len(blocks), [w for w in workers if w != worker],
                     first, last, owned.get(worker, []), client_id, chunks.run, chunks.epoch, orders, rounds,
                     previous_loss, tol, timeout)
-        layers[f"scar-segment-{tag}-{i}"] = MaterializedLayer(
+        layers[key] = MaterializedLayer(
             {key: task}, annotations={"workers": [worker], "allow_other_workers": False})
         keys.append(key)
     return HighLevelGraph(layers, {name: set() for name in layers}), keys, workers

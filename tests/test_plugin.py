@@ -267,3 +267,24 @@ def test_a_scheduler_that_gives_no_turns_is_asked_once_per_fit(own_client, digit
     asked = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.asked)
     assert asked.count("scar_turn") == 1 and "scar_turn_release" not in asked and asked.count("scar_workload") <= 1
     assert sum("gives segments no turns" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_turn_held_with_no_segment_running_goes_to_the_next_run(own_client, digits, monkeypatch, caplog):
+    """A driver that hung holding the turn (its client still connected, no segment of
+    its run on the cluster) keeps the other fits waiting only TURN_IDLE_SECONDS."""
+    import dask_scar.plugin
+
+    monkeypatch.setattr(dask_scar.plugin, "TURN_IDLE_SECONDS", 2.0)    # (the scheduler runs in this process)
+    client = own_client
+    ensure_plugin(client)
+    with Client(client.scheduler.address) as hung:
+        assert hung.sync(hung.scheduler.scar_turn, run="hung-run", client=hung.id, timeout=1) is True
+        outcome = []
+        fit = threading.Thread(target=lambda: outcome.append(scar.Trainer(client, scar.SoftmaxRegression()).fit(
+            digits, target="label", max_iter=30, progress=False)), daemon=True)
+        with caplog.at_level("WARNING", logger="dask_scar"):
+            fit.start()
+            fit.join(60)
+        assert not fit.is_alive(), "the fit still waits for the hung run's turn"
+        assert len(outcome[0].history) == 30
+        assert any("run hung-run has held the segment turn for" in r.getMessage() for r in caplog.records)
