@@ -328,14 +328,15 @@ class TrainingRun:
 
     def say_work(self, k: int, max_iter: int) -> None:
         """Tell the scheduler, every :data:`WORK_SAY_SECONDS`, how many worker-seconds
-        iterations ``k..max_iter`` would take at the recent iterations' speed, for
+        iterations ``k..max_iter`` would take at the last 20 iterations' speed, for
         Dask's adaptive scaling (a fit that converges sooner needs less). Where the
         scheduler's plugin takes none (an older one), the run says nothing more."""
         now = time.monotonic()
         if now - self.work_said < WORK_SAY_SECONDS or len(self.rows) < 2:
             return
         self.work_said = now
-        per_iteration = float(np.mean([row["seconds"] for row in self.rows[-20:]]))
+        # the median: a recovery's row holds the recovery, a segment's first row its start
+        per_iteration = float(np.median([row["seconds"] for row in self.rows[-20:]]))
         workers = len({w for w in self.training.workers if w is not None})
         if not say_work(self.client, self.chunks.run, seconds=(max_iter - k + 1) * per_iteration * workers,
                         most=max(1, self.training.n_rows // WORKER_ROWS),
