@@ -326,6 +326,7 @@ def test_score_reads_any_column_name_that_fit_accepts(digits):
         accuracy = (model.predict(frame) == digits["label"]).mean()
         assert 0.5 < accuracy < 1
         assert model.score(frame, target) == accuracy
+        assert model.score(frame, tuple(digits["label"])) == accuracy     # labels, not a column name
         if frame is numbered:    # Dask cannot select a column by a tuple
             assert model.score(dd.from_pandas(frame, npartitions=2), target) == accuracy
     ratings, _ = low_rank_ratings()
