@@ -459,13 +459,14 @@ def say_work(client: Client, run: str, seconds: float, most: int, valid_for: flo
     workers' time, on at most ``most`` workers, for the next ``valid_for`` seconds
     (see :class:`ScarPlugin`); False where the scheduler's plugin takes no work (an
     older dask-scar: the scheduler logs a warning for every such call, and answers
-    None). Raises nothing: the work is only a hint to adaptive scaling."""
+    None). Raises nothing, and a call that failed counts as heard (the next one may
+    not fail): the work is only a hint to adaptive scaling."""
     try:
         return client.sync(client.scheduler.scar_workload, run=run, client=client.id, seconds=seconds, most=most,
-                           valid_for=valid_for) is True
+                           valid_for=valid_for) is not None
     except Exception:  # noqa: BLE001
         logger.debug("could not tell the scheduler the work of run %s", run, exc_info=True)
-        return False
+        return True
 
 
 def set_epoch(client: Client, run: str, epoch: int | None) -> None:

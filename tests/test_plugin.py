@@ -204,6 +204,12 @@ def test_adaptive_target_asks_for_the_workers_the_fits_could_use(own_client):
     client.unregister_scheduler_plugin("scar")      # (Dask does not close it)
     client.register_plugin(scar.ScarPlugin())
     assert target() == idle                 # the new plugin's, not the removed one's on top
+
+    def fail(**kwargs):
+        raise OSError("a scheduler under load")
+
+    client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.handlers.update(scar_workload=fail))
+    assert say_work(client, "run-e", seconds=100.0, most=4, valid_for=60) is True    # tried again later
     client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.handlers.pop("scar_workload") and None)
     assert say_work(client, "run-e", seconds=100.0, most=4, valid_for=60) is False   # an older plugin's scheduler
 

@@ -370,8 +370,10 @@ def score_with(model: Model, data: Any, target: Any, metric, valid=np.isfinite, 
     break (a division) goes there, so they raise :class:`DataError` and no NumPy warning.
     :class:`DataError` where the labels are not numbers, or some fail ``valid`` (an
     elementwise test; ``what`` the labels must be), or there are none."""
-    if isinstance(target, str) or (is_column_name(target) and target in getattr(data, "columns", ())):
-        require_columns(data.columns, [target], f"; available columns: {list(data.columns)}")
+    columns = list(getattr(data, "columns", ()))
+    # a name (a string, a number), or a tuple that names a column; other tuples are labels
+    if is_column_name(target) and (np.ndim(target) == 0 or target in columns):
+        require_columns(columns, [target], f"; available columns: {columns}")
         require_unique(data.columns, [target])
         labels, name = data[target], f"the target column {target!r}"
     else:
