@@ -374,7 +374,7 @@ def score_with(model: Model, data: Any, target: Any, metric, valid=np.isfinite, 
     # a name (a string, a number), or a tuple that names a column; other tuples are labels
     if is_column_name(target) and (np.ndim(target) == 0 or target in columns):
         require_columns(columns, [target], f"; available columns: {columns}")
-        require_unique(data.columns, [target])
+        require_unique(columns, [target])
         labels, name = data[target], f"the target column {target!r}"
     else:
         labels, name = (target if hasattr(target, "compute") else np.asarray(target)), "the labels"
