@@ -12,13 +12,18 @@ before that, chunks only). With ``--shrink`` the cluster starts with three worke
 and is scaled down to two after ``--after`` seconds: Dask rebuilds the removed worker's
 block on one survivor (``LocalCluster.scale`` closes the worker rather than retiring
 it), and the rows are spread over both again (with code before that, one survivor
-computed two thirds of them).
+computed two thirds of them). With ``--hang`` the worker is SIGSTOPped instead of
+killed: it sends no heartbeat, the driver has the scheduler remove it after
+``scar.recovery.hung-worker`` (set to 5 s here, ten heartbeats), and its nanny kills it
+and starts a new one (with code before that, the fit waited for it until
+``scar.iteration-timeout``).
 Printed, from one fit's history: ms per iteration before the event, until the data
 moved, and after, with their ratios to the first.
 
     python benchmarks/bench_replacement.py            # about a minute on 2 cores
     python benchmarks/bench_replacement.py --join
     python benchmarks/bench_replacement.py --shrink
+    python benchmarks/bench_replacement.py --hang
 """
 
 from __future__ import annotations
@@ -47,8 +52,9 @@ def main() -> None:
     event = parser.add_mutually_exclusive_group()
     event.add_argument("--join", action="store_true", help="start with one worker; a second joins")
     event.add_argument("--shrink", action="store_true", help="start with three workers; scale down to two")
+    event.add_argument("--hang", action="store_true", help="SIGSTOP the worker instead of SIGKILLing it")
     args = parser.parse_args()
-    with dask.config.set(config.OWN_CLUSTER), \
+    with dask.config.set({**config.OWN_CLUSTER, "scar.recovery.hung-worker": "5s"}), \
             LocalCluster(n_workers=1 if args.join else 3 if args.shrink else args.workers, threads_per_worker=1,
                          dashboard_address=":0", silence_logs=50) as cluster, \
             Client(cluster) as client:
@@ -57,7 +63,8 @@ def main() -> None:
             event = threading.Timer(args.after, cluster.scale, (2,))
         else:
             pids = client.run(os.getpid)
-            event = threading.Timer(args.after, os.kill, (pids[sorted(pids)[1]], signal.SIGKILL))
+            event = threading.Timer(args.after, os.kill,
+                                    (pids[sorted(pids)[1]], signal.SIGSTOP if args.hang else signal.SIGKILL))
         event.start()
         history = scar.Trainer(client, scar.SoftmaxRegression()).fit(
             frame, target="label", max_iter=args.iters, tol=0, progress=False).history
@@ -70,6 +77,9 @@ def main() -> None:
     # a joining worker shows in the history only once it is running: "before" ends when
     # it was asked for (the fit's first second or so read the data)
     before = int((history["seconds"].cumsum() < args.after - 1).sum()) if args.join else noticed - 1
+    held = history.loc[history["seconds"].idxmax()]      # the row that holds the wait for the hung worker
+    if args.hang:
+        before = min(before, int(held["iteration"]) - 1)
     if before < 21:
         raise SystemExit(f"fewer than 20 iterations came before the event (the data took long to read): "
                          f"raise --after (now {args.after} s)")
@@ -80,7 +90,8 @@ def main() -> None:
         return 1e3 * float(seconds.mean()), len(seconds)
 
     # 20 iterations' margin after each change: a segment's rows share its time
-    phases = [("before the " + ("join" if args.join else "scale-down" if args.shrink else "kill"), ms(20, before)),
+    phases = [("before the " + ("join" if args.join else "scale-down" if args.shrink else "hang" if args.hang
+                                else "kill"), ms(20, before)),
               ("until the data moved", ms(noticed + 20, (moved or [args.iters + 1])[0] - 1))]
     for n, (start, end) in enumerate(zip(moved, [*moved[1:], args.iters + 1])):
         phases.append((f"after the data moved{f' ({n + 1})' if len(moved) > 1 else ''}", ms(start + 20, end - 1)))
@@ -88,6 +99,9 @@ def main() -> None:
     for what, (value, n) in phases:
         if n:
             print(f"{what:32s} {value:7.1f} ms/it  ({n} iterations)  ratio {value / base:.2f}")
+    if args.hang:
+        print(f"the wait for the hung worker: {held['seconds']:.1f} s (the history's longest row, iteration "
+              f"{held['iteration']})")
     said = history[history["event"] != ""]
     for iteration, event in zip(said["iteration"], said["event"]):
         print(f"  iteration {iteration}: {event}")

@@ -1,7 +1,6 @@
 """The scheduler side of dask_scar.
 
-:class:`ScarPlugin` is cheap and synchronous, does no I/O and never raises out of a
-hook. It
+:class:`ScarPlugin` is cheap, touches no storage and never raises out of a hook. It
 
 * lets a worker register a parameter chunk it computed as lineage-free data (the
   ``scar-detach`` stream handler, see :mod:`dask_scar.chunks`), refusing chunks of
@@ -11,7 +10,8 @@ hook. It
 * keeps the Active Memory Manager from dropping copies of parameter chunks (see
   :class:`KeepChunkReplicas`);
 * gives fits their turns to run a segment, and tells Dask's adaptive scaling how
-  many workers the fits could use (see :class:`ScarPlugin`).
+  many workers the fits could use (see :class:`ScarPlugin`);
+* removes, on a driver's request, a hung worker that its fit waits on.
 
 The scheduler's ``remove_worker`` plugin hook runs only after the lost keys have
 been forgotten; the scheduler's own ``remove-worker`` event on the ``all`` topic,
@@ -42,7 +42,10 @@ from dask.utils import parse_timedelta
 from distributed import Client
 from distributed.active_memory_manager import ReduceReplicas
 from distributed.client import ClosedClientError
+from distributed.core import rpc
 from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.metrics import time as heartbeat_clock
+from distributed.scheduler import heartbeat_interval
 
 from .chunks import CHUNK_PREFIX, DETACH_OP, PROGRESS_TOPIC, SEGMENT_PREFIX
 
@@ -53,6 +56,7 @@ EPOCH_HANDLER = "scar_epoch"    # rpc: a driver moves its run to a new epoch
 TURN_HANDLER = "scar_turn"      # rpc: a driver waits for its run's turn to run a segment
 TURN_RELEASE_HANDLER = "scar_turn_release"      # rpc: ... and gives it back
 WORKLOAD_HANDLER = "scar_workload"  # rpc: a driver says how much work its run has left
+HUNG_HANDLER = "scar_hung"      # rpc: a driver asks for the workers it waits on that stopped answering
 #: A run waiting for its turn that has not asked again for this long lost its place
 #: (its driver asks every :data:`dask_scar.run.TURN_POLL_SECONDS`).
 TURN_STALE_SECONDS = 30.0
@@ -60,6 +64,8 @@ TURN_STALE_SECONDS = 30.0
 #: driver hung: a laptop gone to sleep, a stopped process, whose client is still
 #: connected), so that the other runs go on.
 TURN_IDLE_SECONDS = 30.0
+#: How long a hung worker's nanny may take to kill it (Dask's restart_workers waits as long).
+NANNY_KILL_SECONDS = 30.0
 ENDED_RUNS = 4096               # ended runs the plugin remembers, to refuse their late chunks
 
 
@@ -227,6 +233,11 @@ class ScarPlugin(SchedulerPlugin):
     a run goes when the run ends, when its client goes, and when its driver has not
     said it again for as long as it asked.
 
+    And it restarts, on a driver's request, a worker that the driver's fit waits on
+    and that has sent no heartbeat for the driver's ``scar.recovery.hung-worker``:
+    what Dask does only after ``distributed.scheduler.worker-ttl`` (5 minutes), for
+    every worker.
+
     Examples
     --------
     >>> client.register_plugin(ScarPlugin())   # doctest: +SKIP
@@ -253,6 +264,8 @@ class ScarPlugin(SchedulerPlugin):
         self.workloads: dict[str, tuple[str, float, int, float]] = {}   # run -> (client, worker-seconds left,
         #                                                                  most workers, until: monotonic)
         self._adaptive_target: Callable | None = None      # the scheduler's own
+        self.restarting: set[str] = set()           # hung workers being restarted
+        self._restarts: set[asyncio.Task] = set()
 
     async def start(self, scheduler: Any) -> None:
         self.scheduler = scheduler
@@ -262,6 +275,7 @@ class ScarPlugin(SchedulerPlugin):
         scheduler.handlers[TURN_HANDLER] = self._take_turn
         scheduler.handlers[TURN_RELEASE_HANDLER] = self._release_turn
         scheduler.handlers[WORKLOAD_HANDLER] = self._set_workload
+        scheduler.handlers[HUNG_HANDLER] = self._restart_hung
         # Adaptive scaling asks the scheduler's adaptive_target: Dask's Adaptive through the
         # handler, Kubernetes' operator through the HTTP API, which calls the attribute.
         # (Dask's unregister_scheduler_plugin does not close a plugin: a removed one's is replaced)
@@ -275,7 +289,7 @@ class ScarPlugin(SchedulerPlugin):
     async def close(self) -> None:
         if self.scheduler is not None:
             self.scheduler.stream_handlers.pop(DETACH_OP, None)
-            for handler in (EPOCH_HANDLER, TURN_HANDLER, TURN_RELEASE_HANDLER, WORKLOAD_HANDLER):
+            for handler in (EPOCH_HANDLER, TURN_HANDLER, TURN_RELEASE_HANDLER, WORKLOAD_HANDLER, HUNG_HANDLER):
                 self.scheduler.handlers.pop(handler, None)
             if vars(self.scheduler).get("adaptive_target") == self.adaptive_target:
                 del self.scheduler.adaptive_target
@@ -404,6 +418,48 @@ class ScarPlugin(SchedulerPlugin):
             logger.exception("dask_scar: could not add the fits' work to the adaptive target")
             return target
 
+    def _restart_hung(self, workers: list[str], after: float) -> dict[str, float]:
+        """Remove each of ``workers`` that has sent no heartbeat for ``after`` seconds
+        (at least ten heartbeats, as Dask's ``worker-ttl``) and have its nanny start a
+        new process; one with no nanny is told to close, should it wake. Returns them,
+        each with how long it has been silent (those already going too). It does not
+        wait for the restarts."""
+        try:
+            scheduler, now = self.scheduler, heartbeat_clock()
+            after = max(after, 10 * heartbeat_interval(len(scheduler.workers)))
+            hung = {w: now - ws.last_seen for w in workers
+                    if (ws := scheduler.workers.get(w)) is not None and now - ws.last_seen > after}
+            new = sorted(set(hung) - self.restarting)
+            if new:
+                logger.warning("dask_scar: worker(s) %s sent no heartbeat for %s s (more than %g s), and a fit "
+                               "waits for them: removing them, and restarting those with a nanny", ", ".join(new),
+                               ", ".join(f"{hung[w]:.0f}" for w in new), after)
+                self.restarting.update(new)
+                task = asyncio.create_task(self._restart(new))
+                self._restarts.add(task)
+                task.add_done_callback(self._restarts.discard)
+            return hung
+        except Exception:  # never raise out of a scheduler handler
+            logger.exception("dask_scar: could not look for hung workers among %s", workers)
+            return {}
+
+    async def _restart(self, workers: list[str]) -> None:
+        """Remove ``workers`` (recovery starts at once), then have their nannies kill
+        their processes and start new ones (a hung process takes the nanny a few
+        seconds: SIGTERM, then SIGKILL)."""
+        scheduler, stimulus_id = self.scheduler, f"scar-hung-worker-{time.time()}"
+        try:
+            nannies = [ws.nanny for w in workers if (ws := scheduler.workers.get(w)) is not None and ws.nanny]
+            for worker in workers:
+                await scheduler.remove_worker(worker, stimulus_id=stimulus_id)
+            for nanny in nannies:
+                async with rpc(nanny, connection_args=scheduler.connection_args) as comm:
+                    await asyncio.wait_for(comm.kill(reason=stimulus_id), NANNY_KILL_SECONDS)
+        except Exception:  # noqa: BLE001
+            logger.exception("dask_scar: could not restart hung worker(s) %s", workers)
+        finally:
+            self.restarting.difference_update(workers)
+
     def _set_epoch(self, run: str, epoch: int | None, client: str | None = None) -> None:
         """From then on, refuse chunks of ``run`` from an older epoch. ``None``: the run
         ended; refuse all of its chunks, and let go of every one its driver's ``client``
@@ -467,6 +523,18 @@ def say_work(client: Client, run: str, seconds: float, most: int, valid_for: flo
     except Exception:  # noqa: BLE001
         logger.debug("could not tell the scheduler the work of run %s", run, exc_info=True)
         return True
+
+
+def restart_hung(client: Client, workers: set[str], after: float) -> dict[str, float] | None:
+    """Ask the scheduler to restart those of ``workers`` that have sent it no heartbeat
+    for ``after`` seconds (see :class:`ScarPlugin`); returns them, each with its
+    silence in seconds. None: the scheduler's plugin does not do it (an older
+    dask-scar). Raises nothing: a call that failed found none."""
+    try:
+        return client.sync(client.scheduler.scar_hung, workers=sorted(workers), after=after)
+    except Exception:  # noqa: BLE001
+        logger.debug("could not ask the scheduler for hung workers among %s", workers, exc_info=True)
+        return {}
 
 
 def set_epoch(client: Client, run: str, epoch: int | None) -> None:

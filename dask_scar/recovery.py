@@ -22,7 +22,10 @@ calls :func:`recover`, which
    back to the store and rewinds the iteration count to its last committed round.
 
 A failure during recovery starts the recovery again; with no worker left it waits
-``scar.recovery.wait-for-workers`` seconds for one.
+``scar.recovery.wait-for-workers`` seconds for one. A worker that the driver waits
+on and that stopped answering the scheduler (hung) is restarted after
+``scar.recovery.hung-worker`` (:meth:`ClusterWatch.restart_hung`), and recovered
+from as from any other loss.
 
 How much a recovery costs is estimated by :class:`Drift` from what the update
 tasks report every iteration (the norm of each chunk's step) and what the
@@ -47,7 +50,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-from dask.utils import format_bytes
+from dask.utils import format_bytes, parse_timedelta
 from distributed import Client, Future
 from distributed.client import _wait    # distributed.wait's own, on the given client
 
@@ -55,7 +58,7 @@ from . import config
 from .checkpoint import Trend
 from .chunks import ChunkId, ParameterChunks, place, release_keys, seen_versions
 from .exceptions import SchedulerLostError, ScarError, WorkerLostError
-from .plugin import CLUSTER_TOPIC, say_work, set_epoch, subscribe
+from .plugin import CLUSTER_TOPIC, restart_hung, say_work, set_epoch, subscribe
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +157,8 @@ class ClusterWatch:
         self._lock = threading.Lock()
         self.paused: set[str] = set()         # paused workers already warned about (driver thread only)
         self.retired: set[str] = set()        # removed workers whose removal was expected (retired)
+        self.hung: set[str] = set()           # hung workers already warned about (driver thread only)
+        self.hung_after = hung_after()        # None: never, or the scheduler's plugin restarts no hung worker
         self.close = subscribe(client, CLUSTER_TOPIC, self._on_event)
 
     def _on_event(self, event: tuple[float, dict]) -> None:
@@ -175,10 +180,43 @@ class ClusterWatch:
             times = [t for w, t in self.removed.items() if w in workers]
         return min(times) if times else None
 
+    def restart_hung(self, workers: set[str]) -> None:
+        """Have the scheduler restart those of ``workers`` that sent it no heartbeat for
+        ``scar.recovery.hung-worker`` (a stopped or deadlocked process, a frozen
+        machine), saying so once for each: their removal is then noticed like any
+        other. Asked once of a scheduler whose plugin does not do it."""
+        if self.hung_after is None or not workers:
+            return
+        hung = restart_hung(self.client, workers, self.hung_after)
+        if hung is None:
+            self.hung_after = None
+            return
+        new = {w: silent for w, silent in sorted(hung.items()) if w not in self.hung}
+        if new:
+            self.hung.update(new)
+            logger.warning("dask_scar: worker(s) %s sent the scheduler no heartbeat for %s s (scar.recovery."
+                           "hung-worker=%gs): removed, and restarted by its nanny where it has one",
+                           ", ".join(new), ", ".join(f"{s:.0f}" for s in new.values()), self.hung_after)
+
     def take_added(self) -> list[str]:
         with self._lock:
             added, self.added = self.added, []
         return added
+
+
+def hung_after() -> float | None:
+    """``scar.recovery.hung-worker`` in seconds; None where it is off (false, 0)."""
+    value = config.get("recovery.hung-worker")
+    if value is None or value is False or value == 0:
+        return None
+    try:
+        seconds = parse_timedelta(value) if not isinstance(value, bool) else None
+    except (ValueError, TypeError, KeyError, AttributeError):
+        seconds = None
+    if seconds is None or seconds <= 0:
+        raise ValueError(f"scar.recovery.hung-worker={value!r} is no duration: give one such as '60s' or 60 "
+                         "(seconds), or false to leave hung workers to Dask")
+    return float(seconds)
 
 
 def live_workers(client: Client) -> set[str]:
@@ -616,12 +654,13 @@ def wait_watching(futures: list[Future], watch: ClusterWatch, owners: Callable[[
             info = workers_info(client)
             if not owners() <= set(info):
                 raise Interrupted
+            watch.restart_hung(owners())
             stuck = warn_paused(info, owners(), watch.paused)
             if now - started > timeout:
                 raise ScarError(f"an iteration took longer than scar.iteration-timeout={timeout}s; "
                                 + (pause_advice(stuck) if stuck else
-                                   "is the cluster overloaded, or a worker hung? A hung (not dead) worker is "
-                                   "only removed after distributed.scheduler.worker-ttl (default 5 minutes)"))
+                                   "is the cluster overloaded, or a task hung on a worker that still answers the "
+                                   "scheduler? (One that does not is restarted after scar.recovery.hung-worker)"))
     for f in futures:
         if f.status == "cancelled":
             check_scheduler(client, hint)

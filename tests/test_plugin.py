@@ -1,10 +1,12 @@
 """ScarPlugin installed the three supported ways, on real schedulers; its turns, and its word to adaptive scaling."""
 
 import os
+import signal
 import threading
 import time
 
 import dask
+import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,8 +14,8 @@ from conftest import cli_cluster, new_cluster, wait_for
 from distributed import Client
 
 import dask_scar as scar
-from dask_scar.plugin import ensure_plugin
-from dask_scar.recovery import live_workers
+from dask_scar.plugin import ensure_plugin, restart_hung
+from dask_scar.recovery import ClusterWatch, live_workers
 
 
 def _has_plugin(client):
@@ -294,3 +296,62 @@ def test_a_turn_held_with_no_segment_running_goes_to_the_next_run(own_client, di
         assert not fit.is_alive(), "the fit still waits for the hung run's turn"
         assert len(outcome[0].history) == 30
         assert any("run hung-run has held the segment turn for" in r.getMessage() for r in caplog.records)
+
+
+
+def test_a_hung_worker_is_restarted_on_request(own_client):
+    """A SIGSTOPped worker sends no heartbeat, and Dask would remove it only after
+    distributed.scheduler.worker-ttl (5 minutes). Asked by a fit's driver, the plugin
+    removes it once it has been silent for scar.recovery.hung-worker (at least ten
+    heartbeats: 5 s here), and its nanny starts a new process. Switched off, nothing."""
+    client = own_client
+    ensure_plugin(client)
+    workers = live_workers(client)
+    healthy, victim = sorted(workers)
+    pid = client.run(os.getpid, workers=[victim])[victim]
+    with dask.config.set({"scar.recovery.hung-worker": False}):
+        off = ClusterWatch(client)
+    with dask.config.set({"scar.recovery.hung-worker": "1s"}):
+        watch = ClusterWatch(client)
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(2.5)
+        assert restart_hung(client, workers, 1.0) == {}      # silent for less than ten heartbeats
+        time.sleep(3.5)
+        off.restart_hung(workers)
+        assert victim in live_workers(client) and not off.hung
+        assert restart_hung(client, {healthy}, 1.0) == {}
+        watch.restart_hung(workers)
+        assert watch.hung == {victim}
+        wait_for(lambda: victim not in live_workers(client), timeout=10, what="the hung worker's removal")
+        wait_for(lambda: not _alive(pid), timeout=30, what="the nanny to kill the hung process")
+        wait_for(lambda: len(live_workers(client)) == 2, timeout=60, what="the nanny's new worker")
+        client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.handlers.pop("scar_hung") and None)
+        assert restart_hung(client, workers, 1.0) is None       # an older plugin's scheduler
+        watch.restart_hung(workers)
+        assert watch.hung_after is None         # asked once
+    finally:
+        watch.close()
+        off.close()
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("setting", ["soon", -5, True])
+def test_a_bad_hung_worker_setting_is_said_before_the_data_is_read(client, digits, setting):
+    with dask.config.set({"scar.recovery.hung-worker": setting}), \
+            pytest.raises(ValueError, match=f"scar.recovery.hung-worker={setting!r} is no duration: give one"):
+        scar.Trainer(client, scar.SoftmaxRegression()).fit(dd.from_pandas(digits, npartitions=2).map_partitions(
+            _never, meta=digits), target="label", max_iter=3, progress=False)
+
+
+def _never(part):
+    raise AssertionError("the data was read")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

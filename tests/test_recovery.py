@@ -983,6 +983,77 @@ def test_closing_the_client_during_a_fit_says_how_to_resume(tmp_path, digits):
     assert outcome["result"].n_iter == 30
 
 
+def fit_hung_midway(client, frame, max_iter: int = 1000):
+    """``fit(frame)`` in a thread, SIGSTOPping the second worker once iteration 50 was
+    sent, with scar.recovery.hung-worker at 3 s; returns the result, the victim and its pid
+    (SIGKILLed if the fit did not end)."""
+    victim = sorted(live_workers(client))[1]
+    pid = client.run(os.getpid, workers=[victim])[victim]
+    outcome, started = {}, time.time()
+    trainer = scar.Trainer(client, scar.SoftmaxRegression())
+    with dask.config.set({"scar.recovery.hung-worker": "3s", "scar.iteration-timeout": 60}):
+        thread = threading.Thread(target=lambda: outcome.update(
+            result=trainer.fit(frame, target="label", max_iter=max_iter, tol=0, progress=False)))
+        thread.start()
+        wait_for(lambda: any(t > started and event.get("iteration", 0) >= 50
+                             for t, event in client.get_events("scar-progress")), what="iteration 50")
+        os.kill(pid, signal.SIGSTOP)
+        thread.join(timeout=120)
+    if thread.is_alive() or "result" not in outcome:
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError("the fit did not get over the hung worker")
+    return outcome["result"], victim, pid
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_a_hung_worker_is_restarted_and_the_fit_goes_on(digits, caplog):
+    """A worker SIGSTOPped during a segment is not dead: Dask removes it only after
+    distributed.scheduler.worker-ttl (5 minutes), and until then the fit waits for it
+    (the code before failed at scar.iteration-timeout). After scar.recovery.hung-worker
+    without a heartbeat, the scheduler removes it and its nanny starts a new process; the
+    fit recovers as from a kill, and ends at the loss it would have reached."""
+    big = pd.concat([digits] * 20, ignore_index=True)
+    with new_cluster(2) as cluster, Client(cluster) as client, caplog.at_level(logging.WARNING, logger="dask_scar"):
+        result, victim, pid = fit_hung_midway(client, big)
+        wait_for(lambda: not _alive(pid), timeout=30, what="the nanny to kill the hung process")
+        wait_for(lambda: len(live_workers(client)) == 2, timeout=60, what="the nanny's new worker")
+    (event,) = result.events
+    assert event.worker == victim and result.n_iter == 1000
+    warned = [r.getMessage() for r in caplog.records if "no heartbeat" in r.getMessage()]
+    assert any(m.startswith(f"dask_scar: worker(s) {victim} sent the scheduler no heartbeat for ") for m in warned)
+    reference = scar.SoftmaxRegression()
+    _, losses = fit_local(reference, prepare_local(reference, big, "label"), max_iter=1000)
+    if event.lost_chunks or event.peer_chunks:   # from the store or an older copy: a few iterations
+        assert iteration_cost(result.history, pd.DataFrame({"loss": losses}), at=900) <= 10
+    else:                   # taken over from surviving copies: nothing was lost at all
+        np.testing.assert_allclose(result.history["loss"], losses, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_hung_worker_without_a_nanny_is_removed_and_leaves_when_it_wakes(tmp_path, digits):
+    """``dask worker --no-nanny``: the hung worker is removed (nothing can restart it),
+    the fit goes on with the other one, and the process, woken, closes instead of
+    training with its old state."""
+    big = pd.concat([digits] * 20, ignore_index=True)
+    with cli_cluster(tmp_path, 2) as (cluster, client):
+        result, victim, pid = fit_hung_midway(client, big)
+        live = live_workers(client)
+        assert len(live) == 1 and victim not in live
+        os.kill(pid, signal.SIGCONT)
+        process = next(p for p in cluster.workers if p.pid == pid)
+        assert process.wait(timeout=30) == 0
+    (event,) = result.events
+    assert event.worker == victim and result.n_iter == 1000
+
+
 def _pause(dask_worker, on=True):
     from distributed.core import Status
 
