@@ -13,10 +13,9 @@ and is scaled down to two after ``--after`` seconds: Dask rebuilds the removed w
 block on one survivor (``LocalCluster.scale`` closes the worker rather than retiring
 it), and the rows are spread over both again (with code before that, one survivor
 computed two thirds of them). With ``--hang`` the worker is SIGSTOPped instead of
-killed: it sends no heartbeat, the driver has the scheduler remove it after
-``scar.recovery.hung-worker`` (set to 5 s here, ten heartbeats), and its nanny kills it
-and starts a new one (with code before that, the fit waited for it until
-``scar.iteration-timeout``).
+killed: it sends no heartbeat, and after ``scar.recovery.hung-worker`` (set to 5 s
+here, ten heartbeats) its nanny kills it and starts a new one (with code before that,
+the fit waited for Dask's ``worker-ttl``, 5 to 10 minutes).
 Printed, from one fit's history: ms per iteration before the event, until the data
 moved, and after, with their ratios to the first.
 
@@ -32,6 +31,7 @@ import argparse
 import os
 import signal
 import threading
+import time
 
 import dask
 from bench_iteration import on_cluster
@@ -54,7 +54,7 @@ def main() -> None:
     event.add_argument("--shrink", action="store_true", help="start with three workers; scale down to two")
     event.add_argument("--hang", action="store_true", help="SIGSTOP the worker instead of SIGKILLing it")
     args = parser.parse_args()
-    with dask.config.set({**config.OWN_CLUSTER, "scar.recovery.hung-worker": "5s"}), \
+    with dask.config.set({**config.OWN_CLUSTER, **({"scar.recovery.hung-worker": "5s"} if args.hang else {})}), \
             LocalCluster(n_workers=1 if args.join else 3 if args.shrink else args.workers, threads_per_worker=1,
                          dashboard_address=":0", silence_logs=50) as cluster, \
             Client(cluster) as client:
@@ -62,13 +62,17 @@ def main() -> None:
         if args.join or args.shrink:
             event = threading.Timer(args.after, cluster.scale, (2,))
         else:
-            pids = client.run(os.getpid)
-            event = threading.Timer(args.after, os.kill,
-                                    (pids[sorted(pids)[1]], signal.SIGSTOP if args.hang else signal.SIGKILL))
+            pids, stopped = client.run(os.getpid), []
+
+            def stop():
+                stopped.append(time.time())
+                os.kill(pids[sorted(pids)[1]], signal.SIGSTOP if args.hang else signal.SIGKILL)
+            event = threading.Timer(args.after, stop)
         event.start()
         history = scar.Trainer(client, scar.SoftmaxRegression()).fit(
             frame, target="label", max_iter=args.iters, tol=0, progress=False).history
         event.cancel()
+        removed = [e["time"] for _, e in client.get_events("scar") if e.get("action") == "remove-worker"]
     # (rows that move before the first iteration: the partitions as Dask placed them)
     events = history[(history["event"] != "") & (history["iteration"] > 1)]
     if events.empty:
@@ -77,9 +81,8 @@ def main() -> None:
     # a joining worker shows in the history only once it is running: "before" ends when
     # it was asked for (the fit's first second or so read the data)
     before = int((history["seconds"].cumsum() < args.after - 1).sum()) if args.join else noticed - 1
-    held = history.loc[history["seconds"].idxmax()]      # the row that holds the wait for the hung worker
-    if args.hang:
-        before = min(before, int(held["iteration"]) - 1)
+    if args.hang:       # an interrupted segment's time is on its first row: the hang's wait is there
+        before = min(before, int(history.loc[history["seconds"].idxmax(), "iteration"]) - 1)
     if before < 21:
         raise SystemExit(f"fewer than 20 iterations came before the event (the data took long to read): "
                          f"raise --after (now {args.after} s)")
@@ -99,9 +102,8 @@ def main() -> None:
     for what, (value, n) in phases:
         if n:
             print(f"{what:32s} {value:7.1f} ms/it  ({n} iterations)  ratio {value / base:.2f}")
-    if args.hang:
-        print(f"the wait for the hung worker: {held['seconds']:.1f} s (the history's longest row, iteration "
-              f"{held['iteration']})")
+    if args.hang and removed:
+        print(f"the hung worker was removed {removed[0] - stopped[0]:.1f} s after its SIGSTOP")
     said = history[history["event"] != ""]
     for iteration, event in zip(said["iteration"], said["event"]):
         print(f"  iteration {iteration}: {event}")

@@ -42,7 +42,7 @@ from dask.utils import parse_timedelta
 from distributed import Client
 from distributed.active_memory_manager import ReduceReplicas
 from distributed.client import ClosedClientError
-from distributed.core import rpc
+from distributed.core import Status, rpc
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.metrics import time as heartbeat_clock
 from distributed.scheduler import heartbeat_interval
@@ -64,8 +64,10 @@ TURN_STALE_SECONDS = 30.0
 #: driver hung: a laptop gone to sleep, a stopped process, whose client is still
 #: connected), so that the other runs go on.
 TURN_IDLE_SECONDS = 30.0
-#: How long a hung worker's nanny may take to kill it (Dask's restart_workers waits as long).
-NANNY_KILL_SECONDS = 30.0
+#: How long a hung worker's nanny may take to answer and kill it before the worker is
+#: removed without it, and how long the process gets to stop before its SIGKILL.
+NANNY_KILL_SECONDS = 10.0
+NANNY_GRACE_SECONDS = 1.0
 ENDED_RUNS = 4096               # ended runs the plugin remembers, to refuse their late chunks
 
 
@@ -419,23 +421,20 @@ class ScarPlugin(SchedulerPlugin):
             return target
 
     def _restart_hung(self, workers: list[str], after: float) -> dict[str, float]:
-        """Remove each of ``workers`` that has sent no heartbeat for ``after`` seconds
-        (at least ten heartbeats, as Dask's ``worker-ttl``) and have its nanny start a
-        new process; one with no nanny is told to close, should it wake. Returns them,
-        each with how long it has been silent (those already going too). It does not
-        wait for the restarts."""
+        """Restart each of ``workers`` that has sent no heartbeat for ``after`` seconds
+        (at least ten heartbeats, as Dask's ``worker-ttl``): see :meth:`_restart`.
+        Returns them, each with how long it has been silent (those already restarting
+        too). It does not wait for the restarts."""
         try:
-            scheduler, now = self.scheduler, heartbeat_clock()
-            after = max(after, 10 * heartbeat_interval(len(scheduler.workers)))
-            hung = {w: now - ws.last_seen for w in workers
-                    if (ws := scheduler.workers.get(w)) is not None and now - ws.last_seen > after}
+            after = max(after, 10 * heartbeat_interval(len(self.scheduler.workers)))
+            hung = self._silent(workers, after)
             new = sorted(set(hung) - self.restarting)
             if new:
-                logger.warning("dask_scar: worker(s) %s sent no heartbeat for %s s (more than %g s), and a fit "
-                               "waits for them: removing them, and restarting those with a nanny", ", ".join(new),
-                               ", ".join(f"{hung[w]:.0f}" for w in new), after)
+                logger.warning("dask_scar: worker(s) %s sent no heartbeat for %s s (more than %.1f s), and a fit "
+                               "waits for them: restarting them", ", ".join(new),
+                               ", ".join(f"{hung[w]:.1f}" for w in new), after)
                 self.restarting.update(new)
-                task = asyncio.create_task(self._restart(new))
+                task = asyncio.create_task(self._restart(new, after))
                 self._restarts.add(task)
                 task.add_done_callback(self._restarts.discard)
             return hung
@@ -443,22 +442,42 @@ class ScarPlugin(SchedulerPlugin):
             logger.exception("dask_scar: could not look for hung workers among %s", workers)
             return {}
 
-    async def _restart(self, workers: list[str]) -> None:
-        """Remove ``workers`` (recovery starts at once), then have their nannies kill
-        their processes and start new ones (a hung process takes the nanny a few
-        seconds: SIGTERM, then SIGKILL)."""
+    def _silent(self, workers: list[str], after: float) -> dict[str, float]:
+        """Those of ``workers`` that have sent no heartbeat for ``after`` seconds, with how long."""
+        now = heartbeat_clock()
+        return {w: now - ws.last_seen for w in workers
+                if (ws := self.scheduler.workers.get(w)) is not None and now - ws.last_seen > after}
+
+    async def _restart(self, workers: list[str], after: float) -> None:
+        """As Dask's ``restart_workers``: the nannies of ``workers`` kill their processes
+        and start new ones (the scheduler removes a worker when its process is gone);
+        workers with no nanny, whose nanny does not answer (a machine that froze whole),
+        or that are being retired are removed, and told to close should they wake. A
+        hung process gets :data:`NANNY_GRACE_SECONDS` to stop before its SIGKILL (Dask's
+        restart waits 4 s). Those that sent a heartbeat meanwhile are left alone."""
         scheduler, stimulus_id = self.scheduler, f"scar-hung-worker-{time.time()}"
         try:
-            nannies = [ws.nanny for w in workers if (ws := scheduler.workers.get(w)) is not None and ws.nanny]
-            for worker in workers:
-                await scheduler.remove_worker(worker, stimulus_id=stimulus_id)
-            for nanny in nannies:
-                async with rpc(nanny, connection_args=scheduler.connection_args) as comm:
-                    await asyncio.wait_for(comm.kill(reason=stimulus_id), NANNY_KILL_SECONDS)
+            hung = sorted(self._silent(workers, after))
+            nannies = {w: ws.nanny for w in hung if (ws := scheduler.workers[w]).nanny
+                       and ws.status != Status.closing_gracefully}
+            answers = await asyncio.gather(*(self._kill(nanny, stimulus_id) for nanny in nannies.values()),
+                                           return_exceptions=True)
+            killed = {w for w, answer in zip(nannies, answers) if answer is None}
+            for worker, answer in zip(nannies, answers):
+                if answer is not None:
+                    logger.warning("dask_scar: the nanny of hung worker %s did not kill it (%r): removing it",
+                                   worker, answer)
+            for worker in hung:
+                if worker not in killed:
+                    await scheduler.remove_worker(worker, stimulus_id=stimulus_id)
         except Exception:  # noqa: BLE001
             logger.exception("dask_scar: could not restart hung worker(s) %s", workers)
         finally:
             self.restarting.difference_update(workers)
+
+    async def _kill(self, nanny: str, reason: str) -> None:
+        async with rpc(nanny, connection_args=self.scheduler.connection_args) as comm:
+            await asyncio.wait_for(comm.kill(timeout=NANNY_GRACE_SECONDS, reason=reason), NANNY_KILL_SECONDS)
 
     def _set_epoch(self, run: str, epoch: int | None, client: str | None = None) -> None:
         """From then on, refuse chunks of ``run`` from an older epoch. ``None``: the run

@@ -157,7 +157,7 @@ class ClusterWatch:
         self._lock = threading.Lock()
         self.paused: set[str] = set()         # paused workers already warned about (driver thread only)
         self.retired: set[str] = set()        # removed workers whose removal was expected (retired)
-        self.hung: set[str] = set()           # hung workers already warned about (driver thread only)
+        self.hung: set[str] = set()           # hung workers already warned about
         self.hung_after = hung_after()        # None: never, or the scheduler's plugin restarts no hung worker
         self.close = subscribe(client, CLUSTER_TOPIC, self._on_event)
 
@@ -172,6 +172,7 @@ class ClusterWatch:
                     self.added.remove(msg["worker"])
             elif msg.get("action") == "add-worker":
                 self.removed.pop(msg["worker"], None)
+                self.hung.discard(msg["worker"])      # (a new process at the same address)
                 self.added.append(msg["worker"])
 
     def noticed(self, workers: set[str]) -> float | None:
@@ -191,12 +192,13 @@ class ClusterWatch:
         if hung is None:
             self.hung_after = None
             return
-        new = {w: silent for w, silent in sorted(hung.items()) if w not in self.hung}
-        if new:
+        with self._lock:
+            new = {w: silent for w, silent in sorted(hung.items()) if w not in self.hung}
             self.hung.update(new)
+        if new:
             logger.warning("dask_scar: worker(s) %s sent the scheduler no heartbeat for %s s (scar.recovery."
-                           "hung-worker=%gs): removed, and restarted by its nanny where it has one",
-                           ", ".join(new), ", ".join(f"{s:.0f}" for s in new.values()), self.hung_after)
+                           "hung-worker=%gs): the scheduler restarts them", ", ".join(new),
+                           ", ".join(f"{s:.1f}" for s in new.values()), self.hung_after)
 
     def take_added(self) -> list[str]:
         with self._lock:
@@ -207,16 +209,16 @@ class ClusterWatch:
 def hung_after() -> float | None:
     """``scar.recovery.hung-worker`` in seconds; None where it is off (false, 0)."""
     value = config.get("recovery.hung-worker")
-    if value is None or value is False or value == 0:
+    if value is None or value is False:
         return None
     try:
         seconds = parse_timedelta(value) if not isinstance(value, bool) else None
     except (ValueError, TypeError, KeyError, AttributeError):
         seconds = None
-    if seconds is None or seconds <= 0:
+    if seconds is None or seconds < 0:
         raise ValueError(f"scar.recovery.hung-worker={value!r} is no duration: give one such as '60s' or 60 "
                          "(seconds), or false to leave hung workers to Dask")
-    return float(seconds)
+    return float(seconds) or None
 
 
 def live_workers(client: Client) -> set[str]:
@@ -251,6 +253,15 @@ def warn_paused(info: dict[str, dict], among: set[str], warned: set[str]) -> dic
         warned.update(new)
         logger.warning("dask_scar: %s", pause_advice(new))
     return now
+
+
+def hang_advice(hung_after: float | None) -> str:
+    if hung_after is None:
+        return ("is the cluster overloaded, or a worker hung? A hung (not dead) worker is only removed after "
+                "distributed.scheduler.worker-ttl (default 5 minutes), or after scar.recovery.hung-worker where "
+                "the scheduler's dask-scar plugin is as new as this one")
+    return (f"is the cluster overloaded, or a task hung on a worker that still sends heartbeats? (One that "
+            f"sent none for scar.recovery.hung-worker={hung_after:g}s would have been restarted)")
 
 
 def pause_advice(workers: dict[str, str]) -> str:
@@ -619,12 +630,15 @@ def wait_on(client: Client, futures: list[Future], timeout: float | None = None)
 
 
 def wait_watching(futures: list[Future], watch: ClusterWatch, owners: Callable[[], set[str]], timeout: float,
-                  hint: str, progress: Callable[[], bool] | None = None) -> None:
+                  hint: str, progress: Callable[[], bool] | None = None,
+                  others: Callable[[], set[str]] = set) -> None:
     """Wait until ``futures`` are done; raise :class:`Interrupted` as soon as one of
     ``owners()`` is removed or a future is cancelled (its input data died with a
     worker), :class:`SchedulerLostError` if the scheduler is gone, or the error of a
     task that failed. ``timeout`` counts from the start, or from the last time
-    ``progress()`` (asked between polls) said that work moved on.
+    ``progress()`` (asked between polls) said that work moved on. After 2 s, and every
+    2 s, hung workers among ``owners()`` and ``others()`` (the other workers the
+    futures run on) are restarted (:meth:`ClusterWatch.restart_hung`).
 
     ``distributed.wait`` with a short timeout, again and again: it lets go of the
     futures when it times out, where a done-callback would hold a future whose task
@@ -654,13 +668,11 @@ def wait_watching(futures: list[Future], watch: ClusterWatch, owners: Callable[[
             info = workers_info(client)
             if not owners() <= set(info):
                 raise Interrupted
-            watch.restart_hung(owners())
+            watch.restart_hung(owners() | others())
             stuck = warn_paused(info, owners(), watch.paused)
             if now - started > timeout:
                 raise ScarError(f"an iteration took longer than scar.iteration-timeout={timeout}s; "
-                                + (pause_advice(stuck) if stuck else
-                                   "is the cluster overloaded, or a task hung on a worker that still answers the "
-                                   "scheduler? (One that does not is restarted after scar.recovery.hung-worker)"))
+                                + (pause_advice(stuck) if stuck else hang_advice(watch.hung_after)))
     for f in futures:
         if f.status == "cancelled":
             check_scheduler(client, hint)

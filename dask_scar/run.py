@@ -107,7 +107,8 @@ class TrainingRun:
         return set(self.chunks.owner.values())
 
     def wait(self, futures: list[Future]) -> None:
-        wait_watching(futures, self.watch, self.owners, self.timeout, self.restore.hint)
+        wait_watching(futures, self.watch, self.owners, self.timeout, self.restore.hint,
+                      others=lambda: {w for w in self.training.workers if w is not None})
 
     def completed(self, futures: list[Future]) -> bool:
         """Wait for ``futures``; False if a worker holding chunks went meanwhile.

@@ -53,7 +53,8 @@ def own_client():
 class CliCluster:
     """``dask scheduler --preload dask_scar.preload`` and ``dask worker`` processes on 127.0.0.1.
 
-    Workers run without a nanny, so a killed worker stays dead until ``add_workers``.
+    Workers run without a nanny (unless asked), so a killed worker stays dead until
+    ``add_workers``.
     """
 
     def __init__(self, workdir: Path, preload: bool = True):
@@ -71,11 +72,13 @@ class CliCluster:
         self.workers: list[subprocess.Popen] = []
         wait_for(self.scheduler_file.exists, timeout=60, what="the scheduler file")
 
-    def add_workers(self, n: int) -> None:
+    def add_workers(self, n: int, nanny: bool = False) -> None:
+        """``n`` more workers; with ``nanny``, each is a nanny process that starts the
+        worker's process (and starts it again if it dies)."""
         for _ in range(n):
             self.workers.append(subprocess.Popen(
                 [self.dask, "worker", "--scheduler-file", str(self.scheduler_file), "--nthreads", "1",
-                 "--host", "127.0.0.1", "--dashboard-address", ":0", "--no-nanny"],
+                 "--host", "127.0.0.1", "--dashboard-address", ":0", "--nanny" if nanny else "--no-nanny"],
                 env=self.env, stdout=self.log, stderr=self.log))
 
     def close(self) -> None:
