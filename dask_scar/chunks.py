@@ -330,9 +330,10 @@ class ParameterChunks:
             for i, (worker, own) in enumerate(sorted(by_worker.items()))
         ]
 
-    def advance(self, version: int, ids: list[ChunkId] | None = None) -> list[Future]:
+    def advance(self, version: int, ids: list[ChunkId] | None = None, lost: set[ChunkId] = frozenset()) -> list[Future]:
         """Take hold of ``version`` of chunks ``ids`` (default: all, and the
-        iteration count moves to ``version``); returns the futures let go.
+        iteration count moves to ``version``); returns the futures let go. Those of
+        ``lost`` were never made: they are marked lost (see :meth:`lost`).
 
         The caller drops the returned futures when convenient: dropping them sends
         a release to the scheduler, which is best batched with the next graph.
@@ -344,11 +345,12 @@ class ParameterChunks:
             self.keys[cid] = self.key(cid, version)
             # The keys were registered for this client by the workers; "memory" marks the
             # futures finished without another round trip.
-            self.futures[cid] = Future(self.keys[cid], self.client, state="memory")
+            self.futures[cid] = Future(self.keys[cid], self.client, state="lost" if cid in lost else "memory")
         return old
 
     def lost(self) -> list[ChunkId]:
-        """Chunks whose only copy the scheduler reported lost (their worker died)."""
+        """Chunks whose only copy the scheduler reported lost (their worker died), or
+        that were never made (see :meth:`advance`)."""
         return [cid for cid, f in self.futures.items() if f.status in ("lost", "cancelled")]
 
     def gather(self, model: Model) -> dict[str, np.ndarray]:

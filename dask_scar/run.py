@@ -391,7 +391,9 @@ class TrainingRun:
         survivors = [w for w in workers if w in alive]
         run_on(self.client, segment.abort, chunks.run, chunks.epoch, workers=survivors)
         # their events are then here
-        _wait_done(self.client, [f for f, w in zip(futures, workers) if w in alive], self.timeout)
+        _wait_done(self.watch, [(f, w) for f, w in zip(futures, workers) if w in alive], self.timeout)
+        # (a hung one is gone now: its last iterations' news, a second behind, do not count)
+        survivors = [w for w in survivors if self.watch.noticed({w}) is None]
         reached: dict[str, int] = {}
         messages, self.early = self.early + _take_all(self.inbox), []
         for message in messages:
@@ -405,13 +407,18 @@ class TrainingRun:
         self.early = []
         if done >= k:
             self.show(done, self.rows[-1]["loss"])
-            mine = {cid: w for cid, w in chunks.owner.items() if w in alive}
+            mine = {cid: w for cid, w in chunks.owner.items() if w in survivors}
+            adopting = chunks.adopt(mine, done)      # (one task per worker, in their order)
             try:
-                wait_watching(chunks.adopt(mine, done), self.watch, lambda: set(mine.values()), self.timeout,
-                              self.restore.hint)
+                wait_watching(adopting, self.watch, lambda: set(mine.values()), self.timeout, self.restore.hint)
             except Interrupted:
                 pass        # another worker went: recovery sees it
-            chunks.advance(done)
+            except Exception:
+                if not any(f.status == "error" for f in adopting):
+                    raise
+            adopted = {w for f, w in zip(adopting, sorted(set(mine.values()))) if f.status == "finished"}
+            # a chunk whose adoption failed on a live worker is lost: recovery restores it
+            chunks.advance(done, lost={cid for cid, w in mine.items() if w not in adopted})
         return done
 
     def submit(self, k: int, after: iteration.IterationGraph | None, fuse: bool):
@@ -567,13 +574,22 @@ def _collect(inbox: queue.Queue, early: list[dict], ckpt: Checkpointer | None, i
     return loss, priorities, steps, stamp
 
 
-def _wait_done(client: Client, futures: list[Future], timeout: float) -> None:
-    """Wait until none of ``futures`` is pending (done, failed, or cancelled when
-    its input died with a worker), at most ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while any(f.status == "pending" for f in futures) and time.monotonic() < deadline:
+def _wait_done(watch: ClusterWatch, futures: list[tuple[Future, str]], timeout: float) -> None:
+    """Wait until none of ``futures`` (each with its worker) is pending (done, failed,
+    or cancelled when its input died with a worker) but those of removed workers, at
+    most ``timeout`` seconds. After 2 s, and every 2 s, their hung workers are
+    restarted (:meth:`ClusterWatch.restart_hung`)."""
+    started = last_look = time.monotonic()
+    while True:
+        pending = {w: f for f, w in futures if f.status == "pending" and watch.noticed({w}) is None}
+        now = time.monotonic()
+        if not pending or now - started > timeout:
+            return
+        if now - last_look > 2.0:
+            last_look = now
+            watch.restart_hung(set(pending))
         try:
-            wait_on(client, futures, timeout=POLL_SECONDS)
+            wait_on(watch.client, list(pending.values()), timeout=POLL_SECONDS)
         except (CancelledError, TimeoutError) as exc:
             exc.__traceback__ = None    # see TrainingRun.completed
 

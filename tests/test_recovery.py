@@ -983,18 +983,21 @@ def test_closing_the_client_during_a_fit_says_how_to_resume(tmp_path, digits):
     assert outcome["result"].n_iter == 30
 
 
-def fit_hung_midway(client, frame, pids: list[int], max_iter: int = 500):
-    """``fit(frame)`` in a thread, SIGSTOPping the processes ``pids`` once iteration 50
-    was sent, with scar.recovery.hung-worker at 3 s; returns the result (the processes
-    are SIGKILLed if the fit did not end)."""
+def fit_hung_midway(client, frame, pids: list[int], max_iter: int = 500, kill: list[int] = (), timeout: float = 60):
+    """``fit(frame)`` in a thread, SIGSTOPping the processes ``pids`` (and SIGKILLing
+    ``kill``) once iteration 50 was sent, with scar.recovery.hung-worker at 3 s and
+    scar.iteration-timeout at ``timeout``; returns the result (the processes are
+    SIGKILLed if the fit did not end in 120 s)."""
     outcome, started = {}, time.time()
     trainer = scar.Trainer(client, scar.SoftmaxRegression())
-    with dask.config.set({"scar.recovery.hung-worker": "3s", "scar.iteration-timeout": 60}):
+    with dask.config.set({"scar.recovery.hung-worker": "3s", "scar.iteration-timeout": timeout}):
         thread = threading.Thread(target=lambda: outcome.update(
             result=trainer.fit(frame, target="label", max_iter=max_iter, tol=0, progress=False)))
         thread.start()
         wait_for(lambda: any(t > started and event.get("iteration", 0) >= 50
                              for t, event in client.get_events("scar-progress")), what="iteration 50")
+        for pid in kill:
+            os.kill(pid, signal.SIGKILL)
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)
         thread.join(timeout=120)
@@ -1037,6 +1040,21 @@ def test_a_hung_worker_is_restarted_and_the_fit_goes_on(digits, caplog):
         assert iteration_cost(result.history, pd.DataFrame({"loss": losses}), at=400) <= 10
     else:                   # taken over from surviving copies: nothing was lost at all
         np.testing.assert_allclose(result.history["loss"], losses, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_worker_that_hangs_as_another_dies_is_restarted_while_the_segment_stops(digits):
+    """One worker of three SIGKILLed and another SIGSTOPped at once: stopping the
+    segment waits for the hung worker's task too (up to scar.iteration-timeout, 600 s,
+    with the code before), and restarts it after scar.recovery.hung-worker instead."""
+    big = pd.concat([digits] * 20, ignore_index=True)
+    with new_cluster(3) as cluster, Client(cluster) as client:
+        _, killed, hung = sorted(live_workers(client))
+        pids = client.run(os.getpid)
+        result = fit_hung_midway(client, big, [pids[hung]], kill=[pids[killed]], timeout=600)
+        wait_for(lambda: not _alive(pids[hung]), timeout=30, what="the nanny to kill the hung process")
+    assert result.n_iter == 500
+    assert sorted(w for e in result.events for w in e.worker.split(", ")) == sorted([killed, hung])
 
 
 @pytest.mark.slow
