@@ -457,18 +457,18 @@ class ScarPlugin(SchedulerPlugin):
         restart waits 4 s). Those that sent a heartbeat meanwhile are left alone."""
         scheduler, stimulus_id = self.scheduler, f"scar-hung-worker-{time.time()}"
         try:
-            hung = sorted(self._silent(workers, after))
-            nannies = {w: ws.nanny for w in hung if (ws := scheduler.workers[w]).nanny
-                       and ws.status != Status.closing_gracefully}
+            states = {w: scheduler.workers[w] for w in sorted(self._silent(workers, after))}
+            nannies = {w: ws.nanny for w, ws in states.items() if ws.nanny and ws.status != Status.closing_gracefully}
+            for worker in sorted(set(states) - set(nannies)):
+                await scheduler.remove_worker(worker, stimulus_id=stimulus_id)
             answers = await asyncio.gather(*(self._kill(nanny, stimulus_id) for nanny in nannies.values()),
                                            return_exceptions=True)
-            killed = {w for w, answer in zip(nannies, answers) if answer is None}
             for worker, answer in zip(nannies, answers):
-                if answer is not None:
+                # (the same worker, still silent: not one that woke, nor a new process at its address)
+                if answer is not None and scheduler.workers.get(worker) is states[worker] \
+                        and self._silent([worker], after):
                     logger.warning("dask_scar: the nanny of hung worker %s did not kill it (%r): removing it",
                                    worker, answer)
-            for worker in hung:
-                if worker not in killed:
                     await scheduler.remove_worker(worker, stimulus_id=stimulus_id)
         except Exception:  # noqa: BLE001
             logger.exception("dask_scar: could not restart hung worker(s) %s", workers)

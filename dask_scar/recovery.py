@@ -44,7 +44,7 @@ import sys
 import threading
 import time
 from array import array
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 from typing import Callable
@@ -158,6 +158,7 @@ class ClusterWatch:
         self.paused: set[str] = set()         # paused workers already warned about (driver thread only)
         self.retired: set[str] = set()        # removed workers whose removal was expected (retired)
         self.hung: set[str] = set()           # hung workers already warned about
+        self.removals: Counter = Counter()    # worker address -> removals heard (a new process may take it)
         self.hung_after = hung_after()        # None: never, or the scheduler's plugin restarts no hung worker
         self.close = subscribe(client, CLUSTER_TOPIC, self._on_event)
 
@@ -166,6 +167,7 @@ class ClusterWatch:
         with self._lock:
             if msg.get("action") == "remove-worker":
                 self.removed.setdefault(msg["worker"], time.time())
+                self.removals[msg["worker"]] += 1
                 if msg.get("expected"):
                     self.retired.add(msg["worker"])
                 if msg["worker"] in self.added:
@@ -199,6 +201,11 @@ class ClusterWatch:
             logger.warning("dask_scar: worker(s) %s sent the scheduler no heartbeat for %s s (scar.recovery."
                            "hung-worker=%gs): the scheduler restarts them", ", ".join(new),
                            ", ".join(f"{s:.1f}" for s in new.values()), self.hung_after)
+
+    def removals_now(self) -> Counter:
+        """How many times each worker address was removed, so far."""
+        with self._lock:
+            return self.removals.copy()
 
     def take_added(self) -> list[str]:
         with self._lock:

@@ -7,6 +7,7 @@ import logging
 import math
 import queue
 import time
+from collections import Counter
 from concurrent.futures import CancelledError
 from typing import Callable
 
@@ -391,9 +392,11 @@ class TrainingRun:
         survivors = [w for w in workers if w in alive]
         run_on(self.client, segment.abort, chunks.run, chunks.epoch, workers=survivors)
         # their events are then here
-        _wait_done(self.watch, [(f, w) for f, w in zip(futures, workers) if w in alive], self.timeout)
-        # (a hung one is gone now: its last iterations' news, a second behind, do not count)
-        survivors = [w for w in survivors if self.watch.noticed({w}) is None]
+        removals = self.watch.removals_now()
+        _wait_done(self.watch, [(f, w) for f, w in zip(futures, workers) if w in alive], self.timeout, removals)
+        # (a hung one is gone now, even if a new process took its address: its last
+        # iterations' news, a second behind, do not count)
+        survivors = [w for w in survivors if self.watch.removals[w] == removals[w]]
         reached: dict[str, int] = {}
         messages, self.early = self.early + _take_all(self.inbox), []
         for message in messages:
@@ -413,12 +416,14 @@ class TrainingRun:
                 wait_watching(adopting, self.watch, lambda: set(mine.values()), self.timeout, self.restore.hint)
             except Interrupted:
                 pass        # another worker went: recovery sees it
-            except Exception:
-                if not any(f.status == "error" for f in adopting):
+            except Exception as exc:    # an adoption failed (its worker had no copy that new)
+                if isinstance(exc, ScarError) or not any(f.status == "error" for f in adopting):
                     raise
+                exc.__traceback__ = None    # see completed()
             adopted = {w for f, w in zip(adopting, sorted(set(mine.values()))) if f.status == "finished"}
-            # a chunk whose adoption failed on a live worker is lost: recovery restores it
-            chunks.advance(done, lost={cid for cid, w in mine.items() if w not in adopted})
+            # the chunks not adopted were never made: marked lost, recovery restores them
+            # (were their owner's address taken by a new process, they would look held)
+            chunks.advance(done, lost={cid for cid, w in chunks.owner.items() if w not in adopted})
         return done
 
     def submit(self, k: int, after: iteration.IterationGraph | None, fuse: bool):
@@ -574,14 +579,15 @@ def _collect(inbox: queue.Queue, early: list[dict], ckpt: Checkpointer | None, i
     return loss, priorities, steps, stamp
 
 
-def _wait_done(watch: ClusterWatch, futures: list[tuple[Future, str]], timeout: float) -> None:
+def _wait_done(watch: ClusterWatch, futures: list[tuple[Future, str]], timeout: float,
+               removals: Counter) -> None:
     """Wait until none of ``futures`` (each with its worker) is pending (done, failed,
-    or cancelled when its input died with a worker) but those of removed workers, at
-    most ``timeout`` seconds. After 2 s, and every 2 s, their hung workers are
-    restarted (:meth:`ClusterWatch.restart_hung`)."""
+    or cancelled when its input died with a worker) but those of workers removed since
+    ``removals`` (:attr:`ClusterWatch.removals`), at most ``timeout`` seconds. After 2 s,
+    and every 2 s, their hung workers are restarted (:meth:`ClusterWatch.restart_hung`)."""
     started = last_look = time.monotonic()
     while True:
-        pending = {w: f for f, w in futures if f.status == "pending" and watch.noticed({w}) is None}
+        pending = {w: f for f, w in futures if f.status == "pending" and watch.removals[w] == removals[w]}
         now = time.monotonic()
         if not pending or now - started > timeout:
             return
