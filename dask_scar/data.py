@@ -27,11 +27,11 @@ from .exceptions import DataError
 from .models import ColumnSummary, DataSummary, Model
 from .models._base import (LOCAL_STATE, is_column_name, numeric, require_columns, require_numeric,
                            require_unique)
-from .recovery import live_or_wait, wait_on, warn_paused, workers_info
+from .recovery import hung_after, live_or_wait, restart_hung_workers, wait_on, warn_paused, workers_info
 
 logger = logging.getLogger(__name__)
 
-PAUSE_LOOK_SECONDS = 5.0    # while the data is read, how often to look for workers Dask paused
+PAUSE_LOOK_SECONDS = 5.0    # while the data is read, how often to look for paused and hung workers
 
 
 @dataclass
@@ -374,8 +374,8 @@ def prepare(client: Client, model: Model, data: Any, target: str | None,
     blocks: list[Future] = []
     rows: list[int] = []
     try:
-        warned: set[str] = set()
-        while True:     # however long it takes to read, but a paused worker is said
+        warned, hung, after = set(), set(), hung_after()
+        while True:     # however long it takes to read, but paused workers are said, hung ones restarted
             try:
                 wait_on(client, converted, timeout=PAUSE_LOOK_SECONDS)
                 break
@@ -385,6 +385,8 @@ def prepare(client: Client, model: Model, data: Any, target: str | None,
                 exc.__traceback__ = None
                 info = workers_info(client)
                 warn_paused(info, set(info), warned)
+                if after is not None and not restart_hung_workers(client, set(info), after, hung):
+                    after = None
         failed = [f for f in converted if f.status == "error"]
         if failed:
             failed[0].result()  # raises the partition's error

@@ -157,7 +157,7 @@ class ClusterWatch:
         self._lock = threading.Lock()
         self.paused: set[str] = set()         # paused workers already warned about (driver thread only)
         self.retired: set[str] = set()        # removed workers whose removal was expected (retired)
-        self.hung: set[str] = set()           # hung workers already warned about
+        self.hung: set[str] = set()           # hung workers already warned about (a new process goes)
         self.removals: Counter = Counter()    # worker address -> removals heard (a new process may take it)
         self.hung_after = hung_after()        # None: never, or the scheduler's plugin restarts no hung worker
         self.close = subscribe(client, CLUSTER_TOPIC, self._on_event)
@@ -174,7 +174,7 @@ class ClusterWatch:
                     self.added.remove(msg["worker"])
             elif msg.get("action") == "add-worker":
                 self.removed.pop(msg["worker"], None)
-                self.hung.discard(msg["worker"])      # (a new process at the same address)
+                self.hung.discard(msg["worker"])
                 self.added.append(msg["worker"])
 
     def noticed(self, workers: set[str]) -> float | None:
@@ -185,22 +185,12 @@ class ClusterWatch:
 
     def restart_hung(self, workers: set[str]) -> None:
         """Have the scheduler restart those of ``workers`` that sent it no heartbeat for
-        ``scar.recovery.hung-worker`` (a stopped or deadlocked process, a frozen
-        machine), saying so once for each: their removal is then noticed like any
-        other. Asked once of a scheduler whose plugin does not do it."""
-        if self.hung_after is None or not workers:
-            return
-        hung = restart_hung(self.client, workers, self.hung_after)
-        if hung is None:
+        ``scar.recovery.hung-worker`` (see :func:`restart_hung_workers`): their removal
+        is then noticed like any other. Asked once of a scheduler whose plugin does not
+        do it."""
+        if self.hung_after is not None and workers and \
+                not restart_hung_workers(self.client, workers, self.hung_after, self.hung):
             self.hung_after = None
-            return
-        with self._lock:
-            new = {w: silent for w, silent in sorted(hung.items()) if w not in self.hung}
-            self.hung.update(new)
-        if new:
-            logger.warning("dask_scar: worker(s) %s sent the scheduler no heartbeat for %s s (scar.recovery."
-                           "hung-worker=%gs): the scheduler restarts them", ", ".join(new),
-                           ", ".join(f"{s:.1f}" for s in new.values()), self.hung_after)
 
     def removals_now(self) -> Counter:
         """How many times each worker address was removed, so far."""
@@ -211,6 +201,23 @@ class ClusterWatch:
         with self._lock:
             added, self.added = self.added, []
         return added
+
+
+def restart_hung_workers(client: Client, workers: set[str], after: float, warned: set[str]) -> bool:
+    """Have the scheduler restart those of ``workers`` that sent it no heartbeat for
+    ``after`` seconds (a stopped or deadlocked process, a frozen machine), saying so
+    once for each (``warned`` gains them). False: the scheduler's plugin does not do
+    it (an older dask-scar)."""
+    hung = restart_hung(client, workers, after)
+    if hung is None:
+        return False
+    new = {w: silent for w, silent in sorted(hung.items()) if w not in warned}
+    warned.update(new)
+    if new:
+        logger.warning("dask_scar: worker(s) %s sent the scheduler no heartbeat for %s s (scar.recovery."
+                       "hung-worker=%gs): the scheduler restarts them", ", ".join(new),
+                       ", ".join(f"{s:.1f}" for s in new.values()), after)
+    return True
 
 
 def hung_after() -> float | None:

@@ -103,6 +103,15 @@ def cli_cluster(workdir: Path, n_workers: int, preload: bool = True):
         cluster.close()
 
 
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def kill_worker(client: Client, address: str) -> int:
     """SIGKILL the process of the worker at ``address``; returns its pid."""
     pid = client.run(os.getpid, workers=[address])[address]

@@ -10,7 +10,7 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import cli_cluster, new_cluster, wait_for
+from conftest import alive, cli_cluster, new_cluster, wait_for
 from distributed import Client
 
 import dask_scar as scar
@@ -134,7 +134,7 @@ def test_subscribing_while_events_of_another_topic_arrive_does_not_hang(client):
         thread = threading.Thread(target=subscribe_many, daemon=True)
         thread.start()
         thread.join(60)
-        assert not thread.is_alive()
+        assert not thread.isalive()
     finally:
         client.run_on_scheduler(_stop_publishing)
         stop_x()
@@ -293,7 +293,7 @@ def test_a_turn_held_with_no_segment_running_goes_to_the_next_run(own_client, di
         with caplog.at_level("WARNING", logger="dask_scar"):
             fit.start()
             fit.join(60)
-        assert not fit.is_alive(), "the fit still waits for the hung run's turn"
+        assert not fit.isalive(), "the fit still waits for the hung run's turn"
         assert len(outcome[0].history) == 30
         assert any("run hung-run has held the segment turn for" in r.getMessage() for r in caplog.records)
 
@@ -324,7 +324,7 @@ def test_a_hung_worker_is_restarted_on_request(own_client):
         watch.restart_hung(workers)
         assert watch.hung == {victim}
         wait_for(lambda: victim not in live_workers(client), timeout=10, what="the hung worker's removal")
-        wait_for(lambda: not _alive(pid), timeout=30, what="the nanny to kill the hung process")
+        wait_for(lambda: not alive(pid), timeout=30, what="the nanny to kill the hung process")
         wait_for(lambda: len(live_workers(client)) == 2, timeout=60, what="the nanny's new worker")
         client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.handlers.pop("scar_hung") and None)
         assert restart_hung(client, workers, 1.0) is None       # an older plugin's scheduler
@@ -333,7 +333,7 @@ def test_a_hung_worker_is_restarted_on_request(own_client):
     finally:
         watch.close()
         off.close()
-        if _alive(pid):
+        if alive(pid):
             os.kill(pid, signal.SIGKILL)
 
 
@@ -347,11 +347,3 @@ def test_a_bad_hung_worker_setting_is_said_before_the_data_is_read(client, digit
 
 def _never(part):
     raise AssertionError("the data was read")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True

@@ -18,7 +18,7 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import cli_cluster, kill_worker, new_cluster, wait_for
+from conftest import alive, cli_cluster, kill_worker, new_cluster, wait_for
 from distributed import Client, Event
 from distributed.diagnostics.plugin import WorkerPlugin
 
@@ -273,7 +273,7 @@ def fit_killed_midway(client, trainer, frame, version: int, max_iter: int = 60, 
                          for t, event in client.get_events("scar-progress")), what=f"iteration {iteration}")
     kill_worker(client, victim)
     thread.join(timeout=120)
-    assert not thread.is_alive(), "fit() hung after a worker was killed"
+    assert not thread.isalive(), "fit() hung after a worker was killed"
     return outcome["result"], victim
 
 
@@ -895,7 +895,7 @@ def test_a_restart_during_training_is_said_and_not_recovered(digits, caplog):
             for ts in dask_scheduler.tasks.values())), what="a segment to run")
         client.restart()
         thread.join(timeout=60)
-    assert not thread.is_alive() and type(outcome["error"]) is scar.ScarError, outcome
+    assert not thread.isalive() and type(outcome["error"]) is scar.ScarError, outcome
     assert str(outcome["error"]) == ("Dask cancelled the fit's tasks (2 of the fit's 2 data blocks cancelled): "
                                      "was the cluster restarted (client.restart())? Start the fit again")
     assert not [r for r in caplog.records if "lost at iteration" in r.getMessage()]
@@ -1001,19 +1001,11 @@ def fit_hung_midway(client, frame, pids: list[int], max_iter: int = 500, kill: l
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)
         thread.join(timeout=120)
-    if thread.is_alive() or "result" not in outcome:
+    if thread.isalive() or "result" not in outcome:
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
         raise AssertionError("the fit did not get over the hung worker(s)")
     return outcome["result"]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @pytest.mark.slow
@@ -1028,7 +1020,7 @@ def test_a_hung_worker_is_restarted_and_the_fit_goes_on(digits, caplog):
         victim = sorted(live_workers(client))[1]
         pid = client.run(os.getpid, workers=[victim])[victim]
         result = fit_hung_midway(client, big, [pid])
-        wait_for(lambda: not _alive(pid), timeout=30, what="the nanny to kill the hung process")
+        wait_for(lambda: not alive(pid), timeout=30, what="the nanny to kill the hung process")
         wait_for(lambda: len(live_workers(client)) == 2, timeout=60, what="the nanny's new worker")
     (event,) = result.events
     assert event.worker == victim and result.n_iter == 500
@@ -1052,7 +1044,7 @@ def test_a_worker_that_hangs_as_another_dies_is_restarted_while_the_segment_stop
         _, killed, hung = sorted(live_workers(client))
         pids = client.run(os.getpid)
         result = fit_hung_midway(client, big, [pids[hung]], kill=[pids[killed]], timeout=600)
-        wait_for(lambda: not _alive(pids[hung]), timeout=30, what="the nanny to kill the hung process")
+        wait_for(lambda: not alive(pids[hung]), timeout=30, what="the nanny to kill the hung process")
     assert result.n_iter == 500
     assert sorted(w for e in result.events for w in e.worker.split(", ")) == sorted([killed, hung])
 
@@ -1070,10 +1062,10 @@ def test_a_hung_worker_that_owns_no_chunk_is_restarted_too(digits):
                 result = scar.Trainer(client, scar.SoftmaxRegression(), n_chunks=1).fit(
                     big, target="label", max_iter=60, tol=0, progress=False,
                     callback=once_at(20, lambda: os.kill(pid, signal.SIGSTOP)))
-            wait_for(lambda: not _alive(pid), timeout=30, what="the nanny to kill the hung process")
+            wait_for(lambda: not alive(pid), timeout=30, what="the nanny to kill the hung process")
             assert victim not in live_workers(client)
         finally:
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
     assert result.n_iter == 60 and not result.events       # no chunk was lost; Dask rebuilt its rows
 
@@ -1136,7 +1128,7 @@ def test_a_paused_worker_is_named_with_its_memory(digits, caplog):
             client.run(_pause, workers=[victim])
             thread.join(timeout=120)
         client.run(_pause, on=False, workers=[victim])
-    assert not thread.is_alive() and "result" not in outcome
+    assert not thread.isalive() and "result" not in outcome
     message = str(outcome["error"])
     assert message.startswith("an iteration took longer than scar.iteration-timeout=8s; worker(s) "
                               f"{victim} (") and "paused by Dask, at distributed.worker.memory.pause" in message
@@ -1167,6 +1159,31 @@ def _fit_outcome(client, frame, **fit):
 
 
 @pytest.mark.slow
+def test_a_worker_that_hangs_while_the_data_is_read_is_restarted(digits):
+    """The read waits for every partition: a worker SIGSTOPped while it makes one is
+    restarted after scar.recovery.hung-worker, Dask makes the partition again, and the
+    fit goes on (the code before waited for Dask's worker-ttl, 5 minutes)."""
+    with new_cluster(2) as cluster, Client(cluster) as client:
+        pids = client.run(os.getpid)
+        outcome = {}
+
+        def fit():
+            outcome["result"] = scar.Trainer(client, scar.SoftmaxRegression()).fit(
+                _slow_frame(digits, 4), target="label", max_iter=5, progress=False)
+        with dask.config.set({"scar.recovery.hung-worker": "3s"}):
+            thread = threading.Thread(target=fit)
+            thread.start()
+            busy = wait_for(lambda: client.run_on_scheduler(lambda dask_scheduler: sorted(
+                ws.address for ws in dask_scheduler.workers.values() if ws.processing)), what="the data's tasks to run")
+            os.kill(pids[busy[0]], signal.SIGSTOP)
+            thread.join(timeout=90)
+        if thread.is_alive():
+            os.kill(pids[busy[0]], signal.SIGKILL)
+        assert not thread.is_alive() and len(outcome["result"].history) == 5
+        wait_for(lambda: not alive(pids[busy[0]]), timeout=30, what="the nanny to kill the hung process")
+
+
+@pytest.mark.slow
 def test_the_cluster_going_while_the_data_is_read_is_said(tmp_path, digits):
     """The scheduler lost, or the cluster restarted, while the data was read: the
     same errors as later in a fit, not Dask's FuturesCancelledError."""
@@ -1174,12 +1191,12 @@ def test_the_cluster_going_while_the_data_is_read_is_said(tmp_path, digits):
         thread, outcome = _fit_outcome(client, _slow_frame(digits, 5))
         cluster.scheduler.kill()
         thread.join(timeout=60)
-    assert not thread.is_alive() and isinstance(outcome["error"], scar.SchedulerLostError), outcome
+    assert not thread.isalive() and isinstance(outcome["error"], scar.SchedulerLostError), outcome
     assert str(outcome["error"]).startswith("lost the connection to the scheduler")
     with new_cluster(2) as cluster, Client(cluster) as client:
         thread, outcome = _fit_outcome(client, _slow_frame(digits, 5))
         client.restart()
         thread.join(timeout=60)
-    assert not thread.is_alive() and type(outcome["error"]) is scar.ScarError, outcome
+    assert not thread.isalive() and type(outcome["error"]) is scar.ScarError, outcome
     assert str(outcome["error"]).startswith("Dask cancelled the fit's tasks (") and str(outcome["error"]).endswith(
         "was the cluster restarted (client.restart())? Start the fit again")
