@@ -353,12 +353,15 @@ class ParameterChunks:
         that were never made (see :meth:`advance`)."""
         return [cid for cid, f in self.futures.items() if f.status in ("lost", "cancelled")]
 
-    def gather(self, model: Model) -> dict[str, np.ndarray]:
+    def gather(self, model: Model, wait: Callable[[list[Future]], None] | None = None) -> dict[str, np.ndarray]:
         """The full fitted parameters as NumPy arrays (``model.fitted_value`` of each
-        chunk, taken on its worker: optimizer slots stay there)."""
+        chunk, taken on its worker: optimizer slots stay there); ``wait(futures)``
+        first, where given."""
         ids = list(self.futures)
-        values = self.client.gather(self.client.map(_fitted_value, [self.futures[c] for c in ids], model=model,
-                                                    pure=False))
+        futures = self.client.map(_fitted_value, [self.futures[c] for c in ids], model=model, pure=False)
+        if wait is not None:
+            wait(futures)
+        values = self.client.gather(futures)
         host = {cid: Chunk(cid, {"value": v}, self.version) for cid, v in zip(ids, values)}
         return assemble(host, tuple(dict.fromkeys(c.name for c in self.ids)), np)
 

@@ -504,12 +504,17 @@ class TrainingRun:
     def drain(self, until: Callable[[], bool]) -> None:
         """Take the checkpoint writers' reports in until ``until()``. Stops early when
         a worker holding chunks is lost (its writer will never report: the recovery
-        abandons its rounds); gives up on rounds silent for ``scar.iteration-timeout``."""
+        abandons its rounds), and has hung ones restarted; gives up on rounds silent
+        for ``scar.iteration-timeout``."""
         ckpt, deadline = self.ckpt, time.monotonic() + self.timeout
+        last_look = time.monotonic()
         while not until() and self.watch.noticed(self.owners()) is None:
             try:
                 self.keep(self.inbox.get(timeout=POLL_SECONDS))
             except queue.Empty:
+                if time.monotonic() - last_look > 2.0:     # a writer's worker may be hung
+                    last_look = time.monotonic()
+                    self.watch.restart_hung(self.owners())
                 if time.monotonic() > deadline:
                     ckpt.abandon(f"no report from the checkpoint writers within "
                                  f"scar.iteration-timeout={self.timeout}s")
@@ -526,9 +531,10 @@ class TrainingRun:
             self.early.append(message)
 
     def gather(self) -> dict[str, np.ndarray] | None:
+        """The fitted parameters; None if a worker holding chunks went meanwhile."""
         try:
-            return self.chunks.gather(self.model)
-        except CancelledError as exc:
+            return self.chunks.gather(self.model, wait=self.wait)
+        except (CancelledError, Interrupted) as exc:
             exc.__traceback__ = None    # see completed()
             return None
 

@@ -1184,6 +1184,40 @@ def test_a_worker_that_hangs_while_the_data_is_read_is_restarted(digits):
 
 
 @pytest.mark.slow
+def test_a_worker_that_hangs_as_the_parameters_are_gathered_is_restarted(digits, monkeypatch):
+    """The last checkpoint round and the gathering of the parameters wait for the
+    chunks' owners too: a worker SIGSTOPped as the fit finishes is restarted, its
+    chunks recovered, and the fit returns (the code before waited for Dask's
+    worker-ttl, 5 minutes)."""
+    from dask_scar.run import TrainingRun
+
+    finish, stopped = TrainingRun.finish, []
+
+    def stop_then_finish(self):
+        if not stopped:
+            stopped.append(pid)
+            os.kill(pid, signal.SIGSTOP)
+        return finish(self)
+
+    monkeypatch.setattr(TrainingRun, "finish", stop_then_finish)
+    with new_cluster(2) as cluster, Client(cluster) as client:
+        victim = sorted(live_workers(client))[1]
+        pid = client.run(os.getpid, workers=[victim])[victim]
+        outcome = {}
+        with dask.config.set({"scar.recovery.hung-worker": "3s"}):
+            thread = threading.Thread(target=lambda: outcome.update(result=scar.Trainer(
+                client, scar.SoftmaxRegression(), n_chunks=4).fit(digits, target="label", max_iter=30, progress=False)))
+            thread.start()
+            thread.join(timeout=90)
+        if thread.is_alive():
+            os.kill(pid, signal.SIGKILL)
+        assert stopped and not thread.is_alive()
+        result = outcome["result"]
+        assert result.n_iter == 30 and [e.worker for e in result.events] == [victim]
+        wait_for(lambda: not alive(pid), timeout=30, what="the nanny to kill the hung process")
+
+
+@pytest.mark.slow
 def test_the_cluster_going_while_the_data_is_read_is_said(tmp_path, digits):
     """The scheduler lost, or the cluster restarted, while the data was read: the
     same errors as later in a fit, not Dask's FuturesCancelledError."""
