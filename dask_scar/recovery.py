@@ -157,7 +157,7 @@ class ClusterWatch:
         self._lock = threading.Lock()
         self.paused: set[str] = set()         # paused workers already warned about (driver thread only)
         self.retired: set[str] = set()        # removed workers whose removal was expected (retired)
-        self.hung: set[str] = set()           # hung workers already warned about (a new process goes)
+        self.hung: set[str] = set()           # hung workers already warned about (until one joins again)
         self.removals: Counter = Counter()    # worker address -> removals heard (a new process may take it)
         self.hung_after = hung_after()        # None: never, or the scheduler's plugin restarts no hung worker
         self.close = subscribe(client, CLUSTER_TOPIC, self._on_event)
