@@ -134,7 +134,7 @@ def test_subscribing_while_events_of_another_topic_arrive_does_not_hang(client):
         thread = threading.Thread(target=subscribe_many, daemon=True)
         thread.start()
         thread.join(60)
-        assert not thread.isalive()
+        assert not thread.is_alive()
     finally:
         client.run_on_scheduler(_stop_publishing)
         stop_x()
@@ -293,7 +293,7 @@ def test_a_turn_held_with_no_segment_running_goes_to_the_next_run(own_client, di
         with caplog.at_level("WARNING", logger="dask_scar"):
             fit.start()
             fit.join(60)
-        assert not fit.isalive(), "the fit still waits for the hung run's turn"
+        assert not fit.is_alive(), "the fit still waits for the hung run's turn"
         assert len(outcome[0].history) == 30
         assert any("run hung-run has held the segment turn for" in r.getMessage() for r in caplog.records)
 

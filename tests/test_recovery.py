@@ -273,7 +273,7 @@ def fit_killed_midway(client, trainer, frame, version: int, max_iter: int = 60, 
                          for t, event in client.get_events("scar-progress")), what=f"iteration {iteration}")
     kill_worker(client, victim)
     thread.join(timeout=120)
-    assert not thread.isalive(), "fit() hung after a worker was killed"
+    assert not thread.is_alive(), "fit() hung after a worker was killed"
     return outcome["result"], victim
 
 
@@ -895,7 +895,7 @@ def test_a_restart_during_training_is_said_and_not_recovered(digits, caplog):
             for ts in dask_scheduler.tasks.values())), what="a segment to run")
         client.restart()
         thread.join(timeout=60)
-    assert not thread.isalive() and type(outcome["error"]) is scar.ScarError, outcome
+    assert not thread.is_alive() and type(outcome["error"]) is scar.ScarError, outcome
     assert str(outcome["error"]) == ("Dask cancelled the fit's tasks (2 of the fit's 2 data blocks cancelled): "
                                      "was the cluster restarted (client.restart())? Start the fit again")
     assert not [r for r in caplog.records if "lost at iteration" in r.getMessage()]
@@ -1001,7 +1001,7 @@ def fit_hung_midway(client, frame, pids: list[int], max_iter: int = 500, kill: l
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)
         thread.join(timeout=120)
-    if thread.isalive() or "result" not in outcome:
+    if thread.is_alive() or "result" not in outcome:
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
         raise AssertionError("the fit did not get over the hung worker(s)")
@@ -1128,7 +1128,7 @@ def test_a_paused_worker_is_named_with_its_memory(digits, caplog):
             client.run(_pause, workers=[victim])
             thread.join(timeout=120)
         client.run(_pause, on=False, workers=[victim])
-    assert not thread.isalive() and "result" not in outcome
+    assert not thread.is_alive() and "result" not in outcome
     message = str(outcome["error"])
     assert message.startswith("an iteration took longer than scar.iteration-timeout=8s; worker(s) "
                               f"{victim} (") and "paused by Dask, at distributed.worker.memory.pause" in message
@@ -1225,12 +1225,12 @@ def test_the_cluster_going_while_the_data_is_read_is_said(tmp_path, digits):
         thread, outcome = _fit_outcome(client, _slow_frame(digits, 5))
         cluster.scheduler.kill()
         thread.join(timeout=60)
-    assert not thread.isalive() and isinstance(outcome["error"], scar.SchedulerLostError), outcome
+    assert not thread.is_alive() and isinstance(outcome["error"], scar.SchedulerLostError), outcome
     assert str(outcome["error"]).startswith("lost the connection to the scheduler")
     with new_cluster(2) as cluster, Client(cluster) as client:
         thread, outcome = _fit_outcome(client, _slow_frame(digits, 5))
         client.restart()
         thread.join(timeout=60)
-    assert not thread.isalive() and type(outcome["error"]) is scar.ScarError, outcome
+    assert not thread.is_alive() and type(outcome["error"]) is scar.ScarError, outcome
     assert str(outcome["error"]).startswith("Dask cancelled the fit's tasks (") and str(outcome["error"]).endswith(
         "was the cluster restarted (client.restart())? Start the fit again")
