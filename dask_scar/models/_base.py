@@ -319,10 +319,12 @@ def require_unique(columns: Any, needed: list) -> None:
 
 def require_columns(columns: Any, needed: list, why: str) -> None:
     """:class:`DataError` naming the ``needed`` columns not among ``columns``, and ``why``
-    (what the caller says after "not in the data")."""
+    (what the caller says after "not in the data"), or those among them that appear more
+    than once (:func:`require_unique`)."""
     missing = [c for c in needed if c not in columns]
     if missing:
         raise DataError(f"column(s) {missing} not in the data{why}")
+    require_unique(columns, needed)
 
 
 #: :meth:`Model.feature_help` of the models whose columns hold ids
@@ -374,7 +376,6 @@ def score_with(model: Model, data: Any, target: Any, metric, valid=np.isfinite, 
     # a name (a string, a number), or a tuple that names a column; other tuples are labels
     if is_column_name(target) and (np.ndim(target) == 0 or target in columns):
         require_columns(columns, [target], f"; available columns: {columns}")
-        require_unique(columns, [target])
         labels, name = data[target], f"the target column {target!r}"
     else:
         labels, name = (target if hasattr(target, "compute") else np.asarray(target)), "the labels"

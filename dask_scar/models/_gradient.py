@@ -15,8 +15,7 @@ import pandas as pd
 
 from .. import config
 from ..exceptions import DataError
-from ._base import (DataSummary, Model, ParameterSpec, check_number, require_columns, require_numeric,
-                    require_unique)
+from ._base import DataSummary, Model, ParameterSpec, check_number, require_columns, require_numeric
 
 
 SOLVERS = ("gd", "lbfgs")
@@ -252,7 +251,6 @@ class GradientModel(Model):
         weights, features = self._fitted()["weights"], self.features_
         if hasattr(data, "columns"):
             require_columns(data.columns, features, f": the model was fitted on {features}")
-            require_unique(data.columns, features)
             require_numeric(data.dtypes, features, "the model was fitted on numbers: encode them as for training")
         if hasattr(data, "map_partitions"):  # Dask DataFrame: stay lazy
 

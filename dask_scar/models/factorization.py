@@ -10,7 +10,7 @@ import pandas as pd
 
 from ..exceptions import DataError
 from ._base import (ID_HELP, Contribution, DataSummary, Model, ParameterSpec, check_ids, check_number,
-                    require_columns, require_numeric, require_unique, score_with, stable_seed)
+                    require_columns, require_numeric, score_with, stable_seed)
 from .linear import r2_score, squared_errors
 
 _INIT_ROWS = 1024  # rows per seeded init block: init values do not depend on chunking
@@ -148,7 +148,6 @@ class MatrixFactorization(Model):
                             f"and item={item!r}, got {type(data).__name__}")
         require_columns(data.columns, [user, item],
                         f": {type(self).__name__} reads the columns user={user!r} and item={item!r}")
-        require_unique(data.columns, [user, item])
         require_numeric(data.dtypes, [user, item], "user and item ids are integers, as for training")
 
         def on_frame(frame: pd.DataFrame):
