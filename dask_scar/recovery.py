@@ -65,6 +65,9 @@ logger = logging.getLogger(__name__)
 #: How often a waiting driver looks at what the ``scar`` topic said: the most a
 #: worker's removal can wait before the driver acts on it.
 POLL_SECONDS = 0.05
+#: A wait that lasts looks at the cluster itself this often: the scheduler, paused and
+#: hung workers (:func:`wait_watching`).
+LOOK_SECONDS = 2.0
 
 
 @dataclass
@@ -675,7 +678,7 @@ def wait_watching(futures: list[Future], watch: ClusterWatch, owners: Callable[[
         now = time.monotonic()
         if progress is not None and progress():
             started = now
-        if now - last_look > 2.0:
+        if now - last_look > LOOK_SECONDS:
             # no news for a while: look for ourselves (a scheduler whose plugin predates these events)
             last_look = now
             check_scheduler(client, hint)

@@ -23,6 +23,7 @@ from .exceptions import DivergenceError, ScarError
 from .models import Model
 from .plugin import TURN_STALE_SECONDS, say_work, set_epoch, subscribe
 from .recovery import (
+    LOOK_SECONDS,
     POLL_SECONDS,
     ClusterWatch,
     Drift,
@@ -108,8 +109,10 @@ class TrainingRun:
         return set(self.chunks.owner.values())
 
     def wait(self, futures: list[Future]) -> None:
-        wait_watching(futures, self.watch, self.owners, self.timeout, self.restore.hint,
-                      others=lambda: {w for w in self.training.workers if w is not None})
+        wait_watching(futures, self.watch, self.owners, self.timeout, self.restore.hint, others=self.data_workers)
+
+    def data_workers(self) -> set[str]:
+        return {w for w in self.training.workers if w is not None}
 
     def completed(self, futures: list[Future]) -> bool:
         """Wait for ``futures``; False if a worker holding chunks went meanwhile.
@@ -339,7 +342,7 @@ class TrainingRun:
         self.work_said = now
         # the median: a recovery's row holds the recovery, a segment's first row its start
         per_iteration = float(np.median([row["seconds"] for row in self.rows[-20:]]))
-        workers = len({w for w in self.training.workers if w is not None})
+        workers = len(self.data_workers())
         if not say_work(self.client, self.chunks.run, seconds=(max_iter - k + 1) * per_iteration * workers,
                         most=max(1, self.training.n_rows // WORKER_ROWS),
                         valid_for=max(TURN_STALE_SECONDS, 3 * per_iteration * self.next_segment)):
@@ -512,7 +515,7 @@ class TrainingRun:
             try:
                 self.keep(self.inbox.get(timeout=POLL_SECONDS))
             except queue.Empty:
-                if time.monotonic() - last_look > 2.0:     # a writer's worker may be hung
+                if time.monotonic() - last_look > LOOK_SECONDS:     # a writer's worker may be hung
                     last_look = time.monotonic()
                     self.watch.restart_hung(self.owners())
                 if time.monotonic() > deadline:
@@ -597,7 +600,7 @@ def _wait_done(watch: ClusterWatch, futures: list[tuple[Future, str]], timeout: 
         now = time.monotonic()
         if not pending or now - started > timeout:
             return
-        if now - last_look > 2.0:
+        if now - last_look > LOOK_SECONDS:
             last_look = now
             watch.restart_hung(set(pending))
         try:
