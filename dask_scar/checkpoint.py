@@ -135,6 +135,20 @@ def trend_factors(now: int, path: float, saved_at: np.ndarray, saved_path: np.nd
     return np.where(usable, np.maximum(f, 0.0), 0.0)
 
 
+def step_scales(last: float, factors: np.ndarray, saved_path: np.ndarray, previous_at: np.ndarray,
+                previous_path: np.ndarray, fresh: bool) -> np.ndarray:
+    """Per block, the scale ``s`` that makes ``s * (newest - previous)`` the block's
+    share of the chunk's step at the iteration restored, of norm ``last``: the chunk's
+    path between the block's two saves, walked along that drift, shrunk to one step.
+    Where a block keeps its direction, that is its step per iteration now (Nesterov's
+    velocity, :meth:`dask_scar.models.Model.restore_slots`); 0 where ``factors``
+    (:func:`trend_factors`) is (no trend to go by) or ``last`` is unknown."""
+    p1 = np.where(fresh & (previous_at < 0), 0.0, previous_path)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scales = last / (saved_path - p1)
+    return np.where((factors != 0) & np.isfinite(scales), scales, 0.0)
+
+
 def predicted(chunk: Chunk, block_rows: int) -> Any:
     """Where an extrapolated restore would put each block of the chunk now (its
     reference where no trend is known)."""
@@ -152,10 +166,21 @@ def extrapolated(newest: Any, previous: Any, factors: np.ndarray, block_rows: in
     are a chunk's rows (from the start of a block), ``factors`` one ``f`` per block
     (:func:`trend_factors`); a block with ``f = 0`` stays as it is. The one step of
     restores, priorities and the bench's simulation."""
-    xp = get_array_module(newest)
-    f = np.repeat(np.asarray(factors, dtype=newest.dtype), block_rows)[:len(newest)]
-    f = xp.asarray(f).reshape(-1, *(1,) * (newest.ndim - 1))
-    return newest + f * (newest - previous)
+    return newest + by_block(factors, block_rows, newest) * (newest - previous)
+
+
+def drift_step(newest: np.ndarray, previous: np.ndarray, scales: np.ndarray, block_rows: int) -> np.ndarray:
+    """``s * (newest - previous)``, block by block (``scales``: :func:`step_scales`), in
+    float64 on the host: the step per iteration a restored chunk's drift gives."""
+    drift = np.asarray(newest, dtype=np.float64) - previous
+    return by_block(scales, block_rows, drift) * drift
+
+
+def by_block(factors: np.ndarray, block_rows: int, like: Any) -> Any:
+    """One number per block (``factors``) as a column of ``like``'s rows, its array type and dtype."""
+    xp = get_array_module(like)
+    f = np.repeat(np.asarray(factors, dtype=like.dtype), block_rows)[:len(like)]
+    return xp.asarray(f).reshape(-1, *(1,) * (like.ndim - 1))
 
 
 def block_distances(chunk: Chunk, block_rows: int, target: Any = None) -> list[float]:
@@ -436,11 +461,13 @@ class Trend:
     fresh: bool
 
 
-def restore_factors(trend: Trend, now: int, newest: np.ndarray, previous: np.ndarray) -> np.ndarray:
+def restore_factors(trend: Trend, now: int, newest: np.ndarray, previous: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`trend_factors` of blocks restored after iteration ``now`` from the
     versions the store holds (records ``newest`` and ``previous``: iteration, epoch,
-    round per block), with the paths the driver measured; 0 for a block with a
-    version from another fit (or, but in a fresh fit, none before its newest)."""
+    round per block), with the paths the driver measured, and their
+    :func:`step_scales`; 0 for a block with a version from another fit (or, but in a
+    fresh fit, none before its newest)."""
     paths = trend.paths
 
     def path_at(at: np.ndarray) -> np.ndarray:      # called only once ``now`` is known: paths is not empty
@@ -450,9 +477,12 @@ def restore_factors(trend: Trend, now: int, newest: np.ndarray, previous: np.nda
     first = previous[:, 2] == NEVER             # saved once: before it, the initial value (if fresh)
     usable = ours & ((previous[:, 2] > trend.first_round) | first)
     if now >= len(paths) or not usable.any():
-        return np.zeros(len(newest))
-    return trend_factors(now, float(paths[now]), np.where(usable, newest[:, 0], NEVER), path_at(newest[:, 0]),
-                         np.where(first, NEVER, previous[:, 0]), path_at(previous[:, 0]), trend.fresh)
+        return np.zeros(len(newest)), np.zeros(len(newest))
+    saved_path, previous_at = path_at(newest[:, 0]), np.where(first, NEVER, previous[:, 0])
+    factors = trend_factors(now, float(paths[now]), np.where(usable, newest[:, 0], NEVER), saved_path,
+                            previous_at, path_at(previous[:, 0]), trend.fresh)
+    last = float(paths[now] - paths[now - 1]) if now >= 1 else math.nan
+    return factors, step_scales(last, factors, saved_path, previous_at, path_at(previous[:, 0]), trend.fresh)
 
 
 def as_of(versions: np.ndarray, round: int) -> np.ndarray:
@@ -468,7 +498,7 @@ def as_of(versions: np.ndarray, round: int) -> np.ndarray:
 
 def prepare_chunk(chunk: Chunk, url: str | None, store_id: str, block_rows: dict[str, int], load: bool,
                   reference_dtype: str | None | bool, trends: dict[ChunkId, Trend] | None = None,
-                  trail: bool = False, upto_round: int | None = None) -> dict[str, int]:
+                  trail: bool = False, upto_round: int | None = None, model: Any = None) -> dict[str, int]:
     """Make a new chunk ready for checkpointing: with ``load``, overwrite its saved
     blocks from the store (reading only this chunk's blocks; the others keep their
     initial value); unless ``reference_dtype`` is False, keep a reference copy for
@@ -481,7 +511,9 @@ def prepare_chunk(chunk: Chunk, url: str | None, store_id: str, block_rows: dict
     :func:`restore_factors` (how far the chunk walked since the newest version,
     over how far it walked between the two): where a block keeps its direction, as
     gradient descent's blocks do once the slowest mode leads, that restores where it
-    would be now rather than where it was when saved.
+    would be now rather than where it was when saved. The ``model`` (if given) then
+    seeds the chunk's optimizer slots from the step that drift gives per iteration
+    (:func:`step_scales`, :meth:`dask_scar.models.Model.restore_slots`).
 
     With ``upto_round`` (a rollback to the last committed round), each block comes
     back as of that round: versions that later rounds wrote are passed over (the
@@ -512,7 +544,7 @@ def prepare_chunk(chunk: Chunk, url: str | None, store_id: str, block_rows: dict
             older = int(((newest[:, 0] != NEVER) & (newest[:, 2] < upto_round)).sum())
         if trend is not None and saved_blocks:
             before = pick(versions, previous=True)[0]
-            factors = restore_factors(trend, chunk.version, newest, before)
+            factors, scales = restore_factors(trend, chunk.version, newest, before)
             # the versions before of the blocks that move (a block never saved has f = 0;
             # one saved once, in a fresh fit, moves from its initial value)
             moving = factors != 0
@@ -521,14 +553,18 @@ def prepare_chunk(chunk: Chunk, url: str | None, store_id: str, block_rows: dict
             nbytes += sum(v.nbytes for v in read.values())
             # a version before that a write cut short replaced is gone: no drift to follow
             gone = moving & (before[:, 0] != NEVER) & ~np.isin(blocks, list(read))
-            factors[gone] = 0
+            factors[gone] = scales[gone] = 0
             moving &= ~gone
             moved = int(moving.sum())
             if moved:
                 previous = initial          # the initial value where no version before is read
                 for b, before in read.items():
                     previous[b * rows - cid.start:b * rows - cid.start + len(before)] = before
-                target = extrapolated(to_host(value), previous, factors, rows)
+                newest_value = to_host(value)
+                target = extrapolated(newest_value, previous, factors, rows)
+                if model is not None:
+                    model.restore_slots(chunk.state, xp.asarray(drift_step(newest_value, previous, scales, rows),
+                                                                dtype=value.dtype))
     if reference_dtype is not False:        # the reference: the values as saved
         chunk.reference = new_reference(value, reference_dtype)
         if trail:

@@ -252,15 +252,16 @@ def _adopt_chunks(ids: list[ChunkId], keys: list[str], client_id: str, run: str,
 
 
 def _init_chunks(model: Model, ids: list[ChunkId], keys: list[str], client_id: str, run: str, epoch: int,
-                 backend: str, version: int, prepare: Callable[[Chunk], dict] | None) -> dict[str, int]:
-    """Create chunks at their initial value (``prepare`` may then restore saved blocks
-    into them); returns what ``prepare`` reports (bytes read, blocks never saved), summed."""
+                 backend: str, version: int, prepare: Callable[..., dict] | None) -> dict[str, int]:
+    """Create chunks at their initial value (``prepare(chunk, model=model)`` may then restore
+    saved blocks into them, and seed their optimizer slots); returns what ``prepare`` reports
+    (bytes read, blocks never saved), summed."""
     xp = array_module(backend)
     chunks = {key: Chunk(cid, model.new_state(cid.name, model.init_rows(cid.name, cid.start, cid.stop, xp)), version)
               for cid, key in zip(ids, keys)}
     totals: dict[str, int] = {}
     for chunk in chunks.values():
-        for name, value in (prepare(chunk) if prepare is not None else {}).items():
+        for name, value in (prepare(chunk, model=model) if prepare is not None else {}).items():
             totals[name] = totals.get(name, 0) + value
     detach(chunks, client_id, run, epoch)
     return totals
@@ -303,7 +304,7 @@ class ParameterChunks:
         return out
 
     def initialize(self, model: Model, backend: str, version: int = 0,
-                   prepare: Callable[[Chunk], dict] | None = None,
+                   prepare: Callable[..., dict] | None = None,
                    ids: list[ChunkId] | None = None) -> list[Future]:
         """Start creating ``version`` of chunks ``ids`` (default: all) on their owners
         (no parameter data passes the driver); once the returned tasks are done,

@@ -170,6 +170,45 @@ def test_simulated_and_real_failures_agree(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_real_restore_seeds_nesterovs_velocity_as_the_simulation_does(tmp_path, monkeypatch):
+    """With Nesterov momentum, a chunk restored from the store gets a velocity: the step
+    its blocks' drift gives (the store keeps no velocity). The real fit's losses after a
+    SIGKILL are those of the simulation that seeds it, not of one that restarts it
+    from zero -- and seeding it costs fewer iterations here."""
+    from dask_scar.bench._real import run_real
+    from dask_scar.models import Model
+
+    case = Case("tiny-nesterov", "", TINY.frame, lambda: scar.SoftmaxRegression(l2=1e-3, learning_rate=0.5,
+                                                                                 momentum=0.7),
+                "label", max_iter=150, tol=3e-4, every=10)
+    failure, victims = 35, (0, 1, 2, 3)             # every worker: every chunk from the store
+    frame = case.frame(True)
+    (strategy,) = [s for s in case.strategies() if s.name == "partial"]
+    model = case.model()
+    sim = Simulation(model, blocks_of(model, frame, "label", REAL_WORKERS), 2 * REAL_WORKERS, 8)
+    free, _, snapshots, _ = sim.failure_free(failure, [strategy], {failure})
+    after = 12
+
+    def simulated() -> list[float]:
+        return sim.trial(snapshots[failure], strategy, victims, free, lambda losses: len(losses) >= failure + after
+                         ).losses[failure:]
+
+    seeded = simulated()
+    with monkeypatch.context() as m:
+        m.setattr(type(model), "restore_slots", Model.restore_slots)       # the velocity restarts from zero
+        from_zero = simulated()
+    assert seeded != pytest.approx(from_zero, rel=1e-3)
+    with BenchCluster(REAL_WORKERS) as cluster:
+        run = run_real(cluster, case, frame, str(tmp_path / "ckpt.zarr"), strategy, failure, victims,
+                       max_iter=failure + after)
+    (event,) = run.events
+    assert event.extrapolated_blocks > 0 and len(event.lost_chunks) == 2 * REAL_WORKERS
+    np.testing.assert_allclose(run.losses[:failure], free, rtol=1e-5)
+    np.testing.assert_allclose(run.losses[failure:], seeded, rtol=1e-4)
+    assert all(a < b for a, b in zip(seeded[1:], from_zero[1:]))
+
+
+@pytest.mark.slow
 def test_bench_cluster_keeps_the_nanny_of_a_worker_killed_twice():
     """A LocalCluster closes a worker's nanny when, 15 s (lost-worker-timeout) after a
     loss, it lists no worker of that name. A bench or demo run takes about that long:

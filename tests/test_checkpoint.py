@@ -569,6 +569,45 @@ def test_a_restored_block_is_extrapolated_along_its_last_two_saves(tmp_path):
     assert trend_factors(12, 78.0, np.array([10]), np.array([55.0]), np.array([8]), np.array([36.0]), False) == 1.0
 
 
+def test_a_restored_chunks_velocity_is_the_step_its_drift_gives(tmp_path):
+    """Nesterov's velocity is not stored: a chunk restored along its blocks' drift gets,
+    per block, its share of the chunk's last step in the drift's direction (zero where
+    there is no drift to go by). Plain gradient descent keeps no velocity, and the
+    paper's restore (no trend) leaves it at zero."""
+    from dask_scar.checkpoint import prepare_chunk
+    from dask_scar.chunks import Chunk, ChunkId
+    from dask_scar.recovery import Drift
+    from dask_scar.store import BlockLayout, ZarrStore
+
+    layout = BlockLayout("w", (8, 2), "float32", 2)           # 4 blocks of 2 rows, one chunk
+    store = ZarrStore.create(tmp_path / "ckpt.zarr", {"class": "test", "params": {}}, {"w": layout}, None)
+    cid = ChunkId("w", 0, 0, 8)
+    drift = Drift([cid], fresh=True, first_round=0)
+    for k in range(1, 31):               # the chunk walks 1.0 per iteration, then 0.5 from iteration 21
+        drift.record(k, {"w/0": 1.0 if k <= 20 else 0.5})
+    full = np.full((2, 2), 1.0, np.float32)
+    store.write_blocks("w", {0: 1 * full}, 10, 0, 1)
+    store.write_blocks("w", {0: 3 * full, 1: 4 * full}, 20, 0, 2)
+    store.write_blocks("w", {2: 5 * full}, 4, 0, 0)               # round 0: another fit's
+
+    def restore(model, trends):
+        chunk = Chunk(cid, model.new_state("w", np.full((8, 2), -1.0, np.float32)), 30)   # -1: the initial value
+        prepare_chunk(chunk, str(tmp_path / "ckpt.zarr"), store.meta["id"], {"w": 2}, True, False, trends,
+                      model=model)
+        return chunk.state
+
+    nesterov = scar.SoftmaxRegression(momentum=0.9)
+    state = restore(nesterov, drift.trends([cid]))
+    # the last step was 0.5. Block 0 drifted by 2 per element over a path of 10 (iterations
+    # 10 to 20): 0.5 / 10 * 2; block 1, saved once, from its initial value over 20: 0.5 / 20 * 5;
+    # block 2 is another fit's, block 3 never saved
+    assert state["velocity"].dtype == np.float32
+    np.testing.assert_allclose(state["velocity"][::2, 0], [0.1, 0.125, 0.0, 0.0], rtol=1e-6)
+    assert state["value"][::2, 0].tolist() == [3 + 0.5 * (3 - 1), 4 + 0.25 * (4 - -1), 5.0, -1.0]
+    assert not restore(nesterov, None)["velocity"].any()                # as saved: no step to go by
+    assert set(restore(scar.SoftmaxRegression(), drift.trends([cid]))) == {"value"}
+
+
 def test_an_owner_given_a_copy_of_its_chunk_takes_back_its_reference_and_trail():
     """Dask's active memory manager may keep another worker's replica of a chunk's key
     and drop the owner's: the copy the owner then gets carries no reference (nor trail),

@@ -16,7 +16,8 @@ recovery would restore:
   (blocks never saved: their initial value) -- extrapolated along the drift
   between their last two saved versions, by the chunk's path since over its path
   between them (:func:`dask_scar.checkpoint.trend_factors`), unless the strategy or
-  the model says not to -- optimizer state restarts, every
+  the model says not to -- optimizer state restarts (Nesterov's velocity from that
+  drift, where it is extrapolated), every
   other chunk keeps its value, and the iteration in flight is redone -- or, with
   ``copies``, they take the previous iteration's state, which every live
   worker's contribution task had copied (the current state for models whose
@@ -41,7 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..checkpoint import block_distances, chunk_blocks, extrapolated, trend_factors
+from ..checkpoint import block_distances, chunk_blocks, drift_step, extrapolated, step_scales, trend_factors
 from ..chunks import Chunk, ChunkId, place, split_rows
 from ..iteration import replicates
 from ..models import Model
@@ -207,21 +208,29 @@ class Simulation:
             offset += lay.n_blocks
         store.pending = (iteration, per_name)
 
-    def _extrapolate(self, value: np.ndarray, cid: ChunkId, store: SimStore, now: int, path: float) -> int:
+    def _extrapolate(self, value: np.ndarray, cid: ChunkId, store: SimStore, now: int, path: float,
+                     last: float | None = None) -> tuple[int, np.ndarray | None]:
         """Move the restored ``value`` of ``cid`` (in place) along its blocks' drift
         between their two saved versions, after iteration ``now`` with the chunk's path
         at ``path`` (:func:`dask_scar.checkpoint.trend_factors`, a fresh fit); returns
-        the bytes of previous versions read (an initial value is not read)."""
+        the bytes of previous versions read (an initial value is not read) and, given
+        the norm ``last`` of the chunk's last step, the step per iteration that drift
+        gives (:func:`dask_scar.checkpoint.drift_step`)."""
         rows = self.layouts[cid.name].block_rows
         blocks = chunk_blocks(cid, rows)
         span = slice(blocks.start, blocks.stop)
-        factors = trend_factors(now, path, store.saved_at[cid.name][span], store.paths[cid.name][span, 0],
-                                store.previous_at[cid.name][span], store.paths[cid.name][span, 1], True)
+        saved_path, previous_at = store.paths[cid.name][span, 0], store.previous_at[cid.name][span]
+        factors = trend_factors(now, path, store.saved_at[cid.name][span], saved_path, previous_at,
+                                store.paths[cid.name][span, 1], True)
         previous = store.previous[cid.name][cid.start:cid.stop]
+        step = None
+        if last is not None:
+            scales = step_scales(last, factors, saved_path, previous_at, store.paths[cid.name][span, 1], True)
+            step = drift_step(value, previous, scales, rows).astype(value.dtype)
         value[...] = extrapolated(value, previous, factors, rows)
-        read = (factors != 0) & (store.previous_at[cid.name][span] >= 0)
+        read = (factors != 0) & (previous_at >= 0)
         return sum(previous[(b - blocks.start) * rows:(b - blocks.start + 1) * rows].nbytes
-                   for b in np.asarray(blocks)[read])
+                   for b in np.asarray(blocks)[read]), step
 
     def _saved_bytes(self, cid: ChunkId, store: SimStore) -> int:
         """Bytes of the saved blocks of ``cid`` (never-saved ones are not read)."""
@@ -288,9 +297,13 @@ class Simulation:
             else:
                 value = store.stored[cid.name][cid.start:cid.stop].copy()
                 nbytes += self._saved_bytes(cid, store)
-                if extrapolate:
-                    nbytes += self._extrapolate(value, cid, store, snapshot.iteration, snapshot.paths[cid])
                 new = self.model.new_state(cid.name, value)
+                if extrapolate:     # as the trainer does, with the chunk's last step (its path's last part)
+                    last = np.linalg.norm((snapshot.states[cid]["value"] - snapshot.previous[cid]["value"]).ravel())
+                    read, step = self._extrapolate(value, cid, store, snapshot.iteration, snapshot.paths[cid],
+                                                   float(last))
+                    nbytes += read
+                    self.model.restore_slots(new, step)
             squared += float(np.sum((states[cid]["value"].astype(np.float64) - new["value"]) ** 2))
             states[cid] = new
         resumed_at = store.committed if strategy.recovery == "full" else snapshot.iteration

@@ -211,6 +211,12 @@ class Model:
         """Per-chunk state kept with a parameter chunk (its value plus optimizer slots)."""
         return {"value": value}
 
+    def restore_slots(self, state: dict[str, Any], step: Any) -> None:
+        """Seed the optimizer slots of ``state``, a chunk restored from the store along its
+        blocks' drift, from ``step``: its rows' estimated step per iteration (an array
+        like its value; zero for blocks with no drift to go by). By default the slots
+        keep their fresh values."""
+
     def update(
         self, name: str, state: dict[str, Any], total: Any, count: int, start: int, stop: int,
         xp: types.ModuleType,

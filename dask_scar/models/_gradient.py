@@ -104,6 +104,11 @@ class GradientModel(Model):
             state["velocity"] = value * 0
         return state
 
+    def restore_slots(self, state: dict[str, Any], step: Any) -> None:
+        # Nesterov's velocity is the step per iteration, where the step keeps its direction
+        if "velocity" in state:
+            state["velocity"] = step
+
     def replicate_updates(self, block_rows: int) -> bool:
         if self.solver == "lbfgs":
             return True     # its step needs every chunk
