@@ -385,6 +385,29 @@ def test_kill_during_a_segment_loses_only_the_iteration_in_flight(tmp_path, digi
 
 
 @pytest.mark.slow
+def test_a_nesterov_fit_killed_in_a_segment_gets_its_velocity_back_from_the_drift(tmp_path, digits):
+    """Segments, Nesterov momentum, copies off: one of three workers is SIGKILLed. Its
+    chunks come back from the store extrapolated, with a velocity from their drift;
+    the fit then costs one iteration (four with the velocity restarted from zero, as
+    before: 3 runs each)."""
+    big = pd.concat([digits] * 20, ignore_index=True)
+    n = 300
+
+    def model():
+        return scar.SoftmaxRegression(learning_rate=0.2, momentum=0.9)
+
+    with dask.config.set({"scar.recovery.replicas": False}), new_cluster(3) as cluster, \
+            scar_client(cluster) as client:
+        free = scar.Trainer(client, model(), n_chunks=6).fit(big, target="label", max_iter=n, tol=0, progress=False)
+        trainer = scar.Trainer(client, model(), n_chunks=6, store=tmp_path / "ckpt.zarr",
+                               policy=scar.FullCheckpoint(every=10))
+        result, victim = fit_killed_midway(client, trainer, big, version=0, max_iter=n, iteration=45)
+    (event,) = result.events
+    assert event.worker == victim and len(event.lost_chunks) == 2 and event.extrapolated_blocks > 0
+    assert iteration_cost(result.history, free.history, at=n - 20) <= 2
+
+
+@pytest.mark.slow
 def test_a_worker_with_data_and_no_chunk_lost_in_a_segment_is_named(digits):
     """The one chunk lives on the first worker; the second, which holds a data block
     only, is SIGKILLed in a segment. The survivors stop, and the event names it (the
