@@ -508,12 +508,12 @@ def test_memory_store_on_a_threaded_cluster(digits):
     np.testing.assert_array_equal(scar.open_store(url).load()["weights"], result.params["weights"])
 
 
-def test_a_restored_block_is_extrapolated_along_its_last_two_saves(tmp_path):
-    """The driver's Drift keeps each chunk's path (its step norms summed); the
-    restoring worker extrapolates every block along the two versions the store holds,
-    by the path walked since the newest over the path walked between them."""
-    from dask_scar.checkpoint import Orders, SaveTrail, _update_reference, distances, prepare_chunk
-    from dask_scar.chunks import Chunk, ChunkId
+def two_saves(tmp_path):
+    """A store of one chunk ``w`` (8 x 2, 4 blocks of 2 rows) whose block 0 was saved at
+    iterations 10 (value 1) and 20 (3), block 1 once at 20 (4), block 2 by another fit
+    (5), block 3 never; and a fresh fit's Drift in which the chunk walked 1.0 per
+    iteration, then 0.5 from iteration 21 to 30. Returns the store, the chunk and the drift."""
+    from dask_scar.chunks import ChunkId
     from dask_scar.recovery import Drift
     from dask_scar.store import BlockLayout, ZarrStore
 
@@ -527,6 +527,18 @@ def test_a_restored_block_is_extrapolated_along_its_last_two_saves(tmp_path):
     store.write_blocks("w", {0: 1 * full}, 10, 0, 1)
     store.write_blocks("w", {0: 3 * full, 1: 4 * full}, 20, 0, 2)
     store.write_blocks("w", {2: 5 * full}, 4, 0, 0)               # round 0: another fit's
+    return store, cid, drift
+
+
+def test_a_restored_block_is_extrapolated_along_its_last_two_saves(tmp_path):
+    """The driver's Drift keeps each chunk's path (its step norms summed); the
+    restoring worker extrapolates every block along the two versions the store holds,
+    by the path walked since the newest over the path walked between them."""
+    from dask_scar.checkpoint import Orders, SaveTrail, _update_reference, distances, prepare_chunk
+    from dask_scar.chunks import Chunk
+    from dask_scar.recovery import Drift
+
+    store, cid, drift = two_saves(tmp_path)
 
     def restore(trends, version=30, upto_round=None):
         chunk = Chunk(cid, {"value": np.full((8, 2), -1.0, np.float32)}, version)    # -1: the initial value
@@ -542,7 +554,7 @@ def test_a_restored_block_is_extrapolated_along_its_last_two_saves(tmp_path):
                                              "older_blocks": 0})
     assert restore(None)[0] == [3.0, 4.0, 5.0, -1.0]               # the paper's restore: as saved
     # a write the driver never heard of is used too: block 0 now holds iterations 20 and 25
-    store.write_blocks("w", {0: 9 * full}, 25, 0, 3)
+    store.write_blocks("w", {0: np.full((2, 2), 9.0, np.float32)}, 25, 0, 3)
     assert restore(drift.trends([cid]))[0][0] == 9 + (25 - 22.5) / (22.5 - 20) * (9 - 3)   # paths 20, 22.5, 25
     # a rollback to round 2 passes that write over; block 2 is as an earlier round saved it
     assert restore(None, upto_round=2) == ([3.0, 4.0, 5.0, -1.0], {"bytes": 3 * 16, "never_saved": 1,
@@ -575,20 +587,9 @@ def test_a_restored_chunks_velocity_is_the_step_its_drift_gives(tmp_path):
     there is no drift to go by). Plain gradient descent keeps no velocity, and the
     paper's restore (no trend) leaves it at zero."""
     from dask_scar.checkpoint import prepare_chunk
-    from dask_scar.chunks import Chunk, ChunkId
-    from dask_scar.recovery import Drift
-    from dask_scar.store import BlockLayout, ZarrStore
+    from dask_scar.chunks import Chunk
 
-    layout = BlockLayout("w", (8, 2), "float32", 2)           # 4 blocks of 2 rows, one chunk
-    store = ZarrStore.create(tmp_path / "ckpt.zarr", {"class": "test", "params": {}}, {"w": layout}, None)
-    cid = ChunkId("w", 0, 0, 8)
-    drift = Drift([cid], fresh=True, first_round=0)
-    for k in range(1, 31):               # the chunk walks 1.0 per iteration, then 0.5 from iteration 21
-        drift.record(k, {"w/0": 1.0 if k <= 20 else 0.5})
-    full = np.full((2, 2), 1.0, np.float32)
-    store.write_blocks("w", {0: 1 * full}, 10, 0, 1)
-    store.write_blocks("w", {0: 3 * full, 1: 4 * full}, 20, 0, 2)
-    store.write_blocks("w", {2: 5 * full}, 4, 0, 0)               # round 0: another fit's
+    store, cid, drift = two_saves(tmp_path)
 
     def restore(model, trends):
         chunk = Chunk(cid, model.new_state("w", np.full((8, 2), -1.0, np.float32)), 30)   # -1: the initial value
