@@ -3,14 +3,14 @@
 The store keeps no optimizer state. A chunk restored from it extrapolated gets, as
 its velocity, the step per iteration its blocks' drift gives
 (:func:`dask_scar.checkpoint.step_scales`); before, the velocity restarted at zero.
-This runs the same simulated failures of ``dask-scar bench`` (``--quick`` data, 3
-failure iterations, 1/8, 1/4, 1/2 and all of 8 workers lost, surviving copies off)
-on models with Nesterov momentum, both ways in one run, and prints the mean
+This runs the simulated failures of ``dask-scar bench`` (3 failure iterations, 1/8,
+1/4, 1/2 and all of 8 workers lost, surviving copies off) on models with Nesterov
+momentum (digits; 50,000 x 50 synthetic data), both ways in one run, and prints the mean
 iteration cost of each: seeded / from zero. ``traditional`` (full checkpoint +
 full rollback) and ``scar-paper`` (the newest saved version as it is) do not
 extrapolate, and their velocity restarts at zero either way: one figure each.
 
-    python benchmarks/bench_velocity.py                  # three models, ~2 minutes on 2 cores
+    python benchmarks/bench_velocity.py                  # three models, 2.5 minutes on 2 cores
     python benchmarks/bench_velocity.py --cases digits --trials 5
 """
 

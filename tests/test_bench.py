@@ -174,7 +174,7 @@ def test_a_real_restore_seeds_nesterovs_velocity_as_the_simulation_does(tmp_path
     """With Nesterov momentum, a chunk restored from the store gets a velocity: the step
     its blocks' drift gives (the store keeps no velocity). The real fit's losses after a
     SIGKILL are those of the simulation that seeds it, not of one that restarts it
-    from zero -- and seeding it costs fewer iterations here."""
+    from zero -- and seeded, its losses are lower here."""
     from dask_scar.bench._real import run_real
     from dask_scar.models import Model
 
