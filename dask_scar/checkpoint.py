@@ -127,12 +127,18 @@ def trend_factors(now: int, path: float, saved_at: np.ndarray, saved_path: np.nd
     initial value, of iteration 0 and path 0, before it). Restores
     (:func:`restore_factors`), priorities (:func:`predicted`) and the bench's
     simulation all go by it."""
-    first = fresh & (previous_at < 0)
-    i1, p1 = np.where(first, 0, previous_at), np.where(first, 0.0, previous_path)
+    i1, p1 = _before(previous_at, previous_path, fresh)
     usable = (saved_at >= 0) & (i1 >= 0) & (saved_path > p1) & (saved_at > i1)
     with np.errstate(divide="ignore", invalid="ignore"):
         f = np.minimum((path - saved_path) / (saved_path - p1), (now - saved_at) / (saved_at - i1))
     return np.where(usable, np.maximum(f, 0.0), 0.0)
+
+
+def _before(previous_at: np.ndarray, previous_path: np.ndarray, fresh: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per block, the iteration and the chunk's path of the version before the newest:
+    in a ``fresh`` fit, a block saved once has its initial value (0, 0) before it."""
+    first = fresh & (previous_at < 0)
+    return np.where(first, 0, previous_at), np.where(first, 0.0, previous_path)
 
 
 def step_scales(last: float, factors: np.ndarray, saved_path: np.ndarray, previous_at: np.ndarray,
@@ -143,7 +149,7 @@ def step_scales(last: float, factors: np.ndarray, saved_path: np.ndarray, previo
     Where a block keeps its direction, that is its step per iteration now (Nesterov's
     velocity, :meth:`dask_scar.models.Model.restore_slots`); 0 where ``factors``
     (:func:`trend_factors`) is (no trend to go by) or ``last`` is unknown."""
-    p1 = np.where(fresh & (previous_at < 0), 0.0, previous_path)
+    _, p1 = _before(previous_at, previous_path, fresh)
     with np.errstate(divide="ignore", invalid="ignore"):
         scales = last / (saved_path - p1)
     return np.where((factors != 0) & np.isfinite(scales), scales, 0.0)
@@ -478,11 +484,12 @@ def restore_factors(trend: Trend, now: int, newest: np.ndarray, previous: np.nda
     usable = ours & ((previous[:, 2] > trend.first_round) | first)
     if now >= len(paths) or not usable.any():
         return np.zeros(len(newest)), np.zeros(len(newest))
-    saved_path, previous_at = path_at(newest[:, 0]), np.where(first, NEVER, previous[:, 0])
+    saved_path, previous_path = path_at(newest[:, 0]), path_at(previous[:, 0])
+    previous_at = np.where(first, NEVER, previous[:, 0])
     factors = trend_factors(now, float(paths[now]), np.where(usable, newest[:, 0], NEVER), saved_path,
-                            previous_at, path_at(previous[:, 0]), trend.fresh)
+                            previous_at, previous_path, trend.fresh)
     last = float(paths[now] - paths[now - 1]) if now >= 1 else math.nan
-    return factors, step_scales(last, factors, saved_path, previous_at, path_at(previous[:, 0]), trend.fresh)
+    return factors, step_scales(last, factors, saved_path, previous_at, previous_path, trend.fresh)
 
 
 def as_of(versions: np.ndarray, round: int) -> np.ndarray:

@@ -592,8 +592,8 @@ def _wait_done(watch: ClusterWatch, futures: list[tuple[Future, str]], timeout: 
                removals: Counter) -> None:
     """Wait until none of ``futures`` (each with its worker) is pending (done, failed,
     or cancelled when its input died with a worker) but those of workers removed since
-    ``removals`` (:attr:`ClusterWatch.removals`), at most ``timeout`` seconds. After 2 s,
-    and every 2 s, their hung workers are restarted (:meth:`ClusterWatch.restart_hung`)."""
+    ``removals`` (:attr:`ClusterWatch.removals`), at most ``timeout`` seconds. Every
+    ``LOOK_SECONDS`` their hung workers are restarted (:meth:`ClusterWatch.restart_hung`)."""
     started = last_look = time.monotonic()
     while True:
         pending = {w: f for f, w in futures if f.status == "pending" and watch.removals[w] == removals[w]}

@@ -219,13 +219,14 @@ class Simulation:
         rows = self.layouts[cid.name].block_rows
         blocks = chunk_blocks(cid, rows)
         span = slice(blocks.start, blocks.stop)
-        saved_path, previous_at = store.paths[cid.name][span, 0], store.previous_at[cid.name][span]
-        factors = trend_factors(now, path, store.saved_at[cid.name][span], saved_path, previous_at,
-                                store.paths[cid.name][span, 1], True)
+        saved_path, previous_at, previous_path = (store.paths[cid.name][span, 0], store.previous_at[cid.name][span],
+                                                  store.paths[cid.name][span, 1])
+        factors = trend_factors(now, path, store.saved_at[cid.name][span], saved_path, previous_at, previous_path,
+                                True)
         previous = store.previous[cid.name][cid.start:cid.stop]
         step = None
         if last is not None:
-            scales = step_scales(last, factors, saved_path, previous_at, store.paths[cid.name][span, 1], True)
+            scales = step_scales(last, factors, saved_path, previous_at, previous_path, True)
             step = drift_step(value, previous, scales, rows).astype(value.dtype)
         value[...] = extrapolated(value, previous, factors, rows)
         read = (factors != 0) & (previous_at >= 0)
