@@ -13,8 +13,16 @@ import numpy as np
 import pandas as pd
 import pytest
 from distributed import Client, LocalCluster
+from distributed.utils import get_mp_context
 
 from dask_scar import config
+
+# Nannies start their worker processes by forking one server process that imported
+# the library once, not by spawning a fresh interpreter that imports it again: a
+# LocalCluster of 4 then starts in 0.7 s, not 6 s, on 2 cores. The workers are still
+# separate processes, SIGKILLed as any other.
+dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})
+get_mp_context().set_forkserver_preload(["distributed", "dask_scar.trainer", "dask_scar.preload"])
 
 
 def wait_for(condition, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):
