@@ -3,9 +3,10 @@
 How a round goes (policy due after iteration ``t``):
 
 1. the update tasks of iteration ``t`` keep version ``t`` of the chunks they hold
-   and compute every block's distance from its last saved value (if the policy
-   asks for priorities), sent with their ``scar-progress`` event — one number per
-   block, no parameter data;
+   and compute every block's distance from what a restore would put back (if the
+   policy asks for priorities; :func:`distances`), sent with their
+   ``scar-progress`` event — one number per block, and the blocks whose drift
+   turned, no parameter data;
 2. the driver's :class:`Checkpointer` selects the round's blocks;
 3. the update tasks of the next graph the driver submits hand the selected blocks
    of version ``t`` to a writer thread of their worker process and carry on:
@@ -210,18 +211,25 @@ def new_reference(value: Any, dtype: str | None) -> Any:
     return value.astype(dtype or value.dtype, copy=True)
 
 
-def distances(chunks: dict[ChunkId, Chunk], orders: Orders) -> dict[str, list[float]]:
-    """Each block's priority: its distance from its saved value or, with
-    ``orders.extrapolate``, from where an extrapolated restore would put it -- once
+def distances(chunks: dict[ChunkId, Chunk], orders: Orders) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+    """Each block's priority: its distance from where a restore would put it -- once
     the last round's writes are done (they usually are: rounds are at least two
-    iterations apart)."""
+    iterations apart). That is its value as last saved or, with
+    ``orders.extrapolate``, the nearer of that and the extrapolated value
+    (:func:`predicted`); then also, per chunk, the blocks the extrapolation would put
+    farther off (their drift turned: a fit that overshoots swings back), which a
+    restore should take as saved (:attr:`Trend.held`)."""
     settle()
-    out = {}
+    out, turned = {}, {}
     for cid, c in chunks.items():
-        rows = orders.block_rows[cid.name]
-        target = predicted(c, rows) if orders.extrapolate and c.trail is not None and c.reference is not None else None
-        out[f"{cid.name}/{cid.index}"] = block_distances(c, rows, target)
-    return out
+        rows, label = orders.block_rows[cid.name], f"{cid.name}/{cid.index}"
+        out[label] = saved = block_distances(c, rows)
+        if orders.extrapolate and c.trail is not None and c.reference is not None:
+            target = predicted(c, rows)
+            moved = saved if target is c.reference else block_distances(c, rows, target)
+            turned[label] = [b for b, (m, d) in enumerate(zip(moved, saved)) if m > d]
+            out[label] = [min(m, d) for m, d in zip(moved, saved)]
+    return out, turned
 
 
 def _as_saved(chunk: Chunk) -> tuple[Any, float]:
@@ -459,12 +467,14 @@ class Trend:
     """What the driver tells a worker restoring a chunk, to extrapolate its blocks:
     the chunk's path after every iteration of this fit (``paths[k]``, NaN where
     unknown), the round this fit's rounds are numbered after (versions of earlier
-    rounds belong to another fit), and whether the fit started from the initial
-    values at iteration 0."""
+    rounds belong to another fit), whether the fit started from the initial
+    values at iteration 0, and the blocks not to extrapolate (:func:`distances`'
+    turned blocks, as last measured on the chunk's owner)."""
 
     paths: np.ndarray
     first_round: int
     fresh: bool
+    held: tuple[int, ...] = ()      # blocks (from the chunk's first) restored as saved: their drift turned
 
 
 def restore_factors(trend: Trend, now: int, newest: np.ndarray, previous: np.ndarray
@@ -473,7 +483,7 @@ def restore_factors(trend: Trend, now: int, newest: np.ndarray, previous: np.nda
     versions the store holds (records ``newest`` and ``previous``: iteration, epoch,
     round per block), with the paths the driver measured, and their
     :func:`step_scales`; 0 for a block with a version from another fit (or, but in a
-    fresh fit, none before its newest)."""
+    fresh fit, none before its newest), and for the trend's ``held`` blocks."""
     paths = trend.paths
 
     def path_at(at: np.ndarray) -> np.ndarray:      # called only once ``now`` is known: paths is not empty
@@ -488,6 +498,7 @@ def restore_factors(trend: Trend, now: int, newest: np.ndarray, previous: np.nda
     previous_at = np.where(first, NEVER, previous[:, 0])
     factors = trend_factors(now, float(paths[now]), np.where(usable, newest[:, 0], NEVER), saved_path,
                             previous_at, previous_path, trend.fresh)
+    factors[list(trend.held)] = 0.0
     last = float(paths[now] - paths[now - 1]) if now >= 1 else math.nan
     return factors, step_scales(last, factors, saved_path, previous_at, previous_path, trend.fresh)
 

@@ -17,7 +17,8 @@ calls :func:`recover`, which
 4. re-creates the chunks that had no copy at all on the least loaded live workers,
    each reading **only its own blocks** from the checkpoint store, extrapolated
    along their drift between their last two saved versions (:meth:`Drift.trends`;
-   blocks never checkpointed start again from their initial value);
+   but blocks whose drift turned, as their owner last measured; blocks never
+   checkpointed start again from their initial value);
 5. with ``recovery="full"`` (the traditional baseline) instead rolls every chunk
    back to the store and rewinds the iteration count to its last committed round.
 
@@ -328,6 +329,7 @@ class Drift:
         self.path = {cid: 0.0 for cid in ids}
         # per chunk: block distances from the stored values (None: all zero), and the path then
         self.known: dict[ChunkId, tuple[np.ndarray | None, float]] = {cid: (None, 0.0) for cid in ids}
+        self.turned: dict[ChunkId, tuple[int, ...]] = {}    # per chunk: blocks a restore takes as saved
         self.totals: deque[float] = deque(maxlen=window)      # recent iterations: the whole step's norm
 
     def record(self, iteration: int, steps: dict[str, float]) -> None:
@@ -350,12 +352,16 @@ class Drift:
         for cid in ids:
             self.known[cid] = (None, self.path[cid])
 
-    def prioritized(self, priorities: dict[str, list[float]]) -> None:
-        """Each block's distance from its saved value, as the policy measured it now
-        (a chunk whose reference was unknown, reported as inf, keeps its older bound)."""
+    def prioritized(self, priorities: dict[str, list[float]], turned: dict[str, list[int]] | None = None) -> None:
+        """Each block's distance from what a restore would put back, as the policy
+        measured it now (a chunk whose reference was unknown, reported as inf, keeps
+        its older bound), and the blocks whose drift turned, which restores take as
+        saved (:func:`dask_scar.checkpoint.distances`)."""
         for cid, key in self.labels.items():
             if key in priorities and not np.isinf(priorities[key]).any():
                 self.known[cid] = (np.asarray(priorities[key], dtype=float), self.path[cid])
+            if key in (turned or {}):
+                self.turned[cid] = tuple(turned[key])
 
     def saved(self, iteration: int, blocks: dict[str, list[int]], block_rows: dict[str, int]) -> None:
         """A writer stored these blocks (of chunk ``"name/index"``) with their values of ``iteration``."""
@@ -380,8 +386,10 @@ class Drift:
         blocks along whatever two versions the store holds (see
         :func:`dask_scar.checkpoint.prepare_chunk`): per chunk its path after every
         iteration of this fit (NaN before it), the round this fit's rounds follow, and
-        whether the fit started from the initial values."""
-        return {cid: Trend(np.array(self.history[cid], dtype=float), self.first_round, self.fresh) for cid in ids}
+        whether the fit started from the initial values, and the blocks whose drift
+        turned when last measured."""
+        return {cid: Trend(np.array(self.history[cid], dtype=float), self.first_round, self.fresh,
+                           self.turned.get(cid, ())) for cid in ids}
 
     def distance(self, cid: ChunkId) -> float:
         """Upper estimate of ``||x_cid - stored||`` now."""

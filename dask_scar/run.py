@@ -220,10 +220,10 @@ class TrainingRun:
         chunks' steps, a checkpoint round chosen from its priorities (unless not
         ``select``). True if the loss converged to ``tol``."""
         want = select and orders is not None and orders.priorities
-        loss, priorities, steps, stamp = _collect(self.inbox, self.early, self.ckpt, k, self.chunks.epoch,
-                                                  want, len(self.chunks.ids), self.timeout)
+        loss, priorities, turned, steps, stamp = _collect(self.inbox, self.early, self.ckpt, k, self.chunks.epoch,
+                                                          want, len(self.chunks.ids), self.timeout)
         self.drift.record(k, steps)
-        self.drift.prioritized(priorities)
+        self.drift.prioritized(priorities, turned)
         if self.ckpt is not None and select:
             self.ckpt.select(k, self.chunks.ids, priorities)
         # "stamp": the worker's clock on the event (a segment's), not a column of the history
@@ -554,15 +554,16 @@ class TrainingRun:
 
 def _collect(inbox: queue.Queue, early: list[dict], ckpt: Checkpointer | None, iteration: int, epoch: int,
              want_priorities: bool, n_chunks: int, timeout: float
-             ) -> tuple[float, dict[str, list[float]], dict[str, float], float | None]:
-    """The loss, the chunks' step norms, (if asked for) block priorities that
+             ) -> tuple[float, dict[str, list[float]], dict[str, list[int]], dict[str, float], float | None]:
+    """The loss, (if asked for) block priorities and turned blocks
+    (:func:`~dask_scar.checkpoint.distances`) and the chunks' step norms that
     ``iteration``'s update tasks sent, and the worker's clock on the event that
     carried the loss (segments stamp theirs; None otherwise); events of abandoned
     work are dropped. Events of
     the iteration after (a worker with no data block updates its chunks for the next
     iteration while another is still busy with this one's; :meth:`drain` takes in
     those of the iteration in flight) wait in ``early``."""
-    loss, priorities, steps, stamp = None, {}, {}, None
+    loss, priorities, turned, steps, stamp = None, {}, {}, {}, None
     waiting, early[:] = early[:], []
     while loss is None or len(steps) < n_chunks or (want_priorities and len(priorities) < n_chunks):
         if waiting:
@@ -584,8 +585,9 @@ def _collect(inbox: queue.Queue, early: list[dict], ckpt: Checkpointer | None, i
             loss, stamp = message["loss"], message.get("stamp")
         steps.update(message["steps"])
         priorities.update(message.get("priorities") or {})
+        turned.update(message.get("turned") or {})
     early.extend(waiting)
-    return loss, priorities, steps, stamp
+    return loss, priorities, turned, steps, stamp
 
 
 def _wait_done(watch: ClusterWatch, futures: list[tuple[Future, str]], timeout: float,

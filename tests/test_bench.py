@@ -209,6 +209,41 @@ def test_a_real_restore_seeds_nesterovs_velocity_as_the_simulation_does(tmp_path
 
 
 @pytest.mark.slow
+def test_a_real_restore_takes_blocks_whose_drift_turned_as_saved_as_the_simulation_does(tmp_path):
+    """Least squares with momentum overshoots: some blocks swing back, and extrapolating
+    them along their last drift puts them farther off. Their owners say so with their
+    priorities, and a restore from the store takes those blocks as saved: the real
+    fit's losses after a SIGKILL of every worker are the simulation's that does so, and
+    lower than those of one that extrapolates every block."""
+    from dataclasses import replace
+
+    from dask_scar.bench._real import run_real
+    from dask_scar.datasets import synthetic_regression
+
+    case = Case("tiny-swing", "", lambda quick: synthetic_regression(4000, 20, seed=0),
+                lambda: scar.LinearRegression(l2=1e-3, learning_rate=0.05, momentum=0.9), "y", max_iter=150,
+                tol=1e-5, every=10)
+    failure, victims, after = 20, (0, 1, 2, 3), 12
+    frame = case.frame(True)
+    (strategy,) = [s for s in case.strategies() if s.name == "scar"]
+    every_block = replace(strategy, name="every-block", hold_turned=False)
+    model = case.model()
+    sim = Simulation(model, blocks_of(model, frame, "y", REAL_WORKERS), 2 * REAL_WORKERS, 8)
+    free, _, snapshots, _ = sim.failure_free(failure, [strategy, every_block], {failure})
+    assert sum(int(turned.sum()) for turned in snapshots[failure].stores["scar"].turned.values()) > 0
+    held, extrapolated = (sim.trial(snapshots[failure], s, victims, free, lambda losses: len(losses) >= failure + after
+                                    ).losses[failure:] for s in (strategy, every_block))
+    assert held[0] < 0.7 * extrapolated[0]
+    with BenchCluster(REAL_WORKERS) as cluster:
+        run = run_real(cluster, case, frame, str(tmp_path / "ckpt.zarr"), strategy, failure, victims,
+                       max_iter=failure + after)
+    (event,) = run.events
+    assert event.extrapolated_blocks > 0 and len(event.lost_chunks) == 2 * REAL_WORKERS
+    np.testing.assert_allclose(run.losses[:failure], free, rtol=1e-5)
+    np.testing.assert_allclose(run.losses[failure:], held, rtol=1e-4)
+
+
+@pytest.mark.slow
 def test_bench_cluster_keeps_the_nanny_of_a_worker_killed_twice():
     """A LocalCluster closes a worker's nanny when, 15 s (lost-worker-timeout) after a
     loss, it lists no worker of that name. A bench or demo run takes about that long:

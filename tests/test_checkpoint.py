@@ -579,9 +579,18 @@ def test_a_restored_block_is_extrapolated_along_its_last_two_saves(tmp_path):
     owned = Chunk(cid, {"value": np.full((8, 2), 3.0, np.float32)}, 30, owned.reference, owned.trail)
     owned.trail.path = 25.0                     # walked 5 since: block 0 predicted at 2 + 0.5 * (2 - 1)
     orders = Orders("run", "url", "id", 0, {"w": 2}, None, priorities=True, extrapolate=True)
-    assert distances({cid: owned}, orders)["w/0"] == pytest.approx([0.5 * 2, 3 * 2, 3 * 2, 3 * 2])
+    assert distances({cid: owned}, orders) == ({"w/0": pytest.approx([0.5 * 2, 3 * 2, 3 * 2, 3 * 2])}, {"w/0": []})
     paper = Orders(**{**orders.__dict__, "extrapolate": False})
-    assert distances({cid: owned}, paper)["w/0"] == pytest.approx([1 * 2, 3 * 2, 3 * 2, 3 * 2])
+    assert distances({cid: owned}, paper) == ({"w/0": pytest.approx([1 * 2, 3 * 2, 3 * 2, 3 * 2])}, {})
+    # block 0 swung back to 1.5: its extrapolation (2.5) is farther than its saved value
+    # (2): that is its priority, and the driver has restores take it as saved
+    owned.value[:2] = 1.5
+    priorities, turned = distances({cid: owned}, orders)
+    assert priorities["w/0"] == pytest.approx([0.5 * 2, 3 * 2, 3 * 2, 3 * 2]) and turned == {"w/0": [0]}
+    drift.prioritized(priorities, turned)
+    assert restore(drift.trends([cid])) == ([9.0, 4 + 0.25 * (4 - -1), 5.0, -1.0],   # as saved at 25
+                                            {"bytes": 3 * 16, "never_saved": 1, "extrapolated_blocks": 1,
+                                             "older_blocks": 0})
     # steps that grow are no trend to follow far: the factor is capped by the iterations
     from dask_scar.checkpoint import trend_factors
     assert trend_factors(12, 78.0, np.array([10]), np.array([55.0]), np.array([8]), np.array([36.0]), False) == 1.0

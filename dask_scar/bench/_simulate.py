@@ -16,7 +16,8 @@ recovery would restore:
   (blocks never saved: their initial value) -- extrapolated along the drift
   between their last two saved versions, by the chunk's path since over its path
   between them (:func:`dask_scar.checkpoint.trend_factors`), unless the strategy or
-  the model says not to -- optimizer state restarts (Nesterov's velocity from that
+  the model says not to, but for the blocks whose drift turned when priorities were
+  last measured (:func:`dask_scar.checkpoint.distances`) -- optimizer state restarts (Nesterov's velocity from that
   drift, where it is extrapolated), every
   other chunk keeps its value, and the iteration in flight is redone -- or, with
   ``copies``, they take the previous iteration's state, which every live
@@ -60,6 +61,7 @@ class Strategy:
     recovery: str           # "partial" or "full"
     copies: bool = False    # restore from live workers' earlier copies (scar.recovery.replicas)
     extrapolate: bool = True   # extrapolate restored blocks (scar.recovery.extrapolate)
+    hold_turned: bool = True   # but blocks whose drift turned, taken as saved (False: the restore before)
 
 
 @dataclass
@@ -73,6 +75,7 @@ class SimStore:
     previous_at: dict[str, np.ndarray]     # per block: iteration of that, -1 none
     paths: dict[str, np.ndarray]           # per block: its chunk's path when saved, and the time before
     extrapolate: bool = False              # priorities: distance from where a restore would put a block
+    turned: dict[str, np.ndarray] | None = None     # per block: its drift turned, as last measured (None: never held)
     round: int = 0
     committed: int = 0                     # iteration of the last committed round
     pending: tuple[int, dict[str, np.ndarray]] | None = None   # (iteration, block numbers per parameter)
@@ -158,7 +161,9 @@ class Simulation:
         return SimStore(strategy.policy, {n: v.copy() for n, v in self.initial.items()}, never,
                         {n: v.copy() for n, v in self.initial.items()}, copy.deepcopy(never),
                         {n: np.full((lay.n_blocks, 2), np.nan) for n, lay in self.layouts.items()},
-                        extrapolate=self.extrapolates(strategy))
+                        extrapolate=self.extrapolates(strategy),
+                        turned={n: np.zeros(lay.n_blocks, bool) for n, lay in self.layouts.items()}
+                        if strategy.hold_turned else None)
 
     def _write_pending(self, store: SimStore, values: dict[str, np.ndarray], paths: dict[ChunkId, float]) -> None:
         """Write the pending round, with ``values`` of its iteration, when each chunk's
@@ -186,17 +191,29 @@ class Simulation:
             return
         priorities = None
         if store.policy.needs_priorities:
-            # what the workers compute: each block's distance from its value as last saved,
-            # or from where an extrapolated restore would put it
-            targets = store.stored
+            # what the workers compute (dask_scar.checkpoint.distances): each block's
+            # distance from its value as last saved or, extrapolating, the nearer of
+            # that and where an extrapolated restore would put it (the blocks it would
+            # put farther off: turned, restored as saved)
+            def measured(targets: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                return {name: np.array(block_distances(Chunk(ChunkId(name, 0, 0, lay.shape[0]),
+                                                             {"value": values[name]}, iteration, store.stored[name]),
+                                                       lay.block_rows, targets[name]))
+                        for name, lay in self.layouts.items()}
+
+            distances = measured(store.stored)
             if store.extrapolate:
                 targets = {name: v.copy() for name, v in store.stored.items()}
                 for cid in self.ids:
-                    self._extrapolate(targets[cid.name][cid.start:cid.stop], cid, store, iteration, paths[cid])
-            priorities = np.concatenate([
-                block_distances(Chunk(ChunkId(name, 0, 0, lay.shape[0]), {"value": values[name]}, iteration,
-                                      store.stored[name]), lay.block_rows, targets[name])
-                for name, lay in self.layouts.items()])
+                    self._extrapolate(targets[cid.name][cid.start:cid.stop], cid, store, iteration, paths[cid],
+                                      hold=False)
+                moved = measured(targets)
+                if store.turned is None:    # every block extrapolated: the restore before
+                    distances = moved
+                else:
+                    store.turned = {name: moved[name] > d for name, d in distances.items()}
+                    distances = {name: np.minimum(moved[name], d) for name, d in distances.items()}
+            priorities = np.concatenate(list(distances.values()))
         store.round += 1
         n = sum(lay.n_blocks for lay in self.layouts.values())
         chosen = store.policy.select(n, store.round, priorities)
@@ -209,10 +226,11 @@ class Simulation:
         store.pending = (iteration, per_name)
 
     def _extrapolate(self, value: np.ndarray, cid: ChunkId, store: SimStore, now: int, path: float,
-                     last: float | None = None) -> tuple[int, np.ndarray | None]:
+                     last: float | None = None, hold: bool = True) -> tuple[int, np.ndarray | None]:
         """Move the restored ``value`` of ``cid`` (in place) along its blocks' drift
         between their two saved versions, after iteration ``now`` with the chunk's path
-        at ``path`` (:func:`dask_scar.checkpoint.trend_factors`, a fresh fit); returns
+        at ``path`` (:func:`dask_scar.checkpoint.trend_factors`, a fresh fit), but
+        (with ``hold``) the blocks whose drift turned; returns
         the bytes of previous versions read (an initial value is not read) and, given
         the norm ``last`` of the chunk's last step, the step per iteration that drift
         gives (:func:`dask_scar.checkpoint.drift_step`)."""
@@ -223,6 +241,8 @@ class Simulation:
                                                   store.paths[cid.name][span, 1])
         factors = trend_factors(now, path, store.saved_at[cid.name][span], saved_path, previous_at, previous_path,
                                 True)
+        if hold and store.turned is not None:
+            factors[store.turned[cid.name][span]] = 0.0
         previous = store.previous[cid.name][cid.start:cid.stop]
         step = None
         if last is not None:
