@@ -14,7 +14,7 @@ paper's restore (every block as saved) beside them, and prints the mean iteratio
 cost of each: the models of ``dask-scar bench --quick`` (gradient descent, ALS), and
 those of ``benchmarks/bench_velocity.py`` (Nesterov momentum, names ending ``-nesterov``).
 
-    python benchmarks/bench_turned.py                    # seven models, 4 minutes on 2 cores
+    python benchmarks/bench_turned.py                    # seven models, 2 minutes on 2 cores
     python benchmarks/bench_turned.py --cases linear-nesterov --trials 5
 """
 

@@ -87,7 +87,7 @@ class Orders:
     round: int = 0                      # round to write, if ``blocks``
     blocks: dict[ChunkId, tuple[int, ...]] = field(default_factory=dict)  # selected blocks per chunk
     version: int = NEVER                # the chunk version whose blocks the round writes
-    extrapolate: bool = False           # priorities: distance from where a restore would put a block
+    extrapolate: bool = False           # priorities: the nearer of saved and extrapolated (see distances)
 
 
 # -- on the workers ---------------------------------------------------------------------
@@ -224,9 +224,12 @@ def distances(chunks: dict[ChunkId, Chunk], orders: Orders) -> tuple[dict[str, l
     for cid, c in chunks.items():
         rows, label = orders.block_rows[cid.name], f"{cid.name}/{cid.index}"
         out[label] = saved = block_distances(c, rows)
-        if orders.extrapolate and c.trail is not None and c.reference is not None:
-            target = predicted(c, rows)
-            moved = saved if target is c.reference else block_distances(c, rows, target)
+        target = predicted(c, rows) if orders.extrapolate and c.trail is not None and c.reference is not None \
+            else None
+        if target is not None and target is not c.reference:
+            # (a trail with no trend, as on a chunk's new owner, judges nothing: the
+            # driver keeps what it last heard, as the store keeps the versions)
+            moved = block_distances(c, rows, target)
             turned[label] = [b for b, (m, d) in enumerate(zip(moved, saved)) if m > d]
             out[label] = [min(m, d) for m, d in zip(moved, saved)]
     return out, turned

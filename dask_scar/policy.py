@@ -75,7 +75,9 @@ class PrioritizedCheckpoint(CheckpointPolicy):
     or, where restores extrapolate (``scar.recovery.extrapolate``, the default),
     the largest distance from where a restore would put the block now: its last
     saved version moved along the drift from the version before (see
-    :func:`dask_scar.checkpoint.trend_factors`).
+    :func:`dask_scar.checkpoint.trend_factors`), or as saved where that is nearer
+    (the block's drift turned, and a restore takes it as saved:
+    :func:`dask_scar.checkpoint.distances`).
 
     The distances are computed on the workers that hold the chunks, against a
     copy of each block as last saved (as initialised, before its first save),
@@ -85,7 +87,8 @@ class PrioritizedCheckpoint(CheckpointPolicy):
     parameters themselves. Where that is too much, ``reference_dtype="float16"``
     keeps the copies at half the size of float32 parameters (distances then carry
     ~1e-3 relative error, which only matters for near-ties). Only one number per
-    block travels to the driver.
+    block travels to the driver (and, extrapolating, the list of blocks whose
+    drift turned).
 
     With ``every = fraction * C`` it writes the same bytes per iteration as
     ``FullCheckpoint(every=C)``.

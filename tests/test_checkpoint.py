@@ -591,6 +591,11 @@ def test_a_restored_block_is_extrapolated_along_its_last_two_saves(tmp_path):
     assert restore(drift.trends([cid])) == ([9.0, 4 + 0.25 * (4 - -1), 5.0, -1.0],   # as saved at 25
                                             {"bytes": 3 * 16, "never_saved": 1, "extrapolated_blocks": 1,
                                              "older_blocks": 0})
+    # a new owner's trail knows no two saves, and judges nothing: the driver keeps the list
+    moved = Chunk(cid, owned.state, 30, owned.reference, SaveTrail.new(owned.reference, 4, fresh=False))
+    assert distances({cid: moved}, orders) == ({"w/0": pytest.approx([0.5 * 2, 3 * 2, 3 * 2, 3 * 2])}, {})
+    drift.prioritized(*distances({cid: moved}, orders))
+    assert drift.trends([cid])[cid].held == (0,)
     # steps that grow are no trend to follow far: the factor is capped by the iterations
     from dask_scar.checkpoint import trend_factors
     assert trend_factors(12, 78.0, np.array([10]), np.array([55.0]), np.array([8]), np.array([36.0]), False) == 1.0
