@@ -169,19 +169,34 @@ def test_simulated_and_real_failures_agree(tmp_path):
     assert real["scar"]["est_perturbation"] >= 0.9 * real["scar"]["perturbation_norm"]
 
 
+def every_worker_killed(tmp_path, case: Case, frame: pd.DataFrame, strategy, failure: int, after: int,
+                        free: list[float]) -> list[float]:
+    """``case`` on a real cluster of REAL_WORKERS, every worker SIGKILLed after
+    iteration ``failure``: the ``after`` losses after the restore (checked: every chunk
+    came from the store, some blocks extrapolated, and the losses before are ``free``)."""
+    from dask_scar.bench._real import run_real
+
+    with BenchCluster(REAL_WORKERS) as cluster:
+        run = run_real(cluster, case, frame, str(tmp_path / "ckpt.zarr"), strategy, failure,
+                       tuple(range(REAL_WORKERS)), max_iter=failure + after)
+    (event,) = run.events
+    assert event.extrapolated_blocks > 0 and len(event.lost_chunks) == 2 * REAL_WORKERS
+    np.testing.assert_allclose(run.losses[:failure], free, rtol=1e-5)
+    return run.losses[failure:]
+
+
 @pytest.mark.slow
 def test_a_real_restore_seeds_nesterovs_velocity_as_the_simulation_does(tmp_path, monkeypatch):
     """With Nesterov momentum, a chunk restored from the store gets a velocity: the step
     its blocks' drift gives (the store keeps no velocity). The real fit's losses after a
     SIGKILL are those of the simulation that seeds it, not of one that restarts it
     from zero -- and seeded, its losses are lower here."""
-    from dask_scar.bench._real import run_real
     from dask_scar.models import Model
 
     case = Case("tiny-nesterov", "", TINY.frame, lambda: scar.SoftmaxRegression(l2=1e-3, learning_rate=0.5,
                                                                                  momentum=0.7),
                 "label", max_iter=150, tol=3e-4, every=10)
-    failure, victims = 35, (0, 1, 2, 3)             # every worker: every chunk from the store
+    failure, victims = 35, tuple(range(REAL_WORKERS))     # every worker: every chunk from the store
     frame = case.frame(True)
     (strategy,) = [s for s in case.strategies() if s.name == "partial"]
     model = case.model()
@@ -198,13 +213,8 @@ def test_a_real_restore_seeds_nesterovs_velocity_as_the_simulation_does(tmp_path
         m.setattr(type(model), "restore_slots", Model.restore_slots)       # the velocity restarts from zero
         from_zero = simulated()
     assert seeded != pytest.approx(from_zero, rel=1e-3)
-    with BenchCluster(REAL_WORKERS) as cluster:
-        run = run_real(cluster, case, frame, str(tmp_path / "ckpt.zarr"), strategy, failure, victims,
-                       max_iter=failure + after)
-    (event,) = run.events
-    assert event.extrapolated_blocks > 0 and len(event.lost_chunks) == 2 * REAL_WORKERS
-    np.testing.assert_allclose(run.losses[:failure], free, rtol=1e-5)
-    np.testing.assert_allclose(run.losses[failure:], seeded, rtol=1e-4)
+    np.testing.assert_allclose(every_worker_killed(tmp_path, case, frame, strategy, failure, after, free), seeded,
+                               rtol=1e-4)
     assert all(a < b for a, b in zip(seeded[1:], from_zero[1:]))
 
 
@@ -217,13 +227,12 @@ def test_a_real_restore_takes_blocks_whose_drift_turned_as_saved_as_the_simulati
     lower than those of one that extrapolates every block."""
     from dataclasses import replace
 
-    from dask_scar.bench._real import run_real
     from dask_scar.datasets import synthetic_regression
 
     case = Case("tiny-swing", "", lambda quick: synthetic_regression(4000, 20, seed=0),
                 lambda: scar.LinearRegression(l2=1e-3, learning_rate=0.05, momentum=0.9), "y", max_iter=150,
                 tol=1e-5, every=10)
-    failure, victims, after = 20, (0, 1, 2, 3), 12
+    failure, victims, after = 20, tuple(range(REAL_WORKERS)), 12
     frame = case.frame(True)
     (strategy,) = [s for s in case.strategies() if s.name == "scar"]
     every_block = replace(strategy, name="every-block", hold_turned=False)
@@ -234,13 +243,8 @@ def test_a_real_restore_takes_blocks_whose_drift_turned_as_saved_as_the_simulati
     held, extrapolated = (sim.trial(snapshots[failure], s, victims, free, lambda losses: len(losses) >= failure + after
                                     ).losses[failure:] for s in (strategy, every_block))
     assert held[0] < 0.7 * extrapolated[0]
-    with BenchCluster(REAL_WORKERS) as cluster:
-        run = run_real(cluster, case, frame, str(tmp_path / "ckpt.zarr"), strategy, failure, victims,
-                       max_iter=failure + after)
-    (event,) = run.events
-    assert event.extrapolated_blocks > 0 and len(event.lost_chunks) == 2 * REAL_WORKERS
-    np.testing.assert_allclose(run.losses[:failure], free, rtol=1e-5)
-    np.testing.assert_allclose(run.losses[failure:], held, rtol=1e-4)
+    np.testing.assert_allclose(every_worker_killed(tmp_path, case, frame, strategy, failure, after, free), held,
+                               rtol=1e-4)
 
 
 @pytest.mark.slow
