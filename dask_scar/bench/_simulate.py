@@ -17,8 +17,8 @@ recovery would restore:
   between their last two saved versions, by the chunk's path since over its path
   between them (:func:`dask_scar.checkpoint.trend_factors`), unless the strategy or
   the model says not to, but for the blocks whose drift turned when priorities were
-  last measured (:func:`dask_scar.checkpoint.distances`) -- optimizer state restarts (Nesterov's velocity from that
-  drift, where it is extrapolated), every
+  last measured (:func:`dask_scar.checkpoint.distances`) -- optimizer state
+  restarts (Nesterov's velocity from that drift, where it is extrapolated), every
   other chunk keeps its value, and the iteration in flight is redone -- or, with
   ``copies``, they take the previous iteration's state, which every live
   worker's contribution task had copied (the current state for models whose
