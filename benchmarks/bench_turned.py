@@ -20,14 +20,12 @@ those of ``benchmarks/bench_velocity.py`` (Nesterov momentum, names ending ``-ne
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import replace
 
-import pandas as pd
-from bench_velocity import ALL_LOST, CASES as NESTEROV
+from bench_velocity import ALL_LOST, CASES as NESTEROV, arguments, costs
 
 from dask_scar.bench import CASES as BENCH
-from dask_scar.bench import Case, simulate
+from dask_scar.bench import Case
 from dask_scar.bench._bench import SIM_WORKERS
 
 SHOWN = {"scar": "held", "scar-every-block": "every block extrapolated", "scar-paper": "the paper's"}
@@ -47,27 +45,17 @@ def cases() -> dict[str, Case]:
 
 def main() -> None:
     every = cases()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default=",".join(every), help=f"comma-separated, of: {', '.join(every)}")
-    parser.add_argument("--trials", type=int, default=3, help="failure iterations per model")
-    args = parser.parse_args()
-    names = args.cases.split(",")
-    unknown = sorted(set(names) - set(every))
-    if unknown:
-        parser.error(f"unknown case(s) {', '.join(unknown)}: choose among {', '.join(every)}")
-
+    names, trials = arguments(__doc__, every)
     fractions = list(ALL_LOST)
     print("| model | restore | " + " | ".join(f"{f:g} lost" for f in fractions) + " |")
     print("|---|---|" + "---:|" * len(fractions))
     for name in names:
-        case = every[name]
-        result = simulate(case, case.frame(True), SIM_WORKERS, None, args.trials, ALL_LOST)
-        cost = pd.DataFrame(result.trials).groupby(["strategy", "lost_fraction"])["iteration_cost"].mean()
+        cost = costs(every[name], trials)
         for strategy, shown in SHOWN.items():
             print(f"| {name} | {shown} | " + " | ".join(f"{cost[strategy, f]:.2f}" for f in fractions) + " |",
                   flush=True)
     print(f"\nmean iteration cost of scar (PrioritizedCheckpoint + partial recovery): blocks whose drift turned "
-          f"restored as saved / every block extrapolated / the paper's restore, over {args.trials} failure "
+          f"restored as saved / every block extrapolated / the paper's restore, over {trials} failure "
           f"iterations (simulated, {SIM_WORKERS} workers, copies off)")
 
 

@@ -67,30 +67,35 @@ def costs(case: Case, trials: int) -> pd.Series:
     return table.groupby(["strategy", "lost_fraction"])["iteration_cost"].mean()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of: {', '.join(CASES)}")
+def arguments(description: str, cases: dict[str, Case]) -> tuple[list[str], int]:
+    """The command line's ``--cases`` (names of ``cases``, all by default) and ``--trials``."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default=",".join(cases), help=f"comma-separated, of: {', '.join(cases)}")
     parser.add_argument("--trials", type=int, default=3, help="failure iterations per model")
     args = parser.parse_args()
     names = args.cases.split(",")
-    unknown = sorted(set(names) - set(CASES))
+    unknown = sorted(set(names) - set(cases))
     if unknown:
-        parser.error(f"unknown case(s) {', '.join(unknown)}: choose among {', '.join(CASES)}")
+        parser.error(f"unknown case(s) {', '.join(unknown)}: choose among {', '.join(cases)}")
+    return names, args.trials
 
+
+def main() -> None:
+    names, trials = arguments(__doc__, CASES)
     fractions = list(ALL_LOST)
     print("| model | strategy | " + " | ".join(f"{f:g} lost" for f in fractions) + " |")
     print("|---|---|" + "---:|" * len(fractions))
     for name in names:
         case = CASES[name]
-        seeded = costs(case, args.trials)
+        seeded = costs(case, trials)
         with velocity_from_zero(case):
-            zero = costs(case, args.trials)
+            zero = costs(case, trials)
         for strategy in ("traditional", "partial", "scar", "scar-paper"):
             # neither a rollback nor the paper's restore extrapolates: their velocity restarts either way
             one = strategy in ("traditional", "scar-paper")
             cells = [f"{seeded[strategy, f]:.2f}" + ("" if one else f" / {zero[strategy, f]:.2f}") for f in fractions]
             print(f"| {name} | {strategy} | " + " | ".join(cells) + " |", flush=True)
-    print(f"\nmean iteration cost, velocity seeded from the drift / restarted from zero, over {args.trials} "
+    print(f"\nmean iteration cost, velocity seeded from the drift / restarted from zero, over {trials} "
           f"failure iterations (simulated, {SIM_WORKERS} workers, copies off)")
 
 

@@ -229,10 +229,18 @@ def distances(chunks: dict[ChunkId, Chunk], orders: Orders) -> tuple[dict[str, l
         if target is not None and target is not c.reference:
             # (a trail with no trend, as on a chunk's new owner, judges nothing: the
             # driver keeps what it last heard, as the store keeps the versions)
-            moved = block_distances(c, rows, target)
-            turned[label] = [b for b, (m, d) in enumerate(zip(moved, saved)) if m > d]
-            out[label] = [min(m, d) for m, d in zip(moved, saved)]
+            nearer, held = held_back(block_distances(c, rows, target), saved)
+            out[label], turned[label] = nearer.tolist(), np.flatnonzero(held).tolist()
     return out, turned
+
+
+def held_back(moved: Any, saved: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Per block, from its distances to its extrapolated and its saved value: its
+    priority (the nearer), and whether its drift turned (the extrapolation is the
+    farther: a restore takes the block as saved). The one rule of
+    :func:`distances` and the bench's simulation."""
+    moved, saved = np.asarray(moved, dtype=float), np.asarray(saved, dtype=float)
+    return np.minimum(moved, saved), moved > saved
 
 
 def _as_saved(chunk: Chunk) -> tuple[Any, float]:

@@ -43,7 +43,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..checkpoint import block_distances, chunk_blocks, drift_step, extrapolated, step_scales, trend_factors
+from ..checkpoint import (block_distances, chunk_blocks, drift_step, extrapolated, held_back, step_scales,
+                          trend_factors)
 from ..chunks import Chunk, ChunkId, place, split_rows
 from ..iteration import replicates
 from ..models import Model
@@ -211,8 +212,9 @@ class Simulation:
                 if store.turned is None:    # every block extrapolated: the restore before
                     distances = moved
                 else:
-                    store.turned = {name: moved[name] > d for name, d in distances.items()}
-                    distances = {name: np.minimum(moved[name], d) for name, d in distances.items()}
+                    nearer = {name: held_back(moved[name], d) for name, d in distances.items()}
+                    store.turned = {name: held for name, (_, held) in nearer.items()}
+                    distances = {name: priority for name, (priority, _) in nearer.items()}
             priorities = np.concatenate(list(distances.values()))
         store.round += 1
         n = sum(lay.n_blocks for lay in self.layouts.values())
