@@ -456,6 +456,21 @@ def test_dask_labels_are_scored_partition_by_partition_with_the_data():
         model.score(data, dd.from_pandas(frame["y"], npartitions=1))
 
 
+def test_a_parquet_dataset_of_several_files_is_scored_by_its_target_column_name(tmp_path, digits):
+    """Dask reads one column of a Parquet dataset of small files into fewer partitions
+    than the whole frame. The target's name scores anyway (the predictions and the
+    column come from the same tasks); the column itself is refused with that advice."""
+    model = scar.SoftmaxRegression()
+    model.params_, _ = fit_local(model, prepare_local(model, digits, "label"), max_iter=20)
+    dd.from_pandas(digits, npartitions=4).to_parquet(tmp_path / "digits")
+    data = dd.read_parquet(tmp_path / "digits")
+    assert (data.npartitions, data["label"].optimize().npartitions) == (4, 2)     # what this test is about
+    assert model.score(data, "label") == model.score(digits, "label") > 0.9
+    with pytest.raises(DataError, match=r"the labels have 2 partitions, the data 4: pass the target's column name "
+                                        r".*a column of a Parquet dataset into fewer partitions"):
+        model.score(data, data["label"])
+
+
 def test_an_infinite_label_raises_without_a_numpy_warning(digits):
     """R^2 of an infinite label divides inf by inf: the labels are checked before that
     division, for lazy data too, so the DataError comes alone."""

@@ -372,7 +372,8 @@ MAX_IDS_PER_ROW, MAX_IDS_ANYWAY = 10, 1_000_000
 def score_with(model: Model, data: Any, target: Any, metric, valid=np.isfinite, what: str = "finite numbers",
                finish=float) -> float:
     """``finish(metric(predictions, labels))`` as a float; lazy (Dask) inputs are computed
-    once, Dask labels for Dask data partition by partition (:func:`side_by_side`).
+    once: a column of Dask data in the same tasks as the predictions
+    (:func:`predicted_with`), other Dask labels partition by partition (:func:`side_by_side`).
     ``metric`` reduces the rows (lazily, for Dask inputs); ``finish`` runs here, on
     its computed value, only once the labels passed: arithmetic that bad labels would
     break (a division) goes there, so they raise :class:`DataError` and no NumPy warning.
@@ -380,7 +381,8 @@ def score_with(model: Model, data: Any, target: Any, metric, valid=np.isfinite, 
     elementwise test; ``what`` the labels must be), or there are none."""
     columns = list(getattr(data, "columns", ()))
     # a name (a string, a number), or a tuple that names a column; other tuples are labels
-    if is_column_name(target) and (np.ndim(target) == 0 or target in columns):
+    column = is_column_name(target) and (np.ndim(target) == 0 or target in columns)
+    if column:
         require_columns(columns, [target], f"; available columns: {columns}")
         labels, name = data[target], f"the target column {target!r}"
     else:
@@ -395,7 +397,7 @@ def score_with(model: Model, data: Any, target: Any, metric, valid=np.isfinite, 
     if hasattr(pred, "map_partitions") and hasattr(labels, "map_partitions"):   # both Dask's: one computation
         from dask import compute
 
-        pred, labels = side_by_side(pred, labels)
+        pred, labels = predicted_with(model, data, target) if column else side_by_side(pred, labels)
         value, bad, count = compute(metric(pred, labels), (~valid(labels)).sum(), labels.size)
     else:
         pred, labels = (np.asarray(x.compute() if hasattr(x, "compute") else x) for x in (pred, labels))
@@ -412,13 +414,30 @@ def score_with(model: Model, data: Any, target: Any, metric, valid=np.isfinite, 
     return float(finish(value))
 
 
+def predicted_with(model: Model, data: Any, target: Any) -> tuple[Any, Any]:
+    """Lazy predictions of ``model`` for the Dask frame ``data`` and its column ``target``
+    (as float64, NA as NaN), made by one task per partition. Not the predictions beside
+    ``data[target]``: Dask plans a column's read apart from the whole frame's, and may
+    read a Parquet dataset of several files into fewer partitions for it."""
+
+    def pair(frame: pd.DataFrame) -> pd.DataFrame:
+        return pd.DataFrame({"pred": np.asarray(model.predict(frame)),
+                             "label": frame[target].to_numpy(np.float64, na_value=np.nan)}, index=frame.index)
+
+    both = data.map_partitions(pair, meta=pair(data._meta))
+    return both["pred"], both["label"]
+
+
 def side_by_side(pred: Any, labels: Any) -> tuple[Any, Any]:
     """Lazy predictions and labels (Dask Series) as two columns of one frame, each partition
     of the labels beside the same partition of the predictions, whatever their indexes
     (as labels in memory are taken in order). :class:`DataError` where they do not line
-    up: another number of partitions (here), or of rows in a partition (when computed)."""
+    up: another number of partitions (here, as Dask will read them), or of rows in a
+    partition (when computed)."""
     fix = ("pass the target's column name (score(ddf, 'label')), or labels with the same partitions as the data "
-           "(a column of the same frame)")
+           "(Dask may read a column of a Parquet dataset into fewer partitions than the whole frame: its name "
+           "avoids that)")
+    pred, labels = pred.optimize(), labels.optimize()
     if labels.npartitions != pred.npartitions:
         raise DataError(f"the labels have {labels.npartitions} partitions, the data {pred.npartitions}: {fix}")
 
