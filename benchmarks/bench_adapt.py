@@ -30,7 +30,7 @@ SETUPS = ("1 worker", "adapt(1, 2)", "2 workers")
 
 
 def fit_once(setup: str, frame: pd.DataFrame, iters: int) -> dict:
-    with dask.config.set(config.OWN_CLUSTER), \
+    with dask.config.set(config.own_cluster()), \
             LocalCluster(n_workers=2 if setup == "2 workers" else 1, threads_per_worker=1,
                          dashboard_address=":0", silence_logs=50) as cluster, \
             Client(cluster) as client:

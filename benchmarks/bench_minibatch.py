@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=100)
     args = parser.parse_args()
     default, replicated = scar.SoftmaxRegression.REPLICA_ANY_BYTES, float("inf")
-    with dask.config.set(config.OWN_CLUSTER), LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0",
+    with dask.config.set(config.own_cluster()), LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0",
                                                            silence_logs=50) as cluster, Client(cluster) as client:
         print(f"{'weights':>9} {'rows x features x classes':>26} {'replicated ms/it':>18} {'on owners ms/it':>17} "
               f"{'ratio':>7}")

@@ -54,7 +54,7 @@ def main() -> None:
     event.add_argument("--shrink", action="store_true", help="start with three workers; scale down to two")
     event.add_argument("--hang", action="store_true", help="SIGSTOP the worker instead of SIGKILLing it")
     args = parser.parse_args()
-    with dask.config.set({**config.OWN_CLUSTER, **({"scar.recovery.hung-worker": "5s"} if args.hang else {})}), \
+    with dask.config.set({**config.own_cluster(), **({"scar.recovery.hung-worker": "5s"} if args.hang else {})}), \
             LocalCluster(n_workers=1 if args.join else 3 if args.shrink else args.workers, threads_per_worker=1,
                          dashboard_address=":0", silence_logs=50) as cluster, \
             Client(cluster) as client:

@@ -146,14 +146,17 @@ def demo(args: argparse.Namespace) -> int:
 
 def local_cluster(workers: int):
     """The LocalCluster ``dask-scar train`` starts: ``workers`` processes of one thread,
-    no dashboard, and so none of Dask's periodic work for it (:data:`dask_scar.config.QUIET`)."""
+    no dashboard, and so none of Dask's periodic work for it (:data:`dask_scar.config.QUIET`).
+    Its nannies fork their workers (:func:`dask_scar.config.own_cluster`), replacements
+    included: that setting stays for as long as this process runs."""
     import dask
     from distributed import LocalCluster
 
     from dask_scar import config
 
+    dask.config.set(config.own_cluster())
     with dask.config.set(config.QUIET):
-        return LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None)
+        return LocalCluster(n_workers=workers, threads_per_worker=1, **config.NO_DASHBOARD)
 
 
 def train(args: argparse.Namespace) -> int:

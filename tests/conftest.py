@@ -13,16 +13,13 @@ import numpy as np
 import pandas as pd
 import pytest
 from distributed import Client, LocalCluster
-from distributed.utils import get_mp_context
 
 from dask_scar import config
 
-# Nannies start their worker processes by forking one server process that imported
-# the library once, not by spawning a fresh interpreter that imports it again: a
-# LocalCluster of 4 then starts in 0.7 s, not 6 s, on 2 cores. The workers are still
-# separate processes, SIGKILLed as any other.
-dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})
-get_mp_context().set_forkserver_preload(["distributed", "dask_scar.trainer", "dask_scar.preload"])
+# For every cluster of the tests, for as long as they run (nannies replace killed
+# workers with it too): worker processes forked from a server that imported the
+# library once, SIGKILLed as any other.
+dask.config.set(config.own_cluster())
 
 
 def wait_for(condition, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):
@@ -37,9 +34,9 @@ def wait_for(condition, timeout: float = 30.0, interval: float = 0.05, what: str
 
 
 def new_cluster(n_workers: int = 2, settings: dict | None = None) -> LocalCluster:
-    """Worker processes with Dask's settings, but for :data:`dask_scar.config.OWN_CLUSTER`
+    """Worker processes with Dask's settings, but for :func:`dask_scar.config.own_cluster`'s
     and then ``settings``."""
-    with dask.config.set({**config.OWN_CLUSTER, **(settings or {})}):
+    with dask.config.set(settings or {}):
         return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
                             dashboard_address=":0", silence_logs=40)
 

@@ -578,7 +578,7 @@ def test_segments_pause_the_profiler_slow_the_tick_and_hold_freed_memory(digits)
     every second (both hold the GIL the training thread needs), and arrays of a few MB
     come from the allocator's heap, not each from a memory map of its own; afterwards
     all three are as they were. A cluster of its own, with Dask's default of the profiler
-    on, even where config.OWN_CLUSTER turns it off for the other tests."""
+    on, even where config.own_cluster() turns it off for the other tests."""
     ddf = dd.from_pandas(digits, npartitions=4)
     with new_cluster(2, {"distributed.worker.profile.enabled": True}) as cluster, Client(cluster) as client:
         before = client.run(_periodic_work)

@@ -63,7 +63,7 @@ class BenchCluster:
         # just as it joined: a second loss in the run, which no strategy had asked for
         # (2 runs in 14 of one case; 3 of 30 in a full bench). The nannies here only
         # ever replace workers killed on purpose: never give them up.
-        self._config = dask.config.set({"distributed.deploy.lost-worker-timeout": "1 day", **config.OWN_CLUSTER})
+        self._config = dask.config.set({"distributed.deploy.lost-worker-timeout": "1 day", **config.own_cluster()})
         try:
             self._start()
         except BaseException:
@@ -79,8 +79,8 @@ class BenchCluster:
         # one's -W options: the warning is not news here.
         if _TRACKER_WARNING not in sys.warnoptions:
             sys.warnoptions.append(_TRACKER_WARNING)
-        self.cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, dashboard_address=None,
-                                    silence_logs=logging.CRITICAL)
+        self.cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, silence_logs=logging.CRITICAL,
+                                    **config.NO_DASHBOARD)
         self.client = Client(self.cluster)
 
     def ready(self) -> Client:
