@@ -232,6 +232,9 @@ def inspect(args: argparse.Namespace) -> int:
         print(f"{info['newer_blocks']} block(s) written after that round, up to iteration "
               f"{info['newest_iteration']} (by rounds that never committed: resume=True and partial restores "
               "read them, a full rollback does not)")
+    if info["diverged"] is not None:
+        print(f"the fit that wrote it diverged: resume=True starts from the versions saved before iteration "
+              f"{info['diverged']}")
     if args.verify:
         read, problems = store.verify()
         for problem in problems:

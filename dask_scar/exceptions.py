@@ -21,7 +21,9 @@ class BackendError(ScarError, TypeError):
 
 
 class DivergenceError(ScarError, FloatingPointError):
-    """The loss became non-finite or grew without bound during training."""
+    """The loss became non-finite or grew without bound during training, at ``iteration``."""
+
+    iteration: int | None = None
 
 
 class WorkerLostError(ScarError, RuntimeError):

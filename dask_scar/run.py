@@ -693,5 +693,7 @@ def _check_divergence(rows: list[dict], factor: float, model: Model) -> None:
     if not math.isfinite(loss) or loss > factor * max(abs(rows[0]["loss"]), 1e-12):
         hint = (f"lower learning_rate (now {model.learning_rate}) or scale the features"
                 if hasattr(model, "learning_rate") else "check the data's scale and the model's l2")
-        raise DivergenceError(f"training diverged: loss {loss:.6g} at iteration {rows[-1]['iteration']} "
-                              f"(it started at {rows[0]['loss']:.6g}); {hint}")
+        error = DivergenceError(f"training diverged: loss {loss:.6g} at iteration {rows[-1]['iteration']} "
+                                f"(it started at {rows[0]['loss']:.6g}); {hint}")
+        error.iteration = rows[-1]["iteration"]
+        raise error

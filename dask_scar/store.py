@@ -236,6 +236,7 @@ class CheckpointStore(abc.ABC):
             "staleness": {label: int(c) for label, c in zip(labels, counts) if c},
             "newer_blocks": int(newer.sum()),
             "newest_iteration": newest,
+            "diverged": self.diverged,
         }
 
     def check_compatible(self, model: dict, layouts: dict[str, BlockLayout] | None = None) -> None:
@@ -598,6 +599,48 @@ class ZarrStore(CheckpointStore):
                 self.group = group
         except Exception:  # noqa: BLE001
             logger.debug("could not release the checkpoint store at %s", self.url, exc_info=True)
+
+    def mark_diverged(self, run: str, iteration: int) -> None:
+        """Record that ``run``, still the store's writer, diverged: the versions saved
+        from ``iteration`` on are not to be resumed from (:meth:`drop_diverged`). It
+        raises nothing, like :meth:`release`: the fit's own error comes first."""
+        try:
+            group = self._fresh()
+            if group.attrs.get("writer") == run:
+                group.attrs.update({"diverged": int(iteration)})
+                self.group = group
+        except Exception:  # noqa: BLE001
+            logger.debug("could not mark the checkpoint store at %s diverged", self.url, exc_info=True)
+
+    @property
+    def diverged(self) -> int | None:
+        """The iteration from which the fit that wrote here last saved diverged values
+        (None: it did not diverge)."""
+        return self.group.attrs.get("diverged")
+
+    def drop_diverged(self, run: str) -> tuple[int, int]:
+        """For ``run``, a resume that claimed the store: forget every version saved from
+        the iteration :meth:`mark_diverged` recorded on, and make the newest round left
+        the last committed one (the manifest's) where it was later. Returns the number
+        of versions forgotten and the iteration the store is then at."""
+        cutoff, dropped, newest = self.diverged, 0, (0, 0)     # newest: round, iteration left
+        for name in self.layouts:
+            saved, versions = self._array(f"saved/{name}"), self.versions(name)
+            late = versions[:, :, 0] >= cutoff
+            never = np.full((1, 1, saved.shape[2]), NEVER, dtype=np.int64)
+            self._io.put([(_key(saved, (int(b), int(s), 0)), _encode(saved, (int(b), int(s), 0), never))
+                          for b, s in zip(*np.nonzero(late))])
+            dropped += int(late.sum())
+            kept = versions[~late & (versions[:, :, 2] != NEVER)]
+            if len(kept):
+                newest = max(newest, (int(kept[:, 2].max()), int(kept[kept[:, 2].argmax(), 0])))
+        manifest = self.manifest
+        if manifest.get("iteration", 0) >= cutoff:
+            self.commit({**manifest, "round": newest[0], "iteration": newest[1], "run": run})
+        group = self._fresh()
+        group.attrs.update({"diverged": None})
+        self.group = group
+        return dropped, int(self.manifest.get("iteration", 0))
 
     @property
     def writer(self) -> str | None:

@@ -23,7 +23,7 @@ from . import checkpoint, config, data
 from .backend import array_module
 from .checkpoint import Checkpointer
 from .chunks import ParameterChunks, place, split_rows
-from .exceptions import BackendError, CheckpointError, CheckpointWarning
+from .exceptions import BackendError, CheckpointError, CheckpointWarning, DivergenceError
 from .models import Model
 from .models._base import check_number
 from .plugin import ensure_plugin
@@ -266,6 +266,16 @@ class Trainer:
                 params = training_run.finish()
         except CancelledError as exc:
             raise cancelled(client, exc, hint) from None
+        except DivergenceError as exc:
+            if store is None:
+                raise
+            # the loss of iteration k is that of the parameters of iteration k - 1
+            store.mark_diverged(run, exc.iteration - 1)
+            error = DivergenceError(f"{exc}. The checkpoint store {self.store} keeps this fit as saved before "
+                                    f"iteration {exc.iteration - 1}: fit(..., resume=True) goes on from there with "
+                                    "the settings it is given, or delete the store to start afresh")
+            error.iteration = exc.iteration
+            raise error from None
         finally:
             try:
                 if training_run is not None:
@@ -322,6 +332,12 @@ class Trainer:
                 store.destroy()     # never trained (or Ctrl-C): it would only ask for resume=True next time
             raise
         store.claim(run)
+        cutoff = store.diverged if resume else None
+        if cutoff is not None:
+            dropped, at = store.drop_diverged(run)
+            warnings.warn(f"the fit that wrote {self.store} diverged: this one resumes from iteration {at}, as "
+                          f"saved before iteration {cutoff}; {dropped} block versions saved from then on are "
+                          "forgotten", CheckpointWarning, stacklevel=checkpoint.callers_level())
         manifest = store.manifest
         start = int(manifest.get("iteration", 0))
         epoch = int(manifest.get("epoch", -1)) + 1

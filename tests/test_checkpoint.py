@@ -23,6 +23,7 @@ from conftest import wait_for
 from distributed import Client, LocalCluster
 
 import dask_scar as scar
+from dask_scar.cli import main
 from dask_scar.local import fit_local, prepare_local
 
 
@@ -195,6 +196,38 @@ def test_store_for_another_model_or_corrupt_is_refused(client, digits, tmp_path)
     with pytest.raises(scar.CheckpointError, match="no dask_scar checkpoint store at"):
         scar.Trainer(client, scar.SoftmaxRegression(), store=tmp_path / "none.zarr").fit(
             digits, target="label", resume=True)
+
+
+def test_a_diverged_fit_is_resumed_from_before_it_went_wrong(client, tmp_path, capsys):
+    """Least squares with too large a step: its loss grows 1.7-fold an iteration, and
+    the fit stops at 10,000 times its first loss, while its segment has saved blocks
+    further on. The error says what the store keeps; a resume with a smaller step
+    forgets the versions saved from the iteration whose parameters went wrong, and
+    trains."""
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.standard_normal((2000, 8)), columns=[f"x{i}" for i in range(8)])
+    frame["y"] = frame.to_numpy() @ rng.standard_normal(8) + 0.1 * rng.standard_normal(2000)
+    store = tmp_path / "ckpt.zarr"
+    with pytest.raises(scar.DivergenceError, match=rf"loss \S+ at iteration 15 \(it started at 1.72558\); lower "
+                                                   rf"learning_rate \(now 2.3\) or scale the features\. The checkpoint "
+                                                   rf"store {re.escape(str(store))} keeps this fit as saved before "
+                                                   r"iteration 14: fit\(\.\.\., resume=True\) goes on from there"):
+        scar.Trainer(client, scar.LinearRegression(learning_rate=2.3), store=store).fit(
+            frame, target="y", max_iter=100, progress=False)
+    saved = scar.open_store(store).saved_at
+    assert scar.open_store(store).diverged == 14 and saved.iteration.max() >= 14     # written further on
+    capsys.readouterr()
+    assert main(["inspect", str(store)]) == 0
+    assert ("the fit that wrote it diverged: resume=True starts from the versions saved before iteration 14"
+            in capsys.readouterr().out)
+    with pytest.warns(scar.CheckpointWarning, match=r"the fit that wrote .* diverged: this one resumes from "
+                                                    r"iteration 0, as saved before iteration 14; \d+ block versions "
+                                                    r"saved from then on are forgotten"):
+        result = scar.Trainer(client, scar.LinearRegression(learning_rate=0.5), store=store).fit(
+            frame, target="y", max_iter=60, resume=True, progress=False)
+    # the values it starts from are the diverged fit's before it passed 10,000 times its first loss
+    assert result.history.loss.iloc[0] < 1e4 * 1.72558 and result.history.loss.iloc[-1] < 0.01
+    assert scar.open_store(store).diverged is None
 
 
 def test_a_store_path_that_holds_something_else_is_named(client, digits, tmp_path):

@@ -90,6 +90,33 @@ def test_a_block_keeps_its_two_newest_versions_and_a_write_spares_the_newest(tmp
     assert sizes[1] == os.path.getsize(newest)       # a write costs one version's bytes, not two
 
 
+def test_a_resume_forgets_what_a_diverged_fit_saved_from_the_iteration_it_went_wrong(tmp_path):
+    """A fit that diverged marks the store; the resume that claims it next forgets every
+    version saved from that iteration on (both slots) and goes back to the newest
+    round left."""
+    store = new_store(tmp_path / "ckpt.zarr")
+    ones = np.ones((5, 10), np.float32)
+    for k, blocks in ((1, [2]), (2, [4]), (3, [2])):      # iterations 5, 10 and 15
+        store.write_blocks("weights", {b: ones * k for b in blocks}, iteration=5 * k, epoch=0, round=k)
+    store.commit({"round": 3, "iteration": 15, "epoch": 0, "run": "a"})
+    store.claim("a")
+    store.mark_diverged("other", 9)          # not the store's writer: nothing recorded
+    assert scar.open_store(tmp_path / "ckpt.zarr").diverged is None
+    store.mark_diverged("a", 9)
+    store.release("a")
+    assert scar.open_store(tmp_path / "ckpt.zarr").info()["diverged"] == 9
+
+    resumed = ZarrStore.open(tmp_path / "ckpt.zarr", mode="r+")
+    resumed.claim("b")
+    assert resumed.drop_diverged("b") == (2, 5)    # block 2's version of iteration 15, block 4's of 10
+    again = scar.open_store(tmp_path / "ckpt.zarr")
+    assert again.records("weights", [2, 4])[:, :3].tolist() == [[5, 0, 1], [-1, -1, -1]]
+    assert again.records("weights", [2], previous=True)[:, 0].tolist() == [-1]
+    assert again.read_blocks("weights", [2, 4]) == {2: pytest.approx(ones)}
+    assert (again.manifest["round"], again.manifest["iteration"], again.diverged) == (1, 5, None)
+    assert again.last_round() == 1
+
+
 class _Killed(BaseException):
     pass
 
