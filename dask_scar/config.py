@@ -8,13 +8,17 @@ Defaults live in ``dask_scar.yaml``; override them like any Dask setting::
 
 from __future__ import annotations
 
+import math
 import multiprocessing
+import numbers
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import dask.config
 import yaml
+from dask.utils import parse_timedelta
 
 _DEFAULTS_FILE = os.path.join(os.path.dirname(__file__), "dask_scar.yaml")
 
@@ -73,7 +77,87 @@ def own_cluster() -> dict:
 
 
 def get(key: str, override: Any = None) -> Any:
-    """The value of ``scar.<key>``, or ``override`` when that is not None."""
+    """The value of ``scar.<key>``, or ``override`` when that is not None; read as its
+    kind (:data:`KINDS`: durations in seconds), or :class:`ValueError` naming the key."""
     if override is not None:
         return override
-    return dask.config.get(f"scar.{key}")
+    value = dask.config.get(f"scar.{key}")
+    kind = KINDS.get(key)
+    return value if kind is None else kind(key, value)
+
+
+def check() -> None:
+    """Every ``scar.*`` setting read once: a bad one raises :class:`ValueError` naming
+    it before a fit reads its data."""
+    for key in KINDS:
+        get(key)
+
+
+def _count(least: int) -> Callable[[str, Any], int]:
+    def read(key: str, value: Any) -> int:
+        if isinstance(value, str) and value.strip().isdigit():     # from the environment, or quoted in YAML
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+            raise ValueError(f"scar.{key}={value!r}: give a whole number, at least {least}")
+        return int(value)
+    return read
+
+
+def _number(above: float, most: float = math.inf) -> Callable[[str, Any], float]:
+    def read(key: str, value: Any) -> float:
+        try:
+            number = float(value) if not isinstance(value, bool) else math.nan
+        except (TypeError, ValueError):
+            number = math.nan
+        if not above < number <= most:
+            bound = f"more than {above:g}" + (f" and at most {most:g}" if most < math.inf else "")
+            raise ValueError(f"scar.{key}={value!r}: give a number {bound}")
+        return number
+    return read
+
+
+def _duration(zero: bool = False, off: bool = False) -> Callable[[str, Any], float | None]:
+    """Seconds: a number, or a duration such as ``'90s'`` or ``'10 minutes'``; 0 only
+    where ``zero``; with ``off``, None for false or 0."""
+    def read(key: str, value: Any) -> float | None:
+        if off and (value is None or value is False):
+            return None
+        try:
+            seconds = parse_timedelta(value) if not isinstance(value, bool) else None
+        except (ValueError, TypeError, KeyError, AttributeError):
+            seconds = None
+        if seconds is None or seconds < 0 or (seconds == 0 and not (zero or off)):
+            raise ValueError(f"scar.{key}={value!r} is no duration: give one such as '60s' or 60 (seconds)"
+                             + (", or false to leave hung workers to Dask" if off else ""))
+        return None if off and seconds == 0 else float(seconds)
+    return read
+
+
+_FLAGS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def _flag(key: str, value: Any) -> bool:
+    if isinstance(value, str) and value.strip().lower() in _FLAGS:     # from the environment
+        return _FLAGS[value.strip().lower()]
+    if not isinstance(value, bool):
+        raise ValueError(f"scar.{key}={value!r}: give true or false")
+    return value
+
+
+#: How each ``scar.*`` setting is read (see ``dask_scar.yaml`` for what they mean).
+KINDS: dict[str, Callable[[str, Any], Any]] = {
+    "chunks-per-worker": _count(1),
+    "progress": _flag,
+    "tile-rows": _count(1),
+    "divergence-factor": _number(1.0),
+    "segment-iterations": _count(1),
+    "iteration-timeout": _duration(),
+    "recovery.wait-for-workers": _duration(zero=True),
+    "recovery.hung-worker": _duration(off=True),
+    "recovery.replicas": _flag,
+    "recovery.extrapolate": _flag,
+    "checkpoint.fraction": _number(0.0, 1.0),
+    "checkpoint.every": _count(1),
+    "checkpoint.blocks-per-chunk": _count(1),
+    "checkpoint.backlog": _count(0),
+}

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-from dask.utils import format_bytes, parse_timedelta
+from dask.utils import format_bytes
 from distributed import Client, Future
 from distributed.client import _wait    # distributed.wait's own, on the given client
 
@@ -226,17 +226,7 @@ def restart_hung_workers(client: Client, workers: set[str], after: float, warned
 
 def hung_after() -> float | None:
     """``scar.recovery.hung-worker`` in seconds; None where it is off (false, 0)."""
-    value = config.get("recovery.hung-worker")
-    if value is None or value is False:
-        return None
-    try:
-        seconds = parse_timedelta(value) if not isinstance(value, bool) else None
-    except (ValueError, TypeError, KeyError, AttributeError):
-        seconds = None
-    if seconds is None or seconds < 0:
-        raise ValueError(f"scar.recovery.hung-worker={value!r} is no duration: give one such as '60s' or 60 "
-                         "(seconds), or false to leave hung workers to Dask")
-    return float(seconds) or None
+    return config.get("recovery.hung-worker")
 
 
 def live_workers(client: Client) -> set[str]:
@@ -594,7 +584,7 @@ def live_or_wait(client: Client, hint: str) -> set[str]:
         return alive
     timeout = config.get("recovery.wait-for-workers")
     address = client.scheduler.address
-    logger.warning("dask_scar: the cluster of the scheduler at %s has no worker; waiting up to %s s for one to join",
+    logger.warning("dask_scar: the cluster of the scheduler at %s has no worker; waiting up to %g s for one to join",
                    address, timeout)
     # nothing queues for a fit that waits: adaptive scaling (adapt(minimum=0)) would start no worker
     waiting = f"waiting-{client.id}"
@@ -603,7 +593,7 @@ def live_or_wait(client: Client, hint: str) -> set[str]:
         client.wait_for_workers(1, timeout=timeout)
     except TimeoutError:
         raise WorkerLostError(f"the cluster of the scheduler at {address} has no worker, and none joined within "
-                              f"scar.recovery.wait-for-workers={timeout}s: start some (cluster.scale(n), or "
+                              f"scar.recovery.wait-for-workers={timeout:g}s: start some (cluster.scale(n), or "
                               f"dask worker {address}: a worker whose scheduler went away does not come back "
                               f"to its successor by itself){hint}") from None
     finally:
@@ -696,7 +686,7 @@ def wait_watching(futures: list[Future], watch: ClusterWatch, owners: Callable[[
             watch.restart_hung(owners() | others())
             stuck = warn_paused(info, owners(), watch.paused)
             if now - started > timeout:
-                raise ScarError(f"an iteration took longer than scar.iteration-timeout={timeout}s; "
+                raise ScarError(f"an iteration took longer than scar.iteration-timeout={timeout:g}s; "
                                 + (pause_advice(stuck) if stuck else hang_advice(watch.hung_after)))
     for f in futures:
         if f.status == "cancelled":

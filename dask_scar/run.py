@@ -520,7 +520,7 @@ class TrainingRun:
                     self.watch.restart_hung(self.owners())
                 if time.monotonic() > deadline:
                     ckpt.abandon(f"no report from the checkpoint writers within "
-                                 f"scar.iteration-timeout={self.timeout}s")
+                                 f"scar.iteration-timeout={self.timeout:g}s")
         for message in _take_all(self.inbox):
             self.keep(message)
         ckpt.commit()

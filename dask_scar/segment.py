@@ -337,7 +337,7 @@ def _take(run: str, epoch: int, iteration: int, peers: list[str], timeout: float
                 if time.monotonic() > deadline:
                     missing = [key[-1] for key in keys if key not in _box]
                     raise ScarError(f"no word from worker(s) {missing} for iteration {iteration} within "
-                                    f"scar.iteration-timeout={timeout}s")
+                                    f"scar.iteration-timeout={timeout:g}s")
                 _cond.wait(POLL_SECONDS)
     return [_unpickled(frames) for frames in messages]
 

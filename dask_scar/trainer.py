@@ -28,7 +28,7 @@ from .models import Model
 from .models._base import check_number
 from .plugin import ensure_plugin
 from .policy import CheckpointPolicy, default_policy, from_json
-from .recovery import RecoveryEvent, Restore, cancelled, check_scheduler, hung_after, interruptible, live_workers
+from .recovery import RecoveryEvent, Restore, cancelled, check_scheduler, interruptible, live_workers
 from .run import TrainingRun, history_frame
 from .store import ZarrStore, make_layouts, probe
 
@@ -204,7 +204,7 @@ class Trainer:
     def _fit(self, frame, target, features, max_iter, tol, resume, progress, callback) -> FitResult:
         client, model = self.client, self.model
         check_scheduler(client, "")
-        hung_after()        # (a bad setting is said before the data is read)
+        config.check()      # a bad setting is said before the data is read
         if self.store is not None:
             # a store written for another model class or other columns is refused before the data is read
             _check_store_path(self.store, resume, self._store_model(*data.columns_of(model, frame, target, features)))

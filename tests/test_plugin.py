@@ -1,6 +1,7 @@
 """ScarPlugin installed the three supported ways, on real schedulers; its turns, and its word to adaptive scaling."""
 
 import os
+import re
 import signal
 import threading
 import time
@@ -14,6 +15,7 @@ from conftest import alive, cli_cluster, new_cluster, wait_for
 from distributed import Client
 
 import dask_scar as scar
+from dask_scar import config
 from dask_scar.plugin import ensure_plugin, restart_hung
 from dask_scar.recovery import ClusterWatch, live_workers
 
@@ -337,12 +339,36 @@ def test_a_hung_worker_is_restarted_on_request(own_client):
             os.kill(pid, signal.SIGKILL)
 
 
-@pytest.mark.parametrize("setting", ["soon", -5, True])
-def test_a_bad_hung_worker_setting_is_said_before_the_data_is_read(client, digits, setting):
-    with dask.config.set({"scar.recovery.hung-worker": setting}), \
-            pytest.raises(ValueError, match=f"scar.recovery.hung-worker={setting!r} is no duration: give one"):
+@pytest.mark.parametrize("key, setting, said", [
+    ("recovery.hung-worker", "soon", " is no duration: give one such as '60s' or 60 (seconds), or false"),
+    ("recovery.hung-worker", -5, " is no duration: give one"),
+    ("recovery.hung-worker", True, " is no duration: give one"),
+    ("iteration-timeout", "ten", " is no duration: give one such as '60s' or 60 (seconds)"),
+    ("iteration-timeout", 0, " is no duration: give one"),
+    ("recovery.wait-for-workers", "-3s", " is no duration: give one"),
+    ("chunks-per-worker", 0, ": give a whole number, at least 1"),
+    ("chunks-per-worker", "two", ": give a whole number, at least 1"),
+    ("checkpoint.blocks-per-chunk", 2.5, ": give a whole number, at least 1"),
+    ("divergence-factor", "big", ": give a number more than 1"),
+    ("checkpoint.fraction", 1.5, ": give a number more than 0 and at most 1"),
+    ("recovery.replicas", "sometimes", ": give true or false"),
+])
+def test_a_bad_setting_is_said_before_the_data_is_read(client, digits, key, setting, said):
+    with dask.config.set({f"scar.{key}": setting}), \
+            pytest.raises(ValueError, match=re.escape(f"scar.{key}={setting!r}{said}")):
         scar.Trainer(client, scar.SoftmaxRegression()).fit(dd.from_pandas(digits, npartitions=2).map_partitions(
             _never, meta=digits), target="label", max_iter=3, progress=False)
+
+
+def test_settings_are_read_as_their_kind():
+    """Durations as Dask writes them, and the strings that environment variables give."""
+    settings = {"scar.iteration-timeout": "10 minutes", "scar.recovery.wait-for-workers": 0,
+                "scar.recovery.hung-worker": 0, "scar.chunks-per-worker": "4", "scar.recovery.replicas": "false"}
+    with dask.config.set(settings):
+        assert [config.get(k) for k in ("iteration-timeout", "recovery.wait-for-workers", "recovery.hung-worker",
+                                        "chunks-per-worker", "recovery.replicas")] == [600.0, 0.0, None, 4, False]
+    with dask.config.set({"scar.recovery.hung-worker": "90s"}):
+        assert config.get("recovery.hung-worker") == 90.0
 
 
 def _never(part):
