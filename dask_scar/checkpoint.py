@@ -338,10 +338,14 @@ def training_task(func: Callable) -> Callable:
     running beside the task competes with it for the interpreter's lock at every
     system call it makes: on two busy cores, a round whose writes took ~5 ms of CPU
     per worker added 23-32 ms to the iterations that way, and -3 to +17 ms held for
-    the gaps (softmax, 200k rows)."""
+    the gaps (softmax, 200k rows).
+
+    NumPy's floating-point warnings are off in the task: a loss that overflows to inf
+    or NaN reaches the driver, whose :class:`~dask_scar.DivergenceError` says what to
+    do, without a warning from every worker before it."""
     @functools.wraps(func)
     def task(*args, **kwargs):
-        with _running(1):
+        with _running(1), np.errstate(all="ignore"):
             return func(*args, **kwargs)
     return task
 
