@@ -128,6 +128,9 @@ class Trainer:
 
     def __init__(self, client: Client, model: Model, store: Any = None, policy: Any = None,
                  recovery: str = "partial", n_chunks: int | None = None, backend: str = "numpy"):
+        if not isinstance(client, Client):
+            raise TypeError(f"client must be a distributed Client (Client(LocalCluster()), or "
+                            f"Client('tcp://scheduler:8786') for a running cluster), got {type(client).__name__}")
         if store is not None and not isinstance(store, (str, os.PathLike)):
             raise TypeError(f"store must be a path or URL, got {type(store).__name__}")
         if store is not None and not os.fspath(store).strip():

@@ -20,7 +20,7 @@ import pytest
 from conftest import low_rank_ratings, new_cluster, wait_for
 
 import dask_scar as scar
-from dask_scar import segment
+from dask_scar import checkpoint, segment
 from dask_scar.local import fit_local, prepare_local
 from dask_scar.recovery import live_workers
 
@@ -264,6 +264,17 @@ def test_progress_bar_goes_to_stderr_and_can_be_turned_off(client, digits, capsy
     assert len(frames) <= 3 and "150/150" in frames[-1]
 
 
+def test_training_tasks_warn_of_no_overflow():
+    """A diverging fit's workers print no NumPy warning: the DivergenceError says it all."""
+    @checkpoint.training_task
+    def overflow():
+        return np.float32(3e38) * np.float32(10) - np.inf
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isnan(overflow())
+
+
 def test_divergence_is_reported_with_a_fix(client, digits):
     frame = digits.assign(**{c: digits[c] * 1000 for c in digits.columns if c != "label"})
     with pytest.raises(scar.DivergenceError, match="lower learning_rate \\(now 5.0\\) or scale the features"):
@@ -290,6 +301,10 @@ def test_stops_early_at_tolerance(client, digits):
 def test_bad_trainer_arguments(client, kwargs, error, message):
     with pytest.raises(error, match=message):
         scar.Trainer(client, scar.SoftmaxRegression(), **kwargs)
+    with pytest.raises(TypeError, match=re.escape("client must be a distributed Client (Client(LocalCluster()), "
+                                                  "or Client('tcp://scheduler:8786') for a running cluster), "
+                                                  "got NoneType")):
+        scar.Trainer(None, scar.SoftmaxRegression())
 
 
 @pytest.mark.parametrize("model, kwargs, message", [
