@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -70,6 +72,8 @@ def demo(args: argparse.Namespace) -> int:
     from dask_scar.bench import iteration_cost
     from dask_scar.bench._real import BenchCluster
 
+    _check_options(workers=(args.workers, 1, True), rows=(args.rows, 100, True), features=(args.features, 1, True),
+                   classes=(args.classes, 2, True), max_iter=(args.max_iter, 40, True))
     rows = 5_000 if args.quick else args.rows
     max_iter = 40 if args.quick else args.max_iter
     every = max(8, max_iter * 2 // 15)      # a full checkpoint every 20 iterations of 150
@@ -159,6 +163,22 @@ def local_cluster(workers: int):
         return LocalCluster(n_workers=workers, threads_per_worker=1, **config.NO_DASHBOARD)
 
 
+def _check_options(*checks: Callable[[], None], **numbers: tuple[Any, float, bool]) -> None:
+    """Bad numbers said as the options that gave them, before a cluster starts:
+    ``checks`` raise ValueError("name must ..."), ``numbers`` are (value, least, whole)."""
+    from dask_scar.exceptions import ScarError
+    from dask_scar.models._base import check_number
+
+    try:
+        for check in checks:
+            check()
+        for name, (value, least, whole) in numbers.items():
+            check_number(name, value, least, integer=whole)
+    except ValueError as exc:
+        name, _, rest = str(exc).partition(" must ")
+        raise ScarError(f"--{name.replace('_', '-')} must {rest}") from None
+
+
 def train(args: argparse.Namespace) -> int:
     from distributed import Client
 
@@ -174,13 +194,24 @@ def train(args: argparse.Namespace) -> int:
     if args.resume and not args.store:
         raise scar.ScarError("--resume needs --store: the path or URL of the checkpoint store")
     model = getattr(scar, MODELS[args.model])(**given)
+    _check_options(model.check_params, max_iter=(args.max_iter, 1, True), tol=(args.tol, 0, False),
+                   **({} if args.scheduler else {"workers": (args.workers, 1, True)}))
     reader = dd.read_csv if args.data.endswith((".csv", ".csv.gz")) else dd.read_parquet
-    ddf = reader(args.data)
+    try:
+        ddf = reader(args.data)
+    except FileNotFoundError:
+        raise scar.ScarError(f"no data at {args.data}: give the path or URL of Parquet files, or of CSV files "
+                             "ending in .csv") from None
+    except OSError as exc:
+        raise scar.ScarError(f"cannot read {args.data}: {exc.__cause__ or exc}") from None
     if args.target is None and args.model != "mf":
         raise scar.ScarError(f"--model {args.model} needs --target: one of the columns {list(ddf.columns)}")
     cluster = None
     if args.scheduler:
-        client = Client(args.scheduler)
+        try:
+            client = Client(args.scheduler)
+        except OSError as exc:      # a timeout too
+            raise scar.ScarError(f"cannot reach the scheduler at {args.scheduler}: {exc}") from None
     else:
         cluster = local_cluster(args.workers)
         client = Client(cluster)

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import dask
 import numpy as np
 import pandas as pd
 import pytest
@@ -147,3 +148,36 @@ def test_train_reports_a_missing_column(tmp_path):
     assert out.returncode != 0
     assert "dask-scar: error: column(s) ['nope'] not in the data" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("args, said", [
+    (["train", "{data}", "--target", "label", "--max-iter", "0"], "--max-iter must be an integer >= 1, got 0"),
+    (["train", "{data}", "--target", "label", "--learning-rate", "-1"],
+     "--learning-rate must be a finite number > 0, got -1.0"),
+    (["train", "{data}", "--target", "label", "--momentum", "1.5"],
+     "--momentum must be a finite number >= 0 and < 1, got 1.5"),
+    (["train", "{data}", "--target", "label", "--workers", "0"], "--workers must be an integer >= 1, got 0"),
+    (["train", "{missing}", "--target", "label"],
+     "no data at {missing}: give the path or URL of Parquet files, or of CSV files ending in .csv"),
+    (["demo", "--workers", "0"], "--workers must be an integer >= 1, got 0"),
+])
+def test_bad_options_are_said_as_options_before_a_cluster_starts(tmp_path, capsys, args, said):
+    """In this process: a cluster started for nothing would show as its log lines."""
+    from dask_scar.cli import main
+
+    paths = {"data": str(tmp_path / "data.parquet"), "missing": str(tmp_path / "none.parquet")}
+    synthetic_classification(100, 2, 2).to_parquet(paths["data"])
+    assert main([a.format(**paths) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert err == f"dask-scar: error: {said.format(**paths)}\n"
+
+
+def test_a_scheduler_out_of_reach_is_named(tmp_path, capsys):
+    from dask_scar.cli import main
+
+    path = tmp_path / "data.parquet"
+    synthetic_classification(100, 2, 2).to_parquet(path)
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        assert main(["train", str(path), "--target", "label", "--scheduler", "tcp://127.0.0.1:1"]) == 2
+    assert capsys.readouterr().err.startswith("dask-scar: error: cannot reach the scheduler at tcp://127.0.0.1:1: "
+                                              "Timed out trying to connect")
