@@ -12,6 +12,7 @@ back on, get or give whole blocks, or the ends of blocks cut in two.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -369,8 +370,15 @@ def prepare(client: Client, model: Model, data: Any, target: str | None,
     target_dtype = model.target_dtype if target is not None else None
 
     parts = frame.to_delayed()
-    converted = client.compute([dask.delayed(_partition_arrays, pure=True)(
-        p, features, target, model.feature_dtype, target_dtype) for p in parts])
+    with warnings.catch_warnings():
+        if isinstance(data, pd.DataFrame):
+            # A pandas frame travels in the graph, and Dask warns of a large one. That is
+            # what keeps it safe: the scheduler holds its partitions as the blocks'
+            # lineage, to rebuild a block lost with its worker (scattered data would die
+            # with the worker that held it).
+            warnings.filterwarnings("ignore", message="Sending large graph")
+        converted = client.compute([dask.delayed(_partition_arrays, pure=True)(
+            p, features, target, model.feature_dtype, target_dtype) for p in parts])
     blocks: list[Future] = []
     rows: list[int] = []
     try:

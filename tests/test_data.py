@@ -1,6 +1,7 @@
 """Validation and placement of training data on a real cluster."""
 
 import gc
+import warnings
 
 import dask
 import dask.dataframe as dd
@@ -53,6 +54,17 @@ def test_pandas_input_and_explicit_features(client):
     assert data.prepare(client, scar.SoftmaxRegression(), mixed, "label", None).n_rows == 200
     levels = _frame().set_index(pd.MultiIndex.from_arrays([np.arange(200) % 7, np.arange(200)]))
     assert data.prepare(client, scar.SoftmaxRegression(), levels, "label", None).n_rows == 200
+
+
+def test_a_large_pandas_frame_travels_in_the_graph_without_a_warning(client):
+    """17 MB of pandas data: Dask warns of graphs over 10 MB; the fit chose that."""
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.standard_normal((100_000, 20)), columns=[f"x{i}" for i in range(20)])
+    frame["label"] = rng.integers(0, 3, len(frame))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        training = data.prepare(client, scar.SoftmaxRegression(), frame, "label", None)
+    assert training.n_rows == 100_000
 
 
 def test_missing_target_names_the_columns(client):
