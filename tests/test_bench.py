@@ -39,6 +39,9 @@ def frame(*losses):
 def test_iterations_to_reach_counts_every_row_run():
     assert iterations_to_reach(frame(4.0, 2.0, 1.0), 2.0) == 2
     assert iterations_to_reach(frame(4.0, 2.0, 1.0), 0.5) is None
+    # sums taken in another order (rows moved to another worker) round differently
+    assert iterations_to_reach(frame(4.0, 2.0 * (1 + 2e-10), 1.0), 2.0) == 2
+    assert iterations_to_reach(frame(4.0, 2.0 * (1 + 1e-6), 1.0), 2.0) == 3
     # a rollback re-runs iterations: they are rows, and they count
     rolled_back = pd.DataFrame({"iteration": [1, 2, 3, 2, 3, 4], "loss": [4.0, 2.0, 1.5, 2.0, 1.5, 1.0]})
     assert iterations_to_reach(rolled_back, 1.0) == 6
