@@ -128,9 +128,6 @@ class Trainer:
 
     def __init__(self, client: Client, model: Model, store: Any = None, policy: Any = None,
                  recovery: str = "partial", n_chunks: int | None = None, backend: str = "numpy"):
-        if not isinstance(client, Client):
-            raise TypeError(f"client must be a distributed Client (Client(LocalCluster()), or "
-                            f"Client('tcp://scheduler:8786') for a running cluster), got {type(client).__name__}")
         if store is not None and not isinstance(store, (str, os.PathLike)):
             raise TypeError(f"store must be a path or URL, got {type(store).__name__}")
         if store is not None and not os.fspath(store).strip():
@@ -150,6 +147,9 @@ class Trainer:
             raise BackendError(f"{type(model).__name__} runs on {' or '.join(model.backends)} only, "
                                f"not backend={backend!r}: use Trainer(..., backend={model.backends[0]!r})")
         array_module(backend)  # fail now, with an install hint, if CuPy is missing
+        if not isinstance(client, Client):
+            raise TypeError(f"client must be a distributed Client (Client(LocalCluster()), or "
+                            f"Client('tcp://scheduler:8786') for a running cluster), got {type(client).__name__}")
         self.client = client
         self.model = model
         # a relative path would be resolved in each worker's working directory
