@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import dask
@@ -140,7 +141,10 @@ def run_real(cluster: BenchCluster, case: Case, frame: pd.DataFrame, store: str 
     ddf = dd.from_pandas(frame, npartitions=2 * workers)
     started = time.perf_counter()
     with dask.config.set({"scar.recovery.replicas": bool(strategy and strategy.copies),
-                          "scar.recovery.extrapolate": bool(strategy is None or strategy.extrapolate)}):
+                          "scar.recovery.extrapolate": bool(strategy is None or strategy.extrapolate)}), \
+            warnings.catch_warnings():
+        # the data travels in the graph, as a frame made in memory does: not news here
+        warnings.filterwarnings("ignore", message="Sending large graph")
         result = trainer.fit(ddf, target=case.target, max_iter=max_iter or case.max_iter, tol=0, progress=False,
                              callback=callback)
     return RealRun(strategy.name if strategy else "failure-free", losses, time.perf_counter() - started,
