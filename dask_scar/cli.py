@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -72,8 +73,8 @@ def demo(args: argparse.Namespace) -> int:
     from dask_scar.bench import iteration_cost
     from dask_scar.bench._real import BenchCluster
 
-    _check_options(workers=(args.workers, 1, True), rows=(args.rows, 100, True), features=(args.features, 1, True),
-                   classes=(args.classes, 2, True), max_iter=(args.max_iter, 40, True))
+    _check_options(workers=(args.workers, 1, True), features=(args.features, 1, True), classes=(args.classes, 2, True),
+                   **({} if args.quick else {"rows": (args.rows, 100, True), "max_iter": (args.max_iter, 40, True)}))
     rows = 5_000 if args.quick else args.rows
     max_iter = 40 if args.quick else args.max_iter
     every = max(8, max_iter * 2 // 15)      # a full checkpoint every 20 iterations of 150
@@ -175,8 +176,8 @@ def _check_options(*checks: Callable[[], None], **numbers: tuple[Any, float, boo
         for name, (value, least, whole) in numbers.items():
             check_number(name, value, least, integer=whole)
     except ValueError as exc:
-        name, _, rest = str(exc).partition(" must ")
-        raise ScarError(f"--{name.replace('_', '-')} must {rest}") from None
+        said = re.match(r"(\w+) must (.*)", str(exc), re.S)      # "learning_rate must be ..."
+        raise ScarError(f"--{said[1].replace('_', '-')} must {said[2]}" if said else str(exc)) from None
 
 
 def train(args: argparse.Namespace) -> int:

@@ -49,7 +49,8 @@ NO_DASHBOARD = {"dashboard_address": ":0", "scheduler_kwargs": {"dashboard": Fal
 
 def own_cluster() -> dict:
     """Settings of the clusters dask_scar starts itself (``dask-scar demo``, ``bench`` and
-    ``train``) and its tests', to hold while they run:
+    ``train``) and its tests', to hold while they run (the forkserver's preload is set
+    for the whole process, once this is called):
 
     * Where the platform has it (not on Windows), nannies start their worker processes
       by forking one server process that imported dask_scar once, not by spawning a
@@ -95,7 +96,9 @@ def check() -> None:
 
 def _count(least: int) -> Callable[[str, Any], int]:
     def read(key: str, value: Any) -> int:
-        if isinstance(value, str) and value.strip().isdigit():     # from the environment, or quoted in YAML
+        if isinstance(value, str) and value.strip().isdigit():     # quoted in YAML
+            value = int(value)
+        if isinstance(value, float) and value.is_integer():       # 4e3 from the environment
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
             raise ValueError(f"scar.{key}={value!r}: give a whole number, at least {least}")
@@ -139,6 +142,8 @@ _FLAGS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0"
 def _flag(key: str, value: Any) -> bool:
     if isinstance(value, str) and value.strip().lower() in _FLAGS:     # from the environment
         return _FLAGS[value.strip().lower()]
+    if isinstance(value, numbers.Integral) and value in (0, 1):      # 0 and 1 from the environment too
+        return bool(value)
     if not isinstance(value, bool):
         raise ValueError(f"scar.{key}={value!r}: give true or false")
     return value

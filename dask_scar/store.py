@@ -169,6 +169,12 @@ class CheckpointStore(abc.ABC):
     def nbytes_stored(self) -> int:
         """Bytes the checkpoint takes in the store."""
 
+    @property
+    def diverged(self) -> int | None:
+        """The iteration from which the fit that wrote here last saved diverged values
+        (None: it did not diverge)."""
+        return None
+
     # -- built on the primitives ------------------------------------------------
     @property
     def saved_at(self) -> pd.DataFrame:
@@ -614,33 +620,36 @@ class ZarrStore(CheckpointStore):
 
     @property
     def diverged(self) -> int | None:
-        """The iteration from which the fit that wrote here last saved diverged values
-        (None: it did not diverge)."""
         return self.group.attrs.get("diverged")
 
-    def drop_diverged(self, run: str) -> tuple[int, int]:
+    def drop_diverged(self, run: str) -> tuple[int, int, int, int]:
         """For ``run``, a resume that claimed the store: forget every version saved from
         the iteration :meth:`mark_diverged` recorded on, and make the newest round left
-        the last committed one (the manifest's) where it was later. Returns the number
-        of versions forgotten and the iteration the store is then at."""
-        cutoff, dropped, newest = self.diverged, 0, (0, 0)     # newest: round, iteration left
+        the last committed one (the manifest's) where it was later. Returns the versions
+        forgotten, the blocks left with none (they start again from their initial
+        values), the iteration the store is then at, and the highest round written
+        before: ``run`` numbers its rounds after it, so that a write of the diverged
+        fit still in flight cannot rank as newer than them."""
+        cutoff, dropped, emptied, highest, newest = self.diverged, 0, 0, 0, (0, 0)   # newest: round, iteration
         for name in self.layouts:
             saved, versions = self._array(f"saved/{name}"), self.versions(name)
-            late = versions[:, :, 0] >= cutoff
+            late, written = versions[:, :, 0] >= cutoff, versions[:, :, 2] != NEVER
             never = np.full((1, 1, saved.shape[2]), NEVER, dtype=np.int64)
             self._io.put([(_key(saved, (int(b), int(s), 0)), _encode(saved, (int(b), int(s), 0), never))
                           for b, s in zip(*np.nonzero(late))])
             dropped += int(late.sum())
-            kept = versions[~late & (versions[:, :, 2] != NEVER)]
+            emptied += int((written.any(axis=1) & ~(written & ~late).any(axis=1)).sum())
+            highest = max(highest, int(versions[:, :, 2].max(initial=0)))
+            kept = versions[written & ~late]
             if len(kept):
                 newest = max(newest, (int(kept[:, 2].max()), int(kept[kept[:, 2].argmax(), 0])))
         manifest = self.manifest
-        if manifest.get("iteration", 0) >= cutoff:
+        if manifest and manifest.get("iteration", 0) >= cutoff:
             self.commit({**manifest, "round": newest[0], "iteration": newest[1], "run": run})
         group = self._fresh()
         group.attrs.update({"diverged": None})
         self.group = group
-        return dropped, int(self.manifest.get("iteration", 0))
+        return dropped, emptied, int(self.manifest.get("iteration", 0)), highest
 
     @property
     def writer(self) -> str | None:

@@ -270,7 +270,7 @@ class Trainer:
         except CancelledError as exc:
             raise cancelled(client, exc, hint) from None
         except DivergenceError as exc:
-            if store is None:
+            if store is None or exc.iteration is None:
                 raise
             # the loss of iteration k is that of the parameters of iteration k - 1
             store.mark_diverged(run, exc.iteration - 1)
@@ -335,18 +335,21 @@ class Trainer:
                 store.destroy()     # never trained (or Ctrl-C): it would only ask for resume=True next time
             raise
         store.claim(run)
-        cutoff = store.diverged if resume else None
+        cutoff, written = (store.diverged if resume else None), 0
         if cutoff is not None:
-            dropped, at = store.drop_diverged(run)
+            dropped, emptied, at, written = store.drop_diverged(run)
             warnings.warn(f"the fit that wrote {self.store} diverged: this one resumes from iteration {at}, as "
                           f"saved before iteration {cutoff}; {dropped} block versions saved from then on are "
-                          "forgotten", CheckpointWarning, stacklevel=checkpoint.callers_level())
+                          "forgotten" + (f", and {emptied} blocks saved only then start again from their initial "
+                                         "values" if emptied else ""),
+                          CheckpointWarning, stacklevel=checkpoint.callers_level())
         manifest = store.manifest
         start = int(manifest.get("iteration", 0))
         epoch = int(manifest.get("epoch", -1)) + 1
         reference = getattr(policy, "reference_dtype", None) if policy.needs_priorities else False
         ckpt = Checkpointer(store, policy, store.layouts, run, store_id, epoch,
-                            max(int(manifest.get("round", 0)), store.last_round()), config.get("checkpoint.backlog"),
+                            max(int(manifest.get("round", 0)), store.last_round(), written),
+                            config.get("checkpoint.backlog"),
                             reference, self._extrapolates())
 
         def prepare(load: bool, trends: dict | None = None, committed: bool = False) -> Callable:

@@ -227,6 +227,9 @@ def test_a_diverged_fit_is_resumed_from_before_it_went_wrong(client, tmp_path, c
             frame, target="y", max_iter=60, resume=True, progress=False)
     # the values it starts from are the diverged fit's before it passed 10,000 times its first loss
     assert result.history.loss.iloc[0] < 1e4 * 1.72558 and result.history.loss.iloc[-1] < 0.01
+    # its rounds rank above every round the diverged fit wrote: a write of that fit still
+    # in flight could not pass for a newer version
+    assert result.checkpoints["round"].min() > saved["round"].max()
     assert scar.open_store(store).diverged is None
 
 

@@ -159,6 +159,8 @@ def test_train_reports_a_missing_column(tmp_path):
     (["train", "{data}", "--target", "label", "--workers", "0"], "--workers must be an integer >= 1, got 0"),
     (["train", "{missing}", "--target", "label"],
      "no data at {missing}: give the path or URL of Parquet files, or of CSV files ending in .csv"),
+    (["train", "{data}", "--target", "label", "--solver", "lbfgs", "--momentum", "0.5"],
+     "momentum applies to solver='gd' only; use momentum=0 with solver='lbfgs'"),
     (["demo", "--workers", "0"], "--workers must be an integer >= 1, got 0"),
 ])
 def test_bad_options_are_said_as_options_before_a_cluster_starts(tmp_path, capsys, args, said):

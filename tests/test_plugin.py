@@ -363,10 +363,12 @@ def test_a_bad_setting_is_said_before_the_data_is_read(client, digits, key, sett
 def test_settings_are_read_as_their_kind():
     """Durations as Dask writes them, and the strings that environment variables give."""
     settings = {"scar.iteration-timeout": "10 minutes", "scar.recovery.wait-for-workers": 0,
-                "scar.recovery.hung-worker": 0, "scar.chunks-per-worker": "4", "scar.recovery.replicas": "false"}
+                "scar.recovery.hung-worker": 0, "scar.chunks-per-worker": "4", "scar.recovery.replicas": "false",
+                "scar.progress": 0, "scar.tile-rows": 4e3}     # 0 and 4e3: Dask reads DASK_SCAR__PROGRESS=0 so
     with dask.config.set(settings):
         assert [config.get(k) for k in ("iteration-timeout", "recovery.wait-for-workers", "recovery.hung-worker",
-                                        "chunks-per-worker", "recovery.replicas")] == [600.0, 0.0, None, 4, False]
+                                        "chunks-per-worker", "recovery.replicas", "progress", "tile-rows")] == [
+            600.0, 0.0, None, 4, False, False, 4000]
     with dask.config.set({"scar.recovery.hung-worker": "90s"}):
         assert config.get("recovery.hung-worker") == 90.0
 
