@@ -1,7 +1,9 @@
 import json
 import os
+import socket
 import subprocess
 import sys
+import warnings
 
 import dask
 import numpy as np
@@ -80,14 +82,21 @@ def _periodic(dask_worker) -> dict:
 
 def test_train_starts_its_local_cluster_quiet():
     """`dask-scar train`'s LocalCluster has no dashboard: Dask's periodic work for it
-    (profiler, health check, monitors) is slowed down or off, on every process."""
+    (profiler, health check, monitors) is slowed down or off, on every process. Its
+    scheduler leaves Dask's port 8787 alone, which another cluster may hold."""
     from distributed import Client
 
     from dask_scar.cli import local_cluster
 
-    with local_cluster(2) as cluster, Client(cluster) as client:
-        workers = client.run(_periodic)
-        scheduler = _periodic(cluster.scheduler)
+    with socket.socket() as other, warnings.catch_warnings():
+        try:
+            other.bind(("127.0.0.1", 8787))     # (or something else holds it already)
+        except OSError:
+            pass
+        warnings.simplefilter("error")          # Dask warns "Port 8787 is already in use"
+        with local_cluster(2) as cluster, Client(cluster) as client:
+            workers = client.run(_periodic)
+            scheduler = _periodic(cluster.scheduler)
     assert len(workers) == 2
     for callbacks in workers.values():
         assert "profile" not in callbacks and callbacks["tick"] == 1000
