@@ -387,7 +387,12 @@ class _ChunkIO:
             try:
                 try:
                     tmp.write_bytes(buf.as_buffer_like())
-                except FileNotFoundError:       # the first chunk in its folder
+                except FileNotFoundError:       # the first chunk in its folder, or the store is gone
+                    if not (self.root / "zarr.json").exists():
+                        # a write in flight would make the deleted store's folders again, and
+                        # the next fit would find a folder that holds no store at its path
+                        raise CheckpointError(f"the checkpoint store at {self.root} is gone: it was deleted "
+                                              "while training") from None
                     path.parent.mkdir(parents=True, exist_ok=True)
                     tmp.write_bytes(buf.as_buffer_like())
                 tmp.replace(path)

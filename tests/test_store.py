@@ -118,6 +118,18 @@ def test_a_resume_forgets_what_a_diverged_fit_saved_from_the_iteration_it_went_w
     assert again.last_round() == 1
 
 
+def test_a_write_to_a_deleted_store_makes_no_folders_again(tmp_path):
+    """A write in flight when the store was deleted: its folders would be a path the next
+    fit refuses ("not empty and holds no readable dask_scar checkpoint")."""
+    store = new_store(tmp_path / "ckpt.zarr")
+    ones = np.ones((5, 10), np.float32)
+    store.write_blocks("weights", {2: ones}, iteration=5, epoch=0, round=1)
+    shutil.rmtree(tmp_path / "ckpt.zarr")
+    with pytest.raises(scar.CheckpointError, match="the checkpoint store at .*ckpt.zarr is gone: it was deleted"):
+        store.write_blocks("weights", {3: ones}, iteration=5, epoch=0, round=1)
+    assert not (tmp_path / "ckpt.zarr").exists()
+
+
 class _Killed(BaseException):
     pass
 
