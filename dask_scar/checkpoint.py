@@ -790,6 +790,12 @@ class Checkpointer:
         if not rnd.done or rnd.abandoned:
             return
         if rnd.errors:
+            try:
+                self.store.check_present()      # its writers found it deleted: said once, as commit does
+            except CheckpointError as exc:
+                if not self.lost:
+                    self._lose(exc, rnd.iteration)
+                return
             message = (f"checkpoint round {report['round']} (iteration {rnd.iteration}) failed: "
                        f"{rnd.errors[0]}; the store keeps its older blocks and training goes on")
             self._note(rnd.iteration, message)
@@ -812,9 +818,7 @@ class Checkpointer:
                 self.store.commit({"round": number, "iteration": iteration, "epoch": self.base.epoch,
                                    "run": self.base.run, "time": time.time()})
             except CheckpointError as exc:      # gone, or another fit's now
-                self.lost = f"{exc}; this fit goes on without checkpoints"
-                self._note(iteration, self.lost, repeats=False)
-                self.abandon(self.lost, warn=False)
+                self._lose(exc, iteration)
                 return
             except OSError as exc:              # a full disk, lost permission: a later round may commit
                 newest = self.store.manifest.get("round")      # as last committed (a failed write keeps it)
@@ -824,6 +828,12 @@ class Checkpointer:
                                       "training goes on")
                 return
             self.committed = number
+
+    def _lose(self, exc: CheckpointError, iteration: int) -> None:
+        """The store is gone, or another fit's now: this fit goes on without checkpoints."""
+        self.lost = f"{exc}; this fit goes on without checkpoints"
+        self._note(iteration, self.lost, repeats=False)
+        self.abandon(self.lost, warn=False)
 
     def abandon(self, reason: str, warn: bool = True) -> None:
         """Give up on the rounds in flight and the one selected but not yet handed

@@ -175,6 +175,9 @@ class CheckpointStore(abc.ABC):
         (None: it did not diverge)."""
         return None
 
+    def check_present(self) -> None:
+        """:class:`CheckpointError` if the store is gone (deleted while training)."""
+
     # -- built on the primitives ------------------------------------------------
     @property
     def saved_at(self) -> pd.DataFrame:
@@ -626,6 +629,9 @@ class ZarrStore(CheckpointStore):
     @property
     def diverged(self) -> int | None:
         return self.group.attrs.get("diverged")
+
+    def check_present(self) -> None:
+        self._fresh()
 
     def drop_diverged(self, run: str) -> tuple[int, int, int, int]:
         """For ``run``, a resume that claimed the store: forget every version saved from
