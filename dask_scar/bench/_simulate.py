@@ -202,17 +202,17 @@ class Simulation:
                                                        lay.block_rows, targets[name]))
                         for name, lay in self.layouts.items()}
 
-            distances = measured(store.stored)
-            if store.extrapolate:
+            if not store.extrapolate:
+                distances = measured(store.stored)
+            else:
                 targets = {name: v.copy() for name, v in store.stored.items()}
                 for cid in self.ids:
                     self._extrapolate(targets[cid.name][cid.start:cid.stop], cid, store, iteration, paths[cid],
                                       hold=False)
-                moved = measured(targets)
-                if store.turned is None:    # every block extrapolated: the restore before
-                    distances = moved
-                else:
-                    nearer = {name: held_back(moved[name], d) for name, d in distances.items()}
+                distances = measured(targets)
+                if store.turned is not None:    # (None: every block extrapolated, the restore before)
+                    nearer = {name: held_back(moved, saved)
+                              for (name, moved), saved in zip(distances.items(), measured(store.stored).values())}
                     store.turned = {name: held for name, (_, held) in nearer.items()}
                     distances = {name: priority for name, (priority, _) in nearer.items()}
             priorities = np.concatenate(list(distances.values()))
