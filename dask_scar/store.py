@@ -356,6 +356,10 @@ def _decode(array: zarr.Array, coords: tuple[int, ...], buf: Buffer) -> np.ndarr
     return chunk.as_numpy_array()
 
 
+def _gone(url: Any) -> CheckpointError:
+    return CheckpointError(f"the checkpoint store at {url} is gone: it was deleted while training")
+
+
 class _ChunkIO:
     """Whole stored objects by key, many at a time: files on a local disk directly
     (each replaced atomically, as Zarr's LocalStore does), through the store's
@@ -394,8 +398,7 @@ class _ChunkIO:
                     if not (self.root / "zarr.json").exists():
                         # a write in flight would make the deleted store's folders again, and
                         # the next fit would find a folder that holds no store at its path
-                        raise CheckpointError(f"the checkpoint store at {self.root} is gone: it was deleted "
-                                              "while training") from None
+                        raise _gone(self.root) from None
                     path.parent.mkdir(parents=True, exist_ok=True)
                     tmp.write_bytes(buf.as_buffer_like())
                 tmp.replace(path)
@@ -606,25 +609,24 @@ class ZarrStore(CheckpointStore):
         """``run`` has ended: no fit writes here now (unless another claimed the store
         since). It runs however the fit ended, so it raises nothing: a failure here must
         not hide the fit's own (a store gone, a full disk)."""
-        try:
-            group = self._fresh()
-            if group.attrs.get("writer") == run:
-                group.attrs.update({"writer": None})
-                self.group = group
-        except Exception:  # noqa: BLE001
-            logger.debug("could not release the checkpoint store at %s", self.url, exc_info=True)
+        self._set_if_writer(run, {"writer": None}, "release")
 
     def mark_diverged(self, run: str, iteration: int) -> None:
         """Record that ``run``, still the store's writer, diverged: the versions saved
         from ``iteration`` on are not to be resumed from (:meth:`drop_diverged`). It
         raises nothing, like :meth:`release`: the fit's own error comes first."""
+        self._set_if_writer(run, {"diverged": int(iteration)}, "mark as diverged")
+
+    def _set_if_writer(self, run: str, attrs: dict, doing: str) -> None:
+        """Set the group's ``attrs`` if ``run`` is still the store's writer; raises
+        nothing (a failure is logged as not being able to do ``doing``)."""
         try:
             group = self._fresh()
             if group.attrs.get("writer") == run:
-                group.attrs.update({"diverged": int(iteration)})
+                group.attrs.update(attrs)
                 self.group = group
         except Exception:  # noqa: BLE001
-            logger.debug("could not mark the checkpoint store at %s diverged", self.url, exc_info=True)
+            logger.debug("could not %s the checkpoint store at %s", doing, self.url, exc_info=True)
 
     @property
     def diverged(self) -> int | None:
@@ -675,7 +677,7 @@ class ZarrStore(CheckpointStore):
         except FileNotFoundError:      # (zarr's NodeNotFoundError too)
             group = None
         if group is None or ATTRS not in group.attrs:
-            raise CheckpointError(f"the checkpoint store at {self.url} is gone: it was deleted while training")
+            raise _gone(self.url)
         return group
 
     @property
