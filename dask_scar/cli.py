@@ -195,6 +195,10 @@ def train(args: argparse.Namespace) -> int:
     if args.resume and not args.store:
         raise scar.ScarError("--resume needs --store: the path or URL of the checkpoint store")
     model = getattr(scar, MODELS[args.model])(**given)
+    try:
+        scar.config.check()     # a bad DASK_SCAR__... setting, before a cluster starts
+    except ValueError as exc:
+        raise scar.ScarError(str(exc)) from None
     _check_options(model.check_params, max_iter=(args.max_iter, 1, True), tol=(args.tol, 0, False),
                    **({} if args.scheduler else {"workers": (args.workers, 1, True)}))
     reader = dd.read_csv if args.data.endswith((".csv", ".csv.gz")) else dd.read_parquet
@@ -225,11 +229,14 @@ def train(args: argparse.Namespace) -> int:
         client.close()
         if cluster is not None:
             cluster.close()
-    print(_loss_curve(result.history))
-    for event in result.events:
-        print(event.describe())
-    print(f"{result.n_iter} iterations; final loss {result.history['loss'].iloc[-1]:.6g}; "
-          f"converged: {result.converged}")
+    if len(result.history):
+        print(_loss_curve(result.history))
+        for event in result.events:
+            print(event.describe())
+        print(f"{result.n_iter} iterations; final loss {result.history['loss'].iloc[-1]:.6g}; "
+              f"converged: {result.converged}")
+    else:
+        print(f"nothing trained: the store is at iteration {result.n_iter}, --max-iter {args.max_iter}")
     if args.out:
         np.savez(args.out, **result.params)
         print(f"parameters written to {args.out}")

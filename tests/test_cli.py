@@ -62,6 +62,12 @@ def test_train_on_parquet_with_a_store_then_resume_and_inspect(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "30 iterations" in out.stdout and "iter    21" in out.stdout
     assert "last committed round: 6 (iteration 30, epoch 1)" in _run("inspect", str(store)).stdout
+    # nothing left to train: the stored parameters, no loss curve
+    out = _run("train", str(path), "--target", "label", "--max-iter", "30", "--no-progress",
+               "--store", str(store), "--resume", "--out", str(params))
+    assert out.returncode == 0, out.stderr
+    assert "nothing trained: the store is at iteration 30, --max-iter 30" in out.stdout
+    assert np.load(params)["weights"].shape == (6, 3)
 
 
 def test_train_with_lbfgs_gets_further_than_gradient_descent(tmp_path):
@@ -181,6 +187,16 @@ def test_bad_options_are_said_as_options_before_a_cluster_starts(tmp_path, capsy
     assert main([a.format(**paths) for a in args]) == 2
     err = capsys.readouterr().err
     assert err == f"dask-scar: error: {said.format(**paths)}\n"
+
+
+def test_a_bad_setting_is_said_before_a_cluster_starts(tmp_path, capsys):
+    from dask_scar.cli import main
+
+    path = tmp_path / "data.parquet"
+    synthetic_classification(100, 2, 2).to_parquet(path)
+    with dask.config.set({"scar.chunks-per-worker": 0}):
+        assert main(["train", str(path), "--target", "label"]) == 2
+    assert capsys.readouterr().err == "dask-scar: error: scar.chunks-per-worker=0: give a whole number, at least 1\n"
 
 
 def test_a_scheduler_out_of_reach_is_named(tmp_path, capsys):
