@@ -689,6 +689,8 @@ def _forget(run: str) -> None:
 
 
 def _check_divergence(rows: list[dict], factor: float, model: Model) -> None:
+    if model.line_search:   # (the losses of trials it rejects)
+        return
     loss = rows[-1]["loss"]
     if not math.isfinite(loss) or loss > factor * max(abs(rows[0]["loss"]), 1e-12):
         hint = (f"lower learning_rate (now {model.learning_rate}) or scale the features"

@@ -282,6 +282,19 @@ def test_divergence_is_reported_with_a_fix(client, digits):
                                                                             progress=False)
 
 
+def test_lbfgs_shortens_a_step_that_would_pass_for_divergence(client):
+    """Unscaled features: L-BFGS's first trial overshoots by far more than
+    scar.divergence-factor, and its line search, not a DivergenceError, takes it back."""
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"sqft": rng.normal(1500, 400, 5000), "year": rng.integers(1950, 2020, 5000) * 1.0})
+    frame["price"] = 100 * frame.sqft + 50 * (frame.year - 1950) + rng.normal(0, 1000, 5000)
+    model = scar.LinearRegression(solver="lbfgs")
+    result = scar.Trainer(client, model).fit(frame, target="price", max_iter=100, progress=False)
+    losses = result.history["loss"]
+    assert losses.max() > 1e4 * losses.iloc[0]
+    assert result.converged and model.score(frame, "price") > 0.99
+
+
 def test_stops_early_at_tolerance(client, digits):
     result = scar.Trainer(client, scar.SoftmaxRegression(momentum=0.9)).fit(
         digits, target="label", max_iter=1000, tol=1e-3, progress=False)

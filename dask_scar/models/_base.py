@@ -116,6 +116,9 @@ class Model:
     #: between its last two saved versions (``scar.recovery.extrapolate``): for
     #: parameters that move smoothly with the iterations, not sampled counts.
     extrapolate_restores: bool = True
+    #: Whether the model searches its own step: a trial whose loss is too high (or
+    #: not finite) is retried shorter, so a high loss is no sign of divergence.
+    line_search: bool = False
 
     def replicate_updates(self, block_rows: int) -> bool:
         """Whether every worker's update task should update every chunk of this one-phase

@@ -162,6 +162,10 @@ class GradientModel(Model):
         v_new = mu * v - lr * g
         return {"value": w - mu * v + (1 + mu) * v_new, "velocity": v_new}
 
+    @property
+    def line_search(self) -> bool:
+        return self.solver == "lbfgs"
+
     def update_chunks(self, states, totals, count, loss, xp):
         if self.solver != "lbfgs":
             return super().update_chunks(states, totals, count, loss, xp)
