@@ -26,8 +26,8 @@ from distributed import Client, Future
 from .backend import array_module, get_array_module, to_device
 from .exceptions import DataError
 from .models import ColumnSummary, DataSummary, Model
-from .models._base import (LOCAL_STATE, is_column_name, numeric, require_columns, require_numeric,
-                           require_unique)
+from .models._base import (DISTINCT_VALUES, LOCAL_STATE, is_column_name, numeric, require_columns,
+                           require_numeric, require_unique)
 from .recovery import hung_after, live_or_wait, restart_hung_workers, wait_on, warn_paused, workers_info
 
 logger = logging.getLogger(__name__)
@@ -107,6 +107,10 @@ def to_arrays(frame: pd.DataFrame, features: list[str], target: str | None,
     if target is not None:
         checked, arrays["y"] = _numbers(frame[target], target_dtype)
         summaries += _summaries([target], checked[:, None])
+        if target_dtype.startswith("int"):     # class labels: which ones have rows
+            values = np.unique(arrays["y"])
+            if len(values) <= DISTINCT_VALUES:
+                summaries[-1].values = frozenset(values.tolist())
     return arrays, summaries
 
 
@@ -115,9 +119,32 @@ def _numbers(data: pd.DataFrame | pd.Series, dtype: str) -> tuple[np.ndarray, np
     columns become NaN/0/1; an out-of-range value becomes inf, reported with its
     column's name."""
     integer = dtype.startswith("int")
-    with np.errstate(over="ignore"):
-        values = data.to_numpy(dtype=np.float64 if integer else dtype, na_value=np.nan)
+    try:
+        with np.errstate(over="ignore"):
+            values = data.to_numpy(dtype=np.float64 if integer else dtype, na_value=np.nan)
+    except (TypeError, ValueError) as exc:
+        raise DataError(_not_numbers(data, exc)) from None
     return values, (np.nan_to_num(values).astype(dtype) if integer else values)
+
+
+def _not_numbers(data: pd.DataFrame | pd.Series, exc: Exception) -> str:
+    """What to say of a partition whose columns do not all convert to numbers, though
+    the frame's dtypes said they would (files of one dataset that disagree, a wrong
+    ``meta``)."""
+    columns = data.items() if isinstance(data, pd.DataFrame) else [(data.name, data)]
+    for name, column in columns:
+        try:
+            column.to_numpy(dtype=np.float64, na_value=np.nan)
+        except (TypeError, ValueError) as error:
+            exc = error
+            break
+    else:
+        name, column = None, data
+    where = f"column {name!r}" if name is not None else "a column"
+    return (f"{where} holds values that are not numbers in one partition ({exc}; there its dtype is "
+            f"{column.dtype}), though the frame's dtypes say numbers: the files of a dataset may disagree on "
+            f"its type, or a map_partitions' meta be wrong. Convert it, e.g. "
+            f"ddf[{name!r}] = dd.to_numeric(ddf[{name!r}], errors='coerce'), or fix the data")
 
 
 _SUMMARY_ROWS = 8192    # rows per pass: temporaries stay in cache, however long the partition

@@ -1,6 +1,7 @@
 """Validation and placement of training data on a real cluster."""
 
 import gc
+import re
 import warnings
 
 import dask
@@ -97,6 +98,22 @@ def test_text_column_is_named_with_a_fix(client):
     frame = _frame().assign(city=["x"] * 200)
     with pytest.raises(DataError, match=r"'city' \((object|str|string)\) are not numeric.*features="):
         _prepare(client, frame)
+
+
+def test_text_in_a_partition_whose_dtype_said_numbers_is_named(client, tmp_path):
+    """The files of a Parquet dataset disagree: Dask reads the column as floats, one
+    file holds it as text."""
+    frame = _frame()
+    frame.iloc[:100].to_parquet(tmp_path / "part0.parquet")
+    late = frame.iloc[100:].astype({"b": str})
+    late.loc[late.index[5], "b"] = "n/a"
+    late.to_parquet(tmp_path / "part1.parquet")
+    ddf = dd.read_parquet(tmp_path)
+    assert ddf.dtypes["b"] == np.float32
+    with pytest.raises(DataError, match=re.escape(
+            "column 'b' holds values that are not numbers in one partition (could not convert string to float: "
+            "'n/a'; there its dtype is ")):
+        data.prepare(client, scar.SoftmaxRegression(), ddf, "label", None)
 
 
 def test_nan_and_inf_are_counted_per_column(client):

@@ -1,5 +1,6 @@
 """The maths of each model, in one process, against independent references."""
 
+import json
 import re
 import warnings
 
@@ -355,6 +356,11 @@ def test_predictions_check_their_columns_and_values(digits):
     holes.loc[2, "p7"] = np.nan
     with pytest.raises(DataError, match=r"NaN/inf values in column\(s\) \['p7'\]"):
         model.predict(holes)
+    with pytest.raises(DataError, match=r"the data to predict on must be numbers \(could not convert string to "
+                                        r"float: .*'1.5x'.*\): the model was fitted on 64 numeric columns"):
+        model.predict(np.full((2, 64), "1.5x"))
+    with pytest.raises(DataError, match="expected the 64 feature column\\(s\\) as a frame, got a Dask Series"):
+        model.predict(dd.from_pandas(digits, npartitions=2)["p0"])
     # a lazy prediction declares what it computes
     lazy = dd.from_pandas(digits, npartitions=2)
     assert model.predict(lazy).dtype == model.predict(lazy).compute().dtype == np.int64
@@ -569,3 +575,6 @@ def test_get_params_round_trips():
     assert model.get_params()["rank"] == 3
     assert type(model)(**model.get_params()).get_params() == model.get_params()
     assert repr(model).startswith("MatrixFactorization(rank=3")
+    # hyper-parameters from a NumPy grid: a checkpoint store records them as JSON
+    params = scar.SoftmaxRegression(batch_size=np.int64(500), l2=np.float32(0.5)).get_params()
+    assert json.loads(json.dumps(params))["batch_size"] == 500 and params["l2"] == 0.5

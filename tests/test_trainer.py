@@ -393,9 +393,10 @@ def test_a_fit_that_fails_leaves_a_fitted_model_as_it_was(client, digits, tmp_pa
 
 
 
-def test_labels_from_1_train_an_empty_class_0_and_say_so_once_per_fit(client, digits):
+def test_labels_with_gaps_train_empty_classes_and_say_so_once_per_fit(client, digits):
     """Labels 1..10 train the classes 0..10, class 0 without a row: the driver says so,
-    once, naming the column, the smallest label and the fix; the maths is unchanged."""
+    once, naming the column, the labels and the fix; the maths is unchanged. So for
+    labels from 0 with gaps."""
     model = scar.SoftmaxRegression()
     for _ in range(2):
         with warnings.catch_warnings(record=True) as caught:
@@ -403,10 +404,14 @@ def test_labels_from_1_train_an_empty_class_0_and_say_so_once_per_fit(client, di
             scar.Trainer(client, model).fit(digits.assign(label=digits["label"] + 1), target="label", max_iter=2,
                                             progress=False)
         assert [str(w.message) for w in caught if "class label" in str(w.message)] == [
-            "target column 'label': the smallest class label is 1, so the model trains classes 0..10, at least 1 of "
-            "them without a row, and predict_proba has a column for each. Subtract 1 from the labels (or encode "
-            "them with pandas.factorize) to train only the classes in the data"]
+            "target column 'label': the class labels run 0..10 (labels 1, 2, 3, 4, 5, ...), so the model trains 11 "
+            "classes, 1 of them without a row, and predict_proba has a column for each. Encode the labels with "
+            "pandas.factorize to train only the classes in the data"]
     assert model.n_classes_ == 11 and model.predict_proba(digits).shape == (len(digits), 11)
+    with pytest.warns(UserWarning, match=r"the class labels run 0..90 \(labels 0, 10, 20, 30, 40, ...\), so the "
+                                         r"model trains 91 classes, 81 of them without a row"):
+        scar.Trainer(client, model).fit(digits.assign(label=digits["label"] * 10), target="label", max_iter=2,
+                                        progress=False)
 
 
 def test_a_fit_on_a_closed_client_says_so(client, digits):

@@ -48,8 +48,12 @@ class ColumnSummary:
     min: float = np.inf
     max: float = -np.inf
     integral: bool = True
+    #: The distinct values, for an integer target with at most :data:`DISTINCT_VALUES`
+    #: of them (class labels); None otherwise.
+    values: frozenset | None = None
 
     def merge(self, other: ColumnSummary) -> ColumnSummary:
+        values = None if self.values is None or other.values is None else self.values | other.values
         return ColumnSummary(
             self.name,
             self.count + other.count,
@@ -57,7 +61,12 @@ class ColumnSummary:
             min(self.min, other.min),
             max(self.max, other.max),
             self.integral and other.integral,
+            values if values is None or len(values) <= DISTINCT_VALUES else None,
         )
+
+
+#: The most distinct values of an integer target a summary keeps.
+DISTINCT_VALUES = 1024
 
 
 @dataclass
@@ -129,9 +138,9 @@ class Model:
 
     # -- parameters, scikit-learn style -------------------------------------
     def get_params(self) -> dict[str, Any]:
-        """The constructor arguments, as given (JSON-friendly)."""
+        """The constructor arguments, as given (JSON-friendly: a NumPy number as Python's)."""
         names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
-        return {name: getattr(self, name) for name in names}
+        return {name: _python(getattr(self, name)) for name in names}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
@@ -279,6 +288,11 @@ class Model:
 def stable_seed(*parts: Any) -> list[int]:
     """A seed sequence from ints and strings that is the same in every process."""
     return [int(p) if isinstance(p, numbers.Integral) else zlib.crc32(str(p).encode()) for p in parts]
+
+
+def _python(value: Any) -> Any:
+    """A NumPy scalar as the Python number it holds (``np.int64(500)`` from a grid)."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def check_number(name: str, value: Any, low: float = -np.inf, high: float = np.inf, *,

@@ -258,6 +258,9 @@ class GradientModel(Model):
         """``fn(rows of features, weights)`` (an array) on NumPy, pandas or Dask data, with
         the weights and features fitted now: a lazy result does not follow a later fit."""
         weights, features = self._fitted()["weights"], self.features_
+        if hasattr(data, "map_partitions") and getattr(data, "ndim", 2) == 1:
+            raise DataError(f"expected the {len(features)} feature column(s) as a frame, got a Dask Series: pass "
+                            "the frame, or series.to_frame()")
         if hasattr(data, "columns"):
             require_columns(data.columns, features, f": the model was fitted on {features}")
             require_numeric(data.dtypes, features, "the model was fitted on numbers: encode them as for training")
@@ -272,7 +275,11 @@ class GradientModel(Model):
             return data.map_partitions(on_partition, meta=on_partition(data._meta))
         if isinstance(data, pd.DataFrame):
             data = data[features].to_numpy(np.float32, na_value=np.nan)
-        X = np.asarray(data, dtype=np.float32)
+        try:
+            X = np.asarray(data, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"the data to predict on must be numbers ({exc}): the model was fitted on "
+                            f"{len(features)} numeric columns") from None
         if X.ndim != 2 or X.shape[1] != len(features):
             raise DataError(f"expected {len(features)} feature columns {features}, got shape {X.shape}")
         return fn(_finite(X, features), weights)

@@ -63,11 +63,14 @@ class SoftmaxRegression(GradientModel):
         if t.min == t.max:
             raise DataError(f"target column {t.name!r} holds a single class ({t.min:g}); "
                             "classification needs two or more")
-        if t.min > 0:
-            warnings.warn(f"target column {t.name!r}: the smallest class label is {t.min:g}, so the model trains "
-                          f"classes 0..{t.max:g}, at least {t.min:g} of them without a row, and predict_proba has a "
-                          f"column for each. Subtract {t.min:g} from the labels (or encode them with "
-                          "pandas.factorize) to train only the classes in the data", UserWarning, stacklevel=2)
+        empty = self.n_classes_ - len(t.values) if t.values is not None else int(t.min)
+        if empty > 0:
+            some = ("" if t.values is None else
+                    f" (labels {', '.join(f'{v:g}' for v in sorted(t.values)[:5])}{', ...' if len(t.values) > 5 else ''})")
+            warnings.warn(f"target column {t.name!r}: the class labels run 0..{t.max:g}{some}, so the model trains "
+                          f"{self.n_classes_} classes, {'at least ' if t.values is None else ''}{empty} of them "
+                          "without a row, and predict_proba has a column for each. Encode the labels with "
+                          "pandas.factorize to train only the classes in the data", UserWarning, stacklevel=2)
         self.classes_ = np.arange(self.n_classes_)
 
     def target_help(self) -> str:
