@@ -589,8 +589,11 @@ def live_or_wait(client: Client, hint: str) -> set[str]:
     # nothing queues for a fit that waits: adaptive scaling (adapt(minimum=0)) would start no worker
     waiting = f"waiting-{client.id}"
     asked = say_work(client, waiting, seconds=1.0, most=1, valid_for=timeout)
+    deadline = time.monotonic() + timeout
     try:
-        client.wait_for_workers(1, timeout=timeout)
+        while not alive:    # (one that joins may die at once: a nanny's restart of a worker out of memory)
+            client.wait_for_workers(1, timeout=max(deadline - time.monotonic(), 0.001))
+            alive = live_workers(client)
     except TimeoutError:
         raise WorkerLostError(f"the cluster of the scheduler at {address} has no worker, and none joined within "
                               f"scar.recovery.wait-for-workers={timeout:g}s: start some (cluster.scale(n), or "
@@ -599,7 +602,7 @@ def live_or_wait(client: Client, hint: str) -> set[str]:
     finally:
         if asked:
             say_work(client, waiting, seconds=0.0, most=1, valid_for=0.0)
-    return live_workers(client)
+    return alive
 
 
 class Interrupted(Exception):

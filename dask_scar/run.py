@@ -11,6 +11,7 @@ from collections import Counter
 from concurrent.futures import CancelledError
 from typing import Callable
 
+import dask
 import numpy as np
 import pandas as pd
 from distributed import Client, Future
@@ -76,6 +77,7 @@ class TrainingRun:
             ckpt.on_saved = self.drift.saved
         self.rows: list[dict] = []
         self.events: list[RecoveryEvent] = []
+        self.fruitless = (0, 0)             # losses in a row with no iteration done between; rows then
         self.note = ""                      # what happened before the next row: a recovery, a rebalance
         self.resume_from: int | None = None  # set by finish() when it had to recover
         self.inbox: queue.Queue = queue.Queue()
@@ -478,7 +480,28 @@ class TrainingRun:
             logger.warning("dask_scar: %s", event.describe())
         self.events.append(event)
         self.note = _join(self.note, event.describe())
+        self.give_up_when_fruitless(event, k)
         return event.resumed_at + 1
+
+    def give_up_when_fruitless(self, event: RecoveryEvent, k: int) -> None:
+        """Raise :class:`ScarError` when workers were lost (not retired) more times in a
+        row than Dask lets a task run on workers that die
+        (``distributed.scheduler.allowed-failures``), with no iteration done in between:
+        the fit's own work kills them (over their memory), and each recovery would only
+        start it again."""
+        if event.retired:
+            return
+        count, rows = self.fruitless
+        self.fruitless = (count + 1 if rows == len(self.rows) and count else 1, len(self.rows))
+        allowed = dask.config.get("distributed.scheduler.allowed-failures")
+        if self.fruitless[0] > allowed:
+            raise ScarError(
+                f"workers were lost {self.fruitless[0]} times in a row at iteration {k}, with no iteration done in "
+                f"between (Dask gives a task distributed.scheduler.allowed-failures={allowed} tries): the fit's "
+                "work may be what kills them. A worker over its memory limit is restarted by its nanny, whose log "
+                "says 'exceeded 95% memory budget': give the workers more memory, or more workers, make the "
+                "model smaller (classes, ids, topics, features), or look for a stray value in the data (a count "
+                "of millions)" + self.restore.hint)
 
     def check_data(self) -> None:
         """Raise :class:`CancelledError` where the data blocks were cancelled from

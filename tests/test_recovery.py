@@ -9,6 +9,7 @@ next iteration's contributions have not fetched them yet).
 import itertools
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -26,7 +27,7 @@ import dask_scar as scar
 from dask_scar.bench import iteration_cost
 from dask_scar.checkpoint import as_of
 from dask_scar.chunks import ChunkId
-from dask_scar.datasets import synthetic_classification
+from dask_scar.datasets import synthetic_classification, synthetic_corpus
 from dask_scar.local import fit_local, prepare_local
 from dask_scar.recovery import Drift, live_workers, run_on
 
@@ -910,6 +911,31 @@ def test_a_retired_workers_rows_are_spread_over_the_rest(digits):
     # the moved block is cut: its first rows stay, a copy; the end goes (the code before: 1,797 x 2 and 1,797)
     assert sorted(seen["rows"].values()) == [[(898, False), (1797, False)], [(899, False), (1797, False)]]
     assert result.events[0].retired
+
+
+@pytest.mark.slow
+def test_work_beyond_the_workers_memory_ends_the_fit_after_dasks_tries():
+    """Workers of 700 MiB. Softmax with 40,000 classes: its tiles shrink to fit
+    (4096 rows' temporaries would take 1.3 GB) and it trains. LDA with one stray count
+    of 50 million: every try kills the worker that draws it; after Dask's
+    allowed-failures (3) the fit says so rather than recover without end."""
+    from distributed import LocalCluster
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"a": rng.standard_normal(4000), "b": rng.standard_normal(4000)})
+    frame["price"] = rng.integers(0, 40_000, len(frame))
+    corpus, _ = synthetic_corpus(100, 50, n_topics=3, doc_length=30)
+    corpus.loc[0, "count"] = 50_000_000
+    with LocalCluster(n_workers=2, threads_per_worker=1, memory_limit="700MiB", dashboard_address=":0",
+                      silence_logs=50) as cluster, Client(cluster) as client:
+        with pytest.warns(UserWarning, match="without a row"):
+            result = scar.Trainer(client, scar.SoftmaxRegression()).fit(frame, target="price", max_iter=2,
+                                                                        progress=False)
+        assert result.n_iter == 2 and not result.events
+        with pytest.raises(scar.ScarError, match=re.escape(
+                "workers were lost 4 times in a row at iteration 1, with no iteration done in between (Dask gives a "
+                "task distributed.scheduler.allowed-failures=3 tries): the fit's work may be what kills them")):
+            scar.Trainer(client, scar.LDA(n_topics=3)).fit(corpus, max_iter=2, progress=False)
 
 
 @pytest.mark.slow

@@ -20,6 +20,9 @@ from ._base import DataSummary, Model, ParameterSpec, check_number, require_colu
 
 SOLVERS = ("gd", "lbfgs")
 ARMIJO = 1e-4   # sufficient decrease a trial point must show, as a fraction of the predicted one
+#: The most a kernel's per-tile temporaries take: with many classes (150,000 labels,
+#: a price column taken for classes) 4096 rows' would take 4.9 GB a worker.
+TILE_BYTES = 256 * 2**20
 
 
 class GradientModel(Model):
@@ -130,10 +133,12 @@ class GradientModel(Model):
         return X[rows], y[rows]
 
     @staticmethod
-    def _tile_rows(n: int, xp: types.ModuleType) -> int:
+    def _tile_rows(n: int, xp: types.ModuleType, row_bytes: int = 0) -> int:
         """Rows per tile of a kernel's loop over ``n`` rows: ``scar.tile-rows`` on the CPU
-        (a tile stays in cache from the first product to the second), all on a GPU."""
-        return max(1, n if xp is not np else min(n, int(config.get("tile-rows"))))
+        (a tile stays in cache from the first product to the second), all on a GPU; fewer
+        where the tile's temporaries, ``row_bytes`` a row, would pass :data:`TILE_BYTES`."""
+        tile = n if xp is not np else min(n, int(config.get("tile-rows")))
+        return max(1, min(tile, TILE_BYTES // row_bytes) if row_bytes else tile)
 
     def penalty_of(self, weights: Any, xp: types.ModuleType) -> float:
         if not self.l2:

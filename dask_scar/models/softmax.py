@@ -99,7 +99,7 @@ class SoftmaxRegression(GradientModel):
         # computes a tile's scores faster as rows @ (d, K), copied into the
         # class-major buffer, than as (K, d) @ rows.T (0.58 of the time per row).
         cpu = xp is np
-        tile = self._tile_rows(n, xp)
+        tile = self._tile_rows(n, xp, row_bytes=k * X.dtype.itemsize * (2 if cpu else 1))
         buffer, column = xp.empty((k, tile), dtype=X.dtype), xp.empty(tile, dtype=X.dtype)
         by_row = np.empty((tile, k), dtype=X.dtype) if cpu else None
         offsets = xp.arange(tile, dtype=y.dtype)
