@@ -30,7 +30,7 @@ class CheckpointPolicy:
     fraction = 1.0
 
     def __init__(self, every: int):
-        if not isinstance(every, (int, np.integer)) or every < 1:
+        if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
         self.every = int(every)
 

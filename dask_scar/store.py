@@ -298,11 +298,16 @@ def _few(names: list, most: int = 10) -> str:
     return shown if len(names) <= most else f"{shown} and {len(names) - most:,} more"
 
 
+def local_path(url: str) -> str | None:
+    """The local path a store URL names (a path, or a ``file://`` URL); None for others."""
+    url = url[len("file://"):] if url.startswith("file://") else url
+    return None if "://" in url else url
+
+
 def _zarr_store(url: str, read_only: bool) -> zarr.abc.store.Store:
-    if url.startswith("file://"):
-        url = url[len("file://"):]
-    if "://" not in url:
-        return zarr.storage.LocalStore(url, read_only=read_only)
+    path = local_path(url)
+    if path is not None:
+        return zarr.storage.LocalStore(path, read_only=read_only)
     try:
         return zarr.storage.FsspecStore.from_url(url, read_only=read_only)
     except ImportError as exc:     # fsspec's message names the package (not always its pip name), not the URL

@@ -30,7 +30,7 @@ from .plugin import ensure_plugin
 from .policy import CheckpointPolicy, default_policy, from_json
 from .recovery import RecoveryEvent, Restore, cancelled, check_scheduler, interruptible, live_workers
 from .run import TrainingRun, history_frame
-from .store import ZarrStore, make_layouts, probe
+from .store import ZarrStore, local_path, make_layouts, probe
 
 logger = logging.getLogger(__name__)
 
@@ -418,6 +418,7 @@ def _bar_interval() -> float:
 def _check_store_path(url: str, resume: bool, model: dict | None = None) -> None:
     """Before any work: the store path suits ``resume`` and can be written, and a store
     to resume was written for ``model`` (:meth:`_store_model`: its class and columns)."""
+    path = local_path(url)
     if ZarrStore.exists(url):
         # one whose creation did not finish, or that lost an array, says so the same
         # way whether resumed or not: neither can be resumed
@@ -430,10 +431,10 @@ def _check_store_path(url: str, resume: bool, model: dict | None = None) -> None
         if model is not None:
             store.check_compatible(model)
     elif resume:
-        if os.path.exists(url):
+        if path is not None and os.path.exists(path):
             ZarrStore.open(url)      # its own error: damaged, or not a dask_scar store
         raise CheckpointError(f"resume=True, but there is no dask_scar checkpoint store at {url}")
-    if not resume and os.path.isdir(url) and os.listdir(url):
+    if not resume and path is not None and os.path.isdir(path) and os.listdir(path):
         raise CheckpointError(f"{url} is a directory that is not empty and holds no readable dask_scar "
                               "checkpoint: choose a new (or empty) path for the store")
     probe(url)

@@ -237,9 +237,10 @@ def test_a_store_path_that_holds_something_else_is_named(client, digits, tmp_pat
     other = tmp_path / "results"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    with pytest.raises(scar.CheckpointError, match=f"{other} is a directory that is not empty and holds no "
-                                                   "readable dask_scar checkpoint: choose a new"):
-        scar.Trainer(client, scar.SoftmaxRegression(), store=other).fit(digits, target="label", progress=False)
+    for url in (other, f"file://{other}"):
+        with pytest.raises(scar.CheckpointError, match=f"{url} is a directory that is not empty and holds no "
+                                                       "readable dask_scar checkpoint: choose a new"):
+            scar.Trainer(client, scar.SoftmaxRegression(), store=url).fit(digits, target="label", progress=False)
     assert os.listdir(other) == ["notes.txt"]
     store = tmp_path / "ckpt.zarr"
     scar.Trainer(client, scar.SoftmaxRegression(), store=store).fit(digits, target="label", max_iter=3,

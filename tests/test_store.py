@@ -354,6 +354,7 @@ def test_a_policys_repr_builds_it_again():
 
 @pytest.mark.parametrize("make, message", [
     (lambda: scar.FullCheckpoint(every=0), "every must be a positive integer"),
+    (lambda: scar.RandomCheckpoint(every=True), "every must be a positive integer, got True"),
     (lambda: scar.PrioritizedCheckpoint(fraction=0), "fraction must be a finite number > 0 and <= 1"),
     (lambda: scar.PrioritizedCheckpoint(fraction=1.5), "fraction must be a finite number > 0 and <= 1"),
     (lambda: scar.PrioritizedCheckpoint("0.5"), "fraction must be a finite number > 0 and <= 1, got '0.5'"),
