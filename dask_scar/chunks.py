@@ -1,7 +1,7 @@
 """Parameter chunks: row ranges of the model's parameters, each held on one worker.
 
 A chunk's value lives in a worker's memory under a versioned key
-``scar-chunk-<run>-<name>-<index>-v<iteration>`` and carries no lineage: the task
+``scar-chunk-<run>-<name>-<index>-e<epoch>-v<iteration>`` and carries no lineage: the task
 that computes a new version hands the value to its own worker as *data*, the way
 ``Client.scatter`` does, and the scheduler registers it as data wanted by the
 driver's client (see :class:`~dask_scar.plugin.ScarPlugin`). So the scheduler's

@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=demo)
 
     p = sub.add_parser("train", formatter_class=_Help, help="train a model on a Parquet or CSV dataset")
-    p.add_argument("data", help="path or URL of Parquet files, or CSV files ending in .csv")
+    p.add_argument("data", help="path or URL of Parquet files, or CSV files ending in .csv or .csv.gz")
     p.add_argument("--model", choices=list(MODELS), default="softmax",
                    help="softmax regression, linear regression, or matrix factorization (alternating least "
                         "squares on user, item and rating columns)")

@@ -17,7 +17,8 @@ class DataError(ScarError, ValueError):
 
 
 class BackendError(ScarError, TypeError):
-    """Arrays from different backends (NumPy and CuPy) were mixed, or a backend is missing."""
+    """Arrays from different backends (NumPy and CuPy) were mixed, a backend is missing, or
+    the model does not run on the backend asked for (LDA on CuPy)."""
 
 
 class DivergenceError(ScarError, FloatingPointError):
@@ -27,7 +28,8 @@ class DivergenceError(ScarError, FloatingPointError):
 
 
 class WorkerLostError(ScarError, RuntimeError):
-    """A worker died and took parameter chunks with it that cannot be restored."""
+    """The cluster has no worker, and none joined within ``scar.recovery.wait-for-workers``
+    (all lost, or a batch job's workers not started yet)."""
 
 
 class SchedulerLostError(ScarError, ConnectionError):
@@ -51,4 +53,7 @@ class StoreMismatchError(ScarError, ValueError):
 
 
 class CheckpointWarning(UserWarning):
-    """A checkpoint write failed; training went on and the store kept its older blocks."""
+    """Something about the checkpoint store the fit goes on despite: a write failed (the
+    store keeps its older blocks), the store was deleted or taken over by another run,
+    or a resume differs from what the store was written with (hyper-parameters, policy,
+    a diverged fit's versions forgotten)."""

@@ -101,7 +101,7 @@ def _subscribed(topic: str, client: str, dask_scheduler=None) -> bool:
 
 
 def subscribe(client: Client, topic: str, handler: Callable[[tuple[float, Any]], None]) -> Callable[[], None]:
-    """Call ``handler(event)`` on the client's event loop for every event of ``topic``;
+    """Call ``handler((timestamp, event))`` on the client's event loop for every event of ``topic``;
     returns the function that stops it. A Client keeps one handler per topic, which a
     second subscription replaces (two fits at once on one client lost each other's
     events that way): this subscribes each client once per topic and hands every

@@ -47,6 +47,7 @@ class CheckpointPolicy:
         raise NotImplementedError
 
     def to_json(self) -> dict:
+        """The policy as a store records it (:func:`from_json` builds it again)."""
         return {"class": type(self).__name__, "every": self.every, "fraction": self.fraction}
 
     def __repr__(self) -> str:

@@ -118,6 +118,8 @@ class RecoveryEvent:
     retired: bool = False           # every worker gone was retired gracefully
 
     def describe(self) -> str:
+        """One line for people: which worker went at which iteration, what came back
+        from where, how long it took, and the iterations it is predicted to cost."""
         if self.mode != "partial":
             parts = [f"rolled every chunk back to iteration {self.resumed_at} ({self.bytes_read:,} bytes read)"]
             if self.older_blocks:   # a partial policy's round holds a share of the blocks

@@ -50,7 +50,9 @@ class FitResult:
     failed checkpoint write). After a full rollback (``recovery="full"``) iteration
     numbers repeat: every row is an iteration that ran. ``events`` lists a
     :class:`~dask_scar.RecoveryEvent` per recovery from worker loss. ``params``
-    maps each parameter name to a NumPy array.
+    maps each parameter name to a NumPy array. ``n_iter`` is the last iteration
+    run (the store's, when a resume had nothing to train); ``converged`` says
+    whether the loss changed by less than ``tol`` (not a callback's stop).
     ``checkpoints`` has one row per checkpoint round: ``round``, ``iteration``,
     ``blocks`` (block numbers written, across parameters in layout order),
     ``bytes``, ``seconds``, ``error`` and ``priorities`` (every block's distance
@@ -166,14 +168,19 @@ class Trainer:
             progress: bool | None = None, callback: Callable[[int, float], Any] | None = None) -> FitResult:
         """Train on ``frame`` (a Dask or pandas DataFrame).
 
+        ``target`` names the label (or value) column; ``features`` lists the
+        columns to train on (default: every other column; one string is one
+        name). ``progress`` shows a tqdm bar (default: ``scar.progress``, on).
+
         Stops after ``max_iter`` iterations in all (counting those before a
         resume), or once the loss changes by less than ``tol`` relative to its size
         between two iterations (``tol=0`` never stops early). With ``resume=True``
         the parameters are loaded from the store (each block as last saved, the
         others as initialised) and the iteration count goes on from the store's
         last committed round. Raises :class:`~dask_scar.exceptions.DataError` for
-        unusable data and :class:`~dask_scar.exceptions.CheckpointError` for an
-        unusable store, before any training.
+        unusable data, :class:`~dask_scar.exceptions.CheckpointError` for an
+        unusable store and :class:`~dask_scar.exceptions.StoreMismatchError` for
+        a store written for another model, before any training.
 
         When a worker dies, the chunks it held are restored (see ``recovery=``) and
         training goes on; each recovery is a :class:`~dask_scar.RecoveryEvent` in
@@ -185,7 +192,8 @@ class Trainer:
         every iteration (logging, a custom stopping rule): returning ``True`` ends
         training there (the result is returned as usual); raising stops it too.
         The next iteration starts once it has returned. Without a callback, the
-        gradient models run in *segments* (``scar.segment-iterations``, see
+        gradient models whose updates are replicated (L-BFGS, weights of 8 MB or
+        less, or blocks of at least 128 rows) run in *segments* (``scar.segment-iterations``, see
         :mod:`dask_scar.segment`): one task per worker for many iterations, the
         workers exchanging contributions directly, ``history`` rows arriving
         a segment at a time, and the progress bar about a second behind.

@@ -40,6 +40,7 @@ class LinearRegression(GradientModel):
 
     @property
     def intercept_(self) -> float:
+        """The intercept, a number (scikit-learn's for one target)."""
         return float(super().intercept_[0])
 
     def contribution(self, phase, block, params, xp, iteration=0, block_id=0):
