@@ -241,6 +241,7 @@ def test_chunked_update_equals_whole_update(digits, momentum):
 @pytest.mark.parametrize("labels, message", [
     ([0, 1, -1, 2], "negative values"),
     ([0, 1, 1.5, 2], "non-integer values"),
+    ([0, 1, 3.0000000000000004, 2], r"non-integer values \(min 0, max 3.0000000000000004\)"),   # round-off
     ([3, 3, 3, 3], "single class"),
 ])
 def test_bad_class_labels_are_named(labels, message):

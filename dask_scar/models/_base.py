@@ -177,8 +177,9 @@ class Model:
 
     def feature_help(self) -> str:
         """What to do about feature columns that do not hold numbers."""
-        return (f"{type(self).__name__} needs real numbers. Encode them (e.g. dd.get_dummies or pandas.factorize) "
-                "or leave them out with features=[...]")
+        return (f"{type(self).__name__} needs real numbers. Encode them (e.g. dd.get_dummies or pandas.factorize), "
+                "convert numbers held as text (ddf[column] = dd.to_numeric(ddf[column])), or leave them out with "
+                "features=[...]")
 
     def target_help(self) -> str:
         """What to do about a target column that does not hold numbers."""
@@ -361,7 +362,7 @@ def check_integers(column: ColumnSummary, what: str, fix: str = " Encode it, e.g
     if column.min < 0 or not column.integral:
         found = "negative values" if column.min < 0 else "non-integer values"
         raise DataError(f"column {column.name!r} must hold {what} 0, 1, 2, ...; found {found} "
-                        f"(min {column.min:g}, max {column.max:g}).{fix}")
+                        f"(min {column.min:.17g}, max {column.max:.17g}).{fix}")
 
 
 def check_ids(column: ColumnSummary, n_rows: int, what: str) -> int:
