@@ -166,6 +166,10 @@ def test_als_recovers_a_noise_free_rank_5_matrix():
     assert np.sqrt(((full - R)[frame["user"], frame["item"]] ** 2).mean()) < 1e-3
     assert model.rmse(frame) < 1e-3
     assert np.sqrt(((full - R) ** 2).mean()) < 1e-2  # unobserved entries too
+    # fitted on ratings named otherwise: scored on that column
+    stars = frame.rename(columns={"rating": "stars"})
+    model.params_, _ = fit_local(model, prepare_local(model, stars, "stars"), max_iter=100)
+    assert model.rmse(stars) < 1e-3 and model.score(stars) > 0.99
 
 
 def test_als_rows_solve_their_own_equations_from_any_blocks_and_chunks():

@@ -74,6 +74,7 @@ class MatrixFactorization(Model):
     def setup(self, summary: DataSummary) -> None:
         super().setup(summary)
         self.n_users_, self.n_items_ = (check_ids(column, summary.n_rows, "ids") for column in summary.features)
+        self.target_ = summary.target.name     # fit(target=...) may name another column than rating=
 
     def parameter_specs(self) -> dict[str, ParameterSpec]:
         return {"user_factors": ParameterSpec((self.n_users_, self.rank)),
@@ -161,12 +162,15 @@ class MatrixFactorization(Model):
 
     def score(self, data: Any, target: Any = None) -> float:
         """R^2 of the predicted ratings."""
-        return score_with(self, data, self.rating if target is None else target, squared_errors, finish=r2_score)
+        return score_with(self, data, self._ratings(target), squared_errors, finish=r2_score)
 
     def rmse(self, data: Any, target: Any = None) -> float:
         """Root mean squared error of the predicted ratings."""
-        return score_with(self, data, self.rating if target is None else target,
-                          lambda p, y: ((y - p) ** 2).mean() ** 0.5)
+        return score_with(self, data, self._ratings(target), lambda p, y: ((y - p) ** 2).mean() ** 0.5)
+
+    def _ratings(self, target: Any) -> Any:
+        """The ratings to score against: ``target``, or the column the model was fitted on."""
+        return getattr(self, "target_", self.rating) if target is None else target
 
 
 def _ids(frame: pd.DataFrame, column: str, n: int) -> np.ndarray:
