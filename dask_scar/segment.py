@@ -410,7 +410,8 @@ def run_segment(model: Model, sources: list, blocks: dict[int, dict], n_blocks: 
             held.append(progress)
             remember(run, new)      # every chunk: what recovery takes over should a peer die
             previous, loss = loss, progress["loss"]
-            if k == last or (tol > 0 and converged(previous, loss, tol)) or not (math.isfinite(loss) or model.line_search):
+            ends = k == last or (tol > 0 and converged(previous, loss, tol))
+            if ends or not (math.isfinite(loss) or model.line_search):
                 detach({chunk_key(run, cid, epoch, k): new[cid] for cid in own}, client_id, run, epoch, held)
                 checkpoint.hand_over()
                 return new

@@ -65,8 +65,9 @@ class SoftmaxRegression(GradientModel):
                             "classification needs two or more")
         empty = self.n_classes_ - len(t.values) if t.values is not None else int(t.min)
         if empty > 0:
+            first = sorted(t.values or ())[:5]
             some = ("" if t.values is None else
-                    f" (labels {', '.join(f'{v:g}' for v in sorted(t.values)[:5])}{', ...' if len(t.values) > 5 else ''})")
+                    f" (labels {', '.join(f'{v:g}' for v in first)}{', ...' if len(t.values) > 5 else ''})")
             warnings.warn(f"target column {t.name!r}: the class labels run 0..{t.max:g}{some}, so the model trains "
                           f"{self.n_classes_} classes, {'at least ' if t.values is None else ''}{empty} of them "
                           "without a row, and predict_proba has a column for each. Encode the labels with "
