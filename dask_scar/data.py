@@ -439,7 +439,7 @@ def prepare(client: Client, model: Model, data: Any, target: str | None,
             if n == 0:
                 continue  # empty partitions only: no block on this worker
             blocks.append(client.submit(_block, backend, *futs, key=f"scar-block-{dask.base.tokenize(backend, futs)}",
-                                        workers=[worker] if worker else None, allow_other_workers=True))
+                                        workers=[worker] if worker else None, allow_other_workers=bool(worker)))
             rows.append(n)
         wait_on(client, blocks)
         where = holders(client, blocks)

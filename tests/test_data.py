@@ -208,6 +208,28 @@ def test_a_slow_read_lets_the_partitions_arrays_go(client, monkeypatch):
     assert training.n_rows == 400
 
 
+def test_a_worker_lost_as_the_read_ends_is_read_again(own_client, monkeypatch):
+    """A worker SIGKILLed right after the partitions were read, before the driver asks
+    where they are: Dask reads them again (for a second, here), the blocks of those it
+    holds nowhere meanwhile go where Dask puts them, and every row is there."""
+    from conftest import kill_worker
+
+    holders, killed = data.holders, []
+
+    def kill_first(client, futures):
+        if not killed:
+            killed.append(kill_worker(client, sorted(live_workers(client))[0]))
+            wait_for(lambda: len(live_workers(client)) < 2, what="the scheduler to see the worker gone")
+        return holders(client, futures)
+
+    monkeypatch.setattr(data, "holders", kill_first)
+    frame = _frame(400)
+    slow = dd.from_delayed([dask.delayed(_read_slowly)(part) for part in (frame[:200], frame[200:])],
+                           meta=frame.head(0))
+    training = data.prepare(own_client, scar.SoftmaxRegression(), slow, "label", None)
+    assert killed and training.n_rows == 400 and sum(training.rows) == 400
+
+
 def _loads_after(workers, rows, running):
     """Each running worker's rows after :func:`data._plan`'s moves, checking each move."""
     workers, rows = list(workers), list(rows)
