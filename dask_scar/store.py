@@ -209,11 +209,15 @@ class CheckpointStore(abc.ABC):
         whole store."""
         read, problems = 0, []
         for name, layout in self.layouts.items():
-            versions = self.versions(name)
             for block in range(layout.n_blocks):
+                try:
+                    versions = self.versions(name, [block])
+                except CheckpointError as exc:      # its record
+                    problems.append(str(exc))
+                    continue
                 for previous in (False, True):
                     try:
-                        read += len(self.read_blocks(name, [block], previous, versions[block:block + 1]))
+                        read += len(self.read_blocks(name, [block], previous, versions))
                     except CheckpointError as exc:
                         problems.append(str(exc))
         return read, problems
@@ -543,8 +547,15 @@ class ZarrStore(CheckpointStore):
         coords = [(int(b), s, 0) for b in blocks for s in range(SLOTS)]
         out = np.full((len(coords), len(_RECORD)), NEVER, dtype=np.int64)
         for i, (c, buf) in enumerate(zip(coords, self._io.get([_key(saved, c) for c in coords]))):
-            if buf is not None:
+            if buf is None:
+                continue
+            try:
                 out[i, :saved.shape[2]] = _decode(saved, c, buf).reshape(-1)
+            except Exception as exc:  # noqa: BLE001  (a codec error: checksum, truncated data)
+                raise CheckpointError(
+                    f"the record of block {c[0]} (slot {c[1]}) of parameter {name!r} in {self.url} is corrupt "
+                    f"({exc}): restore the store from a copy, or delete that record (saved/{name} chunk "
+                    f"{c[0]}.{c[1]}) so that the block counts as never saved in that slot") from exc
         return out.reshape(-1, SLOTS, len(_RECORD))
 
     def read_blocks(self, name: str, blocks: list[int], previous: bool = False,

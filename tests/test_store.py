@@ -392,3 +392,20 @@ def test_verify_reads_every_saved_version_and_names_each_damaged_one(tmp_path):
     assert re.match(r"block 3 \(rows 15:20, slot 1\) of parameter 'weights' in .* is corrupt", problems[0])
     assert re.match(r"block 5 \(slot 0\) of parameter 'weights' in .* is recorded as saved at iteration 4 but its "
                     r"data is missing", problems[1])
+
+
+def test_a_corrupt_record_is_named(tmp_path):
+    """A flipped byte in a block's record: verify names it and reads the other blocks;
+    reading the records (a resume, inspect) says which record, not zarr's error."""
+    store = _damaged_store(tmp_path / "ckpt.zarr")
+    record = tmp_path / "ckpt.zarr/saved/weights/c/5/0/0"
+    raw = bytearray(record.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    record.write_bytes(bytes(raw))
+    read, problems = scar.open_store(tmp_path / "ckpt.zarr").verify()
+    assert read == 1 and len(problems) == 2
+    said = (r"the record of block 5 \(slot 0\) of parameter 'weights' in .* is corrupt \(.*\): restore the store "
+            r"from a copy, or delete that record \(saved/weights chunk 5.0\)")
+    assert re.match(said, problems[1])
+    with pytest.raises(scar.CheckpointError, match=said):
+        store.versions("weights")
