@@ -681,6 +681,13 @@ class ZarrStore(CheckpointStore):
         return dropped, emptied, int(self.manifest.get("iteration", 0)), highest
 
     @property
+    def unused(self) -> bool:
+        """Whether no fit writes here and none ever saved a block (one stopped before its
+        first checkpoint round: a callback's error, Ctrl-C): nothing to resume from."""
+        return self.writer is None and not self.manifest and all(
+            (self.versions(name)[:, :, 0] == NEVER).all() for name in self.layouts)
+
+    @property
     def writer(self) -> str | None:
         """The run writing here, as last read (None: none, or one that ended)."""
         return self.group.attrs.get("writer")

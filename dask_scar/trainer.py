@@ -423,6 +423,16 @@ def _bar_interval() -> float:
     return 0.1 if maybe_notebook is not plain or (isatty is not None and isatty()) else LOG_BAR_SECONDS
 
 
+def _writing(store: ZarrStore) -> str:
+    """What to say of a fit that may be writing ``store`` now."""
+    if store.writer is None:
+        return ""
+    ago = time.time() - store.manifest.get("time", 0)
+    recent = f", last committed {ago:.0f} s ago" if ago < RECENT_COMMIT_SECONDS else ""
+    return (f" that run {store.writer} writes{recent} (unless its driver died): a resume takes the store over "
+            "from it, and it stops checkpointing")
+
+
 def _check_store_path(url: str, resume: bool, model: dict | None = None) -> None:
     """Before any work: the store path suits ``resume`` and can be written, and a store
     to resume was written for ``model`` (:meth:`_store_model`: its class and columns)."""
@@ -432,12 +442,16 @@ def _check_store_path(url: str, resume: bool, model: dict | None = None) -> None
         # way whether resumed or not: neither can be resumed
         store = ZarrStore.open(url)
         store.check_arrays()
-        if not resume:
+        if resume:
+            if model is not None:
+                store.check_compatible(model)
+        elif store.unused:
+            logger.info("the checkpoint store %s holds no saved block, and no fit writes it: starting afresh", url)
+            ZarrStore.open(url, mode="r+").destroy()
+        else:
             raise CheckpointError(
-                f"{url} already holds a dask_scar checkpoint: pass resume=True (--resume on the command "
-                "line) to continue from it, or delete it or choose another store path to start afresh")
-        if model is not None:
-            store.check_compatible(model)
+                f"{url} already holds a dask_scar checkpoint{_writing(store)}: pass resume=True (--resume on the "
+                "command line) to continue from it, or delete it or choose another store path to start afresh")
     elif resume:
         if path is not None and os.path.exists(path):
             ZarrStore.open(url)      # its own error: damaged, or not a dask_scar store

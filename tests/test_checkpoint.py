@@ -255,6 +255,30 @@ def test_a_store_path_that_holds_something_else_is_named(client, digits, tmp_pat
         scar.open_store(store)
 
 
+def test_a_store_that_a_fit_left_with_nothing_saved_is_started_afresh(client, digits, tmp_path):
+    """A fit that stops before its first checkpoint round (its callback fails) leaves
+    a store with no block saved: the next fit on that path starts afresh in it. A
+    store another fit writes now is refused, and the message names that fit."""
+    store = tmp_path / "ckpt.zarr"
+
+    def fails(iteration, loss):
+        raise RuntimeError("the user's callback")
+
+    trainer = scar.Trainer(client, scar.SoftmaxRegression(), store=store, policy=scar.FullCheckpoint(every=5))
+    with pytest.raises(RuntimeError, match="the user's callback"):
+        trainer.fit(digits, target="label", max_iter=20, callback=fails, progress=False)
+    assert scar.open_store(store).unused
+    result = trainer.fit(digits, target="label", max_iter=5, progress=False)
+    assert result.n_iter == 5 and scar.open_store(store).manifest["iteration"] == 5
+    from dask_scar.store import ZarrStore
+
+    ZarrStore.open(store, mode="r+").claim("0badc0de")        # as a fit does while it runs
+    with pytest.raises(scar.CheckpointError, match=r"already holds a dask_scar checkpoint that run 0badc0de writes, "
+                                                   r"last committed \d+ s ago \(unless its driver died\): a resume "
+                                                   r"takes the store over from it"):
+        trainer.fit(digits, target="label", max_iter=5, progress=False)
+
+
 def test_a_fit_interrupted_while_it_creates_its_store_can_start_afresh(client, digits, tmp_path, monkeypatch):
     import zarr
 
