@@ -215,7 +215,7 @@ def train(args: argparse.Namespace) -> int:
     if args.scheduler:
         try:
             client = Client(args.scheduler)
-        except OSError as exc:      # a timeout too
+        except (OSError, ValueError, TypeError) as exc:      # a timeout; an address without a port; tls:// alone
             raise scar.ScarError(f"cannot reach the scheduler at {args.scheduler}: {exc}") from None
     else:
         cluster = local_cluster(args.workers)
@@ -224,7 +224,7 @@ def train(args: argparse.Namespace) -> int:
         features = args.features.split(",") if args.features else None
         trainer = scar.Trainer(client, model, store=args.store, recovery=args.recovery)
         result = trainer.fit(ddf, target=args.target, features=features, max_iter=args.max_iter, tol=args.tol,
-                             resume=args.resume, progress=not args.no_progress)
+                             resume=args.resume, progress=False if args.no_progress else None)
     finally:
         client.close()
         if cluster is not None:
@@ -396,8 +396,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ScarError as exc:
-        print(f"dask-scar: error: {exc}", file=sys.stderr)
+        # the library's advice, in this command's words
+        said = str(exc).replace("fit(..., resume=True)", "--resume")
+        print(f"dask-scar: error: {said}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("dask-scar: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

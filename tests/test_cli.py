@@ -208,3 +208,29 @@ def test_a_scheduler_out_of_reach_is_named(tmp_path, capsys):
         assert main(["train", str(path), "--target", "label", "--scheduler", "tcp://127.0.0.1:1"]) == 2
     assert capsys.readouterr().err.startswith("dask-scar: error: cannot reach the scheduler at tcp://127.0.0.1:1: "
                                               "Timed out trying to connect")
+    assert main(["train", str(path), "--target", "label", "--scheduler", "tcp://127.0.0.1"]) == 2
+    assert capsys.readouterr().err.startswith("dask-scar: error: cannot reach the scheduler at tcp://127.0.0.1: "
+                                              "missing port number")
+
+
+def test_train_follows_the_progress_setting(tmp_path, capsys):
+    """DASK_SCAR__PROGRESS=false turns the bar off as --no-progress does."""
+    from dask_scar.cli import main
+
+    path = tmp_path / "data.parquet"
+    synthetic_classification(200, 2, 2).to_parquet(path)
+    for setting, shown in ((True, True), (False, False)):
+        with dask.config.set({"scar.progress": setting}):
+            assert main(["train", str(path), "--target", "label", "--max-iter", "2", "--workers", "1"]) == 0
+        assert ("SoftmaxRegression:" in capsys.readouterr().err) == shown
+
+
+def test_errors_give_the_command_lines_words(tmp_path, capsys):
+    from dask_scar.cli import main
+
+    path = tmp_path / "data.parquet"
+    synthetic_classification(200, 2, 2).assign(x0=lambda f: f["x0"] * 1e4).to_parquet(path)
+    assert main(["train", str(path), "--target", "label", "--learning-rate", "1e6", "--workers", "1",
+                 "--no-progress", "--store", str(tmp_path / "ckpt.zarr")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dask-scar: error: training diverged") and "--resume goes on from there" in err, err
