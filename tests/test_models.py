@@ -45,12 +45,12 @@ def test_kernel_tiles_give_the_whole_block_result(digits, model):
     """The kernel's tiles (and the shorter last one) add up to the untiled computation."""
     import dask
 
-    block = prepare_local(model, digits, "label")
-    w = np.random.default_rng(2).standard_normal(model.parameter_specs()["weights"].shape).astype(np.float32)
     results = {}
     for tile in (100, len(digits)):      # 1797 rows: 17 tiles of 100 and one of 97, or one tile
-        with dask.config.set({"scar.tile-rows": tile}):
-            results[tile] = model.contribution(0, block, {"weights": w}, np)
+        with dask.config.set({"scar.tile-rows": tile}):     # read where the model is set up
+            block = prepare_local(model, digits, "label")
+        w = np.random.default_rng(2).standard_normal(model.parameter_specs()["weights"].shape).astype(np.float32)
+        results[tile] = model.contribution(0, block, {"weights": w}, np)
     tiled, whole = results.values()
     assert tiled.count == whole.count == len(digits)
     assert tiled.loss == pytest.approx(whole.loss, rel=1e-6)

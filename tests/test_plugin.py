@@ -373,5 +373,25 @@ def test_settings_are_read_as_their_kind():
         assert config.get("recovery.hung-worker") == 90.0
 
 
+@pytest.mark.slow
+def test_settings_are_the_drivers_not_the_workers(tmp_path, digits):
+    """Workers started with a bad scar.* setting in their environment: the fit reads its
+    settings where it was started, and trains."""
+    from conftest import CliCluster
+
+    cluster = CliCluster(tmp_path)
+    try:
+        cluster.env["DASK_SCAR__TILE_ROWS"] = "abc"
+        cluster.add_workers(2)
+        with Client(scheduler_file=str(cluster.scheduler_file), timeout=60) as client:
+            client.wait_for_workers(2, timeout=60)
+            assert set(client.run(lambda: dask.config.get("scar.tile-rows")).values()) == {"abc"}
+            result = scar.Trainer(client, scar.SoftmaxRegression()).fit(digits, target="label", max_iter=3,
+                                                                        progress=False)
+        assert result.n_iter == 3
+    finally:
+        cluster.close()
+
+
 def _never(part):
     raise AssertionError("the data was read")

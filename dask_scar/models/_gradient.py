@@ -94,6 +94,7 @@ class GradientModel(Model):
         super().setup(summary)
         self.features_ = [c.name for c in summary.features]
         self.n_features_ = len(self.features_)
+        self.tile_rows_ = config.get("tile-rows")   # read here: the workers' settings may differ
 
     def _n_outputs(self) -> int:
         raise NotImplementedError
@@ -132,12 +133,12 @@ class GradientModel(Model):
         rows = xp.asarray(rows)
         return X[rows], y[rows]
 
-    @staticmethod
-    def _tile_rows(n: int, xp: types.ModuleType, row_bytes: int = 0) -> int:
-        """Rows per tile of a kernel's loop over ``n`` rows: ``scar.tile-rows`` on the CPU
-        (a tile stays in cache from the first product to the second), all on a GPU; fewer
-        where the tile's temporaries, ``row_bytes`` a row, would pass :data:`TILE_BYTES`."""
-        tile = n if xp is not np else min(n, int(config.get("tile-rows")))
+    def _tile_rows(self, n: int, xp: types.ModuleType, row_bytes: int = 0) -> int:
+        """Rows per tile of a kernel's loop over ``n`` rows: ``scar.tile-rows`` (as the
+        driver had it at :meth:`setup`) on the CPU (a tile stays in cache from the first
+        product to the second), all on a GPU; fewer where the tile's temporaries,
+        ``row_bytes`` a row, would pass :data:`TILE_BYTES`."""
+        tile = n if xp is not np else min(n, self.tile_rows_)
         return max(1, min(tile, TILE_BYTES // row_bytes) if row_bytes else tile)
 
     def penalty_of(self, weights: Any, xp: types.ModuleType) -> float:
