@@ -12,6 +12,7 @@ back on, get or give whole blocks, or the ends of blocks cut in two.
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -23,8 +24,9 @@ import numpy as np
 import pandas as pd
 from distributed import Client, Future
 
+from . import config
 from .backend import array_module, get_array_module, to_device
-from .exceptions import DataError
+from .exceptions import DataError, ScarError
 from .models import ColumnSummary, DataSummary, Model
 from .models._base import (DISTINCT_VALUES, LOCAL_STATE, is_column_name, numeric, require_columns,
                            require_numeric, require_unique)
@@ -410,6 +412,7 @@ def prepare(client: Client, model: Model, data: Any, target: str | None,
     rows: list[int] = []
     try:
         warned, hung, after = set(), set(), hung_after()
+        timeout, done, moved = config.get("iteration-timeout"), 0, time.monotonic()
         while True:     # however long it takes to read, but paused workers are said, hung ones restarted
             try:
                 wait_on(client, converted, timeout=PAUSE_LOOK_SECONDS)
@@ -419,7 +422,14 @@ def prepare(client: Client, model: Model, data: Any, target: str | None,
                 # holds this frame, and so every partition's arrays until the collector runs
                 exc.__traceback__ = None
                 info = workers_info(client)
-                warn_paused(info, set(info), warned)
+                paused = warn_paused(info, set(info), warned)
+                if sum(f.done() for f in converted) > done:
+                    done, moved = sum(f.done() for f in converted), time.monotonic()
+                elif paused and len(paused) == len(info) and time.monotonic() - moved > timeout:
+                    raise ScarError(f"reading the data made no progress for scar.iteration-timeout={timeout:g}s, "
+                                    f"every worker paused by Dask for its memory ({', '.join(paused.values())}; "
+                                    "distributed.worker.memory.pause, 80 % of the memory limit by default): give "
+                                    "the workers more memory (dask worker --memory-limit), or add workers")
                 if after is not None and not restart_hung_workers(client, set(info), after, hung):
                     after = None
         failed = [f for f in converted if f.status == "error"]

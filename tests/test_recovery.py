@@ -1187,6 +1187,24 @@ def test_a_paused_worker_is_named_with_its_memory(digits, caplog):
     assert len(warned) == 1 and warned[0].startswith(f"dask_scar: worker(s) {victim} (")
 
 
+@pytest.mark.slow
+def test_a_read_that_every_paused_worker_holds_up_ends_at_the_timeout(digits, monkeypatch):
+    """Every worker paused before the data is read: the read never moves, and after
+    scar.iteration-timeout without a partition done the fit says why."""
+    from dask_scar import data
+
+    monkeypatch.setattr(data, "PAUSE_LOOK_SECONDS", 0.5)
+    settings = {"distributed.worker.memory.pause": False, "distributed.worker.memory.terminate": False}
+    with dask.config.set({"scar.iteration-timeout": 3}), new_cluster(2, settings) as cluster, \
+            Client(cluster) as client:
+        client.run(_pause)
+        with pytest.raises(scar.ScarError, match=r"reading the data made no progress for "
+                                                 r"scar.iteration-timeout=3s, every worker paused by Dask for its "
+                                                 r"memory \(tcp://.*\): give the workers more memory"):
+            scar.Trainer(client, scar.SoftmaxRegression()).fit(digits, target="label", max_iter=3, progress=False)
+        client.run(_pause, on=False)
+
+
 def _slow_frame(frame, seconds):
     """``frame`` as a Dask DataFrame whose two partitions each take ``seconds`` to make."""
     halves = [frame.iloc[: len(frame) // 2], frame.iloc[len(frame) // 2:]]
