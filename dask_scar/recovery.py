@@ -221,8 +221,8 @@ def restart_hung_workers(client: Client, workers: set[str], after: float, warned
     warned.update(new)
     if new:
         logger.warning("dask_scar: worker(s) %s sent the scheduler no heartbeat for %s s (scar.recovery."
-                       "hung-worker=%gs): the scheduler restarts them", ", ".join(new),
-                       ", ".join(f"{s:.1f}" for s in new.values()), after)
+                       "hung-worker=%gs): the scheduler restarts them (removes those without a nanny)",
+                       ", ".join(new), ", ".join(f"{s:.1f}" for s in new.values()), after)
     return True
 
 
