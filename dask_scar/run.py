@@ -494,6 +494,11 @@ class TrainingRun:
         count, rows = self.fruitless
         self.fruitless = (count + 1 if rows == len(self.rows) and count else 1, len(self.rows))
         allowed = dask.config.get("distributed.scheduler.allowed-failures")
+        if self.fruitless[0] > allowed and not event.worker:    # work abandoned, though no worker went
+            raise ScarError(
+                f"the fit started iteration {k} again {self.fruitless[0]} times, with no worker lost: a task of it "
+                "waits on a worker that is gone: is dask_scar's scheduler plugin ('scar') still installed? "
+                "client.unregister_scheduler_plugin takes it away" + self.restore.hint)
         if self.fruitless[0] > allowed:
             raise ScarError(
                 f"workers were lost {self.fruitless[0]} times in a row at iteration {k}, with no iteration done in "
