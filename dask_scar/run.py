@@ -309,8 +309,8 @@ class TrainingRun:
         try:
             for i in range(k, last + 1):
                 converged = self.record(i, orders[i - k], 0.0, tol)
-                if converged or not math.isfinite(self.rows[-1]["loss"]):
-                    break
+                if converged or not (math.isfinite(self.rows[-1]["loss"]) or self.model.line_search):
+                    break       # (a segment of a line-search model went on past a trial it rejects)
                 if ckpt is not None and i < last:
                     ckpt.handed_out(i)      # the workers went on, and wrote it
         except BaseException:
@@ -716,8 +716,20 @@ def _forget(run: str) -> None:
     checkpoint.forget(run)
 
 
+#: Trials in a row whose loss is not finite after which a line search gives up (each
+#: shrinks the step tenfold).
+LINE_SEARCH_TRIALS = 30
+
+
 def _check_divergence(rows: list[dict], factor: float, model: Model) -> None:
-    if model.line_search:   # (the losses of trials it rejects)
+    if model.line_search:   # a high loss is a trial it rejects: only one that never comes back is divergence
+        last = rows[-LINE_SEARCH_TRIALS:]
+        if len(last) == LINE_SEARCH_TRIALS and not any(math.isfinite(row["loss"]) for row in last):
+            error = DivergenceError(f"training diverged: {LINE_SEARCH_TRIALS} trial steps in a row, each ten "
+                                    f"times shorter than the one before, gave no finite loss (iteration "
+                                    f"{rows[-1]['iteration']}); check the data's scale and the model's l2")
+            error.iteration = rows[-1]["iteration"] - LINE_SEARCH_TRIALS + 1
+            raise error
         return
     loss = rows[-1]["loss"]
     if not math.isfinite(loss) or loss > factor * max(abs(rows[0]["loss"]), 1e-12):

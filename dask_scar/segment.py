@@ -343,8 +343,10 @@ def _take(run: str, epoch: int, iteration: int, peers: list[str], timeout: float
 
 
 def converged(previous: float | None, current: float, tol: float) -> bool:
-    """Whether the loss moved by no more than ``tol``, relatively (the driver's rule too)."""
-    return previous is not None and abs(previous - current) <= tol * max(abs(previous), abs(current), 1e-300)
+    """Whether the loss moved by no more than ``tol``, relatively (the driver's rule too);
+    never where either is not finite (a trial L-BFGS rejects)."""
+    return (previous is not None and math.isfinite(previous) and math.isfinite(current)
+            and abs(previous - current) <= tol * max(abs(previous), abs(current), 1e-300))
 
 
 @dataclass(frozen=True)

@@ -295,6 +295,34 @@ def test_lbfgs_shortens_a_step_that_would_pass_for_divergence(client):
     assert result.converged and model.score(frame, "price") > 0.99
 
 
+def test_lbfgs_past_trials_with_no_finite_loss(client):
+    """Features near 1e20: L-BFGS's first trial has a NaN loss, and the next ones inf
+    (float32 overflows) until its steps are short enough. A segment goes on past them as
+    the driver does (the same losses and weights as one graph an iteration, with a
+    callback); no such trial counts as converged; thirty in a row are divergence."""
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"a": rng.normal(1e20, 3e19, 2000), "b": rng.normal(0, 1, 2000)})
+    frame["label"] = (frame.b > 0).astype(int) + (frame.a > 1e20).astype(int)
+    runs = {}
+    for callback in (None, lambda k, loss: None):
+        model = scar.SoftmaxRegression(solver="lbfgs")
+        result = scar.Trainer(client, model).fit(frame, target="label", max_iter=30, progress=False,
+                                                 callback=callback)
+        runs[callback is None] = result.history["loss"].to_numpy(), model.params_["weights"]
+    (segments, weights), (graphs, weights_graphs) = runs[True], runs[False]
+    assert np.isnan(segments[1]) and np.isfinite(segments[-1]) and len(segments) == 30
+    np.testing.assert_array_equal(segments, graphs)
+    np.testing.assert_array_equal(weights, weights_graphs)
+    huge = frame.assign(a=frame.a * 1e4, y=frame.b)[["a", "b", "y"]]
+    result = scar.Trainer(client, scar.LinearRegression(solver="lbfgs")).fit(huge, target="y", max_iter=8,
+                                                                               progress=False)
+    assert not result.converged and not np.isfinite(result.history["loss"].iloc[-1])
+    with pytest.raises(scar.DivergenceError, match="30 trial steps in a row, each ten times shorter than the one "
+                                                   "before, gave no finite loss"):
+        scar.Trainer(client, scar.SoftmaxRegression(solver="lbfgs")).fit(
+            frame.assign(a=3e37), target="label", max_iter=60, progress=False)
+
+
 def test_stops_early_at_tolerance(client, digits):
     result = scar.Trainer(client, scar.SoftmaxRegression(momentum=0.9)).fit(
         digits, target="label", max_iter=1000, tol=1e-3, progress=False)
