@@ -466,8 +466,10 @@ class ZarrStore(CheckpointStore):
 
     @classmethod
     def create(cls, url: str | os.PathLike, model: dict, layouts: dict[str, BlockLayout],
-               policy: dict | None) -> ZarrStore:
-        """Create an empty store (the driver does this once, before training).
+               policy: dict | None, writer: str | None = None) -> ZarrStore:
+        """Create an empty store (the driver does this once, before training), claimed
+        by ``writer`` from the start (:meth:`claim`): another fit does not take it for
+        one left :attr:`unused`.
 
         The arrays are made first, and the attributes that make the group a dask_scar
         store last (:data:`CREATING` stands in for them until then). A creation that
@@ -492,7 +494,7 @@ class ZarrStore(CheckpointStore):
                                    compressors=_codecs())
                 group.create_array(f"saved/{name}", shape=(lay.n_blocks, SLOTS, len(_RECORD)), dtype="int64",
                                    chunks=(1, 1, len(_RECORD)), fill_value=NEVER, compressors=[Crc32cCodec()])
-            group.attrs.put({ATTRS: meta})
+            group.attrs.put({ATTRS: meta, "writer": writer})
         except BaseException as exc:
             _remove_unfinished(zstore, made_root)
             if isinstance(exc, OSError):

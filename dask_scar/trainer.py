@@ -329,7 +329,7 @@ class Trainer:
                               stacklevel=checkpoint.callers_level())
         else:
             policy = policy or default_policy()
-            store = ZarrStore.create(self.store, meta, layouts, policy.to_json())
+            store = ZarrStore.create(self.store, meta, layouts, policy.to_json(), writer=run)
         store_id = store.meta["id"]
         try:
             problems = {w: p for w, p in self.client.run(checkpoint.check_access, store.url, store_id).items() if p}

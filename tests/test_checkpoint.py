@@ -258,7 +258,8 @@ def test_a_store_path_that_holds_something_else_is_named(client, digits, tmp_pat
 def test_a_store_that_a_fit_left_with_nothing_saved_is_started_afresh(client, digits, tmp_path):
     """A fit that stops before its first checkpoint round (its callback fails) leaves
     a store with no block saved: the next fit on that path starts afresh in it. A
-    store another fit writes now is refused, and the message names that fit."""
+    store another fit writes now is refused, and the message names that fit, also one
+    that fit has only just created (nothing saved yet)."""
     store = tmp_path / "ckpt.zarr"
 
     def fails(iteration, loss):
@@ -270,13 +271,21 @@ def test_a_store_that_a_fit_left_with_nothing_saved_is_started_afresh(client, di
     assert scar.open_store(store).unused
     result = trainer.fit(digits, target="label", max_iter=5, progress=False)
     assert result.n_iter == 5 and scar.open_store(store).manifest["iteration"] == 5
-    from dask_scar.store import ZarrStore
+    from dask_scar.store import ZarrStore, make_layouts
 
     ZarrStore.open(store, mode="r+").claim("0badc0de")        # as a fit does while it runs
     with pytest.raises(scar.CheckpointError, match=r"already holds a dask_scar checkpoint that run 0badc0de writes, "
                                                    r"last committed \d+ s ago \(unless its driver died\): a resume "
                                                    r"takes the store over from it"):
         trainer.fit(digits, target="label", max_iter=5, progress=False)
+    starting = tmp_path / "starting.zarr"       # as a fit makes it, before it has saved anything
+    ZarrStore.create(starting, trainer._store_model(list(digits.columns[:-1]), "label"),
+                     make_layouts({"weights": ((65, 10), "float32")}, 4, 4), None, writer="5ca1ab1e")
+    assert not scar.open_store(starting).unused
+    with pytest.raises(scar.CheckpointError, match="already holds a dask_scar checkpoint that run 5ca1ab1e writes "
+                                                   r"\(unless its driver died\)"):
+        scar.Trainer(client, scar.SoftmaxRegression(), store=starting).fit(digits, target="label", max_iter=5,
+                                                                           progress=False)
 
 
 def test_a_fit_interrupted_while_it_creates_its_store_can_start_afresh(client, digits, tmp_path, monkeypatch):
