@@ -493,7 +493,7 @@ class TrainingRun:
             return
         count, rows = self.fruitless
         self.fruitless = (count + 1 if rows == len(self.rows) and count else 1, len(self.rows))
-        allowed = dask.config.get("distributed.scheduler.allowed-failures")
+        allowed = max(int(dask.config.get("distributed.scheduler.allowed-failures")), 1)
         if self.fruitless[0] > allowed and not event.worker:    # work abandoned, though no worker went
             raise ScarError(
                 f"the fit started iteration {k} again {self.fruitless[0]} times, with no worker lost: a task of it "
