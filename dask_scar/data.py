@@ -209,7 +209,12 @@ def _block(backend, *parts):
 
 
 def _block_summary(*parts):
-    return [summary for _, summary in parts]
+    """The summaries of one worker's partitions, merged there (a target's distinct
+    values travel once per worker, not once per partition)."""
+    merged = parts[0][1]
+    for _, summary in parts[1:]:
+        merged = [a.merge(b) for a, b in zip(merged, summary)]
+    return [merged]
 
 
 def _rows(block, start, stop, copy):
@@ -423,9 +428,10 @@ def prepare(client: Client, model: Model, data: Any, target: str | None,
                 exc.__traceback__ = None
                 info = workers_info(client)
                 paused = warn_paused(info, set(info), warned)
-                if sum(f.done() for f in converted) > done:
-                    done, moved = sum(f.done() for f in converted), time.monotonic()
-                elif paused and len(paused) == len(info) and time.monotonic() - moved > timeout:
+                now_done = sum(f.done() for f in converted)
+                if now_done > done or len(paused) < len(info):    # (counts while every worker is paused)
+                    done, moved = now_done, time.monotonic()
+                elif info and time.monotonic() - moved > timeout:
                     raise ScarError(f"reading the data made no progress for scar.iteration-timeout={timeout:g}s, "
                                     f"every worker paused by Dask for its memory ({', '.join(paused.values())}; "
                                     "distributed.worker.memory.pause, 80 % of the memory limit by default): give "
