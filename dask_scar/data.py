@@ -142,11 +142,11 @@ def _not_numbers(data: pd.DataFrame | pd.Series, exc: Exception) -> str:
             break
     else:
         name, column = None, data
-    where = f"column {name!r}" if name is not None else "a column"
+    where, convert = ((f"column {name!r}", f"ddf[{name!r}] = dd.to_numeric(ddf[{name!r}], errors='coerce')")
+                      if name is not None else ("a column", "with dd.to_numeric(..., errors='coerce')"))
     return (f"{where} holds values that are not numbers in one partition ({exc}; there its dtype is "
             f"{column.dtype}), though the frame's dtypes say numbers: the files of a dataset may disagree on "
-            f"its type, or a map_partitions' meta be wrong. Convert it, e.g. "
-            f"ddf[{name!r}] = dd.to_numeric(ddf[{name!r}], errors='coerce'), or fix the data")
+            f"its type, or a map_partitions' meta be wrong. Convert it, e.g. {convert}, or fix the data")
 
 
 _SUMMARY_ROWS = 8192    # rows per pass: temporaries stay in cache, however long the partition

@@ -138,7 +138,8 @@ class GradientModel(Model):
         driver had it at :meth:`setup`) on the CPU (a tile stays in cache from the first
         product to the second), all on a GPU; fewer where the tile's temporaries,
         ``row_bytes`` a row, would pass :data:`TILE_BYTES`."""
-        tile = n if xp is not np else min(n, self.tile_rows_)
+        tiles = getattr(self, "tile_rows_", None) or config.get("tile-rows")     # (a model not set up)
+        tile = n if xp is not np else min(n, tiles)
         return max(1, min(tile, TILE_BYTES // row_bytes) if row_bytes else tile)
 
     def penalty_of(self, weights: Any, xp: types.ModuleType) -> float:
@@ -284,6 +285,8 @@ class GradientModel(Model):
         try:
             X = np.asarray(data, dtype=np.float32)
         except (TypeError, ValueError) as exc:
+            if type(data).__module__.startswith("cupy"):
+                raise DataError("predictions take NumPy, pandas or Dask data: pass cupy.asnumpy(X)") from None
             raise DataError(f"the data to predict on must be numbers ({exc}): the model was fitted on "
                             f"{len(features)} numeric columns") from None
         if X.ndim != 2 or X.shape[1] != len(features):

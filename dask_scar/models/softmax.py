@@ -67,9 +67,9 @@ class SoftmaxRegression(GradientModel):
         if empty > 0:
             first = sorted(t.values or ())[:5]
             some = ("" if t.values is None else
-                    f" (labels {', '.join(f'{v:g}' for v in first)}{', ...' if len(t.values) > 5 else ''})")
-            warnings.warn(f"target column {t.name!r}: the class labels run 0..{t.max:g}{some}, so the model trains "
-                          f"{self.n_classes_} classes, {'at least ' if t.values is None else ''}{empty} of them "
+                    f" (the labels are {', '.join(f'{v:g}' for v in first)}{', ...' if len(t.values) > 5 else ''})")
+            warnings.warn(f"target column {t.name!r}: the model trains the classes 0..{t.max:g}{some}, "
+                          f"{'at least ' if t.values is None else ''}{empty} of them "
                           "without a row, and predict_proba has a column for each. Encode the labels with "
                           "pandas.factorize to train only the classes in the data", UserWarning, stacklevel=2)
         self.classes_ = np.arange(self.n_classes_)
