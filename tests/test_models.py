@@ -57,6 +57,22 @@ def test_kernel_tiles_give_the_whole_block_result(digits, model):
     np.testing.assert_allclose(tiled.parts["weights"], whole.parts["weights"], rtol=1e-4, atol=1e-3)
 
 
+def test_many_classes_take_shorter_tiles_with_the_same_result(digits, monkeypatch):
+    """Softmax shortens its tiles where their temporaries would pass TILE_BYTES (here
+    set to 80 rows' worth of digits' 10 classes), and the result is the same."""
+    from dask_scar.models import _gradient
+
+    model = scar.SoftmaxRegression()
+    block = prepare_local(model, digits, "label")
+    w = np.random.default_rng(2).standard_normal(model.parameter_specs()["weights"].shape).astype(np.float32)
+    whole = model.contribution(0, block, {"weights": w}, np)
+    monkeypatch.setattr(_gradient, "TILE_BYTES", 80 * 10 * 4 * 2)
+    assert model._tile_rows(len(digits), np, row_bytes=10 * 4 * 2) == 80
+    tiled = model.contribution(0, block, {"weights": w}, np)
+    assert tiled.loss == pytest.approx(whole.loss, rel=1e-6)
+    np.testing.assert_allclose(tiled.parts["weights"], whole.parts["weights"], rtol=1e-4, atol=1e-3)
+
+
 def test_linear_regression_reaches_the_closed_form_ridge_solution():
     rng = np.random.default_rng(0)
     X = rng.standard_normal((1000, 8))
