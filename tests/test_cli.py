@@ -142,8 +142,9 @@ def test_train_keeps_the_models_defaults_and_refuses_options_it_would_ignore(tmp
     out = _run("train", str(path), "--no-progress")
     assert out.returncode == 2
     assert "dask-scar: error: --model softmax needs --target: one of the columns ['x0', 'x1', 'label']" in out.stderr
-    out = _run("train", str(ratings), "--model", "mf", "--max-iter", "2", "--no-progress", "--workers", "1",
-               "--store", str(store))
+    # 5 iterations: a checkpoint round (a store with nothing saved would be started afresh)
+    out = _run("train", str(ratings), "--model", "mf", "--max-iter", "5", "--tol", "0", "--no-progress",
+               "--workers", "1", "--store", str(store))
     assert out.returncode == 0, out.stderr
     out = _run("train", str(ratings), "--model", "mf", "--no-progress", "--workers", "1", "--store", str(store))
     assert out.returncode == 2
