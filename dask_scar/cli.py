@@ -275,11 +275,13 @@ def inspect(args: argparse.Namespace) -> int:
         print(f"the fit that wrote it diverged: resume=True starts from the versions saved before iteration "
               f"{info['diverged']}")
     if args.verify:
-        read, problems = store.verify()
+        read, problems, overwritten = store.verify()
         for problem in problems:
             print(f"damaged: {problem}")
         print(f"verified {read:,} saved block version(s): " + (f"{len(problems)} damaged" if problems else
-                                                               "each matches its record"))
+                                                               "each matches its record")
+              + (f"; {overwritten:,} older version(s) overwritten by a write cut short (no damage)"
+                 if overwritten else ""))
         return 1 if problems else 0
     return 0
 

@@ -202,12 +202,13 @@ class CheckpointStore(abc.ABC):
             out[name] = value
         return out
 
-    def verify(self) -> tuple[int, list[str]]:
+    def verify(self) -> tuple[int, list[str], int]:
         """Read every saved version of every block (the newest and the one before),
-        checking each against its record: the versions read, and what is wrong (a
-        block's data missing, or not what its record describes, or corrupt). Reads the
-        whole store."""
-        read, problems = 0, []
+        checking each against its record: the versions read, what is wrong (a block's
+        data missing, or not what its record describes, or corrupt), and the older
+        versions overwritten by a newer write cut short (its worker died before the
+        record: no damage, that version is gone). Reads the whole store."""
+        read, problems, overwritten = 0, [], 0
         for name, layout in self.layouts.items():
             for block in range(layout.n_blocks):
                 try:
@@ -217,10 +218,13 @@ class CheckpointStore(abc.ABC):
                     continue
                 for previous in (False, True):
                     try:
-                        read += len(self.read_blocks(name, [block], previous, versions))
+                        got = len(self.read_blocks(name, [block], previous, versions))
                     except CheckpointError as exc:
                         problems.append(str(exc))
-        return read, problems
+                        continue
+                    read += got
+                    overwritten += int(pick(versions, previous)[0][0, 0] != NEVER) - got
+        return read, problems, overwritten
 
     def info(self) -> dict[str, Any]:
         """Size and freshness: bytes stored, blocks saved, how many iterations old

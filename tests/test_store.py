@@ -375,7 +375,7 @@ def _damaged_store(path):
     store.write_blocks("weights", {3: rng.random((5, 10), dtype=np.float32),
                                    5: rng.random((5, 10), dtype=np.float32)}, 4, 0, 1)
     store.write_blocks("weights", {3: rng.random((5, 10), dtype=np.float32)}, 8, 0, 2)
-    assert store.verify() == (3, [])
+    assert store.verify() == (3, [], 0)
     newest = path / "params/weights/c/1/3/0"
     raw = bytearray(newest.read_bytes())
     raw[len(raw) // 2] ^= 0x01
@@ -386,12 +386,24 @@ def _damaged_store(path):
 
 def test_verify_reads_every_saved_version_and_names_each_damaged_one(tmp_path):
     _damaged_store(tmp_path / "ckpt.zarr")
-    read, problems = scar.open_store(tmp_path / "ckpt.zarr").verify()
+    read, problems, _ = scar.open_store(tmp_path / "ckpt.zarr").verify()
     assert read == 1        # block 3's older version; the other two are damaged
     assert len(problems) == 2
     assert re.match(r"block 3 \(rows 15:20, slot 1\) of parameter 'weights' in .* is corrupt", problems[0])
     assert re.match(r"block 5 \(slot 0\) of parameter 'weights' in .* is recorded as saved at iteration 4 but its "
                     r"data is missing", problems[1])
+
+
+def test_verify_counts_an_older_version_a_write_cut_short_overwrote(tmp_path):
+    """A write into a block's older slot whose worker died before the record: that
+    version is gone, which is no damage; verify says how many."""
+    store = new_store(tmp_path / "ckpt.zarr")
+    rng = np.random.default_rng(0)
+    for round in (1, 2):
+        store.write_blocks("weights", {3: rng.random((5, 10), dtype=np.float32)}, 4 * round, 0, round)
+    older, newer = (tmp_path / f"ckpt.zarr/params/weights/c/{slot}/3/0" for slot in (0, 1))
+    older.write_bytes(newer.read_bytes())       # new data in the older slot, under its old record
+    assert store.verify() == (1, [], 1)
 
 
 def test_a_corrupt_record_is_named(tmp_path):
@@ -402,7 +414,7 @@ def test_a_corrupt_record_is_named(tmp_path):
     raw = bytearray(record.read_bytes())
     raw[len(raw) // 2] ^= 0x01
     record.write_bytes(bytes(raw))
-    read, problems = scar.open_store(tmp_path / "ckpt.zarr").verify()
+    read, problems, _ = scar.open_store(tmp_path / "ckpt.zarr").verify()
     assert read == 1 and len(problems) == 2
     said = (r"the record of block 5 \(slot 0\) of parameter 'weights' in .* is corrupt \(.*\): restore the store "
             r"from a copy, or delete that record \(saved/weights chunk 5.0\)")
