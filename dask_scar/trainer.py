@@ -193,14 +193,13 @@ class Trainer:
         training there (the result is returned as usual); raising stops it too.
         The next iteration starts once it has returned. Without a callback, the
         gradient models whose updates are replicated (L-BFGS, weights of 8 MB or
-        less, or blocks of at least 128 rows) run in *segments* (``scar.segment-iterations``, see
-        :mod:`dask_scar.segment`): one task per worker for many iterations, the
-        workers exchanging contributions directly, ``history`` rows arriving
-        a segment at a time, and the progress bar about a second behind.
-        Other models submit each iteration's graph before the
-        one before it ends, so that no round trip through this process separates
-        them; stopping at ``tol`` then lets one surplus iteration finish, and
-        discards it.
+        less, or blocks of at least 128 rows) run in *segments*
+        (``scar.segment-iterations``, see :mod:`dask_scar.segment`): one task per
+        worker for many iterations, the workers exchanging contributions directly,
+        ``history`` rows arriving a segment at a time, and the progress bar about a
+        second behind. Other models submit each iteration's graph before the one
+        before it ends, so that no round trip through this process separates them;
+        stopping at ``tol`` then lets one surplus iteration finish, and discards it.
         """
         check_number("max_iter", max_iter, 1, integer=True)
         check_number("tol", tol, 0)
