@@ -175,9 +175,7 @@ def _summaries(names: list[str], values: np.ndarray) -> list[ColumnSummary]:
 
 def summarize(parts: list[list[ColumnSummary]], has_target: bool) -> DataSummary:
     """Merge partition summaries; raise :class:`DataError` for empty data or NaN/inf."""
-    merged = [c for c in parts[0]]
-    for part in parts[1:]:
-        merged = [a.merge(b) for a, b in zip(merged, part)]
+    merged = _merged(parts)
     n_rows = merged[0].count if merged else 0
     if n_rows == 0:
         raise DataError("the training data has no rows")
@@ -188,6 +186,14 @@ def summarize(parts: list[list[ColumnSummary]], has_target: bool) -> DataSummary
                         "or fill them (ddf.fillna(...)) before training")
     target = merged[-1] if has_target else None
     return DataSummary(n_rows, merged[:-1] if has_target else merged, target)
+
+
+def _merged(parts: list[list[ColumnSummary]]) -> list[ColumnSummary]:
+    """The column summaries of several partitions, merged column by column."""
+    merged = list(parts[0])
+    for part in parts[1:]:
+        merged = [a.merge(b) for a, b in zip(merged, part)]
+    return merged
 
 
 def concat_blocks(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -211,10 +217,7 @@ def _block(backend, *parts):
 def _block_summary(*parts):
     """The summaries of one worker's partitions, merged there (a target's distinct
     values travel once per worker, not once per partition)."""
-    merged = parts[0][1]
-    for _, summary in parts[1:]:
-        merged = [a.merge(b) for a, b in zip(merged, summary)]
-    return [merged]
+    return [_merged([summary for _, summary in parts])]
 
 
 def _rows(block, start, stop, copy):
