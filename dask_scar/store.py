@@ -603,8 +603,12 @@ class ZarrStore(CheckpointStore):
     def claim(self, run: str) -> None:
         """Record the fit now writing here: its ``run``, from then on the only one whose
         commits are taken."""
+        self._update({"writer": run})
+
+    def _update(self, attrs: dict) -> None:
+        """Set the group's ``attrs`` as it is stored now (:meth:`_fresh`)."""
         group = self._fresh()
-        group.attrs.update({"writer": run})
+        group.attrs.update(attrs)
         self.group = group
 
     def record(self, run: str, model: dict, policy: dict) -> None:
@@ -681,9 +685,7 @@ class ZarrStore(CheckpointStore):
         manifest = self.manifest
         if manifest and manifest.get("iteration", 0) >= cutoff:
             self.commit({**manifest, "round": newest[0], "iteration": newest[1], "run": run})
-        group = self._fresh()
-        group.attrs.update({"diverged": None})
-        self.group = group
+        self._update({"diverged": None})
         return dropped, emptied, int(self.manifest.get("iteration", 0)), highest
 
     @property
