@@ -320,12 +320,11 @@ class Trainer:
                               f"written with {', '.join(f'{n}={before[n]!r}' for n in changed)}. The store "
                               "records the new values once this fit has started", CheckpointWarning,
                               stacklevel=checkpoint.callers_level())
-            last = store.manifest
-            if store.writer is not None and time.time() - last.get("time", 0) < RECENT_COMMIT_SECONDS:
-                warnings.warn(f"run {store.writer} committed to {self.store} {time.time() - last['time']:.0f} s "
-                              "ago and did not end: if that fit still runs, it stops checkpointing at its next "
-                              "commit, and this one writes the store from now on", CheckpointWarning,
-                              stacklevel=checkpoint.callers_level())
+            ago = _committed_ago(store)
+            if ago is not None:
+                warnings.warn(f"run {store.writer} committed to {self.store} {ago:.0f} s ago and did not end: if "
+                              "that fit still runs, it stops checkpointing at its next commit, and this one "
+                              "writes the store from now on", CheckpointWarning, stacklevel=checkpoint.callers_level())
         else:
             policy = policy or default_policy()
             store = ZarrStore.create(self.store, meta, layouts, policy.to_json(), writer=run)
@@ -422,12 +421,19 @@ def _bar_interval() -> float:
     return 0.1 if maybe_notebook is not plain or (isatty is not None and isatty()) else LOG_BAR_SECONDS
 
 
+def _committed_ago(store: ZarrStore) -> float | None:
+    """Seconds since the store's writer, a run that did not end, last committed, if
+    that is within :data:`RECENT_COMMIT_SECONDS` (it may still be running)."""
+    ago = time.time() - store.manifest.get("time", 0)
+    return ago if store.writer is not None and ago < RECENT_COMMIT_SECONDS else None
+
+
 def _writing(store: ZarrStore) -> str:
     """What to say of a fit that may be writing ``store`` now."""
     if store.writer is None:
         return ""
-    ago = time.time() - store.manifest.get("time", 0)
-    recent = f", last committed {ago:.0f} s ago" if ago < RECENT_COMMIT_SECONDS else ""
+    ago = _committed_ago(store)
+    recent = f", last committed {ago:.0f} s ago" if ago is not None else ""
     return (f" that run {store.writer} writes{recent} (unless its driver died): a resume takes the store over "
             "from it, and it stops checkpointing")
 
