@@ -309,8 +309,8 @@ class TrainingRun:
         try:
             for i in range(k, last + 1):
                 converged = self.record(i, orders[i - k], 0.0, tol)
-                if converged or not (math.isfinite(self.rows[-1]["loss"]) or self.model.line_search):
-                    break       # (a segment of a line-search model went on past a trial it rejects)
+                if converged or segment.stops_at(self.model, self.rows[-1]["loss"]):
+                    break       # where its workers stopped
                 if ckpt is not None and i < last:
                     ckpt.handed_out(i)      # the workers went on, and wrote it
         except BaseException:
@@ -492,21 +492,23 @@ class TrainingRun:
         if event.retired:
             return
         count, rows = self.fruitless
-        self.fruitless = (count + 1 if rows == len(self.rows) and count else 1, len(self.rows))
+        count = count + 1 if rows == len(self.rows) else 1
+        self.fruitless = (count, len(self.rows))
         allowed = max(int(dask.config.get("distributed.scheduler.allowed-failures")), 1)
-        if self.fruitless[0] > allowed and not event.worker:    # work abandoned, though no worker went
+        if count <= allowed:
+            return
+        if not event.worker:    # work abandoned, though no worker went
             raise ScarError(
-                f"the fit started iteration {k} again {self.fruitless[0]} times, with no worker lost: a task of it "
+                f"the fit started iteration {k} again {count} times, with no worker lost: a task of it "
                 "waits on a worker that is gone: is dask_scar's scheduler plugin ('scar') still installed? "
                 "client.unregister_scheduler_plugin takes it away" + self.restore.hint)
-        if self.fruitless[0] > allowed:
-            raise ScarError(
-                f"workers were lost {self.fruitless[0]} times in a row at iteration {k}, with no iteration done in "
-                f"between (Dask gives a task distributed.scheduler.allowed-failures={allowed} tries): the fit's "
-                "work may be what kills them. A worker over its memory limit is restarted by its nanny, whose log "
-                "says 'exceeded 95% memory budget': give the workers more memory, or more workers, make the "
-                "model smaller (classes, ids, topics, features), or look for a stray value in the data (a count "
-                "of millions)" + self.restore.hint)
+        raise ScarError(
+            f"workers were lost {count} times in a row at iteration {k}, with no iteration done in "
+            f"between (Dask gives a task distributed.scheduler.allowed-failures={allowed} tries): the fit's "
+            "work may be what kills them. A worker over its memory limit is restarted by its nanny, whose log "
+            "says 'exceeded 95% memory budget': give the workers more memory, or more workers, make the "
+            "model smaller (classes, ids, topics, features), or look for a stray value in the data (a count "
+            "of millions)" + self.restore.hint)
 
     def check_data(self) -> None:
         """Raise :class:`CancelledError` where the data blocks were cancelled from

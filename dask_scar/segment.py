@@ -342,6 +342,13 @@ def _take(run: str, epoch: int, iteration: int, peers: list[str], timeout: float
     return [_unpickled(frames) for frames in messages]
 
 
+def stops_at(model: Model, loss: float) -> bool:
+    """Whether a segment ends at an iteration with this loss, on its workers and on the
+    driver alike: one that is not finite, but for a line-search model's (a trial it
+    rejects, and retries shorter)."""
+    return not (math.isfinite(loss) or model.line_search)
+
+
 def converged(previous: float | None, current: float, tol: float) -> bool:
     """Whether the loss moved by no more than ``tol``, relatively (the driver's rule too);
     never where either is not finite (a trial L-BFGS rejects)."""
@@ -412,8 +419,7 @@ def run_segment(model: Model, sources: list, blocks: dict[int, dict], n_blocks: 
             held.append(progress)
             remember(run, new)      # every chunk: what recovery takes over should a peer die
             previous, loss = loss, progress["loss"]
-            ends = k == last or (tol > 0 and converged(previous, loss, tol))
-            if ends or not (math.isfinite(loss) or model.line_search):
+            if k == last or (tol > 0 and converged(previous, loss, tol)) or stops_at(model, loss):
                 detach({chunk_key(run, cid, epoch, k): new[cid] for cid in own}, client_id, run, epoch, held)
                 checkpoint.hand_over()
                 return new
