@@ -742,6 +742,31 @@ class Checkpointer:
         for report in reports:
             self.on_written(report)
 
+    def last(self, iteration: int, ids: list[ChunkId]) -> None:
+        """After the fit's last iteration: a round of every block that no round of
+        ``iteration`` writes already, so that the store ends where the fit did (a
+        resume goes on from there exactly)."""
+        if self.lost:
+            return
+        written = {(key, b) for rnd in self.rounds.values() if rnd.iteration == iteration and not rnd.abandoned
+                   for key, (_, blocks) in rnd.chunks.items() for b in blocks}
+        offsets, n = {}, 0
+        for name, lay in self.layouts.items():
+            offsets[name], n = n, n + lay.n_blocks
+        blocks = {}
+        for cid in ids:
+            rest = tuple(b for b in chunk_blocks(cid, self.layouts[cid.name].block_rows)
+                         if (f"{cid.name}/{cid.index}", b) not in written)
+            if rest:
+                blocks[cid] = rest
+        if not blocks:
+            return
+        self.round += 1
+        self.rounds[self.round] = Round(iteration, {f"{c.name}/{c.index}": (c, b) for c, b in blocks.items()},
+                                        sorted(offsets[c.name] + b for c, bs in blocks.items() for b in bs), None)
+        self.pending.append(Orders(**{**self.base.__dict__, "round": self.round, "blocks": blocks,
+                                      "version": iteration}))
+
     def handed_out(self, iteration: int) -> None:
         """The round chosen after ``iteration`` is being written already: a segment's
         workers chose the same blocks themselves (see :func:`choose`)."""
@@ -892,12 +917,12 @@ class Checkpointer:
         rounds = [rnd.iteration for rnd in self.rounds.values() if not rnd.abandoned]
         if self.lost or self._last_note is None or not rounds:
             return ""
-        committed = int(self.store.manifest.get("iteration", 0))
-        if committed >= max(rounds):
+        held = self.store.resumes_from
+        if held >= max(rounds):
             return ""
-        return (f"the checkpoint store {self.store.url} holds iteration {committed}, its last committed round, "
-                f"and this fit reached {iteration}: its later rounds were not recorded (the last failure: "
-                f"{self._last_note}). fit(..., resume=True) would go on from iteration {committed}")
+        return (f"the checkpoint store {self.store.url} holds iteration {held}, and this fit reached "
+                f"{iteration}: its later rounds were not written or not recorded (the last failure: "
+                f"{self._last_note}). fit(..., resume=True) would go on from iteration {held}")
 
     def table(self) -> pd.DataFrame:
         """One row per round: what was written, and with what result."""

@@ -274,6 +274,8 @@ def inspect(args: argparse.Namespace) -> int:
     if info["diverged"] is not None:
         print(f"the fit that wrote it diverged: resume=True starts from the versions saved before iteration "
               f"{info['diverged']}")
+    elif info["blocks_saved"]:
+        print(f"a resume (resume=True, --resume) goes on from iteration {info['resumes_from']}")
     if args.verify:
         read, problems, overwritten = store.verify()
         for problem in problems:

@@ -519,11 +519,14 @@ class TrainingRun:
             raise CancelledError(f"{cancelled} of the fit's {len(self.training.blocks)} data blocks cancelled")
 
     def finish(self) -> dict[str, np.ndarray] | None:
-        """Write the last checkpoint round and gather the parameters. If a worker is
-        lost meanwhile: recover, set :attr:`resume_from` (the iteration after the
-        last for partial recovery; full recovery rolled back) and return None."""
+        """Write the last checkpoint rounds (every block of the last iteration, see
+        :meth:`Checkpointer.last`) and gather the parameters. If a worker is lost
+        meanwhile: recover, set :attr:`resume_from` (the iteration after the last for
+        partial recovery; full recovery rolled back) and return None."""
         ckpt = self.ckpt
-        # the round selected after the last iteration has no graph to carry it
+        if ckpt is not None and self.rows:      # (none: a resume with nothing to train)
+            ckpt.last(self.chunks.version, self.chunks.ids)
+        # the rounds selected after the last iteration have no graph to carry them
         if ckpt is None or self.completed(ckpt.flush(self.client, self.chunks)):
             if ckpt is not None:
                 self.drain(until=lambda: ckpt.outstanding() == 0)

@@ -149,10 +149,25 @@ class CheckpointStore(abc.ABC):
         before them); raises :class:`CheckpointError` for a corrupt block. ``versions``:
         what :meth:`versions` of these blocks returned, not to read the records again."""
 
-    def last_round(self) -> int:
-        """The highest round any block was written in (0: none); rounds abandoned after
-        the last committed one count, so a resumed fit numbers its rounds after them."""
-        return max([0, *(int(self.records(name)[:, 2].max(initial=0)) for name in self.layouts)])
+    def last_written(self) -> tuple[int, int]:
+        """The highest round any block was written in, and its iteration ((0, 0): none).
+        Rounds that never committed count: a resume goes on from the newest blocks it
+        loads, and numbers its rounds after them."""
+        newest = (0, 0)
+        for name in self.layouts:
+            records = self.records(name)
+            if len(records) and records[:, 2].max() > newest[0]:
+                newest = (int(records[:, 2].max()), int(records[records[:, 2].argmax(), 0]))
+        return newest
+
+    @property
+    def resumes_from(self) -> int:
+        """The iteration a resume goes on from: the newest round's written (a resume
+        loads the newest version of every block, those of rounds that never committed
+        included), else the last committed round's."""
+        newest, iteration = self.last_written()
+        manifest = self.manifest
+        return iteration if newest > int(manifest.get("round", 0)) else int(manifest.get("iteration", 0))
 
     @abc.abstractmethod
     def commit(self, manifest: dict) -> None:
@@ -253,6 +268,7 @@ class CheckpointStore(abc.ABC):
             "staleness": {label: int(c) for label, c in zip(labels, counts) if c},
             "newer_blocks": int(newer.sum()),
             "newest_iteration": newest,
+            "resumes_from": self.resumes_from,
             "diverged": self.diverged,
         }
 
@@ -661,13 +677,12 @@ class ZarrStore(CheckpointStore):
     def check_present(self) -> None:
         self._fresh()
 
-    def drop_diverged(self, run: str) -> tuple[int, int, int, int]:
+    def drop_diverged(self, run: str) -> tuple[int, int, int]:
         """For ``run``, a resume that claimed the store: forget every version saved from
         the iteration :meth:`mark_diverged` recorded on, and make the newest round left
         the last committed one (the manifest's) where it was later. Returns the versions
         forgotten, the blocks left with none (they start again from their initial
-        values), the iteration the store is then at, and the highest round written
-        before: ``run`` numbers its rounds after it, so that a write of the diverged
+        values), and the highest round written before: ``run`` numbers its rounds after it, so that a write of the diverged
         fit still in flight cannot rank as newer than them."""
         cutoff, dropped, emptied, highest, newest = self.diverged, 0, 0, 0, (0, 0)   # newest: round, iteration
         for name in self.layouts:
@@ -686,7 +701,7 @@ class ZarrStore(CheckpointStore):
         if manifest and manifest.get("iteration", 0) >= cutoff:
             self.commit({**manifest, "round": newest[0], "iteration": newest[1], "run": run})
         self._update({"diverged": None})
-        return dropped, emptied, int(self.manifest.get("iteration", 0)), highest
+        return dropped, emptied, highest
 
     @property
     def unused(self) -> bool:

@@ -343,18 +343,18 @@ class Trainer:
         store.claim(run)
         cutoff, written = (store.diverged if resume else None), 0
         if cutoff is not None:
-            dropped, emptied, at, written = store.drop_diverged(run)
-            warnings.warn(f"the fit that wrote {self.store} diverged: this one resumes from iteration {at}, as "
+            dropped, emptied, written = store.drop_diverged(run)
+        manifest, start = store.manifest, store.resumes_from
+        if cutoff is not None:
+            warnings.warn(f"the fit that wrote {self.store} diverged: this one resumes from iteration {start}, as "
                           f"saved before iteration {cutoff}; {dropped} block versions saved from then on are "
                           "forgotten" + (f", and {emptied} blocks saved only then start again from their initial "
                                          "values" if emptied else ""),
                           CheckpointWarning, stacklevel=checkpoint.callers_level())
-        manifest = store.manifest
-        start = int(manifest.get("iteration", 0))
         epoch = int(manifest.get("epoch", -1)) + 1
         reference = getattr(policy, "reference_dtype", None) if policy.needs_priorities else False
         ckpt = Checkpointer(store, policy, store.layouts, run, store_id, epoch,
-                            max(int(manifest.get("round", 0)), store.last_round(), written),
+                            max(int(manifest.get("round", 0)), store.last_written()[0], written),
                             config.get("checkpoint.backlog"),
                             reference, self._extrapolates())
 

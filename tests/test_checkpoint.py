@@ -25,6 +25,7 @@ from distributed import Client, LocalCluster
 import dask_scar as scar
 from dask_scar.cli import main
 from dask_scar.local import fit_local, prepare_local
+from dask_scar.store import ZarrStore, make_layouts
 
 
 def synthetic(n_rows=2000, n_features=127, n_classes=10, seed=0) -> pd.DataFrame:
@@ -58,32 +59,37 @@ def test_prioritized_rounds_write_the_blocks_that_moved_most(client, digits, tmp
     _, losses = fit_local(reference, prepare_local(reference, digits, "label"), max_iter=60)
     np.testing.assert_allclose(result.history["loss"], losses, rtol=1e-5)
 
-    rounds = result.checkpoints
-    assert rounds["iteration"].tolist() == list(range(3, 61, 3)) and (rounds["error"] == "").all()
+    rounds, end = result.checkpoints.iloc[:-1], result.checkpoints.iloc[-1]
+    assert rounds["iteration"].tolist() == list(range(3, 61, 3)) and (result.checkpoints["error"] == "").all()
     assert (result.history.set_index("iteration").loc[rounds["iteration"], "checkpoint_bytes"] > 0).all()
     for _, r in rounds.iterrows():   # every round wrote the 6 of 22 blocks with the largest priority
         chosen = np.zeros(22, bool)
         chosen[r["blocks"]] = True
         assert chosen.sum() == 6 and r["priorities"][chosen].min() >= r["priorities"][~chosen].max()
+    # the fit's end wrote the other 16 blocks of iteration 60
+    last = rounds.iloc[-1]
+    assert end["iteration"] == 60 and sorted(end["blocks"]) == sorted(set(range(22)) - set(last["blocks"]))
 
     store = scar.open_store(tmp_path / "ckpt.zarr")
-    saved = store.saved_at
-    assert saved["iteration"].nunique() >= 4, saved    # a mosaic of blocks from different rounds
-    assert set(saved["iteration"]) <= set(range(3, 61, 3)) | {-1}
-    assert store.manifest["round"] == 20 and store.manifest["iteration"] == 60
+    assert store.manifest["round"] == 21 and store.manifest["iteration"] == 60
+    # before the end, a mosaic of blocks from different rounds: the newest versions of
+    # the last round's blocks, the versions before of the others
+    in_last = np.isin(np.arange(22), last["blocks"])
+    newest, before = store.records("weights"), store.records("weights", previous=True)
+    mosaic = np.where(in_last, newest[:, 0], before[:, 0])
+    assert len(set(mosaic)) >= 4, mosaic
+    assert set(mosaic) <= set(range(3, 61, 3)) | {-1} and (newest[:, 0] == 60).all()
 
     # the priorities were the true distances from the last saved values
     final, stored = result.params["weights"], store.load()["weights"]
+    np.testing.assert_array_equal(stored, final)
+    previous = store.read_blocks("weights", list(range(22)), previous=True)
     initial = model.init_rows("weights", 0, 65)
-    last = rounds.iloc[-1]
-    for _, row in saved.iterrows():
-        rows = slice(row["start"], row["stop"])
-        if row["block"] in last["blocks"]:   # written from the final values
-            assert row["iteration"] == 60
-            np.testing.assert_array_equal(stored[rows], final[rows])
-        else:
-            before = stored[rows] if row["iteration"] >= 0 else initial[rows]
-            np.testing.assert_allclose(last["priorities"][row["block"]], np.linalg.norm(final[rows] - before),
+    for block in range(22):
+        rows = slice(*store.layouts["weights"].bounds(block))
+        if not in_last[block]:
+            saved_value = previous[block] if block in previous else initial[rows]
+            np.testing.assert_allclose(last["priorities"][block], np.linalg.norm(final[rows] - saved_value),
                                        rtol=1e-4)
 
 
@@ -94,7 +100,8 @@ def test_a_round_writes_the_values_it_was_chosen_from(client, digits, tmp_path):
     result = scar.Trainer(client, scar.SoftmaxRegression(), store=tmp_path / "ckpt.zarr",
                           policy=scar.PrioritizedCheckpoint(1.0, every=3)).fit(
         digits, target="label", max_iter=10, tol=0, progress=False)
-    assert result.checkpoints["iteration"].tolist() == [3, 6, 9] and (result.checkpoints["error"] == "").all()
+    # (and the fit's end writes every block of 10)
+    assert result.checkpoints["iteration"].tolist() == [3, 6, 9, 10] and (result.checkpoints["error"] == "").all()
 
     def local(iterations):
         model = scar.SoftmaxRegression()
@@ -102,13 +109,13 @@ def test_a_round_writes_the_values_it_was_chosen_from(client, digits, tmp_path):
 
     store = scar.open_store(tmp_path / "ckpt.zarr")
     blocks = list(range(store.layouts["weights"].n_blocks))
-    assert (store.records("weights")[:, 0] == 9).all()
-    assert (store.records("weights", previous=True)[:, 0] == 6).all()
+    assert (store.records("weights")[:, 0] == 10).all()
+    assert (store.records("weights", previous=True)[:, 0] == 9).all()
     previous = np.concatenate([v for _, v in sorted(store.read_blocks("weights", blocks, previous=True).items())])
     at9, at10 = local(9), local(10)
     assert np.abs(at10 - at9).max() > 1e-3                  # a version off would show
-    np.testing.assert_allclose(store.load()["weights"], at9, rtol=1e-4, atol=1e-7)
-    np.testing.assert_allclose(previous, local(6), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(previous, at9, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(store.load()["weights"], at10, rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(result.params["weights"], at10, rtol=1e-4, atol=1e-7)
 
 
@@ -119,8 +126,10 @@ def test_equal_byte_budget_full_vs_prioritized(client, tmp_path):
         result = scar.Trainer(client, scar.SoftmaxRegression(learning_rate=0.1), store=tmp_path / f"{name}.zarr",
                               policy=policy, n_chunks=4).fit(frame, target="label", max_iter=64, tol=0,
                                                              progress=False)
-        assert len(result.checkpoints) == 64 // policy.every
-        per_iteration[name] = result.history["checkpoint_bytes"].sum() / 64
+        rounds = result.checkpoints.iloc[:64 // policy.every]
+        # a full round at 64 leaves nothing for the fit's end to write; a prioritized one 3/4
+        assert len(result.checkpoints) == len(rounds) + (name == "scar")
+        per_iteration[name] = rounds["bytes"].sum() / 64
         if name == "full":   # a full round's bytes are the store's blocks on disk, in one slot
             last = 1 - len(result.checkpoints) % 2       # slots alternate, the first round in slot 0
             assert result.checkpoints["bytes"].iloc[-1] == chunk_files(tmp_path / "full.zarr", last)
@@ -145,8 +154,9 @@ def test_a_resume_checkpoints_with_the_stores_policy_unless_given_another(client
             "resuming with PrioritizedCheckpoint(fraction=0.5, every=2, reference_dtype=None); the store was "
             "written with FullCheckpoint(every=4). The store records the new policy once this fit has started")):
         other = fit(16, policy=scar.PrioritizedCheckpoint(0.5, every=2))
-    assert other.checkpoints["iteration"].tolist() == [14, 16]
-    assert [len(blocks) for blocks in other.checkpoints["blocks"]] == [round(len(every_block) / 2)] * 2
+    assert other.checkpoints["iteration"].tolist() == [14, 16, 16]     # and the rest of 16's at the end
+    half = round(len(every_block) / 2)
+    assert [len(blocks) for blocks in other.checkpoints["blocks"]] == [half, half, len(every_block) - half]
     assert scar.open_store(store).meta["policy"] == scar.PrioritizedCheckpoint(0.5, every=2).to_json()
     monkeypatch.setenv("HOME", str(tmp_path))      # open_store expands ~ as the Trainer does
     assert scar.open_store("~/ckpt.zarr").meta == scar.open_store(store).meta
@@ -216,16 +226,21 @@ def test_a_diverged_fit_is_resumed_from_before_it_went_wrong(client, tmp_path, c
             frame, target="y", max_iter=100, progress=False)
     saved = scar.open_store(store).saved_at
     assert scar.open_store(store).diverged == 14 and saved.iteration.max() >= 14     # written further on
+    diverged = scar.open_store(store)
+    versions = np.concatenate([diverged.versions(name).reshape(-1, 4) for name in diverged.layouts])
+    kept = versions[(versions[:, 0] >= 0) & (versions[:, 0] < 14)]      # iteration, epoch, round, check
+    start = kept[kept[:, 2].argmax(), 0]        # of the newest round left: where the resume starts
     capsys.readouterr()
     assert main(["inspect", str(store)]) == 0
     assert ("the fit that wrote it diverged: resume=True starts from the versions saved before iteration 14"
             in capsys.readouterr().out)
     with pytest.warns(scar.CheckpointWarning, match=r"the fit that wrote .* diverged: this one resumes from "
-                                                    r"iteration 0, as saved before iteration 14; \d+ block versions "
-                                                    r"saved from then on are forgotten"):
+                                                    rf"iteration {start}, as saved before iteration 14; \d+ block "
+                                                    r"versions saved from then on are forgotten"):
         result = scar.Trainer(client, scar.LinearRegression(learning_rate=0.5), store=store).fit(
             frame, target="y", max_iter=60, resume=True, progress=False)
     # the values it starts from are the diverged fit's before it passed 10,000 times its first loss
+    assert result.history.iteration.iloc[0] == start + 1
     assert result.history.loss.iloc[0] < 1e4 * 1.72558 and result.history.loss.iloc[-1] < 0.01
     # its rounds rank above every round the diverged fit wrote: a write of that fit still
     # in flight could not pass for a newer version
@@ -271,7 +286,6 @@ def test_a_store_that_a_fit_left_with_nothing_saved_is_started_afresh(client, di
     assert scar.open_store(store).unused
     result = trainer.fit(digits, target="label", max_iter=5, progress=False)
     assert result.n_iter == 5 and scar.open_store(store).manifest["iteration"] == 5
-    from dask_scar.store import ZarrStore, make_layouts
 
     ZarrStore.open(store, mode="r+").claim("0badc0de")        # as a fit does while it runs
     with pytest.raises(scar.CheckpointError, match=r"already holds a dask_scar checkpoint that run 0badc0de writes, "
@@ -420,14 +434,14 @@ def test_a_store_that_fails_to_the_end_is_said_once_in_the_log_and_at_the_end(ow
         own_client.run(_limit_file_size, resource.RLIM_INFINITY)
     result = outcome["result"]
     failed = result.history[result.history["event"].str.contains("failed")]
-    committed = scar.open_store(store).manifest["iteration"]
-    assert result.n_iter == 400 and len(failed) >= 20 and committed < 400
+    held = scar.open_store(store).resumes_from
+    assert result.n_iter == 400 and len(failed) >= 20 and held < 400
     first, last = (str(w.message) for w in outcome["warnings"])
     assert "later failures of this fit" in first
-    assert re.fullmatch(rf"the checkpoint store {store} holds iteration {committed}, its last committed round, and "
-                        rf"this fit reached 400: its later rounds were not recorded \(the last failure: checkpoint "
+    assert re.fullmatch(rf"the checkpoint store {store} holds iteration {held}, and this fit reached 400: its "
+                        rf"later rounds were not written or not recorded \(the last failure: checkpoint "
                         rf"round \d+ \(iteration \d+\) failed: .*File too large.*\)\. "
-                        rf"fit\(\.\.\., resume=True\) would go on from iteration {committed}", last)
+                        rf"fit\(\.\.\., resume=True\) would go on from iteration {held}", last)
     logged = [r.getMessage() for r in caplog.records if r.name == "dask_scar.checkpoint"
               and r.levelno >= logging.WARNING]
     assert len(logged) < len(failed) - 1
@@ -492,7 +506,6 @@ def _hand_a_write(url: str, store_id: str) -> None:
 def test_a_write_is_not_held_back_by_tasks_that_never_pause(tmp_path):
     """The writer writes between training tasks; where they overlap (two threads) it
     must not wait for a gap that never comes."""
-    from dask_scar.store import ZarrStore, make_layouts
 
     store = ZarrStore.create(tmp_path / "ckpt.zarr", {"class": "test", "params": {}},
                              make_layouts({"w": ((4, 2), "float32")}, 1, 2), None)
@@ -521,7 +534,6 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow
 def _committed(store, what: str = "iteration") -> int:
     """The store's last committed iteration (or round); 0 while it is not there, or
     being created."""
@@ -531,6 +543,7 @@ def _committed(store, what: str = "iteration") -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_resume_after_the_driver_process_died(client, digits, tmp_path):
     store = tmp_path / "ckpt.zarr"
     digits.to_parquet(tmp_path / "digits.parquet")
@@ -550,9 +563,10 @@ def test_resume_after_the_driver_process_died(client, digits, tmp_path):
 
     wait_for(settled, interval=0.5, what="the writes to settle")
     checkpoint = scar.open_store(store)
-    start = checkpoint.manifest["iteration"]
     saved = checkpoint.load()["weights"]
-    written = checkpoint.last_round()      # committed or not
+    # the newest round written, committed or not: the resume loads its blocks, and goes on from there
+    written, start = checkpoint.last_written()
+    assert start >= checkpoint.manifest["iteration"]
 
     model = scar.SoftmaxRegression()
     # the dead driver never ended its run: a resume so soon after its last commit says what that means
@@ -573,6 +587,55 @@ def test_resume_after_the_driver_process_died(client, digits, tmp_path):
     _, fresh = fit_local(local, block, max_iter=30)
     assert result.history["loss"].iloc[-1] < fresh[-1]
     assert scar.open_store(store).manifest["epoch"] == 1
+
+
+@pytest.mark.parametrize("policy", [scar.FullCheckpoint(every=10), scar.PrioritizedCheckpoint(0.25, every=5)],
+                         ids=["full", "prioritized"])
+def test_a_fit_that_ends_saves_where_it_ended_and_a_resume_goes_on_exactly(client, digits, tmp_path, policy):
+    """The last iteration (25) is no round of the policy's: the fit's end writes every
+    block not written with its values already, so the store holds the fitted model and
+    a resume that trains further goes on as if never stopped."""
+    store = tmp_path / "ckpt.zarr"
+    result = scar.Trainer(client, scar.SoftmaxRegression(), store=store, policy=policy).fit(
+        digits, target="label", max_iter=25, tol=0, progress=False)
+    saved = scar.open_store(store)
+    np.testing.assert_array_equal(saved.load()["weights"], result.params["weights"])
+    assert saved.manifest["iteration"] == 25
+    assert (saved.saved_at["iteration"] == 25).all()
+    last = result.checkpoints.iloc[-1]
+    assert last["iteration"] == 25 and not last["error"]
+
+    resumed = scar.Trainer(client, scar.SoftmaxRegression(), store=store).fit(
+        digits, target="label", max_iter=30, tol=0, progress=False, resume=True)
+    straight = scar.Trainer(client, scar.SoftmaxRegression()).fit(digits, target="label", max_iter=30, tol=0,
+                                                                 progress=False)
+    assert resumed.history["iteration"].tolist() == list(range(26, 31))
+    np.testing.assert_allclose(resumed.history["loss"], straight.history["loss"].iloc[25:], rtol=1e-6)
+
+
+def test_a_resume_goes_on_from_the_newest_round_written_though_it_never_committed(client, digits, tmp_path):
+    """A round whose writes landed but whose driver stopped before it committed it (a
+    Ctrl-C while segments run ahead): the resume loads its blocks, so it goes on from
+    its iteration, not from the older one the manifest names."""
+    store = tmp_path / "ckpt.zarr"
+    scar.Trainer(client, scar.SoftmaxRegression(), store=store, policy=scar.FullCheckpoint(every=5)).fit(
+        digits, target="label", max_iter=20, tol=0, progress=False)
+    straight = scar.Trainer(client, scar.SoftmaxRegression()).fit(digits, target="label", max_iter=30, tol=0,
+                                                                 progress=False)
+    at_25 = scar.Trainer(client, scar.SoftmaxRegression()).fit(digits, target="label", max_iter=25, tol=0,
+                                                              progress=False).params["weights"]
+    writer = ZarrStore.open(store, mode="r+")
+    layout = writer.layouts["weights"]
+    number = writer.last_written()[0] + 1
+    writer.write_blocks("weights", {b: at_25[slice(*layout.bounds(b))] for b in range(layout.n_blocks)},
+                        iteration=25, epoch=0, round=number)
+    assert writer.manifest["iteration"] == 20          # the round of iteration 25 never committed
+
+    resumed = scar.Trainer(client, scar.SoftmaxRegression(), store=store).fit(
+        digits, target="label", max_iter=30, tol=0, progress=False, resume=True)
+    assert resumed.history["iteration"].tolist() == list(range(26, 31))
+    np.testing.assert_allclose(resumed.history["loss"], straight.history["loss"].iloc[25:], rtol=1e-6)
+    assert resumed.checkpoints["round"].min() == number + 1
 
 
 def test_memory_store_on_a_threaded_cluster(digits):
@@ -726,7 +789,6 @@ def test_a_write_reported_before_the_driver_chose_its_round_counts(tmp_path):
     the segment's events in once it ends, has chosen it: the report waits for it."""
     from dask_scar.checkpoint import Checkpointer
     from dask_scar.chunks import ChunkId
-    from dask_scar.store import ZarrStore, make_layouts
 
     layouts = make_layouts({"w": ((16, 4), "float32")}, 2, 2)
     store = ZarrStore.create(tmp_path / "s.zarr", {"class": "test", "params": {}}, layouts, None)
@@ -754,7 +816,6 @@ def test_a_write_reported_before_the_driver_chose_its_round_counts(tmp_path):
 
 def test_a_worker_keeps_the_stores_it_used_last_open_not_every_one(tmp_path):
     from dask_scar import checkpoint
-    from dask_scar.store import ZarrStore, make_layouts
 
     layouts = make_layouts({"w": ((8, 4), "float32")}, 1, 2)
     stores = [ZarrStore.create(tmp_path / f"{i}.zarr", {"class": "test", "params": {}}, layouts, None)
@@ -774,7 +835,6 @@ def test_a_worker_keeps_the_stores_it_used_last_open_not_every_one(tmp_path):
 def test_a_commit_that_cannot_write_is_noted_once_and_the_next_round_commits(tmp_path):
     from dask_scar.checkpoint import Checkpointer
     from dask_scar.chunks import ChunkId
-    from dask_scar.store import ZarrStore, make_layouts
 
     layouts = make_layouts({"w": ((8, 4), "float32")}, 1, 2)
     store = ZarrStore.create(tmp_path / "s.zarr", {"class": "test", "params": {}}, layouts, None)
@@ -806,7 +866,6 @@ def test_writes_of_a_stopped_segment_are_heard_up_to_its_last_kept_iteration(tmp
     come, but not of iteration 30's: training does that iteration again."""
     from dask_scar.checkpoint import Checkpointer
     from dask_scar.chunks import ChunkId
-    from dask_scar.store import ZarrStore, make_layouts
 
     layouts = make_layouts({"w": ((16, 4), "float32")}, 2, 2)
     store = ZarrStore.create(tmp_path / "s.zarr", {"class": "test", "params": {}}, layouts, None)

@@ -56,12 +56,14 @@ def test_train_on_parquet_with_a_store_then_resume_and_inspect(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "dask_scar checkpoint of dask_scar.models.softmax.SoftmaxRegression" in out.stdout
     assert "weights: shape (6, 3) float32" in out.stdout
-    assert "last committed round: 4 (iteration 20, epoch 0)" in out.stdout
+    assert "last committed round: 5 (iteration 20, epoch 0)" in out.stdout
+    assert "iterations since each saved block was written: 0: 6" in out.stdout     # the fit's end wrote every block
+    assert "a resume (resume=True, --resume) goes on from iteration 20" in out.stdout
     out = _run("train", str(path), "--target", "label", "--max-iter", "30", "--tol", "0", "--no-progress",
                "--store", str(store), "--resume")
     assert out.returncode == 0, out.stderr
     assert "30 iterations" in out.stdout and "iter    21" in out.stdout
-    assert "last committed round: 6 (iteration 30, epoch 1)" in _run("inspect", str(store)).stdout
+    assert "last committed round: 8 (iteration 30, epoch 1)" in _run("inspect", str(store)).stdout
     # nothing left to train: the stored parameters, no loss curve
     out = _run("train", str(path), "--target", "label", "--max-iter", "30", "--no-progress",
                "--store", str(store), "--resume", "--out", str(params))

@@ -991,7 +991,6 @@ def test_cli_cluster_kill_one_then_every_worker(tmp_path):
     assert iteration_cost(result.history, free.history, at=90) <= 10
 
 
-@pytest.mark.slow
 def test_scheduler_loss_ends_fit_saying_how_to_resume(tmp_path):
     store = tmp_path / "ckpt.zarr"
     killed = []
