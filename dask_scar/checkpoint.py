@@ -882,12 +882,12 @@ class Checkpointer:
             logger.info("checkpoint round %d (iteration %d) abandoned: %s", orders.round, orders.version, reason)
         self.pending = []
 
-    def recovered(self, epoch: int) -> None:
+    def recovered(self) -> None:
         """After a recovery: rounds in flight may miss a dead writer, and the values
-        selected for the next round may have been replaced; blocks are written in
-        ``epoch`` from now on."""
+        selected for the next round may have been replaced; blocks are written in the
+        next epoch from now on (a resumed fit's first is the store's last plus one)."""
         self.abandon("training recovered from worker loss", warn=False)
-        self.base = Orders(**{**self.base.__dict__, "epoch": epoch})
+        self.base = Orders(**{**self.base.__dict__, "epoch": self.base.epoch + 1})
 
     def _note(self, iteration: int, message: str, repeats: bool = True) -> None:
         """Into the history; a warning the first time in a fit, and after that into the

@@ -475,7 +475,7 @@ class TrainingRun:
                         workers_gone=workers_gone)
         self.check_data()       # (a restart's cancellation may come while the workers come back)
         if self.ckpt is not None:
-            self.ckpt.recovered(self.chunks.epoch)
+            self.ckpt.recovered()
         with self.bar.external_write_mode():    # on a line of its own, not after the bar's
             logger.warning("dask_scar: %s", event.describe())
         self.events.append(event)

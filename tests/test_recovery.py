@@ -991,6 +991,21 @@ def test_cli_cluster_kill_one_then_every_worker(tmp_path):
     assert iteration_cost(result.history, free.history, at=90) <= 10
 
 
+def test_a_resumed_fit_that_loses_a_worker_recovers_and_writes_in_a_later_epoch(own_client, tmp_path):
+    """Epochs only grow in a store: the resume writes in epoch 1, and after its recovery in 2
+    (the recovery set the chunks' epoch, 1, before)."""
+    train(own_client, tmp_path, "resumed", max_iter=10)
+    victim = sorted(live_workers(own_client))[1]
+    result = train(own_client, tmp_path, "resumed", max_iter=30, resume=True,
+                   callback=once_at(15, lambda: kill_worker(own_client, victim)))
+    (event,) = result.events
+    assert event.iteration == 16 and result.n_iter == 30
+    assert result.history["iteration"].tolist() == list(range(11, 31))
+    store = scar.open_store(tmp_path / "resumed.zarr")
+    assert (store.manifest["iteration"], store.manifest["epoch"]) == (30, 2)
+    assert store.saved_at[["iteration", "epoch"]].drop_duplicates().values.tolist() == [[30, 2]]
+
+
 def test_scheduler_loss_ends_fit_saying_how_to_resume(tmp_path):
     store = tmp_path / "ckpt.zarr"
     killed = []
