@@ -778,8 +778,10 @@ def test_an_owner_given_a_copy_of_its_chunk_takes_back_its_reference_and_trail()
     copy = pickle.loads(pickle.dumps(Chunk(cid, mine.state, 11, mine.reference, mine.trail)))
     assert copy.reference is None and copy.trail is None              # a copy travels without them
     assert reattach("run-x", copy) and copy.reference is mine.reference and copy.trail is mine.trail
-    much_later = pickle.loads(pickle.dumps(Chunk(cid, mine.state, 20, mine.reference, mine.trail)))
-    assert not reattach("run-x", much_later) and much_later.reference is None   # too old to trust
+    two_on = pickle.loads(pickle.dumps(Chunk(cid, mine.state, 12, mine.reference, mine.trail)))
+    assert reattach("run-x", two_on) and two_on.reference is mine.reference
+    three_on = pickle.loads(pickle.dumps(Chunk(cid, mine.state, 13, mine.reference, mine.trail)))
+    assert not reattach("run-x", three_on) and three_on.reference is None       # too old to trust
     assert not reattach("run-y", copy)       # another run's
     forget("run-x")
 
@@ -812,6 +814,14 @@ def test_a_write_reported_before_the_driver_chose_its_round_counts(tmp_path):
     assert store.manifest["round"] == 1
     ckpt.commit()
     assert ckpt.committed == 3 and store.manifest["round"] == 3 and store.manifest["iteration"] == 3
+    # rounds that finish out of order (5 before 4): the newest is committed
+    for number in (4, 5):
+        ckpt.select(number, ids, {})
+    for number in (5, 4):
+        for report in reports:
+            ckpt.on_written({**report, "round": number})
+    ckpt.commit()
+    assert ckpt.committed == 5 and store.manifest["round"] == 5 and store.manifest["iteration"] == 5
 
 
 def test_a_worker_keeps_the_stores_it_used_last_open_not_every_one(tmp_path):

@@ -116,6 +116,19 @@ def test_text_in_a_partition_whose_dtype_said_numbers_is_named(client, tmp_path)
         data.prepare(client, scar.SoftmaxRegression(), ddf, "label", None)
 
 
+def test_a_column_summary_counts_every_row_of_a_long_partition():
+    """Partitions are summarized in tiles of _SUMMARY_ROWS: the rows at a tile's edges count."""
+    from dask_scar.data import _SUMMARY_ROWS, _summaries
+
+    values = np.zeros((_SUMMARY_ROWS + 8, 3), np.float32)
+    values[_SUMMARY_ROWS - 1, 0] = np.nan        # the first tile's last row
+    values[_SUMMARY_ROWS, 1] = np.inf            # the second tile's first row
+    values[_SUMMARY_ROWS - 1, 1], values[-1, 2] = -7, 2.5
+    a, b, c = _summaries(["a", "b", "c"], values)
+    assert (a.count, a.nonfinite, b.nonfinite, c.nonfinite) == (_SUMMARY_ROWS + 8, 1, 1, 0)
+    assert (b.min, b.max, c.max) == (-7, 0, 2.5) and b.integral and not c.integral
+
+
 def test_nan_and_inf_are_counted_per_column(client):
     frame = _frame()
     frame.loc[3, "a"] = np.nan

@@ -169,6 +169,35 @@ def test_turns_go_to_live_runs_of_connected_clients_only(own_client):
     assert own_client.run_on_scheduler(state) == (None, [])
 
 
+def _detach_in_a_task(key: str, client_id: str, run: str, epoch: int) -> None:
+    from dask_scar.chunks import Chunk, ChunkId, detach
+
+    detach({key: Chunk(ChunkId("w", 0, 0, 4), {"value": np.ones(4)}, 3)}, client_id, run, epoch)
+
+
+def test_chunks_of_an_epoch_their_run_left_behind_are_refused(own_client):
+    """A task abandoned by a recovery may still finish: its chunks (of the epoch before)
+    are refused, and the worker frees them; those of the run's epoch are kept."""
+    from dask_scar.plugin import set_epoch
+
+    ensure_plugin(own_client)
+    set_epoch(own_client, "run-e", 2)
+    old, new = "scar-chunk-run-e-w-0-e1-v3", "scar-chunk-run-e-w-0-e2-v3"
+    for key, epoch in ((old, 1), (new, 2)):
+        own_client.submit(_detach_in_a_task, key, own_client.id, "run-e", epoch, pure=False).result()
+
+    def state(dask_scheduler):
+        plugin = dask_scheduler.plugins["scar"]
+        return plugin.rejected, plugin.detached, sorted(k for k in dask_scheduler.tasks if k in (old, new))
+
+    assert wait_for(lambda: own_client.run_on_scheduler(state)[:2] == (1, 1),
+                    what="both chunks' registrations") and own_client.run_on_scheduler(state)[2] == [new]
+    wait_for(lambda: sorted(own_client.run(lambda dask_worker: sorted(
+        k for k in dask_worker.data if k in (old, new))).values()) in ([[], [new]], [[new], []]),
+        what="the worker to free the refused chunk and keep the other")
+    set_epoch(own_client, "run-e", None)
+
+
 def test_adaptive_target_asks_for_the_workers_the_fits_could_use(own_client):
     """Dask's adaptive scaling sees no queued task for a fit (one task per worker):
     the plugin raises the scheduler's adaptive target to the workers that would do
@@ -301,6 +330,7 @@ def test_a_turn_held_with_no_segment_running_goes_to_the_next_run(own_client, di
 
 
 
+@pytest.mark.slow
 def test_a_hung_worker_is_restarted_on_request(own_client):
     """A SIGSTOPped worker sends no heartbeat, and Dask would remove it only after
     distributed.scheduler.worker-ttl (5 minutes). Asked by a fit's driver, the plugin

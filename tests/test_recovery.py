@@ -137,6 +137,25 @@ def test_drift_bounds_the_perturbation_and_predicts_with_the_contraction_bound()
     assert predicted == pytest.approx(np.log1p(delta / (last * c / (1 - c))) / np.log(1 / c))
     drift.reset([a])
     assert drift.predict([a])[:2] == (0.0, 0.0)
+    # in a fit's order: the step of 13, the distances measured after it, the write of
+    # 13's values of block 1: block 0's distance is left
+    drift.record(13, {"w/0": 0.1, "w/1": 0.0})
+    drift.prioritized({"w/0": [3.0, 4.0]})
+    drift.saved(13, {"w/0": [1]}, {"w": 2})
+    assert drift.distance(a) == pytest.approx(3.0)
+    # a copy from iteration 1 is further off than the store: the store's bound counts
+    assert drift.since(a, 1) > 3.0 and drift.predict([], {a: 1})[0] == pytest.approx(3.0)
+    assert drift.predict([], {a: 12})[0] == pytest.approx(0.1)
+
+
+def test_restored_chunks_go_to_the_live_workers_holding_the_fewest_rows():
+    from dask_scar.recovery import _spread
+
+    c0, c1, c2, c3 = (ChunkId("w", i, 4 * i, 4 * i + 4) for i in range(4))
+    # "a" holds 8 rows: both lost chunks go to "b", the larger first
+    assert _spread([c1, c2], {c0: "a", c3: "a", c1: "gone", c2: "gone"}, ["a", "b"]) == {c1: "b", c2: "b"}
+    big = ChunkId("v", 0, 0, 12)
+    assert _spread([big, c1], {c0: "a"}, ["a", "b"]) == {big: "b", c1: "a"}
 
 
 def test_plugin_reports_the_lost_scar_keys(own_client):
@@ -422,6 +441,29 @@ def test_a_worker_with_data_and_no_chunk_lost_in_a_segment_is_named(digits):
     assert event.worker == victim and event.lost_chunks == event.peer_chunks == event.moved_chunks == []
     assert result.history["event"].str.contains(f"worker {victim} lost at iteration").sum() == 1
     assert result.n_iter == 400
+
+
+def _remember(run: str, cid: ChunkId, version: int) -> None:
+    from dask_scar.chunks import Chunk, remember
+
+    remember(run, {cid: Chunk(cid, {"value": np.full(4, version, np.float32)}, version)})
+
+
+def test_a_lost_chunk_is_offered_by_the_live_worker_with_its_newest_copy_up_to_the_version_asked(client):
+    from dask_scar import recovery
+    from dask_scar.chunks import ParameterChunks, forget
+
+    a, b = sorted(live_workers(client))
+    cid = ChunkId("w", 0, 0, 4)
+    client.run(_remember, "run-copies", cid, 5, workers=[a])
+    client.run(_remember, "run-copies", cid, 4, workers=[b])
+    chunks = ParameterChunks(client, "run-copies", {cid: "tcp://gone:1"}, version=5)
+    try:
+        assert recovery._copies(client, chunks, [cid], {a, b}, 5) == {cid: (a, 5)}
+        assert recovery._copies(client, chunks, [cid], {a, b}, 4) == {cid: (b, 4)}    # 5 is newer than asked
+        assert recovery._copies(client, chunks, [cid], {b}, 5) == {cid: (b, 4)}       # a is not alive
+    finally:
+        client.run(forget, "run-copies")
 
 
 @pytest.mark.slow

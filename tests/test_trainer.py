@@ -282,6 +282,23 @@ def test_divergence_is_reported_with_a_fix(client, digits):
                                                                             progress=False)
 
 
+@pytest.mark.parametrize("factor", [10.0, 1e3])
+def test_divergence_is_the_first_loss_past_the_configured_factor(client, factor):
+    """Least squares with too large a step, its loss growing each iteration: the fit
+    stops at the first loss above ``scar.divergence-factor`` times the first."""
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.standard_normal((2000, 8)), columns=[f"x{i}" for i in range(8)])
+    frame["y"] = frame.to_numpy() @ rng.standard_normal(8) + 0.1 * rng.standard_normal(2000)
+    local = scar.LinearRegression(learning_rate=2.3)
+    _, losses = fit_local(local, prepare_local(local, frame, "y"), max_iter=40)
+    first = 1 + int(np.argmax(np.asarray(losses) > factor * losses[0]))
+    assert 1 < first < 40
+    with dask.config.set({"scar.divergence-factor": factor}), \
+            pytest.raises(scar.DivergenceError, match=rf"at iteration {first} \(it started at "):
+        scar.Trainer(client, scar.LinearRegression(learning_rate=2.3)).fit(frame, target="y", max_iter=40,
+                                                                          progress=False)
+
+
 def test_lbfgs_shortens_a_step_that_would_pass_for_divergence(client):
     """Unscaled features: L-BFGS's first trial overshoots by far more than
     scar.divergence-factor, and its line search, not a DivergenceError, takes it back."""
