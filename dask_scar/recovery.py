@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import signal
 import sys
 import threading
 import time
@@ -636,6 +637,24 @@ def interruptible():
     finally:
         sys.unraisablehook = previous
         _ignored.clear()
+
+
+@contextlib.contextmanager
+def ctrl_c_after():
+    """In the main thread, a Ctrl-C (SIGINT) pressed during the block is raised once
+    it is done: for short clean-up that must not be cut in half (a second Ctrl-C
+    while a stopped fit let go of its store left the store named as being written)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed = []
+    previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+        if pressed:
+            raise KeyboardInterrupt
 
 
 def wait_on(client: Client, futures: list[Future], timeout: float | None = None) -> None:

@@ -28,7 +28,8 @@ from .models import Model
 from .models._base import check_number
 from .plugin import ensure_plugin
 from .policy import CheckpointPolicy, default_policy, from_json
-from .recovery import RecoveryEvent, Restore, cancelled, check_scheduler, interruptible, live_workers
+from .recovery import (RecoveryEvent, Restore, cancelled, check_scheduler, ctrl_c_after, interruptible,
+                       live_workers)
 from .run import TrainingRun, history_frame
 from .store import ZarrStore, local_path, make_layouts, probe
 
@@ -292,7 +293,8 @@ class Trainer:
                     training_run.close()
             finally:
                 if store is not None:
-                    store.release(run)
+                    with ctrl_c_after():
+                        store.release(run)
         rows = training_run.rows
         model.params_ = params
         model.n_iter_ = rows[-1]["iteration"] if rows else start

@@ -104,6 +104,32 @@ def test_a_ctrl_c_that_python_ignored_still_stops_the_fit(client, digits, tmp_pa
         out.stdout + out.stderr     # (the code before: "trained to 200")
 
 
+def test_a_second_ctrl_c_as_a_stopped_fit_lets_go_of_its_store_waits_until_it_has(client, digits, tmp_path,
+                                                                                   monkeypatch):
+    """An impatient user presses Ctrl-C again while the stopped fit lets go of its
+    store: the store still ends released (it stayed named as written by the fit, and
+    the next resume warned that that fit might still run)."""
+    from dask_scar.store import ZarrStore
+
+    release = ZarrStore.release
+
+    def pressed_again(self, run):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)             # (Python runs a signal's handler between bytecodes)
+        release(self, run)
+
+    def stop(k, loss):
+        if k == 5:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ZarrStore, "release", pressed_again)
+    store = tmp_path / "ckpt.zarr"
+    with pytest.raises(KeyboardInterrupt):
+        scar.Trainer(client, scar.SoftmaxRegression(), store=store, policy=scar.FullCheckpoint(every=2)).fit(
+            digits, target="label", max_iter=1000, tol=0, progress=False, callback=stop)
+    assert scar.open_store(store).writer is None and scar.open_store(store).manifest["iteration"] >= 2
+
+
 @pytest.mark.slow
 def test_an_interrupted_fit_stops_its_segments(client, digits, tmp_path):
     """Interrupting a fit (Ctrl-C, a notebook's stop button) during a segment: the
