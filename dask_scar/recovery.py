@@ -291,12 +291,18 @@ def check_scheduler(client: Client, hint: str) -> None:
                                  f"(client {client.status}){hint or ''}")
 
 
-def cancelled(client: Client, error: CancelledError, hint: str) -> ScarError:
+def cancelled(client: Client, error: CancelledError, hint: str, reading: bool = False) -> ScarError:
     """The error to raise for the fit's tasks cancelled from outside: the scheduler
-    lost (:class:`SchedulerLostError`), or the cluster restarted."""
+    lost (:class:`SchedulerLostError`), or the cluster restarted (``reading``: while
+    the data was read, whose own partitions may be what is gone)."""
     check_scheduler(client, hint)
     if "lost the connection to the scheduler" in str(error):    # before the client's status says so
         return SchedulerLostError(f"lost the connection to the scheduler at {client.scheduler.address}{hint}")
+    if reading:
+        return ScarError(f"Dask cancelled the reading of the data ({error}): was the cluster restarted "
+                         "(client.restart())? A frame persisted before a restart has lost its partitions (Dask's "
+                         "own compute of it fails the same way): persist it again from its source. Otherwise, "
+                         "start the fit again" + hint)
     return ScarError(f"Dask cancelled the fit's tasks ({error}): was the cluster restarted "
                      f"(client.restart())?{hint or ' Start the fit again'}")
 

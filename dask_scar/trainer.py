@@ -224,7 +224,7 @@ class Trainer:
             try:
                 training = data.prepare(client, model, frame, target, features, self.backend)
             except CancelledError as exc:
-                raise cancelled(client, exc, _resume_hint(self.store) if resume else "") from None
+                raise cancelled(client, exc, _resume_hint(self.store) if resume else "", reading=True) from None
             try:
                 return self._train(training, max_iter, tol, resume, progress, callback)
             finally:

@@ -1357,5 +1357,18 @@ def test_the_cluster_going_while_the_data_is_read_is_said(tmp_path, digits):
         client.restart()
         thread.join(timeout=60)
     assert not thread.is_alive() and type(outcome["error"]) is scar.ScarError, outcome
-    assert str(outcome["error"]).startswith("Dask cancelled the fit's tasks (") and str(outcome["error"]).endswith(
-        "was the cluster restarted (client.restart())? Start the fit again")
+    assert str(outcome["error"]).startswith("Dask cancelled the reading of the data (") and str(
+        outcome["error"]).endswith("was the cluster restarted (client.restart())? A frame persisted before a restart "
+                                   "has lost its partitions (Dask's own compute of it fails the same way): persist it "
+                                   "again from its source. Otherwise, start the fit again")
+
+
+def test_a_frame_persisted_before_a_restart_is_said_to_need_persisting_again(own_client, digits):
+    ddf = dd.from_pandas(digits, npartitions=4).persist()
+    scar.Trainer(own_client, scar.SoftmaxRegression()).fit(ddf, target="label", max_iter=2, progress=False)
+    own_client.restart()
+    with pytest.raises(scar.ScarError, match="A frame persisted before a restart has lost its partitions"):
+        scar.Trainer(own_client, scar.SoftmaxRegression()).fit(ddf, target="label", max_iter=2, progress=False)
+    again = dd.from_pandas(digits, npartitions=4).persist()     # from its source
+    assert scar.Trainer(own_client, scar.SoftmaxRegression()).fit(again, target="label", max_iter=2,
+                                                                  progress=False).n_iter == 2
