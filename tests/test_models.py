@@ -599,3 +599,17 @@ def test_get_params_round_trips():
     # hyper-parameters from a NumPy grid: a checkpoint store records them as JSON
     params = scar.SoftmaxRegression(batch_size=np.int64(500), l2=np.float32(0.5)).get_params()
     assert json.loads(json.dumps(params))["batch_size"] == 500 and params["l2"] == 0.5
+
+
+def test_models_clone_and_set_params_as_scikit_learn_does():
+    from sklearn.base import clone
+
+    model = scar.SoftmaxRegression(l2=0.5, solver="lbfgs")
+    copy = clone(model)
+    assert copy is not model and type(copy) is scar.SoftmaxRegression and copy.get_params() == model.get_params()
+    assert model.set_params(l2=0.25, memory=4) is model and (model.l2, model.memory) == (0.25, 4)
+    with pytest.raises(ValueError, match="momentum applies to solver='gd' only"):
+        model.set_params(momentum=0.9)
+    with pytest.raises(ValueError, match=r"SoftmaxRegression has no parameter 'alpha': it takes l2, learning_rate"):
+        model.set_params(alpha=1.0)
+    assert model.momentum == 0.0 and model.get_params() == {**copy.get_params(), "l2": 0.25, "memory": 4}

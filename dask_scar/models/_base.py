@@ -137,10 +137,26 @@ class Model:
         return False
 
     # -- parameters, scikit-learn style -------------------------------------
-    def get_params(self) -> dict[str, Any]:
-        """The constructor arguments, as given (JSON-friendly: a NumPy number as Python's)."""
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The constructor arguments, as given (JSON-friendly: a NumPy number as Python's).
+        ``deep`` is scikit-learn's (a model holds no other estimator), so that
+        ``sklearn.base.clone`` copies a model."""
         names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
         return {name: _python(getattr(self, name)) for name in names}
+
+    def set_params(self, **params: Any) -> Model:
+        """Change constructor arguments, checked as a fit checks them (a bad value raises
+        and changes nothing); returns the model (scikit-learn's convention). A fitted
+        model keeps its fitted parameters."""
+        current = self.get_params()
+        unknown = sorted(set(params) - set(current))
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no parameter {', '.join(map(repr, unknown))}: "
+                             f"it takes {', '.join(current)}")
+        type(self)(**{**current, **params}).check_params()
+        for name, value in params.items():
+            setattr(self, name, value)
+        return self
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
