@@ -37,9 +37,7 @@ import contextlib
 import functools
 import logging
 import math
-import os
 import queue
-import sys
 import threading
 import time
 import warnings
@@ -52,7 +50,7 @@ from distributed import Client, get_worker
 
 from .backend import get_array_module, to_host
 from .chunks import PROGRESS_TOPIC, Chunk, ChunkId, ended
-from .exceptions import CheckpointError, CheckpointWarning
+from .exceptions import CheckpointError, CheckpointWarning, callers_level
 from .policy import CheckpointPolicy
 from .store import NEVER, BlockLayout, ZarrStore, pick, probe
 
@@ -635,16 +633,6 @@ class Round:
     @property
     def errors(self) -> list[str]:
         return [r["error"] for r in self.reports if r["error"]]
-
-
-def callers_level() -> int:
-    """The ``stacklevel`` that makes a warning issued by this function's caller point
-    at the first frame outside dask_scar (the user's ``fit`` call)."""
-    package = os.path.dirname(os.path.abspath(__file__))
-    frame, level = sys._getframe(2), 2
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def choose(policy: CheckpointPolicy, layouts: dict[str, BlockLayout], ids: list[ChunkId], number: int,

@@ -7,6 +7,9 @@ know this library.
 
 from __future__ import annotations
 
+import os
+import sys
+
 
 class ScarError(Exception):
     """Root of every error raised by dask_scar."""
@@ -57,3 +60,13 @@ class CheckpointWarning(UserWarning):
     store keeps its older blocks), the store was deleted or taken over by another run,
     or a resume differs from what the store was written with (hyper-parameters, policy,
     a diverged fit's versions forgotten)."""
+
+
+def callers_level() -> int:
+    """The ``stacklevel`` that makes a warning issued by this function's caller point
+    at the first frame outside dask_scar (the user's ``fit`` call)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(2), 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level

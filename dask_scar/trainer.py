@@ -23,7 +23,7 @@ from . import checkpoint, config, data
 from .backend import array_module
 from .checkpoint import Checkpointer
 from .chunks import ParameterChunks, place, split_rows
-from .exceptions import BackendError, CheckpointError, CheckpointWarning, DivergenceError
+from .exceptions import BackendError, CheckpointError, CheckpointWarning, DivergenceError, callers_level
 from .models import Model
 from .models._base import check_number
 from .plugin import ensure_plugin
@@ -255,7 +255,7 @@ class Trainer:
             if start >= max_iter:
                 warnings.warn(f"the checkpoint store {self.store} is at iteration {start}, and max_iter={max_iter}: "
                               "nothing to train; the model gets the stored parameters (raise max_iter to go on)",
-                              stacklevel=checkpoint.callers_level())
+                              stacklevel=callers_level())
             if store is not None:
                 layouts = store.layouts
             chunks = ParameterChunks(client, run, place(split_rows(layouts, n_chunks), workers), version=start)
@@ -300,7 +300,7 @@ class Trainer:
         model.n_iter_ = rows[-1]["iteration"] if rows else start
         behind = ckpt.behind(model.n_iter_) if ckpt is not None else ""
         if behind:
-            warnings.warn(behind, CheckpointWarning, stacklevel=checkpoint.callers_level())
+            warnings.warn(behind, CheckpointWarning, stacklevel=callers_level())
         return FitResult(history=history_frame(rows, ckpt), params=params, n_iter=model.n_iter_, converged=converged,
                          events=training_run.events, checkpoints=ckpt.table() if ckpt is not None else None)
 
@@ -321,12 +321,12 @@ class Trainer:
                 warnings.warn(f"resuming with {', '.join(f'{n}={now[n]!r}' for n in changed)}; the store was "
                               f"written with {', '.join(f'{n}={before[n]!r}' for n in changed)}. The store "
                               "records the new values once this fit has started", CheckpointWarning,
-                              stacklevel=checkpoint.callers_level())
+                              stacklevel=callers_level())
             ago = _committed_ago(store)
             if ago is not None:
                 warnings.warn(f"run {store.writer} committed to {self.store} {ago:.0f} s ago and did not end: if "
                               "that fit still runs, it stops checkpointing at its next commit, and this one "
-                              "writes the store from now on", CheckpointWarning, stacklevel=checkpoint.callers_level())
+                              "writes the store from now on", CheckpointWarning, stacklevel=callers_level())
         else:
             policy = policy or default_policy()
             store = ZarrStore.create(self.store, meta, layouts, policy.to_json(), writer=run)
@@ -352,7 +352,7 @@ class Trainer:
                           f"saved before iteration {cutoff}; {dropped} block versions saved from then on are "
                           "forgotten" + (f", and {emptied} blocks saved only then start again from their initial "
                                          "values" if emptied else ""),
-                          CheckpointWarning, stacklevel=checkpoint.callers_level())
+                          CheckpointWarning, stacklevel=callers_level())
         epoch = int(manifest.get("epoch", -1)) + 1
         reference = getattr(policy, "reference_dtype", None) if policy.needs_priorities else False
         ckpt = Checkpointer(store, policy, store.layouts, run, store_id, epoch,
@@ -382,13 +382,13 @@ class Trainer:
                 policy = default_policy()
                 warnings.warn(f"the checkpoint store {self.store} was written with the policy {stored}, which "
                               f"cannot be rebuilt from the store: resuming with {policy!r}. Pass policy= to choose",
-                              CheckpointWarning, stacklevel=checkpoint.callers_level())
+                              CheckpointWarning, stacklevel=callers_level())
             return policy
         if stored is not None and self.policy.to_json() != stored:
             warnings.warn(f"resuming with {self.policy!r}; the store was written with "
                           f"{from_json(stored) or stored!r}. The store records the new "
                           "policy once this fit has started",
-                          CheckpointWarning, stacklevel=checkpoint.callers_level())
+                          CheckpointWarning, stacklevel=callers_level())
         return self.policy
 
     def _store_model(self, features: list, target: str | None) -> dict:

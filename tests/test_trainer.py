@@ -448,10 +448,12 @@ def test_labels_with_gaps_train_empty_classes_and_say_so_once_per_fit(client, di
             warnings.simplefilter("always")
             scar.Trainer(client, model).fit(digits.assign(label=digits["label"] + 1), target="label", max_iter=2,
                                             progress=False)
-        assert [str(w.message) for w in caught if "without a row" in str(w.message)] == [
+        said = [w for w in caught if "without a row" in str(w.message)]
+        assert [str(w.message) for w in said] == [
             "target column 'label': the model trains the classes 0..10 (the labels are 1, 2, 3, 4, 5, ...), 1 of them "
             "without a row, and predict_proba has a column for each. Encode the labels with pandas.factorize to "
             "train only the classes in the data"]
+        assert said[0].filename == __file__        # the fit() call above
     assert model.n_classes_ == 11 and model.predict_proba(digits).shape == (len(digits), 11)
     with pytest.warns(UserWarning, match=r"the model trains the classes 0..90 \(the labels are 0, 10, 20, 30, 40, "
                                          r"...\), 81 of them without a row"):

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 
-from ..exceptions import DataError, NotFittedError
+from ..exceptions import DataError, NotFittedError, callers_level
 
 
 #: Key of a data block under which a model keeps per-block state between iterations
@@ -394,7 +394,7 @@ def check_ids(column: ColumnSummary, n_rows: int, what: str) -> int:
                 "pandas.factorize(column)), or drop the rows with stray values")
         if size > MAX_IDS_ANYWAY:
             raise DataError(said)
-        warnings.warn(said.replace("would need", "trains"), UserWarning, stacklevel=3)
+        warnings.warn(said.replace("would need", "trains"), UserWarning, stacklevel=callers_level())
     return size
 
 
