@@ -214,6 +214,8 @@ class TrainingRun:
             release_keys(self.client, self.abandon())
             raise
         self.settle()
+        if converged and self.rows:     # a bar left at 7 % says why
+            self.bar.set_postfix_str(f"loss={self.rows[-1]['loss']:.6g}, converged", refresh=True)
         return converged
 
     def record(self, k: int, orders: checkpoint.Orders | None, seconds: float, tol: float,

@@ -261,7 +261,12 @@ def test_progress_bar_goes_to_stderr_and_can_be_turned_off(client, digits, capsy
     # to a log (here pytest's capture), not ten frames a second: the first and the last
     trainer.fit(digits, target="label", max_iter=150, progress=True, callback=lambda k, loss: None)
     frames = [f for f in capsys.readouterr().err.split("\r") if "SoftmaxRegression" in f]
-    assert len(frames) <= 3 and "150/150" in frames[-1]
+    assert len(frames) <= 3 and "150/150" in frames[-1] and "converged" not in frames[-1]
+    # a fit that converges early leaves its bar short of max_iter, saying why
+    result = trainer.fit(digits, target="label", max_iter=5000, tol=1e-2, progress=True)
+    assert result.converged and result.n_iter < 5000
+    last = [f for f in capsys.readouterr().err.split("\r") if "SoftmaxRegression" in f][-1]
+    assert f"{result.n_iter}/5000" in last and "converged]" in last
 
 
 def test_training_tasks_warn_of_no_overflow():
