@@ -404,13 +404,10 @@ class TrainingRun:
         # (a hung one is gone now, even if a new process took its address: its last
         # iterations' news, a second behind, do not count)
         survivors = [w for w in survivors if self.watch.removals[w] == removals[w]]
-        reached: dict[str, int] = {}
         messages, self.early = self.early + _take_all(self.inbox), []
+        done = _finished_by_all(messages, chunks.epoch, survivors, k)
         for message in messages:
-            if message.get("epoch") == chunks.epoch and "worker" in message:
-                reached[message["worker"]] = max(reached.get(message["worker"], k - 1), message["iteration"])
             self.keep(message)
-        done = min((reached.get(w, k - 1) for w in survivors), default=k - 1)
         for i in range(k, done + 1):       # every event of these is here: no priorities wanted
             self.record(i, orders[i - k], time.perf_counter() - self.clock, 0.0, select=False)
             self.clock = time.perf_counter()
@@ -644,6 +641,16 @@ def _wait_done(watch: ClusterWatch, futures: list[tuple[Future, str]], timeout: 
             wait_on(watch.client, list(pending.values()), timeout=POLL_SECONDS)
         except (CancelledError, TimeoutError) as exc:
             exc.__traceback__ = None    # see TrainingRun.completed
+
+
+def _finished_by_all(messages: list[dict], epoch: int, survivors: list[str], k: int) -> int:
+    """The newest iteration of a segment from ``k`` that every one of ``survivors``
+    finished, by their events of ``epoch`` (``k - 1``: none)."""
+    reached: dict[str, int] = {}
+    for message in messages:
+        if message.get("epoch") == epoch and "worker" in message:
+            reached[message["worker"]] = max(reached.get(message["worker"], k - 1), message["iteration"])
+    return min((reached.get(w, k - 1) for w in survivors), default=k - 1)
 
 
 def _take_all(inbox: queue.Queue) -> list[dict]:

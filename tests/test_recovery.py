@@ -148,6 +148,19 @@ def test_drift_bounds_the_perturbation_and_predicts_with_the_contraction_bound()
     assert drift.predict([], {a: 12})[0] == pytest.approx(0.1)
 
 
+def test_a_stopped_segment_keeps_the_iterations_every_survivor_finished():
+    from dask_scar.run import _finished_by_all
+
+    events = [{"epoch": 1, "worker": "a", "iteration": i} for i in (20, 21, 31)] + [
+        {"epoch": 1, "worker": "b", "iteration": 30}, {"epoch": 1, "worker": "gone", "iteration": 35},
+        {"epoch": 0, "worker": "b", "iteration": 40},          # of the epoch before
+        {"epoch": 1, "kind": "written", "iteration": 50}]       # a writer's report
+    assert _finished_by_all(events, 1, ["a", "b"], 20) == 30
+    assert _finished_by_all(events, 1, ["a"], 20) == 31
+    assert _finished_by_all(events, 1, ["a", "c"], 20) == 19       # c said nothing: none kept
+    assert _finished_by_all(events, 1, [], 20) == 19
+
+
 def test_restored_chunks_go_to_the_live_workers_holding_the_fewest_rows():
     from dask_scar.recovery import _spread
 
