@@ -383,6 +383,19 @@ def open_cached(url: str, store_id: str) -> ZarrStore:
         return store
 
 
+def check_workers(client: Client, url: str, store_id: str, workers: list[str] | None = None,
+                  joined: bool = False, hint: str = "") -> None:
+    """Raise :class:`CheckpointError` if one of ``workers`` (None: every worker) cannot
+    use the driver's store (:func:`check_access`); ``joined``: they joined during the fit."""
+    problems = {w: p for w, p in client.run(check_access, url, store_id, workers=workers).items() if p}
+    if problems:
+        worker, problem = min(problems.items())
+        raise CheckpointError(f"worker {worker}{' (joined during the fit)' if joined else ''} cannot use the "
+                              f"checkpoint store: {problem}. The workers must see the same storage as the driver: "
+                              "a shared filesystem, or an object store URL such as s3://... (a memory:// store "
+                              "lives in one process)" + hint)
+
+
 def check_access(url: str, store_id: str) -> str | None:
     """Run on every worker before training: what keeps this worker from using the
     driver's store (None: nothing; it is that store, and writable here)."""

@@ -166,6 +166,9 @@ class TrainingRun:
                     continue
                 if self.ahead is None:
                     if self.watch.added:
+                        if ckpt is not None:    # before a chunk goes there: its owner writes and restores
+                            checkpoint.check_workers(self.client, ckpt.store.url, ckpt.base.store_id,
+                                                     self.watch.added, joined=True, hint=self.restore.hint)
                         self.note = _join(self.note, _rebalance(chunks, self.watch))
                         if ckpt is not None:
                             ckpt.drop_pending("the chunks moved to new workers")

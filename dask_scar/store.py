@@ -458,13 +458,16 @@ class ZarrStore(CheckpointStore):
         url = os.fspath(url)
         try:
             group = zarr.open_group(_zarr_store(url, read_only=mode == "r"), mode=mode)
-        except FileNotFoundError:
-            raise CheckpointError(f"no checkpoint store at {url}") from None
+        except FileNotFoundError:       # (zarr's NodeNotFoundError too)
+            group = None
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"the checkpoint store at {url} is damaged: its metadata (zarr.json) is not "
                                   f"JSON ({exc}). Restore it from a copy, or start afresh in another path") from exc
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"cannot open the checkpoint store at {url}: {exc}") from exc
+        if group is None:   # raised here, not in the handler: zarr's error as its context could not
+            # travel from a worker to the driver (its two bases defeat unpickling: a bare Exception arrived)
+            raise CheckpointError(f"no checkpoint store at {url}")
         if ATTRS not in group.attrs:
             if CREATING in group.attrs:
                 raise CheckpointError(

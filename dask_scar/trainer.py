@@ -332,12 +332,7 @@ class Trainer:
             store = ZarrStore.create(self.store, meta, layouts, policy.to_json(), writer=run)
         store_id = store.meta["id"]
         try:
-            problems = {w: p for w, p in self.client.run(checkpoint.check_access, store.url, store_id).items() if p}
-            if problems:
-                worker, problem = min(problems.items())
-                raise CheckpointError(f"worker {worker} cannot use the checkpoint store: {problem}. The workers "
-                                      "must see the same storage as the driver: a shared filesystem, or an object "
-                                      "store URL such as s3://... (a memory:// store lives in one process)")
+            checkpoint.check_workers(self.client, store.url, store_id)
         except BaseException:
             if not resume:
                 store.destroy()     # never trained (or Ctrl-C): it would only ask for resume=True next time

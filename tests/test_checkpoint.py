@@ -647,6 +647,36 @@ def test_memory_store_on_a_threaded_cluster(digits):
     np.testing.assert_array_equal(scar.open_store(url).load()["weights"], result.params["weights"])
 
 
+def test_a_worker_that_joins_and_cannot_see_the_store_is_named(digits, tmp_path):
+    """A worker joins a fit from a node without the store (here: a worker process of its
+    own, where the threaded cluster's memory:// store does not exist). Before any chunk
+    goes to it, the fit ends with the CheckpointError the start would have given (it
+    failed with a bare Exception, or hung)."""
+    url = f"memory://scar-joiner-{os.getpid()}.zarr"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, protocol="tcp://",
+                      dashboard_address=":0") as cluster, Client(cluster) as c:
+        joiner = None
+
+        def join(k, loss):
+            nonlocal joiner
+            if k == 3:
+                joiner = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", cluster.scheduler_address,
+                                           "--nthreads", "1", "--no-nanny", "--host", "127.0.0.1",
+                                           "--local-directory", str(tmp_path)], cwd=tmp_path,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                c.wait_for_workers(3, timeout=60)
+        try:
+            with pytest.raises(scar.CheckpointError, match=r"worker tcp://\S+ \(joined during the fit\) cannot use "
+                                                           rf"the checkpoint store: no checkpoint store at {url}\. The "
+                                                           r"workers must see the same storage as the driver"):
+                scar.Trainer(c, scar.SoftmaxRegression(), store=url, policy=scar.FullCheckpoint(every=2)).fit(
+                    digits, target="label", max_iter=50, tol=0, progress=False, callback=join)
+        finally:
+            if joiner is not None:
+                joiner.kill()
+                joiner.wait()
+
+
 def two_saves(tmp_path):
     """A store of one chunk ``w`` (8 x 2, 4 blocks of 2 rows) whose block 0 was saved at
     iterations 10 (value 1) and 20 (3), block 1 once at 20 (4), block 2 by another fit

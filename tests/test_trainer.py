@@ -731,13 +731,15 @@ def test_segments_run_many_iterations_in_one_task_per_worker(client, digits, tmp
         ddf, target="label", max_iter=12, tol=0, progress=False)
     segments, graphs = _segment_inputs(client)
     assert sorted(segments) == [1] and not graphs
-    assert result.checkpoints["iteration"].tolist() == [5, 10] and (result.checkpoints["error"] == "").all()
+    # (12: the fit's end writes the blocks not written with 12's values)
+    assert result.checkpoints["iteration"].tolist() == [5, 10, 12] and (result.checkpoints["error"] == "").all()
     with dask.config.set({"scar.segment-iterations": 1}):
         same = scar.Trainer(client, scar.SoftmaxRegression(), store=tmp_path / "graphs").fit(
             ddf, target="label", max_iter=12, tol=0, progress=False)
     columns = ["round", "iteration", "blocks", "bytes"]
     pd.testing.assert_frame_equal(result.checkpoints[columns], same.checkpoints[columns])
-    np.testing.assert_array_equal(np.stack(result.checkpoints["priorities"]), np.stack(same.checkpoints["priorities"]))
+    np.testing.assert_array_equal(np.stack(result.checkpoints["priorities"][:2]),
+                                  np.stack(same.checkpoints["priorities"][:2]))
     np.testing.assert_array_equal(scar.open_store(tmp_path / "ckpt").load()["weights"],
                                   scar.open_store(tmp_path / "graphs").load()["weights"])
 
@@ -815,7 +817,7 @@ def test_the_next_iteration_is_submitted_before_this_one_ends(client, digits, tm
     result = scar.Trainer(client, scar.SoftmaxRegression(), store=tmp_path / "ckpt").fit(
         big, target="label", max_iter=12, tol=0, progress=False)
     updates = _graph_inputs(client)[1]
-    assert result.checkpoints["iteration"].tolist() == [5, 10] and (result.checkpoints["error"] == "").all()
+    assert result.checkpoints["iteration"].tolist() == [5, 10, 12] and (result.checkpoints["error"] == "").all()
     waited = [k for k, v in sorted(updates.items()) if k > 1 and any(x.count("update*") == 2 for x in v)]
     # A round that held its graph back would make both 7 and 12 late, every run; one late
     # graph of the 11 is the machine (seen at 7 and at 10 in 2 of 4 full-suite runs on
