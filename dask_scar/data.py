@@ -432,11 +432,15 @@ def prepare(client: Client, model: Model, data: Any, target: str | None,
                 info = workers_info(client)
                 paused = warn_paused(info, set(info), warned)
                 now_done = sum(f.done() for f in converted)
-                if now_done > done or len(paused) < len(info):    # (counts while every worker is paused)
+                # a slow read takes its time; one with no partition done while a worker stays
+                # paused (its memory may never drop) ends at the timeout
+                if now_done > done or not paused:
                     done, moved = now_done, time.monotonic()
-                elif info and time.monotonic() - moved > timeout:
+                elif time.monotonic() - moved > timeout:
                     raise ScarError(f"reading the data made no progress for scar.iteration-timeout={timeout:g}s, "
-                                    f"every worker paused by Dask for its memory ({', '.join(paused.values())}; "
+                                    f"with {'every worker' if len(paused) == len(info) else 'workers'} paused by "
+                                    f"Dask for {'its' if len(paused) == len(info) else 'their'} memory "
+                                    f"({', '.join(paused.values())}; "
                                     "distributed.worker.memory.pause, 80 % of the memory limit by default): give "
                                     "the workers more memory (dask worker --memory-limit), or add workers")
                 if after is not None and not restart_hung_workers(client, set(info), after, hung):

@@ -1257,9 +1257,10 @@ def test_a_paused_worker_is_named_with_its_memory(digits, caplog):
 
 
 @pytest.mark.slow
-def test_a_read_that_every_paused_worker_holds_up_ends_at_the_timeout(digits, monkeypatch):
-    """Every worker paused before the data is read: the read never moves, and after
-    scar.iteration-timeout without a partition done the fit says why."""
+def test_a_read_that_paused_workers_hold_up_ends_at_the_timeout(digits, monkeypatch):
+    """Every worker paused before the data is read, or one that alone may make some
+    partitions: the read never moves, and after scar.iteration-timeout without a
+    partition done the fit says why."""
     from dask_scar import data
 
     monkeypatch.setattr(data, "PAUSE_LOOK_SECONDS", 0.5)
@@ -1268,10 +1269,19 @@ def test_a_read_that_every_paused_worker_holds_up_ends_at_the_timeout(digits, mo
             Client(cluster) as client:
         client.run(_pause)
         with pytest.raises(scar.ScarError, match=r"reading the data made no progress for "
-                                                 r"scar.iteration-timeout=3s, every worker paused by Dask for its "
-                                                 r"memory \(tcp://.*\): give the workers more memory"):
+                                                 r"scar.iteration-timeout=3s, with every worker paused by Dask for "
+                                                 r"its memory \(tcp://.*\): give the workers more memory"):
             scar.Trainer(client, scar.SoftmaxRegression()).fit(digits, target="label", max_iter=3, progress=False)
         client.run(_pause, on=False)
+        # one worker paused, holding up partitions that only it may make: the other
+        # worker's being free does not make the read move
+        victim = sorted(live_workers(client))[1]
+        client.run(_pause, workers=[victim])
+        frame = client.persist(dd.from_pandas(digits, npartitions=2), workers=[victim], allow_other_workers=False)
+        with pytest.raises(scar.ScarError, match=rf"no progress for scar.iteration-timeout=3s, with workers paused by "
+                                                 rf"Dask for their memory \({re.escape(victim)}"):
+            scar.Trainer(client, scar.SoftmaxRegression()).fit(frame, target="label", max_iter=3, progress=False)
+        client.run(_pause, on=False, workers=[victim])
 
 
 def _slow_frame(frame, seconds):
