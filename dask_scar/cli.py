@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -180,6 +182,25 @@ def _check_options(*checks: Callable[[], None], **numbers: tuple[Any, float, boo
         raise ScarError(f"--{said[1].replace('_', '-')} must {said[2]}" if said else str(exc)) from None
 
 
+def _wait_for_file(path: str) -> None:
+    """A batch job may start before its scheduler has written its file: wait for it as
+    long as Dask waits to connect (Dask's own client waits without end)."""
+    import os
+
+    import dask
+    from dask.utils import parse_timedelta
+
+    from .exceptions import ScarError
+
+    timeout = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), default="s")
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise ScarError(f"no scheduler file at {path} after {timeout:g} s (distributed.comm.timeouts.connect): "
+                            f"start the scheduler with --scheduler-file {path}, on a filesystem this machine sees")
+        time.sleep(0.1)
+
+
 def train(args: argparse.Namespace) -> int:
     from distributed import Client
 
@@ -200,7 +221,7 @@ def train(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise scar.ScarError(str(exc)) from None
     _check_options(model.check_params, max_iter=(args.max_iter, 1, True), tol=(args.tol, 0, False),
-                   **({} if args.scheduler else {"workers": (args.workers, 1, True)}))
+                   **({} if args.scheduler or args.scheduler_file else {"workers": (args.workers, 1, True)}))
     reader = dd.read_csv if args.data.endswith((".csv", ".csv.gz")) else dd.read_parquet
     try:
         ddf = reader(args.data)
@@ -212,11 +233,14 @@ def train(args: argparse.Namespace) -> int:
     if args.target is None and args.model != "mf":
         raise scar.ScarError(f"--model {args.model} needs --target: one of the columns {list(ddf.columns)}")
     cluster = None
-    if args.scheduler:
+    if args.scheduler or args.scheduler_file:
+        where = args.scheduler or f"the address in {args.scheduler_file}"
+        if args.scheduler_file:
+            _wait_for_file(args.scheduler_file)
         try:
-            client = Client(args.scheduler)
-        except (OSError, ValueError, TypeError) as exc:      # a timeout; an address without a port; tls:// alone
-            raise scar.ScarError(f"cannot reach the scheduler at {args.scheduler}: {exc}") from None
+            client = Client(args.scheduler, scheduler_file=args.scheduler_file)
+        except (OSError, ValueError, TypeError, KeyError) as exc:   # a timeout; no port; tls:// alone; a bad file
+            raise scar.ScarError(f"cannot reach the scheduler at {where}: {exc}") from None
     else:
         cluster = local_cluster(args.workers)
         client = Client(cluster)
@@ -332,6 +356,15 @@ def _model_defaults(name: str) -> str:
     return f"(default: the model's own: {', '.join(values)})"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: a batch system's stop (scancel, a time limit) or a pod's deletion. The
+    fit stops as at Ctrl-C: its segments end, and its store is let go."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dask-scar", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -357,7 +390,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", help="target column: integer class labels (softmax), numbers (linear), ratings "
                                     "(mf, default 'rating')")
     p.add_argument("--features", help="comma-separated feature columns (default: all others)")
-    p.add_argument("--scheduler", help="address of a running scheduler (default: an embedded LocalCluster)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", help="address of a running scheduler (default: an embedded LocalCluster)")
+    where.add_argument("--scheduler-file", help="the file a running scheduler wrote its address to (dask scheduler "
+                                                "--scheduler-file, dask-mpi, dask-jobqueue)")
     p.add_argument("--workers", type=int, default=2, help="workers of the embedded LocalCluster")
     p.add_argument("--max-iter", type=int, default=100, help="iterations at most")
     p.add_argument("--tol", type=float, default=1e-6, help="stop when the loss moves by less, relatively")
@@ -397,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")   # messages name dask_scar
     from dask_scar.exceptions import ScarError
 
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return args.func(args)
     except ScarError as exc:
@@ -404,9 +442,16 @@ def main(argv: list[str] | None = None) -> int:
         said = str(exc).replace("fit(..., resume=True)", "--resume")
         print(f"dask-scar: error: {said}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("dask-scar: terminated (SIGTERM); a checkpoint store keeps what it saved, and --resume goes on "
+              "from it", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("dask-scar: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

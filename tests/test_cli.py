@@ -237,3 +237,54 @@ def test_errors_give_the_command_lines_words(tmp_path, capsys):
                  "--no-progress", "--store", str(tmp_path / "ckpt.zarr")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dask-scar: error: training diverged") and "--resume goes on from there" in err, err
+
+
+def _round(store) -> int:
+    import dask_scar as scar
+
+    try:
+        return scar.open_store(store).manifest.get("round", 0)
+    except scar.CheckpointError:
+        return 0
+
+
+@pytest.mark.slow
+def test_train_finds_its_cluster_by_scheduler_file_and_stops_at_sigterm_as_at_ctrl_c(tmp_path, capsys):
+    """A batch job: the cluster named by the file its scheduler wrote; the job stopped
+    with SIGTERM (scancel, a time limit, a pod deleted) lets go of its store and says
+    so, and the job submitted again goes on with --resume."""
+    import dask_scar as scar
+    from conftest import cli_cluster, wait_for
+    from dask_scar.cli import main
+
+    path, store = tmp_path / "data.parquet", tmp_path / "ckpt.zarr"
+    synthetic_classification(20000, 5, 3).to_parquet(path)
+    exe = os.path.join(os.path.dirname(sys.executable), "dask-scar")
+    with cli_cluster(tmp_path, 2) as (cluster, _):
+        where = ["--scheduler-file", str(cluster.scheduler_file)]
+        job = subprocess.Popen([exe, "train", str(path), "--target", "label", "--max-iter", "1000000", "--tol", "0",
+                                "--no-progress", "--store", str(store), *where],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: _round(store) >= 2, timeout=120, what="two committed rounds")
+            job.terminate()
+            _, err = job.communicate(timeout=60)
+        finally:
+            job.kill()
+        assert job.returncode == 143, err
+        assert err.endswith("dask-scar: terminated (SIGTERM); a checkpoint store keeps what it saved, and --resume "
+                            "goes on from it\n")
+        saved = scar.open_store(store)
+        assert saved.writer is None        # let go: the next job takes it without a warning
+        # (the workers' writes in flight may still land: a few rounds more)
+        until = saved.resumes_from + 50
+        again = _run("train", str(path), "--target", "label", "--max-iter", str(until), "--tol", "0",
+                     "--no-progress", "--store", str(store), "--resume", *where)
+        assert again.returncode == 0 and "did not end" not in again.stderr, again.stderr
+        assert f"\n{until} iterations" in again.stdout
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        assert main(["train", str(path), "--target", "label", "--scheduler-file", str(tmp_path / "none.json")]) == 2
+    assert capsys.readouterr().err == (f"dask-scar: error: no scheduler file at {tmp_path / 'none.json'} after 1 s "
+                                       "(distributed.comm.timeouts.connect): start the scheduler with "
+                                       f"--scheduler-file {tmp_path / 'none.json'}, on a filesystem this machine "
+                                       "sees\n")
