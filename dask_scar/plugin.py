@@ -48,6 +48,7 @@ from distributed.metrics import time as heartbeat_clock
 from distributed.scheduler import heartbeat_interval
 
 from .chunks import CHUNK_PREFIX, DETACH_OP, PROGRESS_TOPIC, SEGMENT_PREFIX
+from .exceptions import ScarError
 
 logger = logging.getLogger(__name__)
 
@@ -524,9 +525,13 @@ class ScarPlugin(SchedulerPlugin):
 
 def ensure_plugin(client: Client) -> None:
     """Install :class:`ScarPlugin` on the client's scheduler unless it is there already."""
-    present = client.run_on_scheduler(lambda dask_scheduler: ScarPlugin.name in dask_scheduler.plugins)
-    if not present:
-        client.register_plugin(ScarPlugin())
+    try:
+        present = client.run_on_scheduler(lambda dask_scheduler: ScarPlugin.name in dask_scheduler.plugins)
+        if not present:
+            client.register_plugin(ScarPlugin())
+    except ImportError as exc:      # raised by the scheduler, which could not unpickle the plugin
+        raise ScarError(f"the scheduler at {client.scheduler.address} cannot import dask_scar ({exc}): install "
+                        "dask-scar, the same version as here, on the scheduler and on every worker") from None
 
 
 def say_work(client: Client, run: str, seconds: float, most: int, valid_for: float) -> bool:

@@ -425,3 +425,32 @@ def test_settings_are_the_drivers_not_the_workers(tmp_path, digits):
 
 def _never(part):
     raise AssertionError("the data was read")
+
+
+_SCHEDULER_WITHOUT_DASK_SCAR = """
+import sys
+sys.modules["dask_scar"] = None      # as on a scheduler where dask-scar is not installed
+from distributed.cli.dask_scheduler import main
+main()
+"""
+
+
+def test_a_scheduler_without_dask_scar_is_named(tmp_path):
+    import subprocess
+    import sys
+
+    file = tmp_path / "scheduler.json"
+    scheduler = subprocess.Popen([sys.executable, "-c", _SCHEDULER_WITHOUT_DASK_SCAR, "--host", "127.0.0.1",
+                                  "--port", "0", "--dashboard-address", ":0", "--scheduler-file", str(file)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(file.exists, timeout=60, what="the scheduler file")
+        with Client(scheduler_file=str(file), timeout=30) as client:
+            with pytest.raises(scar.ScarError, match=r"the scheduler at tcp://127.0.0.1:\d+ cannot import dask_scar "
+                                                     r"\(.*\): install dask-scar, the same version as here, on the "
+                                                     r"scheduler and on every worker"):
+                scar.Trainer(client, scar.SoftmaxRegression()).fit(pd.DataFrame({"x": [0.0, 1.0], "y": [0, 1]}),
+                                                                   target="y", progress=False)
+    finally:
+        scheduler.kill()
+        scheduler.wait()
