@@ -456,8 +456,11 @@ class ZarrStore(CheckpointStore):
     def open(cls, url: str | os.PathLike, mode: str = "r") -> ZarrStore:
         """Open an existing store; ``mode="r+"`` to write blocks into it."""
         url = os.fspath(url)
+        path = local_path(url)
         try:
-            group = zarr.open_group(_zarr_store(url, read_only=mode == "r"), mode=mode)
+            # (a local store opened to write makes its folder: not for one that is not there)
+            group = None if path is not None and not os.path.isdir(path) else zarr.open_group(
+                _zarr_store(url, read_only=mode == "r"), mode=mode)
         except FileNotFoundError:       # (zarr's NodeNotFoundError too)
             group = None
         except json.JSONDecodeError as exc:

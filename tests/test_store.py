@@ -421,3 +421,12 @@ def test_a_corrupt_record_is_named(tmp_path):
     assert re.match(said, problems[1])
     with pytest.raises(scar.CheckpointError, match=said):
         store.versions("weights")
+
+
+def test_opening_a_store_that_is_not_there_to_write_makes_no_folder(tmp_path):
+    """A worker that cannot see the driver's store is told so, and finds no empty
+    folder of that name made on its own disk afterwards."""
+    for url in (tmp_path / "nothere.zarr", f"file://{tmp_path / 'nor-here.zarr'}"):
+        with pytest.raises(scar.CheckpointError, match="no checkpoint store at"):
+            ZarrStore.open(url, mode="r+")
+    assert not list(tmp_path.iterdir())
