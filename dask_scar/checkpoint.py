@@ -654,9 +654,7 @@ def choose(policy: CheckpointPolicy, layouts: dict[str, BlockLayout], ids: list[
     chosen (global numbers) and every block's priority (None if the policy needs none):
     on the driver, and in a segment's workers, which have every chunk's priorities and
     choose exactly the same blocks."""
-    offsets, n = {}, 0
-    for name, lay in layouts.items():
-        offsets[name], n = n, n + lay.n_blocks
+    offsets, n = _offsets(layouts)
     values = None
     if policy.needs_priorities:
         values = np.zeros(n)
@@ -671,6 +669,14 @@ def choose(policy: CheckpointPolicy, layouts: dict[str, BlockLayout], ids: list[
         if mine:
             blocks[cid] = mine
     return blocks, sorted(chosen), values
+
+
+def _offsets(layouts: dict[str, BlockLayout]) -> tuple[dict[str, int], int]:
+    """Each parameter's first global block number, and the blocks of all of them."""
+    offsets, n = {}, 0
+    for name, lay in layouts.items():
+        offsets[name], n = n, n + lay.n_blocks
+    return offsets, n
 
 
 def with_round(orders: Orders, number: int, blocks: dict[ChunkId, tuple[int, ...]], version: int,
@@ -751,9 +757,7 @@ class Checkpointer:
             return
         written = {(key, b) for rnd in self.rounds.values() if rnd.iteration == iteration and not rnd.abandoned
                    for key, (_, blocks) in rnd.chunks.items() for b in blocks}
-        offsets, n = {}, 0
-        for name, lay in self.layouts.items():
-            offsets[name], n = n, n + lay.n_blocks
+        offsets = _offsets(self.layouts)[0]
         blocks = {}
         for cid in ids:
             rest = tuple(b for b in chunk_blocks(cid, self.layouts[cid.name].block_rows)

@@ -688,8 +688,8 @@ class ZarrStore(CheckpointStore):
         the iteration :meth:`mark_diverged` recorded on, and make the newest round left
         the last committed one (the manifest's) where it was later. Returns the versions
         forgotten, the blocks left with none (they start again from their initial
-        values), and the highest round written before: ``run`` numbers its rounds after it, so that a write of the diverged
-        fit still in flight cannot rank as newer than them."""
+        values), and the highest round written before: ``run`` numbers its rounds after
+        it, so that a write of the diverged fit still in flight cannot rank as newer."""
         cutoff, dropped, emptied, highest, newest = self.diverged, 0, 0, 0, (0, 0)   # newest: round, iteration
         for name in self.layouts:
             saved, versions = self._array(f"saved/{name}"), self.versions(name)
