@@ -25,6 +25,10 @@ How a round goes (policy due after iteration ``t``):
    :meth:`Checkpointer.commit`). At most ``scar.checkpoint.backlog`` rounds are in
    flight; beyond that the driver waits before it submits more work.
 
+After the fit's last iteration, one more round writes every block that no round wrote
+with that iteration's values (:meth:`Checkpointer.last`): a finished fit's store holds
+its result, and a resume that trains further goes on exactly.
+
 A failing write (full disk, lost permission) is reported, not raised: training
 goes on and the store keeps the blocks it had (chunk writes are atomic). So is a
 failing commit (step 4): the store keeps its last committed round until a later one
