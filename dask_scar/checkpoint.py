@@ -390,8 +390,10 @@ def open_cached(url: str, store_id: str) -> ZarrStore:
 def check_workers(client: Client, url: str, store_id: str, workers: list[str] | None = None,
                   joined: bool = False, hint: str = "") -> None:
     """Raise :class:`CheckpointError` if one of ``workers`` (None: every worker) cannot
-    use the driver's store (:func:`check_access`); ``joined``: they joined during the fit."""
-    problems = {w: p for w, p in client.run(check_access, url, store_id, workers=workers).items() if p}
+    use the driver's store (:func:`check_access`); ``joined``: they joined during the fit.
+    A worker that cannot be asked (gone meanwhile) is left to the recovery."""
+    answers = client.run(check_access, url, store_id, workers=workers, on_error="return")
+    problems = {w: p for w, p in answers.items() if isinstance(p, str)}
     if problems:
         worker, problem = min(problems.items())
         raise CheckpointError(f"worker {worker}{' (joined during the fit)' if joined else ''} cannot use the "
@@ -642,6 +644,7 @@ class Round:
     priorities: np.ndarray | None       # every block's priority when selected
     reports: list[dict] = field(default_factory=list)
     abandoned: str = ""                 # why the round will never be committed
+    end: bool = False                   # the fit's end round (Checkpointer.last)
 
     @property
     def done(self) -> bool:
@@ -710,6 +713,7 @@ class Checkpointer:
         self.base = Orders(run, store.url, store_id, epoch, {n: lay.block_rows for n, lay in layouts.items()},
                            reference, extrapolate=extrapolate)
         self.round = last_round
+        self.recovered_at = last_round         # the last round chosen before this fit's last recovery
         self.committed = last_round
         self.tried = last_round                # the newest round whose commit was tried (once each)
         self.finished = (last_round, -1)       # the newest round written in full: number, iteration
@@ -759,8 +763,10 @@ class Checkpointer:
         resume goes on from there exactly)."""
         if self.lost:
             return
-        written = {(key, b) for rnd in self.rounds.values() if rnd.iteration == iteration and not rnd.abandoned
-                   for key, (_, blocks) in rnd.chunks.items() for b in blocks}
+        # (rounds before a recovery wrote values it may have replaced; a failed one, none)
+        written = {(key, b) for number, rnd in self.rounds.items()
+                   if rnd.iteration == iteration and number > self.recovered_at and not rnd.abandoned
+                   and not rnd.errors for key, (_, blocks) in rnd.chunks.items() for b in blocks}
         offsets = _offsets(self.layouts)[0]
         blocks = {}
         for cid in ids:
@@ -772,7 +778,8 @@ class Checkpointer:
             return
         self.round += 1
         self.rounds[self.round] = Round(iteration, {f"{c.name}/{c.index}": (c, b) for c, b in blocks.items()},
-                                        sorted(offsets[c.name] + b for c, bs in blocks.items() for b in bs), None)
+                                        sorted(offsets[c.name] + b for c, bs in blocks.items() for b in bs), None,
+                                        end=True)
         self.pending.append(Orders(**{**self.base.__dict__, "round": self.round, "blocks": blocks,
                                       "version": iteration}))
 
@@ -897,6 +904,7 @@ class Checkpointer:
         next epoch from now on (a resumed fit's first is the store's last plus one)."""
         self.abandon("training recovered from worker loss", warn=False)
         self.base = Orders(**{**self.base.__dict__, "epoch": self.base.epoch + 1})
+        self.recovered_at = self.round
 
     def _note(self, iteration: int, message: str, repeats: bool = True) -> None:
         """Into the history; a warning the first time in a fit, and after that into the
@@ -926,21 +934,22 @@ class Checkpointer:
         rounds = [rnd.iteration for rnd in self.rounds.values() if not rnd.abandoned]
         if self.lost or self._last_note is None or not rounds:
             return ""
-        held = self.store.resumes_from
-        if held >= max(rounds):
+        committed = int(self.store.manifest.get("iteration", 0))
+        if committed >= max(rounds):
             return ""
-        return (f"the checkpoint store {self.store.url} holds iteration {held}, and this fit reached "
-                f"{iteration}: its later rounds were not written or not recorded (the last failure: "
-                f"{self._last_note}). fit(..., resume=True) would go on from iteration {held}")
+        return (f"the checkpoint store {self.store.url} committed iteration {committed} last, and this fit reached "
+                f"{iteration}: its later rounds were not all written or recorded (the last failure: "
+                f"{self._last_note}). fit(..., resume=True) would go on from iteration "
+                f"{self.store.resumes_from}, with the blocks written since")
 
     def table(self) -> pd.DataFrame:
         """One row per round: what was written, and with what result."""
         return pd.DataFrame(
             [{"round": number, "iteration": r.iteration, "blocks": r.blocks,
               "bytes": sum(x["bytes"] for x in r.reports), "seconds": sum(x["seconds"] for x in r.reports),
-              "error": "; ".join(r.errors) or r.abandoned, "priorities": r.priorities}
+              "error": "; ".join(r.errors) or r.abandoned, "priorities": r.priorities, "end": r.end}
              for number, r in self.rounds.items()],
-            columns=["round", "iteration", "blocks", "bytes", "seconds", "error", "priorities"])
+            columns=["round", "iteration", "blocks", "bytes", "seconds", "error", "priorities", "end"])
 
     def columns(self) -> dict[int, dict[str, Any]]:
         """Per iteration: bytes written and seconds spent writing by the round of that iteration."""

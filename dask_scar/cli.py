@@ -443,8 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dask-scar: error: {said}", file=sys.stderr)
         return 2
     except Terminated:
-        print("dask-scar: terminated (SIGTERM); a checkpoint store keeps what it saved, and --resume goes on "
-              "from it", file=sys.stderr)
+        stored = "; the checkpoint store keeps what it saved, and --resume goes on from it"
+        print(f"dask-scar: terminated (SIGTERM){stored if getattr(args, 'store', None) else ''}", file=sys.stderr)
         return 143
     except KeyboardInterrupt:
         print("dask-scar: interrupted", file=sys.stderr)

@@ -437,7 +437,7 @@ def prepare(client: Client, model: Model, data: Any, target: str | None,
                 if now_done > done or not paused:
                     done, moved = now_done, time.monotonic()
                 elif time.monotonic() - moved > timeout:
-                    raise ScarError(f"reading the data made no progress for scar.iteration-timeout={timeout:g}s, "
+                    raise ScarError(f"reading the data finished no partition for scar.iteration-timeout={timeout:g}s, "
                                     f"with {'every worker' if len(paused) == len(info) else 'workers'} paused by "
                                     f"Dask for {'its' if len(paused) == len(info) else 'their'} memory "
                                     f"({', '.join(paused.values())}; "

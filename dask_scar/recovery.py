@@ -618,7 +618,8 @@ class Interrupted(Exception):
     """A worker holding chunks went away (or a chunk's data died) while waiting."""
 
 
-_ignored = threading.Event()    # Python ignored a Ctrl-C in the main thread during a fit
+#: the KeyboardInterrupt (or subclass: the CLI's SIGTERM) Python ignored in the main thread during a fit
+_ignored: list[type[BaseException]] = []
 
 
 @contextlib.contextmanager
@@ -634,7 +635,7 @@ def interruptible():
 
     def hook(unraisable) -> None:
         if issubclass(unraisable.exc_type, KeyboardInterrupt) and threading.current_thread() is threading.main_thread():
-            _ignored.set()
+            _ignored[:] = [unraisable.exc_type]
         previous(unraisable)
 
     sys.unraisablehook = hook
@@ -647,20 +648,28 @@ def interruptible():
 
 @contextlib.contextmanager
 def ctrl_c_after():
-    """In the main thread, a Ctrl-C (SIGINT) pressed during the block is raised once
-    it is done: for short clean-up that must not be cut in half (a second Ctrl-C
-    while a stopped fit let go of its store left the store named as being written)."""
+    """In the main thread, a Ctrl-C (SIGINT) pressed during the block, or a SIGTERM
+    where Python handles it (the CLI), is handled once the block is done: for short
+    clean-up that must not be cut in half (a second Ctrl-C while a stopped fit let go
+    of its store left the store named as being written)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    pressed = []
-    previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
+    held = [signal.SIGINT] + ([signal.SIGTERM] if callable(signal.getsignal(signal.SIGTERM)) else [])
+    pressed: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, _: pressed.append(signum)) for signum in held}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
-        if pressed:
-            raise KeyboardInterrupt
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else
+                          signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+        for signum in dict.fromkeys(pressed):
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)   # (Python's for SIGINT raises KeyboardInterrupt)
+            elif signum == signal.SIGINT and handler != signal.SIG_IGN:
+                raise KeyboardInterrupt
 
 
 def wait_on(client: Client, futures: list[Future], timeout: float | None = None) -> None:
@@ -668,9 +677,8 @@ def wait_on(client: Client, futures: list[Future], timeout: float | None = None)
     default client, which may be another, on another cluster, or closed: "IOLoop is
     closed" for a fit on one client after another was closed). First, a Ctrl-C that
     Python ignored during the fit is raised (see :func:`interruptible`)."""
-    if _ignored.is_set() and threading.current_thread() is threading.main_thread():
-        _ignored.clear()
-        raise KeyboardInterrupt
+    if _ignored and threading.current_thread() is threading.main_thread():
+        raise _ignored.pop()
     client.sync(_wait, futures, timeout=timeout)
 
 

@@ -166,10 +166,11 @@ class TrainingRun:
                     continue
                 if self.ahead is None:
                     if self.watch.added:
-                        if ckpt is not None:    # before a chunk goes there: its owner writes and restores
-                            checkpoint.check_workers(self.client, ckpt.store.url, ckpt.base.store_id,
-                                                     self.watch.added, joined=True, hint=self.restore.hint)
-                        self.note = _join(self.note, _rebalance(chunks, self.watch))
+                        joined = self.watch.take_added()
+                        if ckpt is not None and not ckpt.lost:     # a chunk's owner writes and restores it
+                            checkpoint.check_workers(self.client, ckpt.store.url, ckpt.base.store_id, joined,
+                                                     joined=True, hint=self.restore.hint)
+                        self.note = _join(self.note, _rebalance(chunks, joined))
                         if ckpt is not None:
                             ckpt.drop_pending("the chunks moved to new workers")
                         self.last = None    # the chunks moved: read them where they are now
@@ -681,12 +682,12 @@ def _join(*notes: str) -> str:
     return "; ".join(n for n in notes if n)
 
 
-def _rebalance(chunks: ParameterChunks, watch: ClusterWatch) -> str:
-    """Give workers that joined a share of the chunks: the next update of a moved
-    chunk runs on its new owner (its value travels there; nothing is restored)."""
-    watch.take_added()
-    alive = live_workers(chunks.client)
-    load = {w: [] for w in sorted(alive)}
+def _rebalance(chunks: ParameterChunks, joined: list[str]) -> str:
+    """Give the workers that ``joined`` (and are still there) a share of the chunks: the
+    next update of a moved chunk runs on its new owner (its value travels there;
+    nothing is restored). One that joined since is left for the next rebalance."""
+    known = set(chunks.owner.values()) | set(joined)
+    load = {w: [] for w in sorted(live_workers(chunks.client)) if w in known}
     for cid in chunks.ids:
         load.setdefault(chunks.owner[cid], []).append(cid)
     moved = []

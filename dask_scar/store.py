@@ -160,6 +160,10 @@ class CheckpointStore(abc.ABC):
                 newest = (int(records[:, 2].max()), int(records[records[:, 2].argmax(), 0]))
         return newest
 
+    def last_epoch(self) -> int:
+        """The highest epoch any block was written in (-1: none)."""
+        return max([-1, *(int(self.records(name)[:, 1].max(initial=-1)) for name in self.layouts)])
+
     @property
     def resumes_from(self) -> int:
         """The iteration a resume goes on from: the newest round's written (a resume

@@ -178,7 +178,8 @@ class Trainer:
         between two iterations (``tol=0`` never stops early). With ``resume=True``
         the parameters are loaded from the store (each block as last saved, the
         others as initialised) and the iteration count goes on from the store's
-        last committed round. Raises :class:`~dask_scar.exceptions.DataError` for
+        newest round written (:attr:`~dask_scar.store.CheckpointStore.resumes_from`;
+        a finished fit's last iteration). Raises :class:`~dask_scar.exceptions.DataError` for
         unusable data, :class:`~dask_scar.exceptions.CheckpointError` for an
         unusable store and :class:`~dask_scar.exceptions.StoreMismatchError` for
         a store written for another model, before any training.
@@ -348,7 +349,7 @@ class Trainer:
                           "forgotten" + (f", and {emptied} blocks saved only then start again from their initial "
                                          "values" if emptied else ""),
                           CheckpointWarning, stacklevel=callers_level())
-        epoch = int(manifest.get("epoch", -1)) + 1
+        epoch = max(int(manifest.get("epoch", -1)), store.last_epoch()) + 1    # (rounds never committed too)
         reference = getattr(policy, "reference_dtype", None) if policy.needs_priorities else False
         ckpt = Checkpointer(store, policy, store.layouts, run, store_id, epoch,
                             max(int(manifest.get("round", 0)), store.last_written()[0], written),

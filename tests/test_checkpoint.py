@@ -126,9 +126,9 @@ def test_equal_byte_budget_full_vs_prioritized(client, tmp_path):
         result = scar.Trainer(client, scar.SoftmaxRegression(learning_rate=0.1), store=tmp_path / f"{name}.zarr",
                               policy=policy, n_chunks=4).fit(frame, target="label", max_iter=64, tol=0,
                                                              progress=False)
-        rounds = result.checkpoints.iloc[:64 // policy.every]
+        rounds = result.checkpoints[~result.checkpoints["end"]]
         # a full round at 64 leaves nothing for the fit's end to write; a prioritized one 3/4
-        assert len(result.checkpoints) == len(rounds) + (name == "scar")
+        assert len(rounds) == 64 // policy.every and result.checkpoints["end"].sum() == (name == "scar")
         per_iteration[name] = rounds["bytes"].sum() / 64
         if name == "full":   # a full round's bytes are the store's blocks on disk, in one slot
             last = 1 - len(result.checkpoints) % 2       # slots alternate, the first round in slot 0
@@ -434,14 +434,15 @@ def test_a_store_that_fails_to_the_end_is_said_once_in_the_log_and_at_the_end(ow
         own_client.run(_limit_file_size, resource.RLIM_INFINITY)
     result = outcome["result"]
     failed = result.history[result.history["event"].str.contains("failed")]
-    held = scar.open_store(store).resumes_from
-    assert result.n_iter == 400 and len(failed) >= 20 and held < 400
+    committed, held = scar.open_store(store).manifest["iteration"], scar.open_store(store).resumes_from
+    assert result.n_iter == 400 and len(failed) >= 20 and committed <= held < 400
     first, last = (str(w.message) for w in outcome["warnings"])
     assert "later failures of this fit" in first
-    assert re.fullmatch(rf"the checkpoint store {store} holds iteration {held}, and this fit reached 400: its "
-                        rf"later rounds were not written or not recorded \(the last failure: checkpoint "
+    assert re.fullmatch(rf"the checkpoint store {store} committed iteration {committed} last, and this fit reached "
+                        rf"400: its later rounds were not all written or recorded \(the last failure: checkpoint "
                         rf"round \d+ \(iteration \d+\) failed: .*File too large.*\)\. "
-                        rf"fit\(\.\.\., resume=True\) would go on from iteration {held}", last)
+                        rf"fit\(\.\.\., resume=True\) would go on from iteration {held}, with the blocks "
+                        rf"written since", last)
     logged = [r.getMessage() for r in caplog.records if r.name == "dask_scar.checkpoint"
               and r.levelno >= logging.WARNING]
     assert len(logged) < len(failed) - 1
@@ -603,7 +604,7 @@ def test_a_fit_that_ends_saves_where_it_ended_and_a_resume_goes_on_exactly(clien
     assert saved.manifest["iteration"] == 25
     assert (saved.saved_at["iteration"] == 25).all()
     last = result.checkpoints.iloc[-1]
-    assert last["iteration"] == 25 and not last["error"]
+    assert last["iteration"] == 25 and not last["error"] and last["end"]
 
     resumed = scar.Trainer(client, scar.SoftmaxRegression(), store=store).fit(
         digits, target="label", max_iter=30, tol=0, progress=False, resume=True)
@@ -984,6 +985,28 @@ def test_a_store_deleted_while_training_is_said_and_not_rebuilt(client, digits, 
                     "without checkpoints"]
     with pytest.raises(scar.CheckpointError, match="no checkpoint store at|not a dask_scar"):
         scar.open_store(store)
+
+
+@pytest.mark.filterwarnings("ignore:the checkpoint store at")
+@pytest.mark.filterwarnings("ignore:checkpoint round")     # a write the deletion cut short
+def test_a_fit_that_lost_its_store_takes_in_a_worker_that_joins(digits, tmp_path):
+    """A fit whose store was deleted goes on without checkpoints, and a worker that
+    joins it then is given chunks, not asked about the store that is gone."""
+    from conftest import new_cluster
+
+    store = tmp_path / "ckpt.zarr"
+    with new_cluster(2) as cluster, Client(cluster) as c:
+        def act(k, loss):
+            if k == 4:
+                shutil.rmtree(store, ignore_errors=True)
+            if k == 8:
+                cluster.scale(3)
+                c.wait_for_workers(3, timeout=60)
+
+        result = scar.Trainer(c, scar.SoftmaxRegression(), store=store, policy=scar.FullCheckpoint(every=2)).fit(
+            digits, target="label", max_iter=14, tol=0, progress=False, callback=act)
+    events = " ".join(result.history["event"])
+    assert result.n_iter == 14 and "this fit goes on without checkpoints" in events and "rebalanced" in events
 
 
 def test_store_paths_are_the_drivers_and_one_workers_cannot_see_is_not_left_behind(client, digits, tmp_path,

@@ -272,7 +272,7 @@ def test_train_finds_its_cluster_by_scheduler_file_and_stops_at_sigterm_as_at_ct
         finally:
             job.kill()
         assert job.returncode == 143, err
-        assert err.endswith("dask-scar: terminated (SIGTERM); a checkpoint store keeps what it saved, and --resume "
+        assert err.endswith("dask-scar: terminated (SIGTERM); the checkpoint store keeps what it saved, and --resume "
                             "goes on from it\n")
         saved = scar.open_store(store)
         assert saved.writer is None        # let go: the next job takes it without a warning

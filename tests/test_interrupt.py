@@ -245,3 +245,46 @@ def test_a_fit_interrupted_while_it_waits_for_its_turn_gives_its_place_back(clie
     result = scar.Trainer(client, scar.SoftmaxRegression()).fit(digits, target="label", max_iter=30, tol=0,
                                                                progress=False)
     assert result.n_iter == 30 and client.run_on_scheduler(_turns) == (None, [])
+
+
+def test_clean_up_finishes_before_a_ctrl_c_or_a_handled_sigterm_acts():
+    """What the store's release runs in: a Ctrl-C, or a SIGTERM where Python handles it
+    (the CLI's), pressed meanwhile acts once it is done."""
+    from dask_scar.recovery import ctrl_c_after
+
+    order = []
+
+    def on_term(signum, frame):
+        order.append("SIGTERM handled")
+        raise RuntimeError("terminated")
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        for signum, raised in ((signal.SIGTERM, RuntimeError), (signal.SIGINT, KeyboardInterrupt)):
+            order.clear()
+            with pytest.raises(raised):
+                with ctrl_c_after():
+                    os.kill(os.getpid(), signum)
+                    time.sleep(0.1)         # (Python runs a signal's handler between bytecodes)
+                    order.append("clean-up done")
+            assert order[0] == "clean-up done"
+        assert signal.getsignal(signal.SIGTERM) is on_term and signal.getsignal(signal.SIGINT) is \
+            signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_sigterm_that_python_ignored_comes_back_as_itself(client):
+    """The CLI's SIGTERM raises a KeyboardInterrupt of its own kind: ignored in a
+    ``__del__``, the fit's next wait raises that kind again (exit 143, not 130)."""
+    from dask_scar.cli import Terminated
+    from dask_scar.recovery import interruptible, wait_on
+
+    class Dropped:
+        def __del__(self):
+            raise Terminated
+
+    with interruptible():
+        Dropped()       # its __del__ raises: Python says "Exception ignored" and goes on
+        with pytest.raises(Terminated):
+            wait_on(client, [])

@@ -1268,7 +1268,7 @@ def test_a_read_that_paused_workers_hold_up_ends_at_the_timeout(digits, monkeypa
     with dask.config.set({"scar.iteration-timeout": 3}), new_cluster(2, settings) as cluster, \
             Client(cluster) as client:
         client.run(_pause)
-        with pytest.raises(scar.ScarError, match=r"reading the data made no progress for "
+        with pytest.raises(scar.ScarError, match=r"reading the data finished no partition for "
                                                  r"scar.iteration-timeout=3s, with every worker paused by Dask for "
                                                  r"its memory \(tcp://.*\): give the workers more memory"):
             scar.Trainer(client, scar.SoftmaxRegression()).fit(digits, target="label", max_iter=3, progress=False)
@@ -1278,7 +1278,7 @@ def test_a_read_that_paused_workers_hold_up_ends_at_the_timeout(digits, monkeypa
         victim = sorted(live_workers(client))[1]
         client.run(_pause, workers=[victim])
         frame = client.persist(dd.from_pandas(digits, npartitions=2), workers=[victim], allow_other_workers=False)
-        with pytest.raises(scar.ScarError, match=rf"no progress for scar.iteration-timeout=3s, with workers paused by "
+        with pytest.raises(scar.ScarError, match=rf"no partition for scar.iteration-timeout=3s, with workers paused by "
                                                  rf"Dask for their memory \({re.escape(victim)}"):
             scar.Trainer(client, scar.SoftmaxRegression()).fit(frame, target="label", max_iter=3, progress=False)
         client.run(_pause, on=False, workers=[victim])

@@ -147,8 +147,10 @@ def run_real(cluster: BenchCluster, case: Case, frame: pd.DataFrame, store: str 
         warnings.filterwarnings("ignore", message="Sending large graph")
         result = trainer.fit(ddf, target=case.target, max_iter=max_iter or case.max_iter, tol=0, progress=False,
                              callback=callback)
+    rounds = result.checkpoints
+    written = 0 if rounds is None else int(rounds.loc[~rounds["end"], "bytes"].sum())    # the policy's rounds
     return RealRun(strategy.name if strategy else "failure-free", losses, time.perf_counter() - started,
-                   int(result.history["checkpoint_bytes"].sum()), result.events)
+                   written, result.events)
 
 
 def quiet_cluster_logs() -> None:
