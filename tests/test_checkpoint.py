@@ -628,8 +628,9 @@ def test_a_resume_goes_on_from_the_newest_round_written_though_it_never_committe
     writer = ZarrStore.open(store, mode="r+")
     layout = writer.layouts["weights"]
     number = writer.last_written()[0] + 1
+    # (in epoch 3: the stopped fit had recovered three times since its last commit)
     writer.write_blocks("weights", {b: at_25[slice(*layout.bounds(b))] for b in range(layout.n_blocks)},
-                        iteration=25, epoch=0, round=number)
+                        iteration=25, epoch=3, round=number)
     assert writer.manifest["iteration"] == 20          # the round of iteration 25 never committed
 
     resumed = scar.Trainer(client, scar.SoftmaxRegression(), store=store).fit(
@@ -637,6 +638,7 @@ def test_a_resume_goes_on_from_the_newest_round_written_though_it_never_committe
     assert resumed.history["iteration"].tolist() == list(range(26, 31))
     np.testing.assert_allclose(resumed.history["loss"], straight.history["loss"].iloc[25:], rtol=1e-6)
     assert resumed.checkpoints["round"].min() == number + 1
+    assert scar.open_store(store).manifest["epoch"] == 4        # above every epoch written
 
 
 def test_memory_store_on_a_threaded_cluster(digits):
