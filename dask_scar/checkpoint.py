@@ -747,12 +747,8 @@ class Checkpointer:
         """After ``iteration`` finished: if the policy is due, choose the round's blocks."""
         if not self.policy.due(iteration) or self.lost:
             return
-        self.round += 1
-        blocks, chosen, values = choose(self.policy, self.layouts, ids, self.round, priorities)
-        self.rounds[self.round] = Round(iteration, {f"{c.name}/{c.index}": (c, b) for c, b in blocks.items()},
-                                        chosen, values)
-        self.pending.append(Orders(**{**self.base.__dict__, "round": self.round, "blocks": blocks,
-                                      "version": iteration}))
+        blocks, chosen, values = choose(self.policy, self.layouts, ids, self.round + 1, priorities)
+        self._add(iteration, blocks, chosen, values)
         reports, self.early = self.early, []
         for report in reports:
             self.on_written(report)
@@ -774,12 +770,17 @@ class Checkpointer:
                          if (f"{cid.name}/{cid.index}", b) not in written)
             if rest:
                 blocks[cid] = rest
-        if not blocks:
-            return
+        if blocks:
+            self._add(iteration, blocks, sorted(offsets[c.name] + b for c, bs in blocks.items() for b in bs), None,
+                      end=True)
+
+    def _add(self, iteration: int, blocks: dict[ChunkId, tuple[int, ...]], chosen: list[int],
+             priorities: Any, end: bool = False) -> None:
+        """The next round: ``blocks`` of each chunk (``chosen``: their global numbers)
+        with their values of ``iteration``, to be written by the next graph submitted."""
         self.round += 1
         self.rounds[self.round] = Round(iteration, {f"{c.name}/{c.index}": (c, b) for c, b in blocks.items()},
-                                        sorted(offsets[c.name] + b for c, bs in blocks.items() for b in bs), None,
-                                        end=True)
+                                        chosen, priorities, end=end)
         self.pending.append(Orders(**{**self.base.__dict__, "round": self.round, "blocks": blocks,
                                       "version": iteration}))
 
