@@ -941,7 +941,7 @@ class Checkpointer:
         return (f"the checkpoint store {self.store.url} committed iteration {committed} last, and this fit reached "
                 f"{iteration}: its later rounds were not all written or recorded (the last failure: "
                 f"{self._last_note}). fit(..., resume=True) would go on from iteration "
-                f"{self.store.resumes_from}, with the blocks written since")
+                f"{self.store.resumes_from()}, with the blocks written since")
 
     def table(self) -> pd.DataFrame:
         """One row per round: what was written, and with what result."""

@@ -40,7 +40,7 @@ import math
 import os
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -74,6 +74,14 @@ def pick(versions: np.ndarray, previous: bool = False) -> tuple[np.ndarray, np.n
     newest = 1 - np.argmin(versions[:, :, 2], axis=1)
     slots = 1 - newest if previous else newest
     return versions[np.arange(len(versions)), slots], slots
+
+
+class Written(NamedTuple):
+    """What a store's blocks were last written in (:meth:`CheckpointStore.last_written`)."""
+
+    round: int
+    iteration: int
+    epoch: int
 
 
 @dataclass(frozen=True)
@@ -149,29 +157,28 @@ class CheckpointStore(abc.ABC):
         before them); raises :class:`CheckpointError` for a corrupt block. ``versions``:
         what :meth:`versions` of these blocks returned, not to read the records again."""
 
-    def last_written(self) -> tuple[int, int]:
-        """The highest round any block was written in, and its iteration ((0, 0): none).
-        Rounds that never committed count: a resume goes on from the newest blocks it
-        loads, and numbers its rounds after them."""
-        newest = (0, 0)
+    def last_written(self) -> Written:
+        """The highest round any block was written in, its iteration, and the highest
+        epoch (0, 0, -1: none), from one read of the records. Rounds that never
+        committed count: a resume goes on from the newest blocks it loads, and numbers
+        its rounds and epochs after them."""
+        newest, epoch = (0, 0), -1
         for name in self.layouts:
             records = self.records(name)
             if len(records) and records[:, 2].max() > newest[0]:
                 newest = (int(records[:, 2].max()), int(records[records[:, 2].argmax(), 0]))
-        return newest
+            epoch = max(epoch, int(records[:, 1].max(initial=-1)))
+        return Written(*newest, epoch)
 
-    def last_epoch(self) -> int:
-        """The highest epoch any block was written in (-1: none)."""
-        return max([-1, *(int(self.records(name)[:, 1].max(initial=-1)) for name in self.layouts)])
-
-    @property
-    def resumes_from(self) -> int:
+    def resumes_from(self, written: Written | None = None) -> int:
         """The iteration a resume goes on from: the newest round's written (a resume
         loads the newest version of every block, those of rounds that never committed
-        included), else the last committed round's."""
-        newest, iteration = self.last_written()
+        included), else the last committed round's. ``written``: what
+        :meth:`last_written` returned, not to read the records again."""
+        written = self.last_written() if written is None else written
         manifest = self.manifest
-        return iteration if newest > int(manifest.get("round", 0)) else int(manifest.get("iteration", 0))
+        return (written.iteration if written.round > int(manifest.get("round", 0))
+                else int(manifest.get("iteration", 0)))
 
     @abc.abstractmethod
     def commit(self, manifest: dict) -> None:
@@ -272,7 +279,7 @@ class CheckpointStore(abc.ABC):
             "staleness": {label: int(c) for label, c in zip(labels, counts) if c},
             "newer_blocks": int(newer.sum()),
             "newest_iteration": newest,
-            "resumes_from": self.resumes_from,
+            "resumes_from": self.resumes_from(),
             "diverged": self.diverged,
         }
 

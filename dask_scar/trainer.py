@@ -178,7 +178,7 @@ class Trainer:
         between two iterations (``tol=0`` never stops early). With ``resume=True``
         the parameters are loaded from the store (each block as last saved, the
         others as initialised) and the iteration count goes on from the store's
-        newest round written (:attr:`~dask_scar.store.CheckpointStore.resumes_from`;
+        newest round written (:meth:`~dask_scar.store.CheckpointStore.resumes_from`;
         a finished fit's last iteration). Raises :class:`~dask_scar.exceptions.DataError` for
         unusable data, :class:`~dask_scar.exceptions.CheckpointError` for an
         unusable store and :class:`~dask_scar.exceptions.StoreMismatchError` for
@@ -339,20 +339,21 @@ class Trainer:
                 store.destroy()     # never trained (or Ctrl-C): it would only ask for resume=True next time
             raise
         store.claim(run)
-        cutoff, written = (store.diverged if resume else None), 0
+        cutoff, highest = (store.diverged if resume else None), 0   # highest: round, before a drop
         if cutoff is not None:
-            dropped, emptied, written = store.drop_diverged(run)
-        manifest, start = store.manifest, store.resumes_from
+            dropped, emptied, highest = store.drop_diverged(run)
+        manifest, last = store.manifest, store.last_written()
+        start = store.resumes_from(last)
         if cutoff is not None:
             warnings.warn(f"the fit that wrote {self.store} diverged: this one resumes from iteration {start}, as "
                           f"saved before iteration {cutoff}; {dropped} block versions saved from then on are "
                           "forgotten" + (f", and {emptied} blocks saved only then start again from their initial "
                                          "values" if emptied else ""),
                           CheckpointWarning, stacklevel=callers_level())
-        epoch = max(int(manifest.get("epoch", -1)), store.last_epoch()) + 1    # (rounds never committed too)
+        epoch = max(int(manifest.get("epoch", -1)), last.epoch) + 1    # (rounds never committed too)
         reference = getattr(policy, "reference_dtype", None) if policy.needs_priorities else False
         ckpt = Checkpointer(store, policy, store.layouts, run, store_id, epoch,
-                            max(int(manifest.get("round", 0)), store.last_written()[0], written),
+                            max(int(manifest.get("round", 0)), last.round, highest),
                             config.get("checkpoint.backlog"),
                             reference, self._extrapolates())
 

@@ -434,7 +434,7 @@ def test_a_store_that_fails_to_the_end_is_said_once_in_the_log_and_at_the_end(ow
         own_client.run(_limit_file_size, resource.RLIM_INFINITY)
     result = outcome["result"]
     failed = result.history[result.history["event"].str.contains("failed")]
-    committed, held = scar.open_store(store).manifest["iteration"], scar.open_store(store).resumes_from
+    committed, held = scar.open_store(store).manifest["iteration"], scar.open_store(store).resumes_from()
     assert result.n_iter == 400 and len(failed) >= 20 and committed <= held < 400
     first, last = (str(w.message) for w in outcome["warnings"])
     assert "later failures of this fit" in first
@@ -566,7 +566,7 @@ def test_resume_after_the_driver_process_died(client, digits, tmp_path):
     checkpoint = scar.open_store(store)
     saved = checkpoint.load()["weights"]
     # the newest round written, committed or not: the resume loads its blocks, and goes on from there
-    written, start = checkpoint.last_written()
+    written, start, _ = checkpoint.last_written()
     assert start >= checkpoint.manifest["iteration"]
 
     model = scar.SoftmaxRegression()

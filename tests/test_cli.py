@@ -277,7 +277,7 @@ def test_train_finds_its_cluster_by_scheduler_file_and_stops_at_sigterm_as_at_ct
         saved = scar.open_store(store)
         assert saved.writer is None        # let go: the next job takes it without a warning
         # (the workers' writes in flight may still land: a few rounds more)
-        until = saved.resumes_from + 50
+        until = saved.resumes_from() + 50
         again = _run("train", str(path), "--target", "label", "--max-iter", str(until), "--tol", "0",
                      "--no-progress", "--store", str(store), "--resume", *where)
         assert again.returncode == 0 and "did not end" not in again.stderr, again.stderr

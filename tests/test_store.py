@@ -115,7 +115,7 @@ def test_a_resume_forgets_what_a_diverged_fit_saved_from_the_iteration_it_went_w
     assert again.records("weights", [2], previous=True)[:, 0].tolist() == [-1]
     assert again.read_blocks("weights", [2, 4]) == {2: pytest.approx(ones)}
     assert (again.manifest["round"], again.manifest["iteration"], again.diverged) == (1, 5, None)
-    assert again.last_written() == (1, 5)
+    assert again.last_written() == (1, 5, 0)
 
 
 def test_a_write_to_a_deleted_store_makes_no_folders_again(tmp_path):
