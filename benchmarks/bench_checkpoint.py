@@ -30,6 +30,7 @@ from bench_iteration import on_cluster
 from distributed import Client, LocalCluster
 
 import dask_scar as scar
+from dask_scar.bench._real import policy_bytes
 from dask_scar.store import ZarrStore, make_layouts
 
 
@@ -55,8 +56,7 @@ def mean_iteration(client, make_model, frame, target, iters, store, backend="num
     result = scar.Trainer(client, make_model(), backend=backend, **kwargs).fit(frame, target=target, max_iter=iters, tol=0,
                                                              progress=False)
     h = result.history.iloc[5:]          # after warm-up; the mean, since rounds touch 2 iterations in 5
-    rounds = result.checkpoints      # the policy's rounds (not the fit's end round)
-    return float(h["seconds"].mean()), 0 if rounds is None else int(rounds.loc[~rounds["end"], "bytes"].sum())
+    return float(h["seconds"].mean()), policy_bytes(result)
 
 
 def overhead(client, name, make_model, frame, target, iters, repeats, workdir, backend="numpy") -> dict:

@@ -147,10 +147,14 @@ def run_real(cluster: BenchCluster, case: Case, frame: pd.DataFrame, store: str 
         warnings.filterwarnings("ignore", message="Sending large graph")
         result = trainer.fit(ddf, target=case.target, max_iter=max_iter or case.max_iter, tol=0, progress=False,
                              callback=callback)
-    rounds = result.checkpoints
-    written = 0 if rounds is None else int(rounds.loc[~rounds["end"], "bytes"].sum())    # the policy's rounds
     return RealRun(strategy.name if strategy else "failure-free", losses, time.perf_counter() - started,
-                   written, result.events)
+                   policy_bytes(result), result.events)
+
+
+def policy_bytes(result) -> int:
+    """Bytes a fit's checkpoint policy wrote: its rounds, not the fit's end round."""
+    rounds = result.checkpoints
+    return 0 if rounds is None else int(rounds.loc[~rounds["end"], "bytes"].sum())
 
 
 def quiet_cluster_logs() -> None:
