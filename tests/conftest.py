@@ -33,6 +33,17 @@ def wait_for(condition, timeout: float = 30.0, interval: float = 0.05, what: str
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def committed(store, what: str = "iteration") -> int:
+    """The store's last committed iteration (or round); 0 while it is not there, or
+    being created."""
+    import dask_scar as scar
+
+    try:
+        return scar.open_store(store).manifest.get(what, 0)
+    except scar.CheckpointError:
+        return 0
+
+
 def new_cluster(n_workers: int = 2, settings: dict | None = None) -> LocalCluster:
     """Worker processes with Dask's settings, but for :func:`dask_scar.config.own_cluster`'s
     and then ``settings``."""

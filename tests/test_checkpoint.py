@@ -19,7 +19,7 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import wait_for
+from conftest import committed, wait_for
 from distributed import Client, LocalCluster
 
 import dask_scar as scar
@@ -391,7 +391,7 @@ def _fit_in_a_thread(client, digits, store, max_iter):
 def test_failing_writes_warn_and_training_goes_on(own_client, digits, tmp_path):
     store = tmp_path / "ckpt.zarr"
     thread, outcome = _fit_in_a_thread(own_client, digits, store, 600)
-    wait_for(lambda: _committed(store, "round") >= 3,
+    wait_for(lambda: committed(store, "round") >= 3,
              what="three committed rounds")
     # The disk is "full" for a while: a few rounds' time, well short of the fit's rest
     # (later segments run ~1 s each; at 300 iterations the whole rest once fitted in 1 s).
@@ -427,18 +427,18 @@ def test_a_store_that_fails_to_the_end_is_said_once_in_the_log_and_at_the_end(ow
     store = tmp_path / "ckpt.zarr"
     thread, outcome = _fit_in_a_thread(own_client, digits, store, 400)
     try:
-        wait_for(lambda: _committed(store, "round") >= 3, what="three committed rounds")
+        wait_for(lambda: committed(store, "round") >= 3, what="three committed rounds")
         own_client.run(_limit_file_size, 0)
         thread.join(timeout=120)
     finally:
         own_client.run(_limit_file_size, resource.RLIM_INFINITY)
     result = outcome["result"]
     failed = result.history[result.history["event"].str.contains("failed")]
-    committed, held = scar.open_store(store).manifest["iteration"], scar.open_store(store).resumes_from()
-    assert result.n_iter == 400 and len(failed) >= 20 and committed <= held < 400
+    last_commit, held = scar.open_store(store).manifest["iteration"], scar.open_store(store).resumes_from()
+    assert result.n_iter == 400 and len(failed) >= 20 and last_commit <= held < 400
     first, last = (str(w.message) for w in outcome["warnings"])
     assert "later failures of this fit" in first
-    assert re.fullmatch(rf"the checkpoint store {store} committed iteration {committed} last, and this fit reached "
+    assert re.fullmatch(rf"the checkpoint store {store} committed iteration {last_commit} last, and this fit reached "
                         rf"400: its later rounds were not all written or recorded \(the last failure: checkpoint "
                         rf"round \d+ \(iteration \d+\) failed: .*File too large.*\)\. "
                         rf"fit\(\.\.\., resume=True\) would go on from iteration {held}, with the blocks "
@@ -535,15 +535,6 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-def _committed(store, what: str = "iteration") -> int:
-    """The store's last committed iteration (or round); 0 while it is not there, or
-    being created."""
-    try:
-        return scar.open_store(store).manifest.get(what, 0)
-    except scar.CheckpointError:
-        return 0
-
-
 @pytest.mark.slow
 def test_resume_after_the_driver_process_died(client, digits, tmp_path):
     store = tmp_path / "ckpt.zarr"
@@ -551,7 +542,7 @@ def test_resume_after_the_driver_process_died(client, digits, tmp_path):
     driver = subprocess.Popen([sys.executable, "-c", DRIVER, client.scheduler.address,
                                str(tmp_path / "digits.parquet"), str(store)])
     try:
-        wait_for(lambda: _committed(store) >= 20, timeout=120, what="the driver to commit iteration 20")
+        wait_for(lambda: committed(store) >= 20, timeout=120, what="the driver to commit iteration 20")
     finally:
         driver.send_signal(signal.SIGKILL)
         driver.wait()
@@ -663,9 +654,9 @@ def test_a_worker_that_joins_and_cannot_see_the_store_is_named(digits, tmp_path)
         def join(k, loss):
             nonlocal joiner
             if k == 3:
-                joiner = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", cluster.scheduler_address,
-                                           "--nthreads", "1", "--no-nanny", "--host", "127.0.0.1",
-                                           "--local-directory", str(tmp_path)], cwd=tmp_path,
+                joiner = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker",
+                                           cluster.scheduler_address, "--nthreads", "1", "--no-nanny",
+                                           "--host", "127.0.0.1", "--local-directory", str(tmp_path)], cwd=tmp_path,
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 c.wait_for_workers(3, timeout=60)
         try:
@@ -943,7 +934,7 @@ def _fit_in_thread(client, store, frame, max_iter):
             frame, target="label", max_iter=max_iter, tol=0, progress=False)
     thread = threading.Thread(target=fit)
     thread.start()
-    wait_for(lambda: _committed(store) >= 10, what="the first fit's first commits")
+    wait_for(lambda: committed(store) >= 10, what="the first fit's first commits")
     return thread, outcome
 
 

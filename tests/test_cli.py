@@ -239,22 +239,13 @@ def test_errors_give_the_command_lines_words(tmp_path, capsys):
     assert err.startswith("dask-scar: error: training diverged") and "--resume goes on from there" in err, err
 
 
-def _round(store) -> int:
-    import dask_scar as scar
-
-    try:
-        return scar.open_store(store).manifest.get("round", 0)
-    except scar.CheckpointError:
-        return 0
-
-
 @pytest.mark.slow
 def test_train_finds_its_cluster_by_scheduler_file_and_stops_at_sigterm_as_at_ctrl_c(tmp_path, capsys):
     """A batch job: the cluster named by the file its scheduler wrote; the job stopped
     with SIGTERM (scancel, a time limit, a pod deleted) lets go of its store and says
     so, and the job submitted again goes on with --resume."""
     import dask_scar as scar
-    from conftest import cli_cluster, wait_for
+    from conftest import cli_cluster, committed, wait_for
     from dask_scar.cli import main
 
     path, store = tmp_path / "data.parquet", tmp_path / "ckpt.zarr"
@@ -266,7 +257,7 @@ def test_train_finds_its_cluster_by_scheduler_file_and_stops_at_sigterm_as_at_ct
                                 "--no-progress", "--store", str(store), *where],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            wait_for(lambda: _round(store) >= 2, timeout=120, what="two committed rounds")
+            wait_for(lambda: committed(store, "round") >= 2, timeout=120, what="two committed rounds")
             job.terminate()
             _, err = job.communicate(timeout=60)
         finally:
