@@ -388,18 +388,20 @@ def open_cached(url: str, store_id: str) -> ZarrStore:
 
 
 def check_workers(client: Client, url: str, store_id: str, workers: list[str] | None = None,
-                  joined: bool = False, hint: str = "") -> None:
+                  joined: bool = False, hint: str = "") -> set[str]:
     """Raise :class:`CheckpointError` if one of ``workers`` (None: every worker) cannot
     use the driver's store (:func:`check_access`); ``joined``: they joined during the fit.
-    A worker that cannot be asked (gone meanwhile) is left to the recovery."""
+    A worker that cannot be asked (gone meanwhile) is left to the recovery. Returns the
+    workers that can use it."""
     answers = client.run(check_access, url, store_id, workers=workers, on_error="return")
     problems = {w: p for w, p in answers.items() if isinstance(p, str)}
-    if problems:
-        worker, problem = min(problems.items())
-        raise CheckpointError(f"worker {worker}{' (joined during the fit)' if joined else ''} cannot use the "
-                              f"checkpoint store: {problem}. The workers must see the same storage as the driver: "
-                              "a shared filesystem, or an object store URL such as s3://... (a memory:// store "
-                              "lives in one process)" + hint)
+    if not problems:
+        return {w for w, p in answers.items() if p is None}
+    worker, problem = min(problems.items())
+    raise CheckpointError(f"worker {worker}{' (joined during the fit)' if joined else ''} cannot use the "
+                          f"checkpoint store: {problem}. The workers must see the same storage as the driver: "
+                          "a shared filesystem, or an object store URL such as s3://... (a memory:// store "
+                          "lives in one process)" + hint)
 
 
 def check_access(url: str, store_id: str) -> str | None:
@@ -723,6 +725,7 @@ class Checkpointer:
         self.early: list[dict] = []            # writers' reports of rounds not chosen here yet
         self.stopped: dict[int, int] = {}      # rounds of stopped segments -> their last iteration kept
         self.lost = ""                         # why this fit writes the store no more (gone, taken over)
+        self.usable_from: set[str] = set()     # workers known to use the store (checked)
         #: called as ``on_saved(iteration, {"name/index": blocks}, block_rows)`` when a
         #: writer reports blocks written with their values of ``iteration``
         self.on_saved: Callable[[int, dict, dict], None] | None = None
@@ -730,6 +733,13 @@ class Checkpointer:
         self._logged = 0.0      # when the log last got a note (after the first, a warning)
         self._last_note: str | None = None     # the last note (a failure) of this fit
         self._unlogged = 0      # notes since, in the history only
+
+    def check(self, client: Client, workers: set[str], hint: str) -> None:
+        """Raise :class:`CheckpointError` if one of ``workers``, not checked before (they
+        joined during the fit), cannot use the store; before a chunk goes to them."""
+        new = sorted(workers - self.usable_from)
+        if new and not self.lost:
+            self.usable_from |= check_workers(client, self.store.url, self.base.store_id, new, joined=True, hint=hint)
 
     # -- orders ------------------------------------------------------------------------
     def orders(self, iteration: int) -> Orders | None:

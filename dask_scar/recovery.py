@@ -445,6 +445,14 @@ class Restore:
     mode: str
     rewind_to: Callable[[], int]          # iteration of the store's last committed round
     hint: str
+    # raise if one of these workers cannot use the store (see Checkpointer.check); None: no store
+    check: Callable[[set[str]], None] | None = None
+
+    def place_on(self, workers: set[str]) -> set[str]:
+        """``workers``, once they are known to be fit to hold chunks."""
+        if self.check is not None:
+            self.check(workers)
+        return workers
 
 
 def recover(restore: Restore, watch: ClusterWatch, iteration: int, noticed: float, drift: Drift,
@@ -462,7 +470,7 @@ def recover(restore: Restore, watch: ClusterWatch, iteration: int, noticed: floa
     moved: set[ChunkId] = set()      # taken over from a surviving copy of the current value
     stale = [*(chunks.key(cid, iteration) for cid in chunks.ids), *abandoned]   # what abandoned graphs may make
     while True:
-        alive = live_or_wait(client, restore.hint)
+        alive = restore.place_on(live_or_wait(client, restore.hint))
         workers_lost |= {w for w in chunks.owner.values() if w not in alive}
         new_epoch(chunks, stale)
         if restore.mode == "full":

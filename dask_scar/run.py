@@ -142,7 +142,7 @@ class TrainingRun:
                 release_keys(self.client, made)   # the chunks that were created
                 raise
             new_epoch(chunks, made)
-            chunks.owner = place(chunks.ids, sorted(live_workers(self.client)))
+            chunks.owner = place(chunks.ids, sorted(self.restore.place_on(live_workers(self.client))))
         chunks.advance(chunks.version)
 
     def iterate(self, first: int, max_iter: int, tol: float, callback: Callable | None) -> bool:
@@ -167,9 +167,7 @@ class TrainingRun:
                 if self.ahead is None:
                     if self.watch.added:
                         joined = self.watch.take_added()
-                        if ckpt is not None and not ckpt.lost:     # a chunk's owner writes and restores it
-                            checkpoint.check_workers(self.client, ckpt.store.url, ckpt.base.store_id, joined,
-                                                     joined=True, hint=self.restore.hint)
+                        self.restore.place_on(set(joined))     # a chunk's owner writes and restores it
                         self.note = _join(self.note, _rebalance(chunks, joined))
                         if ckpt is not None:
                             ckpt.drop_pending("the chunks moved to new workers")

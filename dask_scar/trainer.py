@@ -263,7 +263,8 @@ class Trainer:
             restore = Restore(chunks, lambda ids, version, trends: chunks.initialize(
                 model, self.backend, version,
                 prepare(True, trends if self._extrapolates() else None, self.recovery == "full"), ids),
-                self.recovery, lambda: int(store.manifest.get("iteration", 0)) if store else 0, hint)
+                self.recovery, lambda: int(store.manifest.get("iteration", 0)) if store else 0, hint,
+                (lambda workers: ckpt.check(client, workers, hint)) if ckpt is not None else None)
             shown = config.get("progress", progress)
             interval = _bar_interval() if shown else 0.1
             bar = tqdm(total=max_iter, initial=start, unit="it", desc=type(model).__name__, disable=not shown,
@@ -333,7 +334,7 @@ class Trainer:
             store = ZarrStore.create(self.store, meta, layouts, policy.to_json(), writer=run)
         store_id = store.meta["id"]
         try:
-            checkpoint.check_workers(self.client, store.url, store_id)
+            usable_from = checkpoint.check_workers(self.client, store.url, store_id)
         except BaseException:
             if not resume:
                 store.destroy()     # never trained (or Ctrl-C): it would only ask for resume=True next time
@@ -356,6 +357,7 @@ class Trainer:
                             max(int(manifest.get("round", 0)), last.round, highest),
                             config.get("checkpoint.backlog"),
                             reference, self._extrapolates())
+        ckpt.usable_from = usable_from
 
         def prepare(load: bool, trends: dict | None = None, committed: bool = False) -> Callable:
             """How new chunks are made ready: from the store's blocks if ``load``

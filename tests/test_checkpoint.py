@@ -671,6 +671,40 @@ def test_a_worker_that_joins_and_cannot_see_the_store_is_named(digits, tmp_path)
                 joiner.wait()
 
 
+def test_a_recovery_puts_no_chunk_on_a_joiner_that_cannot_see_the_store(digits, tmp_path):
+    """A worker joins from a node without the store, and an owner of chunks goes before
+    the fit's next iteration: the recovery, which comes first, asks the joiner before it
+    places a lost chunk there, and the fit ends with the CheckpointError of a join."""
+    url = f"memory://scar-joiner-recovery-{os.getpid()}.zarr"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, protocol="tcp://",
+                      dashboard_address=":0") as cluster, Client(cluster) as c:
+        joiner = None
+
+        def join_and_lose(k, loss):
+            nonlocal joiner
+            if k == 3:
+                joiner = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker",
+                                           cluster.scheduler_address, "--nthreads", "1", "--no-nanny",
+                                           "--host", "127.0.0.1", "--local-directory", str(tmp_path)], cwd=tmp_path,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                c.wait_for_workers(3, timeout=60)
+                gone = sorted(cluster.workers)[0]
+                cluster.sync(cluster.workers[gone].close)     # its chunks are lost with it
+                deadline = time.monotonic() + 30
+                while len(c.scheduler_info()["workers"]) > 2 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+        try:    # (no copies on the survivor: the lost chunks come from the store)
+            with dask.config.set({"scar.recovery.replicas": False}), pytest.raises(
+                    scar.CheckpointError, match=r"worker tcp://\S+ \(joined during the fit\) cannot use "
+                                                rf"the checkpoint store: no checkpoint store at {url}\."):
+                scar.Trainer(c, scar.SoftmaxRegression(), store=url, policy=scar.FullCheckpoint(every=2)).fit(
+                    digits, target="label", max_iter=50, tol=0, progress=False, callback=join_and_lose)
+        finally:
+            if joiner is not None:
+                joiner.kill()
+                joiner.wait()
+
+
 def two_saves(tmp_path):
     """A store of one chunk ``w`` (8 x 2, 4 blocks of 2 rows) whose block 0 was saved at
     iterations 10 (value 1) and 20 (3), block 1 once at 20 (4), block 2 by another fit
