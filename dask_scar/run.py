@@ -31,6 +31,7 @@ from .recovery import (
     Interrupted,
     RecoveryEvent,
     Restore,
+    live_or_wait,
     live_workers,
     new_epoch,
     recover,
@@ -142,7 +143,8 @@ class TrainingRun:
                 release_keys(self.client, made)   # the chunks that were created
                 raise
             new_epoch(chunks, made)
-            chunks.owner = place(chunks.ids, sorted(self.restore.place_on(live_workers(self.client))))
+            alive = live_or_wait(self.client, self.restore.hint)    # (none: a one-worker cluster's went)
+            chunks.owner = place(chunks.ids, sorted(self.restore.place_on(alive)))
         chunks.advance(chunks.version)
 
     def iterate(self, first: int, max_iter: int, tol: float, callback: Callable | None) -> bool:

@@ -29,7 +29,7 @@ from .models._base import check_number
 from .plugin import ensure_plugin
 from .policy import CheckpointPolicy, default_policy, from_json
 from .recovery import (RecoveryEvent, Restore, cancelled, check_scheduler, ctrl_c_after, interruptible,
-                       live_workers)
+                       live_or_wait)
 from .run import TrainingRun, history_frame
 from .store import ZarrStore, local_path, make_layouts, probe
 
@@ -244,7 +244,7 @@ class Trainer:
 
     def _train(self, training: data.TrainingData, max_iter, tol, resume, progress, callback) -> FitResult:
         client, model = self.client, self.model
-        workers = sorted(live_workers(client))
+        workers = sorted(live_or_wait(client, ""))    # (none: the only worker went as the read ended)
         n_chunks = self.n_chunks or config.get("chunks-per-worker") * len(workers)
         layouts = make_layouts({name: (spec.shape, spec.dtype) for name, spec in model.parameter_specs().items()},
                                n_chunks, config.get("checkpoint.blocks-per-chunk"))

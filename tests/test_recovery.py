@@ -691,6 +691,46 @@ class DieWhenRestoring(WorkerPlugin):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class DieWhenStarting(WorkerPlugin):
+    """A worker plugin that SIGKILLs its own process as it starts creating the fit's
+    first chunks (``scar-init-<run>-e0-0``), once: the file ``marker`` says it did."""
+
+    name = "die-when-starting"
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def transition(self, key, start, finish, **kwargs):
+        if (finish == "executing" and str(key).startswith("scar-init-") and str(key).endswith("-e0-0")
+                and not os.path.exists(self.marker)):
+            open(self.marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_the_only_worker_lost_while_the_chunks_are_made(tmp_path, digits):
+    """The only worker dies as the fit creates its chunks, and another joins a second
+    later: the fit waits for it and trains (the code before: ZeroDivisionError)."""
+    died = tmp_path / "died"
+    with cli_cluster(tmp_path, 1) as (cluster, client):
+        client.register_plugin(DieWhenStarting(str(died)))
+
+        def replace():
+            wait_for(died.exists, timeout=60, what="the worker's death")
+            time.sleep(1)
+            cluster.add_workers(1)
+
+        replacer = threading.Thread(target=replace)
+        replacer.start()
+        try:
+            result = scar.Trainer(client, scar.SoftmaxRegression()).fit(digits, target="label", max_iter=5, tol=0,
+                                                                      progress=False)
+        finally:
+            replacer.join()
+    assert died.exists() and result.n_iter == 5 and not result.events
+    assert result.history["iteration"].tolist() == [1, 2, 3, 4, 5]
+
+
 @pytest.mark.slow
 def test_worker_lost_during_recovery(tmp_path):
     with dask.config.set({"scar.recovery.replicas": False}), new_cluster(4) as cluster, \
