@@ -340,23 +340,27 @@ class Trainer:
                 store.destroy()     # never trained (or Ctrl-C): it would only ask for resume=True next time
             raise
         store.claim(run)
-        cutoff, highest = (store.diverged if resume else None), 0   # highest: round, before a drop
-        if cutoff is not None:
-            dropped, emptied, highest = store.drop_diverged(run)
-        manifest, last = store.manifest, store.last_written()
-        start = store.resumes_from(last)
-        if cutoff is not None:
-            warnings.warn(f"the fit that wrote {self.store} diverged: this one resumes from iteration {start}, as "
-                          f"saved before iteration {cutoff}; {dropped} block versions saved from then on are "
-                          "forgotten" + (f", and {emptied} blocks saved only then start again from their initial "
-                                         "values" if emptied else ""),
-                          CheckpointWarning, stacklevel=callers_level())
-        epoch = max(int(manifest.get("epoch", -1)), last.epoch) + 1    # (rounds never committed too)
-        reference = getattr(policy, "reference_dtype", None) if policy.needs_priorities else False
-        ckpt = Checkpointer(store, policy, store.layouts, run, store_id, epoch,
-                            max(int(manifest.get("round", 0)), last.round, highest),
-                            config.get("checkpoint.backlog"),
-                            reference, self._extrapolates())
+        try:    # (a corrupt record, Ctrl-C: the store is let go again)
+            cutoff, highest = (store.diverged if resume else None), 0   # highest: round, before a drop
+            if cutoff is not None:
+                dropped, emptied, highest = store.drop_diverged(run)
+            manifest, last = store.manifest, store.last_written()
+            start = store.resumes_from(last)
+            if cutoff is not None:
+                warnings.warn(f"the fit that wrote {self.store} diverged: this one resumes from iteration {start}, as "
+                              f"saved before iteration {cutoff}; {dropped} block versions saved from then on are "
+                              "forgotten" + (f", and {emptied} blocks saved only then start again from their initial "
+                                             "values" if emptied else ""),
+                              CheckpointWarning, stacklevel=callers_level())
+            epoch = max(int(manifest.get("epoch", -1)), last.epoch) + 1    # (rounds never committed too)
+            reference = getattr(policy, "reference_dtype", None) if policy.needs_priorities else False
+            ckpt = Checkpointer(store, policy, store.layouts, run, store_id, epoch,
+                                max(int(manifest.get("round", 0)), last.round, highest),
+                                config.get("checkpoint.backlog"),
+                                reference, self._extrapolates())
+        except BaseException:
+            store.release(run)
+            raise
         ckpt.usable_from = usable_from
 
         def prepare(load: bool, trends: dict | None = None, committed: bool = False) -> Callable:

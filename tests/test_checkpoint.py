@@ -605,6 +605,29 @@ def test_a_fit_that_ends_saves_where_it_ended_and_a_resume_goes_on_exactly(clien
     np.testing.assert_allclose(resumed.history["loss"], straight.history["loss"].iloc[25:], rtol=1e-6)
 
 
+def test_a_resume_that_fails_on_a_corrupt_record_leaves_the_store_to_no_writer(client, digits, tmp_path):
+    """The store is claimed before its records are read: a resume that fails there
+    (a corrupt record) lets it go again, so that no later fit or inspect names a run
+    that never trained as its writer. Once the record is deleted, the resume trains."""
+    path = tmp_path / "ckpt.zarr"
+    scar.Trainer(client, scar.SoftmaxRegression(), store=path).fit(digits, target="label", max_iter=4,
+                                                                 progress=False)
+    record = sorted((path / "saved/weights/c").glob("*/*/0"))[0]
+    raw = bytearray(record.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    record.write_bytes(bytes(raw))
+    with pytest.raises(scar.CheckpointError, match=r"the record of block \d+ \(slot \d\) of parameter 'weights' "
+                                                   r".* is corrupt"):
+        scar.Trainer(client, scar.SoftmaxRegression(), store=path).fit(digits, target="label", max_iter=8,
+                                                                     resume=True, progress=False)
+    assert scar.open_store(path).writer is None
+    record.unlink()
+    result = scar.Trainer(client, scar.SoftmaxRegression(), store=path).fit(digits, target="label", max_iter=8,
+                                                                          resume=True, progress=False)
+    assert result.history["iteration"].tolist() == [5, 6, 7, 8]
+    assert scar.open_store(path).writer is None
+
+
 def test_a_resume_goes_on_from_the_newest_round_written_though_it_never_committed(client, digits, tmp_path):
     """A round whose writes landed but whose driver stopped before it committed it (a
     Ctrl-C while segments run ahead): the resume loads its blocks, so it goes on from
