@@ -317,6 +317,9 @@ _writing = threading.Condition()     # .count: writes handed to this process's w
 _writing.count = 0
 _tasks = threading.Condition()       # .running: training tasks running here; .settling: threads in settle()
 _tasks.running = _tasks.settling = 0
+#: One write at a time in a process: the writer thread and a segment's task (see
+#: write_now) may write the same block, and each puts it in the older of its two slots.
+_one_write = threading.Lock()
 
 
 def settle(timeout: float = WRITE_WAIT) -> bool:
@@ -464,8 +467,9 @@ def _write(worker, orders: Orders, chunk: Chunk, values: dict | None, path: floa
             raise CheckpointError(f"version {orders.version} of chunk {chunk.id.name}/{chunk.id.index} "
                                   "is not on its owner any more")
         store = open_cached(orders.url, orders.store_id)
-        report["bytes"] = store.write_blocks(chunk.id.name, values, orders.version, orders.epoch, orders.round)
-        _update_reference(chunk, values, orders.block_rows[chunk.id.name], orders.version, path)
+        with _one_write:
+            report["bytes"] = store.write_blocks(chunk.id.name, values, orders.version, orders.epoch, orders.round)
+            _update_reference(chunk, values, orders.block_rows[chunk.id.name], orders.version, path)
     except Exception as exc:  # noqa: BLE001  (reported to the driver, which warns)
         report["error"] = f"{type(exc).__name__}: {exc}"
     finally:
