@@ -724,14 +724,9 @@ def _end_run(client: Client, run: str) -> None:
         return      # the scheduler is gone: nothing to tidy, and an rpc would wait to time out
     try:
         set_epoch(client, run, None)
-        run_on(client, _forget, run)    # the chunk copies and values the workers kept
+        run_on(client, segment.forget, run)    # the chunk copies and values the workers kept
     except Exception:  # noqa: BLE001  (the scheduler is gone: nothing to tidy)
         logger.debug("could not tell the scheduler that run %s ended", run, exc_info=True)
-
-
-def _forget(run: str) -> None:
-    segment.forget(run)     # first: a segment of the run still running stops (and its chunk copies go)
-    checkpoint.forget(run)
 
 
 #: Trials in a row whose loss is not finite after which a line search gives up (each

@@ -153,13 +153,15 @@ def forget(run: str) -> None:
     running (the driver was interrupted) stops at its next exchange. Dask cannot stop
     a running task; left alone, it would run its remaining iterations on the thread
     the next fit needs. The run's chunk copies go too (:func:`dask_scar.chunks.forget`,
-    which records that it ended)."""
+    which records that it ended), and so do the values kept for its checkpoint rounds
+    (:func:`dask_scar.checkpoint.forget`)."""
     with _cond:
         chunks.forget(run)
         for key in [k for k in _box if k[0] == run]:
             del _box[key]
         _aborted.difference_update({a for a in _aborted if a[0] == run})
         _cond.notify_all()
+    checkpoint.forget(run)
 
 
 class _Outbox:
@@ -298,6 +300,16 @@ def _hushed(worker):
                 _hold_freed_memory(False)
 
 
+@contextlib.contextmanager
+def _handing_over():
+    """However a segment's task ends (an error too): the checkpoint writes it left to
+    itself and did not get to go to the writer thread (:func:`dask_scar.checkpoint.hand_over`)."""
+    try:
+        yield
+    finally:
+        checkpoint.hand_over()
+
+
 def _released(worker, task: str) -> bool:
     """Whether the scheduler released this worker's running ``task``: nobody wants its
     result any more (its driver let go of it, or is gone)."""
@@ -387,7 +399,7 @@ def run_segment(model: Model, sources: list, blocks: dict[int, dict], n_blocks: 
     made = {b: contribute(model, 0, block, [current], first, b, run) for b, block in blocks.items()}
     k, loss, due, number = first, previous_loss, None, rounds.next if rounds is not None else 0
     held, sent = [], time.monotonic()     # progress not sent yet, and when it last was
-    with _hushed(worker), contextlib.closing(_Outbox(worker, peers)) as outbox:
+    with _hushed(worker), contextlib.closing(_Outbox(worker, peers)) as outbox, _handing_over():
         while True:
             outbox.send((run, epoch, k, worker.address),
                         {"parts": made, "priorities": due["priorities"] if due else None})
@@ -395,12 +407,10 @@ def run_segment(model: Model, sources: list, blocks: dict[int, dict], n_blocks: 
                 messages = _take(run, epoch, k, peers, timeout)
             except SegmentAborted as stop:
                 detach({}, client_id, run, epoch, held)     # how far this worker got
-                checkpoint.hand_over()
                 if stop.run_over:
                     # its driver may be gone, and no forget will come: drop the run's chunk
                     # copies, its peers' messages, what it kept for a checkpoint round
                     forget(run)
-                    checkpoint.forget(run)
                 return None     # quietly: the driver knows why
             parts = dict(made)
             for message in messages:
@@ -421,7 +431,6 @@ def run_segment(model: Model, sources: list, blocks: dict[int, dict], n_blocks: 
             previous, loss = loss, progress["loss"]
             if k == last or (tol > 0 and converged(previous, loss, tol)) or stops_at(model, loss):
                 detach({chunk_key(run, cid, epoch, k): new[cid] for cid in own}, client_id, run, epoch, held)
-                checkpoint.hand_over()
                 return new
             if time.monotonic() - sent >= PROGRESS_SECONDS:
                 detach({}, client_id, run, epoch, held)     # progress only
