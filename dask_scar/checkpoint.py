@@ -45,6 +45,7 @@ import queue
 import threading
 import time
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -53,7 +54,7 @@ import pandas as pd
 from distributed import Client, get_worker
 
 from .backend import get_array_module, to_host
-from .chunks import PROGRESS_TOPIC, Chunk, ChunkId, ended
+from .chunks import PROGRESS_TOPIC, RUNS_REMEMBERED, Chunk, ChunkId, ended
 from .exceptions import CheckpointError, CheckpointWarning, callers_level
 from .policy import CheckpointPolicy
 from .store import NEVER, BlockLayout, ZarrStore, pick, probe
@@ -258,8 +259,12 @@ def keep(run: str, chunks: dict[ChunkId, Chunk]) -> None:
     with _lock:
         if ended(run):
             return
+        runs = _kept.setdefault(run, {})
+        _kept.move_to_end(run)
+        while len(_kept) > RUNS_REMEMBERED:     # (runs whose driver died, and never had them forgotten)
+            _kept.popitem(last=False)
         for cid, chunk in chunks.items():
-            kept = _kept.setdefault((run, cid), {})
+            kept = runs.setdefault(cid, {})
             for version in [v for v in kept if v < chunk.version - 2]:    # a round nobody wrote
                 del kept[version]
             kept[chunk.version] = _as_saved(chunk)
@@ -268,8 +273,7 @@ def keep(run: str, chunks: dict[ChunkId, Chunk]) -> None:
 def forget(run: str) -> None:
     """Run on the workers when ``run`` ends: drop the values kept for its rounds."""
     with _lock:
-        for key in [key for key in _kept if key[0] == run]:
-            del _kept[key]
+        _kept.pop(run, None)
 
 
 def save(chunks: dict[ChunkId, Chunk], orders: Orders, inline: bool = False) -> int:
@@ -279,7 +283,7 @@ def save(chunks: dict[ChunkId, Chunk], orders: Orders, inline: bool = False) -> 
     jobs = 0
     for cid, chunk in chunks.items():
         with _lock:
-            kept = _kept.get((orders.run, cid), {}).pop(orders.version, None)
+            kept = _kept.get(orders.run, {}).get(cid, {}).pop(orders.version, None)
         blocks = orders.blocks.get(cid)
         if not blocks:
             continue
@@ -309,7 +313,8 @@ def save_task(sources: list[Chunk], orders: Orders) -> int:
 
 
 _stores: dict[tuple[str, str], ZarrStore] = {}
-_kept: dict[tuple[str, ChunkId], dict[int, tuple[Any, float]]] = {}   # (run, chunk) -> version -> value, path
+#: run -> chunk -> version -> (value, path): kept for a round (see keep)
+_kept: OrderedDict[str, dict[ChunkId, dict[int, tuple[Any, float]]]] = OrderedDict()
 _inline: list[tuple] = []       # writes a segment's task does itself (see write_now)
 _lock = threading.Lock()
 _queue: queue.Queue | None = None

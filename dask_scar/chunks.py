@@ -172,7 +172,9 @@ def detach(chunks: dict[str, Chunk], client_id: str, run: str, epoch: int, progr
 
 _seen: OrderedDict[str, dict[ChunkId, list[Chunk]]] = OrderedDict()   # run -> chunk -> newest copies
 _seen_lock = threading.Lock()
-_SEEN_RUNS = 4      # runs remembered per process (a run's driver normally forgets it when it ends)
+#: Runs whose chunk copies (and values kept for checkpoint rounds) a process remembers:
+#: a run's driver has them forgotten when it ends, unless it died.
+RUNS_REMEMBERED = 4
 _SEEN_VERSIONS = 2  # copies remembered per chunk
 #: Runs that ended (see :func:`forget`): a task of theirs still running keeps nothing.
 _ended: OrderedDict[str, None] = OrderedDict()
@@ -187,7 +189,7 @@ def remember(run: str, chunks: dict[ChunkId, Chunk]) -> None:
             return
         seen = _seen.setdefault(run, {})
         _seen.move_to_end(run)
-        while len(_seen) > _SEEN_RUNS:
+        while len(_seen) > RUNS_REMEMBERED:
             _seen.popitem(last=False)
         for cid, chunk in chunks.items():
             copies = [c for c in seen.get(cid, []) if c.version != chunk.version] + [chunk]

@@ -750,6 +750,26 @@ def two_saves(tmp_path):
     return store, cid, drift
 
 
+def test_a_worker_keeps_values_for_the_rounds_of_a_few_runs_only():
+    """Values kept for a checkpoint round go when their run ends (the driver has the
+    workers forget it); a driver that died never does, so a worker keeps those of the
+    newest few runs only, as it does their chunk copies."""
+    from dask_scar import checkpoint
+    from dask_scar.chunks import RUNS_REMEMBERED, Chunk, ChunkId
+
+    cid = ChunkId("w", 0, 0, 4)
+    runs = [f"scar-test-kept-{i}" for i in range(RUNS_REMEMBERED + 2)]
+    try:
+        for version, run in enumerate(runs):
+            checkpoint.keep(run, {cid: Chunk(cid, {"value": np.full((4, 2), version, np.float32)}, version)})
+        assert [run for run in checkpoint._kept if run.startswith("scar-test-kept-")] == runs[2:]
+        checkpoint.forget(runs[-1])
+        assert runs[-1] not in checkpoint._kept and runs[-2] in checkpoint._kept
+    finally:
+        for run in runs:
+            checkpoint.forget(run)
+
+
 def test_two_writes_of_a_block_at_once_on_a_worker_take_turns(tmp_path):
     """A segment's task writes its rounds itself while the writer thread may still write
     the round handed over at the last segment's end: both can write the same block.

@@ -201,7 +201,7 @@ def _runs_kept() -> list[str]:
     """On a worker: the runs whose chunk copies (or values for checkpoint rounds) it keeps."""
     from dask_scar import checkpoint, chunks
 
-    return sorted({*chunks._seen, *(run for run, _ in checkpoint._kept)})
+    return sorted({*chunks._seen, *checkpoint._kept})
 
 
 def test_tasks_still_running_after_an_interrupt_keep_no_chunk_copies(own_client):
