@@ -725,7 +725,6 @@ class Checkpointer:
                            reference, extrapolate=extrapolate)
         self.round = last_round
         self.recovered_at = last_round         # the last round chosen before this fit's last recovery
-        self.committed = last_round
         self.tried = last_round                # the newest round whose commit was tried (once each)
         self.finished = (last_round, -1)       # the newest round written in full: number, iteration
         self.rounds: dict[int, Round] = {}
@@ -888,7 +887,6 @@ class Checkpointer:
                                       f"the checkpoint store at {self.store.url}: {exc}; the store {kept} and "
                                       "training goes on")
                 return
-            self.committed = number
 
     def _lose(self, exc: CheckpointError, iteration: int) -> None:
         """The store is gone, or another fit's now: this fit goes on without checkpoints."""

@@ -142,10 +142,6 @@ class LDA(Model):
         table = np.asarray(self._fitted()["word_topics"], dtype=np.float64)
         return ((table + self.beta) / (table.sum(axis=0) + self.n_words_ * self.beta)).T
 
-    def topics(self) -> np.ndarray:
-        """Same as :attr:`topic_word_`."""
-        return self.topic_word_
-
     # -- the sampler ----------------------------------------------------------------
     def _new_state(self, block: dict[str, Any], table: np.ndarray, rng: np.random.Generator) -> dict[str, Any]:
         X = block["X"]

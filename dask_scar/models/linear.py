@@ -25,11 +25,6 @@ class LinearRegression(GradientModel):
     >>> model.coef_                                        # doctest: +SKIP
     """
 
-    def __init__(self, l2: float = 0.0, learning_rate: float = 0.1, momentum: float = 0.0,
-                 batch_size: int | None = None, random_state: int = 0, solver: str = "gd", memory: int = 10):
-        super().__init__(l2=l2, learning_rate=learning_rate, momentum=momentum,
-                         batch_size=batch_size, random_state=random_state, solver=solver, memory=memory)
-
     def _n_outputs(self) -> int:
         return 1
 
