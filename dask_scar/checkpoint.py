@@ -225,7 +225,7 @@ def distances(chunks: dict[ChunkId, Chunk], orders: Orders) -> tuple[dict[str, l
     settle()
     out, turned = {}, {}
     for cid, c in chunks.items():
-        rows, label = orders.block_rows[cid.name], f"{cid.name}/{cid.index}"
+        rows, label = orders.block_rows[cid.name], cid.tag
         out[label] = saved = block_distances(c, rows)
         target = predicted(c, rows) if orders.extrapolate and c.trail is not None and c.reference is not None \
             else None
@@ -469,7 +469,7 @@ def _write(worker, orders: Orders, chunk: Chunk, values: dict | None, path: floa
               "error": None}
     try:
         if values is None:
-            raise CheckpointError(f"version {orders.version} of chunk {chunk.id.name}/{chunk.id.index} "
+            raise CheckpointError(f"version {orders.version} of chunk {chunk.id.tag} "
                                   "is not on its owner any more")
         store = open_cached(orders.url, orders.store_id)
         with _one_write:
@@ -679,7 +679,7 @@ def choose(policy: CheckpointPolicy, layouts: dict[str, BlockLayout], ids: list[
         for cid in ids:
             span = chunk_blocks(cid, layouts[cid.name].block_rows)
             offset = offsets[cid.name]
-            values[offset + span.start:offset + span.stop] = priorities[f"{cid.name}/{cid.index}"]
+            values[offset + span.start:offset + span.stop] = priorities[cid.tag]
     chosen = set(policy.select(n, number, values).tolist())
     blocks = {}
     for cid in ids:
@@ -785,7 +785,7 @@ class Checkpointer:
         blocks = {}
         for cid in ids:
             rest = tuple(b for b in chunk_blocks(cid, self.layouts[cid.name].block_rows)
-                         if (f"{cid.name}/{cid.index}", b) not in written)
+                         if (cid.tag, b) not in written)
             if rest:
                 blocks[cid] = rest
         if blocks:
@@ -797,7 +797,7 @@ class Checkpointer:
         """The next round: ``blocks`` of each chunk (``chosen``: their global numbers)
         with their values of ``iteration``, to be written by the next graph submitted."""
         self.round += 1
-        self.rounds[self.round] = Round(iteration, {f"{c.name}/{c.index}": (c, b) for c, b in blocks.items()},
+        self.rounds[self.round] = Round(iteration, {c.tag: (c, b) for c, b in blocks.items()},
                                         chosen, priorities, end=end)
         self.pending.append(Orders(**{**self.base.__dict__, "round": self.round, "blocks": blocks,
                                       "version": iteration}))

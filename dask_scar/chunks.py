@@ -38,6 +38,11 @@ class ChunkId:
     start: int
     stop: int
 
+    @property
+    def tag(self) -> str:
+        """``name/index``: how the workers and the driver name a chunk in their messages."""
+        return f"{self.name}/{self.index}"
+
 
 @dataclass
 class Chunk:
@@ -221,7 +226,7 @@ def reattach(run: str, chunk: Chunk) -> bool:
 def seen_versions(run: str, labels: list[str], newest: int) -> dict[str, int]:
     """Run on the workers: the version of each chunk (``name/index``) this process holds a
     copy of, among versions up to ``newest``."""
-    found = {f"{cid.name}/{cid.index}": chunk.version for cid, chunk in _newest(run, newest).items()}
+    found = {cid.tag: chunk.version for cid, chunk in _newest(run, newest).items()}
     return {label: found[label] for label in labels if label in found}
 
 

@@ -103,7 +103,7 @@ def step(model: Model, current: dict[ChunkId, Chunk], contributions: list, own: 
     steps = {}
     for cid in own if report is None else report:
         change = (new[cid].value - current[cid].value).ravel()
-        steps[f"{cid.name}/{cid.index}"] = norm = float(xp.sqrt(xp.vdot(change, change)))  # for recovery's estimates
+        steps[cid.tag] = norm = float(xp.sqrt(xp.vdot(change, change)))  # for recovery's estimates
         if cid in mine and new[cid].trail is not None:
             new[cid].trail.path += norm
     if orders is not None and orders.keep:

@@ -323,7 +323,7 @@ class Drift:
         are numbered after ``first_round``."""
         self.fresh, self.first_round = fresh, first_round
         self.history = {cid: array("d") for cid in ids}   # the path after each iteration (8 bytes each)
-        self.labels = {cid: f"{cid.name}/{cid.index}" for cid in ids}
+        self.labels = {cid: cid.tag for cid in ids}
         self.chunks = {key: cid for cid, key in self.labels.items()}
         self.path = {cid: 0.0 for cid in ids}
         # per chunk: block distances from the stored values (None: all zero), and the path then
@@ -573,7 +573,7 @@ def _copies(client: Client, chunks: ParameterChunks, ids: list[ChunkId], alive: 
     and its version; nothing if ``scar.recovery.replicas`` is off."""
     if not ids or not config.get("recovery.replicas"):
         return {}
-    labels = {cid: f"{cid.name}/{cid.index}" for cid in ids}
+    labels = {cid: cid.tag for cid in ids}
     try:
         offers = run_on(client, seen_versions, chunks.run, list(labels.values()), newest, workers=sorted(alive))
     except Exception:  # noqa: BLE001  (a worker went meanwhile: the store serves)
