@@ -106,7 +106,12 @@ class TrainingRun:
             if event[1].get("run") == run:
                 inbox.put(event[1])
 
-        self.unsubscribe = subscribe(self.client, PROGRESS_TOPIC, on_progress)
+        try:
+            self.unsubscribe = subscribe(self.client, PROGRESS_TOPIC, on_progress)
+        except BaseException:   # (Ctrl-C, the scheduler gone): close() will not run
+            self.watch.close()
+            bar.close()
+            raise
 
     def owners(self) -> set[str]:
         return set(self.chunks.owner.values())
