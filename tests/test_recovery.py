@@ -573,20 +573,42 @@ def test_a_rollback_takes_each_block_as_of_the_committed_round():
                                            [[-1, -1, -1], [30, 0, 3]], [[-1, -1, -1], [-1, -1, -1]]]
 
 
+class DieWhenUpdating(WorkerPlugin):
+    """A worker plugin that SIGKILLs the worker at ``victim`` as it starts its update
+    task of ``iteration`` in the fit's first epoch: the task that would have written
+    its blocks of the round chosen after the iteration before."""
+
+    name = "die-when-updating"
+
+    def __init__(self, victim: str, iteration: int):
+        self.victim, self.iteration = victim, iteration
+
+    def setup(self, worker):
+        self.address = worker.address
+
+    def transition(self, key, start, finish, **kwargs):
+        if (finish == "executing" and self.address == self.victim and str(key).startswith("scar-update-")
+                and f"-e0-{self.iteration}-0-" in str(key)):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 @pytest.mark.slow
 def test_full_recovery_rolls_every_block_back_to_the_committed_round(tmp_path):
-    """Killed after iteration 31: round 30's writers on the surviving workers wrote
-    their blocks, the dead one did not report, so round 30 never committed and the
-    fit rolls back to 20. Every block must then be as of iteration 20 (survivors'
-    round-30 blocks mixed in made the redone iterations better than the first time)."""
+    """Killed as it starts iteration 31, whose tasks write round 30: the surviving
+    workers write their blocks of it, the dead one never reports, so round 30 never
+    commits and the fit rolls back to 20. Every block must then be as of iteration 20
+    (survivors' round-30 blocks mixed in made the redone iterations better than the
+    first time)."""
     with new_cluster(3) as cluster, scar_client(cluster) as client:
         free = train(client, tmp_path, "free", max_iter=40, store=None, policy=None)
         victim = sorted(live_workers(client))[1]
+        client.register_plugin(DieWhenUpdating(victim, 31))
         result = train(client, tmp_path, "full", max_iter=40, recovery="full",
-                       callback=once_at(31, lambda: kill_worker(client, victim)))
+                       callback=lambda k, loss: None)   # (one graph per iteration: its update tasks write rounds)
     (event,) = result.events
-    redone = result.history.iloc[31:]
-    assert redone["iteration"].iloc[0] == event.resumed_at + 1 and event.resumed_at in (20, 30)
+    redone = result.history.iloc[30:]
+    assert event.worker == victim and event.resumed_at == 20 and event.iteration == 31
+    assert redone["iteration"].iloc[0] == 21
     expected = free.history.set_index("iteration")["loss"].loc[redone["iteration"]]
     np.testing.assert_allclose(redone["loss"], expected, rtol=1e-6)
 
