@@ -26,6 +26,7 @@ from .plugin import TURN_STALE_SECONDS, say_work, set_epoch, subscribe
 from .recovery import (
     LOOK_SECONDS,
     POLL_SECONDS,
+    RUN_SECONDS,
     ClusterWatch,
     Drift,
     Interrupted,
@@ -272,6 +273,17 @@ class TrainingRun:
         """Run iterations from ``k`` as one segment; returns the iteration to go on
         with, and whether the loss converged to ``tol``."""
         chunks, ckpt = self.chunks, self.ckpt
+        if not self.segment_handler:
+            try:
+                self.client.register_plugin(segment.SegmentHandler())
+            except OSError:     # a worker died as the plugin reached it (CommClosedError): recover first
+                deadline = time.monotonic() + RUN_SECONDS
+                while self.watch.noticed(self.owners()) is None and self.owners() <= live_workers(self.client):
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(POLL_SECONDS)
+                return k, False
+            self.segment_handler = True
         last = min(max_iter, k + self.next_segment - 1)
         rounds = None
         if ckpt is not None:
@@ -281,9 +293,6 @@ class TrainingRun:
             rounds = segment.Rounds(ckpt.policy, ckpt.layouts, ckpt.round + 1)
         else:
             orders = [None] * (last - k + 1)
-        if not self.segment_handler:
-            self.client.register_plugin(segment.SegmentHandler())
-            self.segment_handler = True
         previous_loss = self.rows[-1]["loss"] if self.rows else None
         graph, keys, workers = segment.build(self.model, chunks, [b.key for b in self.training.blocks],
                                              self.training.workers, k, last, self.client.id, orders, rounds,
