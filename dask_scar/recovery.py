@@ -739,4 +739,7 @@ def wait_watching(futures: list[Future], watch: ClusterWatch, owners: Callable[[
             check_scheduler(client, hint)
             raise Interrupted
         if f.status == "error":
+            # The error ends the fit. Raised, it keeps the frames it passes through, and
+            # the future keeps it: its tasks would stay on the cluster for the client's life.
+            release_keys(client, [g.key for g in futures])
             f.result()
