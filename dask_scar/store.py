@@ -176,6 +176,8 @@ class CheckpointStore(abc.ABC):
         included), else the last committed round's. ``written``: what
         :meth:`last_written` returned, not to read the records again."""
         written = self.last_written() if written is None else written
+        if written.epoch < 0:   # no block saved (those of a diverged fit forgotten): the initial values
+            return 0
         manifest = self.manifest
         return (written.iteration if written.round > int(manifest.get("round", 0))
                 else int(manifest.get("iteration", 0)))
@@ -714,8 +716,8 @@ class ZarrStore(CheckpointStore):
             kept = versions[written & ~late]
             if len(kept):
                 newest = max(newest, (int(kept[:, 2].max()), int(kept[kept[:, 2].argmax(), 0])))
-        manifest = self.manifest
-        if manifest and manifest.get("iteration", 0) >= cutoff:
+        manifest = self.manifest    # (its round's versions may be gone too: overwritten by the diverged fit's)
+        if manifest and (manifest.get("iteration", 0) >= cutoff or manifest.get("round", 0) > newest[0]):
             self.commit({**manifest, "round": newest[0], "iteration": newest[1], "run": run})
         self._update({"diverged": None})
         return dropped, emptied, highest

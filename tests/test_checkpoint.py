@@ -248,6 +248,36 @@ def test_a_diverged_fit_is_resumed_from_before_it_went_wrong(client, tmp_path, c
     assert scar.open_store(store).diverged is None
 
 
+def test_a_resume_after_a_divergence_that_overwrote_every_saved_block_starts_from_the_beginning(client, tmp_path):
+    """A fit saved iteration 10, then a resume diverged, and its rounds wrote every block
+    twice before it stopped: no version from before the divergence is left. The next
+    resume starts from the initial values, and numbers its iterations from 1 (it went on
+    from 11, as if the store still held iteration 10)."""
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.standard_normal((2000, 8)), columns=[f"x{i}" for i in range(8)])
+    frame["y"] = frame.to_numpy() @ rng.standard_normal(8) + 0.1 * rng.standard_normal(2000)
+    store = tmp_path / "ckpt.zarr"
+
+    def fit(learning_rate, max_iter, resume):
+        return scar.Trainer(client, scar.LinearRegression(learning_rate=learning_rate), store=store,
+                            policy=scar.FullCheckpoint(every=2)).fit(frame, target="y", max_iter=max_iter, tol=0,
+                                                                     resume=resume, progress=False)
+
+    fresh = fit(0.1, 10, False)
+    with pytest.raises(scar.DivergenceError):
+        fit(3.5, 200, True)
+    diverged = scar.open_store(store).diverged
+    versions = scar.open_store(store).versions("weights")
+    assert (versions[:, :, 0] >= diverged).all()        # both slots of every block: saved after it went wrong
+    with pytest.warns(scar.CheckpointWarning, match=r"this one resumes from iteration 0, as saved before iteration "
+                                                    r"\d+; \d+ block versions saved from then on are forgotten, "
+                                                    r"and \d+ blocks saved only then start again"):
+        result = fit(0.1, 12, True)
+    assert result.history["iteration"].tolist() == list(range(1, 13))
+    np.testing.assert_allclose(result.history["loss"].iloc[:10], fresh.history["loss"], rtol=1e-6)
+    assert scar.open_store(store).manifest["iteration"] == 12
+
+
 def test_a_store_path_that_holds_something_else_is_named(client, digits, tmp_path):
     other = tmp_path / "results"
     other.mkdir()
