@@ -629,9 +629,9 @@ class ZarrStore(CheckpointStore):
     def commit(self, manifest: dict) -> None:
         group = self._fresh()
         writer = group.attrs.get("writer")
-        if writer not in (None, manifest.get("run")):
-            raise CheckpointError(f"another fit (run {writer}) took the checkpoint store at {self.url} over: "
-                                  "fit(..., resume=True) from another driver")
+        if writer != manifest.get("run"):   # (None: one that took it over has ended since)
+            raise CheckpointError(f"another fit ({f'run {writer}' if writer else 'one that has ended since'}) took "
+                                  f"the checkpoint store at {self.url} over: fit(..., resume=True) from another driver")
         group.attrs.update({"manifest": manifest})
         self.group = group
 

@@ -966,7 +966,7 @@ def test_a_write_reported_before_the_driver_chose_its_round_counts(tmp_path):
     from dask_scar.chunks import ChunkId
 
     layouts = make_layouts({"w": ((16, 4), "float32")}, 2, 2)
-    store = ZarrStore.create(tmp_path / "s.zarr", {"class": "test", "params": {}}, layouts, None)
+    store = ZarrStore.create(tmp_path / "s.zarr", {"class": "test", "params": {}}, layouts, None, writer="run")
     ckpt = Checkpointer(store, scar.FullCheckpoint(every=1), layouts, "run", "id", 0, 0, 2)
     ids = [ChunkId("w", 0, 0, 8), ChunkId("w", 1, 8, 16)]
     reports = [{"kind": "written", "round": 1, "parameter": "w", "chunk": c.index, "version": 1,
@@ -1020,7 +1020,7 @@ def test_a_commit_that_cannot_write_is_noted_once_and_the_next_round_commits(tmp
     from dask_scar.chunks import ChunkId
 
     layouts = make_layouts({"w": ((8, 4), "float32")}, 1, 2)
-    store = ZarrStore.create(tmp_path / "s.zarr", {"class": "test", "params": {}}, layouts, None)
+    store = ZarrStore.create(tmp_path / "s.zarr", {"class": "test", "params": {}}, layouts, None, writer="run")
     ckpt = Checkpointer(store, scar.FullCheckpoint(every=1), layouts, "run", "id", 0, 0, 2)
     ids = [ChunkId("w", 0, 0, 8)]
     for number in (1, 2):

@@ -98,8 +98,8 @@ def test_a_resume_forgets_what_a_diverged_fit_saved_from_the_iteration_it_went_w
     ones = np.ones((5, 10), np.float32)
     for k, blocks in ((1, [2]), (2, [4]), (3, [2])):      # iterations 5, 10 and 15
         store.write_blocks("weights", {b: ones * k for b in blocks}, iteration=5 * k, epoch=0, round=k)
-    store.commit({"round": 2, "iteration": 10, "epoch": 0, "run": "a"})    # round 3 never committed
     store.claim("a")
+    store.commit({"round": 2, "iteration": 10, "epoch": 0, "run": "a"})    # round 3 never committed
     store.mark_diverged("other", 10)          # not the store's writer: nothing recorded
     assert scar.open_store(tmp_path / "ckpt.zarr").diverged is None
     store.mark_diverged("a", 10)       # the loss of iteration 11 went wrong: 10 and after are forgotten
@@ -392,6 +392,26 @@ def test_verify_reads_every_saved_version_and_names_each_damaged_one(tmp_path):
     assert re.match(r"block 3 \(rows 15:20, slot 1\) of parameter 'weights' in .* is corrupt", problems[0])
     assert re.match(r"block 5 \(slot 0\) of parameter 'weights' in .* is recorded as saved at iteration 4 but its "
                     r"data is missing", problems[1])
+
+
+def test_a_fit_whose_store_was_taken_over_commits_no_more_once_the_other_has_ended(tmp_path):
+    """Fit 1 (its driver asleep) lost its store to a resume, which trained and ended:
+    fit 1's next commit is refused, as it was while the other ran (it was taken, and
+    moved the manifest back over the other's finished result)."""
+    path = tmp_path / "ckpt.zarr"
+    first = ZarrStore.create(path, {"class": "test", "params": {}}, make_layouts({"w": ((11, 3), "float32")}, 2, 2),
+                             None, writer="run1")
+    first.commit({"round": 4, "iteration": 20, "epoch": 0, "run": "run1"})
+    second = ZarrStore.open(path, mode="r+")
+    second.claim("run2")
+    second.commit({"round": 5, "iteration": 25, "epoch": 1, "run": "run2"})
+    with pytest.raises(scar.CheckpointError, match=r"another fit \(run run2\) took the checkpoint store at .* over"):
+        first.commit({"round": 5, "iteration": 22, "epoch": 0, "run": "run1"})
+    second.release("run2")
+    with pytest.raises(scar.CheckpointError, match=r"another fit \(one that has ended since\) took the checkpoint "
+                                                   r"store at .* over: fit\(\.\.\., resume=True\) from another driver"):
+        first.commit({"round": 3, "iteration": 15, "epoch": 0, "run": "run1"})
+    assert ZarrStore.open(path).manifest["iteration"] == 25
 
 
 def test_verify_counts_an_older_version_a_write_cut_short_overwrote(tmp_path):
