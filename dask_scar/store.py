@@ -600,7 +600,7 @@ class ZarrStore(CheckpointStore):
         return out.reshape(-1, SLOTS, len(_RECORD))
 
     def read_blocks(self, name: str, blocks: list[int], previous: bool = False,
-                    versions: np.ndarray | None = None) -> dict[int, np.ndarray]:
+                    versions: np.ndarray | None = None, _tries: int = 3) -> dict[int, np.ndarray]:
         layout = self.layouts[name]
         data = self._array(f"params/{name}")
         records, slots = pick(self.versions(name, blocks) if versions is None else versions, previous)
@@ -616,6 +616,8 @@ class ZarrStore(CheckpointStore):
                 if record[3] != NEVER and _check(buf) != record[3]:
                     if previous:    # a newer write into this slot was cut short: this version is gone
                         continue
+                    if versions is None and _tries > 1:     # a fit writing here rewrote it since its record was read
+                        return self.read_blocks(name, blocks, _tries=_tries - 1)
                     raise ValueError(f"its data is not the version its record describes, iteration {record[0]}")
                 rows = _decode(data, c, buf)[0, :stop - start]
             except Exception as exc:  # noqa: BLE001  (a codec error: checksum, truncated data)
@@ -750,8 +752,15 @@ class ZarrStore(CheckpointStore):
         return dict(self.group.attrs.get("manifest", {}))
 
     def nbytes_stored(self) -> int:
-        return sum(self._array(f"{kind}/{name}").nbytes_stored() for name in self.layouts
-                   for kind in ("params", "saved"))
+        tries = 3
+        while True:
+            try:
+                return sum(self._array(f"{kind}/{name}").nbytes_stored() for name in self.layouts
+                           for kind in ("params", "saved"))
+            except FileNotFoundError:   # a fit's write renamed its temporary file between the listing and its size
+                tries -= 1
+                if not tries:
+                    raise
 
 
 #: How long a failed :meth:`ZarrStore.create` waits for the writes still in flight to end.

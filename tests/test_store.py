@@ -7,10 +7,12 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
 import zarr
+from conftest import wait_for
 
 import dask_scar as scar
 from dask_scar.checkpoint import Trend, prepare_chunk
@@ -412,6 +414,40 @@ def test_a_fit_whose_store_was_taken_over_commits_no_more_once_the_other_has_end
                                                    r"store at .* over: fit\(\.\.\., resume=True\) from another driver"):
         first.commit({"round": 3, "iteration": 15, "epoch": 0, "run": "run1"})
     assert ZarrStore.open(path).manifest["iteration"] == 25
+
+
+def _write_every_block_again_and_again(url: str, seconds: float) -> None:
+    store = ZarrStore.open(url, mode="r+")
+    layout = store.layouts["weights"]
+    deadline, k = time.monotonic() + seconds, 0
+    while time.monotonic() < deadline:
+        k += 1
+        store.write_blocks("weights", {b: np.full((layout.block_rows, 10), k, np.float32)
+                                       for b in range(layout.n_blocks)}, k, 0, k)
+
+
+def test_a_store_being_written_reads_while_a_fit_writes_it(tmp_path):
+    """info() (dask-scar inspect) and load() while another process writes every block
+    again and again, as a fit's workers do: info() failed on a temporary file that a
+    write renamed between Zarr's listing and its size (about one call in ten)."""
+    import multiprocessing
+
+    path = tmp_path / "ckpt.zarr"
+    new_store(path)
+    writer = multiprocessing.get_context("spawn").Process(target=_write_every_block_again_and_again,
+                                                          args=(str(path), 4.0))
+    writer.start()
+    try:
+        wait_for(lambda: scar.open_store(path).saved_at["round"].max() > 0, what="the first write")
+        calls = 0
+        while writer.is_alive():
+            store = scar.open_store(path)
+            assert store.info()["blocks_saved"] == store.info()["blocks"]
+            assert np.isfinite(store.load()["weights"]).all()
+            calls += 1
+    finally:
+        writer.join()
+    assert calls >= 10 and writer.exitcode == 0
 
 
 def test_verify_counts_an_older_version_a_write_cut_short_overwrote(tmp_path):
