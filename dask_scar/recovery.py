@@ -443,7 +443,7 @@ class Restore:
     # start re-creating chunks at a version from the store, extrapolating blocks along these trends
     initialize: Callable[[list[ChunkId], int, dict], list[Future]]
     mode: str
-    rewind_to: Callable[[], int]          # iteration of the store's last committed round
+    rewind_to: Callable[[], int]          # full recovery: roll the store back; the iteration to go on from
     hint: str
     # raise if one of these workers cannot use the store (see Checkpointer.check); None: no store
     check: Callable[[set[str]], None] | None = None

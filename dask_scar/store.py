@@ -698,6 +698,29 @@ class ZarrStore(CheckpointStore):
     def check_present(self) -> None:
         self._fresh()
 
+    def roll_back(self, run: str) -> int:
+        """For a full recovery of ``run``, once no write is in flight: make the newest
+        round whose version of every block the store still holds the last committed
+        one, and forget every version written after it (the timeline rolled back).
+        That is the committed round, or a later one where writes since overwrote a
+        block's version of it (the manifest lags the writes, and a block keeps two
+        versions). Returns its iteration."""
+        manifest, versions = self.manifest, {name: self.versions(name) for name in self.layouts}
+        committed = int(manifest.get("round", 0))
+        rounds = np.concatenate([v[:, :, 2] for v in versions.values()])
+        older = rounds[(rounds != NEVER).all(axis=1)].min(axis=1)    # blocks written twice: the older round
+        back = max(committed, int(older.max(initial=0)))
+        for name, v in versions.items():
+            saved = self._array(f"saved/{name}")
+            never = np.full((1, 1, saved.shape[2]), NEVER, dtype=np.int64)
+            self._io.put([(_key(saved, (int(b), int(s), 0)), _encode(saved, (int(b), int(s), 0), never))
+                          for b, s in zip(*np.nonzero(v[:, :, 2] > back))])
+        if back == committed:
+            return int(manifest.get("iteration", 0))
+        record = max(tuple(r[:3]) for v in versions.values() for r in v.reshape(-1, v.shape[2]) if r[2] == back)
+        self.commit({**manifest, "round": back, "iteration": int(record[0]), "epoch": int(record[1]), "run": run})
+        return int(record[0])
+
     def drop_diverged(self, run: str) -> tuple[int, int, int]:
         """For ``run``, a resume that claimed the store: forget every version saved from
         the iteration :meth:`mark_diverged` recorded on, and make the newest round left

@@ -29,7 +29,7 @@ from .models._base import check_number
 from .plugin import ensure_plugin
 from .policy import CheckpointPolicy, default_policy, from_json
 from .recovery import (RecoveryEvent, Restore, cancelled, check_scheduler, ctrl_c_after, interruptible,
-                       live_or_wait)
+                       live_or_wait, run_on)
 from .run import TrainingRun, history_frame
 from .store import ZarrStore, local_path, make_layouts, probe
 
@@ -263,7 +263,7 @@ class Trainer:
             restore = Restore(chunks, lambda ids, version, trends: chunks.initialize(
                 model, self.backend, version,
                 prepare(True, trends if self._extrapolates() else None, self.recovery == "full"), ids),
-                self.recovery, lambda: int(store.manifest.get("iteration", 0)) if store else 0, hint,
+                self.recovery, functools.partial(_roll_back, client, store, run), hint,
                 (lambda workers: ckpt.check(client, workers, hint)) if ckpt is not None else None)
             shown = config.get("progress", progress)
             interval = _bar_interval() if shown else 0.1
@@ -405,6 +405,15 @@ class Trainer:
         how far such a restore would be off): ``scar.recovery.extrapolate``, for
         partial recovery, where the model allows it."""
         return self.recovery == "partial" and self.model.extrapolate_restores and config.get("recovery.extrapolate")
+
+
+def _roll_back(client: Client, store: ZarrStore | None, run: str) -> int:
+    """A full recovery's iteration to go on from: once the surviving workers' writes in
+    flight have ended, the store's newest round it holds whole (:meth:`ZarrStore.roll_back`)."""
+    if store is None:
+        return 0
+    run_on(client, checkpoint.settle)
+    return store.roll_back(run)
 
 
 def _resume_hint(store: str) -> str:

@@ -19,7 +19,7 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import alive, cli_cluster, kill_worker, new_cluster, wait_for
+from conftest import alive, cli_cluster, committed, kill_worker, new_cluster, wait_for
 from distributed import Client, Event
 from distributed.diagnostics.plugin import WorkerPlugin
 
@@ -611,6 +611,44 @@ def test_full_recovery_rolls_every_block_back_to_the_committed_round(tmp_path):
     assert redone["iteration"].iloc[0] == 21
     expected = free.history.set_index("iteration")["loss"].loc[redone["iteration"]]
     np.testing.assert_allclose(redone["loss"], expected, rtol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seconds", [1.0, 2.5])
+def test_full_recovery_inside_a_segment_rolls_back_to_a_state_the_store_holds_whole(tmp_path, seconds):
+    """Segments commit their rounds when they end, while their workers write a round
+    every 5 iterations, two versions a block: by a kill inside a segment, the store
+    often held no block of the last committed round any more. The rollback took the
+    newer versions (a state from tens of iterations later, under the earlier number),
+    or read one a survivor was rewriting as corrupt. Now the writes end first, and the
+    fit rolls back to the newest round the store holds whole: its first loss is the
+    uninterrupted fit's at that iteration."""
+    frame = dd.from_pandas(synthetic_classification(20_000, 40, 10, seed=1), npartitions=6)
+
+    def fit(client, name, kill_after=None):
+        if kill_after is not None:
+            victim = sorted(live_workers(client))[1]
+
+            def kill():
+                wait_for(lambda: committed(tmp_path / f"{name}.zarr") > 0, timeout=60, what="a first round")
+                time.sleep(kill_after)
+                kill_worker(client, victim)
+
+            threading.Thread(target=kill, daemon=True).start()
+        return scar.Trainer(client, scar.SoftmaxRegression(), store=tmp_path / f"{name}.zarr",
+                            policy=scar.FullCheckpoint(every=5), recovery="full").fit(
+            frame, target="label", max_iter=250, tol=0, progress=False)
+
+    with new_cluster(3) as cluster, scar_client(cluster) as client:
+        free = fit(client, "free").history.set_index("iteration")["loss"]
+        result = fit(client, "killed", kill_after=seconds)
+    (event,) = result.events
+    assert event.mode == "full" and event.resumed_at < event.iteration
+    after = result.history[result.history["event"].str.contains("rolled every chunk back")].iloc[0]
+    assert after["iteration"] == event.resumed_at + 1
+    np.testing.assert_allclose(after["loss"], free.loc[after["iteration"]], rtol=1e-6)
+    assert result.n_iter == 250
+    np.testing.assert_allclose(result.history["loss"].iloc[-1], free.loc[250], rtol=1e-5)
 
 
 @pytest.mark.slow
