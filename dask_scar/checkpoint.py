@@ -246,12 +246,13 @@ def held_back(moved: Any, saved: Any) -> tuple[np.ndarray, np.ndarray]:
     return np.minimum(moved, saved), moved > saved
 
 
-def _as_saved(chunk: Chunk) -> tuple[Any, float]:
-    """What a save of ``chunk`` records: its value, and its path now (NaN: no trail)."""
-    return chunk.value, chunk.trail.path if chunk.trail else math.nan
+def _as_saved(chunk: Chunk, model: Any) -> tuple[Any, float]:
+    """What a save of ``chunk`` records: the value a fitted model keeps from it (a line
+    search's last accepted point, not its trial), and its path now (NaN: no trail)."""
+    return model.fitted_value(chunk.state), chunk.trail.path if chunk.trail else math.nan
 
 
-def keep(run: str, chunks: dict[ChunkId, Chunk]) -> None:
+def keep(run: str, chunks: dict[ChunkId, Chunk], model: Any) -> None:
     """Keep the values of ``chunks`` (new versions, on their owner) and their paths, for
     the round chosen from them: it is written while a later iteration runs. Nothing
     once ``run`` ended (a task of it still running: see :func:`dask_scar.chunks.forget`,
@@ -267,7 +268,7 @@ def keep(run: str, chunks: dict[ChunkId, Chunk]) -> None:
             kept = runs.setdefault(cid, {})
             for version in [v for v in kept if v < chunk.version - 2]:    # a round nobody wrote
                 del kept[version]
-            kept[chunk.version] = _as_saved(chunk)
+            kept[chunk.version] = _as_saved(chunk, model)
 
 
 def forget(run: str) -> None:
@@ -276,7 +277,7 @@ def forget(run: str) -> None:
         _kept.pop(run, None)
 
 
-def save(chunks: dict[ChunkId, Chunk], orders: Orders, inline: bool = False) -> int:
+def save(chunks: dict[ChunkId, Chunk], orders: Orders, model: Any, inline: bool = False) -> int:
     """Hand this worker's share of the round's blocks (of version ``orders.version``:
     the chunks themselves, or the values :func:`keep` kept) to the process's writer
     thread (``inline``: to the task itself, see :func:`write_now`)."""
@@ -288,7 +289,7 @@ def save(chunks: dict[ChunkId, Chunk], orders: Orders, inline: bool = False) -> 
         if not blocks:
             continue
         if chunk.version == orders.version:
-            kept = _as_saved(chunk)
+            kept = _as_saved(chunk, model)
         values = None           # not kept here (the chunk came from another worker): reported
         if kept is not None:
             rows, values = orders.block_rows[cid.name], {}
@@ -307,9 +308,9 @@ def save(chunks: dict[ChunkId, Chunk], orders: Orders, inline: bool = False) -> 
     return jobs
 
 
-def save_task(sources: list[Chunk], orders: Orders) -> int:
+def save_task(sources: list[Chunk], orders: Orders, model: Any) -> int:
     """A task that saves selected blocks outside an iteration (the last round of a fit)."""
-    return save({c.id: c for c in sources}, orders)
+    return save({c.id: c for c in sources}, orders, model)
 
 
 _stores: dict[tuple[str, str], ZarrStore] = {}
@@ -818,7 +819,7 @@ class Checkpointer:
         for report in reports:
             self.on_written(report)
 
-    def flush(self, client: Client, chunks) -> list:
+    def flush(self, client: Client, chunks, model: Any) -> list:
         """Submit the rounds still waiting for a graph to carry them; returns their futures."""
         pending, self.pending = self.pending, []
         futures = []
@@ -826,7 +827,7 @@ class Checkpointer:
             for worker, ids in chunks.by_worker().items():
                 own = [cid for cid in ids if cid in orders.blocks]
                 if own:
-                    futures.append(client.submit(save_task, [chunks.futures[c] for c in own], orders,
+                    futures.append(client.submit(save_task, [chunks.futures[c] for c in own], orders, model,
                                                  workers=[worker], allow_other_workers=False, pure=False))
         return futures
 

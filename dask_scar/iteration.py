@@ -96,7 +96,7 @@ def step(model: Model, current: dict[ChunkId, Chunk], contributions: list, own: 
             initial = model.init_rows(cid.name, cid.start, cid.stop, get_array_module(chunk.value))
             checkpoint.restore_reference(chunk, initial, orders)
     if orders is not None and orders.blocks:
-        checkpoint.save(mine, orders, inline)   # the values the round was chosen from
+        checkpoint.save(mine, orders, model, inline)   # the values the round was chosen from
     xp = get_array_module(*(chunk.value for chunk in current.values()))
     states, loss = model.apply({cid: chunk.state for cid, chunk in current.items()}, contributions, xp)
     new = {cid: Chunk(cid, states[cid], iteration, chunk.reference, chunk.trail) for cid, chunk in current.items()}
@@ -107,7 +107,7 @@ def step(model: Model, current: dict[ChunkId, Chunk], contributions: list, own: 
         if cid in mine and new[cid].trail is not None:
             new[cid].trail.path += norm
     if orders is not None and orders.keep:
-        checkpoint.keep(run, {cid: new[cid] for cid in own})
+        checkpoint.keep(run, {cid: new[cid] for cid in own}, model)
     progress = {"run": run, "epoch": epoch, "iteration": iteration, "steps": steps, "loss": loss}
     if orders is not None and orders.priorities:
         progress["priorities"], progress["turned"] = checkpoint.distances({cid: new[cid] for cid in own}, orders)

@@ -544,7 +544,7 @@ class TrainingRun:
         if ckpt is not None and self.rows:      # (none: a resume with nothing to train)
             ckpt.last(self.chunks.version, self.chunks.ids)
         # the rounds selected after the last iteration have no graph to carry them
-        if ckpt is None or self.completed(ckpt.flush(self.client, self.chunks)):
+        if ckpt is None or self.completed(ckpt.flush(self.client, self.chunks, self.model)):
             if ckpt is not None:
                 self.drain(until=lambda: ckpt.outstanding() == 0)
             if self.watch.noticed(self.owners()) is None:

@@ -658,6 +658,20 @@ def test_a_resume_that_fails_on_a_corrupt_record_leaves_the_store_to_no_writer(c
     assert scar.open_store(path).writer is None
 
 
+def test_a_line_search_saves_its_accepted_points_so_the_store_ends_as_the_fitted_model(client, digits, tmp_path):
+    """L-BFGS keeps the last accepted point beside the trial it evaluates next: the
+    rounds saved the trial, so a finished fit's store was not its fitted model (0.056
+    apart after 20 iterations), and a restore took a point the line search might
+    reject. Rounds save what the fitted model keeps (Model.fitted_value)."""
+    path = tmp_path / "ckpt.zarr"
+    result = scar.Trainer(client, scar.SoftmaxRegression(l2=1e-3, solver="lbfgs"), store=path,
+                          policy=scar.FullCheckpoint(every=3)).fit(digits, target="label", max_iter=20, tol=0,
+                                                                  progress=False)
+    store = scar.open_store(path)
+    assert store.manifest["iteration"] == 20
+    np.testing.assert_array_equal(store.load()["weights"], result.params["weights"])
+
+
 def test_a_resume_goes_on_from_the_newest_round_written_though_it_never_committed(client, digits, tmp_path):
     """A round whose writes landed but whose driver stopped before it committed it (a
     Ctrl-C while segments run ahead): the resume loads its blocks, so it goes on from
@@ -791,7 +805,8 @@ def test_a_worker_keeps_values_for_the_rounds_of_a_few_runs_only():
     runs = [f"scar-test-kept-{i}" for i in range(RUNS_REMEMBERED + 2)]
     try:
         for version, run in enumerate(runs):
-            checkpoint.keep(run, {cid: Chunk(cid, {"value": np.full((4, 2), version, np.float32)}, version)})
+            checkpoint.keep(run, {cid: Chunk(cid, {"value": np.full((4, 2), version, np.float32)}, version)},
+                            scar.LinearRegression())
         assert [run for run in checkpoint._kept if run.startswith("scar-test-kept-")] == runs[2:]
         checkpoint.forget(runs[-1])
         assert runs[-1] not in checkpoint._kept and runs[-2] in checkpoint._kept
