@@ -157,8 +157,9 @@ class Trainer:
         self.model = model
         # a relative path would be resolved in each worker's working directory
         self.store = None if store is None else os.fspath(store)
-        if self.store is not None and "://" not in self.store:
-            self.store = os.path.abspath(os.path.expanduser(self.store))
+        path = None if self.store is None else local_path(self.store)
+        if path is not None and (path == self.store or not os.path.isabs(path)):   # (file://ckpt.zarr too)
+            self.store = os.path.abspath(os.path.expanduser(path))
         self.policy = policy     # None: the default, or when resuming, the store's
         self.recovery = recovery
         self.n_chunks = None if n_chunks is None else int(n_chunks)

@@ -1175,6 +1175,10 @@ def test_store_paths_are_the_drivers_and_one_workers_cannot_see_is_not_left_behi
     monkeypatch.chdir(tmp_path)
     assert scar.Trainer(client, scar.SoftmaxRegression(), store="ckpt.zarr").store == str(tmp_path / "ckpt.zarr")
     assert scar.Trainer(client, scar.SoftmaxRegression(), store="~/c.zarr").store == os.path.expanduser("~/c.zarr")
+    # a relative file:// URL too (its workers said "The workers must see the same storage as the driver")
+    assert scar.Trainer(client, scar.SoftmaxRegression(), store="file://f.zarr").store == str(tmp_path / "f.zarr")
+    assert scar.Trainer(client, scar.SoftmaxRegression(), store=f"file://{tmp_path}/g.zarr").store == \
+        f"file://{tmp_path}/g.zarr"
     for _ in range(2):
         with pytest.raises(scar.CheckpointError, match=r"worker .* cannot use the checkpoint store: .*no checkpoint "
                                                        r"store at memory://c\.zarr\. The workers must see the same "
