@@ -422,6 +422,8 @@ class _ChunkIO:
                 out.append(_PROTOTYPE.buffer.from_bytes((self.root / key).read_bytes()))
             except FileNotFoundError:
                 out.append(None)
+            except OSError as exc:  # a folder where a block's file belongs, no permission to read it
+                raise CheckpointError(f"cannot read {self.root / key}: {exc.strerror or exc}") from None
         return out
 
     def put(self, items: list[tuple[str, Buffer]]) -> None:

@@ -462,6 +462,20 @@ def test_verify_counts_an_older_version_a_write_cut_short_overwrote(tmp_path):
     assert store.verify() == (1, [], 1)
 
 
+def test_a_folder_where_a_blocks_file_belongs_is_named(tmp_path):
+    """verify (dask-scar inspect --verify) names the path it cannot read and goes on
+    with the other blocks (it ended with a bare IsADirectoryError)."""
+    path = tmp_path / "ckpt.zarr"
+    store = new_store(path)
+    for b in (1, 2):
+        store.write_blocks("weights", {b: np.ones((5, 10), np.float32)}, 5, 0, 1)
+    data = path / "params/weights/c/0/1/0"
+    data.unlink()
+    data.mkdir()
+    read, problems, _ = scar.open_store(path).verify()
+    assert read == 1 and problems == [f"cannot read {data}: Is a directory"]
+
+
 def test_a_corrupt_record_is_named(tmp_path):
     """A flipped byte in a block's record: verify names it and reads the other blocks;
     reading the records (a resume, inspect) says which record, not zarr's error."""
