@@ -272,7 +272,8 @@ class Trainer:
                        mininterval=interval, maxinterval=max(10.0, interval))
             training_run = TrainingRun(model, training, chunks, ckpt, restore, bar, config.get("segment-iterations"))
             training_run.start(lambda: chunks.initialize(model, self.backend, start, prepare(resume)))
-            record()
+            if start < max_iter:    # (a resume with nothing to train leaves the store's record as it was)
+                record()
             converged = training_run.iterate(start + 1, max_iter, tol, callback)
             params = training_run.finish()
             while params is None:   # a worker was lost after the last iteration: go on from there

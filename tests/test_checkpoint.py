@@ -658,6 +658,21 @@ def test_a_resume_that_fails_on_a_corrupt_record_leaves_the_store_to_no_writer(c
     assert scar.open_store(path).writer is None
 
 
+def test_a_resume_with_nothing_to_train_records_no_new_settings(client, digits, tmp_path):
+    """The store records a resume's hyperparameters once it has started to train: one
+    with nothing to train (max_iter reached) leaves the store's as they were."""
+    path = tmp_path / "ckpt.zarr"
+    scar.Trainer(client, scar.SoftmaxRegression(learning_rate=0.5), store=path).fit(digits, target="label",
+                                                                                  max_iter=5, progress=False)
+    with pytest.warns(UserWarning, match="nothing to train"):
+        scar.Trainer(client, scar.SoftmaxRegression(learning_rate=0.1), store=path).fit(
+            digits, target="label", max_iter=5, resume=True, progress=False)
+    assert scar.open_store(path).meta["model"]["params"]["learning_rate"] == 0.5
+    scar.Trainer(client, scar.SoftmaxRegression(learning_rate=0.1), store=path).fit(
+        digits, target="label", max_iter=6, resume=True, progress=False)
+    assert scar.open_store(path).meta["model"]["params"]["learning_rate"] == 0.1
+
+
 def test_a_line_search_saves_its_accepted_points_so_the_store_ends_as_the_fitted_model(client, digits, tmp_path):
     """L-BFGS keeps the last accepted point beside the trial it evaluates next: the
     rounds saved the trial, so a finished fit's store was not its fitted model (0.056
