@@ -723,64 +723,38 @@ def test_memory_store_on_a_threaded_cluster(digits):
     np.testing.assert_array_equal(scar.open_store(url).load()["weights"], result.params["weights"])
 
 
-def test_a_worker_that_joins_and_cannot_see_the_store_is_named(digits, tmp_path):
+@pytest.mark.parametrize("owner_lost", [False, True])
+def test_a_worker_that_joins_and_cannot_see_the_store_is_named(digits, tmp_path, owner_lost):
     """A worker joins a fit from a node without the store (here: a worker process of its
     own, where the threaded cluster's memory:// store does not exist). Before any chunk
     goes to it, the fit ends with the CheckpointError the start would have given (it
-    failed with a bare Exception, or hung)."""
-    url = f"memory://scar-joiner-{os.getpid()}.zarr"
+    failed with a bare Exception, or hung). With ``owner_lost``, an owner of chunks goes
+    too before the next iteration: the recovery, which comes first, asks the joiner
+    before it places a lost chunk there (it restored onto it unasked)."""
+    url = f"memory://scar-joiner-{owner_lost}-{os.getpid()}.zarr"
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, protocol="tcp://",
                       dashboard_address=":0") as cluster, Client(cluster) as c:
         joiner = None
 
         def join(k, loss):
             nonlocal joiner
-            if k == 3:
-                joiner = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker",
-                                           cluster.scheduler_address, "--nthreads", "1", "--no-nanny",
-                                           "--host", "127.0.0.1", "--local-directory", str(tmp_path)], cwd=tmp_path,
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                c.wait_for_workers(3, timeout=60)
-        try:
-            with pytest.raises(scar.CheckpointError, match=r"worker tcp://\S+ \(joined during the fit\) cannot use "
-                                                           rf"the checkpoint store: no checkpoint store at {url}\. The "
-                                                           r"workers must see the same storage as the driver"):
+            if k != 3:
+                return
+            joiner = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker",
+                                       cluster.scheduler_address, "--nthreads", "1", "--no-nanny",
+                                       "--host", "127.0.0.1", "--local-directory", str(tmp_path)], cwd=tmp_path,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            c.wait_for_workers(3, timeout=60)
+            if owner_lost:
+                cluster.sync(cluster.workers[sorted(cluster.workers)[0]].close)     # its chunks go with it
+                wait_for(lambda: len(c.scheduler_info()["workers"]) == 2, what="the owner's removal")
+        try:    # (no copies on the survivor: lost chunks come from the store)
+            with dask.config.set({"scar.recovery.replicas": False}), pytest.raises(
+                    scar.CheckpointError, match=r"worker tcp://\S+ \(joined during the fit\) cannot use the "
+                                                rf"checkpoint store: no checkpoint store at {url}\. The workers "
+                                                r"must see the same storage as the driver"):
                 scar.Trainer(c, scar.SoftmaxRegression(), store=url, policy=scar.FullCheckpoint(every=2)).fit(
                     digits, target="label", max_iter=50, tol=0, progress=False, callback=join)
-        finally:
-            if joiner is not None:
-                joiner.kill()
-                joiner.wait()
-
-
-def test_a_recovery_puts_no_chunk_on_a_joiner_that_cannot_see_the_store(digits, tmp_path):
-    """A worker joins from a node without the store, and an owner of chunks goes before
-    the fit's next iteration: the recovery, which comes first, asks the joiner before it
-    places a lost chunk there, and the fit ends with the CheckpointError of a join."""
-    url = f"memory://scar-joiner-recovery-{os.getpid()}.zarr"
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, protocol="tcp://",
-                      dashboard_address=":0") as cluster, Client(cluster) as c:
-        joiner = None
-
-        def join_and_lose(k, loss):
-            nonlocal joiner
-            if k == 3:
-                joiner = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker",
-                                           cluster.scheduler_address, "--nthreads", "1", "--no-nanny",
-                                           "--host", "127.0.0.1", "--local-directory", str(tmp_path)], cwd=tmp_path,
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                c.wait_for_workers(3, timeout=60)
-                gone = sorted(cluster.workers)[0]
-                cluster.sync(cluster.workers[gone].close)     # its chunks are lost with it
-                deadline = time.monotonic() + 30
-                while len(c.scheduler_info()["workers"]) > 2 and time.monotonic() < deadline:
-                    time.sleep(0.05)
-        try:    # (no copies on the survivor: the lost chunks come from the store)
-            with dask.config.set({"scar.recovery.replicas": False}), pytest.raises(
-                    scar.CheckpointError, match=r"worker tcp://\S+ \(joined during the fit\) cannot use "
-                                                rf"the checkpoint store: no checkpoint store at {url}\."):
-                scar.Trainer(c, scar.SoftmaxRegression(), store=url, policy=scar.FullCheckpoint(every=2)).fit(
-                    digits, target="label", max_iter=50, tol=0, progress=False, callback=join_and_lose)
         finally:
             if joiner is not None:
                 joiner.kill()
