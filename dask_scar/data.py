@@ -217,7 +217,7 @@ def _block(backend, *parts):
 def _block_summary(*parts):
     """The summaries of one worker's partitions, merged there (a target's distinct
     values travel once per worker, not once per partition)."""
-    return [_merged([summary for _, summary in parts])]
+    return _merged([summary for _, summary in parts])
 
 
 def _rows(block, start, stop, copy):
@@ -454,11 +454,11 @@ def prepare(client: Client, model: Model, data: Any, target: str | None,
         for future in converted:
             by_worker[where[future.key]].append(future)
         summaries = client.gather([client.submit(_block_summary, *futs, pure=False) for futs in by_worker.values()])
-        summary = summarize([s for per_worker in summaries for s in per_worker], target is not None)
+        summary = summarize(summaries, target is not None)
         model.setup(summary)
 
-        for (worker, futs), per_worker in zip(by_worker.items(), summaries):
-            n = sum(s[0].count for s in per_worker)
+        for (worker, futs), merged in zip(by_worker.items(), summaries):
+            n = merged[0].count
             if n == 0:
                 continue  # empty partitions only: no block on this worker
             blocks.append(client.submit(_block, backend, *futs, key=f"scar-block-{dask.base.tokenize(backend, futs)}",
