@@ -531,7 +531,7 @@ def _hand_a_write(url: str, store_id: str) -> None:
 
     cid = ChunkId("w", 0, 0, 4)
     orders = Orders("run-w", url, store_id, 0, {"w": 2}, round=1, blocks={cid: (0, 1)}, version=3)
-    save({cid: Chunk(cid, {"value": np.full((4, 2), 7.0, np.float32)}, 3)}, orders)
+    save({cid: Chunk(cid, {"value": np.full((4, 2), 7.0, np.float32)}, 3)}, orders, scar.LinearRegression())
 
 
 def test_a_write_is_not_held_back_by_tasks_that_never_pause(tmp_path):
