@@ -37,6 +37,7 @@ commits.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -326,6 +327,11 @@ _tasks.running = _tasks.settling = 0
 #: One write at a time in a process: the writer thread and a segment's task (see
 #: write_now) may write the same block, and each puts it in the older of its two slots.
 _one_write = threading.Lock()
+
+
+async def settle_off_the_loop() -> bool:
+    """:func:`settle` for ``Client.run``: in a thread, not on the worker's event loop."""
+    return await asyncio.get_running_loop().run_in_executor(None, settle)
 
 
 def settle(timeout: float = WRITE_WAIT) -> bool:
@@ -735,6 +741,7 @@ class Checkpointer:
         self.stopped: dict[int, int] = {}      # rounds of stopped segments -> their last iteration kept
         self.lost = ""                         # why this fit writes the store no more (gone, taken over)
         self.usable_from: set[str] = set()     # workers known to use the store (checked)
+        self.started_from = 0                  # the round whose versions the fit started from (a resume's)
         #: called as ``on_saved(iteration, {"name/index": blocks}, block_rows)`` when a
         #: writer reports blocks written with their values of ``iteration``
         self.on_saved: Callable[[int, dict, dict], None] | None = None
@@ -855,7 +862,7 @@ class Checkpointer:
                 self.store.check_present()      # its writers found it deleted: said once, as commit does
             except CheckpointError as exc:
                 if not self.lost:
-                    self._lose(exc, rnd.iteration)
+                    self.lose(exc, rnd.iteration)
                 return
             message = (f"checkpoint round {report['round']} (iteration {rnd.iteration}) failed: "
                        f"{rnd.errors[0]}; the store keeps its older blocks and training goes on")
@@ -879,7 +886,7 @@ class Checkpointer:
                 self.store.commit({"round": number, "iteration": iteration, "epoch": self.base.epoch,
                                    "run": self.base.run, "time": time.time()})
             except CheckpointError as exc:      # gone, or another fit's now
-                self._lose(exc, iteration)
+                self.lose(exc, iteration)
                 return
             except OSError as exc:              # a full disk, lost permission: a later round may commit
                 newest = self.store.manifest.get("round")      # as last committed (a failed write keeps it)
@@ -889,7 +896,7 @@ class Checkpointer:
                                       "training goes on")
                 return
 
-    def _lose(self, exc: CheckpointError, iteration: int) -> None:
+    def lose(self, exc: CheckpointError, iteration: int) -> None:
         """The store is gone, or another fit's now: this fit goes on without checkpoints."""
         self.lost = f"{exc}; this fit goes on without checkpoints"
         self._note(iteration, self.lost, repeats=False)

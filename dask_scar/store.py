@@ -700,18 +700,24 @@ class ZarrStore(CheckpointStore):
     def check_present(self) -> None:
         self._fresh()
 
-    def roll_back(self, run: str) -> int:
-        """For a full recovery of ``run``, once no write is in flight: make the newest
-        round whose version of every block the store still holds the last committed
-        one, and forget every version written after it (the timeline rolled back).
-        That is the committed round, or a later one where writes since overwrote a
-        block's version of it (the manifest lags the writes, and a block keeps two
-        versions). Returns its iteration."""
+    def roll_back(self, run: str, floor: int = 0) -> int:
+        """For a full recovery of ``run``, once no write is in flight: make the oldest
+        round of which the store still holds every block's version, at or after the
+        last committed one and ``floor`` (the round the fit started from), the last
+        committed one, and forget every version written after it (the timeline rolled
+        back). That is the committed round, or a later one where writes since
+        overwrote a block's version of it (the manifest lags the writes, and a block
+        keeps two versions). Returns its iteration. Raises :class:`CheckpointError`,
+        having changed nothing, where ``run`` is not the store's writer any more."""
+        group = self._fresh()
+        if group.attrs.get("writer") != run:
+            raise CheckpointError(f"another fit took the checkpoint store at {self.url} over")
+        self.group = group
         manifest, versions = self.manifest, {name: self.versions(name) for name in self.layouts}
         committed = int(manifest.get("round", 0))
         rounds = np.concatenate([v[:, :, 2] for v in versions.values()])
         older = rounds[(rounds != NEVER).all(axis=1)].min(axis=1)    # blocks written twice: the older round
-        back = max(committed, int(older.max(initial=0)))
+        back = max(committed, floor, int(older.max(initial=0)))
         for name, v in versions.items():
             saved = self._array(f"saved/{name}")
             never = np.full((1, 1, saved.shape[2]), NEVER, dtype=np.int64)

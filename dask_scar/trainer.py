@@ -28,8 +28,8 @@ from .models import Model
 from .models._base import check_number
 from .plugin import ensure_plugin
 from .policy import CheckpointPolicy, default_policy, from_json
-from .recovery import (RecoveryEvent, Restore, cancelled, check_scheduler, ctrl_c_after, interruptible,
-                       live_or_wait, run_on)
+from .recovery import (RUN_SECONDS, RecoveryEvent, Restore, cancelled, check_scheduler, ctrl_c_after,
+                       interruptible, live_or_wait, live_workers)
 from .run import TrainingRun, history_frame
 from .store import ZarrStore, local_path, make_layouts, probe
 
@@ -264,7 +264,7 @@ class Trainer:
             restore = Restore(chunks, lambda ids, version, trends: chunks.initialize(
                 model, self.backend, version,
                 prepare(True, trends if self._extrapolates() else None, self.recovery == "full"), ids),
-                self.recovery, functools.partial(_roll_back, client, store, run), hint,
+                self.recovery, functools.partial(_roll_back, client, ckpt), hint,
                 (lambda workers: ckpt.check(client, workers, hint)) if ckpt is not None else None)
             shown = config.get("progress", progress)
             interval = _bar_interval() if shown else 0.1
@@ -364,6 +364,7 @@ class Trainer:
             store.release(run)
             raise
         ckpt.usable_from = usable_from
+        ckpt.started_from = max(int(manifest.get("round", 0)), last.round)
 
         def prepare(load: bool, trends: dict | None = None, committed: bool = False) -> Callable:
             """How new chunks are made ready: from the store's blocks if ``load``
@@ -409,13 +410,30 @@ class Trainer:
         return self.recovery == "partial" and self.model.extrapolate_restores and config.get("recovery.extrapolate")
 
 
-def _roll_back(client: Client, store: ZarrStore | None, run: str) -> int:
-    """A full recovery's iteration to go on from: once the surviving workers' writes in
-    flight have ended, the store's newest round it holds whole (:meth:`ZarrStore.roll_back`)."""
-    if store is None:
+def _roll_back(client: Client, ckpt: Checkpointer | None) -> int:
+    """A full recovery's iteration to go on from: once every worker's checkpoint writes
+    in flight have ended, the round :meth:`ZarrStore.roll_back` chooses. Where they did
+    not end in time, or the fit lost its store, the last committed round, as it is."""
+    if ckpt is None:
         return 0
-    run_on(client, checkpoint.settle)
-    return store.roll_back(run)
+    if not ckpt.lost and _writes_ended(client):
+        try:
+            return ckpt.store.roll_back(ckpt.base.run, ckpt.started_from)
+        except CheckpointError as exc:      # taken over, or gone
+            ckpt.lose(exc, int(ckpt.store.manifest.get("iteration", 0)))
+    return int(ckpt.store.manifest.get("iteration", 0))
+
+
+def _writes_ended(client: Client) -> bool:
+    """Whether every live worker's checkpoint writes in flight ended, within
+    :data:`~dask_scar.checkpoint.WRITE_WAIT` (a worker gone meanwhile writes no more)."""
+    try:
+        answers = client.sync(client._run, checkpoint.settle_off_the_loop, workers=sorted(live_workers(client)),
+                              on_error="return", callback_timeout=checkpoint.WRITE_WAIT + RUN_SECONDS)
+    except TimeoutError:
+        return False
+    alive = live_workers(client)
+    return all(answer is True or worker not in alive for worker, answer in answers.items())
 
 
 def _resume_hint(store: str) -> str:

@@ -120,6 +120,39 @@ def test_a_resume_forgets_what_a_diverged_fit_saved_from_the_iteration_it_went_w
     assert again.last_written() == (1, 5, 0)
 
 
+def test_a_rollback_goes_to_the_oldest_round_held_whole_and_forgets_the_later_ones(tmp_path):
+    """Round 2 committed; rounds 3 and 4 wrote block 2 since (its version of round 2 is
+    gone), round 4 block 6. The rollback goes to round 3, the oldest at or after the
+    committed one that the store holds for every block, and forgets round 4. With the
+    round a resume started from (4) as a floor, it keeps round 4. A run that is not the
+    store's writer any more changes nothing (it erased the newer fit's versions)."""
+    def store_with_rounds(path):
+        store = new_store(path)
+        store.claim("a")
+        for k, blocks in ((1, [2, 6]), (2, [2, 6]), (3, [2]), (4, [2, 6])):
+            store.write_blocks("weights", {b: np.full((5, 10), k, np.float32) for b in blocks}, 5 * k, 0, k)
+        store.commit({"round": 2, "iteration": 10, "epoch": 0, "run": "a"})
+        return store
+
+    store = store_with_rounds(tmp_path / "one.zarr")
+    assert store.roll_back("a") == 15
+    again = scar.open_store(tmp_path / "one.zarr")
+    assert (again.manifest["round"], again.manifest["iteration"]) == (3, 15)
+    assert again.records("weights", [2, 6])[:, 2].tolist() == [3, 2]
+    assert again.load()["weights"][[10, 30], 0].tolist() == [3.0, 2.0]
+
+    store = store_with_rounds(tmp_path / "two.zarr")
+    assert store.roll_back("a", floor=4) == 20
+    assert scar.open_store(tmp_path / "two.zarr").records("weights", [2, 6])[:, 2].tolist() == [4, 4]
+
+    store = store_with_rounds(tmp_path / "three.zarr")
+    other = ZarrStore.open(tmp_path / "three.zarr", mode="r+")
+    other.claim("b")
+    with pytest.raises(scar.CheckpointError, match="another fit took the checkpoint store at .* over"):
+        store.roll_back("a")
+    assert scar.open_store(tmp_path / "three.zarr").records("weights", [2, 6])[:, 2].tolist() == [4, 4]
+
+
 def test_a_write_to_a_deleted_store_makes_no_folders_again(tmp_path):
     """A write in flight when the store was deleted: its folders would be a path the next
     fit refuses ("not empty and holds no readable dask_scar checkpoint")."""
