@@ -475,6 +475,8 @@ def _write(worker, orders: Orders, chunk: Chunk, values: dict | None, path: floa
               "parameter": chunk.id.name, "version": orders.version, "blocks": sorted(values or ()), "bytes": 0,
               "error": None}
     try:
+        if ended(orders.run):   # its rounds were given up, and another fit may write the store now
+            return
         if values is None:
             raise CheckpointError(f"version {orders.version} of chunk {chunk.id.tag} "
                                   "is not on its owner any more")

@@ -274,15 +274,17 @@ class TrainingRun:
         with, and whether the loss converged to ``tol``."""
         chunks, ckpt = self.chunks, self.ckpt
         if not self.segment_handler:
+            known = live_workers(self.client)
             try:
                 self.client.register_plugin(segment.SegmentHandler())
-            except OSError:     # a worker died as the plugin reached it (CommClosedError): recover first
+            except OSError:     # a worker died as the plugin reached it (CommClosedError); the others have it
                 deadline = time.monotonic() + RUN_SECONDS
-                while self.watch.noticed(self.owners()) is None and self.owners() <= live_workers(self.client):
+                while known <= live_workers(self.client):
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(POLL_SECONDS)
-                return k, False
+                self.segment_handler = True
+                return k, False     # recover first, where it held chunks
             self.segment_handler = True
         last = min(max_iter, k + self.next_segment - 1)
         rounds = None

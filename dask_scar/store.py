@@ -608,7 +608,7 @@ class ZarrStore(CheckpointStore):
         records, slots = pick(self.versions(name, blocks) if versions is None else versions, previous)
         saved = [(block, int(s), record) for block, s, record in zip(blocks, slots, records) if record[0] != NEVER]
         coords = [(s, block) + (0,) * (data.ndim - 2) for block, s, _ in saved]
-        out = {}
+        out, retry = {}, False
         for (block, s, record), c, buf in zip(saved, coords, self._io.get([_key(data, c) for c in coords])):
             start, stop = layout.bounds(block)
             if buf is None:
@@ -619,7 +619,8 @@ class ZarrStore(CheckpointStore):
                     if previous:    # a newer write into this slot was cut short: this version is gone
                         continue
                     if versions is None and _tries > 1:     # a fit writing here rewrote it since its record was read
-                        return self.read_blocks(name, blocks, _tries=_tries - 1)
+                        retry = True
+                        break
                     raise ValueError(f"its data is not the version its record describes, iteration {record[0]}")
                 rows = _decode(data, c, buf)[0, :stop - start]
             except Exception as exc:  # noqa: BLE001  (a codec error: checksum, truncated data)
@@ -628,6 +629,8 @@ class ZarrStore(CheckpointStore):
                     f"corrupt ({exc}); it cannot be loaded. Restore the store from a copy, or delete that "
                     f"block's record (saved/{name} chunk {block}.{s}) so it counts as never saved") from exc
             out[block] = rows
+        if retry:   # (outside the handler above: an error of the next try is not wrapped in this one's)
+            return self.read_blocks(name, blocks, _tries=_tries - 1)
         return out
 
     def commit(self, manifest: dict) -> None:

@@ -804,6 +804,29 @@ def test_a_worker_keeps_values_for_the_rounds_of_a_few_runs_only():
             checkpoint.forget(run)
 
 
+def test_a_write_of_a_run_that_ended_is_not_made(tmp_path):
+    """A write handed to the writer thread after its run ended (a segment's task that
+    found the run over hands its writes on): the run's rounds were given up, and another
+    fit may have taken the store, so nothing is written."""
+    from dask_scar import checkpoint, chunks
+    from dask_scar.chunks import Chunk, ChunkId
+    from dask_scar.store import BlockLayout, ZarrStore
+
+    path = tmp_path / "ckpt.zarr"
+    store = ZarrStore.create(path, {"class": "test", "params": {}}, {"w": BlockLayout("w", (8, 2), "float32", 2)},
+                             None)
+    chunk = Chunk(ChunkId("w", 0, 0, 8), {"value": np.zeros((8, 2), np.float32)}, 0)
+    values = {1: np.ones((2, 2), np.float32)}
+    for run in ("scar-test-live", "scar-test-ended"):
+        if run.endswith("ended"):
+            chunks.forget(run)
+        with checkpoint._writing:       # as save() counts a write it hands on
+            checkpoint._writing.count += 1
+        checkpoint._write(None, checkpoint.Orders(run, str(path), store.meta["id"], 0, {"w": 2}, round=1 + (
+            run.endswith("ended")), version=5), chunk, values, 0.0)
+    assert store.records("w", [1])[:, 2].tolist() == [1]    # the live run's round only
+
+
 def test_two_writes_of_a_block_at_once_on_a_worker_take_turns(tmp_path):
     """A segment's task writes its rounds itself while the writer thread may still write
     the round handed over at the last segment's end: both can write the same block.
