@@ -194,14 +194,15 @@ def by_block(factors: np.ndarray, block_rows: int, like: Any) -> Any:
     return xp.asarray(f).reshape(-1, *(1,) * (like.ndim - 1))
 
 
-def block_distances(chunk: Chunk, block_rows: int, target: Any = None) -> list[float]:
-    """``||value - target||`` of each block of the chunk, ``target`` by default its
-    reference (inf where no reference is kept)."""
+def block_distances(chunk: Chunk, block_rows: int, target: Any = None, value: Any = None) -> list[float]:
+    """``||value - target||`` of each block of the chunk (``value`` by default the
+    chunk's), ``target`` by default its reference (inf where no reference is kept)."""
     n = len(chunk_blocks(chunk.id, block_rows))
     if chunk.reference is None:
         return [math.inf] * n
-    xp = get_array_module(chunk.value)
-    diff = chunk.value - (chunk.reference if target is None else target)
+    value = chunk.value if value is None else value
+    xp = get_array_module(value)
+    diff = value - (chunk.reference if target is None else target)
     sq = (diff * diff).reshape(diff.shape[0], -1).sum(axis=1, dtype=xp.float64)
     full = (len(sq) // block_rows) * block_rows
     sums = sq[:full].reshape(-1, block_rows).sum(axis=1)
@@ -215,25 +216,27 @@ def new_reference(value: Any, dtype: str | None) -> Any:
     return value.astype(dtype or value.dtype, copy=True)
 
 
-def distances(chunks: dict[ChunkId, Chunk], orders: Orders) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+def distances(chunks: dict[ChunkId, Chunk], orders: Orders, model: Any
+              ) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
     """Each block's priority: its distance from where a restore would put it -- once
     the last round's writes are done (they usually are: rounds are at least two
     iterations apart). That is its value as last saved or, with
     ``orders.extrapolate``, the nearer of that and the extrapolated value
     (:func:`predicted`); then also, per chunk, the blocks the extrapolation would put
     farther off (their drift turned: a fit that overshoots swings back), which a
-    restore should take as saved (:attr:`Trend.held`)."""
+    restore should take as saved (:attr:`Trend.held`). A block's value is what a save
+    would write (``model.fitted_value``: L-BFGS's accepted point, not its trial)."""
     settle()
     out, turned = {}, {}
     for cid, c in chunks.items():
-        rows, label = orders.block_rows[cid.name], cid.tag
-        out[label] = saved = block_distances(c, rows)
+        rows, label, value = orders.block_rows[cid.name], cid.tag, model.fitted_value(c.state)
+        out[label] = saved = block_distances(c, rows, value=value)
         target = predicted(c, rows) if orders.extrapolate and c.trail is not None and c.reference is not None \
             else None
         if target is not None and target is not c.reference:
             # (a trail with no trend, as on a chunk's new owner, judges nothing: the
             # driver keeps what it last heard, as the store keeps the versions)
-            nearer, held = held_back(block_distances(c, rows, target), saved)
+            nearer, held = held_back(block_distances(c, rows, target, value), saved)
             out[label], turned[label] = nearer.tolist(), np.flatnonzero(held).tolist()
     return out, turned
 

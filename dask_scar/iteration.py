@@ -110,7 +110,7 @@ def step(model: Model, current: dict[ChunkId, Chunk], contributions: list, own: 
         checkpoint.keep(run, {cid: new[cid] for cid in own}, model)
     progress = {"run": run, "epoch": epoch, "iteration": iteration, "steps": steps, "loss": loss}
     if orders is not None and orders.priorities:
-        progress["priorities"], progress["turned"] = checkpoint.distances({cid: new[cid] for cid in own}, orders)
+        progress["priorities"], progress["turned"] = checkpoint.distances({cid: new[cid] for cid in own}, orders, model)
     return new, progress
 
 

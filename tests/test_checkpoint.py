@@ -912,13 +912,20 @@ def test_a_restored_block_is_extrapolated_along_its_last_two_saves(tmp_path):
     owned = Chunk(cid, {"value": np.full((8, 2), 3.0, np.float32)}, 30, owned.reference, owned.trail)
     owned.trail.path = 25.0                     # walked 5 since: block 0 predicted at 2 + 0.5 * (2 - 1)
     orders = Orders("run", "url", "id", 0, {"w": 2}, None, priorities=True, extrapolate=True)
-    assert distances({cid: owned}, orders) == ({"w/0": pytest.approx([0.5 * 2, 3 * 2, 3 * 2, 3 * 2])}, {"w/0": []})
+    model = scar.LinearRegression()         # (a block's value: its fitted value, the chunk's own here)
+    assert distances({cid: owned}, orders, model) == ({"w/0": pytest.approx([0.5 * 2, 3 * 2, 3 * 2, 3 * 2])},
+                                                      {"w/0": []})
     paper = Orders(**{**orders.__dict__, "extrapolate": False})
-    assert distances({cid: owned}, paper) == ({"w/0": pytest.approx([1 * 2, 3 * 2, 3 * 2, 3 * 2])}, {})
+    assert distances({cid: owned}, paper, model) == ({"w/0": pytest.approx([1 * 2, 3 * 2, 3 * 2, 3 * 2])}, {})
+    # L-BFGS: a block is where its last accepted point ("base") is, as a save writes it,
+    # not where the trial beyond it is (it ranked blocks by the search direction)
+    trial = Chunk(cid, {"value": np.full((8, 2), 9.0, np.float32), "base": owned.reference.copy()}, 30,
+                  owned.reference, owned.trail)
+    assert distances({cid: trial}, paper, model)[0] == {"w/0": [0.0] * 4}
     # block 0 swung back to 1.5: its extrapolation (2.5) is farther than its saved value
     # (2): that is its priority, and the driver has restores take it as saved
     owned.value[:2] = 1.5
-    priorities, turned = distances({cid: owned}, orders)
+    priorities, turned = distances({cid: owned}, orders, model)
     assert priorities["w/0"] == pytest.approx([0.5 * 2, 3 * 2, 3 * 2, 3 * 2]) and turned == {"w/0": [0]}
     drift.prioritized(priorities, turned)
     assert restore(drift.trends([cid])) == ([9.0, 4 + 0.25 * (4 - -1), 5.0, -1.0],   # as saved at 25
@@ -926,8 +933,8 @@ def test_a_restored_block_is_extrapolated_along_its_last_two_saves(tmp_path):
                                              "older_blocks": 0})
     # a new owner's trail knows no two saves, and judges nothing: the driver keeps the list
     moved = Chunk(cid, owned.state, 30, owned.reference, SaveTrail.new(owned.reference, 4, fresh=False))
-    assert distances({cid: moved}, orders) == ({"w/0": pytest.approx([0.5 * 2, 3 * 2, 3 * 2, 3 * 2])}, {})
-    drift.prioritized(*distances({cid: moved}, orders))
+    assert distances({cid: moved}, orders, model) == ({"w/0": pytest.approx([0.5 * 2, 3 * 2, 3 * 2, 3 * 2])}, {})
+    drift.prioritized(*distances({cid: moved}, orders, model))
     assert drift.trends([cid])[cid].held == (0,)
     # steps that grow are no trend to follow far: the factor is capped by the iterations
     from dask_scar.checkpoint import trend_factors
