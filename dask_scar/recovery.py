@@ -552,14 +552,15 @@ def _holders(client: Client, futures: list[Future | None]) -> dict[str, list[str
 RUN_SECONDS = 2.0
 
 
-def run_on(client: Client, function: Callable, *args, workers: list[str] | None = None) -> dict:
+def run_on(client: Client, function: Callable, *args, workers: list[str] | None = None,
+           seconds: float = RUN_SECONDS) -> dict:
     """``client.run(function, *args, workers=workers, on_error="return")`` (None: every
     worker), asked once more of those still alive where the answers take over
-    :data:`RUN_SECONDS`; empty if they take that long again."""
+    ``seconds``; empty if they take that long again."""
     for _ in range(2):
         try:
             return client.sync(client._run, function, *args, workers=workers, on_error="return",
-                               callback_timeout=RUN_SECONDS)
+                               callback_timeout=seconds)
         except TimeoutError:
             alive = live_workers(client)
             workers = sorted(alive if workers is None else alive & set(workers))

@@ -29,7 +29,7 @@ from .models._base import check_number
 from .plugin import ensure_plugin
 from .policy import CheckpointPolicy, default_policy, from_json
 from .recovery import (RUN_SECONDS, RecoveryEvent, Restore, cancelled, check_scheduler, ctrl_c_after,
-                       interruptible, live_or_wait, live_workers)
+                       interruptible, live_or_wait, live_workers, run_on)
 from .run import TrainingRun, history_frame
 from .store import ZarrStore, local_path, make_layouts, probe
 
@@ -427,13 +427,9 @@ def _roll_back(client: Client, ckpt: Checkpointer | None) -> int:
 def _writes_ended(client: Client) -> bool:
     """Whether every live worker's checkpoint writes in flight ended, within
     :data:`~dask_scar.checkpoint.WRITE_WAIT` (a worker gone meanwhile writes no more)."""
-    try:
-        answers = client.sync(client._run, checkpoint.settle_off_the_loop, workers=sorted(live_workers(client)),
-                              on_error="return", callback_timeout=checkpoint.WRITE_WAIT + RUN_SECONDS)
-    except TimeoutError:
-        return False
+    answers = run_on(client, checkpoint.settle_off_the_loop, seconds=checkpoint.WRITE_WAIT + RUN_SECONDS)
     alive = live_workers(client)
-    return all(answer is True or worker not in alive for worker, answer in answers.items())
+    return bool(answers) and all(answer is True or worker not in alive for worker, answer in answers.items())
 
 
 def _resume_hint(store: str) -> str:
