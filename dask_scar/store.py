@@ -722,15 +722,19 @@ class ZarrStore(CheckpointStore):
         older = rounds[(rounds != NEVER).all(axis=1)].min(axis=1)    # blocks written twice: the older round
         back = max(committed, floor, int(older.max(initial=0)))
         for name, v in versions.items():
-            saved = self._array(f"saved/{name}")
-            never = np.full((1, 1, saved.shape[2]), NEVER, dtype=np.int64)
-            self._io.put([(_key(saved, (int(b), int(s), 0)), _encode(saved, (int(b), int(s), 0), never))
-                          for b, s in zip(*np.nonzero(v[:, :, 2] > back))])
+            self._forget_versions(name, v[:, :, 2] > back)
         if back == committed:
             return int(manifest.get("iteration", 0))
         record = max(tuple(r[:3]) for v in versions.values() for r in v.reshape(-1, v.shape[2]) if r[2] == back)
         self.commit({**manifest, "round": back, "iteration": int(record[0]), "epoch": int(record[1]), "run": run})
         return int(record[0])
+
+    def _forget_versions(self, name: str, which: np.ndarray) -> None:
+        """Record the versions ``which`` (blocks, slots) of parameter ``name`` as never saved."""
+        saved = self._array(f"saved/{name}")
+        never = np.full((1, 1, saved.shape[2]), NEVER, dtype=np.int64)
+        self._io.put([(_key(saved, (int(b), int(s), 0)), _encode(saved, (int(b), int(s), 0), never))
+                      for b, s in zip(*np.nonzero(which))])
 
     def drop_diverged(self, run: str) -> tuple[int, int, int]:
         """For ``run``, a resume that claimed the store: forget every version saved from
@@ -741,11 +745,9 @@ class ZarrStore(CheckpointStore):
         it, so that a write of the diverged fit still in flight cannot rank as newer."""
         cutoff, dropped, emptied, highest, newest = self.diverged, 0, 0, 0, (0, 0)   # newest: round, iteration
         for name in self.layouts:
-            saved, versions = self._array(f"saved/{name}"), self.versions(name)
+            versions = self.versions(name)
             late, written = versions[:, :, 0] >= cutoff, versions[:, :, 2] != NEVER
-            never = np.full((1, 1, saved.shape[2]), NEVER, dtype=np.int64)
-            self._io.put([(_key(saved, (int(b), int(s), 0)), _encode(saved, (int(b), int(s), 0), never))
-                          for b, s in zip(*np.nonzero(late))])
+            self._forget_versions(name, late)
             dropped += int(late.sum())
             emptied += int((written.any(axis=1) & ~(written & ~late).any(axis=1)).sum())
             highest = max(highest, int(versions[:, :, 2].max(initial=0)))
