@@ -257,7 +257,7 @@ class ScarPlugin(SchedulerPlugin):
         self.scheduler: Any = None
         self.detached = 0   # chunks registered, for diagnostics
         self.rejected = 0   # chunks refused because their run moved to a newer epoch
-        self.epochs: dict[str, int] = {}
+        self.epochs: dict[str, tuple[int, str | None]] = {}  # run -> (epoch, its driver's client)
         self.ended: OrderedDict[str, None] = OrderedDict()   # the last ENDED_RUNS runs that ended
         self.turn: str | None = None                # the run whose segment runs
         self.waiting: dict[str, tuple[str, float]] = {}   # runs waiting, in order -> (client, when last asked)
@@ -322,6 +322,8 @@ class ScarPlugin(SchedulerPlugin):
             logger.exception("dask_scar: could not report the removal of worker %s", msg.get("worker"))
 
     def remove_client(self, scheduler: Any, client: str) -> None:
+        for run in [run for run, (_, owner) in self.epochs.items() if owner == client]:
+            del self.epochs[run]        # (the scheduler let go of its chunks: none is current any more)
         for run in [run for run, (owner, _) in self.waiting.items() if owner == client]:
             self._release_turn(run)
         for run in [run for run, work in self.workloads.items() if work[0] == client]:
@@ -486,7 +488,7 @@ class ScarPlugin(SchedulerPlugin):
         still wants (the iteration in flight when the fit was interrupted registers its
         chunks after the driver has stopped waiting for them)."""
         if epoch is not None:
-            self.epochs[run] = max(epoch, self.epochs.get(run, epoch))
+            self.epochs[run] = (max(epoch, self.epochs.get(run, (epoch,))[0]), client)
             return
         self._release_turn(run)
         self.workloads.pop(run, None)
@@ -506,7 +508,7 @@ class ScarPlugin(SchedulerPlugin):
         publish ``progress`` (iterations' losses) for the driver."""
         try:
             scheduler = self.scheduler
-            current = run not in self.ended and epoch >= self.epochs.get(run, epoch)
+            current = run not in self.ended and epoch >= self.epochs.get(run, (epoch,))[0]
             if current and worker in scheduler.workers and client in scheduler.clients:
                 scheduler.update_data(who_has=who_has, nbytes=nbytes, client=client)
                 self.detached += len(who_has)

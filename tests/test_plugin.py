@@ -197,6 +197,16 @@ def test_chunks_of_an_epoch_their_run_left_behind_are_refused(own_client):
         what="the worker to free the refused chunk and keep the other")
     set_epoch(own_client, "run-e", None)
 
+    # a driver that went (killed) never ends its runs: the plugin forgets their epochs
+    epochs = lambda: own_client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.plugins["scar"].epochs))
+    with Client(own_client.scheduler.address) as other:
+        set_epoch(other, "run-gone", 1)
+        set_epoch(own_client, "run-kept", 1)
+        assert epochs() == ["run-gone", "run-kept"]
+    wait_for(lambda: epochs() == ["run-kept"], what="the gone client's run to be forgotten")
+    set_epoch(own_client, "run-kept", None)
+    assert epochs() == []
+
 
 def test_adaptive_target_asks_for_the_workers_the_fits_could_use(own_client):
     """Dask's adaptive scaling sees no queued task for a fit (one task per worker):
