@@ -243,7 +243,11 @@ def train(args: argparse.Namespace) -> int:
             raise scar.ScarError(f"cannot reach the scheduler at {where}: {exc}") from None
     else:
         cluster = local_cluster(args.workers)
-        client = Client(cluster)
+        try:
+            client = Client(cluster)
+        except BaseException:
+            cluster.close()
+            raise
     try:
         features = args.features.split(",") if args.features else None
         trainer = scar.Trainer(client, model, store=args.store, recovery=args.recovery)
