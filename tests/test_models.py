@@ -14,6 +14,7 @@ from conftest import low_rank_ratings
 import dask_scar as scar
 from dask_scar.exceptions import DataError, NotFittedError
 from dask_scar.local import fit_local, prepare_local
+from dask_scar.segment import converged
 
 
 def _objective(model, block, weights):
@@ -315,6 +316,31 @@ def test_sparse_labels_or_ids_are_warned_of(model, frame, target, message):
     stray value) are trained, and said."""
     with pytest.warns(UserWarning, match=re.escape(message)):
         prepare_local(model, frame, target)
+
+
+def test_unscaled_features_are_warned_of(digits):
+    """A column far from zero (a year, an income) makes L-BFGS stop near the initial
+    loss with converged=True: the warning names it; digits' pixels (0..16) pass."""
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(400, 3))
+    y = (X @ rng.normal(size=(3, 3)) + rng.gumbel(size=(400, 3))).argmax(1)
+    frame = pd.DataFrame({"a": X[:, 0], "b": X[:, 1], "year": 2000 + X[:, 2], "label": y})
+    model = scar.SoftmaxRegression(solver="lbfgs")
+    with pytest.warns(UserWarning, match=r"feature column\(s\) 'year' \(up to 2e\+03\) lie far from zero.*"
+                                         r"Scale the features first"):
+        block = prepare_local(model, frame, "label")
+
+    def stopped_at(block):      # the loss where a fit with tol=1e-6 stops
+        _, losses = fit_local(model, block, 60)
+        return next(b for a, b in zip(losses, losses[1:]) if converged(a, b, 1e-6))
+
+    initial = np.log(3)
+    assert stopped_at(block) > 0.99 * initial   # what the warning is for
+    frame["year"] -= 2000
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepare_local(scar.SoftmaxRegression(), digits, "label")
+        assert stopped_at(prepare_local(model, frame, "label")) < 0.8 * initial
 
 
 def test_a_target_among_the_features_is_refused():
