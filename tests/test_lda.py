@@ -160,6 +160,14 @@ def test_bad_data_names_the_column(column, frame):
         prepare_local(model(), frame)
 
 
+def test_a_stray_count_is_refused_before_the_workers_run_out_of_memory():
+    frame = FRAME.assign(count=FRAME["count"].where(FRAME.index != 7, 10**10))
+    with pytest.raises(scar.DataError, match=r"column 'count' counts a word 10,000,000,000 times in one row: .* "
+                                             r"373 GiB .* Drop or fix the row"):
+        prepare_local(model(), frame)
+    prepare_local(model(), FRAME.assign(count=FRAME["count"].where(FRAME.index != 7, 10**6)))    # the most taken
+
+
 def test_numpy_only(local_run):
     lda, block, params, _ = local_run
     with pytest.raises(scar.BackendError, match="NumPy only"):

@@ -11,6 +11,9 @@ from ._base import (ID_HELP, LOCAL_STATE, Contribution, DataSummary, Model, Para
                     check_number, stable_seed)
 
 _TILE = 1 << 16  # tokens per (tokens x topics) temporary: bounds memory on large blocks
+#: A block's sampler state takes about this many bytes per token (its row, document,
+#: word and topic), and a row counting more than MAX_COUNT tokens is refused.
+TOKEN_BYTES, MAX_COUNT = 40, 1_000_000
 
 
 class LDA(Model):
@@ -97,6 +100,11 @@ class LDA(Model):
         if counts.max == 0:
             raise DataError(f"column {counts.name!r} holds no tokens (every count is 0): "
                             "LDA needs some words counted at least once")
+        if counts.max > MAX_COUNT:
+            raise DataError(f"column {counts.name!r} counts a word {counts.max:,.0f} times in one row: LDA keeps "
+                            f"every token (about {TOKEN_BYTES} bytes each), so that row alone would take "
+                            f"{TOKEN_BYTES * counts.max / 2**30:,.3g} GiB of a worker's memory. A stray value (a byte "
+                            f"count, an id)? Drop or fix the row: counts above {MAX_COUNT:,} are refused")
 
     def parameter_specs(self) -> dict[str, ParameterSpec]:
         return {"word_topics": ParameterSpec((self.n_words_, self.n_topics))}
