@@ -121,19 +121,23 @@ def _numbers(data: pd.DataFrame | pd.Series, dtype: str) -> tuple[np.ndarray, np
     columns become NaN/0/1; an out-of-range value becomes inf, reported with its
     column's name."""
     integer = dtype.startswith("int")
+    columns = list(data.items()) if isinstance(data, pd.DataFrame) else [(data.name, data)]
+    # (NumPy turns dates into numbers: a partition whose dtype is not the frame's says so)
+    odd = [(name, column) for name, column in columns if not numeric(column.dtype)]
+    if odd:
+        raise DataError(_not_numbers(odd, TypeError("not a type of numbers")))
     try:
         with np.errstate(over="ignore"):
             values = data.to_numpy(dtype=np.float64 if integer else dtype, na_value=np.nan)
     except (TypeError, ValueError) as exc:
-        raise DataError(_not_numbers(data, exc)) from None
+        raise DataError(_not_numbers(columns, exc)) from None
     return values, (np.nan_to_num(values).astype(dtype) if integer else values)
 
 
-def _not_numbers(data: pd.DataFrame | pd.Series, exc: Exception) -> str:
-    """What to say of a partition whose columns do not all convert to numbers, though
-    the frame's dtypes said they would (files of one dataset that disagree, a wrong
-    ``meta``)."""
-    columns = data.items() if isinstance(data, pd.DataFrame) else [(data.name, data)]
+def _not_numbers(columns: list[tuple[Any, pd.Series]], exc: Exception) -> str:
+    """What to say of a partition whose ``columns`` (name, values) do not all convert
+    to numbers, though the frame's dtypes said they would (files of one dataset that
+    disagree, a wrong ``meta``): the first that does not convert alone, else the first."""
     for name, column in columns:
         try:
             column.to_numpy(dtype=np.float64, na_value=np.nan)
@@ -141,7 +145,7 @@ def _not_numbers(data: pd.DataFrame | pd.Series, exc: Exception) -> str:
             exc = error
             break
     else:
-        name, column = None, data
+        name, column = columns[0]
     where, convert = ((f"column {name!r}", f"ddf[{name!r}] = dd.to_numeric(ddf[{name!r}], errors='coerce')")
                       if name is not None else ("a column", "with dd.to_numeric(..., errors='coerce')"))
     return (f"{where} holds values that are not numbers in one partition ({exc}; there its dtype is "

@@ -116,6 +116,22 @@ def test_text_in_a_partition_whose_dtype_said_numbers_is_named(client, tmp_path)
         data.prepare(client, scar.SoftmaxRegression(), ddf, "label", None)
 
 
+def _dates_in_late_rows(frame):
+    if frame.index.min() >= 100:
+        frame = frame.assign(b=pd.Timestamp("2024-01-01") + pd.to_timedelta(np.arange(len(frame)), unit="s"))
+    return frame
+
+
+def test_dates_in_a_partition_whose_dtype_said_numbers_are_named(client):
+    """A wrong ``meta``: NumPy would turn the dates into numbers and train on them."""
+    frame = _frame()
+    ddf = dd.from_pandas(frame, npartitions=2).map_partitions(_dates_in_late_rows, meta=frame.iloc[:0])
+    with pytest.raises(DataError, match=r"column 'b' holds values that are not numbers in one partition \(not a "
+                                        r"type of numbers; there its dtype is datetime64\[\w+\]\), though the "
+                                        r"frame's dtypes say numbers"):
+        data.prepare(client, scar.SoftmaxRegression(), ddf, "label", None)
+
+
 def test_a_column_summary_counts_every_row_of_a_long_partition():
     """Partitions are summarized in tiles of _SUMMARY_ROWS: the rows at a tile's edges count."""
     from dask_scar.data import _SUMMARY_ROWS, _summaries
