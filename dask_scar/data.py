@@ -29,7 +29,7 @@ from .backend import array_module, get_array_module, to_device
 from .exceptions import DataError, ScarError
 from .models import ColumnSummary, DataSummary, Model
 from .models._base import (DISTINCT_VALUES, LOCAL_STATE, is_column_name, numeric, require_columns,
-                           require_numeric, require_unique)
+                           require_numeric)
 from .recovery import hung_after, live_or_wait, restart_hung_workers, wait_on, warn_paused, workers_info
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,6 @@ class TrainingData:
 def check_columns(model: Model, columns: list[str], dtypes: pd.Series, target: str | None,
                   features: list[str] | None) -> tuple[list[str], str | None]:
     """Resolve and check feature/target columns against a frame's columns and dtypes."""
-    require_unique(columns, columns)
     if target is not None and not is_column_name(target):
         raise DataError(f"target= must be one column name of the frame, got {type(target).__name__}: to train on "
                         "labels held apart, add them as a column (ddf.assign(label=y)) and pass target='label'")

@@ -347,6 +347,21 @@ def test_a_target_among_the_features_is_refused():
     frame = pd.DataFrame({"a": [0.0, 1.0, 2.0], "label": [0, 1, 1]})
     with pytest.raises(DataError, match="the target column 'label' is also in features="):
         prepare_local(scar.SoftmaxRegression(), frame, "label", ["a", "label"])
+    ratings, _ = low_rank_ratings()
+    with pytest.raises(DataError, match=r"MatrixFactorization would read column 'user' as user and as the target: "
+                                        r"it reads user='user' and item='item', and the target 'user'; give each"):
+        prepare_local(scar.MatrixFactorization(rank=2), ratings, "user")
+    with pytest.raises(DataError, match="MatrixFactorization would read column 'item' as user and as item"):
+        prepare_local(scar.MatrixFactorization(rank=2, user="item"), ratings)
+
+
+def test_a_column_named_twice_is_refused_only_where_the_fit_reads_it():
+    frame = pd.DataFrame([[0.0, 1.0, 2.0, 3.0, 1], [4.0, 5.0, 6.0, 7.0, 0]], columns=["a", "b", "note", "note",
+                                                                                     "label"])
+    with pytest.raises(DataError, match="the data has more than one column named 'note': rename them"):
+        prepare_local(scar.SoftmaxRegression(), frame, "label")
+    block = prepare_local(scar.SoftmaxRegression(), frame, "label", ["a", "b"])
+    np.testing.assert_array_equal(block["X"], [[0.0, 1.0], [4.0, 5.0]])
 
 
 def test_target_and_features_must_name_columns():
@@ -392,7 +407,8 @@ def test_score_reads_any_column_name_that_fit_accepts(digits):
 def test_predictions_check_their_columns_and_values(digits):
     model = scar.SoftmaxRegression()
     model.params_, _ = fit_local(model, prepare_local(model, digits, "label"), max_iter=5)
-    with pytest.raises(DataError, match=r"column\(s\) \['p3'\] not in the data: the model was fitted on"):
+    with pytest.raises(DataError, match=r"column\(s\) \['p3'\] not in the data: the model was fitted on "
+                                        r"\[.*\]; the data has \['p0', 'p1', 'p2', 'p4', "):
         model.predict(dd.from_pandas(digits.drop(columns="p3"), npartitions=2))     # before any computing
     text = digits.head(5).assign(p5="a")
     for data in (text, dd.from_pandas(text, npartitions=2)):     # the Dask frame: before any computing
@@ -401,8 +417,15 @@ def test_predictions_check_their_columns_and_values(digits):
             model.predict(data)
     holes = digits.head(5).copy()
     holes.loc[2, "p7"] = np.nan
-    with pytest.raises(DataError, match=r"NaN/inf values in column\(s\) \['p7'\]"):
+    with pytest.raises(DataError, match=r"NaN/inf values \(or values beyond float32's range\) in column\(s\) "
+                                        r"\['p7'\]"):
         model.predict(holes)
+    holes.loc[2, "p7"] = 1e39
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")      # (no NumPy overflow warning on the way)
+        for data in (holes, dd.from_pandas(holes, npartitions=1)):
+            with pytest.raises(DataError, match=r"values beyond float32's range\) in column\(s\) \['p7'\]"):
+                model.predict(data).compute() if hasattr(data, "compute") else model.predict(data)
     with pytest.raises(DataError, match=r"the data to predict on must be numbers \(could not convert string to "
                                         r"float: .*'1.5x'.*\): the model was fitted on 64 numeric columns"):
         model.predict(np.full((2, 64), "1.5x"))

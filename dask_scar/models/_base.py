@@ -181,11 +181,18 @@ class Model:
         """``select_columns`` of a model that reads id columns named in the model itself
         (``columns``: parameter name -> column), not chosen with ``features=``."""
         names = list(columns.values())
+        named = " and ".join(f"{key}={value!r}" for key, value in columns.items())
         if features is not None and list(features) != names:
-            named = " and ".join(f"{key}={value!r}" for key, value in columns.items())
             raise DataError(f"{type(self).__name__} reads the columns {named}; "
                             "set them in the model, not with features=")
-        return names, default_target if target is None else target
+        target = default_target if target is None else target
+        roles: dict[Any, str] = {}
+        for role, column in [*columns.items(), ("the target", target)]:
+            if column in roles:
+                raise DataError(f"{type(self).__name__} would read column {column!r} as {roles[column]} and as "
+                                f"{role}: it reads {named}, and the target {target!r}; give each its own column")
+            roles[column] = role
+        return names, target
 
     def check_params(self) -> None:
         """Raise ``ValueError`` for a constructor argument the model cannot train with

@@ -285,21 +285,23 @@ class GradientModel(Model):
             raise DataError(f"expected the {len(features)} feature column(s) as a frame, got a Dask Series: pass "
                             "the frame, or series.to_frame()")
         if hasattr(data, "columns"):
-            require_columns(data.columns, features, f": the model was fitted on {features}")
+            require_columns(data.columns, features, f": the model was fitted on {features}; the data has "
+                                                    f"{list(data.columns)}")
             require_numeric(data.dtypes, features, "the model was fitted on numbers: encode them as for training")
         if hasattr(data, "map_partitions"):  # Dask DataFrame: stay lazy
 
             def on_partition(frame: pd.DataFrame):
-                out = fn(_finite(frame[features].to_numpy(np.float32, na_value=np.nan), features), weights)
+                out = fn(_finite(_floats(frame[features]), features), weights)
                 if columns is None:
                     return pd.Series(out, index=frame.index)
                 return pd.DataFrame(out, index=frame.index, columns=columns)
 
             return data.map_partitions(on_partition, meta=on_partition(data._meta))
         if isinstance(data, pd.DataFrame):
-            data = data[features].to_numpy(np.float32, na_value=np.nan)
+            data = _floats(data[features])
         try:
-            X = np.asarray(data, dtype=np.float32)
+            with np.errstate(over="ignore"):      # (beyond float32's range: inf, which _finite names)
+                X = np.asarray(data, dtype=np.float32)
         except (TypeError, ValueError) as exc:
             if type(data).__module__.startswith("cupy"):
                 raise DataError("predictions take NumPy, pandas or Dask data: pass cupy.asnumpy(X)") from None
@@ -315,10 +317,17 @@ def scores(X: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return X @ weights[:-1] + weights[-1]
 
 
+def _floats(frame: pd.DataFrame) -> np.ndarray:
+    """``frame`` as float32, NA as NaN, values beyond float32's range as inf (no warning)."""
+    with np.errstate(over="ignore"):
+        return frame.to_numpy(np.float32, na_value=np.nan)
+
+
 def _finite(X: np.ndarray, features: list) -> np.ndarray:
     """``X``, checked to hold finite values only (as training did)."""
     finite = np.isfinite(X).all(axis=0)
     if not finite.all():
         bad = [name for name, ok in zip(features, finite) if not ok]
-        raise DataError(f"NaN/inf values in column(s) {bad}: drop or fill those rows before predicting")
+        raise DataError(f"NaN/inf values (or values beyond float32's range) in column(s) {bad}: drop or fill "
+                        "those rows before predicting")
     return X
