@@ -17,6 +17,7 @@ from conftest import wait_for
 import dask_scar as scar
 from dask_scar.checkpoint import Trend, prepare_chunk
 from dask_scar.chunks import Chunk, ChunkId, split_rows
+from dask_scar.policy import from_json
 from dask_scar.store import ZarrStore, make_layouts, probe
 from dask_scar.trainer import _check_store_path
 
@@ -373,6 +374,13 @@ def test_policies_select_the_right_blocks():
     draws = [rnd.select(8, r).tolist() for r in range(1, 6)]
     assert draws == [scar.RandomCheckpoint(0.25, every=2, seed=3).select(8, r).tolist() for r in range(1, 6)]
     assert len({tuple(d) for d in draws}) > 1 and all(len(d) == 2 for d in draws)
+    many = [scar.RandomCheckpoint(0.25, every=2, seed=3).select(32, r) for r in range(1, 20)]
+    assert all(len(set(d.tolist())) == 8 for d in many)     # never a block twice
+    assert [d.tolist() for d in many] != [scar.RandomCheckpoint(0.25, seed=4).select(32, r).tolist()
+                                          for r in range(1, 20)]
+    # a fraction too small for one block still saves one
+    assert [len(policy.select(10, 1, prio[:1].repeat(10))) for policy in (
+        scar.PrioritizedCheckpoint(0.01), scar.RoundRobinCheckpoint(0.01), scar.RandomCheckpoint(0.01))] == [1, 1, 1]
     full, prioritized = scar.FullCheckpoint(every=8), scar.PrioritizedCheckpoint(0.25, every=2)
     # the same blocks per iteration: n/8 each
     assert full.count(32) / full.every == prioritized.count(32) / prioritized.every == 4
@@ -384,7 +392,11 @@ def test_a_policys_repr_builds_it_again():
                    scar.RoundRobinCheckpoint(0.5), scar.RandomCheckpoint(seed=2)):
         again = eval(repr(policy), vars(scar))
         assert type(again) is type(policy) and again.to_json() == policy.to_json()
+        # as a store records it, and a resume rebuilds it
+        built = from_json(json.loads(json.dumps(policy.to_json())))
+        assert repr(built) == repr(policy)
     assert repr(scar.FullCheckpoint(every=8)) == "FullCheckpoint(every=8)"
+    assert from_json({"class": "MyPolicy", "every": 3}) is None
 
 
 @pytest.mark.parametrize("make, message", [
