@@ -61,7 +61,14 @@ def test_prioritized_rounds_write_the_blocks_that_moved_most(client, digits, tmp
 
     rounds, end = result.checkpoints.iloc[:-1], result.checkpoints.iloc[-1]
     assert rounds["iteration"].tolist() == list(range(3, 61, 3)) and (result.checkpoints["error"] == "").all()
-    assert (result.history.set_index("iteration").loc[rounds["iteration"], "checkpoint_bytes"] > 0).all()
+    by_iteration = result.history.set_index("iteration")
+    at_rounds = by_iteration.loc[rounds["iteration"]]
+    assert (at_rounds["checkpoint_bytes"] > 0).all() and (at_rounds["checkpoint_seconds"] > 0).all()
+    summed = result.checkpoints.groupby("iteration")["bytes"].sum()     # (iteration 60: the last round, the end's)
+    assert by_iteration.loc[summed.index, "checkpoint_bytes"].tolist() == summed.tolist()
+    assert (result.checkpoints["seconds"] > 0).all()
+    others = by_iteration.drop(index=result.checkpoints["iteration"])
+    assert (others["checkpoint_bytes"] == 0).all() and (others["checkpoint_seconds"] == 0).all()
     for _, r in rounds.iterrows():   # every round wrote the 6 of 22 blocks with the largest priority
         chosen = np.zeros(22, bool)
         chosen[r["blocks"]] = True
