@@ -69,6 +69,9 @@ def test_write_read_records_and_info(tmp_path):
     info = scar.open_store(tmp_path / "ckpt.zarr").info()
     assert info["staleness"] == {"0": 1} and info["newer_blocks"] == 2 and info["newest_iteration"] == 14
     assert info["nbytes_parameters"] == 65 * 10 * 4
+    on_disk = sum(os.path.getsize(os.path.join(d, f)) for kind in ("params", "saved")     # (each array's)
+                  for d, _, names in os.walk(tmp_path / "ckpt.zarr" / kind / "weights") for f in names)
+    assert info["nbytes_stored"] == on_disk > 2 * nbytes
     # metadata is plain JSON
     meta = json.loads((tmp_path / "ckpt.zarr/zarr.json").read_text())["attributes"]
     assert meta["dask_scar"]["model"] == MODEL and meta["manifest"]["round"] == 3
