@@ -743,6 +743,19 @@ def test_segments_run_many_iterations_in_one_task_per_worker(client, digits, tmp
                                   np.stack(same.checkpoints["priorities"][:2]))
     np.testing.assert_array_equal(scar.open_store(tmp_path / "ckpt").load()["weights"],
                                   scar.open_store(tmp_path / "graphs").load()["weights"])
+    # the policies that rank nothing: the segments' workers number the rounds as the driver does
+    for policy in (scar.RoundRobinCheckpoint(0.25, every=3), scar.RandomCheckpoint(0.25, every=3, seed=1)):
+        written = {}
+        for segment_iterations in (20, 1):
+            path = tmp_path / f"{type(policy).__name__}-{segment_iterations}"
+            with dask.config.set({"scar.segment-iterations": segment_iterations}):
+                rounds = scar.Trainer(client, scar.SoftmaxRegression(), store=path, policy=policy).fit(
+                    ddf, target="label", max_iter=12, tol=0, progress=False).checkpoints
+            before_end = scar.open_store(path).records("weights", previous=True)
+            written[segment_iterations] = (rounds[columns], before_end)
+        pd.testing.assert_frame_equal(written[20][0], written[1][0])
+        np.testing.assert_array_equal(written[20][1], written[1][1])
+        assert written[20][0]["iteration"].tolist() == [3, 6, 9, 12, 12]
 
 
 def test_segment_messages_carry_arrays_as_frames_of_their_own(client):
