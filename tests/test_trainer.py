@@ -2,6 +2,7 @@
 
 import ctypes
 import gc
+import math
 import re
 import subprocess
 import sys
@@ -287,21 +288,26 @@ def test_divergence_is_reported_with_a_fix(client, digits):
                                                                             progress=False)
 
 
-@pytest.mark.parametrize("factor", [10.0, 1e3])
-def test_divergence_is_the_first_loss_past_the_configured_factor(client, factor):
+@pytest.mark.parametrize("factor, learning_rate", [(10.0, 2.3), (1e3, 2.3), (math.inf, 20.0)])
+def test_divergence_is_the_first_loss_past_the_configured_factor(client, factor, learning_rate):
     """Least squares with too large a step, its loss growing each iteration: the fit
-    stops at the first loss above ``scar.divergence-factor`` times the first."""
+    stops at the first loss above ``scar.divergence-factor`` times the first, or at
+    the first that is not finite (inf: the only test)."""
     rng = np.random.default_rng(0)
     frame = pd.DataFrame(rng.standard_normal((2000, 8)), columns=[f"x{i}" for i in range(8)])
     frame["y"] = frame.to_numpy() @ rng.standard_normal(8) + 0.1 * rng.standard_normal(2000)
-    local = scar.LinearRegression(learning_rate=2.3)
-    _, losses = fit_local(local, prepare_local(local, frame, "y"), max_iter=40)
-    first = 1 + int(np.argmax(np.asarray(losses) > factor * losses[0]))
-    assert 1 < first < 40
+    local = scar.LinearRegression(learning_rate=learning_rate)
+    with np.errstate(all="ignore"):
+        _, losses = fit_local(local, prepare_local(local, frame, "y"), max_iter=40)
+    losses = np.asarray(losses)
+    first = 1 + int(np.argmax(~(losses <= factor * losses[0])))     # (NaN: not <=)
+    assert 1 < first < 40 and np.isfinite(losses[first - 1]) == (factor < math.inf)
     with dask.config.set({"scar.divergence-factor": factor}), \
-            pytest.raises(scar.DivergenceError, match=rf"at iteration {first} \(it started at "):
-        scar.Trainer(client, scar.LinearRegression(learning_rate=2.3)).fit(frame, target="y", max_iter=40,
-                                                                          progress=False)
+            pytest.raises(scar.DivergenceError, match=rf"loss (inf|nan) at iteration {first} \(it started at "
+                                                      if factor == math.inf else
+                                                      rf"at iteration {first} \(it started at "):
+        scar.Trainer(client, scar.LinearRegression(learning_rate=learning_rate)).fit(
+            frame, target="y", max_iter=40, progress=False)
 
 
 def test_lbfgs_shortens_a_step_that_would_pass_for_divergence(client):
