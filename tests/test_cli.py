@@ -73,15 +73,25 @@ def test_train_on_parquet_with_a_store_then_resume_and_inspect(tmp_path):
 
 
 def test_train_with_lbfgs_gets_further_than_gradient_descent(tmp_path):
-    path = tmp_path / "data.parquet"
-    synthetic_classification(2000, 5, 3).to_parquet(path)
+    """(and reads CSV files, and trains on the --features named: the text column is left out)"""
+    frame = synthetic_classification(2000, 5, 3)
+    frame.to_parquet(tmp_path / "data.parquet")
+    frame.assign(note="text").to_csv(tmp_path / "data.csv", index=False)
     final = {}
-    for solver in ("gd", "lbfgs"):
-        out = _run("train", str(path), "--target", "label", "--max-iter", "15", "--tol", "0", "--no-progress",
-                   "--workers", "1", "--solver", solver)
+    for solver, data in (("gd", "data.parquet"), ("lbfgs", "data.csv")):
+        out = _run("train", str(tmp_path / data), "--target", "label", "--max-iter", "15", "--tol", "0",
+                   "--no-progress", "--workers", "1", "--solver", solver, "--features", "x0,x1,x2,x3,x4",
+                   "--out", str(tmp_path / f"{solver}.npz"))
         assert out.returncode == 0, out.stderr
         final[solver] = float(out.stdout.split("final loss ")[1].split(";")[0])
     assert final["lbfgs"] < final["gd"] - 0.01, final
+    assert np.load(tmp_path / "lbfgs.npz")["weights"].shape == (6, 3)
+    out = _run("train", str(tmp_path / "data.csv"), "--target", "label", "--max-iter", "2", "--no-progress",
+               "--workers", "1", "--features", "x0,x1")
+    assert out.returncode == 0 and "2 iterations" in out.stdout, out.stderr
+    out = _run("train", str(tmp_path / "data.csv"), "--target", "label", "--max-iter", "2", "--no-progress",
+               "--workers", "1")
+    assert out.returncode != 0 and "'note' (" in out.stderr and "are not numeric" in out.stderr, out.stderr
 
 
 def _periodic(dask_worker) -> dict:
