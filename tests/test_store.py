@@ -16,7 +16,7 @@ from conftest import wait_for
 
 import dask_scar as scar
 from dask_scar.checkpoint import Trend, prepare_chunk
-from dask_scar.chunks import Chunk, ChunkId, split_rows
+from dask_scar.chunks import Chunk, ChunkId, place, split_rows
 from dask_scar.policy import from_json
 from dask_scar.store import ZarrStore, make_layouts, probe
 from dask_scar.trainer import _check_store_path
@@ -41,6 +41,11 @@ def test_blocks_tile_the_chunks_and_never_straddle_them():
         assert sum(blocks, []) == list(range(layout.n_blocks))   # each block in exactly one chunk
     with pytest.raises(ValueError, match="block boundaries"):
         layouts["users"].blocks(5, 64)
+    # each parameter starts on a worker of its own: three chunks each on two workers, three a worker
+    owners = place(split_rows({"users": layouts["users"], "items": layouts["items"]}, 3), ["w-b", "w-a"])
+    assert [(c.name, c.index, w) for c, w in owners.items()] == [
+        ("users", 0, "w-a"), ("users", 1, "w-b"), ("users", 2, "w-a"),
+        ("items", 0, "w-b"), ("items", 1, "w-a"), ("items", 2, "w-b")]
 
 
 def test_write_read_records_and_info(tmp_path):
