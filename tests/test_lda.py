@@ -5,6 +5,7 @@ import types
 import dask
 import dask.dataframe as dd
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import kill_worker, new_cluster
 from distributed import Client
@@ -81,6 +82,24 @@ def test_table_is_the_count_of_the_blocks_assignments(local_run):
     np.testing.assert_array_equal(c.parts["word_topics"], words)
     np.testing.assert_array_equal(block[LOCAL_STATE]["doc_topics"], docs)
     assert c.count == N_TOKENS and c.penalty == 0.0
+
+
+def test_a_token_does_not_count_for_itself():
+    """Collapsed Gibbs samples a token's topic from the counts without it. One token of
+    one word, alone in the corpus: those counts are all zero, every topic is as likely,
+    and it moves to the other of two topics half of the time; counting itself, it would
+    stay with odds 1.1 to 0.1 (alpha 0.1, beta 0.01), moving one time in twelve."""
+    lda = scar.LDA(n_topics=2, alpha=0.1, beta=0.01, subsweeps=1)
+    block = prepare_local(lda, pd.DataFrame({"doc": [0], "word": [0], "count": [1]}))
+    rng = np.random.default_rng(0)
+    state = lda._new_state(block, np.zeros((1, 2)), rng)
+    moves = 0
+    for _ in range(2000):
+        before = int(state["z"][0])
+        table = lda._sweep(state, np.eye(2)[[before]], rng)     # the snapshot holds the token
+        moves += int(state["z"][0]) != before
+        assert table.tolist() == [np.eye(2)[int(state["z"][0])].tolist()]
+    assert 0.45 < moves / 2000 < 0.55
 
 
 @pytest.mark.parametrize("rows", [3, 5000])
