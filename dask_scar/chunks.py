@@ -146,9 +146,11 @@ def detach(chunks: dict[str, Chunk], client_id: str, run: str, epoch: int, progr
     scheduler refuses chunks of an ``epoch`` that ``run`` has left behind.
     """
     worker = get_worker()
+    task = worker.get_current_task()
     nbytes = {key: sizeof(chunk) for key, chunk in chunks.items()}
 
     def register() -> None:
+        let_go_of_inputs(worker, task)
         if worker.batched_stream.closed():
             return      # the scheduler went away: nothing to register with it (send would raise)
         worker.update_data(data=chunks, stimulus_id=f"scar-detach-{time.time()}")
@@ -163,6 +165,24 @@ def detach(chunks: dict[str, Chunk], client_id: str, run: str, epoch: int, progr
         })
 
     worker.loop.add_callback(register)
+
+
+def let_go_of_inputs(worker, key: str | None) -> None:
+    """On the worker's event loop, for the running task ``key``, which has read its
+    inputs: forget which of dask_scar's tasks in memory were its inputs.
+
+    A worker keeps a task it was told to release while a task that read it is known
+    there (Dask keeps the link for as long as both are): each iteration's update, or
+    segment, reads the one before, so every worker kept a record of every past one
+    for the whole fit (two per iteration: +14 KB a worker, 2,000 iterations took it
+    from 138 to 166 MB). Without the link, an input goes once released, as Dask does
+    with one that no task read. (One already released keeps it: it would never go.)"""
+    ts = worker.state.tasks.get(key) if key is not None else None
+    if ts is None:
+        return
+    for dependency in [d for d in ts.dependencies if d.state == "memory" and str(d.key).startswith("scar-")]:
+        ts.dependencies.discard(dependency)
+        dependency.dependents.discard(ts)
 
 
 # -- the copies contributions leave behind ------------------------------------------------

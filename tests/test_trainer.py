@@ -131,6 +131,45 @@ def test_task_count_stays_flat_and_chunks_carry_no_lineage(client, digits):
     assert peaks[400] <= peaks[40] + 6, peaks
 
 
+class _TaskRecords(WorkerPlugin):
+    """The task records a worker holds each time an update or a segment task finishes."""
+
+    name = "scar-test-task-records"
+
+    def setup(self, worker):
+        self.worker, self.counts = worker, []
+
+    def transition(self, key, start, finish, **kwargs):
+        if finish == "memory" and str(key).startswith(("scar-update-", "scar-segment-")):
+            self.counts.append(len(self.worker.state.tasks))
+
+
+def _task_records(dask_worker):
+    return dask_worker.plugins[_TaskRecords.name].counts
+
+
+@pytest.mark.parametrize("mode", ["graphs", "segments"])
+def test_the_workers_task_records_stay_flat(client, digits, mode, monkeypatch):
+    """Each iteration's update (each segment) reads the one before: a worker kept the
+    record of every past one until the fit ended, 2 more per iteration."""
+    from dask_scar import run
+
+    monkeypatch.setattr(run, "SEGMENT_SECONDS", 0.001)      # segments as short as scar.segment-iterations
+    client.register_plugin(_TaskRecords())
+    try:
+        with dask.config.set({"scar.segment-iterations": 2}):
+            scar.Trainer(client, scar.SoftmaxRegression()).fit(
+                digits, target="label", max_iter=200, tol=0, progress=False,
+                callback=(lambda k, loss: None) if mode == "graphs" else None)
+        counts = client.run(_task_records)
+    finally:
+        client.unregister_worker_plugin(_TaskRecords.name)
+    for worker, seen in counts.items():
+        assert len(seen) >= (100 if mode == "graphs" else 50), (worker, len(seen))
+        third = len(seen) // 3
+        assert max(seen[-third:]) <= max(seen[:third]) + 5, (worker, seen)     # (old: +2 an iteration)
+
+
 def _scar_keys(dask_scheduler) -> list[str]:
     return sorted(str(key) for key in dask_scheduler.tasks if str(key).startswith("scar-"))
 
