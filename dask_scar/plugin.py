@@ -563,6 +563,27 @@ def restart_hung(client: Client, workers: set[str], after: float) -> dict[str, f
         return {}
 
 
+def segment_of_another_run(client: Client, keys: list[str]) -> str | None:
+    """The run, not one of ``keys``' own, whose segment runs on the cluster now (its tasks
+    hold workers' threads for the segment's length: other fits' tasks queue behind
+    them); None if none does, or the scheduler cannot tell."""
+    runs = sorted({key.split("-")[2] for key in keys if key.startswith("scar-") and key.count("-") >= 2})
+    try:
+        return client.run_on_scheduler(_segment_of_another_run, runs)
+    except Exception:  # noqa: BLE001
+        logger.debug("could not ask the scheduler for other runs' segments", exc_info=True)
+        return None
+
+
+def _segment_of_another_run(runs: list[str], dask_scheduler=None) -> str | None:
+    for ws in dask_scheduler.workers.values():
+        for ts in ws.processing:
+            key = str(ts.key)
+            if key.startswith(SEGMENT_PREFIX) and key[len(SEGMENT_PREFIX):].split("-")[0] not in runs:
+                return key[len(SEGMENT_PREFIX):].split("-")[0]
+    return None
+
+
 def set_epoch(client: Client, run: str, epoch: int | None) -> None:
     """Tell the scheduler that ``run`` is at ``epoch``: chunks from older epochs are
     refused (``None``: the run ended, all of them are, and the client lets go of them)."""

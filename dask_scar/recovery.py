@@ -60,7 +60,7 @@ from . import config
 from .checkpoint import Trend
 from .chunks import ChunkId, ParameterChunks, place, release_keys, seen_versions
 from .exceptions import SchedulerLostError, ScarError, WorkerLostError
-from .plugin import CLUSTER_TOPIC, restart_hung, say_work, set_epoch, subscribe
+from .plugin import CLUSTER_TOPIC, restart_hung, say_work, segment_of_another_run, set_epoch, subscribe
 
 logger = logging.getLogger(__name__)
 
@@ -733,8 +733,14 @@ def wait_watching(futures: list[Future], watch: ClusterWatch, owners: Callable[[
             watch.restart_hung(owners() | others())
             stuck = warn_paused(info, owners(), watch.paused)
             if now - started > timeout:
-                raise ScarError(f"an iteration took longer than scar.iteration-timeout={timeout:g}s; "
-                                + (pause_advice(stuck) if stuck else hang_advice(watch.hung_after)))
+                other = None if stuck else segment_of_another_run(client, [f.key for f in futures])
+                if other is None:
+                    raise ScarError(f"an iteration took longer than scar.iteration-timeout={timeout:g}s; "
+                                    + (pause_advice(stuck) if stuck else hang_advice(watch.hung_after)))
+                # another fit's segment holds the workers' threads: this fit waits its turn, not a hang
+                logger.warning("dask_scar: this fit's tasks have waited over scar.iteration-timeout=%gs for run %s's "
+                               "segment on the same workers to end; it waits on", timeout, other)
+                started = now
     for f in futures:
         if f.status == "cancelled":
             check_scheduler(client, hint)

@@ -1,5 +1,6 @@
 """ScarPlugin installed the three supported ways, on real schedulers; its turns, and its word to adaptive scaling."""
 
+import logging
 import os
 import re
 import signal
@@ -206,6 +207,31 @@ def test_chunks_of_an_epoch_their_run_left_behind_are_refused(own_client):
     wait_for(lambda: epochs() == ["run-kept"], what="the gone client's run to be forgotten")
     set_epoch(own_client, "run-kept", None)
     assert epochs() == []
+
+
+def test_tasks_queued_behind_another_runs_segment_wait_past_the_timeout(own_client, caplog):
+    """Another fit's segment holds every worker's thread for its length: a fit's tasks
+    queued behind it wait longer than scar.iteration-timeout, and that is no hang."""
+    from dask_scar.plugin import segment_of_another_run
+    from dask_scar.recovery import wait_watching
+
+    client = own_client
+    ensure_plugin(client)
+    workers = sorted(live_workers(client))
+    segments = [client.submit(time.sleep, 6, key=f"scar-segment-other-e0-1-{i}", workers=[w])
+                for i, w in enumerate(workers)]
+    wait_for(lambda: segment_of_another_run(client, ["scar-chunk-mine-w-0-e0-v0"]) == "other",
+             what="the other run's segment to run")
+    assert segment_of_another_run(client, ["scar-chunk-other-w-0-e0-v0"]) is None     # its own
+    mine = [client.submit(int, 1, key="scar-chunk-mine-w-0-e0-v0", workers=[workers[0]])]
+    watch = ClusterWatch(client)
+    try:
+        with caplog.at_level(logging.WARNING, logger="dask_scar"):
+            wait_watching(mine, watch, lambda: set(workers), timeout=1.0, hint="")
+    finally:
+        watch.close()
+    assert mine[0].result() == 1 and all(s.done() for s in segments)
+    assert "waited over scar.iteration-timeout=1s for run other's segment on the same workers" in caplog.text
 
 
 def test_adaptive_target_asks_for_the_workers_the_fits_could_use(own_client):
