@@ -1071,16 +1071,17 @@ def test_a_retired_workers_rows_are_spread_over_the_rest(digits):
 @pytest.mark.slow
 def test_work_beyond_the_workers_memory_ends_the_fit_after_dasks_tries():
     """Workers of 700 MiB. Softmax with 40,000 classes: its tiles shrink to fit
-    (4096 rows' temporaries would take 1.3 GB) and it trains. LDA with one stray count
-    of 50 million: every try kills the worker that draws it; after Dask's
-    allowed-failures (3) the fit says so rather than recover without end."""
+    (4096 rows' temporaries would take 1.3 GB) and it trains. LDA on 50 million tokens
+    in the first rows (50 counts of a million, the most it takes): every try kills the
+    worker that draws them; after Dask's allowed-failures (3) the fit says so rather
+    than recover without end."""
     from distributed import LocalCluster
 
     rng = np.random.default_rng(0)
     frame = pd.DataFrame({"a": rng.standard_normal(4000), "b": rng.standard_normal(4000)})
     frame["price"] = rng.integers(0, 40_000, len(frame))
     corpus, _ = synthetic_corpus(100, 50, n_topics=3, doc_length=30)
-    corpus.loc[0, "count"] = 50_000_000
+    corpus.loc[:49, "count"] = 1_000_000
     with LocalCluster(n_workers=2, threads_per_worker=1, memory_limit="700MiB", dashboard_address=":0",
                       silence_logs=50) as cluster, Client(cluster) as client:
         with pytest.warns(UserWarning, match="without a row"):
