@@ -490,8 +490,8 @@ class ZarrStore(CheckpointStore):
             if CREATING in group.attrs:
                 raise CheckpointError(
                     f"{url} holds a checkpoint store whose creation did not finish (its fit was killed before "
-                    "it had made the store's arrays, or is making them now): it holds nothing. Delete it, or "
-                    "choose another store path")
+                    "it had made the store's arrays, or is making them now): it holds nothing. Unless a fit is "
+                    "starting on it now, delete it; or choose another store path")
             raise StoreMismatchError(f"{url} holds a Zarr group that is not a dask_scar checkpoint store")
         return cls(url, group)
 
@@ -499,11 +499,15 @@ class ZarrStore(CheckpointStore):
     def exists(cls, url: str | os.PathLike) -> bool:
         """True if ``url`` holds a dask_scar store, also one whose creation did not finish
         (:meth:`open` raises for that one)."""
-        try:
-            group = zarr.open_group(_zarr_store(os.fspath(url), read_only=True), mode="r")
-        except (FileNotFoundError, OSError, ValueError):
-            return False
-        return ATTRS in group.attrs or CREATING in group.attrs
+        attrs = _group_attrs(url)
+        return ATTRS in attrs or CREATING in attrs
+
+    @classmethod
+    def creating(cls, url: str | os.PathLike) -> bool:
+        """True if ``url`` holds a store whose creation has not finished (or never will:
+        its fit was killed)."""
+        attrs = _group_attrs(url)
+        return CREATING in attrs and ATTRS not in attrs
 
     @classmethod
     def create(cls, url: str | os.PathLike, model: dict, layouts: dict[str, BlockLayout],
@@ -528,6 +532,16 @@ class ZarrStore(CheckpointStore):
         except OSError as exc:
             raise CheckpointError(f"cannot create the checkpoint store at {url}: {exc}; "
                                   "choose a writable path or URL") from exc
+        # Zarr checks, then writes: two fits creating a store on one path at once may both
+        # pass the check. The one whose group is not there lost, and leaves the other's be.
+        lost = CheckpointError(f"{url} already holds a Zarr group, made just now; choose another store path")
+
+        def mine() -> bool:
+            attrs = _group_attrs(url)
+            return meta["id"] in (attrs.get(CREATING), attrs.get(ATTRS, {}).get("id"))
+
+        if not mine():
+            raise lost
         try:
             for name, lay in layouts.items():
                 group.create_array(f"params/{name}", shape=(SLOTS, *lay.shape), dtype=lay.dtype,
@@ -537,11 +551,15 @@ class ZarrStore(CheckpointStore):
                                    chunks=(1, 1, len(_RECORD)), fill_value=NEVER, compressors=[Crc32cCodec()])
             group.attrs.put({ATTRS: meta, "writer": writer})
         except BaseException as exc:
+            if not mine():
+                raise lost from None
             _remove_unfinished(zstore, made_root)
             if isinstance(exc, OSError):
                 raise CheckpointError(f"cannot create the checkpoint store at {url}: {exc}; "
                                       "choose a writable path or URL") from exc
             raise
+        if not mine():
+            raise lost
         return cls(url, group)
 
     # -- primitives ------------------------------------------------------------------
@@ -670,8 +688,10 @@ class ZarrStore(CheckpointStore):
                            exc_info=True)
 
     def destroy(self) -> None:
-        """Delete the whole store."""
-        sync(self.group.store.delete_dir(""))
+        """Delete the whole store, if it is still this one (another fit creating a store
+        on the same path at the same moment may have made its own there)."""
+        if _group_attrs(self.url).get(ATTRS, {}).get("id") == self.meta["id"]:
+            sync(self.group.store.delete_dir(""))
 
     def release(self, run: str) -> None:
         """``run`` has ended: no fit writes here now (unless another claimed the store
@@ -808,6 +828,14 @@ class ZarrStore(CheckpointStore):
                            for kind in ("params", "saved")]))
 
 
+def _group_attrs(url: str | os.PathLike) -> dict:
+    """The attributes of the Zarr group at ``url`` (empty where there is none)."""
+    try:
+        return dict(zarr.open_group(_zarr_store(os.fspath(url), read_only=True), mode="r").attrs)
+    except (FileNotFoundError, OSError, ValueError):
+        return {}
+
+
 #: How long a failed :meth:`ZarrStore.create` waits for the writes still in flight to end.
 SETTLE_SECONDS = 10.0
 
@@ -836,25 +864,32 @@ async def _settled() -> None:
         await asyncio.wait(others, timeout=SETTLE_SECONDS)
 
 
+PROBE_PREFIX = ".scar-probe-"       # the scratch objects of probe()
+
+
 def probe(url: str | os.PathLike) -> None:
     """Write and delete a scratch object at ``url``: raises :class:`CheckpointError`
     where this process cannot write there. The store's local directory, if it made it,
     goes again (a fit that fails before it creates its store leaves no store directory;
     parent directories it made stay)."""
     url = os.fspath(url)
-    key = f".scar-probe-{uuid.uuid4().hex}"
-    made_root = False
-    try:
-        store = _zarr_store(url, read_only=False)
-        made_root = _makes_root(store)
-        sync(store.set(key, default_buffer_prototype().buffer.from_bytes(b"probe")))
-        sync(store.delete(key))
-    except Exception as exc:  # noqa: BLE001  (whatever the reason, it cannot be written)
-        raise CheckpointError(f"cannot write to the checkpoint store at {url}: {exc}; "
-                              "choose a writable path or URL") from exc
-    finally:
-        if made_root:
-            _remove_root(store)
+    key = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
+    for tries in range(3, 0, -1):
+        made_root = False
+        try:
+            store = _zarr_store(url, read_only=False)
+            made_root = _makes_root(store)
+            sync(store.set(key, default_buffer_prototype().buffer.from_bytes(b"probe")))
+            sync(store.delete(key))
+            return
+        except Exception as exc:  # noqa: BLE001  (whatever the reason, it cannot be written)
+            # (a directory that went meanwhile: another fit's probe of the same path removed it)
+            if not isinstance(exc, FileNotFoundError) or tries == 1:
+                raise CheckpointError(f"cannot write to the checkpoint store at {url}: {exc}; "
+                                      "choose a writable path or URL") from exc
+        finally:
+            if made_root:
+                _remove_root(store)
 
 
 def _makes_root(store: zarr.abc.store.Store) -> bool:

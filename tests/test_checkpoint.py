@@ -339,6 +339,31 @@ def test_a_store_that_a_fit_left_with_nothing_saved_is_started_afresh(client, di
                                                                            progress=False)
 
 
+def test_two_fits_started_on_one_new_store_at_once(client, digits, tmp_path):
+    """One trains; the other is told which run writes the store, whichever step of its
+    start found it (a group made while it loaded its data; a creation in progress)."""
+    store = tmp_path / "ckpt.zarr"
+    outcomes = {}
+
+    def fit(name):
+        try:
+            outcomes[name] = scar.Trainer(client, scar.SoftmaxRegression(), store=store).fit(
+                digits, target="label", max_iter=5, progress=False).n_iter
+        except Exception as exc:       # noqa: BLE001 -- said below
+            outcomes[name] = exc
+
+    for _ in range(3):
+        shutil.rmtree(store, ignore_errors=True)
+        threads = [threading.Thread(target=fit, args=(name,)) for name in "ab"]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        errors = [o for o in outcomes.values() if isinstance(o, Exception)]
+        assert sorted(o for o in outcomes.values() if not isinstance(o, Exception)) == [5] and len(errors) == 1
+        assert re.search(r"already holds a dask_scar checkpoint( that run \w+ writes)?.*(resume=True)", str(errors[0]))
+
+
 def test_a_fit_interrupted_while_it_creates_its_store_can_start_afresh(client, digits, tmp_path, monkeypatch):
     import zarr
 

@@ -19,6 +19,7 @@ from dask_scar.checkpoint import Trend, prepare_chunk
 from dask_scar.chunks import Chunk, ChunkId, place, split_rows
 from dask_scar.policy import from_json
 from dask_scar.store import ZarrStore, make_layouts, probe
+from dask_scar import trainer
 from dask_scar.trainer import _check_store_path
 
 MODEL = {"class": "dask_scar.models.softmax.SoftmaxRegression", "params": {"l2": 0.0001}}
@@ -336,7 +337,7 @@ def test_an_interrupted_create_leaves_nothing_a_fresh_fit_trips_over(tmp_path, m
     assert volume.is_dir() and os.listdir(volume) == []
 
 
-def test_a_store_whose_creation_was_killed_says_to_delete_it(tmp_path):
+def test_a_store_whose_creation_was_killed_says_to_delete_it(tmp_path, monkeypatch):
     # the driver SIGKILLed while it created the store: nothing could tidy up
     path = tmp_path / "ckpt.zarr"
     script = textwrap.dedent(f"""
@@ -353,10 +354,14 @@ def test_a_store_whose_creation_was_killed_says_to_delete_it(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == -9, done.stderr
     assert (path / "zarr.json").exists()
-    unfinished = rf"{path} holds a checkpoint store whose creation did not finish .* Delete it, or choose another"
+    unfinished = (rf"{path} holds a checkpoint store whose creation did not finish .* Unless a fit is starting on "
+                  "it now, delete it; or choose another")
+    monkeypatch.setattr(trainer, "MADE_MEANWHILE_SECONDS", 0.5)     # (as long it waits for a creation to end)
     for resume in (False, True):
+        started = time.monotonic()
         with pytest.raises(scar.CheckpointError, match=unfinished):
             _check_store_path(str(path), resume=resume)
+        assert time.monotonic() - started >= 0.5
     with pytest.raises(scar.CheckpointError, match=unfinished):
         scar.open_store(path)
     # a store an array of which is gone (deleted by hand): damaged, whether resumed or not
