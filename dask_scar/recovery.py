@@ -88,7 +88,8 @@ class RecoveryEvent:
     models, or the copy of an earlier iteration a contribution task left:
     ``peer_iterations`` behind, in all), ``moved_chunks`` were taken over from a
     surviving copy of their current value (a graceful retirement, ``retired``, moves
-    them all).
+    them all; inside a segment, the live workers' copies are current, and serve). A
+    retirement is logged at INFO, a loss at WARNING.
     So ``lost_chunks`` may be empty although chunks died with the worker: none
     needed the store. ``seconds`` run from the moment the driver learned of the loss
     to the moment the restored chunks were in place (``noticed_at``: the wall-clock

@@ -496,7 +496,8 @@ class TrainingRun:
         if self.ckpt is not None:
             self.ckpt.recovered()
         with self.bar.external_write_mode():    # on a line of its own, not after the bar's
-            logger.warning("dask_scar: %s", event.describe())
+            # (a retirement is the cluster's own doing, scaling down: nothing was lost)
+            logger.log(logging.INFO if event.retired else logging.WARNING, "dask_scar: %s", event.describe())
         self.events.append(event)
         self.note = _join(self.note, event.describe())
         self.give_up_when_fruitless(event, k)

@@ -652,13 +652,16 @@ def test_full_recovery_inside_a_segment_rolls_back_to_a_state_the_store_holds_wh
 
 
 @pytest.mark.slow
-def test_graceful_retirement_moves_chunks_without_restoring(tmp_path, digits):
-    with new_cluster(3) as cluster, scar_client(cluster) as client:
+def test_graceful_retirement_moves_chunks_without_restoring(tmp_path, digits, caplog):
+    with new_cluster(3) as cluster, scar_client(cluster) as client, caplog.at_level(logging.INFO, "dask_scar"):
         victim = sorted(live_workers(client))[0]
         hyper = dict(l2=1e-4, learning_rate=0.5, momentum=0.9)
         result = scar.Trainer(client, scar.SoftmaxRegression(**hyper), store=tmp_path / "ckpt.zarr", n_chunks=6).fit(
             digits, target="label", max_iter=60, tol=0, progress=False,
             callback=once_at(20, lambda: client.retire_workers([victim])))
+    # scaling down is no loss: said at INFO
+    said = [r for r in caplog.records if f"worker {victim} retired at iteration 21" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.INFO]
     (event,) = result.events
     assert event.lost_chunks == [] and len(event.moved_chunks) == 2 and event.bytes_read == 0
     assert event.worker == victim and event.est_perturbation == 0 and event.retired
