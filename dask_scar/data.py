@@ -122,15 +122,26 @@ def _numbers(data: pd.DataFrame | pd.Series, dtype: str) -> tuple[np.ndarray, np
     integer = dtype.startswith("int")
     columns = list(data.items()) if isinstance(data, pd.DataFrame) else [(data.name, data)]
     # (NumPy turns dates into numbers: a partition whose dtype is not the frame's says so)
-    odd = [(name, column) for name, column in columns if not numeric(column.dtype)]
+    odd = [(name, column) for name, column in columns if _temporal(column.dtype)]
     if odd:
-        raise DataError(_not_numbers(odd, TypeError("not a type of numbers")))
+        raise DataError(_not_numbers(odd, TypeError("dates, times or durations are not numbers")))
     try:
         with np.errstate(over="ignore"):
             values = data.to_numpy(dtype=np.float64 if integer else dtype, na_value=np.nan)
     except (TypeError, ValueError) as exc:
         raise DataError(_not_numbers(columns, exc)) from None
     return values, (np.nan_to_num(values).astype(dtype) if integer else values)
+
+
+def _temporal(dtype: Any) -> bool:
+    """Dates, times, durations, periods or intervals: NumPy would make them numbers."""
+    if isinstance(dtype, (pd.PeriodDtype, pd.IntervalDtype)):
+        return True
+    if isinstance(dtype, pd.ArrowDtype):
+        import pyarrow as pa
+
+        return pa.types.is_temporal(dtype.pyarrow_dtype)
+    return pd.api.types.is_datetime64_any_dtype(dtype) or pd.api.types.is_timedelta64_dtype(dtype)
 
 
 def _not_numbers(columns: list[tuple[Any, pd.Series]], exc: Exception) -> str:

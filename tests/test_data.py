@@ -126,10 +126,14 @@ def test_dates_in_a_partition_whose_dtype_said_numbers_are_named(client):
     """A wrong ``meta``: NumPy would turn the dates into numbers and train on them."""
     frame = _frame()
     ddf = dd.from_pandas(frame, npartitions=2).map_partitions(_dates_in_late_rows, meta=frame.iloc[:0])
-    with pytest.raises(DataError, match=r"column 'b' holds values that are not numbers in one partition \(not a "
-                                        r"type of numbers; there its dtype is datetime64\[\w+\]\), though the "
-                                        r"frame's dtypes say numbers"):
+    with pytest.raises(DataError, match=r"column 'b' holds values that are not numbers in one partition \(dates, "
+                                        r"times or durations are not numbers; there its dtype is datetime64\[\w+\]\), "
+                                        r"though the frame's dtypes say numbers"):
         data.prepare(client, scar.SoftmaxRegression(), ddf, "label", None)
+    # numbers held as objects in a partition convert, as they did
+    objects = dd.from_pandas(frame, npartitions=2).map_partitions(lambda f: f.astype({"b": object}),
+                                                                  meta=frame.iloc[:0])
+    assert data.prepare(client, scar.SoftmaxRegression(), objects, "label", None).n_rows == len(frame)
 
 
 def test_a_column_summary_counts_every_row_of_a_long_partition():
