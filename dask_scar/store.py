@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -47,6 +48,7 @@ import pandas as pd
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.buffer import Buffer, default_buffer_prototype
+from zarr.core.group import GroupMetadata
 from zarr.core.sync import sync
 
 from .exceptions import CheckpointError, MissingPackageError, StoreMismatchError
@@ -58,6 +60,8 @@ ATTRS = "dask_scar"
 #: The attribute a store has in place of :data:`ATTRS` while :meth:`ZarrStore.create`
 #: makes its arrays: a store that still has it was never finished (its driver was killed).
 CREATING = "dask_scar_creating"
+#: An unfinished store whose metadata is younger than this is a creation in progress.
+CREATION_SECONDS = 10.0
 NEVER = -1
 #: A version's record. ``check``: the last 4 bytes of its stored data chunk (the
 #: chunk's CRC-32C), so that data a write cut short left under an older record is
@@ -503,13 +507,6 @@ class ZarrStore(CheckpointStore):
         return ATTRS in attrs or CREATING in attrs
 
     @classmethod
-    def creating(cls, url: str | os.PathLike) -> bool:
-        """True if ``url`` holds a store whose creation has not finished (or never will:
-        its fit was killed)."""
-        attrs = _group_attrs(url)
-        return CREATING in attrs and ATTRS not in attrs
-
-    @classmethod
     def create(cls, url: str | os.PathLike, model: dict, layouts: dict[str, BlockLayout],
                policy: dict | None, writer: str | None = None) -> ZarrStore:
         """Create an empty store (the driver does this once, before training), claimed
@@ -526,22 +523,20 @@ class ZarrStore(CheckpointStore):
         try:
             zstore = _zarr_store(url, read_only=False)
             made_root = _makes_root(zstore)
-            group = zarr.open_group(zstore, mode="w-", attributes={CREATING: meta["id"]})
-        except (zarr.errors.ContainsGroupError, FileExistsError):
-            raise CheckpointError(f"{url} already holds a Zarr group; choose another store path") from None
+            # Zarr's mode="w-" checks, then writes: two fits creating a store on one path at once
+            # could both pass the check. The group's metadata is written where none is (at once,
+            # in a local directory), and the fit goes on only if what is there is its own.
+            metadata = GroupMetadata(attributes={CREATING: meta["id"]}).to_buffer_dict(default_buffer_prototype())
+            sync(zstore.set_if_not_exists("zarr.json", metadata["zarr.json"]))
+            if _group_attrs(url).get(CREATING) != meta["id"]:
+                raise CheckpointError(f"{url} already holds a Zarr group, or another fit is creating its store "
+                                      "there; choose another store path")
+            group = zarr.open_group(zstore, mode="r+")
+        except CheckpointError:
+            raise
         except OSError as exc:
             raise CheckpointError(f"cannot create the checkpoint store at {url}: {exc}; "
                                   "choose a writable path or URL") from exc
-        # Zarr checks, then writes: two fits creating a store on one path at once may both
-        # pass the check. The one whose group is not there lost, and leaves the other's be.
-        lost = CheckpointError(f"{url} already holds a Zarr group, made just now; choose another store path")
-
-        def mine() -> bool:
-            attrs = _group_attrs(url)
-            return meta["id"] in (attrs.get(CREATING), attrs.get(ATTRS, {}).get("id"))
-
-        if not mine():
-            raise lost
         try:
             for name, lay in layouts.items():
                 group.create_array(f"params/{name}", shape=(SLOTS, *lay.shape), dtype=lay.dtype,
@@ -551,15 +546,11 @@ class ZarrStore(CheckpointStore):
                                    chunks=(1, 1, len(_RECORD)), fill_value=NEVER, compressors=[Crc32cCodec()])
             group.attrs.put({ATTRS: meta, "writer": writer})
         except BaseException as exc:
-            if not mine():
-                raise lost from None
             _remove_unfinished(zstore, made_root)
             if isinstance(exc, OSError):
                 raise CheckpointError(f"cannot create the checkpoint store at {url}: {exc}; "
                                       "choose a writable path or URL") from exc
             raise
-        if not mine():
-            raise lost
         return cls(url, group)
 
     # -- primitives ------------------------------------------------------------------
@@ -826,6 +817,21 @@ class ZarrStore(CheckpointStore):
 
         return sync(total([self._array(f"{kind}/{name}").store_path for name in self.layouts
                            for kind in ("params", "saved")]))
+
+
+def being_created(url: str | os.PathLike) -> bool:
+    """Whether another fit is creating a store at ``url`` right now: the store is not
+    finished, and its metadata is under :data:`CREATION_SECONDS` old. (Said of local
+    directories only: elsewhere, False.)"""
+    path = local_path(os.fspath(url))
+    if path is None:
+        return False
+    try:
+        age = time.time() - os.path.getmtime(os.path.join(path, "zarr.json"))
+    except OSError:
+        return False
+    attrs = _group_attrs(url)
+    return abs(age) < CREATION_SECONDS and CREATING in attrs and ATTRS not in attrs
 
 
 def _group_attrs(url: str | os.PathLike) -> dict:

@@ -31,7 +31,7 @@ from .policy import CheckpointPolicy, default_policy, from_json
 from .recovery import (RUN_SECONDS, RecoveryEvent, Restore, cancelled, check_scheduler, ctrl_c_after,
                        interruptible, live_or_wait, live_workers, run_on)
 from .run import TrainingRun, history_frame
-from .store import PROBE_PREFIX, ZarrStore, local_path, make_layouts, probe
+from .store import PROBE_PREFIX, ZarrStore, being_created, local_path, make_layouts, probe
 
 logger = logging.getLogger(__name__)
 
@@ -472,24 +472,12 @@ def _writing(store: ZarrStore) -> str:
             "from it, and it stops checkpointing")
 
 
-#: How long a fit that found another's store made where it was to make its own waits
-#: for that store's creation to finish, to say whose it is.
-MADE_MEANWHILE_SECONDS = 10.0
-
-
-def _open_once_made(url: str) -> ZarrStore:
-    """``ZarrStore.open(url)``, after up to :data:`MADE_MEANWHILE_SECONDS` for a creation
-    in progress to finish (another fit starting on the same path at the same moment)."""
-    deadline = time.monotonic() + MADE_MEANWHILE_SECONDS
-    while True:
-        try:
-            return ZarrStore.open(url)
-        except CheckpointError:
-            if time.monotonic() > deadline:
-                raise
-            if not ZarrStore.creating(url):
-                return ZarrStore.open(url)      # made meanwhile, or its own error
-            time.sleep(0.1)
+def _wait_for_a_creation(url: str) -> None:
+    """While another fit creates its store at ``url`` (a fit started on the same path at
+    the same moment: see :func:`dask_scar.store.being_created`), for at most
+    ``CREATION_SECONDS``."""
+    while being_created(url):
+        time.sleep(0.1)
 
 
 def _entries(path: str) -> list[str]:
@@ -501,23 +489,14 @@ def _entries(path: str) -> list[str]:
         return []
 
 
-def _becomes_a_store(url: str) -> bool:
-    """Whether ``url`` holds a dask_scar store within :data:`MADE_MEANWHILE_SECONDS`."""
-    deadline = time.monotonic() + MADE_MEANWHILE_SECONDS
-    while not ZarrStore.exists(url):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
 def _made_meanwhile(url: str) -> None:
     """Where this fit could not create its store because a group appeared at ``url``
     since the fit started (another fit started on the same path at the same moment):
     raise :class:`CheckpointError` naming the run that writes it. Returns if it holds
     no dask_scar store."""
+    _wait_for_a_creation(url)
     if ZarrStore.exists(url):
-        store = _open_once_made(url)
+        store = ZarrStore.open(url)     # (one whose creation did not finish says so)
         raise CheckpointError(
             f"{url} already holds a dask_scar checkpoint{_writing(store)}; another fit created it after this one "
             "started. Pass resume=True (--resume on the command line) to continue from it, or choose another "
@@ -528,10 +507,11 @@ def _check_store_path(url: str, resume: bool, model: dict | None = None) -> None
     """Before any work: the store path suits ``resume`` and can be written, and a store
     to resume was written for ``model`` (:meth:`_store_model`: its class and columns)."""
     path = local_path(url)
+    _wait_for_a_creation(url)
     if ZarrStore.exists(url):
         # one whose creation did not finish, or that lost an array, says so the same
         # way whether resumed or not: neither can be resumed
-        store = _open_once_made(url)
+        store = ZarrStore.open(url)
         store.check_arrays()
         if resume:
             if model is not None:
@@ -549,8 +529,6 @@ def _check_store_path(url: str, resume: bool, model: dict | None = None) -> None
         raise CheckpointError(f"resume=True, but there is no dask_scar checkpoint store at {url}")
     held = _entries(path) if not resume and path is not None else []
     if held:
-        if any(name.startswith("zarr.json") for name in held) and _becomes_a_store(url):
-            return _check_store_path(url, resume, model)
         raise CheckpointError(f"{url} is a directory that is not empty and holds no readable dask_scar "
                               "checkpoint: choose a new (or empty) path for the store")
     probe(url)

@@ -17,9 +17,9 @@ from conftest import wait_for
 import dask_scar as scar
 from dask_scar.checkpoint import Trend, prepare_chunk
 from dask_scar.chunks import Chunk, ChunkId, place, split_rows
+from dask_scar import store as store_module
 from dask_scar.policy import from_json
-from dask_scar.store import ZarrStore, make_layouts, probe
-from dask_scar import trainer
+from dask_scar.store import ZarrStore, being_created, make_layouts, probe
 from dask_scar.trainer import _check_store_path
 
 MODEL = {"class": "dask_scar.models.softmax.SoftmaxRegression", "params": {"l2": 0.0001}}
@@ -356,12 +356,11 @@ def test_a_store_whose_creation_was_killed_says_to_delete_it(tmp_path, monkeypat
     assert (path / "zarr.json").exists()
     unfinished = (rf"{path} holds a checkpoint store whose creation did not finish .* Unless a fit is starting on "
                   "it now, delete it; or choose another")
-    monkeypatch.setattr(trainer, "MADE_MEANWHILE_SECONDS", 0.5)     # (as long it waits for a creation to end)
+    assert being_created(path)      # (as another fit making its store looks)
+    monkeypatch.setattr(store_module, "CREATION_SECONDS", 0.0)      # (a creation younger than that: waited for)
     for resume in (False, True):
-        started = time.monotonic()
         with pytest.raises(scar.CheckpointError, match=unfinished):
             _check_store_path(str(path), resume=resume)
-        assert time.monotonic() - started >= 0.5
     with pytest.raises(scar.CheckpointError, match=unfinished):
         scar.open_store(path)
     # a store an array of which is gone (deleted by hand): damaged, whether resumed or not
