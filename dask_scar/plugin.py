@@ -564,23 +564,32 @@ def restart_hung(client: Client, workers: set[str], after: float) -> dict[str, f
 
 
 def segment_of_another_run(client: Client, keys: list[str]) -> str | None:
-    """The run, not one of ``keys``' own, whose segment runs on the cluster now (its tasks
-    hold workers' threads for the segment's length: other fits' tasks queue behind
-    them); None if none does, or the scheduler cannot tell."""
-    runs = sorted({key.split("-")[2] for key in keys if key.startswith("scar-") and key.count("-") >= 2})
+    """The run, not one of ``keys``' own, whose segment runs now on a worker that one of
+    ``keys``' tasks (or its inputs' tasks) waits on: a segment's tasks hold their
+    workers' threads for the segment's length, and other fits' tasks queue behind them.
+    None if there is none, or the scheduler cannot tell."""
     try:
-        return client.run_on_scheduler(_segment_of_another_run, runs)
+        return client.run_on_scheduler(_segment_of_another_run, list(keys))
     except Exception:  # noqa: BLE001
         logger.debug("could not ask the scheduler for other runs' segments", exc_info=True)
         return None
 
 
-def _segment_of_another_run(runs: list[str], dask_scheduler=None) -> str | None:
-    for ws in dask_scheduler.workers.values():
-        for ts in ws.processing:
-            key = str(ts.key)
-            if key.startswith(SEGMENT_PREFIX) and key[len(SEGMENT_PREFIX):].split("-")[0] not in runs:
-                return key[len(SEGMENT_PREFIX):].split("-")[0]
+def _run_of(key: str) -> str:
+    return key.split("-")[2]       # scar-<kind>-<run>-...
+
+
+def _segment_of_another_run(keys: list[str], dask_scheduler=None) -> str | None:
+    runs = {_run_of(key) for key in keys if key.startswith("scar-") and key.count("-") >= 2}
+    waiting = [dask_scheduler.tasks.get(key) for key in keys]
+    for ts in [t for w in waiting if w is not None for t in (w, *w.dependencies)]:
+        ws = ts.processing_on
+        if ws is None or ts.state != "processing":
+            continue
+        for other in ws.processing:
+            key = str(other.key)
+            if key.startswith(SEGMENT_PREFIX) and _run_of(key) not in runs:
+                return _run_of(key)
     return None
 
 

@@ -210,8 +210,11 @@ def test_chunks_of_an_epoch_their_run_left_behind_are_refused(own_client):
 
 
 def test_tasks_queued_behind_another_runs_segment_wait_past_the_timeout(own_client, caplog):
-    """Another fit's segment holds every worker's thread for its length: a fit's tasks
-    queued behind it wait longer than scar.iteration-timeout, and that is no hang."""
+    """Another fit's segment holds a worker's thread for its length: a fit's task queued
+    behind it there waits longer than scar.iteration-timeout, and that is no hang. A
+    task of the fit that hangs on another worker is one, segment or not."""
+    from distributed import wait
+
     from dask_scar.plugin import segment_of_another_run
     from dask_scar.recovery import wait_watching
 
@@ -220,18 +223,28 @@ def test_tasks_queued_behind_another_runs_segment_wait_past_the_timeout(own_clie
     workers = sorted(live_workers(client))
     segments = [client.submit(time.sleep, 6, key=f"scar-segment-other-e0-1-{i}", workers=[w])
                 for i, w in enumerate(workers)]
-    wait_for(lambda: segment_of_another_run(client, ["scar-chunk-mine-w-0-e0-v0"]) == "other",
-             what="the other run's segment to run")
-    assert segment_of_another_run(client, ["scar-chunk-other-w-0-e0-v0"]) is None     # its own
+    wait_for(lambda: len(client.processing()[workers[0]]) == 1, what="the other run's segment to run")
     mine = [client.submit(int, 1, key="scar-chunk-mine-w-0-e0-v0", workers=[workers[0]])]
+    wait_for(lambda: len(client.processing()[workers[0]]) == 2, what="this fit's task to queue")
+    assert segment_of_another_run(client, [mine[0].key]) == "other"
+    assert segment_of_another_run(client, ["scar-chunk-other-w-0-e0-v0"]) is None    # its own segment
     watch = ClusterWatch(client)
     try:
         with caplog.at_level(logging.WARNING, logger="dask_scar"):
             wait_watching(mine, watch, lambda: set(workers), timeout=1.0, hint="")
+        assert mine[0].result() == 1
+        assert "waited over scar.iteration-timeout=1s for run other's segment on the same workers" in caplog.text
+        wait(segments)
+        # the other run's segment on one worker, this fit's task hung on the other
+        segments = [client.submit(time.sleep, 6, key="scar-segment-other-e0-2-1", workers=[workers[1]])]
+        hung = [client.submit(time.sleep, 8, key="scar-chunk-mine-w-0-e0-v1", workers=[workers[0]])]
+        wait_for(lambda: all(len(client.processing()[w]) == 1 for w in workers), what="both to run")
+        started = time.monotonic()
+        with pytest.raises(scar.ScarError, match="took longer than scar.iteration-timeout=1s"):
+            wait_watching(hung, watch, lambda: set(workers), timeout=1.0, hint="")
+        assert time.monotonic() - started < 5
     finally:
         watch.close()
-    assert mine[0].result() == 1 and all(s.done() for s in segments)
-    assert "waited over scar.iteration-timeout=1s for run other's segment on the same workers" in caplog.text
 
 
 def test_adaptive_target_asks_for_the_workers_the_fits_could_use(own_client):
