@@ -48,6 +48,7 @@ import pandas as pd
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.buffer import Buffer, default_buffer_prototype
+from zarr.core.common import concurrent_map
 from zarr.core.group import GroupMetadata
 from zarr.core.sync import sync
 
@@ -812,7 +813,8 @@ class ZarrStore(CheckpointStore):
             sizes = []
             for where in places:
                 keys = [key async for key in where.store.list_prefix(where.path) if not key.endswith(".partial")]
-                sizes += await asyncio.gather(*(size(where.store, key) for key in keys))
+                sizes += await concurrent_map([(where.store, key) for key in keys], size,
+                                              limit=zarr.config.get("async.concurrency"))
             return sum(sizes)
 
         return sync(total([self._array(f"{kind}/{name}").store_path for name in self.layouts
