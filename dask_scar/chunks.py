@@ -146,7 +146,7 @@ def detach(chunks: dict[str, Chunk], client_id: str, run: str, epoch: int, progr
     scheduler refuses chunks of an ``epoch`` that ``run`` has left behind.
     """
     worker = get_worker()
-    task = worker.get_current_task()
+    task = worker.active_threads.get(threading.get_ident())     # (get_current_task, where it is one)
     nbytes = {key: sizeof(chunk) for key, chunk in chunks.items()}
 
     def register() -> None:

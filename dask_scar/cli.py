@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import re
 import signal
@@ -246,7 +247,8 @@ def train(args: argparse.Namespace) -> int:
         try:
             client = Client(cluster)
         except BaseException:
-            cluster.close()
+            with contextlib.suppress(Exception):    # (the client's error is the one to see)
+                cluster.close()
             raise
     try:
         features = args.features.split(",") if args.features else None

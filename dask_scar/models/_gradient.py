@@ -285,8 +285,9 @@ class GradientModel(Model):
             raise DataError(f"expected the {len(features)} feature column(s) as a frame, got a Dask Series: pass "
                             "the frame, or series.to_frame()")
         if hasattr(data, "columns"):
+            has = list(data.columns)
             require_columns(data.columns, features, f": the model was fitted on {features}; the data has "
-                                                    f"{list(data.columns)}")
+                                                    f"{has[:20]}{f' and {len(has) - 20} more' if len(has) > 20 else ''}")
             require_numeric(data.dtypes, features, "the model was fitted on numbers: encode them as for training")
         if hasattr(data, "map_partitions"):  # Dask DataFrame: stay lazy
 
