@@ -221,7 +221,7 @@ def test_tasks_queued_behind_another_runs_segment_wait_past_the_timeout(own_clie
     client = own_client
     ensure_plugin(client)
     workers = sorted(live_workers(client))
-    segments = [client.submit(time.sleep, 6, key=f"scar-segment-other-e0-1-{i}", workers=[w])
+    segments = [client.submit(time.sleep, 4, key=f"scar-segment-other-e0-1-{i}", workers=[w])
                 for i, w in enumerate(workers)]
     wait_for(lambda: len(client.processing()[workers[0]]) == 1, what="the other run's segment to run")
     mine = [client.submit(int, 1, key="scar-chunk-mine-w-0-e0-v0", workers=[workers[0]])]
@@ -236,8 +236,8 @@ def test_tasks_queued_behind_another_runs_segment_wait_past_the_timeout(own_clie
         assert "waited over scar.iteration-timeout=1s for run other's segment on the same workers" in caplog.text
         wait(segments)
         # the other run's segment on one worker, this fit's task hung on the other
-        segments = [client.submit(time.sleep, 6, key="scar-segment-other-e0-2-1", workers=[workers[1]])]
-        hung = [client.submit(time.sleep, 8, key="scar-chunk-mine-w-0-e0-v1", workers=[workers[0]])]
+        segments = [client.submit(time.sleep, 5, key="scar-segment-other-e0-2-1", workers=[workers[1]])]
+        hung = [client.submit(time.sleep, 5, key="scar-chunk-mine-w-0-e0-v1", workers=[workers[0]])]
         wait_for(lambda: all(len(client.processing()[w]) == 1 for w in workers), what="both to run")
         started = time.monotonic()
         with pytest.raises(scar.ScarError, match="took longer than scar.iteration-timeout=1s"):
