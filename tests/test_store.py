@@ -357,6 +357,11 @@ def test_a_store_whose_creation_was_killed_says_to_delete_it(tmp_path, monkeypat
     unfinished = (rf"{path} holds a checkpoint store whose creation did not finish .* Unless a fit is starting on "
                   "it now, delete it; or choose another")
     assert being_created(path)      # (as another fit making its store looks)
+    plain = tmp_path / "plain.zarr"     # a user's own Zarr group is no store being made: nothing to wait for
+    zarr.open_group(str(plain), mode="w", attributes={"owner": "someone"})
+    assert not being_created(plain)
+    with pytest.raises(scar.CheckpointError, match="is a directory that is not empty and holds no readable"):
+        _check_store_path(str(plain), resume=False)
     monkeypatch.setattr(store_module, "CREATION_SECONDS", 0.0)      # (a creation younger than that: waited for)
     for resume in (False, True):
         with pytest.raises(scar.CheckpointError, match=unfinished):
