@@ -120,16 +120,18 @@ def _numbers(data: pd.DataFrame | pd.Series, dtype: str) -> tuple[np.ndarray, np
     columns become NaN/0/1; an out-of-range value becomes inf, reported with its
     column's name."""
     integer = dtype.startswith("int")
-    columns = list(data.items()) if isinstance(data, pd.DataFrame) else [(data.name, data)]
     # (NumPy turns dates into numbers: a partition whose dtype is not the frame's says so)
-    odd = [(name, column) for name, column in columns if _temporal(column.dtype)]
-    if odd:
-        raise DataError(_not_numbers(odd, TypeError("dates, times or durations are not numbers")))
+    if isinstance(data, pd.DataFrame):
+        odd = [name for name, kind in data.dtypes.items() if _temporal(kind)]
+        if odd:
+            raise DataError(_not_numbers(data[odd], TypeError("dates, times or durations are not numbers")))
+    elif _temporal(data.dtype):
+        raise DataError(_not_numbers(data, TypeError("dates, times or durations are not numbers")))
     try:
         with np.errstate(over="ignore"):
             values = data.to_numpy(dtype=np.float64 if integer else dtype, na_value=np.nan)
     except (TypeError, ValueError) as exc:
-        raise DataError(_not_numbers(columns, exc)) from None
+        raise DataError(_not_numbers(data, exc)) from None
     return values, (np.nan_to_num(values).astype(dtype) if integer else values)
 
 
@@ -144,10 +146,11 @@ def _temporal(dtype: Any) -> bool:
     return pd.api.types.is_datetime64_any_dtype(dtype) or pd.api.types.is_timedelta64_dtype(dtype)
 
 
-def _not_numbers(columns: list[tuple[Any, pd.Series]], exc: Exception) -> str:
-    """What to say of a partition whose ``columns`` (name, values) do not all convert
-    to numbers, though the frame's dtypes said they would (files of one dataset that
-    disagree, a wrong ``meta``): the first that does not convert alone, else the first."""
+def _not_numbers(data: pd.DataFrame | pd.Series, exc: Exception) -> str:
+    """What to say of a partition whose columns do not all convert to numbers, though
+    the frame's dtypes said they would (files of one dataset that disagree, a wrong
+    ``meta``): the first column that does not convert alone, else the first."""
+    columns = list(data.items()) if isinstance(data, pd.DataFrame) else [(data.name, data)]
     for name, column in columns:
         try:
             column.to_numpy(dtype=np.float64, na_value=np.nan)
