@@ -40,6 +40,7 @@ import math
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -528,7 +529,7 @@ class ZarrStore(CheckpointStore):
             # could both pass the check. The group's metadata is written where none is (at once,
             # in a local directory), and the fit goes on only if what is there is its own.
             metadata = GroupMetadata(attributes={CREATING: meta["id"]}).to_buffer_dict(default_buffer_prototype())
-            sync(zstore.set_if_not_exists("zarr.json", metadata["zarr.json"]))
+            _past_directory_races(lambda: sync(zstore.set_if_not_exists("zarr.json", metadata["zarr.json"])))
             if _group_attrs(url).get(CREATING) != meta["id"]:
                 raise CheckpointError(f"{url} already holds a Zarr group, or another fit is creating its store "
                                       "there; choose another store path")
@@ -875,6 +876,22 @@ async def _settled() -> None:
 PROBE_PREFIX = ".scar-probe-"       # the scratch objects of probe()
 
 
+def _past_directory_races(write: Callable[[], object]) -> None:
+    """``write()``, tried again where it met a local store's directory that another fit's
+    probe of the same path made and removed meanwhile: a file opened in a directory just
+    gone, or mkdir(exist_ok=True) seeing the directory when it tries and not when it checks
+    (FileExistsError). Each fit's probe removes the directory once at most; five tries
+    leave room for several fits started at once."""
+    for tries in range(5, 0, -1):
+        try:
+            write()
+            return
+        except (FileNotFoundError, FileExistsError):
+            if tries == 1:
+                raise
+            time.sleep(0.01)
+
+
 def probe(url: str | os.PathLike) -> None:
     """Write and delete a scratch object at ``url``: raises :class:`CheckpointError`
     where this process cannot write there. The store's local directory, if it made it,
@@ -882,22 +899,22 @@ def probe(url: str | os.PathLike) -> None:
     parent directories it made stay)."""
     url = os.fspath(url)
     key = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
-    for tries in range(3, 0, -1):
-        made_root = False
+
+    def write() -> None:
+        store = _zarr_store(url, read_only=False)
+        made_root = _makes_root(store)
         try:
-            store = _zarr_store(url, read_only=False)
-            made_root = _makes_root(store)
             sync(store.set(key, default_buffer_prototype().buffer.from_bytes(b"probe")))
             sync(store.delete(key))
-            return
-        except Exception as exc:  # noqa: BLE001  (whatever the reason, it cannot be written)
-            # (a directory that went meanwhile: another fit's probe of the same path removed it)
-            if not isinstance(exc, FileNotFoundError) or tries == 1:
-                raise CheckpointError(f"cannot write to the checkpoint store at {url}: {exc}; "
-                                      "choose a writable path or URL") from exc
         finally:
             if made_root:
                 _remove_root(store)
+
+    try:
+        _past_directory_races(write)
+    except Exception as exc:  # noqa: BLE001  (whatever the reason, it cannot be written)
+        raise CheckpointError(f"cannot write to the checkpoint store at {url}: {exc}; "
+                              "choose a writable path or URL") from exc
 
 
 def _makes_root(store: zarr.abc.store.Store) -> bool:

@@ -304,6 +304,31 @@ def test_unwritable_and_missing_paths(tmp_path):
         scar.open_store(tmp_path / "nothing-here.zarr")
 
 
+def test_probes_and_a_create_go_on_while_other_fits_probes_make_and_remove_the_directory(tmp_path):
+    # Fits started on one new path at once: a probe that found no directory makes it, and
+    # removes it again once it is empty -- also while another fit's probe writes there. A
+    # write that met the directory going (mkdir(exist_ok=True) raising FileExistsError)
+    # failed its fit with "cannot write": here 2 to 9 probes of 2,000 did.
+    url = tmp_path / "ckpt.zarr"
+    other = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import contextlib, os, time
+        while True:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir({str(url)!r})
+            time.sleep(0.001)
+            with contextlib.suppress(OSError):
+                os.rmdir({str(url)!r})
+        """)])
+    try:
+        for _ in range(2000):
+            probe(url)
+        new_store(url)
+    finally:
+        other.kill()
+        other.wait()
+    assert scar.open_store(url).unused
+
+
 def test_an_interrupted_create_leaves_nothing_a_fresh_fit_trips_over(tmp_path, monkeypatch):
     # A Ctrl-C lands while create() makes the arrays: here once the first is written.
     # It used to leave a zarr.json that fit(resume=False) took for a trained store
