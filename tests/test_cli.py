@@ -18,6 +18,17 @@ def _run(*args, timeout=300):
     return subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout)
 
 
+def _main(capsys, *args):
+    """The command line's exit status, output and errors, run in this process (where it
+    needs no cluster, or one started in-process is as good: a process costs 2-3 s)."""
+    from dask_scar.cli import main
+
+    capsys.readouterr()
+    returncode = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, returncode, out.out, out.err)
+
+
 @pytest.mark.slow
 def test_demo_quick_trains_and_plots(tmp_path):
     png = tmp_path / "loss.png"
@@ -43,45 +54,46 @@ def test_demo_quick_trains_and_plots(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_on_parquet_with_a_store_then_resume_and_inspect(tmp_path):
+def test_train_on_parquet_with_a_store_then_resume_and_inspect(tmp_path, capsys):
     frame = synthetic_classification(2000, 5, 3)
     path = tmp_path / "data.parquet"
     frame.to_parquet(path)
     params, store = tmp_path / "params.npz", tmp_path / "ckpt.zarr"
-    out = _run("train", str(path), "--target", "label", "--max-iter", "20", "--tol", "0", "--no-progress",
-               "--out", str(params), "--store", str(store))
+    out = _main(capsys, "train", path, "--target", "label", "--max-iter", "20", "--tol", "0", "--no-progress",
+                "--out", params, "--store", store)
     assert out.returncode == 0, out.stderr
     assert np.load(params)["weights"].shape == (6, 3)
-    out = _run("inspect", str(store))
+    out = _main(capsys, "inspect", store)
     assert out.returncode == 0, out.stderr
     assert "dask_scar checkpoint of dask_scar.models.softmax.SoftmaxRegression" in out.stdout
     assert "weights: shape (6, 3) float32" in out.stdout
     assert "last committed round: 5 (iteration 20, epoch 0)" in out.stdout
     assert "iterations since each saved block was written: 0: 6" in out.stdout     # the fit's end wrote every block
     assert "a resume (resume=True, --resume) goes on from iteration 20" in out.stdout
-    out = _run("train", str(path), "--target", "label", "--max-iter", "30", "--tol", "0", "--no-progress",
-               "--store", str(store), "--resume")
+    out = _main(capsys, "train", path, "--target", "label", "--max-iter", "30", "--tol", "0", "--no-progress",
+                "--store", store, "--resume")
     assert out.returncode == 0, out.stderr
     assert "30 iterations" in out.stdout and "iter    21" in out.stdout
-    assert "last committed round: 8 (iteration 30, epoch 1)" in _run("inspect", str(store)).stdout
+    assert "last committed round: 8 (iteration 30, epoch 1)" in _main(capsys, "inspect", store).stdout
     # nothing left to train: the stored parameters, no loss curve
-    out = _run("train", str(path), "--target", "label", "--max-iter", "30", "--no-progress",
-               "--store", str(store), "--resume", "--out", str(params))
+    with pytest.warns(UserWarning, match="is at iteration 30, and max_iter=30: nothing to train"):
+        out = _main(capsys, "train", path, "--target", "label", "--max-iter", "30", "--no-progress",
+                    "--store", store, "--resume", "--out", params)
     assert out.returncode == 0, out.stderr
     assert "nothing trained: the store is at iteration 30, --max-iter 30" in out.stdout
     assert np.load(params)["weights"].shape == (6, 3)
 
 
-def test_train_with_lbfgs_gets_further_than_gradient_descent(tmp_path):
+def test_train_with_lbfgs_gets_further_than_gradient_descent(tmp_path, capsys):
     """(and reads CSV files, and trains on the --features named: the text column is left out)"""
     frame = synthetic_classification(2000, 5, 3)
     frame.to_parquet(tmp_path / "data.parquet")
     frame.assign(note="text").to_csv(tmp_path / "data.csv", index=False)
     final = {}
     for solver, data in (("gd", "data.parquet"), ("lbfgs", "data.csv")):
-        out = _run("train", str(tmp_path / data), "--target", "label", "--max-iter", "15", "--tol", "0",
-                   "--no-progress", "--workers", "1", "--solver", solver, "--features", "x0,x1,x2,x3,x4",
-                   "--out", str(tmp_path / f"{solver}.npz"))
+        out = _main(capsys, "train", tmp_path / data, "--target", "label", "--max-iter", "15", "--tol", "0",
+                    "--no-progress", "--workers", "1", "--solver", solver, "--features", "x0,x1,x2,x3,x4",
+                    "--out", tmp_path / f"{solver}.npz")
         assert out.returncode == 0, out.stderr
         final[solver] = float(out.stdout.split("final loss ")[1].split(";")[0])
     assert final["lbfgs"] < final["gd"] - 0.01, final
@@ -116,57 +128,59 @@ def test_train_starts_its_local_cluster_quiet():
     assert scheduler["tick"] == 1000 and scheduler["monitor"] == 5000
 
 
-def test_inspect_a_path_that_holds_no_store(tmp_path):
-    out = _run("inspect", str(tmp_path / "nothing.zarr"))
+def test_inspect_a_path_that_holds_no_store(tmp_path, capsys):
+    out = _main(capsys, "inspect", tmp_path / "nothing.zarr")
     assert out.returncode == 2
     assert "dask-scar: error: no checkpoint store at" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_inspect_verify_names_damaged_blocks(tmp_path):
+def test_inspect_verify_names_damaged_blocks(tmp_path, capsys):
     """A deleted or corrupted block version is not seen by the summary, which reads
     the records only; --verify reads every saved version."""
     from test_store import _damaged_store
 
     _damaged_store(tmp_path / "ckpt.zarr")
-    assert _run("inspect", str(tmp_path / "ckpt.zarr")).returncode == 0
-    out = _run("inspect", str(tmp_path / "ckpt.zarr"), "--verify")
+    assert _main(capsys, "inspect", tmp_path / "ckpt.zarr").returncode == 0
+    out = _main(capsys, "inspect", tmp_path / "ckpt.zarr", "--verify")
     assert out.returncode == 1, out.stderr
     damaged = [line for line in out.stdout.splitlines() if line.startswith("damaged: ")]
     assert len(damaged) == 2 and "block 5 (slot 0)" in damaged[1] and "data is missing" in damaged[1]
     assert out.stdout.splitlines()[-1] == "verified 1 saved block version(s): 2 damaged"
 
 
-def test_train_keeps_the_models_defaults_and_refuses_options_it_would_ignore(tmp_path):
+def test_train_keeps_the_models_defaults_and_refuses_options_it_would_ignore(tmp_path, capsys):
     """Hyperparameters left out keep the model's own defaults (the option's help names
     them); one the model does not take, or a missing --target, is an error that says so."""
     ratings, store = tmp_path / "ratings.parquet", tmp_path / "mf.zarr"
     pd.DataFrame({"user": [0, 1, 2, 0], "item": [0, 1, 1, 2], "rating": [1.0, 2.0, 3.0, 4.0]}).to_parquet(ratings)
-    out = _run("train", str(ratings), "--model", "mf", "--learning-rate", "0.1", "--no-progress")
+    out = _main(capsys, "train", ratings, "--model", "mf", "--learning-rate", "0.1", "--no-progress")
     assert out.returncode == 2 and "dask-scar: error: --model mf takes no --learning-rate" in out.stderr
     path = tmp_path / "data.parquet"
     synthetic_classification(100, 2, 2).to_parquet(path)
-    out = _run("train", str(path), "--no-progress")
+    out = _main(capsys, "train", path, "--no-progress")
     assert out.returncode == 2
     assert "dask-scar: error: --model softmax needs --target: one of the columns ['x0', 'x1', 'label']" in out.stderr
     # 5 iterations: a checkpoint round (a store with nothing saved would be started afresh)
-    out = _run("train", str(ratings), "--model", "mf", "--max-iter", "5", "--tol", "0", "--no-progress",
-               "--workers", "1", "--store", str(store))
+    out = _main(capsys, "train", ratings, "--model", "mf", "--max-iter", "5", "--tol", "0", "--no-progress",
+                "--workers", "1", "--store", store)
     assert out.returncode == 0, out.stderr
-    out = _run("train", str(ratings), "--model", "mf", "--no-progress", "--workers", "1", "--store", str(store))
+    out = _main(capsys, "train", ratings, "--model", "mf", "--no-progress", "--workers", "1", "--store", store)
     assert out.returncode == 2
     assert "already holds a dask_scar checkpoint: pass resume=True (--resume on the command line)" in out.stderr
-    out = _run("train", str(ratings), "--model", "mf", "--no-progress", "--resume")
+    out = _main(capsys, "train", ratings, "--model", "mf", "--no-progress", "--resume")
     assert out.returncode == 2 and "dask-scar: error: --resume needs --store: the path or URL" in out.stderr
-    stored = json.loads(_run("inspect", str(store)).stdout.splitlines()[0].split("MatrixFactorization ", 1)[1])
+    stored = json.loads(_main(capsys, "inspect", store).stdout.splitlines()[0].split("MatrixFactorization ", 1)[1])
     assert stored == {**stored, "l2": 0.1, "rank": 16}       # MatrixFactorization()'s, not another model's
-    help_text = " ".join(_run("train", "--help").stdout.split())
+    with pytest.raises(SystemExit):
+        _main(capsys, "train", "--help")
+    help_text = " ".join(capsys.readouterr().out.split())
     assert "L2 penalty (default: the model's own: softmax 0.0001, linear 0.0, mf 0.1)" in help_text
 
 
-def test_train_reports_a_missing_column(tmp_path):
+def test_train_reports_a_missing_column(tmp_path, capsys):
     path = tmp_path / "data.parquet"
     synthetic_classification(100, 2, 2).to_parquet(path)
-    out = _run("train", str(path), "--target", "nope", "--no-progress")
+    out = _main(capsys, "train", path, "--target", "nope", "--no-progress")
     assert out.returncode != 0
     assert "dask-scar: error: column(s) ['nope'] not in the data" in out.stderr
     assert "Traceback" not in out.stderr
