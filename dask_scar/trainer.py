@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import sys
 import time
@@ -305,6 +306,11 @@ class Trainer:
         behind = ckpt.behind(model.n_iter_) if ckpt is not None else ""
         if behind:
             warnings.warn(behind, CheckpointWarning, stacklevel=callers_level())
+        for event in training_run.events:
+            if event.mode == "partial" and event.resumed_at >= model.n_iter_ and \
+                    (event.lost_chunks or event.peer_iterations):
+                warnings.warn(_untrained_after_the_last(event, store is not None), UserWarning,
+                              stacklevel=callers_level())
         return FitResult(history=history_frame(rows, ckpt), params=params, n_iter=model.n_iter_, converged=converged,
                          events=training_run.events, checkpoints=ckpt.table() if ckpt is not None else None)
 
@@ -412,6 +418,22 @@ class Trainer:
         how far such a restore would be off): ``scar.recovery.extrapolate``, for
         partial recovery, where the model allows it."""
         return self.recovery == "partial" and self.model.extrapolate_restores and config.get("recovery.extrapolate")
+
+
+def _untrained_after_the_last(event: RecoveryEvent, stored: bool) -> str:
+    """What to say of a partial recovery after the fit's last iteration: the chunks it
+    restored went back in time, and no iteration trained them since."""
+    came = [f"{len(event.lost_chunks)} from the checkpoint store"] if event.lost_chunks else []
+    if event.peer_iterations:
+        came.append(f"{len(event.peer_chunks)} from live workers' copies {event.peer_iterations} iteration(s) behind")
+    again = ("fit(..., resume=True) with a higher max_iter trains them on from the store" if stored else
+             "a store (store=...) lets fit(..., resume=True) train them on")
+    cost = "" if math.isnan(event.est_perturbation) else (
+        f" (estimated perturbation {event.est_perturbation:.3g}, predicted extra iterations "
+        f"{event.predicted_extra_iterations:.3g})")
+    return (f"worker {event.worker} was lost after the last iteration ({event.resumed_at}): the parameters returned "
+            f"hold the chunks it held as restored ({' and '.join(came)}), which no iteration trained since{cost}. "
+            f"{again}")
 
 
 def _roll_back(client: Client, ckpt: Checkpointer | None) -> int:

@@ -13,6 +13,7 @@ import re
 import signal
 import threading
 import time
+import warnings
 
 import dask
 import dask.dataframe as dd
@@ -238,8 +239,12 @@ def test_partial_recovery_restores_only_the_lost_chunks_and_beats_full_rollback(
                 def kill(store=store, mode=mode, client=client, victim=victim):
                     saved[mode] = scar.open_store(store).saved_at    # what a restore can read
                     kill_worker(client, victim)
-                results[mode] = train(client, tmp_path, mode, callback=once_at(35, kill), policy=policy,
-                                      recovery="full" if mode == "full" else "partial")
+                with warnings.catch_warnings(record=True) as said:
+                    warnings.simplefilter("always")
+                    results[mode] = train(client, tmp_path, mode, callback=once_at(35, kill), policy=policy,
+                                          recovery="full" if mode == "full" else "partial")
+                # the iterations after the recovery trained the restored chunks
+                assert not [w for w in said if "after the last iteration" in str(w.message)]
 
     for mode, result in results.items():
         (event,) = result.events
@@ -520,7 +525,18 @@ def test_loss_after_the_last_iteration(tmp_path):
                     time.sleep(0.2)
                 kill(k, loss)
 
-            results[mode] = train(client, tmp_path, mode, max_iter=25, recovery=mode, callback=kill_after_the_last)
+            with warnings.catch_warnings(record=True) as said:
+                warnings.simplefilter("always")
+                results[mode] = train(client, tmp_path, mode, max_iter=25, recovery=mode,
+                                      callback=kill_after_the_last)
+            untrained = [str(w.message) for w in said if "after the last iteration" in str(w.message)]
+            if mode == "partial":   # the restored chunks went back to their saves, and nothing trained them since
+                assert len(untrained) == 1 and untrained[0].startswith(
+                    f"worker {victim} was lost after the last iteration (25): the parameters returned hold the "
+                    "chunks it held as restored (4 from the checkpoint store), which no iteration trained since")
+                assert "fit(..., resume=True) with a higher max_iter trains them on from the store" in untrained[0]
+            else:                   # full recovery ran the rolled-back iterations again
+                assert untrained == []
     (partial,) = results["partial"].events
     assert partial.iteration == 26 and partial.resumed_at == 25 and len(partial.lost_chunks) == 4
     assert results["partial"].history["iteration"].tolist() == list(range(1, 26))
