@@ -42,7 +42,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -56,6 +56,7 @@ from zarr.core.sync import sync
 from .exceptions import CheckpointError, MissingPackageError, StoreMismatchError
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FORMAT_VERSION = 2
 ATTRS = "dask_scar"
@@ -524,12 +525,22 @@ class ZarrStore(CheckpointStore):
                 "parameters": {name: lay.to_json() for name, lay in layouts.items()}}
         try:
             zstore = _zarr_store(url, read_only=False)
-            made_root = _makes_root(zstore)
             # Zarr's mode="w-" checks, then writes: two fits creating a store on one path at once
             # could both pass the check. The group's metadata is written where none is (at once,
             # in a local directory), and the fit goes on only if what is there is its own.
             metadata = GroupMetadata(attributes={CREATING: meta["id"]}).to_buffer_dict(default_buffer_prototype())
-            _past_directory_races(lambda: sync(zstore.set_if_not_exists("zarr.json", metadata["zarr.json"])))
+
+            def claim() -> bool:
+                """Write the metadata where none is; whether that made the store's directory."""
+                made = _makes_root(zstore)
+                sync(zstore.set_if_not_exists("zarr.json", metadata["zarr.json"]))
+                # LocalStore.set_if_not_exists takes a FileExistsError for "already there", the
+                # directory race's too (its mkdir), where nothing was written: a race to try again
+                if not sync(zstore.exists("zarr.json")):
+                    raise FileNotFoundError(f"{url}: zarr.json not written")
+                return made
+
+            made_root = _past_directory_races(claim)
             if _group_attrs(url).get(CREATING) != meta["id"]:
                 raise CheckpointError(f"{url} already holds a Zarr group, or another fit is creating its store "
                                       "there; choose another store path")
@@ -876,7 +887,7 @@ async def _settled() -> None:
 PROBE_PREFIX = ".scar-probe-"       # the scratch objects of probe()
 
 
-def _past_directory_races(write: Callable[[], object]) -> None:
+def _past_directory_races(write: Callable[[], T]) -> T:
     """``write()``, tried again where it met a local store's directory that another fit's
     probe of the same path made and removed meanwhile: a file opened in a directory just
     gone, or mkdir(exist_ok=True) seeing the directory when it tries and not when it checks
@@ -884,8 +895,7 @@ def _past_directory_races(write: Callable[[], object]) -> None:
     leave room for several fits started at once."""
     for tries in range(5, 0, -1):
         try:
-            write()
-            return
+            return write()
         except (FileNotFoundError, FileExistsError):
             if tries == 1:
                 raise

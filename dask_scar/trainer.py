@@ -307,8 +307,9 @@ class Trainer:
         if behind:
             warnings.warn(behind, CheckpointWarning, stacklevel=callers_level())
         for event in training_run.events:
-            if event.mode == "partial" and event.resumed_at >= model.n_iter_ and \
-                    (event.lost_chunks or event.peer_iterations):
+            # (where the last round had written every block, the store gave back the trained values)
+            if event.mode == "partial" and rows and event.resumed_at >= model.n_iter_ and \
+                    (event.lost_chunks or event.peer_iterations) and event.est_perturbation != 0:
                 warnings.warn(_untrained_after_the_last(event, store is not None), UserWarning,
                               stacklevel=callers_level())
         return FitResult(history=history_frame(rows, ckpt), params=params, n_iter=model.n_iter_, converged=converged,
@@ -423,15 +424,18 @@ class Trainer:
 def _untrained_after_the_last(event: RecoveryEvent, stored: bool) -> str:
     """What to say of a partial recovery after the fit's last iteration: the chunks it
     restored went back in time, and no iteration trained them since."""
-    came = [f"{len(event.lost_chunks)} from the checkpoint store"] if event.lost_chunks else []
+    came = [f"{len(event.lost_chunks)} {'from the checkpoint store' if stored else 're-initialised'}"] \
+        if event.lost_chunks else []
     if event.peer_iterations:
-        came.append(f"{len(event.peer_chunks)} from live workers' copies {event.peer_iterations} iteration(s) behind")
+        came.append(f"{len(event.peer_chunks)} from live workers' copies, {event.peer_iterations} iteration(s) "
+                    "behind in all")
     again = ("fit(..., resume=True) with a higher max_iter trains them on from the store" if stored else
              "a store (store=...) lets fit(..., resume=True) train them on")
     cost = "" if math.isnan(event.est_perturbation) else (
         f" (estimated perturbation {event.est_perturbation:.3g}, predicted extra iterations "
         f"{event.predicted_extra_iterations:.3g})")
-    return (f"worker {event.worker} was lost after the last iteration ({event.resumed_at}): the parameters returned "
+    return (f"worker {event.worker} was {'retired' if event.retired else 'lost'} after the last iteration "
+            f"({event.resumed_at}): the parameters returned "
             f"hold the chunks it held as restored ({' and '.join(came)}), which no iteration trained since{cost}. "
             f"{again}")
 

@@ -1,4 +1,6 @@
+import io
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -20,13 +22,24 @@ def _run(*args, timeout=300):
 
 def _main(capsys, *args):
     """The command line's exit status, output and errors, run in this process (where it
-    needs no cluster, or one started in-process is as good: a process costs 2-3 s)."""
+    needs no cluster, or one started in-process is as good: a process costs 2-3 s).
+    What it logs is in the errors, as in its own process (there, its logging.basicConfig
+    sends it to stderr; here pytest's handlers come first, and it adds none)."""
     from dask_scar.cli import main
 
+    root = logging.getLogger()
+    handlers, logged = list(root.handlers), io.StringIO()
+    handler = logging.StreamHandler(logged)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    root.addHandler(handler)
     capsys.readouterr()
-    returncode = main([str(a) for a in args])
+    try:
+        returncode = main([str(a) for a in args])
+    finally:
+        root.handlers[:] = handlers
     out = capsys.readouterr()
-    return subprocess.CompletedProcess(args, returncode, out.out, out.err)
+    return subprocess.CompletedProcess(args, returncode, out.out, out.err + logged.getvalue())
 
 
 @pytest.mark.slow

@@ -329,6 +329,27 @@ def test_probes_and_a_create_go_on_while_other_fits_probes_make_and_remove_the_d
     assert scar.open_store(url).unused
 
 
+def test_a_create_that_meets_another_probe_removing_the_directory_creates_the_store(tmp_path, monkeypatch):
+    # The race above, as it meets create() once: another fit's probe makes the directory and
+    # removes it between mkdir's attempt and its check. Zarr's set_if_not_exists took the
+    # FileExistsError for a zarr.json already there, wrote nothing, and the fit was told
+    # that the empty path "already holds a Zarr group".
+    url, mkdir = tmp_path / "ckpt.zarr", os.mkdir
+    met = []
+
+    def racing(path, *args, **kwargs):
+        if os.fspath(path) == os.fspath(url) and not met:
+            met.append(path)
+            mkdir(path)
+            os.rmdir(path)
+            raise FileExistsError(17, "File exists", os.fspath(path))
+        return mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", racing)
+    new_store(url)
+    assert met and scar.open_store(url).unused
+
+
 def test_an_interrupted_create_leaves_nothing_a_fresh_fit_trips_over(tmp_path, monkeypatch):
     # A Ctrl-C lands while create() makes the arrays: here once the first is written.
     # It used to leave a zarr.json that fit(resume=False) took for a trained store
