@@ -12,6 +12,7 @@ back on, get or give whole blocks, or the ends of blocks cut in two.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import warnings
 from collections import Counter, defaultdict
@@ -411,6 +412,9 @@ def as_dask_frame(data: pd.DataFrame | dd.DataFrame, n_workers: int) -> dd.DataF
     return data
 
 
+_FILTERING = threading.Lock()     # around warnings.catch_warnings, which the process shares
+
+
 def prepare(client: Client, model: Model, data: Any, target: str | None,
             features: list[str] | None, backend: str = "numpy") -> TrainingData:
     """Validate ``data`` and persist it on the workers as one block per worker
@@ -424,7 +428,9 @@ def prepare(client: Client, model: Model, data: Any, target: str | None,
     target_dtype = model.target_dtype if target is not None else None
 
     parts = frame.to_delayed()
-    with warnings.catch_warnings():
+    # (catch_warnings sets the process's filters and puts back what it found: two fits'
+    # at once in two threads could leave one's filter behind, for good)
+    with _FILTERING, warnings.catch_warnings():
         if isinstance(data, pd.DataFrame):
             # A pandas frame travels in the graph, and Dask warns of a large one. That is
             # what keeps it safe: the scheduler holds its partitions as the blocks'

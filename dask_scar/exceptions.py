@@ -55,11 +55,26 @@ class StoreMismatchError(ScarError, ValueError):
     """A checkpoint store was written for another model, shape or dtype."""
 
 
-class CheckpointWarning(UserWarning):
+class ScarWarning(UserWarning):
+    """Root of every warning dask_scar gives: ``warnings.filterwarnings("ignore",
+    category=dask_scar.ScarWarning)`` silences them all, a subclass one kind."""
+
+
+class DataWarning(ScarWarning):
+    """The data trains, but maybe not as meant: features far from zero (scale them),
+    labels or ids that leave classes or rows without data."""
+
+
+class RecoveryWarning(ScarWarning):
+    """A recovery left something the fit could not mend: chunks restored after the last
+    iteration, which no iteration trained since."""
+
+
+class CheckpointWarning(ScarWarning):
     """Something about the checkpoint store the fit goes on despite: a write failed (the
     store keeps its older blocks), the store was deleted or taken over by another run,
     or a resume differs from what the store was written with (hyper-parameters, policy,
-    a diverged fit's versions forgotten)."""
+    a diverged fit's versions forgotten, a store with nothing left to train)."""
 
 
 def callers_level() -> int:

@@ -24,7 +24,8 @@ from . import checkpoint, config, data
 from .backend import array_module
 from .checkpoint import Checkpointer
 from .chunks import ParameterChunks, place, split_rows
-from .exceptions import BackendError, CheckpointError, CheckpointWarning, DivergenceError, callers_level
+from .exceptions import (BackendError, CheckpointError, CheckpointWarning, DivergenceError, RecoveryWarning,
+                         callers_level)
 from .models import Model
 from .models._base import check_number
 from .plugin import ensure_plugin
@@ -207,6 +208,8 @@ class Trainer:
         """
         check_number("max_iter", max_iter, 1, integer=True)
         check_number("tol", tol, 0)
+        if progress is not None and not isinstance(progress, (bool, np.bool_)):
+            raise TypeError(f"progress must be True, False or None (scar.progress decides), got {progress!r}")
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be a function of (iteration, loss), got {callback!r}")
         self.model.check_params()
@@ -258,7 +261,7 @@ class Trainer:
             if start >= max_iter:
                 warnings.warn(f"the checkpoint store {self.store} is at iteration {start}, and max_iter={max_iter}: "
                               "nothing to train; the model gets the stored parameters (raise max_iter to go on)",
-                              stacklevel=callers_level())
+                              CheckpointWarning, stacklevel=callers_level())
             if store is not None:
                 layouts = store.layouts
             chunks = ParameterChunks(client, run, place(split_rows(layouts, n_chunks), workers), version=start)
@@ -310,7 +313,7 @@ class Trainer:
             # (where the last round had written every block, the store gave back the trained values)
             if event.mode == "partial" and rows and event.resumed_at >= model.n_iter_ and \
                     (event.lost_chunks or event.peer_iterations) and event.est_perturbation != 0:
-                warnings.warn(_untrained_after_the_last(event, store is not None), UserWarning,
+                warnings.warn(_untrained_after_the_last(event, store is not None), RecoveryWarning,
                               stacklevel=callers_level())
         return FitResult(history=history_frame(rows, ckpt), params=params, n_iter=model.n_iter_, converged=converged,
                          events=training_run.events, checkpoints=ckpt.table() if ckpt is not None else None)

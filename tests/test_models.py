@@ -314,8 +314,27 @@ def test_ids_that_are_not_numbers_get_advice_for_ids(model, frame):
 def test_sparse_labels_or_ids_are_warned_of(model, frame, target, message):
     """Under the size that is refused, labels or ids more than ten times the rows (one
     stray value) are trained, and said."""
-    with pytest.warns(UserWarning, match=re.escape(message)):
+    with pytest.warns(scar.DataWarning, match=re.escape(message)):
         prepare_local(model, frame, target)
+
+
+def test_every_warning_dask_scar_gives_has_a_category_of_its_own():
+    """A pipeline filters dask_scar's warnings by category (their stacklevel points them
+    at the caller's file, so a module= filter cannot): every warnings.warn in the package
+    names a ScarWarning subclass."""
+    import ast
+    from pathlib import Path
+
+    categories = {}
+    for path in Path(scar.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "warnings.warn":
+                category = node.args[1] if len(node.args) > 1 else None
+                categories[f"{path.name}:{node.lineno}"] = ast.unparse(category) if category is not None else None
+    assert len(categories) >= 10
+    assert {name: c for name, c in categories.items()
+            if not (c and issubclass(getattr(scar, c, type(None)), scar.ScarWarning))} == {}
+    assert issubclass(scar.ScarWarning, UserWarning) and scar.CheckpointWarning.__mro__[1] is scar.ScarWarning
 
 
 def test_unscaled_features_are_warned_of(digits):

@@ -422,6 +422,8 @@ def test_bad_trainer_arguments(client, kwargs, error, message):
     (scar.SoftmaxRegression(learning_rate="0.1"), {}, "learning_rate must be a finite number > 0, got '0.1'"),
     (scar.MatrixFactorization(rank=0), {}, "rank must be an integer >= 1, got 0"),
     (scar.SoftmaxRegression(), {"callback": 1}, "callback must be a function of (iteration, loss), got 1"),
+    (scar.SoftmaxRegression(), {"progress": "no"}, "progress must be True, False or None (scar.progress decides), "
+                                                  "got 'no'"),
 ])
 def test_bad_fit_arguments_are_refused_before_the_data_is_read(client, model, kwargs, message):
     def unread():
@@ -429,7 +431,7 @@ def test_bad_fit_arguments_are_refused_before_the_data_is_read(client, model, kw
 
     frame = dd.from_delayed([dask.delayed(unread)()], meta=pd.DataFrame({"a": [0.0], "label": [0]}))
     with pytest.raises((ValueError, TypeError), match=re.escape(message)):
-        scar.Trainer(client, model).fit(frame, target="label", progress=False, **kwargs)
+        scar.Trainer(client, model).fit(frame, target="label", **{"progress": False, **kwargs})
 
 
 def test_a_store_for_another_model_class_or_columns_is_refused_before_the_data_is_read(client, digits, tmp_path):
@@ -553,6 +555,23 @@ def test_a_callback_returning_true_stops_training_with_a_result(client, digits):
                                                                 progress=False, callback=stop_at_five)
     assert seen == [1, 2, 3, 4, 5] and result.n_iter == 5 and len(result.history) == 5
     assert set(result.params) == {"weights"} and not result.converged
+
+
+def test_a_model_is_fitted_by_one_fit_at_a_time(client, digits):
+    """A second fit of a model being fitted (here from the first's callback; another
+    thread alike) is refused before it touches the model: each would set, and on an
+    error take back, the other's attributes."""
+    model, said = scar.SoftmaxRegression(), []
+
+    def again(k, loss):
+        if k == 1:
+            with pytest.raises(scar.ScarError, match="this SoftmaxRegression is being fitted by another fit"):
+                scar.Trainer(client, model).fit(digits[["p0", "label"]], target="label", max_iter=2, progress=False)
+            said.append(k)
+    result = scar.Trainer(client, model).fit(digits, target="label", max_iter=3, tol=0, progress=False,
+                                             callback=again)
+    assert said == [1] and result.n_iter == 3 and model.n_features_ == 64
+    assert scar.Trainer(client, model).fit(digits, target="label", max_iter=2, progress=False).n_iter == 2
 
 
 class GraphLog(SchedulerPlugin):

@@ -19,6 +19,7 @@ import contextlib
 import inspect
 import math
 import numbers
+import threading
 import types
 import warnings
 import zlib
@@ -28,7 +29,12 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 
-from ..exceptions import DataError, NotFittedError, callers_level
+from ..exceptions import DataError, DataWarning, NotFittedError, ScarError, callers_level
+
+#: The models a fit of this process trains now (their ids), under the lock
+#: (:meth:`Model.fitting`).
+_FITTING: set[int] = set()
+_FITTING_LOCK = threading.Lock()
 
 
 #: Key of a data block under which a model keeps per-block state between iterations
@@ -289,10 +295,18 @@ class Model:
     def fitting(self) -> Iterator[None]:
         """Around a fit: one that raises (bad data, a store for another model, an
         interrupt) leaves the fitted attributes (``name_``) as they were before it, so
-        a fitted model stays fitted and consistent, and an unfitted one unfitted."""
+        a fitted model stays fitted and consistent, and an unfitted one unfitted.
+        A model fits one fit at a time: two at once (two threads, or a fit in another's
+        callback) would set, and on an error take back, each other's attributes."""
         def fitted() -> dict[str, Any]:
             return {k: v for k, v in vars(self).items() if k.endswith("_") and not k.startswith("_")}
 
+        with _FITTING_LOCK:
+            if id(self) in _FITTING:
+                raise ScarError(f"this {type(self).__name__} is being fitted by another fit (another thread, or a "
+                                "fit whose callback this is): fit a copy of it, sklearn.base.clone(model) or "
+                                f"{type(self).__name__}(**model.get_params()), or wait for that fit to end")
+            _FITTING.add(id(self))
         before = fitted()
         try:
             yield
@@ -301,6 +315,9 @@ class Model:
                 delattr(self, name)
             vars(self).update(before)
             raise
+        finally:
+            with _FITTING_LOCK:
+                _FITTING.discard(id(self))
 
     def _fitted(self) -> dict[str, np.ndarray]:
         params = getattr(self, "params_", None)
@@ -401,7 +418,7 @@ def check_ids(column: ColumnSummary, n_rows: int, what: str) -> int:
                 "pandas.factorize(column)), or drop the rows with stray values")
         if size > MAX_IDS_ANYWAY:
             raise DataError(said)
-        warnings.warn(said.replace("would need", "trains"), UserWarning, stacklevel=callers_level())
+        warnings.warn(said.replace("would need", "trains"), DataWarning, stacklevel=callers_level())
     return size
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .. import config
-from ..exceptions import DataError, callers_level
+from ..exceptions import DataError, DataWarning, callers_level
 from ._base import DataSummary, Model, ParameterSpec, check_number, require_columns, require_numeric
 
 
@@ -107,7 +107,7 @@ class GradientModel(Model):
                           "L-BFGS may stop far from the optimum where the loss barely moves (converged=True on a "
                           "model that has not learned). "
                           "Scale the features first: subtract each column's mean and divide by its standard "
-                          "deviation", UserWarning, stacklevel=callers_level())
+                          "deviation", DataWarning, stacklevel=callers_level())
         self.features_ = [c.name for c in summary.features]
         self.n_features_ = len(self.features_)
         self.tile_rows_ = config.get("tile-rows")   # read here: the workers' settings may differ

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ..exceptions import DataError, callers_level
+from ..exceptions import DataError, DataWarning, callers_level
 from ._base import Contribution, DataSummary, check_ids, score_with
 from ._gradient import GradientModel, scores
 
@@ -71,7 +71,7 @@ class SoftmaxRegression(GradientModel):
             warnings.warn(f"target column {t.name!r}: the model trains the classes 0..{t.max:g}{some}, "
                           f"{'at least ' if t.values is None else ''}{empty} of them "
                           "without a row, and predict_proba has a column for each. Encode the labels with "
-                          "pandas.factorize to train only the classes in the data", UserWarning,
+                          "pandas.factorize to train only the classes in the data", DataWarning,
                           stacklevel=callers_level())
         self.classes_ = np.arange(self.n_classes_)
 
