@@ -272,9 +272,9 @@ def test_adaptive_target_asks_for_the_workers_the_fits_could_use(own_client):
     assert target("100s") == 2 and target() == 3
     say_work(client, "run-b", seconds=0.0, most=1, valid_for=0)     # withdrawn
     assert target() == idle
-    assert say_work(client, "run-c", seconds=100.0, most=4, valid_for=0.2)
+    assert say_work(client, "run-c", seconds=100.0, most=4, valid_for=2)
     assert target() == 4
-    wait_for(lambda: target() == idle, timeout=5, what="run-c's work to lapse")
+    wait_for(lambda: target() == idle, timeout=10, what="run-c's work to lapse")
     set_epoch(client, "ended-run", None)
     say_work(client, "ended-run", seconds=100.0, most=4, valid_for=60)
     with Client(client.scheduler.address) as other:
