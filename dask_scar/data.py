@@ -428,7 +428,7 @@ def prepare(client: Client, model: Model, data: Any, target: str | None,
     target_dtype = model.target_dtype if target is not None else None
 
     parts = frame.to_delayed()
-    # (catch_warnings sets the process's filters and puts back what it found: two fits'
+    # (catch_warnings sets the process's filters and puts back what it found: two fits
     # at once in two threads could leave one's filter behind, for good)
     with _FILTERING, warnings.catch_warnings():
         if isinstance(data, pd.DataFrame):
