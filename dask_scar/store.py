@@ -891,8 +891,8 @@ def _past_directory_races(write: Callable[[], T]) -> T:
     """``write()``, tried again where it met a local store's directory that another fit's
     probe of the same path made and removed meanwhile: a file opened in a directory just
     gone, or mkdir(exist_ok=True) seeing the directory when it tries and not when it checks
-    (FileExistsError). Each fit's probe removes the directory once at most; five tries
-    leave room for several fits started at once."""
+    (FileExistsError). A probe's try removes the directory only where it made it, and
+    only while it is empty; five tries leave room for several fits started at once."""
     for tries in range(5, 0, -1):
         try:
             return write()
